@@ -1,0 +1,1 @@
+//! Placeholder: filled by the simulated-device work (engine issue).

@@ -1,0 +1,1 @@
+//! Placeholder: filled by the io_uring backend work (engine issue).

@@ -1,0 +1,10 @@
+//! sluice-engine: block devices, the on-disk format, copy-on-write volumes,
+//! qtrees, snapshots, diffs and consistency points.
+//!
+//! The map of the whole is `docs/ARCHITECTURE.md`; byte tables are in
+//! `docs/FORMAT.md`.
+
+pub mod device;
+pub mod error;
+
+pub use error::{Error, Result};

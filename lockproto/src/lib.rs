@@ -1,0 +1,1 @@
+//! sluice-lockproto: see docs/ARCHITECTURE.md. Filled by its issue.

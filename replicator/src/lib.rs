@@ -1,0 +1,1 @@
+//! sluice-replicator: see docs/ARCHITECTURE.md. Filled by its issue.
