@@ -4,6 +4,7 @@
 //! The map of the whole is `docs/ARCHITECTURE.md`; byte tables are in
 //! `docs/FORMAT.md`.
 
+pub mod api;
 pub mod device;
 pub mod error;
 

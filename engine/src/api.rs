@@ -1,0 +1,152 @@
+//! The engine's public vocabulary: the names, infos and requests that the
+//! daemon, the NBD server and the replicator use. The single-threaded
+//! [`crate::pool::Pool`] implements these operations; the shard layer
+//! ([`crate::shard`]) carries [`Request`]s to it over channels and returns
+//! [`Reply`]s.
+//!
+//! Units: `lba`/`pba` are 4 KiB block addresses, `*_blocks` counts blocks,
+//! `*_bytes` counts bytes, `*_unix_ms` is milliseconds since the Unix epoch.
+
+use crate::device::AlignedBuf;
+use uuid::Uuid;
+
+/// Longest volume, qtree or snapshot name, in bytes.
+pub const NAME_LEN_MAX: usize = 64;
+
+/// A block namespace: a volume's own space (`qtree: None`) or one of its
+/// qtrees.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NsName {
+    pub volume: String,
+    pub qtree: Option<String>,
+}
+
+impl NsName {
+    pub fn volume(volume: &str) -> Self {
+        NsName { volume: volume.to_string(), qtree: None }
+    }
+    pub fn qtree(volume: &str, qtree: &str) -> Self {
+        NsName { volume: volume.to_string(), qtree: Some(qtree.to_string()) }
+    }
+}
+
+impl std::fmt::Display for NsName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.qtree {
+            None => write!(f, "{}", self.volume),
+            Some(q) => write!(f, "{}/{}", self.volume, q),
+        }
+    }
+}
+
+/// Which image of a namespace: the live one, or a snapshot by local name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Image {
+    pub ns: NsName,
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QtreeInfo {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub id: u32,
+    pub size_bytes: u64,
+    pub qtrees: Vec<QtreeInfo>,
+    /// Read-only volumes (mirror destinations) refuse client writes; the
+    /// replicator writes them through [`Request::Write`] with `replica: true`.
+    pub read_only: bool,
+    /// Blocks held by the live image (data and its map).
+    pub used_blocks: u64,
+    pub snapshot_count: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Global id: the same on every node the snapshot is mirrored to.
+    pub id: Uuid,
+    /// Consistency-point generation at which it was taken (local).
+    pub gen: u64,
+    pub created_unix_ms: u64,
+    /// Content digest per namespace, `None` = the volume's own space.
+    /// Computed incrementally; equal content gives equal digests.
+    pub digests: Vec<(Option<String>, u128)>,
+    /// Blocks this snapshot's image holds.
+    pub referenced_blocks: u64,
+    /// Blocks that deleting this snapshot alone would free.
+    pub unique_blocks: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpaceInfo {
+    pub total_blocks: u64,
+    pub used_blocks: u64,
+    pub free_blocks: u64,
+    /// Released blocks waiting for the next durable consistency point.
+    pub pending_free_blocks: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiffKind {
+    /// The blocks hold data in the target: send them.
+    Data,
+    /// The blocks are unmapped in the target (trimmed): send a trim.
+    Trim,
+}
+
+/// One changed run of blocks between two images of a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiffExtent {
+    pub lba: u64,
+    pub len_blocks: u64,
+    pub kind: DiffKind,
+}
+
+/// Every operation the engine offers, as a message.
+#[derive(Debug)]
+pub enum Request {
+    CreateVolume { name: String, size_bytes: u64 },
+    CreateQtree { volume: String, name: String, size_bytes: u64 },
+    ListVolumes,
+    SetReadOnly { volume: String, read_only: bool },
+    /// Read `len_blocks` from an image (live or snapshot).
+    Read { image: Image, lba: u64, len_blocks: u32 },
+    /// Write whole blocks; `fua`: durable when acknowledged; `replica`: the
+    /// replicator writing a read-only mirror destination.
+    Write { ns: NsName, lba: u64, data: AlignedBuf, fua: bool, replica: bool },
+    /// Unmap blocks; they read as zeroes afterwards.
+    Trim { ns: NsName, lba: u64, len_blocks: u64, replica: bool },
+    /// Make every acknowledged write durable (a consistency point).
+    Flush,
+    /// Take a snapshot of every namespace of the volume at a new consistency
+    /// point. `id`/`created_unix_ms`: given by a mirror, else fresh.
+    CreateSnapshot { volume: String, name: String, id: Option<Uuid>, created_unix_ms: Option<u64> },
+    DeleteSnapshot { volume: String, name: String },
+    ListSnapshots { volume: String },
+    /// Changed extents of `ns` from `base` (None: from nothing) to `target`
+    /// (a snapshot name).
+    Diff { ns: NsName, base: Option<String>, target: String },
+    Space,
+    /// Store a small named blob in the pool; durable at the next CP.
+    SetAttr { key: String, value: Option<Vec<u8>> },
+    GetAttr { key: String },
+}
+
+#[derive(Debug)]
+pub enum Reply {
+    Done,
+    Volume(VolumeInfo),
+    Volumes(Vec<VolumeInfo>),
+    Data(AlignedBuf),
+    Snapshot(SnapshotInfo),
+    Snapshots(Vec<SnapshotInfo>),
+    Diff(Vec<DiffExtent>),
+    Space(SpaceInfo),
+    Attr(Option<Vec<u8>>),
+}
