@@ -1,0 +1,147 @@
+//! UringDevice on regular files: a file on the work disk (O_DIRECT), a file
+//! on tmpfs, and one on ramfs where O_DIRECT is refused (the fallback).
+
+mod uring_checks;
+
+use sluice_engine::device::uring::{UringDevice, UringOptions};
+use sluice_engine::device::BlockDevice;
+use uring_checks::*;
+
+const SIZE_BYTES: u64 = 512 << 20;
+
+fn opts_all() -> Vec<UringOptions> {
+    vec![
+        UringOptions::default(),
+        UringOptions {
+            fixed_buffers: 0,
+            ..UringOptions::default()
+        },
+        UringOptions {
+            ring_entries: 8,
+            fixed_buffers: 4,
+            ..UringOptions::default()
+        },
+        UringOptions {
+            direct_io: false,
+            ..UringOptions::default()
+        },
+    ]
+}
+
+#[test]
+fn file_io_all_option_sets() {
+    let s = seed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dev.img");
+    for opts in opts_all() {
+        eprintln!("options: {opts:?}");
+        let mut dev = UringDevice::create(&path, SIZE_BYTES, opts.clone()).expect("create");
+        assert_eq!(dev.info().block_count, SIZE_BYTES / 4096);
+        assert_eq!(
+            dev.direct_io(),
+            opts.direct_io,
+            "the work disk accepts O_DIRECT"
+        );
+        assert!(!dev.is_block_device());
+        basic_io(&mut dev);
+        many_in_flight(&mut dev, s);
+        out_of_order(&mut dev, s);
+    }
+}
+
+#[test]
+fn file_survives_reopen_and_is_exclusive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dev.img");
+    drop(UringDevice::create(&path, 1 << 20, UringOptions::default()).expect("create"));
+    survives_reopen(&path, UringOptions::default());
+    exclusive(&path, UringOptions::default());
+}
+
+#[test]
+fn bad_sizes_and_paths_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("odd.img");
+    std::fs::write(&path, vec![0u8; 5000]).expect("write");
+    match UringDevice::open(&path, UringOptions::default()) {
+        Err(sluice_engine::Error::DeviceSize {
+            size_bytes: 5000, ..
+        }) => {}
+        other => panic!("want DeviceSize, got {other:?}"),
+    }
+    match UringDevice::create(&dir.path().join("x"), 100, UringOptions::default()) {
+        Err(sluice_engine::Error::DeviceSize { .. }) => {}
+        other => panic!("want DeviceSize, got {other:?}"),
+    }
+    let missing = dir.path().join("missing");
+    let err = UringDevice::open(&missing, UringOptions::default()).expect_err("missing");
+    assert!(err.to_string().contains("missing"), "{err}");
+    let err = UringDevice::open(dir.path(), UringOptions::default()).expect_err("a directory");
+    assert!(err.to_string().contains("neither a block device"), "{err}");
+}
+
+#[test]
+fn tmpfs_file() {
+    let s = seed();
+    let dir = match tempfile::tempdir_in("/dev/shm") {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no /dev/shm ({e})");
+            return;
+        }
+    };
+    let path = dir.path().join("dev.img");
+    let mut dev =
+        UringDevice::create(&path, 64 << 20, UringOptions::default()).expect("create on tmpfs");
+    // Newer kernels accept O_DIRECT on tmpfs; older ones refuse it and the
+    // device falls back. Either way it must work.
+    eprintln!("tmpfs direct_io = {}", dev.direct_io());
+    basic_io(&mut dev);
+    many_in_flight(&mut dev, s);
+}
+
+/// ramfs refuses O_DIRECT with EINVAL on every kernel: the fallback path.
+#[test]
+fn ramfs_falls_back_to_buffered_io() {
+    let s = seed();
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: not root (mounting ramfs needs root)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path();
+    let ok = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "ramfs",
+            "sluice-test",
+            mnt.to_str().expect("utf-8 path"),
+        ])
+        .status()
+        .map(|st| st.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: cannot mount ramfs here");
+        return;
+    }
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt);
+    let path = mnt.join("dev.img");
+    let mut dev =
+        UringDevice::create(&path, 16 << 20, UringOptions::default()).expect("create on ramfs");
+    assert!(
+        !dev.direct_io(),
+        "ramfs refuses O_DIRECT, so the device must have fallen back"
+    );
+    basic_io(&mut dev);
+    many_in_flight(&mut dev, s);
+    drop(dev);
+    survives_reopen(&path, UringOptions::default());
+    exclusive(&path, UringOptions::default());
+}
