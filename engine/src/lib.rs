@@ -7,5 +7,6 @@
 pub mod api;
 pub mod device;
 pub mod error;
+pub mod shard;
 
 pub use error::{Error, Result};
