@@ -30,4 +30,43 @@ pub enum Error {
     #[error("the engine thread has shut down; restart the engine to serve requests")]
     ShutDown,
     // --- end devices block ---
+    // --- Pool, format and volumes (pool.rs, format.rs) ---
+    #[error("device has no sluice pool (no superblock magic in block 0 or 1); format it first")]
+    NotAPool,
+    #[error("superblock slot {slot} is corrupt: {reason}; no valid superblock remains")]
+    CorruptSuperblock { slot: u64, reason: String },
+    #[error("pool format version {found} is newer than this build supports ({supported}); upgrade sluice")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("corrupt metadata: {kind} at block {pba}: {reason}")]
+    CorruptMetadata { pba: u64, kind: &'static str, reason: String },
+    #[error("data checksum mismatch in volume {vol} at lba {lba} (block {pba}); restore this block from a replica or snapshot")]
+    DataChecksum { vol: String, lba: u64, pba: u64 },
+    #[error("pool refuses writes after an I/O failure: {reason}; reopen the pool to recover")]
+    Poisoned { reason: String },
+    #[error("volume {volume} is read-only (a mirror destination)")]
+    ReadOnly { volume: String },
+    #[error("{ns}: blocks {lba}..+{len} are beyond the size of {size} blocks")]
+    OutOfRange { ns: String, lba: u64, len: u64, size: u64 },
+    #[error("no volume named {0}")]
+    NoSuchVolume(String),
+    #[error("volume {volume} has no qtree named {qtree}")]
+    NoSuchQtree { volume: String, qtree: String },
+    #[error("volume {volume} has no snapshot named {snapshot}")]
+    NoSuchSnapshot { volume: String, snapshot: String },
+    #[error("{what} {name} already exists")]
+    AlreadyExists { what: &'static str, name: String },
+    #[error("bad name {name:?}: {reason}")]
+    BadName { name: String, reason: &'static str },
+    #[error("bad size for {what}: {size}: {reason}")]
+    BadSize { what: String, size: u64, reason: &'static str },
+    #[error("pool is full: {needed} blocks needed, {free} free; delete snapshots or volumes")]
+    NoSpace { needed: u64, free: u64 },
+    #[error("volume {volume} already has {limit} snapshots; delete some first")]
+    TooManySnapshots { volume: String, limit: usize },
+    #[error("pool already has {limit} volumes (set at format time)")]
+    TooManyVolumes { limit: u32 },
+    #[error("device has {blocks} blocks; a pool needs at least {min}")]
+    DeviceTooSmall { blocks: u64, min: u64 },
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }

@@ -7,6 +7,10 @@
 pub mod api;
 pub mod device;
 pub mod error;
+pub mod format;
+pub mod pool;
 pub mod shard;
+pub mod tree;
 
 pub use error::{Error, Result};
+pub use pool::{FormatOptions, Pool, PoolStats};

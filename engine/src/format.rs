@@ -1,0 +1,289 @@
+//! On-disk encoding: superblocks, the common metadata block header, and a
+//! bounds-checked little-endian reader/writer. Byte tables: docs/FORMAT.md.
+//!
+//! Invariants: every metadata block carries a header whose crc32c covers the
+//! whole block (crc field zeroed), whose `self_pba` is the block's own
+//! address and whose `gen` equals the parent pointer's `birth`; a block that
+//! fails any of these decodes to `Error::CorruptMetadata`, never a panic.
+
+use crate::device::BLOCK_SIZE;
+use crate::error::{Error, Result};
+
+pub const SB_MAGIC: &[u8; 8] = b"SLUICE01";
+pub const FORMAT_VERSION: u32 = 1;
+pub const MD_MAGIC: u32 = 0x534C_4D44; // "SLMD"
+pub const HDR_LEN: usize = 32;
+/// Bytes after the header of a metadata block.
+pub const PAYLOAD: usize = BLOCK_SIZE - HDR_LEN;
+
+/// Metadata block kinds.
+pub const KIND_MAP: u16 = 1;
+pub const KIND_PLANE_NODE: u16 = 2;
+pub const KIND_PLANE_LEAF: u16 = 3;
+pub const KIND_CATALOG: u16 = 4;
+
+pub fn kind_name(kind: u16) -> &'static str {
+    match kind {
+        KIND_MAP => "map node",
+        KIND_PLANE_NODE => "plane node",
+        KIND_PLANE_LEAF => "plane leaf",
+        KIND_CATALOG => "catalog",
+        _ => "unknown",
+    }
+}
+
+/// A pointer to a metadata block: its address and the CP generation that
+/// wrote it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Ptr {
+    pub pba: u64,
+    pub birth: u64,
+}
+
+/// Build a metadata block: header then payload (payload.len() <= PAYLOAD).
+pub fn encode_block(kind: u16, level: u8, self_pba: u64, gen: u64, payload: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    b[0..4].copy_from_slice(&MD_MAGIC.to_le_bytes());
+    b[4..6].copy_from_slice(&kind.to_le_bytes());
+    b[6] = level;
+    b[16..24].copy_from_slice(&self_pba.to_le_bytes());
+    b[24..32].copy_from_slice(&gen.to_le_bytes());
+    let n = payload.len().min(PAYLOAD);
+    b[HDR_LEN..HDR_LEN + n].copy_from_slice(&payload[..n]);
+    let crc = crc32c::crc32c(&b);
+    b[8..12].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Check a metadata block read from `ptr` against what its parent expects;
+/// return its payload.
+pub fn decode_block(block: &[u8], ptr: Ptr, kind: u16, level: u8) -> Result<&[u8]> {
+    let bad = |reason: String| Error::CorruptMetadata { pba: ptr.pba, kind: kind_name(kind), reason };
+    if block.len() != BLOCK_SIZE {
+        return Err(bad(format!("block is {} bytes", block.len())));
+    }
+    let magic = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+    if magic != MD_MAGIC {
+        return Err(bad(format!("bad magic {magic:#x}")));
+    }
+    let stored = u32::from_le_bytes([block[8], block[9], block[10], block[11]]);
+    let mut copy = block.to_vec();
+    copy[8..12].fill(0);
+    let crc = crc32c::crc32c(&copy);
+    if crc != stored {
+        return Err(bad(format!("checksum mismatch (stored {stored:#x}, computed {crc:#x})")));
+    }
+    let k = u16::from_le_bytes([block[4], block[5]]);
+    if k != kind {
+        return Err(bad(format!("kind {} ({}) where a {} was expected", k, kind_name(k), kind_name(kind))));
+    }
+    if block[6] != level {
+        return Err(bad(format!("level {} where {} was expected", block[6], level)));
+    }
+    let self_pba = u64::from_le_bytes(block[16..24].try_into().unwrap_or([0; 8]));
+    if self_pba != ptr.pba {
+        return Err(bad(format!("misdirected: block says it lives at {self_pba}")));
+    }
+    let gen = u64::from_le_bytes(block[24..32].try_into().unwrap_or([0; 8]));
+    if gen != ptr.birth {
+        return Err(bad(format!("generation {gen} but the parent expects {}", ptr.birth)));
+    }
+    Ok(&block[HDR_LEN..])
+}
+
+/// The superblock (pba 0 and 1; CP gen g writes slot g % 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub version: u32,
+    pub block_count: u64,
+    pub gen: u64,
+    pub catalog: Ptr,
+    pub uuid: [u8; 16],
+    pub volumes_max: u32,
+}
+
+impl Superblock {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.bytes(SB_MAGIC);
+        w.u32(self.version);
+        w.u32(BLOCK_SIZE as u32);
+        w.u64(self.block_count);
+        w.u64(self.gen);
+        w.u64(self.catalog.pba);
+        w.u64(self.catalog.birth);
+        w.bytes(&self.uuid);
+        w.u32(self.volumes_max);
+        let mut b = w.buf;
+        b.resize(BLOCK_SIZE - 4, 0);
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// `Ok(None)`: no magic (not a superblock). `Err(CorruptSuperblock)`:
+    /// magic present, checksum wrong. `Err(UnsupportedVersion)`: newer.
+    pub fn decode(b: &[u8], slot: u64) -> Result<Option<Superblock>> {
+        if b.len() != BLOCK_SIZE || &b[0..8] != SB_MAGIC {
+            return Ok(None);
+        }
+        let stored = u32::from_le_bytes(b[BLOCK_SIZE - 4..].try_into().unwrap_or([0; 4]));
+        if crc32c::crc32c(&b[..BLOCK_SIZE - 4]) != stored {
+            return Err(Error::CorruptSuperblock { slot, reason: "checksum mismatch".into() });
+        }
+        let mut r = Reader::new(&b[8..], slot, "superblock");
+        let version = r.u32()?;
+        if version > FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
+        }
+        let bs = r.u32()?;
+        if bs as usize != BLOCK_SIZE {
+            return Err(Error::CorruptSuperblock { slot, reason: format!("block size {bs}") });
+        }
+        let block_count = r.u64()?;
+        let gen = r.u64()?;
+        let catalog = Ptr { pba: r.u64()?, birth: r.u64()? };
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(r.take(16)?);
+        let volumes_max = r.u32()?;
+        Ok(Some(Superblock { version, block_count, gen, catalog, uuid, volumes_max }))
+    }
+}
+
+/// Little-endian writer.
+#[derive(Default)]
+pub struct Writer {
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    pub fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes());
+    }
+    pub fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    pub fn u128(&mut self, v: u128) {
+        self.bytes(&v.to_le_bytes());
+    }
+    pub fn ptr(&mut self, p: Ptr) {
+        self.u64(p.pba);
+        self.u64(p.birth);
+    }
+    pub fn str(&mut self, s: &str) {
+        self.blob(s.as_bytes());
+    }
+    pub fn blob(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.bytes(b);
+    }
+}
+
+/// Bounds-checked little-endian reader: running off the end is an error
+/// naming the block, never a panic.
+pub struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+    pba: u64,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(b: &'a [u8], pba: u64, what: &'static str) -> Self {
+        Reader { b, pos: 0, pba, what }
+    }
+    fn err(&self, reason: String) -> Error {
+        Error::CorruptMetadata { pba: self.pba, kind: self.what, reason }
+    }
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.b.len().saturating_sub(self.pos) < n {
+            return Err(self.err(format!("truncated: need {n} bytes at offset {}", self.pos)));
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    pub fn u32(&mut self) -> Result<u32> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    pub fn u64(&mut self) -> Result<u64> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    pub fn u128(&mut self) -> Result<u128> {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(u128::from_le_bytes(a))
+    }
+    pub fn ptr(&mut self) -> Result<Ptr> {
+        Ok(Ptr { pba: self.u64()?, birth: self.u64()? })
+    }
+    pub fn blob(&mut self) -> Result<Vec<u8>> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    pub fn str(&mut self) -> Result<String> {
+        let b = self.blob()?;
+        String::from_utf8(b).map_err(|_| self.err("name is not UTF-8".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblock_round_trip_and_corruption() {
+        let sb = Superblock {
+            version: 1,
+            block_count: 1 << 34,
+            gen: 7,
+            catalog: Ptr { pba: 99, birth: 7 },
+            uuid: [3; 16],
+            volumes_max: 64,
+        };
+        let mut b = sb.encode();
+        assert_eq!(Superblock::decode(&b, 1).unwrap(), Some(sb));
+        b[40] ^= 1;
+        assert!(matches!(Superblock::decode(&b, 1), Err(Error::CorruptSuperblock { .. })));
+        assert_eq!(Superblock::decode(&[0u8; BLOCK_SIZE], 0).unwrap(), None);
+    }
+
+    #[test]
+    fn metadata_header_checks() {
+        let b = encode_block(KIND_MAP, 2, 55, 9, &[1, 2, 3]);
+        let p = Ptr { pba: 55, birth: 9 };
+        assert_eq!(&decode_block(&b, p, KIND_MAP, 2).unwrap()[..3], &[1, 2, 3]);
+        assert!(decode_block(&b, Ptr { pba: 56, birth: 9 }, KIND_MAP, 2).is_err());
+        assert!(decode_block(&b, Ptr { pba: 55, birth: 8 }, KIND_MAP, 2).is_err());
+        assert!(decode_block(&b, p, KIND_PLANE_LEAF, 2).is_err());
+        assert!(decode_block(&b, p, KIND_MAP, 1).is_err());
+        let mut c = b.clone();
+        c[100] ^= 4;
+        assert!(decode_block(&c, p, KIND_MAP, 2).is_err());
+    }
+
+    #[test]
+    fn reader_is_bounds_checked() {
+        let mut r = Reader::new(&[1, 2, 3], 5, "catalog");
+        assert!(r.u64().is_err());
+        let mut w = Writer::default();
+        w.str("abc");
+        w.u128(5);
+        let mut r = Reader::new(&w.buf, 0, "catalog");
+        assert_eq!(r.str().unwrap(), "abc");
+        assert_eq!(r.u128().unwrap(), 5);
+        assert!(r.u8().is_err());
+    }
+}

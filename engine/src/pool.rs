@@ -1,0 +1,1300 @@
+//! The pool: single-threaded owner of one device. Volumes, qtrees,
+//! copy-on-write map trees, bit planes, the catalog, consistency points,
+//! snapshots and diffs.
+//!
+//! Invariants (checked by [`Pool::check_invariants`]):
+//! - The live plane of a volume holds exactly the data blocks and clean map
+//!   nodes of its namespaces' live trees; a snapshot plane exactly those of
+//!   its frozen trees.
+//! - The free map = union of all planes + all plane nodes + catalog blocks +
+//!   superblocks + pending-free. A pba is allocatable iff its bit is clear.
+//! - Free only after durability: a block released since the last CP stays in
+//!   `pending` (allocated in the free map) until the NEXT CP's superblock is
+//!   written and flushed, because the durable image may still point at it.
+//! - Writes never overwrite a block the durable image references.
+
+use crate::api::*;
+use crate::device::{AlignedBuf, BlockDevice, IoKind, BLOCK_SIZE};
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::tree::*;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use uuid::Uuid;
+
+pub use crate::tree::PoolStats;
+
+/// Smallest device a pool can live on, in blocks.
+pub const MIN_BLOCKS: u64 = 256;
+/// Snapshots per volume.
+pub const SNAPSHOTS_MAX: usize = 255;
+/// Largest namespace, in blocks (the map tree's reach).
+pub const NS_BLOCKS_MAX: u64 = 168u64.pow(5);
+/// A CP is taken after a request once this many nodes are dirty or pending.
+const DIRTY_BOUND: usize = 16384;
+
+#[derive(Debug, Clone, Copy)]
+pub struct FormatOptions {
+    pub volumes_max: u32,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions { volumes_max: 64 }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Ns {
+    name: Option<String>,
+    size: u64,
+    tree: Tree,
+    digest: u128,
+}
+
+#[derive(Debug, Clone)]
+struct Snap {
+    id: Uuid,
+    name: String,
+    gen: u64,
+    created: u64,
+    referenced: u64,
+    plane: Ptr,
+    ns: Vec<(Option<String>, Ptr, u128)>,
+}
+
+#[derive(Debug, Clone)]
+struct Vol {
+    id: u32,
+    name: String,
+    ro: bool,
+    ns: Vec<Ns>,
+    plane: Tree,
+    live_count: u64,
+    /// Oldest first.
+    snaps: Vec<Snap>,
+}
+
+pub struct Pool<D: BlockDevice> {
+    store: Store<D>,
+    fm: FreeMap,
+    pending: BTreeSet<u64>,
+    gen: u64,
+    uuid: [u8; 16],
+    volumes_max: u32,
+    next_vol_id: u32,
+    vols: Vec<Vol>,
+    attrs: BTreeMap<String, Vec<u8>>,
+    catalog_blocks: Vec<u64>,
+    poisoned: Option<String>,
+    meta_dirty: bool,
+}
+
+fn digest_term(lba: u64, hash: u64) -> u128 {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&lba.to_le_bytes());
+    b[8..].copy_from_slice(&hash.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_128(&b)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let bad = |reason| Err(Error::BadName { name: name.to_string(), reason });
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > NAME_LEN_MAX {
+        return bad("longer than 64 bytes");
+    }
+    if name.chars().any(|c| c == '/' || c == '@' || c.is_control()) {
+        return bad("contains '/', '@' or a control character");
+    }
+    Ok(())
+}
+
+fn check_size(what: &str, size_bytes: u64) -> Result<u64> {
+    let bad = |reason| Err(Error::BadSize { what: what.to_string(), size: size_bytes, reason });
+    if size_bytes == 0 {
+        return bad("zero");
+    }
+    if size_bytes % BLOCK_SIZE as u64 != 0 {
+        return bad("not a multiple of 4096");
+    }
+    let blocks = size_bytes / BLOCK_SIZE as u64;
+    if blocks > NS_BLOCKS_MAX {
+        return bad("larger than the 530 TiB namespace limit");
+    }
+    Ok(blocks)
+}
+
+/// Set or clear `pba` in a live plane. Plane nodes replaced by the copy on
+/// write are released unless the newest snapshot's plane tree has the same
+/// pba at that position (then that snapshot still holds them).
+fn plane_update<D: BlockDevice>(
+    store: &mut Store<D>,
+    plane: &mut Tree,
+    live_count: &mut u64,
+    newest: Option<Ptr>,
+    pending: &mut BTreeSet<u64>,
+    pba: u64,
+    on: bool,
+) -> Result<()> {
+    let leaf = pba / LEAF_BITS;
+    let mut rel = Vec::new();
+    let r = make_dirty(store, plane, 0, leaf, &mut rel);
+    for (level, key, ptr) in rel {
+        let shared = match newest {
+            Some(root) => node_ptr(store, &Tree::plane(root), level, key)?.pba == ptr.pba,
+            None => false,
+        };
+        if !shared {
+            pending.insert(ptr.pba);
+        }
+    }
+    r?;
+    let p = plane
+        .dirty
+        .get_mut(&(0, leaf))
+        .ok_or_else(|| Error::Invalid("plane leaf not dirty".into()))?;
+    let bit = pba % LEAF_BITS;
+    if bit_get(p, bit) != on {
+        bit_put(p, bit, on);
+        if on {
+            *live_count += 1;
+        } else {
+            *live_count -= 1;
+        }
+    }
+    Ok(())
+}
+
+fn plane_test<D: BlockDevice>(store: &mut Store<D>, root: Ptr, pba: u64) -> Result<bool> {
+    Ok(match get_leaf(store, &Tree::plane(root), pba / LEAF_BITS)? {
+        Some(p) => bit_get(&p, pba % LEAF_BITS),
+        None => false,
+    })
+}
+
+/// The live image releases `pba`: clear it in the live plane; if the newest
+/// snapshot holds it, it stays held, else it goes to pending-free.
+fn release_live<D: BlockDevice>(
+    store: &mut Store<D>,
+    vol: &mut Vol,
+    pending: &mut BTreeSet<u64>,
+    pba: u64,
+) -> Result<()> {
+    let newest = vol.snaps.last().map(|s| s.plane);
+    plane_update(store, &mut vol.plane, &mut vol.live_count, newest, pending, pba, false)?;
+    let held = match newest {
+        Some(root) => plane_test(store, root, pba)?,
+        None => false,
+    };
+    if !held {
+        pending.insert(pba);
+    }
+    Ok(())
+}
+
+/// One side of the three-way plane walk: a tree and the pointer reached.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    tree: &'a Tree,
+    ptr: Ptr,
+}
+
+/// Node identity for sharing: a dirty node is shared with nobody.
+const DIRTY_ID: u64 = u64::MAX;
+
+fn side_node<D: BlockDevice>(
+    store: &mut Store<D>,
+    s: Option<Side>,
+    level: u8,
+    key: u64,
+) -> Result<(u64, Option<std::sync::Arc<Vec<u8>>>)> {
+    let Some(s) = s else { return Ok((0, None)) };
+    if let Some(d) = s.tree.dirty.get(&(level, key)) {
+        return Ok((DIRTY_ID, Some(std::sync::Arc::new(d.clone()))));
+    }
+    if s.ptr.pba == 0 {
+        return Ok((0, None));
+    }
+    Ok((s.ptr.pba, Some(store.load(s.ptr, s.tree.kind(level), level)?)))
+}
+
+/// Walk snapshot plane `s` against its neighbours; report every block only
+/// `s` holds (plane bits `S & !P & !N` and plane nodes shared with neither).
+fn unique_walk<D: BlockDevice>(
+    store: &mut Store<D>,
+    level: u8,
+    key: u64,
+    s: Side,
+    p: Option<Side>,
+    n: Option<Side>,
+    out: &mut dyn FnMut(u64),
+) -> Result<()> {
+    if s.ptr.pba == 0 {
+        return Ok(());
+    }
+    let (pid, pp) = side_node(store, p, level, key)?;
+    let (nid, np) = side_node(store, n, level, key)?;
+    if pid == s.ptr.pba || nid == s.ptr.pba {
+        return Ok(()); // shared subtree: nothing unique below
+    }
+    out(s.ptr.pba);
+    let sp = store.load(s.ptr, s.tree.kind(level), level)?;
+    if level == 0 {
+        for byte in 0..PAYLOAD {
+            let mut m = sp[byte];
+            if let Some(pp) = &pp {
+                m &= !pp[byte];
+            }
+            if let Some(np) = &np {
+                m &= !np[byte];
+            }
+            while m != 0 {
+                let b = m.trailing_zeros() as u64;
+                out(key * LEAF_BITS + byte as u64 * 8 + b);
+                m &= m - 1;
+            }
+        }
+        return Ok(());
+    }
+    for i in 0..FANOUT {
+        let c = slot_ptr(&sp, i);
+        if c.pba == 0 {
+            continue;
+        }
+        let ck = key * FANOUT as u64 + i as u64;
+        let pc = p.map(|sd| Side { tree: sd.tree, ptr: pp.as_ref().map(|x| slot_ptr(x, i)).unwrap_or_default() });
+        let nc = n.map(|sd| Side { tree: sd.tree, ptr: np.as_ref().map(|x| slot_ptr(x, i)).unwrap_or_default() });
+        unique_walk(store, level - 1, ck, Side { tree: s.tree, ptr: c }, pc, nc, out)?;
+    }
+    Ok(())
+}
+
+fn push_extent(out: &mut Vec<DiffExtent>, lba: u64, kind: DiffKind) {
+    if let Some(last) = out.last_mut() {
+        if last.kind == kind && last.lba + last.len_blocks == lba {
+            last.len_blocks += 1;
+            return;
+        }
+    }
+    out.push(DiffExtent { lba, len_blocks: 1, kind });
+}
+
+fn diff_walk<D: BlockDevice>(
+    store: &mut Store<D>,
+    level: u8,
+    key: u64,
+    base: Ptr,
+    target: Ptr,
+    out: &mut Vec<DiffExtent>,
+) -> Result<()> {
+    if target.pba == 0 || target.pba == base.pba {
+        return Ok(());
+    }
+    let tp = store.load(target, KIND_MAP, level)?;
+    let bp = if base.pba != 0 { Some(store.load(base, KIND_MAP, level)?) } else { None };
+    for i in 0..FANOUT {
+        let t = slot_get(&tp, i);
+        let b = bp.as_ref().map(|x| slot_get(x, i)).unwrap_or_default();
+        let ck = key * FANOUT as u64 + i as u64;
+        if level == 0 {
+            if t.pba != 0 && t.pba != b.pba {
+                push_extent(out, ck, DiffKind::Data);
+            } else if t.pba == 0 && b.pba != 0 {
+                push_extent(out, ck, DiffKind::Trim);
+            }
+        } else {
+            diff_walk(
+                store,
+                level - 1,
+                ck,
+                Ptr { pba: b.pba, birth: b.birth },
+                Ptr { pba: t.pba, birth: t.birth },
+                out,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+impl<D: BlockDevice> Pool<D> {
+    fn empty(dev: D, uuid: [u8; 16], volumes_max: u32) -> Self {
+        let total = dev.info().block_count;
+        let mut fm = FreeMap::new(total);
+        fm.set(0);
+        fm.set(1);
+        Pool {
+            store: Store::new(dev),
+            fm,
+            pending: BTreeSet::new(),
+            gen: 0,
+            uuid,
+            volumes_max,
+            next_vol_id: 1,
+            vols: Vec::new(),
+            attrs: BTreeMap::new(),
+            catalog_blocks: Vec::new(),
+            poisoned: None,
+            meta_dirty: true,
+        }
+    }
+
+    /// Make a new, empty pool on `dev` (both superblock slots are cleared
+    /// first, so an older pool on the device cannot win at mount).
+    pub fn format(dev: D, opts: FormatOptions) -> Result<Self> {
+        let blocks = dev.info().block_count;
+        if blocks < MIN_BLOCKS {
+            return Err(Error::DeviceTooSmall { blocks, min: MIN_BLOCKS });
+        }
+        if opts.volumes_max == 0 {
+            return Err(Error::Invalid("volumes_max must be at least 1".into()));
+        }
+        let mut pool = Pool::empty(dev, *Uuid::new_v4().as_bytes(), opts.volumes_max);
+        pool.store.write_raw(vec![(0, vec![0u8; BLOCK_SIZE]), (1, vec![0u8; BLOCK_SIZE])], false)?;
+        pool.cp(None)?;
+        Ok(pool)
+    }
+
+    /// Mount: the valid superblock with the highest generation wins.
+    pub fn open(dev: D) -> Result<Self> {
+        let blocks = dev.info().block_count;
+        if blocks < 2 {
+            return Err(Error::NotAPool);
+        }
+        let mut store = Store::new(dev);
+        let raw = store.read_raw(&[0, 1])?;
+        let mut best: Option<Superblock> = None;
+        let mut corrupt = None;
+        for (slot, b) in raw.iter().enumerate() {
+            match Superblock::decode(b, slot as u64) {
+                Ok(Some(sb)) => {
+                    if best.as_ref().is_none_or(|x| sb.gen > x.gen) {
+                        best = Some(sb);
+                    }
+                }
+                Ok(None) => {}
+                Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
+                Err(e) => corrupt = Some(e),
+            }
+        }
+        let sb = match (best, corrupt) {
+            (Some(sb), _) => sb,
+            (None, Some(e)) => return Err(e),
+            (None, None) => return Err(Error::NotAPool),
+        };
+        if sb.block_count != blocks {
+            return Err(Error::Invalid(format!(
+                "superblock says {} blocks, device has {}",
+                sb.block_count, blocks
+            )));
+        }
+        let mut pool = Pool::empty(store.dev, sb.uuid, sb.volumes_max);
+        pool.gen = sb.gen;
+        pool.meta_dirty = false;
+        pool.load_catalog(sb.catalog)?;
+        pool.rebuild_free_map()?;
+        Ok(pool)
+    }
+
+    fn load_catalog(&mut self, first: Ptr) -> Result<()> {
+        let mut blob = Vec::new();
+        let mut ptr = first;
+        let mut seen = HashSet::new();
+        while ptr.pba != 0 {
+            if ptr.pba >= self.fm.total || !seen.insert(ptr.pba) {
+                return Err(Error::CorruptMetadata {
+                    pba: ptr.pba,
+                    kind: "catalog",
+                    reason: "bad or looping chain pointer".into(),
+                });
+            }
+            let raw = self.store.read_raw(&[ptr.pba])?.into_iter().next().unwrap_or_default();
+            let payload = decode_block(&raw, ptr, KIND_CATALOG, 0)?;
+            let mut r = Reader::new(payload, ptr.pba, "catalog");
+            let next = r.ptr()?;
+            let len = r.u32()? as usize;
+            blob.extend_from_slice(r.take(len)?);
+            self.catalog_blocks.push(ptr.pba);
+            ptr = next;
+        }
+        let pba = first.pba;
+        let mut r = Reader::new(&blob, pba, "catalog");
+        self.next_vol_id = r.u32()?;
+        let nvol = r.u32()?;
+        for _ in 0..nvol {
+            let id = r.u32()?;
+            let name = r.str()?;
+            let ro = r.u8()? != 0;
+            let live_count = r.u64()?;
+            let plane = Tree::plane(r.ptr()?);
+            let nns = r.u32()?;
+            let mut ns = Vec::new();
+            for _ in 0..nns {
+                let n = r.str()?;
+                let size = r.u64()?;
+                let root = r.ptr()?;
+                let digest = r.u128()?;
+                ns.push(Ns { name: if n.is_empty() { None } else { Some(n) }, size, tree: Tree::map(root), digest });
+            }
+            let nsnap = r.u32()?;
+            let mut snaps = Vec::new();
+            for _ in 0..nsnap {
+                let mut u = [0u8; 16];
+                u.copy_from_slice(r.take(16)?);
+                let sname = r.str()?;
+                let gen = r.u64()?;
+                let created = r.u64()?;
+                let referenced = r.u64()?;
+                let splane = r.ptr()?;
+                let k = r.u32()?;
+                let mut sns = Vec::new();
+                for _ in 0..k {
+                    let n = r.str()?;
+                    let root = r.ptr()?;
+                    let d = r.u128()?;
+                    sns.push((if n.is_empty() { None } else { Some(n) }, root, d));
+                }
+                snaps.push(Snap { id: Uuid::from_bytes(u), name: sname, gen, created, referenced, plane: splane, ns: sns });
+            }
+            self.vols.push(Vol { id, name, ro, ns, plane, live_count, snaps });
+        }
+        let nattr = r.u32()?;
+        for _ in 0..nattr {
+            let k = r.str()?;
+            let v = r.blob()?;
+            self.attrs.insert(k, v);
+        }
+        Ok(())
+    }
+
+    fn encode_catalog(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u32(self.next_vol_id);
+        w.u32(self.vols.len() as u32);
+        for v in &self.vols {
+            w.u32(v.id);
+            w.str(&v.name);
+            w.u8(v.ro as u8);
+            w.u64(v.live_count);
+            w.ptr(v.plane.root);
+            w.u32(v.ns.len() as u32);
+            for n in &v.ns {
+                w.str(n.name.as_deref().unwrap_or(""));
+                w.u64(n.size);
+                w.ptr(n.tree.root);
+                w.u128(n.digest);
+            }
+            w.u32(v.snaps.len() as u32);
+            for s in &v.snaps {
+                w.bytes(s.id.as_bytes());
+                w.str(&s.name);
+                w.u64(s.gen);
+                w.u64(s.created);
+                w.u64(s.referenced);
+                w.ptr(s.plane);
+                w.u32(s.ns.len() as u32);
+                for (n, root, d) in &s.ns {
+                    w.str(n.as_deref().unwrap_or(""));
+                    w.ptr(*root);
+                    w.u128(*d);
+                }
+            }
+        }
+        w.u32(self.attrs.len() as u32);
+        for (k, v) in &self.attrs {
+            w.str(k);
+            w.blob(v);
+        }
+        w.buf
+    }
+
+    /// Mount-time free map: superblocks, catalog, plane nodes (each distinct
+    /// node once) and plane bits.
+    fn rebuild_free_map(&mut self) -> Result<()> {
+        let mut fm = FreeMap::new(self.fm.total);
+        fm.set(0);
+        fm.set(1);
+        for &c in &self.catalog_blocks {
+            fm.set(c);
+        }
+        let mut seen = HashSet::new();
+        let roots: Vec<Ptr> = self
+            .vols
+            .iter()
+            .flat_map(|v| std::iter::once(v.plane.root).chain(v.snaps.iter().map(|s| s.plane)))
+            .collect();
+        for root in roots {
+            let tree = Tree::plane(root);
+            let fmr = &mut fm;
+            let mut nodes = Vec::new();
+            let mut leaves: Vec<(u64, Vec<u8>)> = Vec::new();
+            walk_tree(
+                &mut self.store,
+                &tree,
+                &mut |p| {
+                    if seen.insert(p) {
+                        nodes.push(p);
+                        true
+                    } else {
+                        false
+                    }
+                },
+                &mut |k, pl| leaves.push((k, pl.to_vec())),
+            )?;
+            for p in nodes {
+                fmr.set(p);
+            }
+            for (k, pl) in leaves {
+                for (byte, &b) in pl.iter().enumerate() {
+                    let mut m = b;
+                    while m != 0 {
+                        let bit = m.trailing_zeros() as u64;
+                        let pba = k * LEAF_BITS + byte as u64 * 8 + bit;
+                        if pba >= fmr.total {
+                            return Err(Error::CorruptMetadata {
+                                pba: 0,
+                                kind: "plane leaf",
+                                reason: format!("plane holds block {pba} beyond the device"),
+                            });
+                        }
+                        fmr.set(pba);
+                        m &= m - 1;
+                    }
+                }
+            }
+        }
+        self.fm = fm;
+        Ok(())
+    }
+
+    fn dirty_nodes(&self) -> usize {
+        self.vols
+            .iter()
+            .map(|v| v.plane.dirty.len() + v.ns.iter().map(|n| n.tree.dirty.len()).sum::<usize>())
+            .sum()
+    }
+
+    fn dirty_map_nodes(&self) -> usize {
+        self.vols.iter().map(|v| v.ns.iter().map(|n| n.tree.dirty.len()).sum::<usize>()).sum()
+    }
+
+    /// Blocks a CP may need right now (upper bound): each dirty map node
+    /// needs a block and may dirty a whole plane path; plus the catalog.
+    fn cp_reserve(&self) -> u64 {
+        let map = self.dirty_map_nodes() as u64;
+        let plane = self.dirty_nodes() as u64 - map;
+        map * (1 + PLANE_DEPTH as u64) + plane + 2 * self.catalog_blocks.len() as u64 + 8
+    }
+
+    /// Make sure `extra` blocks plus the CP reserve are free, taking a CP
+    /// to reclaim pending-free blocks if that helps.
+    fn ensure_space(&mut self, extra: u64) -> Result<()> {
+        let need = extra + self.cp_reserve();
+        if self.fm.free() >= need {
+            return Ok(());
+        }
+        if !self.pending.is_empty() || self.dirty_nodes() > 0 {
+            self.cp(None)?;
+            let need = extra + self.cp_reserve();
+            if self.fm.free() >= need {
+                return Ok(());
+            }
+        }
+        Err(Error::NoSpace { needed: extra, free: self.fm.free().saturating_sub(self.cp_reserve()) })
+    }
+
+    fn poison(&mut self, e: &Error) {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(e.to_string());
+            tracing::error!(error = %e, "pool poisoned for writes");
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(r) => Err(Error::Poisoned { reason: r.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// A consistency point (see the module doc and docs/FORMAT.md).
+    fn cp(&mut self, snap: Option<(usize, String, Uuid, u64)>) -> Result<()> {
+        self.check_writable()?;
+        if snap.is_none() && !self.meta_dirty && self.pending.is_empty() && self.dirty_nodes() == 0 {
+            return Ok(());
+        }
+        let r = self.cp_inner(snap);
+        if let Err(e) = &r {
+            self.poison(e);
+        }
+        r
+    }
+
+    fn cp_inner(&mut self, snap: Option<(usize, String, Uuid, u64)>) -> Result<()> {
+        let g = self.gen + 1;
+        for vi in 0..self.vols.len() {
+            for ni in 0..self.vols[vi].ns.len() {
+                let new = flush_tree(&mut self.store, &mut self.vols[vi].ns[ni].tree, &mut self.fm, g)?;
+                let vol = &mut self.vols[vi];
+                let newest = vol.snaps.last().map(|s| s.plane);
+                for p in new {
+                    plane_update(&mut self.store, &mut vol.plane, &mut vol.live_count, newest, &mut self.pending, p, true)?;
+                }
+            }
+            flush_tree(&mut self.store, &mut self.vols[vi].plane, &mut self.fm, g)?;
+        }
+        if let Some((vi, name, id, created)) = snap {
+            let v = &mut self.vols[vi];
+            let s = Snap {
+                id,
+                name,
+                gen: g,
+                created,
+                referenced: v.live_count,
+                plane: v.plane.root,
+                ns: v.ns.iter().map(|n| (n.name.clone(), n.tree.root, n.digest)).collect(),
+            };
+            v.snaps.push(s);
+        }
+        // Catalog: a chain of blocks, written last block first so each knows
+        // its successor.
+        let blob = self.encode_catalog();
+        let per = PAYLOAD - 20;
+        let pieces: Vec<&[u8]> = if blob.is_empty() { vec![&blob[..]] } else { blob.chunks(per).collect() };
+        let mut pbas = Vec::with_capacity(pieces.len());
+        for _ in 0..pieces.len() {
+            pbas.push(self.fm.alloc()?);
+        }
+        let mut writes = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            let next = if i + 1 < pbas.len() { Ptr { pba: pbas[i + 1], birth: g } } else { Ptr::default() };
+            let mut w = Writer::default();
+            w.ptr(next);
+            w.u32(piece.len() as u32);
+            w.bytes(piece);
+            writes.push((pbas[i], encode_block(KIND_CATALOG, 0, pbas[i], g, &w.buf)));
+        }
+        self.store.stats.metadata_blocks_written += writes.len() as u64;
+        self.store.write_raw(writes, false)?;
+        for &c in &self.catalog_blocks {
+            self.pending.insert(c);
+        }
+        // Everything the new CP references must be durable before its
+        // superblock points at it.
+        self.store.flush()?;
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            block_count: self.fm.total,
+            gen: g,
+            catalog: Ptr { pba: pbas[0], birth: g },
+            uuid: self.uuid,
+            volumes_max: self.volumes_max,
+        };
+        self.store.write_raw(vec![(g % 2, sb.encode())], false)?;
+        self.store.flush()?;
+        // The CP is durable: nothing durable points at pending blocks now.
+        self.gen = g;
+        self.catalog_blocks = pbas;
+        for p in std::mem::take(&mut self.pending) {
+            self.fm.clear(p);
+        }
+        self.meta_dirty = false;
+        self.store.stats.checkpoints += 1;
+        Ok(())
+    }
+
+    /// A consistency point now (what `Flush` does).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.cp(None)
+    }
+
+    /// Why writes are refused, if they are.
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.clone()
+    }
+
+    pub fn device(&self) -> &D {
+        &self.store.dev
+    }
+
+    pub fn into_device(self) -> D {
+        self.store.dev
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.store.stats
+    }
+
+    /// Current CP generation.
+    pub fn generation(&self) -> u64 {
+        self.gen
+    }
+
+    fn vol_idx(&self, name: &str) -> Result<usize> {
+        self.vols
+            .iter()
+            .position(|v| v.name == name)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
+    }
+
+    fn ns_idx(&self, ns: &NsName) -> Result<(usize, usize)> {
+        let vi = self.vol_idx(&ns.volume)?;
+        let ni = self.vols[vi].ns.iter().position(|n| n.name == ns.qtree).ok_or_else(|| Error::NoSuchQtree {
+            volume: ns.volume.clone(),
+            qtree: ns.qtree.clone().unwrap_or_default(),
+        })?;
+        Ok((vi, ni))
+    }
+
+    fn snap_idx(&self, vi: usize, name: &str) -> Result<usize> {
+        self.vols[vi].snaps.iter().position(|s| s.name == name).ok_or_else(|| Error::NoSuchSnapshot {
+            volume: self.vols[vi].name.clone(),
+            snapshot: name.to_string(),
+        })
+    }
+
+    fn check_range(&self, vi: usize, ni: usize, ns: &NsName, lba: u64, len: u64) -> Result<()> {
+        let size = self.vols[vi].ns[ni].size;
+        if len == 0 || lba >= size || len > size - lba {
+            return Err(Error::OutOfRange { ns: ns.to_string(), lba, len, size });
+        }
+        Ok(())
+    }
+
+    fn vol_info(&self, v: &Vol) -> VolumeInfo {
+        VolumeInfo {
+            name: v.name.clone(),
+            id: v.id,
+            size_bytes: v.ns[0].size * BLOCK_SIZE as u64,
+            qtrees: v
+                .ns
+                .iter()
+                .skip(1)
+                .map(|n| QtreeInfo { name: n.name.clone().unwrap_or_default(), size_bytes: n.size * BLOCK_SIZE as u64 })
+                .collect(),
+            read_only: v.ro,
+            used_blocks: v.live_count,
+            snapshot_count: v.snaps.len(),
+        }
+    }
+
+    /// Run many requests; results in input order, as if one after another.
+    pub fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
+        reqs.into_iter().map(|r| self.execute(r)).collect()
+    }
+
+    pub fn execute(&mut self, req: Request) -> Result<Reply> {
+        let r = self.execute_inner(req);
+        if self.poisoned.is_none() && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > DIRTY_BOUND) {
+            self.cp(None)?;
+        }
+        r
+    }
+
+    fn execute_inner(&mut self, req: Request) -> Result<Reply> {
+        match req {
+            Request::CreateVolume { name, size_bytes } => {
+                self.check_writable()?;
+                check_name(&name)?;
+                let size = check_size(&name, size_bytes)?;
+                if self.vols.iter().any(|v| v.name == name) {
+                    return Err(Error::AlreadyExists { what: "volume", name });
+                }
+                if self.vols.len() >= self.volumes_max as usize {
+                    return Err(Error::TooManyVolumes { limit: self.volumes_max });
+                }
+                self.ensure_space(4)?;
+                let id = self.next_vol_id;
+                self.next_vol_id += 1;
+                self.vols.push(Vol {
+                    id,
+                    name,
+                    ro: false,
+                    ns: vec![Ns { name: None, size, tree: Tree::map(Ptr::default()), digest: 0 }],
+                    plane: Tree::plane(Ptr::default()),
+                    live_count: 0,
+                    snaps: Vec::new(),
+                });
+                self.meta_dirty = true;
+                self.cp(None)?;
+                let v = self.vols.last().ok_or_else(|| Error::Invalid("volume vanished".into()))?;
+                Ok(Reply::Volume(self.vol_info(v)))
+            }
+            Request::CreateQtree { volume, name, size_bytes } => {
+                self.check_writable()?;
+                let vi = self.vol_idx(&volume)?;
+                check_name(&name)?;
+                let size = check_size(&format!("{volume}/{name}"), size_bytes)?;
+                if self.vols[vi].ns.iter().any(|n| n.name.as_deref() == Some(&name)) {
+                    return Err(Error::AlreadyExists { what: "qtree", name: format!("{volume}/{name}") });
+                }
+                self.ensure_space(4)?;
+                self.vols[vi].ns.push(Ns { name: Some(name), size, tree: Tree::map(Ptr::default()), digest: 0 });
+                self.meta_dirty = true;
+                self.cp(None)?;
+                Ok(Reply::Volume(self.vol_info(&self.vols[vi])))
+            }
+            Request::ListVolumes => Ok(Reply::Volumes(self.vols.iter().map(|v| self.vol_info(v)).collect())),
+            Request::SetReadOnly { volume, read_only } => {
+                self.check_writable()?;
+                let vi = self.vol_idx(&volume)?;
+                self.vols[vi].ro = read_only;
+                self.meta_dirty = true;
+                self.cp(None)?;
+                Ok(Reply::Done)
+            }
+            Request::Read { image, lba, len_blocks } => self.read(&image, lba, len_blocks as u64).map(Reply::Data),
+            Request::Write { ns, lba, data, fua, replica } => {
+                self.write(&ns, lba, &data, replica)?;
+                if fua {
+                    self.cp(None)?;
+                }
+                Ok(Reply::Done)
+            }
+            Request::Trim { ns, lba, len_blocks, replica } => {
+                self.trim(&ns, lba, len_blocks, replica)?;
+                Ok(Reply::Done)
+            }
+            Request::Flush => {
+                self.cp(None)?;
+                Ok(Reply::Done)
+            }
+            Request::CreateSnapshot { volume, name, id, created_unix_ms } => {
+                self.check_writable()?;
+                let vi = self.vol_idx(&volume)?;
+                check_name(&name)?;
+                if self.vols[vi].snaps.iter().any(|s| s.name == name) {
+                    return Err(Error::AlreadyExists { what: "snapshot", name: format!("{volume}@{name}") });
+                }
+                if self.vols[vi].snaps.len() >= SNAPSHOTS_MAX {
+                    return Err(Error::TooManySnapshots { volume, limit: SNAPSHOTS_MAX });
+                }
+                self.ensure_space(4)?;
+                let id = id.unwrap_or_else(Uuid::new_v4);
+                let created = created_unix_ms.unwrap_or_else(now_ms);
+                self.cp(Some((vi, name, id, created)))?;
+                let si = self.vols[vi].snaps.len() - 1;
+                Ok(Reply::Snapshot(self.snap_info(vi, si)?))
+            }
+            Request::DeleteSnapshot { volume, name } => {
+                self.check_writable()?;
+                let vi = self.vol_idx(&volume)?;
+                let si = self.snap_idx(vi, &name)?;
+                self.ensure_space(4)?;
+                let mut freed = Vec::new();
+                let r = self.unique_blocks(vi, si, &mut |p| freed.push(p));
+                if let Err(e) = r {
+                    self.poison(&e);
+                    return Err(e);
+                }
+                self.pending.extend(freed);
+                self.vols[vi].snaps.remove(si);
+                self.meta_dirty = true;
+                self.cp(None)?;
+                Ok(Reply::Done)
+            }
+            Request::ListSnapshots { volume } => {
+                let vi = self.vol_idx(&volume)?;
+                let mut out = Vec::new();
+                for si in 0..self.vols[vi].snaps.len() {
+                    out.push(self.snap_info(vi, si)?);
+                }
+                Ok(Reply::Snapshots(out))
+            }
+            Request::Diff { ns, base, target } => self.diff(&ns, base.as_deref(), &target).map(Reply::Diff),
+            Request::Space => Ok(Reply::Space(SpaceInfo {
+                total_blocks: self.fm.total,
+                used_blocks: self.fm.used - self.pending.len() as u64,
+                free_blocks: self.fm.free(),
+                pending_free_blocks: self.pending.len() as u64,
+            })),
+            Request::SetAttr { key, value } => {
+                self.check_writable()?;
+                if key.is_empty() || key.len() > 255 {
+                    return Err(Error::Invalid(format!("attribute key {key:?} must be 1..=255 bytes")));
+                }
+                match value {
+                    Some(v) => {
+                        self.ensure_space(2 + v.len() as u64 / PAYLOAD as u64)?;
+                        self.attrs.insert(key, v);
+                    }
+                    None => {
+                        self.attrs.remove(&key);
+                    }
+                }
+                self.meta_dirty = true;
+                Ok(Reply::Done)
+            }
+            Request::GetAttr { key } => Ok(Reply::Attr(self.attrs.get(&key).cloned())),
+        }
+    }
+
+    fn snap_info(&mut self, vi: usize, si: usize) -> Result<SnapshotInfo> {
+        let mut unique = 0u64;
+        self.unique_blocks(vi, si, &mut |_| unique += 1)?;
+        let s = &self.vols[vi].snaps[si];
+        Ok(SnapshotInfo {
+            name: s.name.clone(),
+            id: s.id,
+            gen: s.gen,
+            created_unix_ms: s.created,
+            digests: s.ns.iter().map(|(n, _, d)| (n.clone(), *d)).collect(),
+            referenced_blocks: s.referenced,
+            unique_blocks: unique,
+        })
+    }
+
+    /// The blocks deleting snapshot `si` alone would free.
+    fn unique_blocks(&mut self, vi: usize, si: usize, out: &mut dyn FnMut(u64)) -> Result<()> {
+        let v = &self.vols[vi];
+        let s_tree = Tree::plane(v.snaps[si].plane);
+        let p_tree = if si > 0 { Some(Tree::plane(v.snaps[si - 1].plane)) } else { None };
+        let n_tree = if si + 1 < v.snaps.len() { Tree::plane(v.snaps[si + 1].plane) } else { v.plane.clone() };
+        let top = s_tree.top();
+        unique_walk(
+            &mut self.store,
+            top,
+            0,
+            Side { tree: &s_tree, ptr: s_tree.root },
+            p_tree.as_ref().map(|t| Side { tree: t, ptr: t.root }),
+            Some(Side { tree: &n_tree, ptr: n_tree.root }),
+            out,
+        )
+    }
+
+    fn image_tree(&self, image: &Image) -> Result<(usize, usize, Tree)> {
+        let (vi, ni) = self.ns_idx(&image.ns)?;
+        match &image.snapshot {
+            None => Ok((vi, ni, self.vols[vi].ns[ni].tree.clone())),
+            Some(sn) => {
+                let si = self.snap_idx(vi, sn)?;
+                let s = &self.vols[vi].snaps[si];
+                let root = s.ns.iter().find(|(n, _, _)| *n == image.ns.qtree).map(|x| x.1).ok_or_else(|| {
+                    Error::NoSuchSnapshot { volume: image.ns.to_string(), snapshot: sn.clone() }
+                })?;
+                Ok((vi, ni, Tree::map(root)))
+            }
+        }
+    }
+
+    fn read(&mut self, image: &Image, lba: u64, len: u64) -> Result<AlignedBuf> {
+        let (vi, ni) = self.ns_idx(&image.ns)?;
+        self.check_range(vi, ni, &image.ns, lba, len)?;
+        let tree = if image.snapshot.is_none() {
+            // Borrow-free: the live tree may be large in dirty nodes; walk it in place.
+            None
+        } else {
+            Some(self.image_tree(image)?.2)
+        };
+        let mut slots = Vec::with_capacity(len as usize);
+        let mut leaf_cache: Option<(u64, Option<std::sync::Arc<Vec<u8>>>)> = None;
+        for i in 0..len {
+            let l = lba + i;
+            let key = l / FANOUT as u64;
+            if leaf_cache.as_ref().is_none_or(|(k, _)| *k != key) {
+                let t = match &tree {
+                    Some(t) => t,
+                    None => &self.vols[vi].ns[ni].tree,
+                };
+                let leaf = get_leaf(&mut self.store, t, key)?;
+                leaf_cache = Some((key, leaf));
+            }
+            let s = match &leaf_cache {
+                Some((_, Some(p))) => slot_get(p, (l % FANOUT as u64) as usize),
+                _ => Slot::default(),
+            };
+            slots.push(s);
+        }
+        let mapped: Vec<u64> = slots.iter().filter(|s| s.pba != 0).map(|s| s.pba).collect();
+        let reqs = mapped.iter().map(|&p| (IoKind::Read, p, Some(AlignedBuf::zeroed(1)))).collect();
+        let comps = self.store.run(reqs)?;
+        self.store.stats.data_blocks_read += mapped.len() as u64;
+        let mut out = AlignedBuf::zeroed(len as usize);
+        let mut ci = comps.into_iter();
+        for (i, s) in slots.iter().enumerate() {
+            if s.pba == 0 {
+                continue;
+            }
+            let c = ci.next().ok_or_else(|| Error::Invalid("missing read completion".into()))?;
+            let data = c.buf.ok_or_else(|| Error::Invalid("read completion without buffer".into()))?;
+            if xxhash_rust::xxh3::xxh3_64(data.as_slice()) != s.hash {
+                return Err(Error::DataChecksum { vol: image.ns.to_string(), lba: lba + i as u64, pba: s.pba });
+            }
+            out.block_mut(i).copy_from_slice(data.as_slice());
+        }
+        Ok(out)
+    }
+
+    /// Point slot `lba` of namespace (vi, ni) at `new` (pba 0 = hole),
+    /// releasing what it replaces.
+    fn set_slot(&mut self, vi: usize, ni: usize, lba: u64, new: Slot) -> Result<()> {
+        let key = lba / FANOUT as u64;
+        let idx = (lba % FANOUT as u64) as usize;
+        let mut rel = Vec::new();
+        let r = make_dirty(&mut self.store, &mut self.vols[vi].ns[ni].tree, 0, key, &mut rel);
+        for (_, _, ptr) in rel {
+            release_live(&mut self.store, &mut self.vols[vi], &mut self.pending, ptr.pba)?;
+        }
+        r?;
+        let leaf = self.vols[vi].ns[ni]
+            .tree
+            .dirty
+            .get_mut(&(0, key))
+            .ok_or_else(|| Error::Invalid("map leaf not dirty".into()))?;
+        let old = slot_get(leaf, idx);
+        slot_set(leaf, idx, new);
+        let ns = &mut self.vols[vi].ns[ni];
+        if old.pba != 0 {
+            ns.digest = ns.digest.wrapping_sub(digest_term(lba, old.hash));
+        }
+        if new.pba != 0 {
+            ns.digest = ns.digest.wrapping_add(digest_term(lba, new.hash));
+            let vol = &mut self.vols[vi];
+            let newest = vol.snaps.last().map(|s| s.plane);
+            plane_update(&mut self.store, &mut vol.plane, &mut vol.live_count, newest, &mut self.pending, new.pba, true)?;
+        }
+        if old.pba != 0 {
+            release_live(&mut self.store, &mut self.vols[vi], &mut self.pending, old.pba)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, ns: &NsName, lba: u64, data: &AlignedBuf, replica: bool) -> Result<()> {
+        self.check_writable()?;
+        let (vi, ni) = self.ns_idx(ns)?;
+        if self.vols[vi].ro && !replica {
+            return Err(Error::ReadOnly { volume: ns.volume.clone() });
+        }
+        if data.len_bytes() % BLOCK_SIZE != 0 {
+            return Err(Error::Invalid(format!("write of {} bytes is not whole blocks", data.len_bytes())));
+        }
+        let n = data.len_blocks() as u64;
+        self.check_range(vi, ni, ns, lba, n)?;
+        let per_block = 1 + MAP_DEPTH as u64 * (1 + PLANE_DEPTH as u64) + PLANE_DEPTH as u64;
+        self.ensure_space(n * per_block)?;
+        let mut pbas = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            pbas.push(self.fm.alloc()?);
+        }
+        let writes: Vec<(u64, Vec<u8>)> =
+            pbas.iter().enumerate().map(|(i, &p)| (p, data.block(i).to_vec())).collect();
+        if let Err(e) = self.store.write_raw(writes, false) {
+            for &p in &pbas {
+                self.fm.clear(p);
+            }
+            self.poison(&e);
+            return Err(e);
+        }
+        self.store.stats.data_blocks_written += n;
+        let birth = self.gen + 1;
+        for (i, &p) in pbas.iter().enumerate() {
+            let hash = xxhash_rust::xxh3::xxh3_64(data.block(i));
+            if let Err(e) = self.set_slot(vi, ni, lba + i as u64, Slot { pba: p, birth, hash }) {
+                self.poison(&e);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn trim(&mut self, ns: &NsName, lba: u64, len: u64, replica: bool) -> Result<()> {
+        self.check_writable()?;
+        let (vi, ni) = self.ns_idx(ns)?;
+        if self.vols[vi].ro && !replica {
+            return Err(Error::ReadOnly { volume: ns.volume.clone() });
+        }
+        self.check_range(vi, ni, ns, lba, len)?;
+        let birth = self.gen + 1;
+        let mut l = lba;
+        while l < lba + len {
+            let key = l / FANOUT as u64;
+            let end = ((key + 1) * FANOUT as u64).min(lba + len);
+            let leaf = get_leaf(&mut self.store, &self.vols[vi].ns[ni].tree, key)?;
+            if let Some(p) = leaf {
+                let mapped: Vec<u64> =
+                    (l..end).filter(|&x| slot_get(&p, (x % FANOUT as u64) as usize).pba != 0).collect();
+                if !mapped.is_empty() {
+                    self.ensure_space(MAP_DEPTH as u64 * (1 + PLANE_DEPTH as u64) + PLANE_DEPTH as u64 * 2)?;
+                }
+                for x in mapped {
+                    if let Err(e) = self.set_slot(vi, ni, x, Slot { pba: 0, birth, hash: 0 }) {
+                        self.poison(&e);
+                        return Err(e);
+                    }
+                }
+            }
+            l = end;
+        }
+        Ok(())
+    }
+
+    /// Changed extents of `ns` from snapshot `base` (None: nothing) to
+    /// snapshot `target`, coalesced.
+    pub fn diff(&mut self, ns: &NsName, base: Option<&str>, target: &str) -> Result<Vec<DiffExtent>> {
+        let (vi, _) = self.ns_idx(ns)?;
+        let root_of = |pool: &Self, name: &str| -> Result<Ptr> {
+            let si = pool.snap_idx(vi, name)?;
+            pool.vols[vi].snaps[si]
+                .ns
+                .iter()
+                .find(|(n, _, _)| *n == ns.qtree)
+                .map(|x| x.1)
+                .ok_or_else(|| Error::NoSuchSnapshot { volume: ns.to_string(), snapshot: name.to_string() })
+        };
+        let t = root_of(self, target)?;
+        let b = match base {
+            Some(b) => root_of(self, b)?,
+            None => Ptr::default(),
+        };
+        let mut out = Vec::new();
+        diff_walk(&mut self.store, MAP_DEPTH - 1, 0, b, t, &mut out)?;
+        Ok(out)
+    }
+
+    /// Expensive consistency check (tests): planes agree with the map
+    /// trees, the free map is exactly planes + plane nodes + catalog +
+    /// superblocks + pending-free, counts and digests are exact.
+    pub fn check_invariants(&mut self) -> Result<()> {
+        let fail = |m: String| Err(Error::Invalid(format!("invariant violated: {m}")));
+        let mut expect: BTreeSet<u64> = BTreeSet::new();
+        expect.insert(0);
+        expect.insert(1);
+        for &c in &self.catalog_blocks {
+            if !expect.insert(c) {
+                return fail(format!("catalog block {c} doubly owned"));
+            }
+        }
+        let mut data_owner: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut plane_nodes: BTreeSet<u64> = BTreeSet::new();
+        for vi in 0..self.vols.len() {
+            let v = self.vols[vi].clone();
+            // (plane tree, map trees) per image
+            let mut images: Vec<(Tree, Vec<Tree>, Option<u64>)> =
+                vec![(v.plane.clone(), v.ns.iter().map(|n| n.tree.clone()).collect(), Some(v.live_count))];
+            for s in &v.snaps {
+                images.push((Tree::plane(s.plane), s.ns.iter().map(|x| Tree::map(x.1)).collect(), Some(s.referenced)));
+            }
+            for (plane, maps, count) in images {
+                let mut bits = BTreeSet::new();
+                walk_tree(
+                    &mut self.store,
+                    &plane,
+                    &mut |p| {
+                        plane_nodes.insert(p);
+                        true
+                    },
+                    &mut |k, pl| {
+                        for byte in 0..PAYLOAD {
+                            let mut m = pl[byte];
+                            while m != 0 {
+                                bits.insert(k * LEAF_BITS + byte as u64 * 8 + m.trailing_zeros() as u64);
+                                m &= m - 1;
+                            }
+                        }
+                    },
+                )?;
+                let mut held = BTreeSet::new();
+                let mut dup = None;
+                for m in &maps {
+                    let mut leaves = Vec::new();
+                    walk_tree(
+                        &mut self.store,
+                        m,
+                        &mut |p| {
+                            if !held.insert(p) {
+                                dup = Some(p);
+                            }
+                            true
+                        },
+                        &mut |_, pl| leaves.push(pl.to_vec()),
+                    )?;
+                    for pl in leaves {
+                        for i in 0..FANOUT {
+                            let s = slot_get(&pl, i);
+                            if s.pba != 0 && !held.insert(s.pba) {
+                                dup = Some(s.pba);
+                            }
+                        }
+                    }
+                }
+                if let Some(d) = dup {
+                    return fail(format!("volume {}: block {d} mapped twice in one image", v.name));
+                }
+                if held != bits {
+                    let a: Vec<_> = held.difference(&bits).take(5).collect();
+                    let b: Vec<_> = bits.difference(&held).take(5).collect();
+                    return fail(format!("volume {}: plane disagrees with maps: unrecorded {a:?}, stale {b:?}", v.name));
+                }
+                if let Some(c) = count {
+                    if c != bits.len() as u64 {
+                        return fail(format!("volume {}: count {c} != plane bits {}", v.name, bits.len()));
+                    }
+                }
+                for b in bits {
+                    if let Some(o) = data_owner.insert(b, v.id) {
+                        if o != v.id {
+                            return fail(format!("block {b} held by volumes {o} and {}", v.id));
+                        }
+                    }
+                }
+            }
+            for n in &v.ns {
+                let mut d = 0u128;
+                let mut leaves = Vec::new();
+                walk_tree(&mut self.store, &n.tree, &mut |_| true, &mut |k, pl| leaves.push((k, pl.to_vec())))?;
+                for (k, pl) in leaves {
+                    for i in 0..FANOUT {
+                        let s = slot_get(&pl, i);
+                        if s.pba != 0 {
+                            d = d.wrapping_add(digest_term(k * FANOUT as u64 + i as u64, s.hash));
+                        }
+                    }
+                }
+                if d != n.digest {
+                    return fail(format!("volume {}: digest of {:?} is stale", v.name, n.name));
+                }
+            }
+        }
+        for &p in &plane_nodes {
+            if !expect.insert(p) {
+                return fail(format!("plane node {p} also used as catalog or superblock"));
+            }
+        }
+        for &p in data_owner.keys() {
+            if !expect.insert(p) {
+                return fail(format!("block {p} is both held data/map and a plane node or catalog"));
+            }
+        }
+        for &p in &self.pending {
+            if !expect.insert(p) {
+                return fail(format!("pending-free block {p} is still held"));
+            }
+        }
+        let actual: BTreeSet<u64> = self.fm.iter_set().into_iter().collect();
+        if actual != expect {
+            let leaked: Vec<_> = actual.difference(&expect).take(5).collect();
+            let missing: Vec<_> = expect.difference(&actual).take(5).collect();
+            return fail(format!("free map: leaked {leaked:?}, held but free {missing:?}"));
+        }
+        if self.fm.used != actual.len() as u64 {
+            return fail("free count drifted".into());
+        }
+        Ok(())
+    }
+}
+
+impl<D: BlockDevice + 'static> crate::shard::Executor for Pool<D> {
+    fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
+        Pool::execute_batch(self, reqs)
+    }
+    fn checkpoint(&mut self) -> Result<()> {
+        Pool::checkpoint(self)
+    }
+}

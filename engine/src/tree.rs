@@ -1,0 +1,528 @@
+//! Fixed-depth copy-on-write radix trees (volume maps and bit planes), the
+//! metadata block store with its clean-node cache, and the pool free map.
+//!
+//! Invariants:
+//! - A tree has a fixed depth; the node covering leaf key `k` at level `L`
+//!   has key `k / FANOUT^L`. Interior slots are `{pba, birth, hash}`.
+//! - Dirty nodes (live image only) have no pba until the CP writes them;
+//!   the dirty set is closed upwards (a dirty node's parent is dirty).
+//! - Clean nodes are immutable and cached by pba; each load checks the
+//!   header (kind, level, crc, self_pba, birth).
+//! - The free map is a lazily allocated chunked bitmap: a pba is
+//!   allocatable iff its bit is clear.
+
+use crate::device::{AlignedBuf, BlockDevice, IoCompletion, IoKind, IoRequest, BLOCK_SIZE};
+use crate::error::{Error, Result};
+use crate::format::{decode_block, encode_block, Ptr, PAYLOAD};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub const FANOUT: usize = 168;
+pub const SLOT_LEN: usize = 24;
+/// Map tree levels (168^5 blocks = 530 TiB per namespace).
+pub const MAP_DEPTH: u8 = 5;
+/// Plane tree levels (32512 * 168^3 pbas).
+pub const PLANE_DEPTH: u8 = 4;
+/// pbas covered by one plane leaf.
+pub const LEAF_BITS: u64 = (PAYLOAD * 8) as u64;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub pba: u64,
+    pub birth: u64,
+    pub hash: u64,
+}
+
+pub fn slot_get(p: &[u8], i: usize) -> Slot {
+    let o = i * SLOT_LEN;
+    let rd = |a: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&p[a..a + 8]);
+        u64::from_le_bytes(b)
+    };
+    Slot { pba: rd(o), birth: rd(o + 8), hash: rd(o + 16) }
+}
+
+pub fn slot_set(p: &mut [u8], i: usize, s: Slot) {
+    let o = i * SLOT_LEN;
+    p[o..o + 8].copy_from_slice(&s.pba.to_le_bytes());
+    p[o + 8..o + 16].copy_from_slice(&s.birth.to_le_bytes());
+    p[o + 16..o + 24].copy_from_slice(&s.hash.to_le_bytes());
+}
+
+pub fn slot_ptr(p: &[u8], i: usize) -> Ptr {
+    let s = slot_get(p, i);
+    Ptr { pba: s.pba, birth: s.birth }
+}
+
+pub fn pow_fanout(level: u8) -> u64 {
+    (FANOUT as u64).pow(level as u32)
+}
+
+pub fn bit_get(p: &[u8], bit: u64) -> bool {
+    p[(bit / 8) as usize] & (1 << (bit % 8)) != 0
+}
+
+pub fn bit_put(p: &mut [u8], bit: u64, on: bool) {
+    let m = 1u8 << (bit % 8);
+    if on {
+        p[(bit / 8) as usize] |= m;
+    } else {
+        p[(bit / 8) as usize] &= !m;
+    }
+}
+
+/// One COW tree: a root pointer plus the dirty overlay.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    pub root: Ptr,
+    pub depth: u8,
+    pub leaf_kind: u16,
+    pub node_kind: u16,
+    pub dirty: HashMap<(u8, u64), Vec<u8>>,
+}
+
+impl Tree {
+    pub fn map(root: Ptr) -> Tree {
+        Tree {
+            root,
+            depth: MAP_DEPTH,
+            leaf_kind: crate::format::KIND_MAP,
+            node_kind: crate::format::KIND_MAP,
+            dirty: HashMap::new(),
+        }
+    }
+    pub fn plane(root: Ptr) -> Tree {
+        Tree {
+            root,
+            depth: PLANE_DEPTH,
+            leaf_kind: crate::format::KIND_PLANE_LEAF,
+            node_kind: crate::format::KIND_PLANE_NODE,
+            dirty: HashMap::new(),
+        }
+    }
+    pub fn kind(&self, level: u8) -> u16 {
+        if level == 0 {
+            self.leaf_kind
+        } else {
+            self.node_kind
+        }
+    }
+    pub fn top(&self) -> u8 {
+        self.depth - 1
+    }
+}
+
+/// Counters, for tests and operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Metadata nodes looked at (cache hits, misses and dirty nodes).
+    pub metadata_blocks_visited: u64,
+    pub metadata_blocks_read: u64,
+    pub metadata_blocks_written: u64,
+    pub data_blocks_read: u64,
+    pub data_blocks_written: u64,
+    pub checkpoints: u64,
+}
+
+const CACHE_MAX: usize = 200_000;
+
+/// The device plus the clean-node cache.
+pub struct Store<D: BlockDevice> {
+    pub dev: D,
+    pub cache: HashMap<u64, Arc<Vec<u8>>>,
+    pub stats: PoolStats,
+    next_tag: u64,
+}
+
+impl<D: BlockDevice> Store<D> {
+    pub fn new(dev: D) -> Self {
+        Store { dev, cache: HashMap::new(), stats: PoolStats::default(), next_tag: 1 }
+    }
+
+    fn io_error(&self, c: &IoCompletion, e: &std::io::Error) -> Error {
+        let op = match c.kind {
+            IoKind::Read => "read",
+            IoKind::Write { .. } => "write",
+            IoKind::Flush => "flush",
+        };
+        Error::Io {
+            device: self.dev.info().name.clone(),
+            op,
+            pba: c.pba,
+            source: std::io::Error::new(e.kind(), e.to_string()),
+        }
+    }
+
+    /// Submit all, complete all; completions in submission order.
+    pub fn run(&mut self, reqs: Vec<(IoKind, u64, Option<AlignedBuf>)>) -> Result<Vec<IoCompletion>> {
+        let n = reqs.len();
+        let base = self.next_tag;
+        self.next_tag += n as u64;
+        for (i, (kind, pba, buf)) in reqs.into_iter().enumerate() {
+            self.dev.submit(IoRequest { tag: base + i as u64, kind, pba, buf });
+        }
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let before = out.len();
+            let r = self.dev.complete(1, &mut out);
+            if let Err(e) = r {
+                return Err(Error::Io { device: self.dev.info().name.clone(), op: "complete", pba: 0, source: e });
+            }
+            if out.len() == before && self.dev.in_flight() == 0 {
+                return Err(Error::Io {
+                    device: self.dev.info().name.clone(),
+                    op: "complete",
+                    pba: 0,
+                    source: std::io::Error::other("device lost requests"),
+                });
+            }
+        }
+        out.sort_by_key(|c| c.tag);
+        let mut first_err = None;
+        for c in &out {
+            if let Err(e) = &c.result {
+                if first_err.is_none() {
+                    first_err = Some(self.io_error(c, e));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    pub fn read_raw(&mut self, pbas: &[u64]) -> Result<Vec<Vec<u8>>> {
+        let reqs = pbas.iter().map(|&p| (IoKind::Read, p, Some(AlignedBuf::zeroed(1)))).collect();
+        let out = self.run(reqs)?;
+        Ok(out
+            .into_iter()
+            .map(|c| c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_else(|| vec![0u8; BLOCK_SIZE]))
+            .collect())
+    }
+
+    pub fn write_raw(&mut self, blocks: Vec<(u64, Vec<u8>)>, fua: bool) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let reqs = blocks
+            .into_iter()
+            .map(|(p, b)| (IoKind::Write { fua }, p, Some(AlignedBuf::from_slice(&b))))
+            .collect();
+        self.run(reqs).map(|_| ())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.run(vec![(IoKind::Flush, 0, None)]).map(|_| ())
+    }
+
+    /// Load a clean metadata node's payload (checked) through the cache.
+    pub fn load(&mut self, ptr: Ptr, kind: u16, level: u8) -> Result<Arc<Vec<u8>>> {
+        self.stats.metadata_blocks_visited += 1;
+        if let Some(p) = self.cache.get(&ptr.pba) {
+            return Ok(p.clone());
+        }
+        let raw = self.read_raw(&[ptr.pba])?;
+        self.stats.metadata_blocks_read += 1;
+        let block = raw.into_iter().next().unwrap_or_default();
+        let payload = decode_block(&block, ptr, kind, level)?.to_vec();
+        let a = Arc::new(payload);
+        if self.cache.len() >= CACHE_MAX {
+            self.cache.clear();
+        }
+        self.cache.insert(ptr.pba, a.clone());
+        Ok(a)
+    }
+}
+
+/// The payload of the leaf covering `leaf_key`, if the tree has one.
+pub fn get_leaf<D: BlockDevice>(store: &mut Store<D>, tree: &Tree, leaf_key: u64) -> Result<Option<Arc<Vec<u8>>>> {
+    let mut ptr = tree.root;
+    for level in (0..=tree.top()).rev() {
+        let key = leaf_key / pow_fanout(level);
+        let payload = if let Some(d) = tree.dirty.get(&(level, key)) {
+            store.stats.metadata_blocks_visited += 1;
+            Arc::new(d.clone())
+        } else if ptr.pba == 0 {
+            return Ok(None);
+        } else {
+            store.load(ptr, tree.kind(level), level)?
+        };
+        if level == 0 {
+            return Ok(Some(payload));
+        }
+        ptr = slot_ptr(&payload, ((leaf_key / pow_fanout(level - 1)) % FANOUT as u64) as usize);
+    }
+    Ok(None)
+}
+
+/// The pointer to the clean node at (level, key) (zero if absent). Only
+/// meaningful for trees without dirty nodes on that path.
+pub fn node_ptr<D: BlockDevice>(store: &mut Store<D>, tree: &Tree, level: u8, key: u64) -> Result<Ptr> {
+    let mut ptr = tree.root;
+    let mut l = tree.top();
+    while l > level {
+        if ptr.pba == 0 {
+            return Ok(Ptr::default());
+        }
+        let payload = store.load(ptr, tree.kind(l), l)?;
+        let child_key = key / pow_fanout(l - 1 - level);
+        ptr = slot_ptr(&payload, (child_key % FANOUT as u64) as usize);
+        l -= 1;
+    }
+    Ok(ptr)
+}
+
+/// Make the node at (level, key) and its ancestors dirty (copy on write).
+/// Every clean node replaced is pushed to `released` as (level, key, ptr).
+pub fn make_dirty<D: BlockDevice>(
+    store: &mut Store<D>,
+    tree: &mut Tree,
+    level: u8,
+    key: u64,
+    released: &mut Vec<(u8, u64, Ptr)>,
+) -> Result<()> {
+    if tree.dirty.contains_key(&(level, key)) {
+        return Ok(());
+    }
+    let ptr = if level == tree.top() {
+        tree.root
+    } else {
+        let pk = key / FANOUT as u64;
+        make_dirty(store, tree, level + 1, pk, released)?;
+        match tree.dirty.get(&(level + 1, pk)) {
+            Some(p) => slot_ptr(p, (key % FANOUT as u64) as usize),
+            None => return Err(Error::Invalid("dirty parent vanished".into())),
+        }
+    };
+    let payload = if ptr.pba != 0 {
+        let p = store.load(ptr, tree.kind(level), level)?;
+        released.push((level, key, ptr));
+        p.to_vec()
+    } else {
+        vec![0u8; PAYLOAD]
+    };
+    tree.dirty.insert((level, key), payload);
+    Ok(())
+}
+
+/// Write every dirty node bottom-up at CP generation `gen`; returns the new
+/// pbas (the caller records them in the plane when it is a map tree).
+pub fn flush_tree<D: BlockDevice>(
+    store: &mut Store<D>,
+    tree: &mut Tree,
+    fm: &mut FreeMap,
+    gen: u64,
+) -> Result<Vec<u64>> {
+    let mut keys: Vec<(u8, u64)> = tree.dirty.keys().copied().collect();
+    keys.sort_unstable();
+    let mut writes = Vec::with_capacity(keys.len());
+    let mut new = Vec::with_capacity(keys.len());
+    for (level, key) in keys {
+        let payload = match tree.dirty.remove(&(level, key)) {
+            Some(p) => p,
+            None => continue,
+        };
+        let pba = fm.alloc()?;
+        let block = encode_block(tree.kind(level), level, pba, gen, &payload);
+        let ptr = Ptr { pba, birth: gen };
+        if level == tree.top() {
+            tree.root = ptr;
+        } else {
+            match tree.dirty.get_mut(&(level + 1, key / FANOUT as u64)) {
+                Some(pp) => slot_set(pp, (key % FANOUT as u64) as usize, Slot { pba, birth: gen, hash: 0 }),
+                None => return Err(Error::Invalid("dirty node without dirty parent".into())),
+            }
+        }
+        store.cache.insert(pba, Arc::new(payload));
+        writes.push((pba, block));
+        new.push(pba);
+    }
+    store.stats.metadata_blocks_written += writes.len() as u64;
+    store.write_raw(writes, false)?;
+    Ok(new)
+}
+
+/// Visit every node of a tree (dirty overlay included): `node(pba)` for each
+/// clean node, `leaf(leaf_key, payload)` for each leaf.
+pub fn walk_tree<D: BlockDevice>(
+    store: &mut Store<D>,
+    tree: &Tree,
+    node: &mut dyn FnMut(u64) -> bool,
+    leaf: &mut dyn FnMut(u64, &[u8]),
+) -> Result<()> {
+    fn go<D: BlockDevice>(
+        store: &mut Store<D>,
+        tree: &Tree,
+        level: u8,
+        key: u64,
+        ptr: Ptr,
+        node: &mut dyn FnMut(u64) -> bool,
+        leaf: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<()> {
+        let payload = if let Some(d) = tree.dirty.get(&(level, key)) {
+            Arc::new(d.clone())
+        } else if ptr.pba == 0 {
+            return Ok(());
+        } else {
+            if !node(ptr.pba) {
+                return Ok(());
+            }
+            store.load(ptr, tree.kind(level), level)?
+        };
+        if level == 0 {
+            leaf(key, &payload);
+            return Ok(());
+        }
+        for i in 0..FANOUT {
+            let c = slot_ptr(&payload, i);
+            let ck = key * FANOUT as u64 + i as u64;
+            if c.pba != 0 || tree.dirty.contains_key(&(level - 1, ck)) {
+                go(store, tree, level - 1, ck, c, node, leaf)?;
+            }
+        }
+        Ok(())
+    }
+    go(store, tree, tree.top(), 0, tree.root, node, leaf)
+}
+
+const CHUNK_BITS: u64 = 32768;
+const CHUNK_WORDS: usize = (CHUNK_BITS / 64) as usize;
+
+/// The pool free map (see module doc).
+#[derive(Debug, Clone)]
+pub struct FreeMap {
+    chunks: HashMap<u64, Box<[u64]>>,
+    pub total: u64,
+    pub used: u64,
+    cursor: u64,
+}
+
+impl FreeMap {
+    pub fn new(total: u64) -> Self {
+        FreeMap { chunks: HashMap::new(), total, used: 0, cursor: 0 }
+    }
+    pub fn test(&self, p: u64) -> bool {
+        self.chunks
+            .get(&(p / CHUNK_BITS))
+            .is_some_and(|c| c[((p % CHUNK_BITS) / 64) as usize] & (1 << (p % 64)) != 0)
+    }
+    pub fn set(&mut self, p: u64) {
+        if p >= self.total {
+            return;
+        }
+        let c = self.chunks.entry(p / CHUNK_BITS).or_insert_with(|| vec![0u64; CHUNK_WORDS].into_boxed_slice());
+        let w = &mut c[((p % CHUNK_BITS) / 64) as usize];
+        if *w & (1 << (p % 64)) == 0 {
+            *w |= 1 << (p % 64);
+            self.used += 1;
+        }
+    }
+    pub fn clear(&mut self, p: u64) {
+        if let Some(c) = self.chunks.get_mut(&(p / CHUNK_BITS)) {
+            let w = &mut c[((p % CHUNK_BITS) / 64) as usize];
+            if *w & (1 << (p % 64)) != 0 {
+                *w &= !(1 << (p % 64));
+                self.used -= 1;
+            }
+        }
+    }
+    pub fn free(&self) -> u64 {
+        self.total - self.used
+    }
+    /// Next-fit allocation.
+    pub fn alloc(&mut self) -> Result<u64> {
+        if self.used >= self.total {
+            return Err(Error::NoSpace { needed: 1, free: 0 });
+        }
+        let mut p = self.cursor % self.total;
+        let mut scanned = 0u64;
+        while scanned <= self.total + CHUNK_BITS {
+            let ci = p / CHUNK_BITS;
+            match self.chunks.get(&ci) {
+                None => {
+                    self.set(p);
+                    self.cursor = p + 1;
+                    return Ok(p);
+                }
+                Some(c) => {
+                    let mut wi = ((p % CHUNK_BITS) / 64) as usize;
+                    let mut mask = !0u64 << (p % 64);
+                    while wi < CHUNK_WORDS {
+                        let free = !c[wi] & mask;
+                        if free != 0 {
+                            let q = ci * CHUNK_BITS + wi as u64 * 64 + free.trailing_zeros() as u64;
+                            if q < self.total {
+                                self.set(q);
+                                self.cursor = q + 1;
+                                return Ok(q);
+                            }
+                            break;
+                        }
+                        wi += 1;
+                        mask = !0;
+                    }
+                }
+            }
+            let next = (ci + 1) * CHUNK_BITS;
+            scanned += next - p;
+            p = if next >= self.total { 0 } else { next };
+        }
+        Err(Error::NoSpace { needed: 1, free: self.free() })
+    }
+    /// Every allocated pba (tests).
+    pub fn iter_set(&self) -> Vec<u64> {
+        let mut v = Vec::new();
+        for (&ci, c) in &self.chunks {
+            for (wi, &w) in c.iter().enumerate() {
+                let mut w = w;
+                while w != 0 {
+                    let b = w.trailing_zeros() as u64;
+                    v.push(ci * CHUNK_BITS + wi as u64 * 64 + b);
+                    w &= w - 1;
+                }
+            }
+        }
+        v.sort_unstable();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_round_trip() {
+        let mut p = vec![0u8; PAYLOAD];
+        let s = Slot { pba: 1 << 40, birth: 77, hash: u64::MAX };
+        slot_set(&mut p, FANOUT - 1, s);
+        assert_eq!(slot_get(&p, FANOUT - 1), s);
+        assert_eq!(slot_get(&p, 0), Slot::default());
+        assert!(FANOUT * SLOT_LEN <= PAYLOAD);
+    }
+
+    #[test]
+    fn freemap_next_fit_and_wrap() {
+        let mut f = FreeMap::new(100_000);
+        for i in 0..10 {
+            assert_eq!(f.alloc().unwrap(), i);
+        }
+        f.clear(3);
+        assert_eq!(f.alloc().unwrap(), 10, "next fit, not first fit");
+        assert_eq!(f.free(), 100_000 - 10);
+        let mut f = FreeMap::new(70);
+        for _ in 0..70 {
+            f.alloc().unwrap();
+        }
+        assert!(f.alloc().is_err());
+        f.clear(5);
+        assert_eq!(f.alloc().unwrap(), 5);
+        // huge thin map is cheap
+        let mut f = FreeMap::new(1 << 34);
+        f.set((1 << 34) - 1);
+        assert!(f.test((1 << 34) - 1));
+        assert_eq!(f.chunks.len(), 1);
+    }
+}
