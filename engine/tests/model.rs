@@ -1,0 +1,210 @@
+//! Model-based test: random volumes, qtrees, writes, trims, flushes,
+//! snapshot create/delete, reads, diffs and reopens, checked against a plain
+//! in-memory model and `check_invariants()` after every step.
+//! Seed printed; replay with `SLUICE_SEED=<n>`.
+
+use sluice_engine::api::*;
+use sluice_engine::device::sim::SimDevice;
+use sluice_engine::device::AlignedBuf;
+use sluice_engine::{Error, FormatOptions, Pool};
+use std::collections::HashMap;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn seed() -> u64 {
+    let s = std::env::var("SLUICE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    println!("SLUICE_SEED={s}");
+    s | 1
+}
+
+fn block(v: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    for (i, c) in b.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(v.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64).to_le_bytes());
+    }
+    b
+}
+
+type Img = HashMap<u64, u64>; // lba -> content value
+
+struct MVol {
+    name: String,
+    ns: Vec<(Option<String>, u64)>, // name, size blocks
+    live: Vec<Img>,
+    snaps: Vec<(String, Vec<Img>)>,
+}
+
+fn ns_name(v: &MVol, i: usize) -> NsName {
+    NsName { volume: v.name.clone(), qtree: v.ns[i].0.clone() }
+}
+
+fn check_read(pool: &mut Pool<SimDevice>, img: Image, model: &Img, size: u64) {
+    let r = pool.execute(Request::Read { image: img.clone(), lba: 0, len_blocks: size as u32 }).unwrap();
+    let Reply::Data(buf) = r else { panic!("not data") };
+    for lba in 0..size {
+        let want = model.get(&lba).map(|&v| block(v)).unwrap_or_else(|| vec![0u8; 4096]);
+        assert!(buf.block(lba as usize) == &want[..], "image {img:?} lba {lba}: wrong content (model {:?})", model.get(&lba));
+    }
+}
+
+fn run_case(seed: u64, steps: usize) {
+    let mut rng = Rng(seed);
+    let dev = SimDevice::new(4096);
+    let mut pool = Pool::format(dev, FormatOptions { volumes_max: 4 }).unwrap();
+    let mut vols: Vec<MVol> = Vec::new();
+    let mut counter = 1u64;
+    for _step in 0..steps {
+        let op = rng.below(100);
+        if vols.is_empty() || (op < 3 && vols.len() < 3) {
+            let name = format!("v{}", vols.len());
+            let size = 1 + rng.below(400);
+            pool.execute(Request::CreateVolume { name: name.clone(), size_bytes: size * 4096 }).unwrap();
+            vols.push(MVol { name, ns: vec![(None, size)], live: vec![Img::new()], snaps: vec![] });
+            continue;
+        }
+        let vi = rng.below(vols.len() as u64) as usize;
+        let v = &mut vols[vi];
+        let ni = rng.below(v.ns.len() as u64) as usize;
+        let size = v.ns[ni].1;
+        match op {
+            0..=4 if v.ns.len() < 3 => {
+                let q = format!("q{}", v.ns.len());
+                let size = 1 + rng.below(300);
+                pool.execute(Request::CreateQtree { volume: v.name.clone(), name: q.clone(), size_bytes: size * 4096 })
+                    .unwrap();
+                v.ns.push((Some(q), size));
+                v.live.push(Img::new());
+            }
+            5..=49 => {
+                let len = 1 + rng.below(4.min(size));
+                let lba = rng.below(size - len + 1);
+                let mut buf = AlignedBuf::zeroed(len as usize);
+                for i in 0..len {
+                    counter += 1;
+                    buf.block_mut(i as usize).copy_from_slice(&block(counter));
+                    v.live[ni].insert(lba + i, counter);
+                }
+                let fua = rng.below(10) == 0;
+                pool.execute(Request::Write { ns: ns_name(v, ni), lba, data: buf, fua, replica: false }).unwrap();
+            }
+            50..=59 => {
+                let len = 1 + rng.below(size.min(40));
+                let lba = rng.below(size - len + 1);
+                for l in lba..lba + len {
+                    v.live[ni].remove(&l);
+                }
+                pool.execute(Request::Trim { ns: ns_name(v, ni), lba, len_blocks: len, replica: false }).unwrap();
+            }
+            60..=64 => {
+                pool.execute(Request::Flush).unwrap();
+            }
+            65..=71 => {
+                counter += 1;
+                let name = format!("s{counter}");
+                pool.execute(Request::CreateSnapshot { volume: v.name.clone(), name: name.clone(), id: None, created_unix_ms: None })
+                    .unwrap();
+                v.snaps.push((name, v.live.clone()));
+            }
+            72..=76 if !v.snaps.is_empty() => {
+                let si = rng.below(v.snaps.len() as u64) as usize;
+                let (name, _) = v.snaps.remove(si);
+                pool.execute(Request::DeleteSnapshot { volume: v.name.clone(), name }).unwrap();
+            }
+            77..=84 => {
+                let snap = if !v.snaps.is_empty() && rng.below(2) == 0 {
+                    Some(rng.below(v.snaps.len() as u64) as usize)
+                } else {
+                    None
+                };
+                let (model, sname) = match snap {
+                    Some(si) if si < v.snaps.len() && ni < v.snaps[si].1.len() => (&v.snaps[si].1[ni], Some(v.snaps[si].0.clone())),
+                    _ => (&v.live[ni], None),
+                };
+                let model = model.clone();
+                check_read(&mut pool, Image { ns: ns_name(v, ni), snapshot: sname }, &model, size);
+            }
+            85..=92 if !v.snaps.is_empty() => {
+                let ti = rng.below(v.snaps.len() as u64) as usize;
+                let bi = if rng.below(3) == 0 { None } else { Some(rng.below(ti as u64 + 1) as usize) };
+                if ni >= v.snaps[ti].1.len() {
+                    continue;
+                }
+                let target = v.snaps[ti].1[ni].clone();
+                let mut copy = match bi {
+                    Some(b) if ni < v.snaps[b].1.len() => v.snaps[b].1[ni].clone(),
+                    Some(_) => continue,
+                    None => Img::new(),
+                };
+                let r = pool
+                    .execute(Request::Diff {
+                        ns: ns_name(v, ni),
+                        base: bi.map(|b| v.snaps[b].0.clone()),
+                        target: v.snaps[ti].0.clone(),
+                    })
+                    .unwrap();
+                let Reply::Diff(ext) = r else { panic!("not diff") };
+                for e in ext {
+                    for l in e.lba..e.lba + e.len_blocks {
+                        match e.kind {
+                            DiffKind::Data => {
+                                copy.insert(l, *target.get(&l).expect("diff says data where target has none"));
+                            }
+                            DiffKind::Trim => {
+                                copy.remove(&l);
+                            }
+                        }
+                    }
+                }
+                assert_eq!(copy, target, "diff applied to base != target");
+            }
+            93..=95 => {
+                pool.execute(Request::Flush).unwrap();
+                let dev = pool.into_device();
+                pool = Pool::open(dev).unwrap();
+            }
+            _ => {
+                // bad input: out of range must fail and change nothing
+                let e = pool.execute(Request::Trim { ns: ns_name(v, ni), lba: size, len_blocks: 1, replica: false });
+                assert!(matches!(e, Err(Error::OutOfRange { .. })));
+            }
+        }
+        pool.check_invariants().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+    pool.execute(Request::Flush).unwrap();
+    let dev = pool.into_device();
+    let mut pool = Pool::open(dev).unwrap();
+    pool.check_invariants().unwrap();
+    for v in &vols {
+        for ni in 0..v.ns.len() {
+            check_read(&mut pool, Image { ns: ns_name(v, ni), snapshot: None }, &v.live[ni], v.ns[ni].1);
+            for (sn, imgs) in &v.snaps {
+                if ni < imgs.len() {
+                    check_read(&mut pool, Image { ns: ns_name(v, ni), snapshot: Some(sn.clone()) }, &imgs[ni], v.ns[ni].1);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn model_random_workloads() {
+    let s = seed();
+    let cases: u64 = std::env::var("SLUICE_MODEL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
+    for c in 0..cases {
+        run_case(s.wrapping_add(c.wrapping_mul(0x9E37_79B9)), 60);
+    }
+}
