@@ -31,6 +31,8 @@ pub const SNAPSHOTS_MAX: usize = 255;
 pub const NS_BLOCKS_MAX: u64 = 168u64.pow(5);
 /// A CP is taken after a request once this many nodes are dirty or pending.
 const DIRTY_BOUND: usize = 16384;
+/// Blocks client writes leave free for trims and snapshot deletes.
+const TRIM_HEADROOM: u64 = 64;
 
 #[derive(Debug, Clone, Copy)]
 pub struct FormatOptions {
@@ -1078,7 +1080,9 @@ impl<D: BlockDevice> Pool<D> {
         let n = data.len_blocks() as u64;
         self.check_range(vi, ni, ns, lba, n)?;
         let per_block = 1 + MAP_DEPTH as u64 * (1 + PLANE_DEPTH as u64) + PLANE_DEPTH as u64;
-        self.ensure_space(n * per_block)?;
+        // Writes leave TRIM_HEADROOM free so that a full pool can still
+        // trim (and delete snapshots) to make room.
+        self.ensure_space(n * per_block + TRIM_HEADROOM)?;
         let mut pbas = Vec::with_capacity(n as usize);
         for _ in 0..n {
             pbas.push(self.fm.alloc()?);
