@@ -481,7 +481,10 @@ impl LockNode {
                 self.ups.remove(&upstream);
             }
             Event::DownstreamAdded { downstream } => {
-                self.downs.entry(downstream).or_default();
+                self.downs.entry(downstream).or_insert_with(|| Down {
+                    received_ms: now_ms,
+                    ..Down::default()
+                });
             }
             Event::DownstreamRemoved { downstream } => {
                 if self.downs.remove(&downstream).is_some() {
@@ -605,14 +608,22 @@ impl LockNode {
 
     fn tick(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         for (name, d) in self.downs.iter_mut() {
-            let Some(set) = &d.received else { continue };
-            let deadline = d.received_ms.saturating_add(set.lease_ms);
+            if d.lapsed {
+                continue;
+            }
+            // A downstream that never sent a set is held to our own lease
+            // from the moment it was added, so a dead one cannot pin forever.
+            let lease_ms = d
+                .received
+                .as_ref()
+                .map_or(self.cfg.lease_ms, |s| s.lease_ms);
+            let deadline = d.received_ms.saturating_add(lease_ms);
             if now_ms >= deadline && !d.stale {
                 d.stale = true;
                 out.push(Action::Stale {
                     downstream: name.clone(),
                     renewed_ms: d.received_ms,
-                    lease_ms: set.lease_ms,
+                    lease_ms,
                 });
             }
             if let LeasePolicy::ReleaseAfter { grace_ms } = self.cfg.policy {

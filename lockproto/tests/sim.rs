@@ -1,0 +1,424 @@
+//! Shared simulated cascade for the property tests (included with `mod sim`).
+//!
+//! Nodes hold snapshot lists (the "engine"), mirrors copy the newest upstream
+//! snapshot downstream, every node creates snapshots and rotates
+//! aggressively (keep 1 unlocked), and lock sets travel through a network
+//! that can lose, duplicate and reorder them. Nodes restart from persisted
+//! bytes. Everything is driven by one seed.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use sluice_lockproto::{Action, Event, LeasePolicy, LockKind, LockNode, LockSet, NodeConfig};
+use uuid::Uuid;
+
+/// Seed for a test run: `SLUICE_SEED` or fresh; always printed.
+pub fn run_seed(test: &str) -> u64 {
+    let seed = match std::env::var("SLUICE_SEED") {
+        Ok(s) => s.parse().expect("SLUICE_SEED must be a u64"),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+            t ^ 0x9E37_79B9_7F4A_7C15
+        }
+    };
+    eprintln!("{test}: seed {seed} (replay with SLUICE_SEED={seed})");
+    seed
+}
+
+pub struct Faults {
+    pub loss: f64,
+    pub dup: f64,
+    pub restart: f64,
+}
+
+pub const NO_FAULTS: Faults = Faults {
+    loss: 0.0,
+    dup: 0.0,
+    restart: 0.0,
+};
+
+#[derive(Default, Debug)]
+pub struct Outcome {
+    /// Chains that broke (a downstream lost every common snapshot).
+    pub broken: usize,
+    /// Deletes of a snapshot a delivered set protected (must be 0).
+    pub violations: Vec<String>,
+    /// Locks left naming a dead downstream after its lease ran out.
+    pub leaked: Vec<String>,
+    pub transfers: usize,
+    pub deletes: usize,
+}
+
+pub struct Sim {
+    pub rng: SmallRng,
+    pub names: Vec<String>,
+    pub nodes: Vec<Option<LockNode>>,
+    pub persisted: Vec<Vec<u8>>,
+    pub snaps: Vec<Vec<Uuid>>,
+    pub edges: Vec<(usize, usize)>,
+    pub baselined: BTreeSet<(usize, usize)>,
+    pub net: Vec<(usize, usize, LockSet)>,
+    pub delivered: BTreeMap<(usize, usize), (u64, BTreeSet<Uuid>)>,
+    pub now: u64,
+    pub propagate: bool,
+    pub out: Outcome,
+    pub cfgs: Vec<NodeConfig>,
+}
+
+pub const LEASE_MS: u64 = 10_000;
+pub const GRACE_MS: u64 = 5_000;
+
+impl Sim {
+    pub fn new(seed: u64, propagate: bool) -> Sim {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        // Topology: a chain of depth 2..=6, extra fan-out branches, maybe a fan-in.
+        let depth = rng.gen_range(2..=6);
+        let mut edges = Vec::new();
+        for i in 1..depth {
+            edges.push((i - 1, i));
+        }
+        let mut n = depth;
+        for _ in 0..rng.gen_range(0..=2) {
+            let up = rng.gen_range(0..n);
+            edges.push((up, n));
+            n += 1;
+        }
+        if rng.gen_bool(0.4) {
+            // fan-in: a new node pulls from two different nodes
+            let a = rng.gen_range(0..n);
+            let b = rng.gen_range(0..n);
+            edges.push((a, n));
+            if a != b {
+                edges.push((b, n));
+            }
+            n += 1;
+        }
+        let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+        let cfgs: Vec<NodeConfig> = names
+            .iter()
+            .map(|nm| NodeConfig {
+                lease_ms: LEASE_MS,
+                renew_every_ms: 2_000,
+                policy: LeasePolicy::ReleaseAfter { grace_ms: GRACE_MS },
+                propagate,
+                ..NodeConfig::new(nm.clone())
+            })
+            .collect();
+        let mut nodes: Vec<Option<LockNode>> = cfgs
+            .iter()
+            .map(|c| Some(LockNode::new(c.clone())))
+            .collect();
+        for (u, d) in &edges {
+            if let Some(x) = nodes[*d].as_mut() {
+                x.handle(
+                    0,
+                    Event::UpstreamAdded {
+                        upstream: names[*u].clone(),
+                        relationship: format!("{}:vol", names[*d]),
+                        kind: LockKind::DestinationPath,
+                    },
+                );
+            }
+            if let Some(x) = nodes[*u].as_mut() {
+                x.handle(
+                    0,
+                    Event::DownstreamAdded {
+                        downstream: names[*d].clone(),
+                    },
+                );
+            }
+        }
+        let persisted = nodes
+            .iter()
+            .map(|x| {
+                x.as_ref()
+                    .map(|x| x.to_bytes().expect("persist"))
+                    .unwrap_or_default()
+            })
+            .collect();
+        Sim {
+            rng,
+            names,
+            nodes,
+            persisted,
+            snaps: vec![Vec::new(); n],
+            edges,
+            baselined: BTreeSet::new(),
+            net: Vec::new(),
+            delivered: BTreeMap::new(),
+            now: 0,
+            propagate,
+            out: Outcome::default(),
+            cfgs,
+        }
+    }
+
+    fn idx(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    fn apply(&mut self, i: usize, ev: Event) -> Vec<Action> {
+        let now = self.now;
+        let Some(node) = self.nodes[i].as_mut() else {
+            return Vec::new();
+        };
+        let acts = node.handle(now, ev);
+        for a in &acts {
+            match a {
+                Action::SendLockSet { upstream, set } => {
+                    if let Some(u) = self.idx(upstream) {
+                        self.net.push((i, u, set.clone()));
+                    }
+                }
+                Action::Released { downstream, .. } => {
+                    if let Some(d) = self.idx(downstream) {
+                        self.delivered.remove(&(i, d));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(node) = self.nodes[i].as_ref() {
+            self.persisted[i] = node.to_bytes().expect("persist");
+        }
+        acts
+    }
+
+    fn base(&self, u: usize, d: usize) -> Option<Uuid> {
+        self.snaps[d]
+            .iter()
+            .rev()
+            .find(|s| self.snaps[u].contains(s))
+            .copied()
+    }
+
+    fn create(&mut self, i: usize) {
+        let id = Uuid::from_u128(self.rng.gen());
+        self.snaps[i].push(id);
+        self.apply(i, Event::SnapshotCreated { snapshot: id });
+    }
+
+    fn transfer(&mut self, u: usize, d: usize) {
+        if self.nodes[u].is_none() || self.nodes[d].is_none() {
+            return;
+        }
+        let Some(&target) = self.snaps[u].last() else {
+            return;
+        };
+        let list = self.snaps[u].clone();
+        self.apply(
+            d,
+            Event::UpstreamSnapshots {
+                upstream: self.names[u].clone(),
+                snapshots: list,
+            },
+        );
+        self.apply(
+            d,
+            Event::TransferStarting {
+                upstream: self.names[u].clone(),
+            },
+        );
+        if !self.snaps[d].contains(&target) {
+            if self.base(u, d).is_none() && self.baselined.contains(&(u, d)) {
+                self.out.broken += 1; // no common base: the chain broke (full copy)
+            }
+            self.snaps[d].push(target);
+            self.out.transfers += 1;
+        }
+        self.baselined.insert((u, d));
+        self.apply(
+            d,
+            Event::TransferFinished {
+                upstream: self.names[u].clone(),
+                target,
+            },
+        );
+        self.share_update(u, d);
+    }
+
+    fn share_update(&mut self, u: usize, d: usize) {
+        let shared: Vec<Uuid> = self.snaps[d]
+            .iter()
+            .filter(|s| self.snaps[u].contains(s))
+            .copied()
+            .collect();
+        self.apply(
+            u,
+            Event::DownstreamShared {
+                downstream: self.names[d].clone(),
+                shared,
+            },
+        );
+    }
+
+    fn rotate(&mut self, i: usize) {
+        let Some(&newest) = self.snaps[i].last() else {
+            return;
+        };
+        let cands: Vec<Uuid> = self.snaps[i]
+            .iter()
+            .copied()
+            .filter(|s| *s != newest)
+            .collect();
+        for s in cands {
+            // What delivered sets say must survive here.
+            let needed: Vec<usize> = self
+                .edges
+                .iter()
+                .filter(|(u, d)| {
+                    *u == i
+                        && self.base(*u, *d) == Some(s)
+                        && self
+                            .delivered
+                            .get(&(i, *d))
+                            .is_some_and(|(_, l)| l.contains(&s))
+                })
+                .map(|(_, d)| *d)
+                .collect();
+            let acts = self.apply(
+                i,
+                Event::DeleteRequested {
+                    snapshot: s,
+                    force: false,
+                },
+            );
+            if acts.iter().any(|a| matches!(a, Action::Deleted { .. })) {
+                for d in needed {
+                    self.out.violations.push(format!(
+                        "{} deleted {s}, base of {} named in a delivered set",
+                        self.names[i], self.names[d]
+                    ));
+                }
+                self.snaps[i].retain(|x| *x != s);
+                self.out.deletes += 1;
+            }
+        }
+        let downs: Vec<usize> = self
+            .edges
+            .iter()
+            .filter(|(u, _)| *u == i)
+            .map(|(_, d)| *d)
+            .collect();
+        for d in downs {
+            if self.nodes[d].is_some() {
+                self.share_update(i, d);
+            }
+        }
+    }
+
+    fn deliver_one(&mut self, f: &Faults) {
+        if self.net.is_empty() {
+            return;
+        }
+        let k = self.rng.gen_range(0..self.net.len());
+        let (from, to, set) = if self.rng.gen_bool(f.dup) {
+            self.net[k].clone()
+        } else {
+            self.net.swap_remove(k)
+        };
+        if self.rng.gen_bool(f.loss) || self.nodes[to].is_none() {
+            return;
+        }
+        let generation = set.generation;
+        let snaps: BTreeSet<Uuid> = set.locks.iter().map(|l| l.snapshot).collect();
+        let acts = self.apply(to, Event::LockSetReceived { set });
+        let rejected = acts.iter().any(|a| matches!(a, Action::SetRejected { .. }));
+        let newer = self
+            .delivered
+            .get(&(to, from))
+            .map_or(true, |(g, _)| generation > *g);
+        if !rejected && newer {
+            self.delivered.insert((to, from), (generation, snaps));
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        if self.nodes[i].is_none() {
+            return;
+        }
+        let node = LockNode::from_bytes(self.cfgs[i].clone(), &self.persisted[i])
+            .expect("restore persisted lock table");
+        self.nodes[i] = Some(node);
+        self.apply(i, Event::Restarted);
+    }
+
+    fn tick_all(&mut self, dt: u64) {
+        self.now += dt;
+        for i in 0..self.nodes.len() {
+            self.apply(i, Event::Tick);
+        }
+    }
+
+    /// One random step.
+    pub fn step(&mut self, f: &Faults) {
+        let n = self.nodes.len();
+        match self.rng.gen_range(0..100) {
+            0..=19 => {
+                let i = self.rng.gen_range(0..n);
+                self.create(i)
+            }
+            20..=44 => {
+                if !self.edges.is_empty() {
+                    let (u, d) = self.edges[self.rng.gen_range(0..self.edges.len())];
+                    self.transfer(u, d);
+                }
+            }
+            45..=64 => {
+                let i = self.rng.gen_range(0..n);
+                self.rotate(i)
+            }
+            65..=89 => {
+                for _ in 0..3 {
+                    self.deliver_one(f)
+                }
+            }
+            _ => {
+                let dt = self.rng.gen_range(0..1_000);
+                self.tick_all(dt)
+            }
+        }
+        if self.rng.gen_bool(f.restart) {
+            let i = self.rng.gen_range(0..n);
+            self.restart(i);
+        }
+    }
+
+    /// Kill a non-root node, heal the network and let leases run out; every
+    /// lock naming it must be gone everywhere.
+    pub fn kill_and_expire(&mut self) {
+        let cands: Vec<usize> = self.edges.iter().map(|(_, d)| *d).collect();
+        let victim = cands[self.rng.gen_range(0..cands.len())];
+        let vname = self.names[victim].clone();
+        self.nodes[victim] = None;
+        self.edges.retain(|(u, d)| *u != victim && *d != victim);
+        self.net.retain(|(f, t, _)| *f != victim && *t != victim);
+        let until = self.now + LEASE_MS + GRACE_MS + 6 * 2_000;
+        while self.now <= until {
+            self.tick_all(500);
+            let heal = Faults {
+                loss: 0.0,
+                dup: 0.0,
+                restart: 0.0,
+            };
+            while !self.net.is_empty() {
+                self.deliver_one(&heal);
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let Some(node) = node else { continue };
+            for l in node.all_locks() {
+                if l.origin_node == vname || l.hop_path.contains(&vname) {
+                    self.out
+                        .leaked
+                        .push(format!("{} still holds {l}", self.names[i]));
+                }
+            }
+        }
+    }
+}
