@@ -1,0 +1,629 @@
+//! One test per claim group of the seed (see MISSION.md), driving
+//! `LockNode` directly.
+
+use sluice_lockproto::{
+    Action, Bounds, Event, LeasePolicy, LockError, LockKind, LockNode, LockSet, NodeConfig,
+    ReleaseReason, SoftLock,
+};
+use uuid::Uuid;
+
+fn sid(n: u128) -> Uuid {
+    Uuid::from_u128(n)
+}
+
+fn node(name: &str) -> LockNode {
+    LockNode::new(NodeConfig::new(name))
+}
+
+fn sets(acts: &[Action]) -> Vec<(String, LockSet)> {
+    acts.iter()
+        .filter_map(|a| {
+            if let Action::SendLockSet { upstream, set } = a {
+                Some((upstream.clone(), set.clone()))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn up(n: &mut LockNode, upstream: &str) {
+    n.handle(
+        0,
+        Event::UpstreamAdded {
+            upstream: upstream.into(),
+            relationship: format!("{}:/vol/v1", n.config().node_id),
+            kind: LockKind::DestinationPath,
+        },
+    );
+}
+
+/// B mirrors A (snapshots 1, 2 on A, B got 1 then 2).
+fn middle() -> LockNode {
+    let mut b = node("B");
+    up(&mut b, "A");
+    b.handle(
+        0,
+        Event::DownstreamAdded {
+            downstream: "C".into(),
+        },
+    );
+    b.handle(
+        1,
+        Event::UpstreamSnapshots {
+            upstream: "A".into(),
+            snapshots: vec![sid(1), sid(2)],
+        },
+    );
+    b.handle(
+        1,
+        Event::TransferFinished {
+            upstream: "A".into(),
+            target: sid(1),
+        },
+    );
+    b.handle(
+        2,
+        Event::TransferFinished {
+            upstream: "A".into(),
+            target: sid(2),
+        },
+    );
+    b
+}
+
+#[test]
+fn claims_3_9_13_19_23_29_63_record_has_id_type_text_and_prints() {
+    let l = SoftLock {
+        snapshot: sid(7),
+        kind: LockKind::OwnerName,
+        text: "backup-app".into(),
+        origin_node: "B".into(),
+        hop_path: vec!["B".into()],
+        created_ms: 1,
+        renewed_ms: 2,
+        lease_ms: 3,
+    };
+    let s = l.to_string();
+    assert!(
+        s.contains("owner") && s.contains("backup-app") && s.contains(&sid(7).to_string()),
+        "{s}"
+    );
+    for k in [
+        LockKind::OwnerName,
+        LockKind::DestinationPath,
+        LockKind::QtreeName,
+    ] {
+        assert_eq!(LockKind::from_code(k.code()), Ok(k));
+    }
+    assert!(LockKind::from_code(9).is_err());
+}
+
+#[test]
+fn claims_32_34_41_second_form_is_the_same_lock() {
+    let l = SoftLock {
+        snapshot: sid(7),
+        kind: LockKind::DestinationPath,
+        text: "/vol/c1".into(),
+        origin_node: "C".into(),
+        hop_path: vec!["B".into()],
+        created_ms: 0,
+        renewed_ms: 0,
+        lease_ms: 0,
+    };
+    let v = l.dependency_view();
+    assert_eq!(v.resource_id, sid(7));
+    assert_eq!(v.locking_dataset_id, "C:/vol/c1");
+    assert!(
+        v.to_string().contains("resource=") && v.to_string().contains("locking_dataset=C:/vol/c1")
+    );
+}
+
+#[test]
+fn claims_10_20_set_sent_before_and_after_each_transfer() {
+    let mut b = middle();
+    let before = sets(&b.handle(
+        10,
+        Event::TransferStarting {
+            upstream: "A".into(),
+        },
+    ));
+    assert_eq!(before.len(), 1, "one set before the transfer");
+    assert_eq!(before[0].0, "A");
+    let after = sets(&b.handle(
+        11,
+        Event::TransferFinished {
+            upstream: "A".into(),
+            target: sid(3),
+        },
+    ));
+    assert!(!after.is_empty(), "a set after the transfer");
+    assert!(after[0].1.generation > before[0].1.generation);
+    // After: the new base (3) is named, as destination path.
+    let l = &after[0].1.locks;
+    assert!(l.iter().any(|l| l.snapshot == sid(3)
+        && l.kind == LockKind::DestinationPath
+        && l.origin_node == "B"));
+}
+
+#[test]
+fn claims_1_11_53_node_identifies_its_own_dependencies() {
+    let mut b = middle();
+    assert_eq!(b.next_base("A"), Some(sid(2)));
+    b.handle(
+        3,
+        Event::AppLockAdded {
+            snapshot: sid(1),
+            owner: "db-export".into(),
+        },
+    );
+    let h = b.holders(sid(1));
+    assert!(h
+        .iter()
+        .any(|l| l.kind == LockKind::OwnerName && l.text == "db-export"));
+    assert!(
+        !b.holders(sid(2)).is_empty(),
+        "own next base with A is protected"
+    );
+}
+
+#[test]
+fn claims_30_31_35_56_middle_node_sends_base_shared_and_relayed() {
+    let mut b = middle();
+    b.handle(
+        3,
+        Event::DownstreamShared {
+            downstream: "C".into(),
+            shared: vec![sid(1)],
+        },
+    );
+    let relayed = SoftLock {
+        snapshot: sid(1),
+        kind: LockKind::QtreeName,
+        text: "/vol/d/q1".into(),
+        origin_node: "D".into(),
+        hop_path: vec!["D".into(), "C".into()],
+        created_ms: 1,
+        renewed_ms: 1,
+        lease_ms: 1000,
+    };
+    let acts = b.handle(
+        4,
+        Event::LockSetReceived {
+            set: LockSet {
+                sender: "C".into(),
+                generation: 1,
+                lease_ms: 60_000,
+                locks: vec![relayed],
+                gone_acks: vec![],
+            },
+        },
+    );
+    let sent = sets(&acts);
+    assert_eq!(
+        sent.len(),
+        1,
+        "a change downstream triggers a new set upstream"
+    );
+    let locks = &sent[0].1.locks;
+    assert!(
+        locks
+            .iter()
+            .any(|l| l.snapshot == sid(2) && l.origin_node == "B"),
+        "B's own base with A"
+    );
+    assert!(
+        locks
+            .iter()
+            .any(|l| l.snapshot == sid(1) && l.origin_node == "C"),
+        "snapshot shared with C"
+    );
+    assert!(
+        locks
+            .iter()
+            .any(|l| l.origin_node == "D" && l.hop_path == ["D", "C", "B"]),
+        "relayed lock, hop path extended"
+    );
+    // Claim 31: a new snapshot seen on C -> recompute and send.
+    let acts = b.handle(
+        5,
+        Event::DownstreamShared {
+            downstream: "C".into(),
+            shared: vec![sid(1), sid(2)],
+        },
+    );
+    let sent = sets(&acts);
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0]
+        .1
+        .locks
+        .iter()
+        .any(|l| l.snapshot == sid(2) && l.origin_node == "C"));
+}
+
+#[test]
+fn claims_1_50_52_fan_in_each_upstream_gets_its_snapshots_fan_out_merges() {
+    let mut b = node("B");
+    up(&mut b, "A1");
+    up(&mut b, "A2");
+    for d in ["C1", "C2"] {
+        b.handle(
+            0,
+            Event::DownstreamAdded {
+                downstream: d.into(),
+            },
+        );
+    }
+    b.handle(
+        1,
+        Event::TransferFinished {
+            upstream: "A1".into(),
+            target: sid(10),
+        },
+    );
+    b.handle(
+        1,
+        Event::TransferFinished {
+            upstream: "A2".into(),
+            target: sid(20),
+        },
+    );
+    b.handle(
+        2,
+        Event::DownstreamShared {
+            downstream: "C1".into(),
+            shared: vec![sid(10)],
+        },
+    );
+    let acts = b.handle(
+        3,
+        Event::DownstreamShared {
+            downstream: "C2".into(),
+            shared: vec![sid(20)],
+        },
+    );
+    let _ = acts;
+    let acts = b.handle(
+        4,
+        Event::TransferStarting {
+            upstream: "A1".into(),
+        },
+    );
+    let to_a1 = &sets(&acts)[0].1;
+    assert!(
+        to_a1.locks.iter().all(|l| l.snapshot == sid(10)),
+        "A1 only gets locks on snapshots it holds"
+    );
+    assert!(to_a1.locks.iter().any(|l| l.origin_node == "C1"));
+    let acts = b.handle(
+        5,
+        Event::TransferStarting {
+            upstream: "A2".into(),
+        },
+    );
+    let to_a2 = &sets(&acts)[0].1;
+    assert!(to_a2.locks.iter().all(|l| l.snapshot == sid(20)));
+    assert!(to_a2.locks.iter().any(|l| l.origin_node == "C2"));
+    // Fan-out merge on B: both downstreams' snapshots are protected.
+    assert!(!b.holders(sid(10)).is_empty() && !b.holders(sid(20)).is_empty());
+}
+
+#[test]
+fn claims_60_69_locked_delete_refused_with_holders_forced_is_reported() {
+    let mut b = middle();
+    b.handle(
+        3,
+        Event::DownstreamShared {
+            downstream: "C".into(),
+            shared: vec![sid(1)],
+        },
+    );
+    b.handle(
+        3,
+        Event::AppLockAdded {
+            snapshot: sid(1),
+            owner: "report-app".into(),
+        },
+    );
+    let acts = b.handle(
+        4,
+        Event::DeleteRequested {
+            snapshot: sid(1),
+            force: false,
+        },
+    );
+    let holders = acts
+        .iter()
+        .find_map(|a| {
+            if let Action::DeleteRefused { holders, .. } = a {
+                Some(holders.clone())
+            } else {
+                None
+            }
+        })
+        .expect("refused");
+    assert!(
+        holders.iter().any(|h| h.origin_node == "C")
+            && holders.iter().any(|h| h.text == "report-app"),
+        "every holder named"
+    );
+    let err = sluice_lockproto::node::refused_to_error(
+        acts.iter()
+            .find(|a| matches!(a, Action::DeleteRefused { .. }))
+            .expect("refused"),
+    )
+    .expect("error");
+    assert!(matches!(&err, LockError::Locked { holders, .. } if holders.contains("report-app")));
+    assert!(b.snapshots().contains(&sid(1)));
+    let acts = b.handle(
+        5,
+        Event::DeleteRequested {
+            snapshot: sid(1),
+            force: true,
+        },
+    );
+    assert!(acts.iter().any(|a| matches!(a, Action::ForcedDelete { snapshot, holders } if *snapshot == sid(1) && holders.len() >= 2)));
+    assert!(acts.iter().any(|a| matches!(a, Action::TellSnapshotGone { downstream, snapshot } if downstream == "C" && *snapshot == sid(1))));
+    assert_eq!(b.pending_gone("C"), vec![sid(1)]);
+    assert!(!b.snapshots().contains(&sid(1)));
+    // The downstream acknowledges in its next set.
+    b.handle(
+        6,
+        Event::LockSetReceived {
+            set: LockSet {
+                sender: "C".into(),
+                generation: 9,
+                lease_ms: 60_000,
+                locks: vec![],
+                gone_acks: vec![sid(1)],
+            },
+        },
+    );
+    assert!(b.pending_gone("C").is_empty());
+    // Unlocked snapshot deletes plainly.
+    b.handle(7, Event::SnapshotCreated { snapshot: sid(99) });
+    let acts = b.handle(
+        8,
+        Event::DeleteRequested {
+            snapshot: sid(99),
+            force: false,
+        },
+    );
+    assert!(acts.contains(&Action::Deleted { snapshot: sid(99) }));
+}
+
+#[test]
+fn sets_replace_whole_and_older_generations_are_ignored() {
+    let mut b = middle();
+    let l = |s| SoftLock {
+        snapshot: sid(s),
+        kind: LockKind::DestinationPath,
+        text: "c".into(),
+        origin_node: "C".into(),
+        hop_path: vec!["C".into()],
+        created_ms: 0,
+        renewed_ms: 0,
+        lease_ms: 0,
+    };
+    let set = |g, locks| LockSet {
+        sender: "C".into(),
+        generation: g,
+        lease_ms: 60_000,
+        locks,
+        gone_acks: vec![],
+    };
+    b.handle(
+        1,
+        Event::LockSetReceived {
+            set: set(5, vec![l(1)]),
+        },
+    );
+    assert!(!b.holders(sid(1)).is_empty());
+    b.handle(
+        2,
+        Event::LockSetReceived {
+            set: set(4, vec![]),
+        },
+    );
+    assert!(!b.holders(sid(1)).is_empty(), "older generation ignored");
+    b.handle(
+        3,
+        Event::LockSetReceived {
+            set: set(5, vec![]),
+        },
+    );
+    assert!(!b.holders(sid(1)).is_empty(), "equal generation ignored");
+    b.handle(
+        4,
+        Event::LockSetReceived {
+            set: set(6, vec![]),
+        },
+    );
+    assert!(
+        b.holders(sid(1)).is_empty(),
+        "newer set replaces the whole set"
+    );
+    let acts = b.handle(
+        5,
+        Event::LockSetReceived {
+            set: LockSet {
+                sender: "Z".into(),
+                ..set(7, vec![])
+            },
+        },
+    );
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::SetRejected { .. })),
+        "unknown sender rejected"
+    );
+}
+
+#[test]
+fn bounds_errors_name_the_bound() {
+    let b = Bounds {
+        max_locks_per_set: 1,
+        max_text_len: 4,
+        max_hops: 1,
+    };
+    let l = SoftLock {
+        snapshot: sid(1),
+        kind: LockKind::OwnerName,
+        text: "toolong".into(),
+        origin_node: "C".into(),
+        hop_path: vec![],
+        created_ms: 0,
+        renewed_ms: 0,
+        lease_ms: 0,
+    };
+    let e = l.validate(&b).expect_err("text too long");
+    assert!(e.to_string().contains("max_text_len"), "{e}");
+    let s = LockSet {
+        sender: "C".into(),
+        generation: 1,
+        lease_ms: 1,
+        locks: vec![l.clone(), l],
+        gone_acks: vec![],
+    };
+    let e = s.validate(&b).expect_err("too many");
+    assert!(e.to_string().contains("max_locks_per_set"), "{e}");
+}
+
+#[test]
+fn leases_stale_is_visible_keep_policy_keeps_operator_releases() {
+    let mut b = middle();
+    b.handle(
+        0,
+        Event::LockSetReceived {
+            set: LockSet {
+                sender: "C".into(),
+                generation: 1,
+                lease_ms: 1_000,
+                locks: vec![SoftLock {
+                    snapshot: sid(1),
+                    kind: LockKind::DestinationPath,
+                    text: "c".into(),
+                    origin_node: "C".into(),
+                    hop_path: vec!["C".into()],
+                    created_ms: 0,
+                    renewed_ms: 0,
+                    lease_ms: 1_000,
+                }],
+                gone_acks: vec![],
+            },
+        },
+    );
+    let acts = b.handle(1_000, Event::Tick);
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Stale { downstream, .. } if downstream == "C")));
+    assert_eq!(b.stale_downstreams(), vec!["C".to_string()]);
+    b.handle(1_000_000, Event::Tick);
+    assert!(
+        !b.holders(sid(1)).is_empty(),
+        "Keep policy keeps stale locks"
+    );
+    let acts = b.handle(
+        1_000_001,
+        Event::OperatorRelease {
+            downstream: "C".into(),
+        },
+    );
+    assert!(acts.contains(&Action::Released {
+        downstream: "C".into(),
+        reason: ReleaseReason::Operator
+    }));
+    assert!(b.holders(sid(1)).is_empty());
+
+    let mut r = LockNode::new(NodeConfig {
+        policy: LeasePolicy::ReleaseAfter { grace_ms: 500 },
+        ..NodeConfig::new("B")
+    });
+    r.handle(
+        0,
+        Event::DownstreamAdded {
+            downstream: "C".into(),
+        },
+    );
+    r.handle(0, Event::SnapshotCreated { snapshot: sid(1) });
+    r.handle(
+        0,
+        Event::DownstreamShared {
+            downstream: "C".into(),
+            shared: vec![sid(1)],
+        },
+    );
+    assert!(!r.holders(sid(1)).is_empty());
+    let acts = r.handle(60_000 + 500, Event::Tick);
+    assert!(acts.iter().any(|a| matches!(a, Action::Stale { .. })));
+    assert!(acts.contains(&Action::Released {
+        downstream: "C".into(),
+        reason: ReleaseReason::LeaseExpired
+    }));
+    assert!(r.holders(sid(1)).is_empty());
+}
+
+#[test]
+fn lock_table_persists_restores_and_rejects_garbage() {
+    let mut b = middle();
+    b.handle(
+        3,
+        Event::AppLockAdded {
+            snapshot: sid(1),
+            owner: "x".into(),
+        },
+    );
+    b.handle(
+        3,
+        Event::DownstreamShared {
+            downstream: "C".into(),
+            shared: vec![sid(2)],
+        },
+    );
+    let g1 = sets(&b.handle(
+        4,
+        Event::TransferStarting {
+            upstream: "A".into(),
+        },
+    ))[0]
+        .1
+        .generation;
+    let bytes = b.to_bytes().expect("persist");
+    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore");
+    assert_eq!(r.all_locks(), b.all_locks());
+    assert_eq!(r.snapshots(), b.snapshots());
+    let g2 = sets(&r.handle(5, Event::Restarted))[0].1.generation;
+    assert!(g2 > g1, "generations keep increasing across a restart");
+    assert!(LockNode::from_bytes(NodeConfig::new("B"), b"garbage!garbage").is_err());
+    assert!(LockNode::from_bytes(NodeConfig::new("B"), &bytes[..bytes.len() / 2]).is_err());
+    assert!(LockNode::from_bytes(NodeConfig::new("other"), &bytes).is_err());
+    let mut v = bytes.clone();
+    v[4] = 99;
+    assert!(matches!(
+        LockNode::from_bytes(NodeConfig::new("B"), &v),
+        Err(LockError::PersistedVersion { .. })
+    ));
+}
+
+#[test]
+fn propagation_off_sends_empty_sets() {
+    let mut b = middle();
+    b.set_propagate(false);
+    b.handle(
+        3,
+        Event::DownstreamShared {
+            downstream: "C".into(),
+            shared: vec![sid(1)],
+        },
+    );
+    let s = sets(&b.handle(
+        4,
+        Event::TransferStarting {
+            upstream: "A".into(),
+        },
+    ));
+    assert!(s[0].1.locks.is_empty());
+    assert!(
+        !b.holders(sid(2)).is_empty(),
+        "own base still protected locally"
+    );
+}
