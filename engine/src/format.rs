@@ -58,7 +58,11 @@ pub fn encode_block(kind: u16, level: u8, self_pba: u64, gen: u64, payload: &[u8
 /// Check a metadata block read from `ptr` against what its parent expects;
 /// return its payload.
 pub fn decode_block(block: &[u8], ptr: Ptr, kind: u16, level: u8) -> Result<&[u8]> {
-    let bad = |reason: String| Error::CorruptMetadata { pba: ptr.pba, kind: kind_name(kind), reason };
+    let bad = |reason: String| Error::CorruptMetadata {
+        pba: ptr.pba,
+        kind: kind_name(kind),
+        reason,
+    };
     if block.len() != BLOCK_SIZE {
         return Err(bad(format!("block is {} bytes", block.len())));
     }
@@ -71,22 +75,37 @@ pub fn decode_block(block: &[u8], ptr: Ptr, kind: u16, level: u8) -> Result<&[u8
     copy[8..12].fill(0);
     let crc = crc32c::crc32c(&copy);
     if crc != stored {
-        return Err(bad(format!("checksum mismatch (stored {stored:#x}, computed {crc:#x})")));
+        return Err(bad(format!(
+            "checksum mismatch (stored {stored:#x}, computed {crc:#x})"
+        )));
     }
     let k = u16::from_le_bytes([block[4], block[5]]);
     if k != kind {
-        return Err(bad(format!("kind {} ({}) where a {} was expected", k, kind_name(k), kind_name(kind))));
+        return Err(bad(format!(
+            "kind {} ({}) where a {} was expected",
+            k,
+            kind_name(k),
+            kind_name(kind)
+        )));
     }
     if block[6] != level {
-        return Err(bad(format!("level {} where {} was expected", block[6], level)));
+        return Err(bad(format!(
+            "level {} where {} was expected",
+            block[6], level
+        )));
     }
     let self_pba = u64::from_le_bytes(block[16..24].try_into().unwrap_or([0; 8]));
     if self_pba != ptr.pba {
-        return Err(bad(format!("misdirected: block says it lives at {self_pba}")));
+        return Err(bad(format!(
+            "misdirected: block says it lives at {self_pba}"
+        )));
     }
     let gen = u64::from_le_bytes(block[24..32].try_into().unwrap_or([0; 8]));
     if gen != ptr.birth {
-        return Err(bad(format!("generation {gen} but the parent expects {}", ptr.birth)));
+        return Err(bad(format!(
+            "generation {gen} but the parent expects {}",
+            ptr.birth
+        )));
     }
     Ok(&block[HDR_LEN..])
 }
@@ -129,24 +148,43 @@ impl Superblock {
         }
         let stored = u32::from_le_bytes(b[BLOCK_SIZE - 4..].try_into().unwrap_or([0; 4]));
         if crc32c::crc32c(&b[..BLOCK_SIZE - 4]) != stored {
-            return Err(Error::CorruptSuperblock { slot, reason: "checksum mismatch".into() });
+            return Err(Error::CorruptSuperblock {
+                slot,
+                reason: "checksum mismatch".into(),
+            });
         }
         let mut r = Reader::new(&b[8..], slot, "superblock");
         let version = r.u32()?;
         if version > FORMAT_VERSION {
-            return Err(Error::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
+            return Err(Error::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
         }
         let bs = r.u32()?;
         if bs as usize != BLOCK_SIZE {
-            return Err(Error::CorruptSuperblock { slot, reason: format!("block size {bs}") });
+            return Err(Error::CorruptSuperblock {
+                slot,
+                reason: format!("block size {bs}"),
+            });
         }
         let block_count = r.u64()?;
         let gen = r.u64()?;
-        let catalog = Ptr { pba: r.u64()?, birth: r.u64()? };
+        let catalog = Ptr {
+            pba: r.u64()?,
+            birth: r.u64()?,
+        };
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(r.take(16)?);
         let volumes_max = r.u32()?;
-        Ok(Some(Superblock { version, block_count, gen, catalog, uuid, volumes_max }))
+        Ok(Some(Superblock {
+            version,
+            block_count,
+            gen,
+            catalog,
+            uuid,
+            volumes_max,
+        }))
     }
 }
 
@@ -196,10 +234,19 @@ pub struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub fn new(b: &'a [u8], pba: u64, what: &'static str) -> Self {
-        Reader { b, pos: 0, pba, what }
+        Reader {
+            b,
+            pos: 0,
+            pba,
+            what,
+        }
     }
     fn err(&self, reason: String) -> Error {
-        Error::CorruptMetadata { pba: self.pba, kind: self.what, reason }
+        Error::CorruptMetadata {
+            pba: self.pba,
+            kind: self.what,
+            reason,
+        }
     }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.b.len().saturating_sub(self.pos) < n {
@@ -227,7 +274,10 @@ impl<'a> Reader<'a> {
         Ok(u128::from_le_bytes(a))
     }
     pub fn ptr(&mut self) -> Result<Ptr> {
-        Ok(Ptr { pba: self.u64()?, birth: self.u64()? })
+        Ok(Ptr {
+            pba: self.u64()?,
+            birth: self.u64()?,
+        })
     }
     pub fn blob(&mut self) -> Result<Vec<u8>> {
         let n = self.u32()? as usize;
@@ -256,7 +306,10 @@ mod tests {
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b, 1).unwrap(), Some(sb));
         b[40] ^= 1;
-        assert!(matches!(Superblock::decode(&b, 1), Err(Error::CorruptSuperblock { .. })));
+        assert!(matches!(
+            Superblock::decode(&b, 1),
+            Err(Error::CorruptSuperblock { .. })
+        ));
         assert_eq!(Superblock::decode(&[0u8; BLOCK_SIZE], 0).unwrap(), None);
     }
 

@@ -106,7 +106,12 @@ fn now_ms() -> u64 {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    let bad = |reason| Err(Error::BadName { name: name.to_string(), reason });
+    let bad = |reason| {
+        Err(Error::BadName {
+            name: name.to_string(),
+            reason,
+        })
+    };
     if name.is_empty() {
         return bad("empty");
     }
@@ -120,11 +125,17 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 fn check_size(what: &str, size_bytes: u64) -> Result<u64> {
-    let bad = |reason| Err(Error::BadSize { what: what.to_string(), size: size_bytes, reason });
+    let bad = |reason| {
+        Err(Error::BadSize {
+            what: what.to_string(),
+            size: size_bytes,
+            reason,
+        })
+    };
     if size_bytes == 0 {
         return bad("zero");
     }
-    if size_bytes % BLOCK_SIZE as u64 != 0 {
+    if !size_bytes.is_multiple_of(BLOCK_SIZE as u64) {
         return bad("not a multiple of 4096");
     }
     let blocks = size_bytes / BLOCK_SIZE as u64;
@@ -176,10 +187,12 @@ fn plane_update<D: BlockDevice>(
 }
 
 fn plane_test<D: BlockDevice>(store: &mut Store<D>, root: Ptr, pba: u64) -> Result<bool> {
-    Ok(match get_leaf(store, &Tree::plane(root), pba / LEAF_BITS)? {
-        Some(p) => bit_get(&p, pba % LEAF_BITS),
-        None => false,
-    })
+    Ok(
+        match get_leaf(store, &Tree::plane(root), pba / LEAF_BITS)? {
+            Some(p) => bit_get(&p, pba % LEAF_BITS),
+            None => false,
+        },
+    )
 }
 
 /// The live image releases `pba`: clear it in the live plane; if the newest
@@ -191,7 +204,15 @@ fn release_live<D: BlockDevice>(
     pba: u64,
 ) -> Result<()> {
     let newest = vol.snaps.last().map(|s| s.plane);
-    plane_update(store, &mut vol.plane, &mut vol.live_count, newest, pending, pba, false)?;
+    plane_update(
+        store,
+        &mut vol.plane,
+        &mut vol.live_count,
+        newest,
+        pending,
+        pba,
+        false,
+    )?;
     let held = match newest {
         Some(root) => plane_test(store, root, pba)?,
         None => false,
@@ -225,7 +246,10 @@ fn side_node<D: BlockDevice>(
     if s.ptr.pba == 0 {
         return Ok((0, None));
     }
-    Ok((s.ptr.pba, Some(store.load(s.ptr, s.tree.kind(level), level)?)))
+    Ok((
+        s.ptr.pba,
+        Some(store.load(s.ptr, s.tree.kind(level), level)?),
+    ))
 }
 
 /// Walk snapshot plane `s` against its neighbours; report every block only
@@ -272,9 +296,26 @@ fn unique_walk<D: BlockDevice>(
             continue;
         }
         let ck = key * FANOUT as u64 + i as u64;
-        let pc = p.map(|sd| Side { tree: sd.tree, ptr: pp.as_ref().map(|x| slot_ptr(x, i)).unwrap_or_default() });
-        let nc = n.map(|sd| Side { tree: sd.tree, ptr: np.as_ref().map(|x| slot_ptr(x, i)).unwrap_or_default() });
-        unique_walk(store, level - 1, ck, Side { tree: s.tree, ptr: c }, pc, nc, out)?;
+        let pc = p.map(|sd| Side {
+            tree: sd.tree,
+            ptr: pp.as_ref().map(|x| slot_ptr(x, i)).unwrap_or_default(),
+        });
+        let nc = n.map(|sd| Side {
+            tree: sd.tree,
+            ptr: np.as_ref().map(|x| slot_ptr(x, i)).unwrap_or_default(),
+        });
+        unique_walk(
+            store,
+            level - 1,
+            ck,
+            Side {
+                tree: s.tree,
+                ptr: c,
+            },
+            pc,
+            nc,
+            out,
+        )?;
     }
     Ok(())
 }
@@ -286,7 +327,11 @@ fn push_extent(out: &mut Vec<DiffExtent>, lba: u64, kind: DiffKind) {
             return;
         }
     }
-    out.push(DiffExtent { lba, len_blocks: 1, kind });
+    out.push(DiffExtent {
+        lba,
+        len_blocks: 1,
+        kind,
+    });
 }
 
 fn diff_walk<D: BlockDevice>(
@@ -301,7 +346,11 @@ fn diff_walk<D: BlockDevice>(
         return Ok(());
     }
     let tp = store.load(target, KIND_MAP, level)?;
-    let bp = if base.pba != 0 { Some(store.load(base, KIND_MAP, level)?) } else { None };
+    let bp = if base.pba != 0 {
+        Some(store.load(base, KIND_MAP, level)?)
+    } else {
+        None
+    };
     for i in 0..FANOUT {
         let t = slot_get(&tp, i);
         let b = bp.as_ref().map(|x| slot_get(x, i)).unwrap_or_default();
@@ -317,8 +366,14 @@ fn diff_walk<D: BlockDevice>(
                 store,
                 level - 1,
                 ck,
-                Ptr { pba: b.pba, birth: b.birth },
-                Ptr { pba: t.pba, birth: t.birth },
+                Ptr {
+                    pba: b.pba,
+                    birth: b.birth,
+                },
+                Ptr {
+                    pba: t.pba,
+                    birth: t.birth,
+                },
                 out,
             )?;
         }
@@ -353,13 +408,19 @@ impl<D: BlockDevice> Pool<D> {
     pub fn format(dev: D, opts: FormatOptions) -> Result<Self> {
         let blocks = dev.info().block_count;
         if blocks < MIN_BLOCKS {
-            return Err(Error::DeviceTooSmall { blocks, min: MIN_BLOCKS });
+            return Err(Error::DeviceTooSmall {
+                blocks,
+                min: MIN_BLOCKS,
+            });
         }
         if opts.volumes_max == 0 {
             return Err(Error::Invalid("volumes_max must be at least 1".into()));
         }
         let mut pool = Pool::empty(dev, *Uuid::new_v4().as_bytes(), opts.volumes_max);
-        pool.store.write_raw(vec![(0, vec![0u8; BLOCK_SIZE]), (1, vec![0u8; BLOCK_SIZE])], false)?;
+        pool.store.write_raw(
+            vec![(0, vec![0u8; BLOCK_SIZE]), (1, vec![0u8; BLOCK_SIZE])],
+            false,
+        )?;
         pool.cp(None)?;
         Ok(pool)
     }
@@ -417,7 +478,12 @@ impl<D: BlockDevice> Pool<D> {
                     reason: "bad or looping chain pointer".into(),
                 });
             }
-            let raw = self.store.read_raw(&[ptr.pba])?.into_iter().next().unwrap_or_default();
+            let raw = self
+                .store
+                .read_raw(&[ptr.pba])?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             let payload = decode_block(&raw, ptr, KIND_CATALOG, 0)?;
             let mut r = Reader::new(payload, ptr.pba, "catalog");
             let next = r.ptr()?;
@@ -443,7 +509,12 @@ impl<D: BlockDevice> Pool<D> {
                 let size = r.u64()?;
                 let root = r.ptr()?;
                 let digest = r.u128()?;
-                ns.push(Ns { name: if n.is_empty() { None } else { Some(n) }, size, tree: Tree::map(root), digest });
+                ns.push(Ns {
+                    name: if n.is_empty() { None } else { Some(n) },
+                    size,
+                    tree: Tree::map(root),
+                    digest,
+                });
             }
             let nsnap = r.u32()?;
             let mut snaps = Vec::new();
@@ -463,9 +534,25 @@ impl<D: BlockDevice> Pool<D> {
                     let d = r.u128()?;
                     sns.push((if n.is_empty() { None } else { Some(n) }, root, d));
                 }
-                snaps.push(Snap { id: Uuid::from_bytes(u), name: sname, gen, created, referenced, plane: splane, ns: sns });
+                snaps.push(Snap {
+                    id: Uuid::from_bytes(u),
+                    name: sname,
+                    gen,
+                    created,
+                    referenced,
+                    plane: splane,
+                    ns: sns,
+                });
             }
-            self.vols.push(Vol { id, name, ro, ns, plane, live_count, snaps });
+            self.vols.push(Vol {
+                id,
+                name,
+                ro,
+                ns,
+                plane,
+                live_count,
+                snaps,
+            });
         }
         let nattr = r.u32()?;
         for _ in 0..nattr {
@@ -584,7 +671,10 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     fn dirty_map_nodes(&self) -> usize {
-        self.vols.iter().map(|v| v.ns.iter().map(|n| n.tree.dirty.len()).sum::<usize>()).sum()
+        self.vols
+            .iter()
+            .map(|v| v.ns.iter().map(|n| n.tree.dirty.len()).sum::<usize>())
+            .sum()
     }
 
     /// Blocks a CP may need right now (upper bound): each dirty map node
@@ -609,7 +699,10 @@ impl<D: BlockDevice> Pool<D> {
                 return Ok(());
             }
         }
-        Err(Error::NoSpace { needed: extra, free: self.fm.free().saturating_sub(self.cp_reserve()) })
+        Err(Error::NoSpace {
+            needed: extra,
+            free: self.fm.free().saturating_sub(self.cp_reserve()),
+        })
     }
 
     fn poison(&mut self, e: &Error) {
@@ -629,7 +722,8 @@ impl<D: BlockDevice> Pool<D> {
     /// A consistency point (see the module doc and docs/FORMAT.md).
     fn cp(&mut self, snap: Option<(usize, String, Uuid, u64)>) -> Result<()> {
         self.check_writable()?;
-        if snap.is_none() && !self.meta_dirty && self.pending.is_empty() && self.dirty_nodes() == 0 {
+        if snap.is_none() && !self.meta_dirty && self.pending.is_empty() && self.dirty_nodes() == 0
+        {
             return Ok(());
         }
         let r = self.cp_inner(snap);
@@ -643,11 +737,24 @@ impl<D: BlockDevice> Pool<D> {
         let g = self.gen + 1;
         for vi in 0..self.vols.len() {
             for ni in 0..self.vols[vi].ns.len() {
-                let new = flush_tree(&mut self.store, &mut self.vols[vi].ns[ni].tree, &mut self.fm, g)?;
+                let new = flush_tree(
+                    &mut self.store,
+                    &mut self.vols[vi].ns[ni].tree,
+                    &mut self.fm,
+                    g,
+                )?;
                 let vol = &mut self.vols[vi];
                 let newest = vol.snaps.last().map(|s| s.plane);
                 for p in new {
-                    plane_update(&mut self.store, &mut vol.plane, &mut vol.live_count, newest, &mut self.pending, p, true)?;
+                    plane_update(
+                        &mut self.store,
+                        &mut vol.plane,
+                        &mut vol.live_count,
+                        newest,
+                        &mut self.pending,
+                        p,
+                        true,
+                    )?;
                 }
             }
             flush_tree(&mut self.store, &mut self.vols[vi].plane, &mut self.fm, g)?;
@@ -661,7 +768,11 @@ impl<D: BlockDevice> Pool<D> {
                 created,
                 referenced: v.live_count,
                 plane: v.plane.root,
-                ns: v.ns.iter().map(|n| (n.name.clone(), n.tree.root, n.digest)).collect(),
+                ns: v
+                    .ns
+                    .iter()
+                    .map(|n| (n.name.clone(), n.tree.root, n.digest))
+                    .collect(),
             };
             v.snaps.push(s);
         }
@@ -669,14 +780,25 @@ impl<D: BlockDevice> Pool<D> {
         // its successor.
         let blob = self.encode_catalog();
         let per = PAYLOAD - 20;
-        let pieces: Vec<&[u8]> = if blob.is_empty() { vec![&blob[..]] } else { blob.chunks(per).collect() };
+        let pieces: Vec<&[u8]> = if blob.is_empty() {
+            vec![&blob[..]]
+        } else {
+            blob.chunks(per).collect()
+        };
         let mut pbas = Vec::with_capacity(pieces.len());
         for _ in 0..pieces.len() {
             pbas.push(self.fm.alloc()?);
         }
         let mut writes = Vec::new();
         for (i, piece) in pieces.iter().enumerate() {
-            let next = if i + 1 < pbas.len() { Ptr { pba: pbas[i + 1], birth: g } } else { Ptr::default() };
+            let next = if i + 1 < pbas.len() {
+                Ptr {
+                    pba: pbas[i + 1],
+                    birth: g,
+                }
+            } else {
+                Ptr::default()
+            };
             let mut w = Writer::default();
             w.ptr(next);
             w.u32(piece.len() as u32);
@@ -695,7 +817,10 @@ impl<D: BlockDevice> Pool<D> {
             version: FORMAT_VERSION,
             block_count: self.fm.total,
             gen: g,
-            catalog: Ptr { pba: pbas[0], birth: g },
+            catalog: Ptr {
+                pba: pbas[0],
+                birth: g,
+            },
             uuid: self.uuid,
             volumes_max: self.volumes_max,
         };
@@ -748,24 +873,37 @@ impl<D: BlockDevice> Pool<D> {
 
     fn ns_idx(&self, ns: &NsName) -> Result<(usize, usize)> {
         let vi = self.vol_idx(&ns.volume)?;
-        let ni = self.vols[vi].ns.iter().position(|n| n.name == ns.qtree).ok_or_else(|| Error::NoSuchQtree {
-            volume: ns.volume.clone(),
-            qtree: ns.qtree.clone().unwrap_or_default(),
-        })?;
+        let ni = self.vols[vi]
+            .ns
+            .iter()
+            .position(|n| n.name == ns.qtree)
+            .ok_or_else(|| Error::NoSuchQtree {
+                volume: ns.volume.clone(),
+                qtree: ns.qtree.clone().unwrap_or_default(),
+            })?;
         Ok((vi, ni))
     }
 
     fn snap_idx(&self, vi: usize, name: &str) -> Result<usize> {
-        self.vols[vi].snaps.iter().position(|s| s.name == name).ok_or_else(|| Error::NoSuchSnapshot {
-            volume: self.vols[vi].name.clone(),
-            snapshot: name.to_string(),
-        })
+        self.vols[vi]
+            .snaps
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| Error::NoSuchSnapshot {
+                volume: self.vols[vi].name.clone(),
+                snapshot: name.to_string(),
+            })
     }
 
     fn check_range(&self, vi: usize, ni: usize, ns: &NsName, lba: u64, len: u64) -> Result<()> {
         let size = self.vols[vi].ns[ni].size;
         if len == 0 || lba >= size || len > size - lba {
-            return Err(Error::OutOfRange { ns: ns.to_string(), lba, len, size });
+            return Err(Error::OutOfRange {
+                ns: ns.to_string(),
+                lba,
+                len,
+                size,
+            });
         }
         Ok(())
     }
@@ -779,7 +917,10 @@ impl<D: BlockDevice> Pool<D> {
                 .ns
                 .iter()
                 .skip(1)
-                .map(|n| QtreeInfo { name: n.name.clone().unwrap_or_default(), size_bytes: n.size * BLOCK_SIZE as u64 })
+                .map(|n| QtreeInfo {
+                    name: n.name.clone().unwrap_or_default(),
+                    size_bytes: n.size * BLOCK_SIZE as u64,
+                })
                 .collect(),
             read_only: v.ro,
             used_blocks: v.live_count,
@@ -794,7 +935,9 @@ impl<D: BlockDevice> Pool<D> {
 
     pub fn execute(&mut self, req: Request) -> Result<Reply> {
         let r = self.execute_inner(req);
-        if self.poisoned.is_none() && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > DIRTY_BOUND) {
+        if self.poisoned.is_none()
+            && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > DIRTY_BOUND)
+        {
             self.cp(None)?;
         }
         r
@@ -807,10 +950,15 @@ impl<D: BlockDevice> Pool<D> {
                 check_name(&name)?;
                 let size = check_size(&name, size_bytes)?;
                 if self.vols.iter().any(|v| v.name == name) {
-                    return Err(Error::AlreadyExists { what: "volume", name });
+                    return Err(Error::AlreadyExists {
+                        what: "volume",
+                        name,
+                    });
                 }
                 if self.vols.len() >= self.volumes_max as usize {
-                    return Err(Error::TooManyVolumes { limit: self.volumes_max });
+                    return Err(Error::TooManyVolumes {
+                        limit: self.volumes_max,
+                    });
                 }
                 self.ensure_space(4)?;
                 let id = self.next_vol_id;
@@ -819,31 +967,57 @@ impl<D: BlockDevice> Pool<D> {
                     id,
                     name,
                     ro: false,
-                    ns: vec![Ns { name: None, size, tree: Tree::map(Ptr::default()), digest: 0 }],
+                    ns: vec![Ns {
+                        name: None,
+                        size,
+                        tree: Tree::map(Ptr::default()),
+                        digest: 0,
+                    }],
                     plane: Tree::plane(Ptr::default()),
                     live_count: 0,
                     snaps: Vec::new(),
                 });
                 self.meta_dirty = true;
                 self.cp(None)?;
-                let v = self.vols.last().ok_or_else(|| Error::Invalid("volume vanished".into()))?;
+                let v = self
+                    .vols
+                    .last()
+                    .ok_or_else(|| Error::Invalid("volume vanished".into()))?;
                 Ok(Reply::Volume(self.vol_info(v)))
             }
-            Request::CreateQtree { volume, name, size_bytes } => {
+            Request::CreateQtree {
+                volume,
+                name,
+                size_bytes,
+            } => {
                 self.check_writable()?;
                 let vi = self.vol_idx(&volume)?;
                 check_name(&name)?;
                 let size = check_size(&format!("{volume}/{name}"), size_bytes)?;
-                if self.vols[vi].ns.iter().any(|n| n.name.as_deref() == Some(&name)) {
-                    return Err(Error::AlreadyExists { what: "qtree", name: format!("{volume}/{name}") });
+                if self.vols[vi]
+                    .ns
+                    .iter()
+                    .any(|n| n.name.as_deref() == Some(&name))
+                {
+                    return Err(Error::AlreadyExists {
+                        what: "qtree",
+                        name: format!("{volume}/{name}"),
+                    });
                 }
                 self.ensure_space(4)?;
-                self.vols[vi].ns.push(Ns { name: Some(name), size, tree: Tree::map(Ptr::default()), digest: 0 });
+                self.vols[vi].ns.push(Ns {
+                    name: Some(name),
+                    size,
+                    tree: Tree::map(Ptr::default()),
+                    digest: 0,
+                });
                 self.meta_dirty = true;
                 self.cp(None)?;
                 Ok(Reply::Volume(self.vol_info(&self.vols[vi])))
             }
-            Request::ListVolumes => Ok(Reply::Volumes(self.vols.iter().map(|v| self.vol_info(v)).collect())),
+            Request::ListVolumes => Ok(Reply::Volumes(
+                self.vols.iter().map(|v| self.vol_info(v)).collect(),
+            )),
             Request::SetReadOnly { volume, read_only } => {
                 self.check_writable()?;
                 let vi = self.vol_idx(&volume)?;
@@ -852,15 +1026,30 @@ impl<D: BlockDevice> Pool<D> {
                 self.cp(None)?;
                 Ok(Reply::Done)
             }
-            Request::Read { image, lba, len_blocks } => self.read(&image, lba, len_blocks as u64).map(Reply::Data),
-            Request::Write { ns, lba, data, fua, replica } => {
+            Request::Read {
+                image,
+                lba,
+                len_blocks,
+            } => self.read(&image, lba, len_blocks as u64).map(Reply::Data),
+            Request::Write {
+                ns,
+                lba,
+                data,
+                fua,
+                replica,
+            } => {
                 self.write(&ns, lba, &data, replica)?;
                 if fua {
                     self.cp(None)?;
                 }
                 Ok(Reply::Done)
             }
-            Request::Trim { ns, lba, len_blocks, replica } => {
+            Request::Trim {
+                ns,
+                lba,
+                len_blocks,
+                replica,
+            } => {
                 self.trim(&ns, lba, len_blocks, replica)?;
                 Ok(Reply::Done)
             }
@@ -868,15 +1057,26 @@ impl<D: BlockDevice> Pool<D> {
                 self.cp(None)?;
                 Ok(Reply::Done)
             }
-            Request::CreateSnapshot { volume, name, id, created_unix_ms } => {
+            Request::CreateSnapshot {
+                volume,
+                name,
+                id,
+                created_unix_ms,
+            } => {
                 self.check_writable()?;
                 let vi = self.vol_idx(&volume)?;
                 check_name(&name)?;
                 if self.vols[vi].snaps.iter().any(|s| s.name == name) {
-                    return Err(Error::AlreadyExists { what: "snapshot", name: format!("{volume}@{name}") });
+                    return Err(Error::AlreadyExists {
+                        what: "snapshot",
+                        name: format!("{volume}@{name}"),
+                    });
                 }
                 if self.vols[vi].snaps.len() >= SNAPSHOTS_MAX {
-                    return Err(Error::TooManySnapshots { volume, limit: SNAPSHOTS_MAX });
+                    return Err(Error::TooManySnapshots {
+                        volume,
+                        limit: SNAPSHOTS_MAX,
+                    });
                 }
                 self.ensure_space(4)?;
                 let id = id.unwrap_or_else(Uuid::new_v4);
@@ -910,7 +1110,9 @@ impl<D: BlockDevice> Pool<D> {
                 }
                 Ok(Reply::Snapshots(out))
             }
-            Request::Diff { ns, base, target } => self.diff(&ns, base.as_deref(), &target).map(Reply::Diff),
+            Request::Diff { ns, base, target } => {
+                self.diff(&ns, base.as_deref(), &target).map(Reply::Diff)
+            }
             Request::Space => Ok(Reply::Space(SpaceInfo {
                 total_blocks: self.fm.total,
                 used_blocks: self.fm.used - self.pending.len() as u64,
@@ -920,7 +1122,9 @@ impl<D: BlockDevice> Pool<D> {
             Request::SetAttr { key, value } => {
                 self.check_writable()?;
                 if key.is_empty() || key.len() > 255 {
-                    return Err(Error::Invalid(format!("attribute key {key:?} must be 1..=255 bytes")));
+                    return Err(Error::Invalid(format!(
+                        "attribute key {key:?} must be 1..=255 bytes"
+                    )));
                 }
                 match value {
                     Some(v) => {
@@ -957,16 +1161,33 @@ impl<D: BlockDevice> Pool<D> {
     fn unique_blocks(&mut self, vi: usize, si: usize, out: &mut dyn FnMut(u64)) -> Result<()> {
         let v = &self.vols[vi];
         let s_tree = Tree::plane(v.snaps[si].plane);
-        let p_tree = if si > 0 { Some(Tree::plane(v.snaps[si - 1].plane)) } else { None };
-        let n_tree = if si + 1 < v.snaps.len() { Tree::plane(v.snaps[si + 1].plane) } else { v.plane.clone() };
+        let p_tree = if si > 0 {
+            Some(Tree::plane(v.snaps[si - 1].plane))
+        } else {
+            None
+        };
+        let n_tree = if si + 1 < v.snaps.len() {
+            Tree::plane(v.snaps[si + 1].plane)
+        } else {
+            v.plane.clone()
+        };
         let top = s_tree.top();
         unique_walk(
             &mut self.store,
             top,
             0,
-            Side { tree: &s_tree, ptr: s_tree.root },
-            p_tree.as_ref().map(|t| Side { tree: t, ptr: t.root }),
-            Some(Side { tree: &n_tree, ptr: n_tree.root }),
+            Side {
+                tree: &s_tree,
+                ptr: s_tree.root,
+            },
+            p_tree.as_ref().map(|t| Side {
+                tree: t,
+                ptr: t.root,
+            }),
+            Some(Side {
+                tree: &n_tree,
+                ptr: n_tree.root,
+            }),
             out,
         )
     }
@@ -978,9 +1199,14 @@ impl<D: BlockDevice> Pool<D> {
             Some(sn) => {
                 let si = self.snap_idx(vi, sn)?;
                 let s = &self.vols[vi].snaps[si];
-                let root = s.ns.iter().find(|(n, _, _)| *n == image.ns.qtree).map(|x| x.1).ok_or_else(|| {
-                    Error::NoSuchSnapshot { volume: image.ns.to_string(), snapshot: sn.clone() }
-                })?;
+                let root =
+                    s.ns.iter()
+                        .find(|(n, _, _)| *n == image.ns.qtree)
+                        .map(|x| x.1)
+                        .ok_or_else(|| Error::NoSuchSnapshot {
+                            volume: image.ns.to_string(),
+                            snapshot: sn.clone(),
+                        })?;
                 Ok((vi, ni, Tree::map(root)))
             }
         }
@@ -1015,7 +1241,10 @@ impl<D: BlockDevice> Pool<D> {
             slots.push(s);
         }
         let mapped: Vec<u64> = slots.iter().filter(|s| s.pba != 0).map(|s| s.pba).collect();
-        let reqs = mapped.iter().map(|&p| (IoKind::Read, p, Some(AlignedBuf::zeroed(1)))).collect();
+        let reqs = mapped
+            .iter()
+            .map(|&p| (IoKind::Read, p, Some(AlignedBuf::zeroed(1))))
+            .collect();
         let comps = self.store.run(reqs)?;
         self.store.stats.data_blocks_read += mapped.len() as u64;
         let mut out = AlignedBuf::zeroed(len as usize);
@@ -1024,10 +1253,18 @@ impl<D: BlockDevice> Pool<D> {
             if s.pba == 0 {
                 continue;
             }
-            let c = ci.next().ok_or_else(|| Error::Invalid("missing read completion".into()))?;
-            let data = c.buf.ok_or_else(|| Error::Invalid("read completion without buffer".into()))?;
+            let c = ci
+                .next()
+                .ok_or_else(|| Error::Invalid("missing read completion".into()))?;
+            let data = c
+                .buf
+                .ok_or_else(|| Error::Invalid("read completion without buffer".into()))?;
             if xxhash_rust::xxh3::xxh3_64(data.as_slice()) != s.hash {
-                return Err(Error::DataChecksum { vol: image.ns.to_string(), lba: lba + i as u64, pba: s.pba });
+                return Err(Error::DataChecksum {
+                    vol: image.ns.to_string(),
+                    lba: lba + i as u64,
+                    pba: s.pba,
+                });
             }
             out.block_mut(i).copy_from_slice(data.as_slice());
         }
@@ -1040,9 +1277,20 @@ impl<D: BlockDevice> Pool<D> {
         let key = lba / FANOUT as u64;
         let idx = (lba % FANOUT as u64) as usize;
         let mut rel = Vec::new();
-        let r = make_dirty(&mut self.store, &mut self.vols[vi].ns[ni].tree, 0, key, &mut rel);
+        let r = make_dirty(
+            &mut self.store,
+            &mut self.vols[vi].ns[ni].tree,
+            0,
+            key,
+            &mut rel,
+        );
         for (_, _, ptr) in rel {
-            release_live(&mut self.store, &mut self.vols[vi], &mut self.pending, ptr.pba)?;
+            release_live(
+                &mut self.store,
+                &mut self.vols[vi],
+                &mut self.pending,
+                ptr.pba,
+            )?;
         }
         r?;
         let leaf = self.vols[vi].ns[ni]
@@ -1060,10 +1308,23 @@ impl<D: BlockDevice> Pool<D> {
             ns.digest = ns.digest.wrapping_add(digest_term(lba, new.hash));
             let vol = &mut self.vols[vi];
             let newest = vol.snaps.last().map(|s| s.plane);
-            plane_update(&mut self.store, &mut vol.plane, &mut vol.live_count, newest, &mut self.pending, new.pba, true)?;
+            plane_update(
+                &mut self.store,
+                &mut vol.plane,
+                &mut vol.live_count,
+                newest,
+                &mut self.pending,
+                new.pba,
+                true,
+            )?;
         }
         if old.pba != 0 {
-            release_live(&mut self.store, &mut self.vols[vi], &mut self.pending, old.pba)?;
+            release_live(
+                &mut self.store,
+                &mut self.vols[vi],
+                &mut self.pending,
+                old.pba,
+            )?;
         }
         Ok(())
     }
@@ -1072,10 +1333,15 @@ impl<D: BlockDevice> Pool<D> {
         self.check_writable()?;
         let (vi, ni) = self.ns_idx(ns)?;
         if self.vols[vi].ro && !replica {
-            return Err(Error::ReadOnly { volume: ns.volume.clone() });
+            return Err(Error::ReadOnly {
+                volume: ns.volume.clone(),
+            });
         }
-        if data.len_bytes() % BLOCK_SIZE != 0 {
-            return Err(Error::Invalid(format!("write of {} bytes is not whole blocks", data.len_bytes())));
+        if !data.len_bytes().is_multiple_of(BLOCK_SIZE) {
+            return Err(Error::Invalid(format!(
+                "write of {} bytes is not whole blocks",
+                data.len_bytes()
+            )));
         }
         let n = data.len_blocks() as u64;
         self.check_range(vi, ni, ns, lba, n)?;
@@ -1087,8 +1353,11 @@ impl<D: BlockDevice> Pool<D> {
         for _ in 0..n {
             pbas.push(self.fm.alloc()?);
         }
-        let writes: Vec<(u64, Vec<u8>)> =
-            pbas.iter().enumerate().map(|(i, &p)| (p, data.block(i).to_vec())).collect();
+        let writes: Vec<(u64, Vec<u8>)> = pbas
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (p, data.block(i).to_vec()))
+            .collect();
         if let Err(e) = self.store.write_raw(writes, false) {
             for &p in &pbas {
                 self.fm.clear(p);
@@ -1100,7 +1369,16 @@ impl<D: BlockDevice> Pool<D> {
         let birth = self.gen + 1;
         for (i, &p) in pbas.iter().enumerate() {
             let hash = xxhash_rust::xxh3::xxh3_64(data.block(i));
-            if let Err(e) = self.set_slot(vi, ni, lba + i as u64, Slot { pba: p, birth, hash }) {
+            if let Err(e) = self.set_slot(
+                vi,
+                ni,
+                lba + i as u64,
+                Slot {
+                    pba: p,
+                    birth,
+                    hash,
+                },
+            ) {
                 self.poison(&e);
                 return Err(e);
             }
@@ -1112,7 +1390,9 @@ impl<D: BlockDevice> Pool<D> {
         self.check_writable()?;
         let (vi, ni) = self.ns_idx(ns)?;
         if self.vols[vi].ro && !replica {
-            return Err(Error::ReadOnly { volume: ns.volume.clone() });
+            return Err(Error::ReadOnly {
+                volume: ns.volume.clone(),
+            });
         }
         self.check_range(vi, ni, ns, lba, len)?;
         let birth = self.gen + 1;
@@ -1122,13 +1402,25 @@ impl<D: BlockDevice> Pool<D> {
             let end = ((key + 1) * FANOUT as u64).min(lba + len);
             let leaf = get_leaf(&mut self.store, &self.vols[vi].ns[ni].tree, key)?;
             if let Some(p) = leaf {
-                let mapped: Vec<u64> =
-                    (l..end).filter(|&x| slot_get(&p, (x % FANOUT as u64) as usize).pba != 0).collect();
+                let mapped: Vec<u64> = (l..end)
+                    .filter(|&x| slot_get(&p, (x % FANOUT as u64) as usize).pba != 0)
+                    .collect();
                 if !mapped.is_empty() {
-                    self.ensure_space(MAP_DEPTH as u64 * (1 + PLANE_DEPTH as u64) + PLANE_DEPTH as u64 * 2)?;
+                    self.ensure_space(
+                        MAP_DEPTH as u64 * (1 + PLANE_DEPTH as u64) + PLANE_DEPTH as u64 * 2,
+                    )?;
                 }
                 for x in mapped {
-                    if let Err(e) = self.set_slot(vi, ni, x, Slot { pba: 0, birth, hash: 0 }) {
+                    if let Err(e) = self.set_slot(
+                        vi,
+                        ni,
+                        x,
+                        Slot {
+                            pba: 0,
+                            birth,
+                            hash: 0,
+                        },
+                    ) {
                         self.poison(&e);
                         return Err(e);
                     }
@@ -1141,7 +1433,12 @@ impl<D: BlockDevice> Pool<D> {
 
     /// Changed extents of `ns` from snapshot `base` (None: nothing) to
     /// snapshot `target`, coalesced.
-    pub fn diff(&mut self, ns: &NsName, base: Option<&str>, target: &str) -> Result<Vec<DiffExtent>> {
+    pub fn diff(
+        &mut self,
+        ns: &NsName,
+        base: Option<&str>,
+        target: &str,
+    ) -> Result<Vec<DiffExtent>> {
         let (vi, _) = self.ns_idx(ns)?;
         let root_of = |pool: &Self, name: &str| -> Result<Ptr> {
             let si = pool.snap_idx(vi, name)?;
@@ -1150,7 +1447,10 @@ impl<D: BlockDevice> Pool<D> {
                 .iter()
                 .find(|(n, _, _)| *n == ns.qtree)
                 .map(|x| x.1)
-                .ok_or_else(|| Error::NoSuchSnapshot { volume: ns.to_string(), snapshot: name.to_string() })
+                .ok_or_else(|| Error::NoSuchSnapshot {
+                    volume: ns.to_string(),
+                    snapshot: name.to_string(),
+                })
         };
         let t = root_of(self, target)?;
         let b = match base {
@@ -1180,10 +1480,17 @@ impl<D: BlockDevice> Pool<D> {
         for vi in 0..self.vols.len() {
             let v = self.vols[vi].clone();
             // (plane tree, map trees) per image
-            let mut images: Vec<(Tree, Vec<Tree>, Option<u64>)> =
-                vec![(v.plane.clone(), v.ns.iter().map(|n| n.tree.clone()).collect(), Some(v.live_count))];
+            let mut images: Vec<(Tree, Vec<Tree>, Option<u64>)> = vec![(
+                v.plane.clone(),
+                v.ns.iter().map(|n| n.tree.clone()).collect(),
+                Some(v.live_count),
+            )];
             for s in &v.snaps {
-                images.push((Tree::plane(s.plane), s.ns.iter().map(|x| Tree::map(x.1)).collect(), Some(s.referenced)));
+                images.push((
+                    Tree::plane(s.plane),
+                    s.ns.iter().map(|x| Tree::map(x.1)).collect(),
+                    Some(s.referenced),
+                ));
             }
             for (plane, maps, count) in images {
                 let mut bits = BTreeSet::new();
@@ -1195,10 +1502,12 @@ impl<D: BlockDevice> Pool<D> {
                         true
                     },
                     &mut |k, pl| {
-                        for byte in 0..PAYLOAD {
-                            let mut m = pl[byte];
+                        for (byte, &b) in pl.iter().enumerate().take(PAYLOAD) {
+                            let mut m = b;
                             while m != 0 {
-                                bits.insert(k * LEAF_BITS + byte as u64 * 8 + m.trailing_zeros() as u64);
+                                bits.insert(
+                                    k * LEAF_BITS + byte as u64 * 8 + m.trailing_zeros() as u64,
+                                );
                                 m &= m - 1;
                             }
                         }
@@ -1229,16 +1538,26 @@ impl<D: BlockDevice> Pool<D> {
                     }
                 }
                 if let Some(d) = dup {
-                    return fail(format!("volume {}: block {d} mapped twice in one image", v.name));
+                    return fail(format!(
+                        "volume {}: block {d} mapped twice in one image",
+                        v.name
+                    ));
                 }
                 if held != bits {
                     let a: Vec<_> = held.difference(&bits).take(5).collect();
                     let b: Vec<_> = bits.difference(&held).take(5).collect();
-                    return fail(format!("volume {}: plane disagrees with maps: unrecorded {a:?}, stale {b:?}", v.name));
+                    return fail(format!(
+                        "volume {}: plane disagrees with maps: unrecorded {a:?}, stale {b:?}",
+                        v.name
+                    ));
                 }
                 if let Some(c) = count {
                     if c != bits.len() as u64 {
-                        return fail(format!("volume {}: count {c} != plane bits {}", v.name, bits.len()));
+                        return fail(format!(
+                            "volume {}: count {c} != plane bits {}",
+                            v.name,
+                            bits.len()
+                        ));
                     }
                 }
                 for b in bits {
@@ -1252,7 +1571,9 @@ impl<D: BlockDevice> Pool<D> {
             for n in &v.ns {
                 let mut d = 0u128;
                 let mut leaves = Vec::new();
-                walk_tree(&mut self.store, &n.tree, &mut |_| true, &mut |k, pl| leaves.push((k, pl.to_vec())))?;
+                walk_tree(&mut self.store, &n.tree, &mut |_| true, &mut |k, pl| {
+                    leaves.push((k, pl.to_vec()))
+                })?;
                 for (k, pl) in leaves {
                     for i in 0..FANOUT {
                         let s = slot_get(&pl, i);
@@ -1262,7 +1583,10 @@ impl<D: BlockDevice> Pool<D> {
                     }
                 }
                 if d != n.digest {
-                    return fail(format!("volume {}: digest of {:?} is stale", v.name, n.name));
+                    return fail(format!(
+                        "volume {}: digest of {:?} is stale",
+                        v.name, n.name
+                    ));
                 }
             }
         }
@@ -1273,7 +1597,9 @@ impl<D: BlockDevice> Pool<D> {
         }
         for &p in data_owner.keys() {
             if !expect.insert(p) {
-                return fail(format!("block {p} is both held data/map and a plane node or catalog"));
+                return fail(format!(
+                    "block {p} is both held data/map and a plane node or catalog"
+                ));
             }
         }
         for &p in &self.pending {
@@ -1285,7 +1611,9 @@ impl<D: BlockDevice> Pool<D> {
         if actual != expect {
             let leaked: Vec<_> = actual.difference(&expect).take(5).collect();
             let missing: Vec<_> = expect.difference(&actual).take(5).collect();
-            return fail(format!("free map: leaked {leaked:?}, held but free {missing:?}"));
+            return fail(format!(
+                "free map: leaked {leaked:?}, held but free {missing:?}"
+            ));
         }
         if self.fm.used != actual.len() as u64 {
             return fail("free count drifted".into());

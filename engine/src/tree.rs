@@ -40,7 +40,11 @@ pub fn slot_get(p: &[u8], i: usize) -> Slot {
         b.copy_from_slice(&p[a..a + 8]);
         u64::from_le_bytes(b)
     };
-    Slot { pba: rd(o), birth: rd(o + 8), hash: rd(o + 16) }
+    Slot {
+        pba: rd(o),
+        birth: rd(o + 8),
+        hash: rd(o + 16),
+    }
 }
 
 pub fn slot_set(p: &mut [u8], i: usize, s: Slot) {
@@ -52,7 +56,10 @@ pub fn slot_set(p: &mut [u8], i: usize, s: Slot) {
 
 pub fn slot_ptr(p: &[u8], i: usize) -> Ptr {
     let s = slot_get(p, i);
-    Ptr { pba: s.pba, birth: s.birth }
+    Ptr {
+        pba: s.pba,
+        birth: s.birth,
+    }
 }
 
 pub fn pow_fanout(level: u8) -> u64 {
@@ -137,7 +144,12 @@ pub struct Store<D: BlockDevice> {
 
 impl<D: BlockDevice> Store<D> {
     pub fn new(dev: D) -> Self {
-        Store { dev, cache: HashMap::new(), stats: PoolStats::default(), next_tag: 1 }
+        Store {
+            dev,
+            cache: HashMap::new(),
+            stats: PoolStats::default(),
+            next_tag: 1,
+        }
     }
 
     fn io_error(&self, c: &IoCompletion, e: &std::io::Error) -> Error {
@@ -155,19 +167,32 @@ impl<D: BlockDevice> Store<D> {
     }
 
     /// Submit all, complete all; completions in submission order.
-    pub fn run(&mut self, reqs: Vec<(IoKind, u64, Option<AlignedBuf>)>) -> Result<Vec<IoCompletion>> {
+    pub fn run(
+        &mut self,
+        reqs: Vec<(IoKind, u64, Option<AlignedBuf>)>,
+    ) -> Result<Vec<IoCompletion>> {
         let n = reqs.len();
         let base = self.next_tag;
         self.next_tag += n as u64;
         for (i, (kind, pba, buf)) in reqs.into_iter().enumerate() {
-            self.dev.submit(IoRequest { tag: base + i as u64, kind, pba, buf });
+            self.dev.submit(IoRequest {
+                tag: base + i as u64,
+                kind,
+                pba,
+                buf,
+            });
         }
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let before = out.len();
             let r = self.dev.complete(1, &mut out);
             if let Err(e) = r {
-                return Err(Error::Io { device: self.dev.info().name.clone(), op: "complete", pba: 0, source: e });
+                return Err(Error::Io {
+                    device: self.dev.info().name.clone(),
+                    op: "complete",
+                    pba: 0,
+                    source: e,
+                });
             }
             if out.len() == before && self.dev.in_flight() == 0 {
                 return Err(Error::Io {
@@ -194,11 +219,18 @@ impl<D: BlockDevice> Store<D> {
     }
 
     pub fn read_raw(&mut self, pbas: &[u64]) -> Result<Vec<Vec<u8>>> {
-        let reqs = pbas.iter().map(|&p| (IoKind::Read, p, Some(AlignedBuf::zeroed(1)))).collect();
+        let reqs = pbas
+            .iter()
+            .map(|&p| (IoKind::Read, p, Some(AlignedBuf::zeroed(1))))
+            .collect();
         let out = self.run(reqs)?;
         Ok(out
             .into_iter()
-            .map(|c| c.buf.map(|b| b.as_slice().to_vec()).unwrap_or_else(|| vec![0u8; BLOCK_SIZE]))
+            .map(|c| {
+                c.buf
+                    .map(|b| b.as_slice().to_vec())
+                    .unwrap_or_else(|| vec![0u8; BLOCK_SIZE])
+            })
             .collect())
     }
 
@@ -237,7 +269,11 @@ impl<D: BlockDevice> Store<D> {
 }
 
 /// The payload of the leaf covering `leaf_key`, if the tree has one.
-pub fn get_leaf<D: BlockDevice>(store: &mut Store<D>, tree: &Tree, leaf_key: u64) -> Result<Option<Arc<Vec<u8>>>> {
+pub fn get_leaf<D: BlockDevice>(
+    store: &mut Store<D>,
+    tree: &Tree,
+    leaf_key: u64,
+) -> Result<Option<Arc<Vec<u8>>>> {
     let mut ptr = tree.root;
     for level in (0..=tree.top()).rev() {
         let key = leaf_key / pow_fanout(level);
@@ -252,14 +288,22 @@ pub fn get_leaf<D: BlockDevice>(store: &mut Store<D>, tree: &Tree, leaf_key: u64
         if level == 0 {
             return Ok(Some(payload));
         }
-        ptr = slot_ptr(&payload, ((leaf_key / pow_fanout(level - 1)) % FANOUT as u64) as usize);
+        ptr = slot_ptr(
+            &payload,
+            ((leaf_key / pow_fanout(level - 1)) % FANOUT as u64) as usize,
+        );
     }
     Ok(None)
 }
 
 /// The pointer to the clean node at (level, key) (zero if absent). Only
 /// meaningful for trees without dirty nodes on that path.
-pub fn node_ptr<D: BlockDevice>(store: &mut Store<D>, tree: &Tree, level: u8, key: u64) -> Result<Ptr> {
+pub fn node_ptr<D: BlockDevice>(
+    store: &mut Store<D>,
+    tree: &Tree,
+    level: u8,
+    key: u64,
+) -> Result<Ptr> {
     let mut ptr = tree.root;
     let mut l = tree.top();
     while l > level {
@@ -331,7 +375,15 @@ pub fn flush_tree<D: BlockDevice>(
             tree.root = ptr;
         } else {
             match tree.dirty.get_mut(&(level + 1, key / FANOUT as u64)) {
-                Some(pp) => slot_set(pp, (key % FANOUT as u64) as usize, Slot { pba, birth: gen, hash: 0 }),
+                Some(pp) => slot_set(
+                    pp,
+                    (key % FANOUT as u64) as usize,
+                    Slot {
+                        pba,
+                        birth: gen,
+                        hash: 0,
+                    },
+                ),
                 None => return Err(Error::Invalid("dirty node without dirty parent".into())),
             }
         }
@@ -401,7 +453,12 @@ pub struct FreeMap {
 
 impl FreeMap {
     pub fn new(total: u64) -> Self {
-        FreeMap { chunks: HashMap::new(), total, used: 0, cursor: 0 }
+        FreeMap {
+            chunks: HashMap::new(),
+            total,
+            used: 0,
+            cursor: 0,
+        }
     }
     pub fn test(&self, p: u64) -> bool {
         self.chunks
@@ -412,7 +469,10 @@ impl FreeMap {
         if p >= self.total {
             return;
         }
-        let c = self.chunks.entry(p / CHUNK_BITS).or_insert_with(|| vec![0u64; CHUNK_WORDS].into_boxed_slice());
+        let c = self
+            .chunks
+            .entry(p / CHUNK_BITS)
+            .or_insert_with(|| vec![0u64; CHUNK_WORDS].into_boxed_slice());
         let w = &mut c[((p % CHUNK_BITS) / 64) as usize];
         if *w & (1 << (p % 64)) == 0 {
             *w |= 1 << (p % 64);
@@ -469,7 +529,10 @@ impl FreeMap {
             scanned += next - p;
             p = if next >= self.total { 0 } else { next };
         }
-        Err(Error::NoSpace { needed: 1, free: self.free() })
+        Err(Error::NoSpace {
+            needed: 1,
+            free: self.free(),
+        })
     }
     /// Every allocated pba (tests).
     pub fn iter_set(&self) -> Vec<u64> {
@@ -496,11 +559,15 @@ mod tests {
     #[test]
     fn slot_round_trip() {
         let mut p = vec![0u8; PAYLOAD];
-        let s = Slot { pba: 1 << 40, birth: 77, hash: u64::MAX };
+        let s = Slot {
+            pba: 1 << 40,
+            birth: 77,
+            hash: u64::MAX,
+        };
         slot_set(&mut p, FANOUT - 1, s);
         assert_eq!(slot_get(&p, FANOUT - 1), s);
         assert_eq!(slot_get(&p, 0), Slot::default());
-        assert!(FANOUT * SLOT_LEN <= PAYLOAD);
+        const { assert!(FANOUT * SLOT_LEN <= PAYLOAD) };
     }
 
     #[test]

@@ -62,22 +62,41 @@ fn workload(seed: u64) -> Vec<Request> {
                     v += 1;
                     buf.block_mut(i).copy_from_slice(&block(v));
                 }
-                reqs.push(Request::Write { ns: ns(n), lba, data: buf, fua: rng.below(4) == 0, replica: false });
+                reqs.push(Request::Write {
+                    ns: ns(n),
+                    lba,
+                    data: buf,
+                    fua: rng.below(4) == 0,
+                    replica: false,
+                });
             }
             5 => {
                 let lba = rng.below(SIZE - 4);
-                reqs.push(Request::Trim { ns: ns(n), lba, len_blocks: 4, replica: false });
+                reqs.push(Request::Trim {
+                    ns: ns(n),
+                    lba,
+                    len_blocks: 4,
+                    replica: false,
+                });
             }
             6 => reqs.push(Request::Flush),
             7 | 8 => {
                 let name = format!("s{v}");
                 v += 1;
                 snaps.push(name.clone());
-                reqs.push(Request::CreateSnapshot { volume: "vol".into(), name, id: None, created_unix_ms: Some(1) });
+                reqs.push(Request::CreateSnapshot {
+                    volume: "vol".into(),
+                    name,
+                    id: None,
+                    created_unix_ms: Some(1),
+                });
             }
             _ => {
                 if let Some(s) = snaps.pop() {
-                    reqs.push(Request::DeleteSnapshot { volume: "vol".into(), name: s });
+                    reqs.push(Request::DeleteSnapshot {
+                        volume: "vol".into(),
+                        name: s,
+                    });
                 }
             }
         }
@@ -87,20 +106,46 @@ fn workload(seed: u64) -> Vec<Request> {
 
 fn clone_req(r: &Request) -> Request {
     match r {
-        Request::Write { ns, lba, data, fua, replica } => {
-            Request::Write { ns: ns.clone(), lba: *lba, data: data.clone(), fua: *fua, replica: *replica }
-        }
-        Request::Trim { ns, lba, len_blocks, replica } => {
-            Request::Trim { ns: ns.clone(), lba: *lba, len_blocks: *len_blocks, replica: *replica }
-        }
+        Request::Write {
+            ns,
+            lba,
+            data,
+            fua,
+            replica,
+        } => Request::Write {
+            ns: ns.clone(),
+            lba: *lba,
+            data: data.clone(),
+            fua: *fua,
+            replica: *replica,
+        },
+        Request::Trim {
+            ns,
+            lba,
+            len_blocks,
+            replica,
+        } => Request::Trim {
+            ns: ns.clone(),
+            lba: *lba,
+            len_blocks: *len_blocks,
+            replica: *replica,
+        },
         Request::Flush => Request::Flush,
-        Request::CreateSnapshot { volume, name, id, created_unix_ms } => Request::CreateSnapshot {
+        Request::CreateSnapshot {
+            volume,
+            name,
+            id,
+            created_unix_ms,
+        } => Request::CreateSnapshot {
             volume: volume.clone(),
             name: name.clone(),
             id: *id,
             created_unix_ms: *created_unix_ms,
         },
-        Request::DeleteSnapshot { volume, name } => Request::DeleteSnapshot { volume: volume.clone(), name: name.clone() },
+        Request::DeleteSnapshot { volume, name } => Request::DeleteSnapshot {
+            volume: volume.clone(),
+            name: name.clone(),
+        },
         _ => unreachable!(),
     }
 }
@@ -108,7 +153,9 @@ fn clone_req(r: &Request) -> Request {
 /// Apply a request to the model; true if its acknowledgement means durable.
 fn apply(st: &mut State, r: &Request) -> bool {
     match r {
-        Request::Write { ns, lba, data, fua, .. } => {
+        Request::Write {
+            ns, lba, data, fua, ..
+        } => {
             let i = ns.qtree.is_some() as usize;
             for b in 0..data.len_blocks() {
                 let v = u64::from_le_bytes(data.block(b)[..8].try_into().unwrap());
@@ -116,7 +163,12 @@ fn apply(st: &mut State, r: &Request) -> bool {
             }
             *fua
         }
-        Request::Trim { ns, lba, len_blocks, .. } => {
+        Request::Trim {
+            ns,
+            lba,
+            len_blocks,
+            ..
+        } => {
             let i = ns.qtree.is_some() as usize;
             for l in *lba..lba + len_blocks {
                 st.live[i].remove(&l);
@@ -140,14 +192,30 @@ fn setup() -> (Pool<SimDevice>, sluice_engine::device::sim::SimHandle) {
     let dev = SimDevice::new(1024);
     let h = dev.handle();
     let mut pool = Pool::format(dev, FormatOptions::default()).unwrap();
-    pool.execute(Request::CreateVolume { name: "vol".into(), size_bytes: SIZE * 4096 }).unwrap();
-    pool.execute(Request::CreateQtree { volume: "vol".into(), name: "q".into(), size_bytes: SIZE * 4096 }).unwrap();
+    pool.execute(Request::CreateVolume {
+        name: "vol".into(),
+        size_bytes: SIZE * 4096,
+    })
+    .unwrap();
+    pool.execute(Request::CreateQtree {
+        volume: "vol".into(),
+        name: "q".into(),
+        size_bytes: SIZE * 4096,
+    })
+    .unwrap();
     (pool, h)
 }
 
 fn read_img(pool: &mut Pool<SimDevice>, i: usize, snap: Option<String>) -> Img {
     let r = pool
-        .execute(Request::Read { image: Image { ns: ns(i), snapshot: snap }, lba: 0, len_blocks: SIZE as u32 })
+        .execute(Request::Read {
+            image: Image {
+                ns: ns(i),
+                snapshot: snap,
+            },
+            lba: 0,
+            len_blocks: SIZE as u32,
+        })
         .unwrap_or_else(|e| panic!("read after crash failed: {e}"));
     let Reply::Data(buf) = r else { panic!() };
     let mut m = Img::new();
@@ -168,7 +236,12 @@ fn crash_every_op_boundary() {
     let base: u64 = std::env::var("SLUICE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("SLUICE_SEED={base}");
     let mut images = 0u64;
     let mut w = 0u64;
@@ -214,25 +287,34 @@ fn crash_every_op_boundary() {
             for (mode, s) in modes {
                 let img = h.crash_image(mode, s);
                 images += 1;
-                let mut p = Pool::open(img).unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
-                p.check_invariants().unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
+                let mut p = Pool::open(img)
+                    .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
+                p.check_invariants()
+                    .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
                 let got = [read_img(&mut p, 0, None), read_img(&mut p, 1, None)];
                 // A crash mid-request may expose that request's CP.
                 let hi = (done + 1).min(reqs.len());
-                let Ok(Reply::Snapshots(list)) = p.execute(Request::ListSnapshots { volume: "vol".into() }) else {
+                let Ok(Reply::Snapshots(list)) = p.execute(Request::ListSnapshots {
+                    volume: "vol".into(),
+                }) else {
                     panic!("seed {seed} op {n}: list snapshots failed")
                 };
                 let mut names: Vec<String> = list.into_iter().map(|s| s.name).collect();
                 names.sort();
-                let ok = (durable_idx..=hi)
-                    .find(|&k| states[k].live == got && states[k].snaps.keys().cloned().collect::<Vec<_>>() == names);
+                let ok = (durable_idx..=hi).find(|&k| {
+                    states[k].live == got
+                        && states[k].snaps.keys().cloned().collect::<Vec<_>>() == names
+                });
                 let k = ok.unwrap_or_else(|| {
                     panic!("seed {seed} op {n} {mode:?}: live image and snapshot list match no state in {durable_idx}..={hi}")
                 });
                 for (name, imgs) in &states[k].snaps {
                     let s0 = read_img(&mut p, 0, Some(name.clone()));
                     let s1 = read_img(&mut p, 1, Some(name.clone()));
-                    assert!(s0 == imgs[0] && s1 == imgs[1], "seed {seed} op {n}: snapshot {name} changed");
+                    assert!(
+                        s0 == imgs[0] && s1 == imgs[1],
+                        "seed {seed} op {n}: snapshot {name} changed"
+                    );
                 }
             }
         }

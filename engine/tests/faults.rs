@@ -24,9 +24,16 @@ fn write(pool: &mut Pool<SimDevice>, lba: u64, v: u64) -> sluice_engine::Result<
     })
 }
 
-fn read(pool: &mut Pool<SimDevice>, lba: u64, snap: Option<&str>) -> sluice_engine::Result<Vec<u8>> {
+fn read(
+    pool: &mut Pool<SimDevice>,
+    lba: u64,
+    snap: Option<&str>,
+) -> sluice_engine::Result<Vec<u8>> {
     match pool.execute(Request::Read {
-        image: Image { ns: NsName::volume("vol"), snapshot: snap.map(|s| s.to_string()) },
+        image: Image {
+            ns: NsName::volume("vol"),
+            snapshot: snap.map(|s| s.to_string()),
+        },
         lba,
         len_blocks: 1,
     })? {
@@ -41,12 +48,21 @@ fn setup() -> (Pool<SimDevice>, SimHandle) {
     let dev = SimDevice::new(4096);
     let h = dev.handle();
     let mut pool = Pool::format(dev, FormatOptions::default()).unwrap();
-    pool.execute(Request::CreateVolume { name: "vol".into(), size_bytes: SIZE * 4096 }).unwrap();
+    pool.execute(Request::CreateVolume {
+        name: "vol".into(),
+        size_bytes: SIZE * 4096,
+    })
+    .unwrap();
     for l in 0..200 {
         write(&mut pool, l, l + 1000).unwrap();
     }
-    pool.execute(Request::CreateSnapshot { volume: "vol".into(), name: "base".into(), id: None, created_unix_ms: None })
-        .unwrap();
+    pool.execute(Request::CreateSnapshot {
+        volume: "vol".into(),
+        name: "base".into(),
+        id: None,
+        created_unix_ms: None,
+    })
+    .unwrap();
     (pool, h)
 }
 
@@ -55,13 +71,26 @@ fn workload(pool: &mut Pool<SimDevice>) -> sluice_engine::Result<()> {
     for l in 0..20 {
         write(pool, l * 7 % SIZE, l + 5000)?;
     }
-    pool.execute(Request::Trim { ns: NsName::volume("vol"), lba: 150, len_blocks: 10, replica: false })?;
+    pool.execute(Request::Trim {
+        ns: NsName::volume("vol"),
+        lba: 150,
+        len_blocks: 10,
+        replica: false,
+    })?;
     pool.execute(Request::Flush)?;
-    pool.execute(Request::CreateSnapshot { volume: "vol".into(), name: "s2".into(), id: None, created_unix_ms: None })?;
+    pool.execute(Request::CreateSnapshot {
+        volume: "vol".into(),
+        name: "s2".into(),
+        id: None,
+        created_unix_ms: None,
+    })?;
     for l in 0..10 {
         read(pool, l, Some("base"))?;
     }
-    pool.execute(Request::DeleteSnapshot { volume: "vol".into(), name: "base".into() })?;
+    pool.execute(Request::DeleteSnapshot {
+        volume: "vol".into(),
+        name: "base".into(),
+    })?;
     pool.execute(Request::Flush)?;
     Ok(())
 }
@@ -71,7 +100,7 @@ fn eio_at_every_point() {
     let mut cases = 0;
     for kind in 0..3 {
         for after in 0..60u64 {
-            let (mut pool, h) = setup();
+            let (pool, h) = setup();
             // Fresh cache so metadata reads reach the device too.
             let dev = pool.into_device();
             let mut pool = Pool::open(dev).unwrap();
@@ -89,8 +118,14 @@ fn eio_at_every_point() {
                 );
                 if kind > 0 {
                     // A failed write or flush poisons writes; reads still work.
-                    assert!(pool.poisoned().is_some(), "kind {kind} after {after}: not poisoned by {e}");
-                    assert!(matches!(write(&mut pool, 0, 1), Err(Error::Poisoned { .. })));
+                    assert!(
+                        pool.poisoned().is_some(),
+                        "kind {kind} after {after}: not poisoned by {e}"
+                    );
+                    assert!(matches!(
+                        write(&mut pool, 0, 1),
+                        Err(Error::Poisoned { .. })
+                    ));
                     h.clear_faults();
                     let got = read(&mut pool, 300, None).unwrap();
                     assert!(got.iter().all(|&b| b == 0));
@@ -98,8 +133,10 @@ fn eio_at_every_point() {
             }
             h.clear_faults();
             let dev = pool.into_device();
-            let mut pool = Pool::open(dev).unwrap_or_else(|e| panic!("kind {kind} after {after}: reopen failed: {e}"));
-            pool.check_invariants().unwrap_or_else(|e| panic!("kind {kind} after {after}: {e}"));
+            let mut pool = Pool::open(dev)
+                .unwrap_or_else(|e| panic!("kind {kind} after {after}: reopen failed: {e}"));
+            pool.check_invariants()
+                .unwrap_or_else(|e| panic!("kind {kind} after {after}: {e}"));
             // Durable snapshot content is intact when it still exists.
             if let Ok(b) = read(&mut pool, 42, Some("base")) {
                 assert_eq!(b, block(1042));
@@ -155,7 +192,9 @@ fn bit_flip_in_plane_blocks_and_catalog_fail_mount_clearly() {
             h.flip_bit(p, 8 * 40 + 1);
         }
         match reopened(pool) {
-            Err(Error::CorruptMetadata { pba, .. }) => assert!(blocks.contains(&pba), "kind {kind}: wrong pba {pba}"),
+            Err(Error::CorruptMetadata { pba, .. }) => {
+                assert!(blocks.contains(&pba), "kind {kind}: wrong pba {pba}")
+            }
             Err(e) => panic!("kind {kind}: unexpected error {e}"),
             Ok(_) => panic!("kind {kind}: corrupt metadata mounted"),
         }
@@ -167,7 +206,10 @@ fn bit_flip_in_superblocks() {
     let (pool, h) = setup();
     h.flip_bit(0, 100);
     h.flip_bit(1, 100);
-    assert!(matches!(reopened(pool), Err(Error::CorruptSuperblock { .. })));
+    assert!(matches!(
+        reopened(pool),
+        Err(Error::CorruptSuperblock { .. })
+    ));
     let dev = SimDevice::new(4096);
     assert!(matches!(Pool::open(dev), Err(Error::NotAPool)));
 }
@@ -193,19 +235,71 @@ fn bit_flip_in_data_block_is_a_checksum_error() {
 fn bad_input_is_refused_and_changes_nothing() {
     let (mut pool, _h) = setup();
     let bad = [
-        Request::CreateVolume { name: "".into(), size_bytes: 4096 },
-        Request::CreateVolume { name: "a/b".into(), size_bytes: 4096 },
-        Request::CreateVolume { name: "a@b".into(), size_bytes: 4096 },
-        Request::CreateVolume { name: "x".repeat(65), size_bytes: 4096 },
-        Request::CreateVolume { name: "ok".into(), size_bytes: 0 },
-        Request::CreateVolume { name: "ok".into(), size_bytes: 4095 },
-        Request::CreateVolume { name: "vol".into(), size_bytes: 4096 },
-        Request::CreateQtree { volume: "nope".into(), name: "q".into(), size_bytes: 4096 },
-        Request::Read { image: Image { ns: NsName::volume("vol"), snapshot: None }, lba: SIZE, len_blocks: 1 },
-        Request::Read { image: Image { ns: NsName::volume("vol"), snapshot: Some("zz".into()) }, lba: 0, len_blocks: 1 },
-        Request::Trim { ns: NsName::qtree("vol", "nq"), lba: 0, len_blocks: 1, replica: false },
-        Request::DeleteSnapshot { volume: "vol".into(), name: "zz".into() },
-        Request::CreateSnapshot { volume: "vol".into(), name: "base".into(), id: None, created_unix_ms: None },
+        Request::CreateVolume {
+            name: "".into(),
+            size_bytes: 4096,
+        },
+        Request::CreateVolume {
+            name: "a/b".into(),
+            size_bytes: 4096,
+        },
+        Request::CreateVolume {
+            name: "a@b".into(),
+            size_bytes: 4096,
+        },
+        Request::CreateVolume {
+            name: "x".repeat(65),
+            size_bytes: 4096,
+        },
+        Request::CreateVolume {
+            name: "ok".into(),
+            size_bytes: 0,
+        },
+        Request::CreateVolume {
+            name: "ok".into(),
+            size_bytes: 4095,
+        },
+        Request::CreateVolume {
+            name: "vol".into(),
+            size_bytes: 4096,
+        },
+        Request::CreateQtree {
+            volume: "nope".into(),
+            name: "q".into(),
+            size_bytes: 4096,
+        },
+        Request::Read {
+            image: Image {
+                ns: NsName::volume("vol"),
+                snapshot: None,
+            },
+            lba: SIZE,
+            len_blocks: 1,
+        },
+        Request::Read {
+            image: Image {
+                ns: NsName::volume("vol"),
+                snapshot: Some("zz".into()),
+            },
+            lba: 0,
+            len_blocks: 1,
+        },
+        Request::Trim {
+            ns: NsName::qtree("vol", "nq"),
+            lba: 0,
+            len_blocks: 1,
+            replica: false,
+        },
+        Request::DeleteSnapshot {
+            volume: "vol".into(),
+            name: "zz".into(),
+        },
+        Request::CreateSnapshot {
+            volume: "vol".into(),
+            name: "base".into(),
+            id: None,
+            created_unix_ms: None,
+        },
     ];
     for r in bad {
         let d = format!("{r:?}");
@@ -223,7 +317,11 @@ fn bad_input_is_refused_and_changes_nothing() {
 fn pool_full_is_no_space_and_consistent() {
     let dev = SimDevice::new(600);
     let mut pool = Pool::format(dev, FormatOptions::default()).unwrap();
-    pool.execute(Request::CreateVolume { name: "vol".into(), size_bytes: 2000 * 4096 }).unwrap();
+    pool.execute(Request::CreateVolume {
+        name: "vol".into(),
+        size_bytes: 2000 * 4096,
+    })
+    .unwrap();
     let mut written = 0;
     let mut hit = false;
     for l in 0..2000u64 {
@@ -245,7 +343,13 @@ fn pool_full_is_no_space_and_consistent() {
         assert_eq!(read(&mut pool, l, None).unwrap(), block(l + 1));
     }
     // Trimming frees space again.
-    pool.execute(Request::Trim { ns: NsName::volume("vol"), lba: 0, len_blocks: 100, replica: false }).unwrap();
+    pool.execute(Request::Trim {
+        ns: NsName::volume("vol"),
+        lba: 0,
+        len_blocks: 100,
+        replica: false,
+    })
+    .unwrap();
     pool.execute(Request::Flush).unwrap();
     write(&mut pool, 0, 77).unwrap();
     pool.check_invariants().unwrap();
@@ -254,8 +358,15 @@ fn pool_full_is_no_space_and_consistent() {
 #[test]
 fn read_only_volume_refuses_client_writes() {
     let (mut pool, _h) = setup();
-    pool.execute(Request::SetReadOnly { volume: "vol".into(), read_only: true }).unwrap();
-    assert!(matches!(write(&mut pool, 1, 1), Err(Error::ReadOnly { .. })));
+    pool.execute(Request::SetReadOnly {
+        volume: "vol".into(),
+        read_only: true,
+    })
+    .unwrap();
+    assert!(matches!(
+        write(&mut pool, 1, 1),
+        Err(Error::ReadOnly { .. })
+    ));
     pool.execute(Request::Write {
         ns: NsName::volume("vol"),
         lba: 1,

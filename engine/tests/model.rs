@@ -26,7 +26,12 @@ fn seed() -> u64 {
     let s = std::env::var("SLUICE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("SLUICE_SEED={s}");
     s | 1
 }
@@ -49,15 +54,33 @@ struct MVol {
 }
 
 fn ns_name(v: &MVol, i: usize) -> NsName {
-    NsName { volume: v.name.clone(), qtree: v.ns[i].0.clone() }
+    NsName {
+        volume: v.name.clone(),
+        qtree: v.ns[i].0.clone(),
+    }
 }
 
 fn check_read(pool: &mut Pool<SimDevice>, img: Image, model: &Img, size: u64) {
-    let r = pool.execute(Request::Read { image: img.clone(), lba: 0, len_blocks: size as u32 }).unwrap();
-    let Reply::Data(buf) = r else { panic!("not data") };
+    let r = pool
+        .execute(Request::Read {
+            image: img.clone(),
+            lba: 0,
+            len_blocks: size as u32,
+        })
+        .unwrap();
+    let Reply::Data(buf) = r else {
+        panic!("not data")
+    };
     for lba in 0..size {
-        let want = model.get(&lba).map(|&v| block(v)).unwrap_or_else(|| vec![0u8; 4096]);
-        assert!(buf.block(lba as usize) == &want[..], "image {img:?} lba {lba}: wrong content (model {:?})", model.get(&lba));
+        let want = model
+            .get(&lba)
+            .map(|&v| block(v))
+            .unwrap_or_else(|| vec![0u8; 4096]);
+        assert!(
+            buf.block(lba as usize) == &want[..],
+            "image {img:?} lba {lba}: wrong content (model {:?})",
+            model.get(&lba)
+        );
     }
 }
 
@@ -72,8 +95,17 @@ fn run_case(seed: u64, steps: usize) {
         if vols.is_empty() || (op < 3 && vols.len() < 3) {
             let name = format!("v{}", vols.len());
             let size = 1 + rng.below(400);
-            pool.execute(Request::CreateVolume { name: name.clone(), size_bytes: size * 4096 }).unwrap();
-            vols.push(MVol { name, ns: vec![(None, size)], live: vec![Img::new()], snaps: vec![] });
+            pool.execute(Request::CreateVolume {
+                name: name.clone(),
+                size_bytes: size * 4096,
+            })
+            .unwrap();
+            vols.push(MVol {
+                name,
+                ns: vec![(None, size)],
+                live: vec![Img::new()],
+                snaps: vec![],
+            });
             continue;
         }
         let vi = rng.below(vols.len() as u64) as usize;
@@ -84,8 +116,12 @@ fn run_case(seed: u64, steps: usize) {
             0..=4 if v.ns.len() < 3 => {
                 let q = format!("q{}", v.ns.len());
                 let size = 1 + rng.below(300);
-                pool.execute(Request::CreateQtree { volume: v.name.clone(), name: q.clone(), size_bytes: size * 4096 })
-                    .unwrap();
+                pool.execute(Request::CreateQtree {
+                    volume: v.name.clone(),
+                    name: q.clone(),
+                    size_bytes: size * 4096,
+                })
+                .unwrap();
                 v.ns.push((Some(q), size));
                 v.live.push(Img::new());
             }
@@ -99,7 +135,14 @@ fn run_case(seed: u64, steps: usize) {
                     v.live[ni].insert(lba + i, counter);
                 }
                 let fua = rng.below(10) == 0;
-                pool.execute(Request::Write { ns: ns_name(v, ni), lba, data: buf, fua, replica: false }).unwrap();
+                pool.execute(Request::Write {
+                    ns: ns_name(v, ni),
+                    lba,
+                    data: buf,
+                    fua,
+                    replica: false,
+                })
+                .unwrap();
             }
             50..=59 => {
                 let len = 1 + rng.below(size.min(40));
@@ -107,7 +150,13 @@ fn run_case(seed: u64, steps: usize) {
                 for l in lba..lba + len {
                     v.live[ni].remove(&l);
                 }
-                pool.execute(Request::Trim { ns: ns_name(v, ni), lba, len_blocks: len, replica: false }).unwrap();
+                pool.execute(Request::Trim {
+                    ns: ns_name(v, ni),
+                    lba,
+                    len_blocks: len,
+                    replica: false,
+                })
+                .unwrap();
             }
             60..=64 => {
                 pool.execute(Request::Flush).unwrap();
@@ -115,14 +164,23 @@ fn run_case(seed: u64, steps: usize) {
             65..=71 => {
                 counter += 1;
                 let name = format!("s{counter}");
-                pool.execute(Request::CreateSnapshot { volume: v.name.clone(), name: name.clone(), id: None, created_unix_ms: None })
-                    .unwrap();
+                pool.execute(Request::CreateSnapshot {
+                    volume: v.name.clone(),
+                    name: name.clone(),
+                    id: None,
+                    created_unix_ms: None,
+                })
+                .unwrap();
                 v.snaps.push((name, v.live.clone()));
             }
             72..=76 if !v.snaps.is_empty() => {
                 let si = rng.below(v.snaps.len() as u64) as usize;
                 let (name, _) = v.snaps.remove(si);
-                pool.execute(Request::DeleteSnapshot { volume: v.name.clone(), name }).unwrap();
+                pool.execute(Request::DeleteSnapshot {
+                    volume: v.name.clone(),
+                    name,
+                })
+                .unwrap();
             }
             77..=84 => {
                 let snap = if !v.snaps.is_empty() && rng.below(2) == 0 {
@@ -131,15 +189,29 @@ fn run_case(seed: u64, steps: usize) {
                     None
                 };
                 let (model, sname) = match snap {
-                    Some(si) if si < v.snaps.len() && ni < v.snaps[si].1.len() => (&v.snaps[si].1[ni], Some(v.snaps[si].0.clone())),
+                    Some(si) if si < v.snaps.len() && ni < v.snaps[si].1.len() => {
+                        (&v.snaps[si].1[ni], Some(v.snaps[si].0.clone()))
+                    }
                     _ => (&v.live[ni], None),
                 };
                 let model = model.clone();
-                check_read(&mut pool, Image { ns: ns_name(v, ni), snapshot: sname }, &model, size);
+                check_read(
+                    &mut pool,
+                    Image {
+                        ns: ns_name(v, ni),
+                        snapshot: sname,
+                    },
+                    &model,
+                    size,
+                );
             }
             85..=92 if !v.snaps.is_empty() => {
                 let ti = rng.below(v.snaps.len() as u64) as usize;
-                let bi = if rng.below(3) == 0 { None } else { Some(rng.below(ti as u64 + 1) as usize) };
+                let bi = if rng.below(3) == 0 {
+                    None
+                } else {
+                    Some(rng.below(ti as u64 + 1) as usize)
+                };
                 if ni >= v.snaps[ti].1.len() {
                     continue;
                 }
@@ -156,12 +228,19 @@ fn run_case(seed: u64, steps: usize) {
                         target: v.snaps[ti].0.clone(),
                     })
                     .unwrap();
-                let Reply::Diff(ext) = r else { panic!("not diff") };
+                let Reply::Diff(ext) = r else {
+                    panic!("not diff")
+                };
                 for e in ext {
                     for l in e.lba..e.lba + e.len_blocks {
                         match e.kind {
                             DiffKind::Data => {
-                                copy.insert(l, *target.get(&l).expect("diff says data where target has none"));
+                                copy.insert(
+                                    l,
+                                    *target
+                                        .get(&l)
+                                        .expect("diff says data where target has none"),
+                                );
                             }
                             DiffKind::Trim => {
                                 copy.remove(&l);
@@ -178,11 +257,17 @@ fn run_case(seed: u64, steps: usize) {
             }
             _ => {
                 // bad input: out of range must fail and change nothing
-                let e = pool.execute(Request::Trim { ns: ns_name(v, ni), lba: size, len_blocks: 1, replica: false });
+                let e = pool.execute(Request::Trim {
+                    ns: ns_name(v, ni),
+                    lba: size,
+                    len_blocks: 1,
+                    replica: false,
+                });
                 assert!(matches!(e, Err(Error::OutOfRange { .. })));
             }
         }
-        pool.check_invariants().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        pool.check_invariants()
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
     pool.execute(Request::Flush).unwrap();
     let dev = pool.into_device();
@@ -190,10 +275,26 @@ fn run_case(seed: u64, steps: usize) {
     pool.check_invariants().unwrap();
     for v in &vols {
         for ni in 0..v.ns.len() {
-            check_read(&mut pool, Image { ns: ns_name(v, ni), snapshot: None }, &v.live[ni], v.ns[ni].1);
+            check_read(
+                &mut pool,
+                Image {
+                    ns: ns_name(v, ni),
+                    snapshot: None,
+                },
+                &v.live[ni],
+                v.ns[ni].1,
+            );
             for (sn, imgs) in &v.snaps {
                 if ni < imgs.len() {
-                    check_read(&mut pool, Image { ns: ns_name(v, ni), snapshot: Some(sn.clone()) }, &imgs[ni], v.ns[ni].1);
+                    check_read(
+                        &mut pool,
+                        Image {
+                            ns: ns_name(v, ni),
+                            snapshot: Some(sn.clone()),
+                        },
+                        &imgs[ni],
+                        v.ns[ni].1,
+                    );
                 }
             }
         }
@@ -203,7 +304,10 @@ fn run_case(seed: u64, steps: usize) {
 #[test]
 fn model_random_workloads() {
     let s = seed();
-    let cases: u64 = std::env::var("SLUICE_MODEL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
+    let cases: u64 = std::env::var("SLUICE_MODEL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1500);
     for c in 0..cases {
         run_case(s.wrapping_add(c.wrapping_mul(0x9E37_79B9)), 60);
     }
