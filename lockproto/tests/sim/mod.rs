@@ -332,7 +332,7 @@ impl Sim {
         let newer = self
             .delivered
             .get(&(to, from))
-            .map_or(true, |(g, _)| generation > *g);
+            .is_none_or(|(g, _)| generation > *g);
         if !rejected && newer {
             self.delivered.insert((to, from), (generation, snaps));
         }
