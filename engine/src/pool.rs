@@ -1630,3 +1630,195 @@ impl<D: BlockDevice + 'static> crate::shard::Executor for Pool<D> {
         Pool::checkpoint(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::sim::SimDevice;
+
+    fn pool() -> Pool<SimDevice> {
+        let mut p = Pool::format(SimDevice::new(8192), FormatOptions::default()).unwrap();
+        p.execute(Request::CreateVolume {
+            name: "v".into(),
+            size_bytes: 1000 * 4096,
+        })
+        .unwrap();
+        p
+    }
+
+    fn write(p: &mut Pool<SimDevice>, lba: u64, n: usize, v: u8) {
+        let mut b = AlignedBuf::zeroed(n);
+        b.as_mut_slice().fill(v);
+        p.execute(Request::Write {
+            ns: NsName::volume("v"),
+            lba,
+            data: b,
+            fua: false,
+            replica: false,
+        })
+        .unwrap();
+    }
+
+    fn snap(p: &mut Pool<SimDevice>, name: &str) -> SnapshotInfo {
+        match p
+            .execute(Request::CreateSnapshot {
+                volume: "v".into(),
+                name: name.into(),
+                id: None,
+                created_unix_ms: None,
+            })
+            .unwrap()
+        {
+            Reply::Snapshot(s) => s,
+            _ => panic!(),
+        }
+    }
+
+    fn snaps(p: &mut Pool<SimDevice>) -> Vec<SnapshotInfo> {
+        match p
+            .execute(Request::ListSnapshots { volume: "v".into() })
+            .unwrap()
+        {
+            Reply::Snapshots(s) => s,
+            _ => panic!(),
+        }
+    }
+
+    fn space(p: &mut Pool<SimDevice>) -> SpaceInfo {
+        match p.execute(Request::Space).unwrap() {
+            Reply::Space(s) => s,
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn overwrite_after_snapshot_keeps_old_blocks_held() {
+        let mut p = pool();
+        write(&mut p, 0, 10, 1);
+        snap(&mut p, "a");
+        let used_before = space(&mut p).used_blocks;
+        write(&mut p, 0, 10, 2);
+        p.checkpoint().unwrap();
+        // The old 10 data blocks stay held by `a`; new data + new map path.
+        assert!(space(&mut p).used_blocks >= used_before + 10);
+        p.check_invariants().unwrap();
+        let s = &snaps(&mut p)[0];
+        // `a` alone holds its 10 data blocks and its map path.
+        assert!(s.unique_blocks >= 10, "unique {}", s.unique_blocks);
+    }
+
+    #[test]
+    fn delete_frees_exactly_unique_blocks() {
+        let mut p = pool();
+        write(&mut p, 0, 20, 1);
+        snap(&mut p, "a");
+        write(&mut p, 0, 5, 2);
+        snap(&mut p, "b");
+        write(&mut p, 5, 5, 3);
+        p.checkpoint().unwrap();
+        for name in ["a", "b"] {
+            let list = snaps(&mut p);
+            let s = list.iter().find(|s| s.name == name).unwrap();
+            let unique = s.unique_blocks;
+            let before = space(&mut p);
+            p.execute(Request::DeleteSnapshot {
+                volume: "v".into(),
+                name: name.into(),
+            })
+            .unwrap();
+            p.check_invariants().unwrap();
+            let after = space(&mut p);
+            // The delete's own CP rewrites the catalog (1 block either way).
+            assert_eq!(
+                before.used_blocks - after.used_blocks,
+                unique,
+                "snapshot {name}"
+            );
+        }
+        // With no snapshots left, only the live image remains.
+        let v = match p.execute(Request::ListVolumes).unwrap() {
+            Reply::Volumes(v) => v,
+            _ => panic!(),
+        };
+        assert_eq!(v[0].snapshot_count, 0);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn middle_snapshot_delete_keeps_neighbours_intact() {
+        let mut p = pool();
+        write(&mut p, 0, 3, 1);
+        snap(&mut p, "a");
+        write(&mut p, 1, 1, 2);
+        snap(&mut p, "b");
+        write(&mut p, 2, 1, 3);
+        snap(&mut p, "c");
+        p.execute(Request::DeleteSnapshot {
+            volume: "v".into(),
+            name: "b".into(),
+        })
+        .unwrap();
+        p.check_invariants().unwrap();
+        for (name, want) in [("a", [1u8, 1, 1]), ("c", [1, 2, 3])] {
+            let r = p
+                .execute(Request::Read {
+                    image: Image {
+                        ns: NsName::volume("v"),
+                        snapshot: Some(name.into()),
+                    },
+                    lba: 0,
+                    len_blocks: 3,
+                })
+                .unwrap();
+            let Reply::Data(b) = r else { panic!() };
+            for (i, w) in want.iter().enumerate() {
+                assert_eq!(b.block(i)[0], *w, "{name} lba {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn digests_match_for_equal_content() {
+        let mut a = pool();
+        let mut b = pool();
+        write(&mut a, 0, 4, 9);
+        write(&mut a, 0, 4, 7);
+        write(&mut b, 0, 4, 7);
+        write(&mut b, 100, 1, 1);
+        b.execute(Request::Trim {
+            ns: NsName::volume("v"),
+            lba: 100,
+            len_blocks: 1,
+            replica: false,
+        })
+        .unwrap();
+        assert_eq!(snap(&mut a, "s").digests, snap(&mut b, "s").digests);
+    }
+
+    #[test]
+    fn snapshot_limit_and_attrs_persist() {
+        let mut p = pool();
+        p.execute(Request::SetAttr {
+            key: "k".into(),
+            value: Some(vec![1; 10_000]),
+        })
+        .unwrap();
+        for i in 0..SNAPSHOTS_MAX {
+            snap(&mut p, &format!("s{i}"));
+        }
+        let e = p.execute(Request::CreateSnapshot {
+            volume: "v".into(),
+            name: "x".into(),
+            id: None,
+            created_unix_ms: None,
+        });
+        assert!(matches!(e, Err(Error::TooManySnapshots { .. })));
+        let mut p = Pool::open(p.into_device()).unwrap();
+        assert_eq!(snaps(&mut p).len(), SNAPSHOTS_MAX);
+        match p.execute(Request::GetAttr { key: "k".into() }).unwrap() {
+            Reply::Attr(Some(v)) => assert_eq!(v, vec![1; 10_000]),
+            _ => panic!("attr lost"),
+        }
+        p.check_invariants().unwrap();
+    }
+}
