@@ -929,8 +929,27 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     /// Run many requests; results in input order, as if one after another.
+    ///
+    /// Consecutive non-FUA writes are validated and allocated one by one,
+    /// their data goes to the device as one batch, then they are applied
+    /// in order; every other request runs alone.
     pub fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
-        reqs.into_iter().map(|r| self.execute(r)).collect()
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut run: Vec<Request> = Vec::new();
+        for r in reqs {
+            if matches!(r, Request::Write { fua: false, .. }) {
+                run.push(r);
+                continue;
+            }
+            if !run.is_empty() {
+                out.extend(self.write_run(std::mem::take(&mut run)));
+            }
+            out.push(self.execute(r));
+        }
+        if !run.is_empty() {
+            out.extend(self.write_run(run));
+        }
+        out
     }
 
     pub fn execute(&mut self, req: Request) -> Result<Reply> {
@@ -1330,6 +1349,30 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     fn write(&mut self, ns: &NsName, lba: u64, data: &AlignedBuf, replica: bool) -> Result<()> {
+        let (vi, ni, pbas) = self.write_prepare(ns, lba, data, replica, 0)?;
+        let writes: Vec<(u64, Vec<u8>)> = pbas
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (p, data.block(i).to_vec()))
+            .collect();
+        self.write_data(writes, &pbas)?;
+        self.write_apply(vi, ni, lba, data, &pbas)
+    }
+
+    /// Blocks one written block may need by the next CP (its map path and
+    /// plane paths), besides itself.
+    const PER_BLOCK: u64 = 1 + MAP_DEPTH as u64 * (1 + PLANE_DEPTH as u64) + PLANE_DEPTH as u64;
+
+    /// Validate a write and allocate its data blocks. `pending_blocks`:
+    /// blocks of earlier writes in the same batch not applied yet.
+    fn write_prepare(
+        &mut self,
+        ns: &NsName,
+        lba: u64,
+        data: &AlignedBuf,
+        replica: bool,
+        pending_blocks: u64,
+    ) -> Result<(usize, usize, Vec<u64>)> {
         self.check_writable()?;
         let (vi, ni) = self.ns_idx(ns)?;
         if self.vols[vi].ro && !replica {
@@ -1345,27 +1388,49 @@ impl<D: BlockDevice> Pool<D> {
         }
         let n = data.len_blocks() as u64;
         self.check_range(vi, ni, ns, lba, n)?;
-        let per_block = 1 + MAP_DEPTH as u64 * (1 + PLANE_DEPTH as u64) + PLANE_DEPTH as u64;
         // Writes leave TRIM_HEADROOM free so that a full pool can still
         // trim (and delete snapshots) to make room.
-        self.ensure_space(n * per_block + TRIM_HEADROOM)?;
+        self.ensure_space((n + pending_blocks) * Self::PER_BLOCK + TRIM_HEADROOM)?;
         let mut pbas = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            pbas.push(self.fm.alloc()?);
+            match self.fm.alloc() {
+                Ok(p) => pbas.push(p),
+                Err(e) => {
+                    for &p in &pbas {
+                        self.fm.clear(p);
+                    }
+                    return Err(e);
+                }
+            }
         }
-        let writes: Vec<(u64, Vec<u8>)> = pbas
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| (p, data.block(i).to_vec()))
-            .collect();
+        Ok((vi, ni, pbas))
+    }
+
+    /// Write data blocks to their fresh pbas in one batch; on failure the
+    /// pbas are unallocated again (nothing references them) and the pool
+    /// is poisoned.
+    fn write_data(&mut self, writes: Vec<(u64, Vec<u8>)>, pbas: &[u64]) -> Result<()> {
+        let n = writes.len() as u64;
         if let Err(e) = self.store.write_raw(writes, false) {
-            for &p in &pbas {
+            for &p in pbas {
                 self.fm.clear(p);
             }
             self.poison(&e);
             return Err(e);
         }
         self.store.stats.data_blocks_written += n;
+        Ok(())
+    }
+
+    /// Point the map at data blocks already written.
+    fn write_apply(
+        &mut self,
+        vi: usize,
+        ni: usize,
+        lba: u64,
+        data: &AlignedBuf,
+        pbas: &[u64],
+    ) -> Result<()> {
         let birth = self.gen + 1;
         for (i, &p) in pbas.iter().enumerate() {
             let hash = xxhash_rust::xxh3::xxh3_64(data.block(i));
@@ -1384,6 +1449,70 @@ impl<D: BlockDevice> Pool<D> {
             }
         }
         Ok(())
+    }
+
+    /// A run of non-FUA writes from one batch: validate and allocate each,
+    /// write all their data in one device batch, then apply them in order.
+    fn write_run(&mut self, run: Vec<Request>) -> Vec<Result<Reply>> {
+        let mut prepared: Vec<Result<(usize, usize, u64, AlignedBuf, Vec<u64>)>> = Vec::new();
+        let mut pending_blocks = 0u64;
+        for r in run {
+            if let Request::Write {
+                ns,
+                lba,
+                data,
+                replica,
+                ..
+            } = r
+            {
+                match self.write_prepare(&ns, lba, &data, replica, pending_blocks) {
+                    Ok((vi, ni, pbas)) => {
+                        pending_blocks += pbas.len() as u64;
+                        prepared.push(Ok((vi, ni, lba, data, pbas)));
+                    }
+                    Err(e) => prepared.push(Err(e)),
+                }
+            } else {
+                prepared.push(Err(Error::Invalid("not a write".into())));
+            }
+        }
+        let mut writes = Vec::new();
+        let mut all = Vec::new();
+        for (_, _, _, data, pbas) in prepared.iter().flatten() {
+            for (i, &p) in pbas.iter().enumerate() {
+                writes.push((p, data.block(i).to_vec()));
+                all.push(p);
+            }
+        }
+        if let Err(e) = self.write_data(writes, &all) {
+            let reason = e.to_string();
+            return prepared
+                .into_iter()
+                .map(|p| match p {
+                    Ok(_) => Err(Error::Poisoned {
+                        reason: reason.clone(),
+                    }),
+                    Err(e) => Err(e),
+                })
+                .collect();
+        }
+        let mut out = Vec::new();
+        for p in prepared {
+            out.push(match p {
+                Ok((vi, ni, lba, data, pbas)) => self
+                    .write_apply(vi, ni, lba, &data, &pbas)
+                    .map(|_| Reply::Done),
+                Err(e) => Err(e),
+            });
+        }
+        if self.poisoned.is_none()
+            && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > DIRTY_BOUND)
+        {
+            if let Err(e) = self.cp(None) {
+                tracing::error!(error = %e, "checkpoint after a write batch failed");
+            }
+        }
+        out
     }
 
     fn trim(&mut self, ns: &NsName, lba: u64, len: u64, replica: bool) -> Result<()> {

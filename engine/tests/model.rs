@@ -126,23 +126,47 @@ fn run_case(seed: u64, steps: usize) {
                 v.live.push(Img::new());
             }
             5..=49 => {
-                let len = 1 + rng.below(4.min(size));
-                let lba = rng.below(size - len + 1);
-                let mut buf = AlignedBuf::zeroed(len as usize);
-                for i in 0..len {
-                    counter += 1;
-                    buf.block_mut(i as usize).copy_from_slice(&block(counter));
-                    v.live[ni].insert(lba + i, counter);
+                // One write, or a batch of up to 4 (some possibly to other
+                // namespaces or out of range), executed as one batch.
+                let k = if rng.below(3) == 0 {
+                    1 + rng.below(4)
+                } else {
+                    1
+                };
+                let mut reqs = Vec::new();
+                let mut expect_ok = Vec::new();
+                for _ in 0..k {
+                    let ni = rng.below(v.ns.len() as u64) as usize;
+                    let size = v.ns[ni].1;
+                    let len = 1 + rng.below(4.min(size));
+                    let bad = k > 1 && rng.below(8) == 0;
+                    let lba = if bad { size } else { rng.below(size - len + 1) };
+                    let mut buf = AlignedBuf::zeroed(len as usize);
+                    for i in 0..len {
+                        counter += 1;
+                        buf.block_mut(i as usize).copy_from_slice(&block(counter));
+                        if !bad {
+                            v.live[ni].insert(lba + i, counter);
+                        }
+                    }
+                    let fua = rng.below(10) == 0;
+                    reqs.push(Request::Write {
+                        ns: ns_name(v, ni),
+                        lba,
+                        data: buf,
+                        fua,
+                        replica: false,
+                    });
+                    expect_ok.push(!bad);
                 }
-                let fua = rng.below(10) == 0;
-                pool.execute(Request::Write {
-                    ns: ns_name(v, ni),
-                    lba,
-                    data: buf,
-                    fua,
-                    replica: false,
-                })
-                .unwrap();
+                let res = if k == 1 {
+                    vec![pool.execute(reqs.pop().unwrap())]
+                } else {
+                    pool.execute_batch(reqs)
+                };
+                for (r, ok) in res.iter().zip(expect_ok) {
+                    assert_eq!(r.is_ok(), ok, "seed {seed}: batch result {r:?}");
+                }
             }
             50..=59 => {
                 let len = 1 + rng.below(size.min(40));
