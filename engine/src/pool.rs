@@ -76,6 +76,9 @@ struct Vol {
     snaps: Vec<Snap>,
 }
 
+/// A validated write of a batch: (volume, namespace, lba, data, pbas).
+type PreparedWrite = (usize, usize, u64, AlignedBuf, Vec<u64>);
+
 pub struct Pool<D: BlockDevice> {
     store: Store<D>,
     fm: FreeMap,
@@ -1454,7 +1457,7 @@ impl<D: BlockDevice> Pool<D> {
     /// A run of non-FUA writes from one batch: validate and allocate each,
     /// write all their data in one device batch, then apply them in order.
     fn write_run(&mut self, run: Vec<Request>) -> Vec<Result<Reply>> {
-        let mut prepared: Vec<Result<(usize, usize, u64, AlignedBuf, Vec<u64>)>> = Vec::new();
+        let mut prepared: Vec<Result<PreparedWrite>> = Vec::new();
         let mut pending_blocks = 0u64;
         for r in run {
             if let Request::Write {
