@@ -595,27 +595,42 @@ pub fn error_frame(req_id: u64, err: &LockError) -> Result<Vec<u8>> {
     )
 }
 
-/// HMAC-SHA256(secret, peer_nonce || challenger_id || responder_id): the
-/// `auth` a responder puts in its Hello. The secret never crosses the wire.
+/// HMAC-SHA256(secret, peer_nonce || len || challenger_id || len ||
+/// responder_id) (lengths u32 LE): the `auth` a responder puts in its Hello.
+/// The secret never crosses the wire.
 pub fn auth_response(
     secret: &[u8],
     peer_nonce: &[u8; NONCE_LEN],
     challenger_id: &str,
     responder_id: &str,
-) -> [u8; 32] {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable_hmac());
-    mac.update(peer_nonce);
-    mac.update(&(challenger_id.len() as u32).to_le_bytes());
-    mac.update(challenger_id.as_bytes());
-    mac.update(&(responder_id.len() as u32).to_le_bytes());
-    mac.update(responder_id.as_bytes());
-    mac.finalize().into_bytes().into()
+) -> Result<[u8; 32]> {
+    Ok(auth_mac(secret, peer_nonce, challenger_id, responder_id)?
+        .finalize()
+        .into_bytes()
+        .into())
 }
 
-// HMAC accepts keys of any length; this is never reached.
-fn unreachable_hmac() -> Hmac<Sha256> {
-    unreachable!("HMAC-SHA256 accepts any key length")
+fn auth_mac(
+    secret: &[u8],
+    nonce: &[u8; NONCE_LEN],
+    challenger_id: &str,
+    responder_id: &str,
+) -> Result<Hmac<Sha256>> {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).map_err(|e| LockError::BadField {
+            field: "auth.secret",
+            detail: e.to_string(),
+        })?;
+    mac.update(nonce);
+    for id in [challenger_id, responder_id] {
+        let len = u32::try_from(id.len()).map_err(|_| LockError::BadField {
+            field: "hello.node_id",
+            detail: "longer than 4 GiB".into(),
+        })?;
+        mac.update(&len.to_le_bytes());
+        mac.update(id.as_bytes());
+    }
+    Ok(mac)
 }
 
 /// Check a peer's `auth` against the nonce we sent (constant time).
@@ -626,16 +641,9 @@ pub fn verify_auth(
     peer_id: &str,
     auth: &[u8; 32],
 ) -> Result<()> {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).map_err(|_| LockError::AuthFailed {
+    auth_mac(secret, our_nonce, our_id, peer_id)?
+        .verify_slice(auth)
+        .map_err(|_| LockError::AuthFailed {
             peer: peer_id.to_string(),
-        })?;
-    mac.update(our_nonce);
-    mac.update(&(our_id.len() as u32).to_le_bytes());
-    mac.update(our_id.as_bytes());
-    mac.update(&(peer_id.len() as u32).to_le_bytes());
-    mac.update(peer_id.as_bytes());
-    mac.verify_slice(auth).map_err(|_| LockError::AuthFailed {
-        peer: peer_id.to_string(),
-    })
+        })
 }

@@ -293,7 +293,7 @@ fn lengths_are_refused_before_allocation() {
 fn hmac_challenge_response() {
     let secret = b"shared secret";
     let nonce = [7u8; wire::NONCE_LEN];
-    let r = wire::auth_response(secret, &nonce, "A", "B");
+    let r = wire::auth_response(secret, &nonce, "A", "B").expect("hmac");
     wire::verify_auth(secret, &nonce, "A", "B", &r).expect("good response");
     assert!(wire::verify_auth(b"wrong", &nonce, "A", "B", &r).is_err());
     assert!(
