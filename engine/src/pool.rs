@@ -25,6 +25,10 @@ pub use crate::tree::PoolStats;
 
 /// Smallest device a pool can live on, in blocks.
 pub const MIN_BLOCKS: u64 = 256;
+/// Largest pool, in blocks: the reach of a plane tree.
+pub const MAX_BLOCKS: u64 = LEAF_BITS * 168 * 168 * 168;
+/// Longest single read, in blocks (64 MiB).
+pub const READ_BLOCKS_MAX: u64 = 16384;
 /// Snapshots per volume.
 pub const SNAPSHOTS_MAX: usize = 255;
 /// Largest namespace, in blocks (the map tree's reach).
@@ -415,6 +419,11 @@ impl<D: BlockDevice> Pool<D> {
                 blocks,
                 min: MIN_BLOCKS,
             });
+        }
+        if blocks > MAX_BLOCKS {
+            return Err(Error::Invalid(format!(
+                "device has {blocks} blocks; a pool holds at most {MAX_BLOCKS} (the bit-plane reach)"
+            )));
         }
         if opts.volumes_max == 0 {
             return Err(Error::Invalid("volumes_max must be at least 1".into()));
@@ -1237,6 +1246,11 @@ impl<D: BlockDevice> Pool<D> {
     fn read(&mut self, image: &Image, lba: u64, len: u64) -> Result<AlignedBuf> {
         let (vi, ni) = self.ns_idx(&image.ns)?;
         self.check_range(vi, ni, &image.ns, lba, len)?;
+        if len > READ_BLOCKS_MAX {
+            return Err(Error::Invalid(format!(
+                "read of {len} blocks; at most {READ_BLOCKS_MAX} per request"
+            )));
+        }
         let tree = if image.snapshot.is_none() {
             // Borrow-free: the live tree may be large in dirty nodes; walk it in place.
             None
