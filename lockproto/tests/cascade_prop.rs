@@ -16,7 +16,7 @@ const STEPS: usize = 60;
 fn cascade_never_deletes_a_delivered_base_and_leases_release() {
     let seed = run_seed("cascade_prop");
     let mut meta = SmallRng::seed_from_u64(seed);
-    let (mut transfers, mut deletes, mut faulty) = (0, 0, 0);
+    let (mut transfers, mut deletes, mut faulty, mut relayed) = (0, 0, 0, 0);
     for sc in 0..SCENARIOS {
         let s: u64 = meta.gen();
         let with_faults = sc % 2 == 1;
@@ -54,11 +54,16 @@ fn cascade_never_deletes_a_delivered_base_and_leases_release() {
         );
         transfers += sim.out.transfers;
         deletes += sim.out.deletes;
+        relayed += sim.out.relayed_refusals;
     }
-    eprintln!("cascade_prop: {SCENARIOS} scenarios ({faulty} with faults), {transfers} transfers, {deletes} deletes");
+    eprintln!("cascade_prop: {SCENARIOS} scenarios ({faulty} with faults), {transfers} transfers, {deletes} deletes, {relayed} deletes refused by relayed locks");
     assert!(
         transfers > SCENARIOS && deletes > SCENARIOS,
         "the simulation must exercise transfers and rotation"
+    );
+    assert!(
+        relayed > 0,
+        "relayed (multi-hop) locks must protect snapshots somewhere"
     );
 }
 

@@ -52,6 +52,8 @@ pub struct Outcome {
     pub leaked: Vec<String>,
     pub transfers: usize,
     pub deletes: usize,
+    /// Deletes refused because of a lock relayed over two or more hops.
+    pub relayed_refusals: usize,
 }
 
 pub struct Sim {
@@ -267,19 +269,15 @@ impl Sim {
             .filter(|s| *s != newest)
             .collect();
         for s in cands {
-            // What delivered sets say must survive here.
+            // What delivered sets say must survive here: any snapshot named
+            // by the newest set accepted from a downstream (its own base,
+            // its shared snapshots, or locks relayed from further down the
+            // cascade), unless that set was released (reported).
             let needed: Vec<usize> = self
-                .edges
+                .delivered
                 .iter()
-                .filter(|(u, d)| {
-                    *u == i
-                        && self.base(*u, *d) == Some(s)
-                        && self
-                            .delivered
-                            .get(&(i, *d))
-                            .is_some_and(|(_, l)| l.contains(&s))
-                })
-                .map(|(_, d)| *d)
+                .filter(|((to, _), (_, l))| *to == i && l.contains(&s))
+                .map(|((_, from), _)| *from)
                 .collect();
             let acts = self.apply(
                 i,
@@ -288,10 +286,13 @@ impl Sim {
                     force: false,
                 },
             );
+            if acts.iter().any(|a| matches!(a, Action::DeleteRefused { holders, .. } if holders.iter().any(|h| h.hop_path.len() >= 2))) {
+                self.out.relayed_refusals += 1;
+            }
             if acts.iter().any(|a| matches!(a, Action::Deleted { .. })) {
                 for d in needed {
                     self.out.violations.push(format!(
-                        "{} deleted {s}, base of {} named in a delivered set",
+                        "{} deleted {s}, named in the set delivered from {}",
                         self.names[i], self.names[d]
                     ));
                 }
