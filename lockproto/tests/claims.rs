@@ -627,3 +627,33 @@ fn propagation_off_sends_empty_sets() {
         "own base still protected locally"
     );
 }
+
+#[test]
+fn protection_changes_are_reported_and_removed_downstream_releases() {
+    let mut b = middle();
+    let acts = b.handle(
+        3,
+        Event::DownstreamShared {
+            downstream: "C".into(),
+            shared: vec![sid(1)],
+        },
+    );
+    assert!(acts.iter().any(|a| matches!(a, Action::Protected { snapshot, holders } if *snapshot == sid(1) && holders.iter().any(|h| h.origin_node == "C"))));
+    let acts = b.handle(
+        4,
+        Event::DownstreamRemoved {
+            downstream: "C".into(),
+        },
+    );
+    assert!(acts.contains(&Action::Released {
+        downstream: "C".into(),
+        reason: ReleaseReason::RelationshipRemoved
+    }));
+    assert!(acts.contains(&Action::Unprotected { snapshot: sid(1) }));
+    assert!(
+        b.preview_delete(&[sid(1), sid(2)])
+            .iter()
+            .all(|(s, _)| *s == sid(2)),
+        "preview: only B's own base is held"
+    );
+}
