@@ -296,6 +296,36 @@ pub fn get_leaf<D: BlockDevice>(
     Ok(None)
 }
 
+/// Like [`get_leaf`], but when the leaf is absent returns `Err(next)`: the
+/// first leaf key after the whole absent subtree (so sparse ranges are
+/// skipped a subtree at a time).
+pub fn leaf_or_gap<D: BlockDevice>(
+    store: &mut Store<D>,
+    tree: &Tree,
+    leaf_key: u64,
+) -> Result<std::result::Result<Arc<Vec<u8>>, u64>> {
+    let mut ptr = tree.root;
+    for level in (0..=tree.top()).rev() {
+        let key = leaf_key / pow_fanout(level);
+        let payload = if let Some(d) = tree.dirty.get(&(level, key)) {
+            store.stats.metadata_blocks_visited += 1;
+            Arc::new(d.clone())
+        } else if ptr.pba == 0 {
+            return Ok(Err((key + 1).saturating_mul(pow_fanout(level))));
+        } else {
+            store.load(ptr, tree.kind(level), level)?
+        };
+        if level == 0 {
+            return Ok(Ok(payload));
+        }
+        ptr = slot_ptr(
+            &payload,
+            ((leaf_key / pow_fanout(level - 1)) % FANOUT as u64) as usize,
+        );
+    }
+    Ok(Err(leaf_key + 1))
+}
+
 /// The pointer to the clean node at (level, key) (zero if absent). Only
 /// meaningful for trees without dirty nodes on that path.
 pub fn node_ptr<D: BlockDevice>(
