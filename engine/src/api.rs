@@ -23,10 +23,16 @@ pub struct NsName {
 
 impl NsName {
     pub fn volume(volume: &str) -> Self {
-        NsName { volume: volume.to_string(), qtree: None }
+        NsName {
+            volume: volume.to_string(),
+            qtree: None,
+        }
     }
     pub fn qtree(volume: &str, qtree: &str) -> Self {
-        NsName { volume: volume.to_string(), qtree: Some(qtree.to_string()) }
+        NsName {
+            volume: volume.to_string(),
+            qtree: Some(qtree.to_string()),
+        }
     }
 }
 
@@ -111,31 +117,75 @@ pub struct DiffExtent {
 /// Every operation the engine offers, as a message.
 #[derive(Debug)]
 pub enum Request {
-    CreateVolume { name: String, size_bytes: u64 },
-    CreateQtree { volume: String, name: String, size_bytes: u64 },
+    CreateVolume {
+        name: String,
+        size_bytes: u64,
+    },
+    CreateQtree {
+        volume: String,
+        name: String,
+        size_bytes: u64,
+    },
     ListVolumes,
-    SetReadOnly { volume: String, read_only: bool },
+    SetReadOnly {
+        volume: String,
+        read_only: bool,
+    },
     /// Read `len_blocks` from an image (live or snapshot).
-    Read { image: Image, lba: u64, len_blocks: u32 },
+    Read {
+        image: Image,
+        lba: u64,
+        len_blocks: u32,
+    },
     /// Write whole blocks; `fua`: durable when acknowledged; `replica`: the
     /// replicator writing a read-only mirror destination.
-    Write { ns: NsName, lba: u64, data: AlignedBuf, fua: bool, replica: bool },
+    Write {
+        ns: NsName,
+        lba: u64,
+        data: AlignedBuf,
+        fua: bool,
+        replica: bool,
+    },
     /// Unmap blocks; they read as zeroes afterwards.
-    Trim { ns: NsName, lba: u64, len_blocks: u64, replica: bool },
+    Trim {
+        ns: NsName,
+        lba: u64,
+        len_blocks: u64,
+        replica: bool,
+    },
     /// Make every acknowledged write durable (a consistency point).
     Flush,
     /// Take a snapshot of every namespace of the volume at a new consistency
     /// point. `id`/`created_unix_ms`: given by a mirror, else fresh.
-    CreateSnapshot { volume: String, name: String, id: Option<Uuid>, created_unix_ms: Option<u64> },
-    DeleteSnapshot { volume: String, name: String },
-    ListSnapshots { volume: String },
+    CreateSnapshot {
+        volume: String,
+        name: String,
+        id: Option<Uuid>,
+        created_unix_ms: Option<u64>,
+    },
+    DeleteSnapshot {
+        volume: String,
+        name: String,
+    },
+    ListSnapshots {
+        volume: String,
+    },
     /// Changed extents of `ns` from `base` (None: from nothing) to `target`
     /// (a snapshot name).
-    Diff { ns: NsName, base: Option<String>, target: String },
+    Diff {
+        ns: NsName,
+        base: Option<String>,
+        target: String,
+    },
     Space,
     /// Store a small named blob in the pool; durable at the next CP.
-    SetAttr { key: String, value: Option<Vec<u8>> },
-    GetAttr { key: String },
+    SetAttr {
+        key: String,
+        value: Option<Vec<u8>>,
+    },
+    GetAttr {
+        key: String,
+    },
 }
 
 #[derive(Debug)]

@@ -79,7 +79,11 @@ pub trait BlockDevice: Send {
     /// completions are available (0: do not wait) and append every
     /// available completion to `out`. Returns how many were appended.
     /// An `Err` means the device itself failed (not one request).
-    fn complete(&mut self, min_complete: usize, out: &mut Vec<IoCompletion>) -> std::io::Result<usize>;
+    fn complete(
+        &mut self,
+        min_complete: usize,
+        out: &mut Vec<IoCompletion>,
+    ) -> std::io::Result<usize>;
 
     /// Requests submitted and not yet returned by `complete`.
     fn in_flight(&self) -> usize;
@@ -92,7 +96,11 @@ impl<D: BlockDevice + ?Sized> BlockDevice for Box<D> {
     fn submit(&mut self, req: IoRequest) {
         (**self).submit(req)
     }
-    fn complete(&mut self, min_complete: usize, out: &mut Vec<IoCompletion>) -> std::io::Result<usize> {
+    fn complete(
+        &mut self,
+        min_complete: usize,
+        out: &mut Vec<IoCompletion>,
+    ) -> std::io::Result<usize> {
         (**self).complete(min_complete, out)
     }
     fn in_flight(&self) -> usize {
