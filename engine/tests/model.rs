@@ -331,7 +331,7 @@ fn model_random_workloads() {
     let cases: u64 = std::env::var("SLUICE_MODEL_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1500);
+        .unwrap_or(3000);
     for c in 0..cases {
         run_case(s.wrapping_add(c.wrapping_mul(0x9E37_79B9)), 60);
     }
