@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use sluice_engine::api::{NsName, Reply, Request};
 use sluice_engine::device::uring::{UringDevice, UringOptions};
 use sluice_engine::device::BLOCK_SIZE;
-use sluice_engine::shard::EngineHandle;
+use sluice_engine::pool::{FormatOptions, Pool};
+use sluice_engine::shard::{Engine, EngineHandle, EngineOptions};
 use std::time::{Duration, Instant};
 
 struct Case {
@@ -160,10 +161,23 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         report.rows.push(row(&RANDREAD, "device", m));
     }
 
-    // 3. The engine: waits for the engine core's Pool (see engine_cases).
-    report
-        .notes
-        .push("engine rows pending: the engine core (Pool) has not landed yet".to_string());
+    // 3. The engine on a fresh pool.
+    {
+        let udev = UringDevice::open(&dev.path, UringOptions::default())
+            .with_context(|| format!("cannot open {}", dev.path.display()))?;
+        let mut pool =
+            Pool::format(udev, FormatOptions::default()).context("cannot format the bench pool")?;
+        pool.execute(Request::CreateVolume {
+            name: "bench".to_string(),
+            size_bytes: args.span,
+        })
+        .context("cannot create the bench volume")?;
+        let handle = Engine::start(pool, EngineOptions::default());
+        let result = engine_cases(&handle, args, seed, &mut report);
+        let shut = handle.shutdown();
+        result?;
+        shut.context("engine shutdown")?;
+    }
 
     report.fill_ratios();
     for r in report.rows.iter().filter(|r| r.tool == "engine") {
@@ -205,7 +219,6 @@ fn fio_job<'a>(case: &Case, args: &EngineArgs, time_based: bool) -> FioJob<'a> {
     }
 }
 
-#[allow(dead_code)] // Wired in once the Pool lands.
 fn engine_cases(
     handle: &EngineHandle,
     args: &EngineArgs,
