@@ -14,7 +14,7 @@
 //! - Writes never overwrite a block the durable image references.
 
 use crate::api::*;
-use crate::device::{AlignedBuf, BlockDevice, IoKind, BLOCK_SIZE};
+use crate::device::{AlignedBuf, BlockDevice, IoCompletion, IoKind, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::tree::*;
@@ -948,20 +948,82 @@ impl<D: BlockDevice> Pool<D> {
     pub fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
         let mut out = Vec::with_capacity(reqs.len());
         let mut run: Vec<Request> = Vec::new();
+        let mut reads: Vec<Request> = Vec::new();
         for r in reqs {
             if matches!(r, Request::Write { fua: false, .. }) {
+                if !reads.is_empty() {
+                    out.extend(self.read_run(std::mem::take(&mut reads)));
+                }
                 run.push(r);
                 continue;
             }
             if !run.is_empty() {
                 out.extend(self.write_run(std::mem::take(&mut run)));
             }
+            if matches!(r, Request::Read { .. }) {
+                reads.push(r);
+                continue;
+            }
+            if !reads.is_empty() {
+                out.extend(self.read_run(std::mem::take(&mut reads)));
+            }
             out.push(self.execute(r));
         }
         if !run.is_empty() {
             out.extend(self.write_run(run));
         }
+        if !reads.is_empty() {
+            out.extend(self.read_run(reads));
+        }
         out
+    }
+
+    /// A run of consecutive reads: map every read first, send all their
+    /// block reads to the device as one batch (the caller's queue depth
+    /// reaches the device), then verify and assemble each. Reads change no
+    /// state, so this is the same as running them one after another. If the
+    /// batch fails, the reads run again one by one so each gets its own
+    /// error.
+    fn read_run(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
+        let mut plans = Vec::with_capacity(reqs.len());
+        let mut io = Vec::new();
+        for r in &reqs {
+            let Request::Read {
+                image,
+                lba,
+                len_blocks,
+            } = r
+            else {
+                plans.push(Err(Error::Invalid("non-read in a read run".into())));
+                continue;
+            };
+            let plan = self.read_plan(image, *lba, *len_blocks as u64);
+            if let Ok(slots) = &plan {
+                io.extend(
+                    slots
+                        .iter()
+                        .filter(|s| s.pba != 0)
+                        .map(|s| (IoKind::Read, s.pba, Some(AlignedBuf::zeroed(1)))),
+                );
+            }
+            plans.push(plan);
+        }
+        let comps = match self.store.run(io) {
+            Ok(c) => c,
+            Err(_) => return reqs.into_iter().map(|r| self.execute(r)).collect(),
+        };
+        let mut comps = comps.into_iter();
+        reqs.iter()
+            .zip(plans)
+            .map(|(r, plan)| {
+                let Request::Read { image, lba, .. } = r else {
+                    return Err(Error::Invalid("non-read in a read run".into()));
+                };
+                let slots = plan?;
+                self.read_finish(image, *lba, &slots, &mut comps)
+                    .map(Reply::Data)
+            })
+            .collect()
     }
 
     pub fn execute(&mut self, req: Request) -> Result<Reply> {
@@ -1244,6 +1306,18 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     fn read(&mut self, image: &Image, lba: u64, len: u64) -> Result<AlignedBuf> {
+        let slots = self.read_plan(image, lba, len)?;
+        let reqs = slots
+            .iter()
+            .filter(|s| s.pba != 0)
+            .map(|s| (IoKind::Read, s.pba, Some(AlignedBuf::zeroed(1))))
+            .collect();
+        let comps = self.store.run(reqs)?;
+        self.read_finish(image, lba, &slots, &mut comps.into_iter())
+    }
+
+    /// Map a read: the slot of every block (pba 0 = hole, reads as zeroes).
+    fn read_plan(&mut self, image: &Image, lba: u64, len: u64) -> Result<Vec<Slot>> {
         let (vi, ni) = self.ns_idx(&image.ns)?;
         self.check_range(vi, ni, &image.ns, lba, len)?;
         if len > READ_BLOCKS_MAX {
@@ -1276,15 +1350,25 @@ impl<D: BlockDevice> Pool<D> {
             };
             slots.push(s);
         }
-        let mapped: Vec<u64> = slots.iter().filter(|s| s.pba != 0).map(|s| s.pba).collect();
-        let reqs = mapped
-            .iter()
-            .map(|&p| (IoKind::Read, p, Some(AlignedBuf::zeroed(1))))
-            .collect();
-        let comps = self.store.run(reqs)?;
-        self.store.stats.data_blocks_read += mapped.len() as u64;
-        let mut out = AlignedBuf::zeroed(len as usize);
-        let mut ci = comps.into_iter();
+        Ok(slots)
+    }
+
+    /// Verify and assemble a mapped read from its completions, taken in
+    /// order from `ci` (one per mapped slot).
+    fn read_finish(
+        &mut self,
+        image: &Image,
+        lba: u64,
+        slots: &[Slot],
+        ci: &mut impl Iterator<Item = IoCompletion>,
+    ) -> Result<AlignedBuf> {
+        // Take exactly this read's completions before anything can fail, so
+        // the next read of a run starts at its own.
+        let mapped = slots.iter().filter(|s| s.pba != 0).count();
+        let mine: Vec<IoCompletion> = ci.by_ref().take(mapped).collect();
+        self.store.stats.data_blocks_read += mapped as u64;
+        let mut ci = mine.into_iter();
+        let mut out = AlignedBuf::zeroed(slots.len());
         for (i, s) in slots.iter().enumerate() {
             if s.pba == 0 {
                 continue;

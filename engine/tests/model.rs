@@ -135,10 +135,36 @@ fn run_case(seed: u64, steps: usize) {
                 };
                 let mut reqs = Vec::new();
                 let mut expect_ok = Vec::new();
+                // Expected bytes of the reads mixed into the batch: the model
+                // as it stands after the requests before them.
+                let mut expect_data: Vec<Option<Vec<u8>>> = Vec::new();
                 for _ in 0..k {
                     let ni = rng.below(v.ns.len() as u64) as usize;
                     let size = v.ns[ni].1;
                     let len = 1 + rng.below(4.min(size));
+                    if k > 1 && rng.below(3) == 0 {
+                        let lba = rng.below(size - len + 1);
+                        let want: Vec<u8> = (lba..lba + len)
+                            .flat_map(|l| {
+                                v.live[ni]
+                                    .get(&l)
+                                    .map(|&c| block(c))
+                                    .unwrap_or_else(|| vec![0u8; 4096])
+                            })
+                            .collect();
+                        reqs.push(Request::Read {
+                            image: Image {
+                                ns: ns_name(v, ni),
+                                snapshot: None,
+                            },
+                            lba,
+                            len_blocks: len as u32,
+                        });
+                        expect_ok.push(true);
+                        expect_data.push(Some(want));
+                        continue;
+                    }
+                    expect_data.push(None);
                     let bad = k > 1 && rng.below(8) == 0;
                     let lba = if bad { size } else { rng.below(size - len + 1) };
                     let mut buf = AlignedBuf::zeroed(len as usize);
@@ -164,8 +190,14 @@ fn run_case(seed: u64, steps: usize) {
                 } else {
                     pool.execute_batch(reqs)
                 };
-                for (r, ok) in res.iter().zip(expect_ok) {
+                for ((r, ok), want) in res.iter().zip(expect_ok).zip(expect_data) {
                     assert_eq!(r.is_ok(), ok, "seed {seed}: batch result {r:?}");
+                    if let (Ok(Reply::Data(buf)), Some(want)) = (r, want) {
+                        assert!(
+                            buf.as_slice() == &want[..],
+                            "seed {seed}: a read in a batch returned wrong content"
+                        );
+                    }
                 }
             }
             50..=59 => {
