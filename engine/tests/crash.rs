@@ -12,18 +12,8 @@ use sluice_engine::device::AlignedBuf;
 use sluice_engine::{FormatOptions, Pool};
 use std::collections::BTreeMap;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+mod common;
+use common::Rng;
 
 const SIZE: u64 = 48;
 type Img = BTreeMap<u64, u64>;
@@ -233,16 +223,7 @@ fn read_img(pool: &mut Pool<SimDevice>, i: usize, snap: Option<String>) -> Img {
 
 #[test]
 fn crash_every_op_boundary() {
-    let base: u64 = std::env::var("SLUICE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("SLUICE_SEED={base}");
+    let base = common::seed();
     let mut images = 0u64;
     let mut w = 0u64;
     while images < 10_000 {
