@@ -26,7 +26,10 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("device {path}: size {size_bytes} bytes is not a positive multiple of 4096")]
-    DeviceSize { path: std::path::PathBuf, size_bytes: u64 },
+    DeviceSize {
+        path: std::path::PathBuf,
+        size_bytes: u64,
+    },
     #[error("the engine thread has shut down; restart the engine to serve requests")]
     ShutDown,
     // --- end devices block ---
@@ -38,7 +41,11 @@ pub enum Error {
     #[error("pool format version {found} is newer than this build supports ({supported}); upgrade sluice")]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("corrupt metadata: {kind} at block {pba}: {reason}")]
-    CorruptMetadata { pba: u64, kind: &'static str, reason: String },
+    CorruptMetadata {
+        pba: u64,
+        kind: &'static str,
+        reason: String,
+    },
     #[error("data checksum mismatch in volume {vol} at lba {lba} (block {pba}); restore this block from a replica or snapshot")]
     DataChecksum { vol: String, lba: u64, pba: u64 },
     #[error("pool refuses writes after an I/O failure: {reason}; reopen the pool to recover")]
@@ -46,7 +53,12 @@ pub enum Error {
     #[error("volume {volume} is read-only (a mirror destination)")]
     ReadOnly { volume: String },
     #[error("{ns}: blocks {lba}..+{len} are beyond the size of {size} blocks")]
-    OutOfRange { ns: String, lba: u64, len: u64, size: u64 },
+    OutOfRange {
+        ns: String,
+        lba: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("no volume named {0}")]
     NoSuchVolume(String),
     #[error("volume {volume} has no qtree named {qtree}")]
@@ -58,7 +70,11 @@ pub enum Error {
     #[error("bad name {name:?}: {reason}")]
     BadName { name: String, reason: &'static str },
     #[error("bad size for {what}: {size}: {reason}")]
-    BadSize { what: String, size: u64, reason: &'static str },
+    BadSize {
+        what: String,
+        size: u64,
+        reason: &'static str,
+    },
     #[error("pool is full: {needed} blocks needed, {free} free; delete snapshots or volumes")]
     NoSpace { needed: u64, free: u64 },
     #[error("volume {volume} already has {limit} snapshots; delete some first")]
