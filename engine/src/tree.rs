@@ -274,26 +274,7 @@ pub fn get_leaf<D: BlockDevice>(
     tree: &Tree,
     leaf_key: u64,
 ) -> Result<Option<Arc<Vec<u8>>>> {
-    let mut ptr = tree.root;
-    for level in (0..=tree.top()).rev() {
-        let key = leaf_key / pow_fanout(level);
-        let payload = if let Some(d) = tree.dirty.get(&(level, key)) {
-            store.stats.metadata_blocks_visited += 1;
-            Arc::new(d.clone())
-        } else if ptr.pba == 0 {
-            return Ok(None);
-        } else {
-            store.load(ptr, tree.kind(level), level)?
-        };
-        if level == 0 {
-            return Ok(Some(payload));
-        }
-        ptr = slot_ptr(
-            &payload,
-            ((leaf_key / pow_fanout(level - 1)) % FANOUT as u64) as usize,
-        );
-    }
-    Ok(None)
+    Ok(leaf_or_gap(store, tree, leaf_key)?.ok())
 }
 
 /// Like [`get_leaf`], but when the leaf is absent returns `Err(next)`: the
