@@ -160,6 +160,11 @@ impl Sim {
         }
     }
 
+    /// Whether some node pulls from two upstreams (fan-in).
+    pub fn has_fan_in(&self) -> bool {
+        (0..self.nodes.len()).any(|d| self.edges.iter().filter(|(_, x)| *x == d).count() > 1)
+    }
+
     fn idx(&self, name: &str) -> Option<usize> {
         self.names.iter().position(|n| n == name)
     }
