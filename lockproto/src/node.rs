@@ -11,6 +11,12 @@
 //! name (one relationship per peer pair and direction).
 //!
 //! Invariants kept:
+//! - For every upstream U we lock our next base with U (the newest snapshot
+//!   we share) and the anchor (the last snapshot committed from U). U knows
+//!   it shares the anchor from the transfer itself, so the pair always
+//!   keeps a common snapshot without relying on a set in flight; the next
+//!   base alone is not enough under fan-in, where it can move to a snapshot
+//!   that arrived from another upstream and that U has not been told about.
 //! - A local snapshot named by any effective lock is never removed by
 //!   [`Event::DeleteRequested`] without `force`; a forced delete reports every
 //!   holder and tells every affected downstream.
@@ -173,6 +179,8 @@ struct Up {
     relationship: String,
     kind: LockKind,
     has: BTreeSet<Uuid>,
+    /// The last snapshot committed from this upstream (see [`LockNode::anchor`]).
+    anchor: Option<Uuid>,
     last_sent: Option<Vec<SoftLock>>,
     last_sent_ms: u64,
     gone_acks: BTreeSet<Uuid>,
@@ -203,8 +211,9 @@ pub struct LockNode {
 }
 
 const PERSIST_MAGIC: &[u8; 4] = b"SLKT";
-/// Version of the persisted lock-table format.
-pub const PERSIST_VERSION: u16 = 1;
+/// Version of the persisted lock-table format. 2 added each upstream's
+/// anchor; a version-1 table is refused (`PersistedVersion`), not guessed.
+pub const PERSIST_VERSION: u16 = 2;
 
 impl LockNode {
     /// A fresh node with no relationships.
@@ -276,6 +285,21 @@ impl LockNode {
             .copied()
     }
 
+    /// The anchor with `upstream`: the last snapshot committed from it by a
+    /// transfer ([`Event::TransferFinished`]), cleared only by the next
+    /// transfer or by [`Event::UpstreamSnapshotGone`].
+    ///
+    /// Both sides know the anchor without any lock set in flight: the
+    /// upstream learns it shares it with us from the transfer itself
+    /// ([`Event::DownstreamShared`]), and we keep it locked here as long as
+    /// it is the anchor. So the pair always keeps one common snapshot, even
+    /// when our newest common snapshot with `upstream` ([`LockNode::next_base`])
+    /// came from another upstream (fan-in) and the set naming it has not
+    /// reached `upstream` yet.
+    pub fn anchor(&self, upstream: &str) -> Option<Uuid> {
+        self.ups.get(upstream)?.anchor
+    }
+
     /// Preview a prune: which of `candidates` would be refused and by whom.
     pub fn preview_delete(&self, candidates: &[Uuid]) -> Vec<(Uuid, Vec<SoftLock>)> {
         candidates
@@ -331,20 +355,37 @@ impl LockNode {
         out
     }
 
+    /// Our own locks for the relationship with `upstream`: the next base
+    /// (newest snapshot we share) and the anchor (last snapshot committed
+    /// from it), when each is still a local snapshot. Usually the same one.
+    fn own_locks_for(&self, upstream: &str) -> Vec<SoftLock> {
+        let Some(up) = self.ups.get(upstream) else {
+            return Vec::new();
+        };
+        let mut snaps: Vec<Uuid> = self.next_base(upstream).into_iter().collect();
+        if let Some(a) = up.anchor {
+            if self.local.contains(&a) && !snaps.contains(&a) {
+                snaps.push(a);
+            }
+        }
+        snaps
+            .into_iter()
+            .map(|s| {
+                self.lock(
+                    s,
+                    up.kind,
+                    up.relationship.clone(),
+                    self.cfg.node_id.clone(),
+                    0,
+                )
+            })
+            .collect()
+    }
+
     fn own_base_locks(&self) -> Vec<SoftLock> {
         self.ups
-            .iter()
-            .filter_map(|(u, up)| {
-                self.next_base(u).map(|s| {
-                    self.lock(
-                        s,
-                        up.kind,
-                        up.relationship.clone(),
-                        self.cfg.node_id.clone(),
-                        0,
-                    )
-                })
-            })
+            .keys()
+            .flat_map(|u| self.own_locks_for(u))
             .collect()
     }
 
@@ -365,10 +406,7 @@ impl LockNode {
             return (Vec::new(), 0);
         }
         let me = &self.cfg.node_id;
-        let mut v: Vec<SoftLock> = Vec::new();
-        if let Some(b) = self.next_base(upstream) {
-            v.push(self.lock(b, up.kind, up.relationship.clone(), me.clone(), 0));
-        }
+        let mut v: Vec<SoftLock> = self.own_locks_for(upstream);
         for mut l in self.downstream_locks() {
             if l.hop_path.last() != Some(me) {
                 l.hop_path.push(me.clone());
@@ -472,6 +510,7 @@ impl LockNode {
                     relationship,
                     kind,
                     has: BTreeSet::new(),
+                    anchor: None,
                     last_sent: None,
                     last_sent_ms: now_ms,
                     gone_acks: BTreeSet::new(),
@@ -533,6 +572,7 @@ impl LockNode {
             Event::TransferFinished { upstream, target } => {
                 if let Some(up) = self.ups.get_mut(&upstream) {
                     up.has.insert(target);
+                    up.anchor = Some(target);
                     if !self.local.contains(&target) {
                         self.local.push(target);
                     }
@@ -542,6 +582,9 @@ impl LockNode {
             Event::UpstreamSnapshotGone { upstream, snapshot } => {
                 if let Some(up) = self.ups.get_mut(&upstream) {
                     up.has.remove(&snapshot);
+                    if up.anchor == Some(snapshot) {
+                        up.anchor = None;
+                    }
                     up.gone_acks.insert(snapshot);
                     self.send(&upstream, now_ms, true, &mut out);
                 }
@@ -707,6 +750,7 @@ impl LockNode {
                     relationship: u.relationship.clone(),
                     kind: u.kind.code(),
                     has: u.has.iter().map(|s| *s.as_bytes()).collect(),
+                    anchor: u.anchor.map(|s| *s.as_bytes()),
                     gone_acks: u.gone_acks.iter().map(|s| *s.as_bytes()).collect(),
                 })
                 .collect(),
@@ -781,6 +825,7 @@ impl LockNode {
                     relationship: u.relationship,
                     kind,
                     has: u.has.iter().map(|b| Uuid::from_bytes(*b)).collect(),
+                    anchor: u.anchor.map(Uuid::from_bytes),
                     last_sent: None,
                     last_sent_ms: 0,
                     gone_acks: u.gone_acks.iter().map(|b| Uuid::from_bytes(*b)).collect(),

@@ -143,6 +143,8 @@ pub struct PersistUp {
     pub kind: u8,
     /// Snapshots the upstream holds.
     pub has: Vec<[u8; 16]>,
+    /// Last snapshot committed from the upstream (format version 2).
+    pub anchor: Option<[u8; 16]>,
     /// Gone acks to send.
     pub gone_acks: Vec<[u8; 16]>,
 }

@@ -5,6 +5,8 @@ use sluice_lockproto::{
     Action, Bounds, Event, LeasePolicy, LockError, LockKind, LockNode, LockSet, NodeConfig,
     ReleaseReason, SoftLock,
 };
+use std::collections::BTreeSet;
+
 use uuid::Uuid;
 
 fn sid(n: u128) -> Uuid {
@@ -306,6 +308,102 @@ fn claims_1_50_52_fan_in_each_upstream_gets_its_snapshots_fan_out_merges() {
     assert!(to_a2.locks.iter().any(|l| l.origin_node == "C2"));
     // Fan-out merge on B: both downstreams' snapshots are protected.
     assert!(!b.holders(sid(10)).is_empty() && !b.holders(sid(20)).is_empty());
+}
+
+/// Issue 3: C pulls from A and from B, and B mirrors A. C got 2 from B,
+/// then 1 straight from A, which B also holds: C's next base with B moves to
+/// 1, but B only knows it shares 2 with C until C's set arrives. C keeps the
+/// anchor with B (2, the last snapshot committed from B) locked meanwhile,
+/// so the B -> C chain keeps a common snapshot whatever is in flight.
+#[test]
+fn claims_1_50_52_fan_in_keeps_the_anchor_with_each_upstream() {
+    let mut c = node("C");
+    up(&mut c, "A");
+    up(&mut c, "B");
+    c.handle(
+        1,
+        Event::UpstreamSnapshots {
+            upstream: "B".into(),
+            snapshots: vec![sid(1), sid(2)],
+        },
+    );
+    c.handle(
+        1,
+        Event::TransferFinished {
+            upstream: "B".into(),
+            target: sid(2),
+        },
+    );
+    c.handle(
+        2,
+        Event::UpstreamSnapshots {
+            upstream: "A".into(),
+            snapshots: vec![sid(1)],
+        },
+    );
+    c.handle(
+        2,
+        Event::TransferFinished {
+            upstream: "A".into(),
+            target: sid(1),
+        },
+    );
+    assert_eq!(c.next_base("B"), Some(sid(1)), "newest shared with B");
+    assert_eq!(c.anchor("B"), Some(sid(2)), "last committed from B");
+    assert_eq!(c.anchor("A"), Some(sid(1)));
+    let acts = c.handle(
+        3,
+        Event::DeleteRequested {
+            snapshot: sid(2),
+            force: false,
+        },
+    );
+    assert!(
+        matches!(&acts[0], Action::DeleteRefused { holders, .. } if holders[0].origin_node == "C"),
+        "the anchor with B stays: {acts:?}"
+    );
+    let acts = c.handle(
+        4,
+        Event::TransferStarting {
+            upstream: "B".into(),
+        },
+    );
+    let to_b: BTreeSet<Uuid> = sets(&acts)[0].1.locks.iter().map(|l| l.snapshot).collect();
+    assert_eq!(
+        to_b,
+        BTreeSet::from([sid(1), sid(2)]),
+        "B gets base and anchor"
+    );
+    // Survives a restart.
+    let r = LockNode::from_bytes(NodeConfig::new("C"), &c.to_bytes().expect("persist"))
+        .expect("restore");
+    assert_eq!(r.anchor("B"), Some(sid(2)));
+    // B force-deleted the anchor: it stops pinning C's copy.
+    c.handle(
+        5,
+        Event::UpstreamSnapshotGone {
+            upstream: "B".into(),
+            snapshot: sid(2),
+        },
+    );
+    assert_eq!(c.anchor("B"), None);
+    let acts = c.handle(
+        6,
+        Event::DeleteRequested {
+            snapshot: sid(2),
+            force: false,
+        },
+    );
+    assert!(matches!(&acts[0], Action::Deleted { .. }), "{acts:?}");
+    // The next transfer from B sets the anchor again.
+    c.handle(
+        7,
+        Event::TransferFinished {
+            upstream: "B".into(),
+            target: sid(3),
+        },
+    );
+    assert_eq!(c.anchor("B"), Some(sid(3)));
 }
 
 #[test]

@@ -4,14 +4,18 @@
 //! snapshot downstream, every node creates snapshots and rotates
 //! aggressively (keep 1 unlocked), and lock sets travel through a network
 //! that can lose, duplicate and reorder them. Nodes restart from persisted
-//! bytes. Everything is driven by one seed.
+//! bytes. Everything is driven by one seed. `SLUICE_TRACE=1` prints every
+//! step (snapshot lists, creates, transfers, deletes, deliveries) to replay
+//! a failing sub-seed by hand.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sluice_lockproto::{Action, Event, LeasePolicy, LockKind, LockNode, LockSet, NodeConfig};
+use sluice_lockproto::{
+    Action, Event, LeasePolicy, LockKind, LockNode, LockSet, NodeConfig, ReleaseReason,
+};
 use uuid::Uuid;
 
 /// Seed for a test run: `SLUICE_SEED` or fresh; always printed.
@@ -54,6 +58,8 @@ pub struct Outcome {
     pub deletes: usize,
     /// Deletes refused because of a lock relayed over two or more hops.
     pub relayed_refusals: usize,
+    /// Downstream sets dropped because their lease and grace ran out.
+    pub lease_releases: usize,
 }
 
 pub struct Sim {
@@ -70,6 +76,7 @@ pub struct Sim {
     pub propagate: bool,
     pub out: Outcome,
     pub cfgs: Vec<NodeConfig>,
+    pub trace: bool,
 }
 
 pub const LEASE_MS: u64 = 10_000;
@@ -157,12 +164,30 @@ impl Sim {
             propagate,
             out: Outcome::default(),
             cfgs,
+            trace: std::env::var_os("SLUICE_TRACE").is_some(),
         }
     }
 
     /// Whether some node pulls from two upstreams (fan-in).
     pub fn has_fan_in(&self) -> bool {
         (0..self.nodes.len()).any(|d| self.edges.iter().filter(|(_, x)| *x == d).count() > 1)
+    }
+
+    fn log(&self, what: impl FnOnce() -> String) {
+        if self.trace {
+            eprintln!("t={} {}", self.now, what());
+        }
+    }
+
+    fn short(&self, s: &Uuid) -> String {
+        format!("{:04x}", (s.as_u128() >> 112) as u16)
+    }
+
+    fn shorts(&self, v: &[Uuid]) -> String {
+        v.iter()
+            .map(|s| self.short(s))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn idx(&self, name: &str) -> Option<usize> {
@@ -182,7 +207,10 @@ impl Sim {
                         self.net.push((i, u, set.clone()));
                     }
                 }
-                Action::Released { downstream, .. } => {
+                Action::Released { downstream, reason } => {
+                    if *reason == ReleaseReason::LeaseExpired {
+                        self.out.lease_releases += 1;
+                    }
                     if let Some(d) = self.idx(downstream) {
                         self.delivered.remove(&(i, d));
                     }
@@ -207,6 +235,7 @@ impl Sim {
     fn create(&mut self, i: usize) {
         let id = Uuid::from_u128(self.rng.gen());
         self.snaps[i].push(id);
+        self.log(|| format!("{} creates {}", self.names[i], self.short(&id)));
         self.apply(i, Event::SnapshotCreated { snapshot: id });
     }
 
@@ -235,6 +264,15 @@ impl Sim {
             if self.base(u, d).is_none() && self.baselined.contains(&(u, d)) {
                 self.out.broken += 1; // no common base: the chain broke (full copy)
             }
+            self.log(|| {
+                format!(
+                    "transfer {}->{} target {} base {:?}",
+                    self.names[u],
+                    self.names[d],
+                    self.short(&target),
+                    self.base(u, d).map(|b| self.short(&b))
+                )
+            });
             self.snaps[d].push(target);
             self.out.transfers += 1;
         }
@@ -301,6 +339,7 @@ impl Sim {
                         self.names[i], self.names[d]
                     ));
                 }
+                self.log(|| format!("{} deletes {}", self.names[i], self.short(&s)));
                 self.snaps[i].retain(|x| *x != s);
                 self.out.deletes += 1;
             }
@@ -333,6 +372,15 @@ impl Sim {
         }
         let generation = set.generation;
         let snaps: BTreeSet<Uuid> = set.locks.iter().map(|l| l.snapshot).collect();
+        self.log(|| {
+            format!(
+                "deliver {}->{} gen {} locks [{}]",
+                self.names[from],
+                self.names[to],
+                generation,
+                self.shorts(&snaps.iter().copied().collect::<Vec<_>>())
+            )
+        });
         let acts = self.apply(to, Event::LockSetReceived { set });
         let rejected = acts.iter().any(|a| matches!(a, Action::SetRejected { .. }));
         let newer = self
@@ -364,6 +412,11 @@ impl Sim {
     /// One random step.
     pub fn step(&mut self, f: &Faults) {
         let n = self.nodes.len();
+        if self.trace {
+            for i in 0..n {
+                self.log(|| format!("  {} has [{}]", self.names[i], self.shorts(&self.snaps[i])));
+            }
+        }
         match self.rng.gen_range(0..100) {
             0..=19 => {
                 let i = self.rng.gen_range(0..n);
