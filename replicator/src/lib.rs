@@ -1,1 +1,25 @@
-//! sluice-replicator: see docs/ARCHITECTURE.md. Filled by its issue.
+//! `sluice-replicator`: mirror relationships, transfers, retention and peer
+//! networking (see `docs/REPLICATION.md`).
+//!
+//! - [`transfer`]: sans-IO transfer state machines (sender item walk with
+//!   checkpoints, receiver validation), wire-lba namespace tags, digests.
+//! - [`conn`]: blocking framed peer connections and the hello/auth handshake.
+//! - [`throttle`]: token buckets (per relationship, per node).
+//! - [`types`]: config, specs, status and lock views, persisted records.
+//! - [`replicator`]: [`Replicator`], the node-level owner of it all.
+//! - [`error`]: [`ReplError`], the crate's one error enum.
+
+pub mod conn;
+pub mod error;
+pub mod replicator;
+pub mod throttle;
+pub mod transfer;
+pub mod types;
+
+pub use error::{ReplError, Result};
+pub use replicator::Replicator;
+pub use sluice_lockproto::LeasePolicy;
+pub use types::{
+    Checkpoint, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PruneSkip, PrunePlan,
+    Relationship, ReplicatorConfig, SnapRef, TransferReport,
+};

@@ -1,0 +1,339 @@
+//! Blocking framed peer connections and the hello / authentication handshake.
+//!
+//! Owns: reading and writing lockproto frames on a `TcpStream` (the header is
+//! bound-checked by `wire::parse_header` before the body and payload are
+//! read, so a peer can never make us allocate more than
+//! `MAX_BODY_LEN + MAX_PAYLOAD_LEN`), and the handshake of
+//! `docs/PROTOCOL.md` "Connection states" 1-2.
+//!
+//! Invariants kept: nothing but `Hello` is accepted before the handshake
+//! ends; with a secret configured, a peer that does not prove it is refused
+//! with an `Error{code AUTH}` frame and an [`ReplError::AuthRefused`] here;
+//! a node without a secret that meets a peer requiring one fails clearly
+//! too (the peer's authenticated `Hello` is answered with an unauthenticated
+//! one, then the connection ends). Every socket has read/write timeouts.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use sluice_lockproto::wire::{
+    auth_response, codes, decode, encode_into, parse_header, verify_auth, Hello, HEADER_LEN,
+    NONCE_LEN, VERSION_MAJOR, VERSION_MINOR,
+};
+use sluice_lockproto::Message;
+
+use crate::error::{ReplError, Result};
+
+/// Longest node name we accept from a peer.
+pub const NODE_NAME_MAX: usize = 256;
+
+/// One framed connection to a peer.
+pub struct Conn {
+    stream: TcpStream,
+    /// Address (for messages).
+    pub peer: String,
+    /// The peer's node id once the handshake is done.
+    pub peer_node: String,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    payload_at: (usize, usize),
+    secret: bool,
+    my_node: String,
+}
+
+impl Conn {
+    /// Wrap a connected stream; `timeout` applies to every read and write.
+    pub fn new(stream: TcpStream, timeout: Duration) -> Result<Self> {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "unknown peer".into());
+        let io = |op, source| ReplError::Io {
+            peer: peer.clone(),
+            op,
+            source,
+        };
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| io("set read timeout", e))?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(|e| io("set write timeout", e))?;
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            stream,
+            peer: peer.clone(),
+            peer_node: String::new(),
+            buf: Vec::new(),
+            out: Vec::new(),
+            payload_at: (0, 0),
+            secret: false,
+            my_node: String::new(),
+        })
+    }
+
+    /// Connect to `addr` (host:port) with a connect timeout.
+    pub fn connect(addr: &str, timeout: Duration) -> Result<Self> {
+        use std::net::ToSocketAddrs;
+        let io = |op, source| ReplError::Io {
+            peer: addr.to_string(),
+            op,
+            source,
+        };
+        let sa = addr
+            .to_socket_addrs()
+            .map_err(|e| io("resolve address", e))?
+            .next()
+            .ok_or_else(|| ReplError::Invalid(format!("address {addr:?} resolves to nothing")))?;
+        let s = TcpStream::connect_timeout(&sa, timeout).map_err(|e| io("connect", e))?;
+        Conn::new(s, timeout)
+    }
+
+    /// Label for messages: `node (addr)`.
+    pub fn who(&self) -> String {
+        if self.peer_node.is_empty() {
+            self.peer.clone()
+        } else {
+            format!("{} ({})", self.peer_node, self.peer)
+        }
+    }
+
+    fn io(&self, op: &'static str, source: std::io::Error) -> ReplError {
+        ReplError::Io {
+            peer: self.who(),
+            op,
+            source,
+        }
+    }
+
+    /// Send one message, then `payload` raw (extents only).
+    pub fn send(&mut self, msg: &Message, payload: &[u8]) -> Result<()> {
+        let len = u32::try_from(payload.len())
+            .map_err(|_| ReplError::Invalid("payload longer than 4 GiB".into()))?;
+        let mut out = std::mem::take(&mut self.out);
+        let r = encode_into(msg, len, &mut out)
+            .map_err(ReplError::from)
+            .and_then(|()| self.stream.write_all(&out).map_err(|e| self.io("send", e)))
+            .and_then(|()| {
+                if payload.is_empty() {
+                    Ok(())
+                } else {
+                    self.stream
+                        .write_all(payload)
+                        .map_err(|e| self.io("send payload", e))
+                }
+            });
+        self.out = out;
+        r
+    }
+
+    /// Send an error frame (best effort: the connection ends next).
+    pub fn send_error(&mut self, req_id: u64, code: u16, text: &str) {
+        let _ = self.send(
+            &Message::Error {
+                req_id,
+                code,
+                text: text.to_string(),
+            },
+            &[],
+        );
+    }
+
+    /// Receive one frame; `Ok(None)` on a clean end of stream between frames.
+    /// A frame we cannot decode is answered with an error frame.
+    pub fn recv(&mut self) -> Result<Option<Message>> {
+        let m = self.recv_raw()?;
+        match m {
+            Some(Message::Hello(h)) if !self.peer_node.is_empty() && h.auth.is_some() && !self.secret => {
+                // The peer requires a shared secret and we have none: answer
+                // so it can refuse clearly, and stop here too.
+                let _ = self.send(&Message::Hello(self.hello(None, [0; NONCE_LEN])), &[]);
+                Err(ReplError::AuthRefused {
+                    peer: self.who(),
+                    detail: "the peer requires a shared peer secret and this node runs without one; start both with the same --peer-secret".into(),
+                })
+            }
+            Some(Message::Error { code, text, .. }) if code == codes::AUTH => {
+                Err(ReplError::AuthRefused {
+                    peer: self.who(),
+                    detail: text,
+                })
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn recv_raw(&mut self) -> Result<Option<Message>> {
+        self.buf.resize(HEADER_LEN, 0);
+        let mut got = 0;
+        while got < HEADER_LEN {
+            match self.stream.read(&mut self.buf[got..HEADER_LEN]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => {
+                    return Err(self.io(
+                        "receive",
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "connection closed inside a frame header",
+                        ),
+                    ))
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io("receive", e)),
+            }
+        }
+        let hd = match parse_header(&self.buf) {
+            Ok(h) => h,
+            Err(e) => {
+                let text = e.to_string();
+                self.send_error(0, codes::BAD_FRAME, &text);
+                return Err(ReplError::Protocol {
+                    peer: self.who(),
+                    detail: text,
+                });
+            }
+        };
+        let need = hd.frame_len();
+        self.buf.resize(need, 0);
+        if let Err(e) = self.stream.read_exact(&mut self.buf[HEADER_LEN..need]) {
+            return Err(self.io("receive frame body", e));
+        }
+        match decode(&self.buf) {
+            Ok(Some(d)) => {
+                self.payload_at = (need - d.payload.len(), need);
+                Ok(Some(d.msg))
+            }
+            Ok(None) => Err(ReplError::Protocol {
+                peer: self.who(),
+                detail: "frame shorter than its header says".into(),
+            }),
+            Err(e) => {
+                let text = e.to_string();
+                self.send_error(0, codes::BAD_FRAME, &text);
+                Err(ReplError::Protocol {
+                    peer: self.who(),
+                    detail: text,
+                })
+            }
+        }
+    }
+
+    /// The raw payload of the last received frame.
+    pub fn payload(&self) -> &[u8] {
+        self.buf.get(self.payload_at.0..self.payload_at.1).unwrap_or(&[])
+    }
+
+    fn hello(&self, auth: Option<[u8; 32]>, nonce: [u8; NONCE_LEN]) -> Hello {
+        Hello {
+            node_id: self.my_node.clone(),
+            major: VERSION_MAJOR,
+            minor: VERSION_MINOR,
+            nonce,
+            auth,
+        }
+    }
+
+    /// The handshake (both sides run the same steps): exchange `Hello`s,
+    /// then, with a secret, prove it and check the peer's proof. Returns
+    /// the peer's node id.
+    pub fn handshake(&mut self, node: &str, secret: Option<&[u8]>) -> Result<String> {
+        self.my_node = node.to_string();
+        self.secret = secret.is_some();
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        self.send(&Message::Hello(self.hello(None, nonce)), &[])?;
+        let peer = match self.recv_raw()? {
+            Some(Message::Hello(h)) => h,
+            Some(Message::Error { code, text, .. }) if code == codes::AUTH => {
+                return Err(ReplError::AuthRefused {
+                    peer: self.who(),
+                    detail: text,
+                })
+            }
+            Some(Message::Error { code, text, .. }) => {
+                return Err(ReplError::Remote {
+                    peer: self.who(),
+                    code,
+                    text,
+                })
+            }
+            Some(other) => {
+                let text = format!("expected Hello, got message type {}", other.type_code());
+                self.send_error(0, codes::BAD_FRAME, &text);
+                return Err(ReplError::Protocol {
+                    peer: self.who(),
+                    detail: text,
+                });
+            }
+            None => {
+                return Err(ReplError::Protocol {
+                    peer: self.who(),
+                    detail: "connection closed before Hello".into(),
+                })
+            }
+        };
+        if peer.node_id.is_empty() || peer.node_id.len() > NODE_NAME_MAX || peer.node_id == node {
+            let text = format!(
+                "peer node id {:?} is empty, longer than {NODE_NAME_MAX} bytes, or equal to ours",
+                peer.node_id
+            );
+            self.send_error(0, codes::BAD_FRAME, &text);
+            return Err(ReplError::Protocol {
+                peer: self.who(),
+                detail: text,
+            });
+        }
+        self.peer_node = peer.node_id.clone();
+        let Some(secret) = secret else {
+            return Ok(peer.node_id);
+        };
+        let proof = auth_response(secret, &peer.nonce, &peer.node_id, node)?;
+        self.send(&Message::Hello(self.hello(Some(proof), nonce)), &[])?;
+        let refuse = |c: &mut Conn, detail: String| {
+            c.send_error(
+                0,
+                codes::AUTH,
+                &format!("node {node} refused {}: {detail}", c.peer_node),
+            );
+            Err(ReplError::AuthRefused {
+                peer: c.who(),
+                detail,
+            })
+        };
+        match self.recv_raw()? {
+            Some(Message::Hello(Hello { auth: Some(a), .. })) => {
+                if verify_auth(secret, &nonce, node, &peer.node_id, &a).is_err() {
+                    return refuse(self, "secrets differ (its answer to our challenge is wrong)".into());
+                }
+                Ok(peer.node_id)
+            }
+            Some(Message::Hello(Hello { auth: None, .. })) => refuse(
+                self,
+                "it runs without a peer secret; start it with the same --peer-secret".into(),
+            ),
+            Some(Message::Error { code, text, .. }) if code == codes::AUTH => {
+                Err(ReplError::AuthRefused {
+                    peer: self.who(),
+                    detail: text,
+                })
+            }
+            Some(other) => refuse(
+                self,
+                format!(
+                    "it sent message type {} without authenticating (it runs without a peer secret?)",
+                    other.type_code()
+                ),
+            ),
+            None => Err(ReplError::AuthRefused {
+                peer: self.who(),
+                detail: "connection closed during authentication (secrets differ, or the peer has none)".into(),
+            }),
+        }
+    }
+
+    /// Shut the socket down both ways (unblocks a reader on another thread).
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}

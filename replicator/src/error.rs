@@ -1,0 +1,111 @@
+//! The one error enum of `sluice-replicator`.
+//!
+//! Every variant says what an operator can do about it: which relationship,
+//! which peer, which snapshot, and the command that fixes it where one does.
+
+use thiserror::Error;
+
+/// Result alias of this crate.
+pub type Result<T, E = ReplError> = std::result::Result<T, E>;
+
+/// Errors of relationships, transfers, locks and peer connections.
+#[derive(Debug, Error)]
+pub enum ReplError {
+    /// The engine refused or failed an operation.
+    #[error("engine: {context}: {source}")]
+    Engine {
+        context: String,
+        #[source]
+        source: sluice_engine::Error,
+    },
+    /// The engine answered with a reply of the wrong kind (a bug).
+    #[error("engine gave an unexpected reply to {request}")]
+    EngineReply { request: &'static str },
+    /// A socket operation with a peer failed.
+    #[error("peer {peer}: {op}: {source}")]
+    Io {
+        peer: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer sent bytes that are not a valid frame, or a frame out of order.
+    #[error("peer {peer}: protocol error: {detail}")]
+    Protocol { peer: String, detail: String },
+    /// Authentication failed (either side refused).
+    #[error("peer {peer} refused authentication: {detail}")]
+    AuthRefused { peer: String, detail: String },
+    /// The peer answered with an error frame.
+    #[error("peer {peer} answered with error (code {code}): {text}")]
+    Remote { peer: String, code: u16, text: String },
+    /// No snapshot in common: only a resync can re-baseline.
+    #[error("no common snapshot between {dst} and {source_path}; run `mirror resync {dst}`, which sends {bytes} bytes (a full copy)")]
+    NoCommonSnapshot {
+        dst: String,
+        source_path: String,
+        bytes: u64,
+    },
+    /// The content digest of a received snapshot differs from the source's.
+    #[error("transfer {source_path} -> {dst} of snapshot {snapshot}: content digest mismatch ({detail}); nothing was committed; run `mirror update` again, then `mirror resync` if it persists")]
+    DigestMismatch {
+        dst: String,
+        source_path: String,
+        snapshot: String,
+        detail: String,
+    },
+    /// An extent failed its checksum.
+    #[error("transfer {source_path} -> {dst}: extent at position {position} (lba {lba}) failed its checksum; nothing was committed; the next update resumes from the last checkpoint")]
+    ExtentChecksum {
+        dst: String,
+        source_path: String,
+        position: u64,
+        lba: u64,
+    },
+    /// No relationship with that destination.
+    #[error("no mirror relationship with destination {0:?}; see `mirror status`")]
+    NoSuchRelationship(String),
+    /// A relationship with that destination exists already.
+    #[error("a mirror relationship with destination {0:?} exists already; `mirror delete` it first")]
+    RelationshipExists(String),
+    /// The relationship is broken (its destination writable).
+    #[error("mirror {0} is broken (destination writable); run `mirror resync {0}` to make it a mirror again")]
+    Broken(String),
+    /// Another update of the same relationship is running.
+    #[error("an update of mirror {0} is already running; wait for it")]
+    Busy(String),
+    /// A snapshot delete was refused by locks.
+    #[error("snapshot {volume}@{snapshot} is locked by: {holders}; release those locks or use --force")]
+    Locked {
+        volume: String,
+        snapshot: String,
+        holders: String,
+    },
+    /// A snapshot is in use by a running transfer.
+    #[error("snapshot {volume}@{snapshot} is in use by a running transfer; retry when it ends")]
+    InTransfer { volume: String, snapshot: String },
+    /// No such snapshot / volume / lock.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A request argument is invalid.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Persisted replicator state cannot be read.
+    #[error("persisted replicator state {key:?} is unreadable: {detail}; fix or clear that pool attribute")]
+    Persisted { key: String, detail: String },
+    /// A lockproto error (lock table, sets).
+    #[error("lock table: {0}")]
+    Lock(#[from] sluice_lockproto::LockError),
+    /// The replicator is shutting down.
+    #[error("the replicator is shutting down; the transfer stopped at a checkpoint and resumes on the next update")]
+    ShuttingDown,
+}
+
+impl ReplError {
+    /// Wrap an engine error with what was being done.
+    pub fn engine(context: impl Into<String>, source: sluice_engine::Error) -> Self {
+        ReplError::Engine {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The replicator's public value types: configuration, mirror specs, status
+//! and lock views (serde, for the control API's `--json`), and the
+//! persisted relationship and checkpoint records.
+//!
+//! Invariants: persisted records are JSON under the pool attributes named
+//! in [`keys`]; every field added later must have a serde default so older
+//! pools still load.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sluice_lockproto::LeasePolicy;
+use uuid::Uuid;
+
+/// Pool-attribute keys the replicator owns.
+pub mod keys {
+    /// The relationship table (JSON list of `Relationship`).
+    pub const RELATIONSHIPS: &str = "repl.v1.relationships";
+    /// The lock table (`LockNode::to_bytes`).
+    pub const LOCKS: &str = "repl.v1.locks";
+    /// Prefix of a relationship's transfer checkpoint (JSON `Checkpoint`).
+    pub const CHECKPOINT_PREFIX: &str = "repl.v1.ckpt.";
+}
+
+/// How a node's replicator runs.
+#[derive(Debug, Clone)]
+pub struct ReplicatorConfig {
+    /// This node's name (unique in the cascade; peers see it in `Hello`).
+    pub node_name: String,
+    /// Shared secret for peer authentication; `None` accepts any peer.
+    pub peer_secret: Option<Vec<u8>>,
+    /// Lease put on the lock sets we send (ms).
+    pub lease_ms: u64,
+    /// Re-send every upstream its lock set at least this often (ms).
+    pub renew_every_ms: u64,
+    /// What happens to a downstream's locks whose lease ran out.
+    pub lease_policy: LeasePolicy,
+    /// Node-wide receive throttle (bytes per second) over all relationships.
+    pub node_throttle_bps: Option<u64>,
+    /// Demonstration switch: false = soft locks are not propagated (canary).
+    pub propagate_locks: bool,
+    /// Scheduler tick (lease checks, renewals, `--every` updates).
+    pub tick: Duration,
+    /// Connect/read/write timeout on peer sockets.
+    pub peer_timeout: Duration,
+}
+
+impl ReplicatorConfig {
+    /// Defaults: lease 60 s, renew every 20 s, keep stale locks, no throttle.
+    pub fn new(node_name: impl Into<String>) -> Self {
+        ReplicatorConfig {
+            node_name: node_name.into(),
+            peer_secret: None,
+            lease_ms: 60_000,
+            renew_every_ms: 20_000,
+            lease_policy: LeasePolicy::Keep,
+            node_throttle_bps: None,
+            propagate_locks: true,
+            tick: Duration::from_millis(500),
+            peer_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What `mirror create` is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorSpec {
+    /// Destination volume on this node (created; read-only for volume mirrors).
+    pub dst_volume: String,
+    /// Source node's `--listen` address (`host:port`).
+    pub source_addr: String,
+    /// Source volume.
+    pub source_volume: String,
+    /// Source qtree: `Some` makes a qtree mirror.
+    pub source_qtree: Option<String>,
+    /// Destination qtree of a qtree mirror (default: the source qtree's name).
+    pub dst_qtree: Option<String>,
+    /// Scheduled updates.
+    pub every: Option<Duration>,
+    /// Per-relationship throttle (bytes per second).
+    pub throttle_bps: Option<u64>,
+}
+
+/// Volume or qtree relationship.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorKind {
+    /// The whole volume (its own space and every qtree), snapshots included.
+    Volume,
+    /// One qtree into a qtree of the destination volume.
+    Qtree,
+}
+
+/// A snapshot named both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapRef {
+    /// Local name.
+    pub name: String,
+    /// Global id.
+    pub id: Uuid,
+    /// When it was taken where first taken (ms since the epoch).
+    pub created_unix_ms: u64,
+}
+
+/// What one transfer did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferReport {
+    /// Destination path (`vol` or `vol/qtree`).
+    pub dst: String,
+    /// `full`, `incremental` or `none` (already up to date).
+    pub kind: String,
+    /// Base snapshot (incremental).
+    pub base: Option<SnapRef>,
+    /// Target snapshot.
+    pub target: Option<SnapRef>,
+    /// Data bytes received in this session.
+    pub bytes: u64,
+    /// Extent frames received.
+    pub extents: u64,
+    /// Trim frames received.
+    pub trims: u64,
+    /// Position the transfer resumed from (0 = from the start).
+    pub resumed_from: u64,
+    /// Items of the whole transfer.
+    pub total_items: u64,
+    /// Snapshots deleted here because the source no longer has them.
+    pub deleted_snapshots: Vec<String>,
+    /// Snapshots kept although the source deleted them (locked here).
+    pub kept_locked: Vec<String>,
+    /// End time (ms since the epoch).
+    pub finished_unix_ms: u64,
+    /// Duration (ms).
+    pub duration_ms: u64,
+}
+
+/// Progress of a running transfer (callbacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Items done (including those skipped by a resume).
+    pub done_items: u64,
+    /// Items of the whole transfer.
+    pub total_items: u64,
+    /// Data bytes received in this session.
+    pub done_bytes: u64,
+    /// Data bytes announced for this session.
+    pub total_bytes: u64,
+}
+
+/// A persisted relationship (the destination's side drives it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relationship {
+    /// Destination path: `vol` (volume mirror) or `vol/qtree`.
+    pub dst: String,
+    /// Destination volume.
+    pub dst_volume: String,
+    /// Destination qtree (qtree mirror).
+    pub dst_qtree: Option<String>,
+    /// Source address.
+    pub source_addr: String,
+    /// Source volume.
+    pub source_volume: String,
+    /// Source qtree (qtree mirror).
+    pub source_qtree: Option<String>,
+    /// The source's node id, learnt at the first connection.
+    #[serde(default)]
+    pub source_node: Option<String>,
+    /// Kind.
+    pub kind: MirrorKind,
+    /// Broken: destination writable, updates refused until resync.
+    #[serde(default)]
+    pub broken: bool,
+    /// Scheduled updates (ms).
+    #[serde(default)]
+    pub every_ms: Option<u64>,
+    /// Throttle (bytes per second).
+    #[serde(default)]
+    pub throttle_bps: Option<u64>,
+    /// The source's snapshot ids at the last contact (oldest first).
+    #[serde(default)]
+    pub source_snaps: Vec<Uuid>,
+    /// Full transfers done.
+    #[serde(default)]
+    pub full_transfers: u64,
+    /// Incremental transfers done.
+    #[serde(default)]
+    pub incremental_transfers: u64,
+    /// The last successful transfer.
+    #[serde(default)]
+    pub last_transfer: Option<TransferReport>,
+    /// The last error, cleared by a success.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Newest snapshot both sides hold.
+    #[serde(default)]
+    pub common: Option<SnapRef>,
+}
+
+impl Relationship {
+    /// `addr/vol[/qtree]`.
+    pub fn source_path(&self) -> String {
+        match &self.source_qtree {
+            Some(q) => format!("{}/{}/{}", self.source_addr, self.source_volume, q),
+            None => format!("{}/{}", self.source_addr, self.source_volume),
+        }
+    }
+}
+
+/// A receiver's durable transfer checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Base of the interrupted transfer.
+    pub base: Option<Uuid>,
+    /// Target of the interrupted transfer.
+    pub target: Uuid,
+    /// Items durably applied.
+    pub position: u64,
+}
+
+/// `mirror status --json`: one relationship.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MirrorStatus {
+    /// Destination path.
+    pub dst: String,
+    /// Source `addr/vol[/qtree]`.
+    pub source: String,
+    /// Source node id (once known).
+    pub source_node: Option<String>,
+    /// `volume` or `qtree`.
+    pub kind: MirrorKind,
+    /// `idle`, `transferring` or `broken`.
+    pub state: String,
+    /// Newest common snapshot.
+    pub newest_common_snapshot: Option<SnapRef>,
+    /// Now minus the creation time of the newest common snapshot (ms).
+    pub lag_ms: Option<u64>,
+    /// Full transfers done.
+    pub full_transfers: u64,
+    /// Incremental transfers done.
+    pub incremental_transfers: u64,
+    /// The last successful transfer (kind, base, target, bytes).
+    pub last_transfer: Option<TransferReport>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// A checkpoint of an interrupted transfer, if any.
+    pub checkpoint: Option<Checkpoint>,
+    /// Scheduled interval (s).
+    pub every_secs: Option<u64>,
+    /// Throttle (bytes per second).
+    pub throttle_bps: Option<u64>,
+}
+
+/// `lock list --json`: one lock, both forms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LockView {
+    /// Local volume holding the snapshot (if it is here).
+    pub volume: Option<String>,
+    /// Local snapshot name (if it is here).
+    pub snapshot: Option<String>,
+    /// Global snapshot id.
+    pub snapshot_id: Uuid,
+    /// `owner`, `destination-path` or `qtree`.
+    pub kind: String,
+    /// User-visible string (application / path / qtree).
+    pub text: String,
+    /// Node where the dependency lives.
+    pub origin_node: String,
+    /// Nodes the lock travelled through, origin side first.
+    pub hop_path: Vec<String>,
+    /// `active` or `stale`.
+    pub state: String,
+    /// Created (ms since the epoch).
+    pub created_unix_ms: u64,
+    /// Renewed (ms since the epoch).
+    pub renewed_unix_ms: u64,
+    /// Lease (ms).
+    pub lease_ms: u64,
+    /// What `lock release --holder` takes to end it (application owner, or
+    /// the downstream node it came through).
+    pub holder: String,
+    /// Second form: the resource protected.
+    pub resource_id: Uuid,
+    /// Second form: the downstream dataset that needs it.
+    pub locking_dataset_id: String,
+}
+
+/// Why prune kept a snapshot it would otherwise delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PruneSkip {
+    /// Snapshot name.
+    pub snapshot: String,
+    /// Human reason.
+    pub reason: String,
+    /// The locks holding it.
+    pub holders: Vec<LockView>,
+}
+
+/// What prune did (or would do with `dry_run`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PrunePlan {
+    /// Volume.
+    pub volume: String,
+    /// Snapshots kept by count.
+    pub keep: usize,
+    /// Preview only.
+    pub dry_run: bool,
+    /// Deleted (or would be).
+    pub deleted: Vec<String>,
+    /// Kept because newest.
+    pub kept_recent: Vec<String>,
+    /// Kept because locked or in a transfer.
+    pub skipped: Vec<PruneSkip>,
+}
