@@ -1,3 +1,21 @@
 //! NBD server: the fixed-newstyle handshake and the transmission phase,
 //! exporting volumes, qtrees and snapshots of the engine to real block
-//! clients. (Being written: issue 4.)
+//! clients (`qemu-io`, `qemu-img`, `fio --ioengine=nbd`, the kernel).
+//!
+//! - [`proto`]: the sans-IO codec (byte layouts, bounds, option decisions).
+//! - [`server`]: the socket shell ([`NbdServer`]): an accept thread, and per
+//!   connection a reader thread (parse, submit to the engine) and a writer
+//!   thread (send replies as completions arrive, out of order).
+//! - [`metrics`]: [`NbdMetrics`], Prometheus text.
+//!
+//! Exports: `VOL` and `VOL/QTREE` read-write (unless the volume is a
+//! read-only mirror destination), `VOL@SNAP` and `VOL/QTREE@SNAP`
+//! read-only. Export size = namespace size.
+
+pub mod metrics;
+pub mod proto;
+pub mod server;
+
+pub use metrics::NbdMetrics;
+pub use proto::NbdError;
+pub use server::{NbdOptions, NbdServer};
