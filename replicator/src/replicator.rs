@@ -429,7 +429,11 @@ impl Replicator {
         let addr = self
             .upstream_addr(upstream)
             .ok_or_else(|| ReplError::NotFound(format!("address of upstream node {upstream}")))?;
-        let mut c = self.connect(&addr)?;
+        self.deliver_to(&addr, upstream, set)
+    }
+
+    fn deliver_to(&self, addr: &str, upstream: &str, set: &LockSet) -> Result<Vec<Uuid>> {
+        let mut c = self.connect(addr)?;
         if c.peer_node != upstream {
             return Err(ReplError::Invalid(format!(
                 "{addr} is node {}, not the upstream {upstream}",
@@ -1088,7 +1092,7 @@ impl Replicator {
         }
         self.perform(rest, None);
         if let Some(set) = final_set {
-            if let Err(e) = self.deliver_now(&up, &set) {
+            if let Err(e) = self.deliver_to(&r.source_addr, &up, &set) {
                 tracing::warn!(upstream = %up, error = %e, "final lock set not delivered; the upstream releases our locks when their lease ends");
             }
         }

@@ -1,0 +1,264 @@
+//! Cascades over real TCP between real engines: chains, fan-out, qtree
+//! mirrors, soft locks end to end, restarts.
+
+mod common;
+
+use common::*;
+use sluice_engine::api::NsName;
+use sluice_replicator::{MirrorSpec, ReplError};
+
+const QBYTES: u64 = 2 << 20;
+
+fn same(a: &Node, av: &str, b: &Node, bv: &str, snap: &str, qtree: Option<&str>) {
+    let blocks = match qtree {
+        Some(_) => QBYTES / 4096,
+        None => VOL_BLOCKS,
+    };
+    let an = match qtree {
+        Some(q) => NsName::qtree(av, q),
+        None => NsName::volume(av),
+    };
+    let bn = match qtree {
+        Some(q) => NsName::qtree(bv, q),
+        None => NsName::volume(bv),
+    };
+    let x = a.read_all(&an, Some(snap), blocks);
+    let y = b.read_all(&bn, Some(snap), blocks);
+    assert!(x == y, "{}:{an}@{snap} differs from {}:{bn}@{snap}", a.name, b.name);
+}
+
+/// Chain A -> B -> C, A prunes to 1 snapshot every round, C lags: every
+/// update after the baselines is incremental and content is identical.
+#[test]
+fn chain_stays_incremental_with_keep_one_pruning() {
+    let seed = seed("chain_stays_incremental_with_keep_one_pruning");
+    let mut r = rng(seed);
+    let (a, b, c) = (Node::start("A"), Node::start("B"), Node::start("C"));
+    a.create_volume("v");
+    a.create_qtree("v", "q", QBYTES);
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 300, &mut r);
+    a.churn(&NsName::qtree("v", "q"), QBYTES / 4096, 50, &mut r);
+    a.snap("v", "s1");
+    let rep = b.repl.mirror_create(spec("v", &a, "v")).expect("B baseline");
+    assert_eq!(rep.kind, "full");
+    let rep = c.repl.mirror_create(spec("v", &b, "v")).expect("C baseline");
+    assert_eq!(rep.kind, "full");
+    same(&a, "v", &c, "v", "s1", None);
+    same(&a, "v", &c, "v", "s1", Some("q"));
+    let mut c_skipped_by_locks = false;
+    for round in 2..=7 {
+        a.churn(&NsName::volume("v"), VOL_BLOCKS, 60, &mut r);
+        a.churn(&NsName::qtree("v", "q"), QBYTES / 4096, 10, &mut r);
+        let s = format!("s{round}");
+        a.snap("v", &s);
+        let plan = a.repl.prune("v", 1, false).expect("prune A");
+        c_skipped_by_locks |= plan
+            .skipped
+            .iter()
+            .any(|k| k.holders.iter().any(|h| h.origin_node == "C"));
+        let rep = b.repl.mirror_update("v", &noprog).expect("B update");
+        assert_eq!(rep.kind, "incremental", "round {round}: {rep:?}");
+        same(&a, "v", &b, "v", &s, None);
+        b.repl.prune("v", 1, false).expect("prune B");
+        if round % 3 == 0 {
+            let rep = c.repl.mirror_update("v", &noprog).expect("C update");
+            assert_eq!(rep.kind, "incremental", "round {round}: {rep:?}");
+            same(&a, "v", &c, "v", &s, None);
+            same(&a, "v", &c, "v", &s, Some("q"));
+        }
+    }
+    assert!(c_skipped_by_locks, "A's prune never had to keep C's base");
+    let rep = c.repl.mirror_update("v", &noprog).expect("C final update");
+    assert_eq!(rep.kind, "incremental");
+    same(&a, "v", &c, "v", "s7", None);
+    same(&a, "v", &c, "v", "s7", Some("q"));
+    let digest = |n: &Node| n.snaps("v").into_iter().find(|s| s.name == "s7").unwrap().digests;
+    assert_eq!(digest(&a), digest(&c));
+    for n in [&b, &c] {
+        let st = n.repl.mirror_status();
+        assert_eq!(st.len(), 1);
+        assert_eq!(st[0].full_transfers, 1, "{}: {:?}", n.name, st[0]);
+        assert!(st[0].incremental_transfers >= 2);
+        assert_eq!(st[0].newest_common_snapshot.as_ref().unwrap().name, "s7");
+    }
+    let mut m = String::new();
+    b.repl.render_metrics(&mut m);
+    assert!(m.contains("sluice_repl_transfers_total{dst=\"v\",kind=\"incremental\"}"));
+    for n in [a, b, c] {
+        n.shutdown();
+    }
+}
+
+/// An application lock on C protects the snapshot on B and A, named
+/// everywhere; releasing it frees it.
+#[test]
+fn app_lock_on_c_protects_upstream() {
+    let (a, b, c) = (Node::start("A"), Node::start("B"), Node::start("C"));
+    let mut r = rng(seed("app_lock_on_c_protects_upstream"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 50, &mut r);
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    c.repl.mirror_create(spec("v", &b, "v")).unwrap();
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s2");
+    b.repl.mirror_update("v", &noprog).unwrap();
+    c.repl.mirror_update("v", &noprog).unwrap();
+    let v = c.repl.lock_add("v", "s1", "backup", Some("nightly copy")).unwrap();
+    assert_eq!(v.origin_node, "C");
+    assert_eq!(v.kind, "owner");
+    let on_a = |a: &Node| {
+        a.repl
+            .lock_list()
+            .into_iter()
+            .find(|l| l.kind == "owner" && l.snapshot.as_deref() == Some("s1"))
+    };
+    wait_for("the app lock reaches A", || on_a(&a).is_some());
+    let l = on_a(&a).unwrap();
+    assert_eq!(l.text, "backup: nightly copy");
+    assert_eq!(l.origin_node, "C");
+    assert_eq!(l.hop_path, vec!["C".to_string(), "B".to_string()]);
+    assert_eq!(l.state, "active");
+    assert!(l.locking_dataset_id.starts_with("C:"));
+    match a.repl.snap_delete("v", "s1", false) {
+        Err(ReplError::Locked { holders, .. }) => assert!(holders.contains("backup"), "{holders}"),
+        other => panic!("delete of a locked snapshot: {other:?}"),
+    }
+    let plan = a.repl.prune("v", 1, true).unwrap();
+    assert!(plan.deleted.is_empty() && plan.skipped.len() == 1, "{plan:?}");
+    // B's own snapshots are protected too.
+    assert!(b.repl.snap_delete("v", "s1", false).is_err());
+    c.repl.lock_release("v", "s1", "backup").unwrap();
+    wait_for("the release reaches A", || on_a(&a).is_none());
+    a.repl.snap_delete("v", "s1", false).expect("unlocked now");
+    for n in [a, b, c] {
+        n.shutdown();
+    }
+}
+
+/// Fan-out A -> B and A -> D with different bases: both survive A's
+/// pruning; deleting D's mirror releases its locks on A.
+#[test]
+fn fan_out_two_downstreams_lock_different_snapshots() {
+    let (a, b, d) = (Node::start("A"), Node::start("B"), Node::start("D"));
+    let mut r = rng(seed("fan_out_two_downstreams_lock_different_snapshots"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 50, &mut r);
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s2");
+    d.repl.mirror_create(spec("dv", &a, "v")).unwrap();
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s3");
+    let plan = a.repl.prune("v", 1, false).unwrap();
+    assert!(plan.deleted.is_empty(), "{plan:?}");
+    assert_eq!(plan.skipped.len(), 2);
+    assert_eq!(a.snap_names("v"), vec!["s1", "s2", "s3"]);
+    assert_eq!(b.repl.mirror_update("v", &noprog).unwrap().kind, "incremental");
+    assert_eq!(d.repl.mirror_update("dv", &noprog).unwrap().kind, "incremental");
+    same(&a, "v", &b, "v", "s3", None);
+    same(&a, "v", &d, "dv", "s3", None);
+    // Both now depend on s3 only: s1 and s2 go.
+    let plan = a.repl.prune("v", 1, false).unwrap();
+    assert_eq!(plan.deleted, vec!["s1", "s2"], "{plan:?}");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s4");
+    b.repl.mirror_update("v", &noprog).unwrap();
+    // D still holds s3; deleting D's mirror releases it on A.
+    assert!(a.repl.snap_delete("v", "s3", false).is_err());
+    d.repl.mirror_delete("dv").unwrap();
+    assert!(d.repl.mirror_status().is_empty());
+    let plan = a.repl.prune("v", 1, false).unwrap();
+    assert_eq!(plan.deleted, vec!["s3"], "{plan:?}");
+    for n in [a, b, d] {
+        n.shutdown();
+    }
+}
+
+/// Qtree mirror A:v/q -> B:bq/q, then B's qtree mirrored on to C: a qtree
+/// mirror is cascadable and stays incremental.
+#[test]
+fn qtree_mirror_in_a_cascade() {
+    let (a, b, c) = (Node::start("A"), Node::start("B"), Node::start("C"));
+    let mut r = rng(seed("qtree_mirror_in_a_cascade"));
+    a.create_volume("v");
+    a.create_qtree("v", "q", QBYTES);
+    let q = NsName::qtree("v", "q");
+    a.churn(&q, QBYTES / 4096, 80, &mut r);
+    a.snap("v", "s1");
+    let qspec = |dst: &str, src: &Node, vol: &str| MirrorSpec {
+        source_qtree: Some("q".into()),
+        ..spec(dst, src, vol)
+    };
+    assert_eq!(b.repl.mirror_create(qspec("bq", &a, "v")).unwrap().kind, "full");
+    assert_eq!(c.repl.mirror_create(qspec("cq", &b, "bq")).unwrap().kind, "full");
+    for round in 2..=3 {
+        a.churn(&q, QBYTES / 4096, 20, &mut r);
+        let s = format!("s{round}");
+        a.snap("v", &s);
+        a.repl.prune("v", 1, false).unwrap();
+        assert_eq!(b.repl.mirror_update("bq/q", &noprog).unwrap().kind, "incremental");
+        assert_eq!(c.repl.mirror_update("cq/q", &noprog).unwrap().kind, "incremental");
+        let x = a.read_all(&q, Some(&s), QBYTES / 4096);
+        let y = c.read_all(&NsName::qtree("cq", "q"), Some(&s), QBYTES / 4096);
+        assert!(x == y, "round {round}: qtree content differs");
+    }
+    let st = c.repl.mirror_status();
+    assert_eq!(st[0].kind, sluice_replicator::MirrorKind::Qtree);
+    for n in [a, b, c] {
+        n.shutdown();
+    }
+}
+
+/// Restarting replicators keeps relationships, the lock table and the
+/// ability to update incrementally.
+#[test]
+fn restart_keeps_relationships_and_locks() {
+    let (mut a, mut b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed("restart_keeps_relationships_and_locks"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 50, &mut r);
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    b.repl.lock_add("v", "s1", "app", None).unwrap();
+    b.restart();
+    a.restart();
+    let st = b.repl.mirror_status();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].full_transfers, 1);
+    assert!(b.repl.lock_list().iter().any(|l| l.kind == "owner" && l.text == "app"));
+    assert!(
+        a.repl.lock_list().iter().any(|l| l.origin_node == "B"),
+        "A lost B's locks over a restart"
+    );
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s2");
+    a.repl.prune("v", 1, false).unwrap();
+    assert_eq!(b.repl.mirror_update("v", &noprog).unwrap().kind, "incremental");
+    same(&a, "v", &b, "v", "s2", None);
+    // s1 stays on A and B: B's application lock.
+    assert!(a.snap_names("v").contains(&"s1".to_string()));
+    assert!(b.snap_names("v").contains(&"s1".to_string()));
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
+/// `--every`: the scheduler pulls new snapshots by itself.
+#[test]
+fn scheduled_updates_pull_new_snapshots() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    a.create_volume("v");
+    a.snap("v", "s1");
+    let s = MirrorSpec {
+        every: Some(std::time::Duration::from_millis(200)),
+        ..spec("v", &a, "v")
+    };
+    b.repl.mirror_create(s).unwrap();
+    a.snap("v", "s2");
+    wait_for("B pulls s2 by schedule", || b.snap_names("v").contains(&"s2".to_string()));
+    for n in [a, b] {
+        n.shutdown();
+    }
+}

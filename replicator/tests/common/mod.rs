@@ -1,0 +1,333 @@
+//! Test harness that plays the daemon: per node a file-backed pool, an
+//! engine, a `Replicator` and an accept loop on 127.0.0.1 that hands every
+//! connection to `handle_peer`. A node can be restarted on the same pool
+//! file and port. Also a fault-injecting TCP proxy (cut after N bytes, or
+//! flip one byte at offset N of the source-to-destination stream).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use sluice_engine::api::{Image, NsName, Reply, Request, SnapshotInfo};
+use sluice_engine::device::uring::{UringDevice, UringOptions};
+use sluice_engine::device::AlignedBuf;
+use sluice_engine::shard::{Engine, EngineHandle, EngineOptions};
+use sluice_engine::{FormatOptions, Pool};
+use sluice_replicator::{Replicator, ReplicatorConfig};
+
+pub const POOL_BYTES: u64 = 96 << 20;
+pub const VOL_BYTES: u64 = 8 << 20;
+pub const VOL_BLOCKS: u64 = VOL_BYTES / 4096;
+
+/// Seed from `SLUICE_SEED` or fresh; printed so a failure can be replayed.
+pub fn seed(test: &str) -> u64 {
+    let s = std::env::var("SLUICE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("{test}: SLUICE_SEED={s}");
+    s
+}
+
+pub fn rng(seed: u64) -> rand::rngs::SmallRng {
+    rand::rngs::SmallRng::seed_from_u64(seed)
+}
+
+type Slot = Arc<Mutex<Option<Arc<Replicator>>>>;
+
+pub struct Node {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub engine: EngineHandle,
+    pub repl: Arc<Replicator>,
+    pub addr: String,
+    slot: Slot,
+    stop: Arc<AtomicBool>,
+    pub cfg: ReplicatorConfig,
+}
+
+pub fn config(name: &str, secret: Option<&[u8]>) -> ReplicatorConfig {
+    let mut c = ReplicatorConfig::new(name);
+    c.peer_secret = secret.map(<[u8]>::to_vec);
+    c.tick = Duration::from_millis(100);
+    c.peer_timeout = Duration::from_secs(10);
+    c
+}
+
+impl Node {
+    pub fn start(name: &str) -> Node {
+        Node::with_config(config(name, None))
+    }
+
+    pub fn with_config(cfg: ReplicatorConfig) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pool.img");
+        let dev = UringDevice::create(&path, POOL_BYTES, UringOptions::default()).expect("pool file");
+        let pool = Pool::format(dev, FormatOptions::default()).expect("format");
+        let engine = Engine::start(pool, EngineOptions::default());
+        let repl = Replicator::start(engine.clone(), cfg.clone()).expect("replicator start");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let slot: Slot = Arc::new(Mutex::new(Some(repl.clone())));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let slot = slot.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(s) = s else { continue };
+                    let r = slot.lock().unwrap().clone();
+                    if let Some(r) = r {
+                        std::thread::spawn(move || r.handle_peer(s));
+                    }
+                }
+            });
+        }
+        Node {
+            name: cfg.node_name.clone(),
+            dir,
+            engine,
+            repl,
+            addr,
+            slot,
+            stop,
+            cfg,
+        }
+    }
+
+    fn pool_path(&self) -> PathBuf {
+        self.dir.path().join("pool.img")
+    }
+
+    /// Stop the replicator and the engine, reopen the same pool file and
+    /// start a new replicator behind the same port.
+    pub fn restart(&mut self) {
+        self.restart_with(self.cfg.clone());
+    }
+
+    pub fn restart_with(&mut self, cfg: ReplicatorConfig) {
+        *self.slot.lock().unwrap() = None;
+        self.repl.shutdown();
+        self.engine.shutdown().expect("engine shutdown");
+        let dev = UringDevice::open(&self.pool_path(), UringOptions::default()).expect("reopen");
+        let pool = Pool::open(dev).expect("pool open");
+        self.engine = Engine::start(pool, EngineOptions::default());
+        self.repl = Replicator::start(self.engine.clone(), cfg.clone()).expect("restart");
+        self.cfg = cfg;
+        *self.slot.lock().unwrap() = Some(self.repl.clone());
+    }
+
+    pub fn create_volume(&self, vol: &str) {
+        self.engine
+            .call(Request::CreateVolume {
+                name: vol.into(),
+                size_bytes: VOL_BYTES,
+            })
+            .expect("create volume");
+    }
+
+    pub fn create_qtree(&self, vol: &str, q: &str, size: u64) {
+        self.engine
+            .call(Request::CreateQtree {
+                volume: vol.into(),
+                name: q.into(),
+                size_bytes: size,
+            })
+            .expect("create qtree");
+    }
+
+    /// Write `n` random blocks (random content, some trims) into `ns`.
+    pub fn churn(&self, ns: &NsName, blocks: u64, n: u64, r: &mut impl Rng) {
+        for _ in 0..n {
+            let lba = r.gen_range(0..blocks);
+            if r.gen_ratio(1, 12) {
+                let len = r.gen_range(1..8).min(blocks - lba);
+                self.engine
+                    .call(Request::Trim {
+                        ns: ns.clone(),
+                        lba,
+                        len_blocks: len,
+                        replica: false,
+                    })
+                    .expect("trim");
+                continue;
+            }
+            let len = r.gen_range(1..4u64).min(blocks - lba);
+            let mut b = AlignedBuf::zeroed(len as usize);
+            r.fill(b.as_mut_slice());
+            self.engine
+                .call(Request::Write {
+                    ns: ns.clone(),
+                    lba,
+                    data: b,
+                    fua: false,
+                    replica: false,
+                })
+                .expect("write");
+        }
+    }
+
+    pub fn snap(&self, vol: &str, name: &str) -> SnapshotInfo {
+        self.repl.snap_create(vol, name).expect("snap create")
+    }
+
+    pub fn snaps(&self, vol: &str) -> Vec<SnapshotInfo> {
+        match self.engine.call(Request::ListSnapshots { volume: vol.into() }) {
+            Ok(Reply::Snapshots(s)) => s,
+            other => panic!("list snapshots of {vol}: {other:?}"),
+        }
+    }
+
+    pub fn snap_names(&self, vol: &str) -> Vec<String> {
+        self.snaps(vol).into_iter().map(|s| s.name).collect()
+    }
+
+    /// Whole image of a namespace (live or snapshot) as bytes.
+    pub fn read_all(&self, ns: &NsName, snapshot: Option<&str>, blocks: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity((blocks * 4096) as usize);
+        let mut lba = 0;
+        while lba < blocks {
+            let n = (blocks - lba).min(1024);
+            match self.engine.call(Request::Read {
+                image: Image {
+                    ns: ns.clone(),
+                    snapshot: snapshot.map(str::to_string),
+                },
+                lba,
+                len_blocks: n as u32,
+            }) {
+                Ok(Reply::Data(d)) => out.extend_from_slice(d.as_slice()),
+                other => panic!("read {ns}: {other:?}"),
+            }
+            lba += n;
+        }
+        out
+    }
+
+    pub fn shutdown(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        *self.slot.lock().unwrap() = None;
+        self.repl.shutdown();
+        let _ = TcpStream::connect(&self.addr);
+        let _ = self.engine.shutdown();
+    }
+}
+
+pub fn spec(dst: &str, src: &Node, vol: &str) -> sluice_replicator::MirrorSpec {
+    sluice_replicator::MirrorSpec {
+        dst_volume: dst.into(),
+        source_addr: src.addr.clone(),
+        source_volume: vol.into(),
+        source_qtree: None,
+        dst_qtree: None,
+        every: None,
+        throttle_bps: None,
+    }
+}
+
+/// Poll `f` until it holds (a correctness wait, not a timing assertion).
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < end, "gave up waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn noprog(_: sluice_replicator::Progress) {}
+
+/// What the proxy does to the upstream-to-downstream byte stream.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Forward everything.
+    None,
+    /// Close both sides after this many bytes from the upstream.
+    CutAfter(u64),
+    /// Flip one bit of the byte at this offset from the upstream.
+    FlipAt(u64),
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target`; the fault applies to
+/// the next connection only (then it forwards cleanly).
+pub struct Proxy {
+    pub addr: String,
+    fault: Arc<Mutex<Fault>>,
+    pub down_bytes: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    pub fn start(target: &str) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = l.local_addr().unwrap().to_string();
+        let fault = Arc::new(Mutex::new(Fault::None));
+        let down_bytes = Arc::new(AtomicU64::new(0));
+        let target = target.to_string();
+        {
+            let fault = fault.clone();
+            let down_bytes = down_bytes.clone();
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    let Ok(client) = c else { continue };
+                    let Ok(server) = TcpStream::connect(&target) else { continue };
+                    let f = std::mem::replace(&mut *fault.lock().unwrap(), Fault::None);
+                    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || pump(c2, s2, Fault::None, None));
+                    let db = down_bytes.clone();
+                    std::thread::spawn(move || pump(server, client, f, Some(db)));
+                }
+            });
+        }
+        Proxy {
+            addr,
+            fault,
+            down_bytes,
+        }
+    }
+
+    pub fn arm(&self, f: Fault) {
+        *self.fault.lock().unwrap() = f;
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, count: Option<Arc<AtomicU64>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut seen: u64 = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        match fault {
+            Fault::CutAfter(limit) if seen + n as u64 >= limit => {
+                let keep = (limit - seen) as usize;
+                let _ = to.write_all(&chunk[..keep]);
+                if let Some(c) = &count {
+                    c.fetch_add(keep as u64, Ordering::SeqCst);
+                }
+                break;
+            }
+            Fault::FlipAt(at) if at >= seen && at < seen + n as u64 => {
+                chunk[(at - seen) as usize] ^= 0x10;
+            }
+            _ => {}
+        }
+        seen += n as u64;
+        if let Some(c) = &count {
+            c.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
