@@ -1,13 +1,21 @@
-//! The `sluice` binary. Today: `sluice demo` (the engine on a file-backed
-//! pool). The daemon, CLI and NBD server come with the node issue.
+//! The `sluice` binary: parses the command line and hands over to the
+//! library (`sluice::daemon`, `sluice::cli`, the demo). Errors print as one
+//! line on stderr and exit non-zero.
 
 mod demo;
 
 use clap::{Parser, Subcommand};
+use sluice::cli::{self, Command};
+use sluice::config::{ConfigFile, ServeConfig};
+use sluice::units::{fmt_bytes, parse_size};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Snapshot-replication block storage")]
 struct Cli {
+    /// The node to talk to: the address its `serve --listen` was given.
+    #[arg(long, global = true, env = "SLUICE_NODE")]
+    node: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -16,10 +24,276 @@ struct Cli {
 enum Cmd {
     /// Run the demonstration on files in a temporary folder.
     Demo,
+    /// Format a device, or a file (created at --size).
+    Init {
+        path: PathBuf,
+        #[arg(long)]
+        size: Option<String>,
+        /// Format even if the device already holds a pool (destroys it).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a node: the engine, the control API and NBD.
+    Serve {
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long)]
+        listen: Option<String>,
+        #[arg(long)]
+        nbd: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Volumes.
+    Vol {
+        #[command(subcommand)]
+        cmd: VolCmd,
+    },
+    /// Qtrees (named block namespaces inside a volume).
+    Qtree {
+        #[command(subcommand)]
+        cmd: QtreeCmd,
+    },
+    /// Snapshots.
+    Snap {
+        #[command(subcommand)]
+        cmd: SnapCmd,
+    },
+    /// Delete the oldest snapshots beyond the newest N.
+    Prune {
+        volume: String,
+        #[arg(long)]
+        keep: usize,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What changed between two snapshots (or since nothing).
+    Diff {
+        volume: String,
+        target: String,
+        #[arg(long)]
+        base: Option<String>,
+        #[arg(long)]
+        qtree: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The node's state: space, volumes, snapshots.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+#[derive(Subcommand)]
+enum VolCmd {
+    Create {
+        volume: String,
+        #[arg(long)]
+        size: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QtreeCmd {
+    Create {
+        volume: String,
+        qtree: String,
+        #[arg(long)]
+        size: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapCmd {
+    Create {
+        volume: String,
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        volume: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Delete {
+        volume: String,
+        snapshot: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // The daemon and the demo log at info; one-shot commands only warn, so
+    // their output stays what the operator asked for.
+    let default_level = match cli.cmd {
+        Cmd::Serve { .. } | Cmd::Demo => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+/// The error and those of its causes that its text does not already
+/// include, joined on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = |cmd: Command, json: bool| -> anyhow::Result<()> {
+        let node = cli
+            .node
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("this command talks to a node: give --node <ADDR> (the node's --listen address) or set SLUICE_NODE"))?;
+        Ok(cli::run(node, cmd, json)?)
+    };
+    match &cli.cmd {
         Cmd::Demo => demo::run(),
+        Cmd::Init { path, size, force } => {
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let bytes = sluice::daemon::init(path, size, *force)?;
+            println!(
+                "formatted {} as a sluice pool ({})",
+                path.display(),
+                fmt_bytes(bytes)
+            );
+            Ok(())
+        }
+        Cmd::Serve {
+            data,
+            listen,
+            nbd,
+            name,
+            config,
+        } => {
+            let file = match config {
+                Some(p) => ConfigFile::load(p)?,
+                None => ConfigFile::default(),
+            };
+            let cfg = ServeConfig::resolve(
+                file,
+                data.clone(),
+                listen.clone(),
+                nbd.clone(),
+                name.clone(),
+            )?;
+            Ok(sluice::daemon::serve(cfg)?)
+        }
+        Cmd::Vol { cmd } => match cmd {
+            VolCmd::Create { volume, size } => client(
+                Command::VolCreate {
+                    name: volume.clone(),
+                    size: size.clone(),
+                },
+                false,
+            ),
+            VolCmd::List { json } => client(Command::VolList, *json),
+        },
+        Cmd::Qtree { cmd } => match cmd {
+            QtreeCmd::Create {
+                volume,
+                qtree,
+                size,
+            } => client(
+                Command::QtreeCreate {
+                    volume: volume.clone(),
+                    name: qtree.clone(),
+                    size: size.clone(),
+                },
+                false,
+            ),
+        },
+        Cmd::Snap { cmd } => match cmd {
+            SnapCmd::Create {
+                volume,
+                snapshot,
+                json,
+            } => client(
+                Command::SnapCreate {
+                    volume: volume.clone(),
+                    name: snapshot.clone(),
+                },
+                *json,
+            ),
+            SnapCmd::List { volume, json } => client(
+                Command::SnapList {
+                    volume: volume.clone(),
+                },
+                *json,
+            ),
+            SnapCmd::Delete {
+                volume,
+                snapshot,
+                force,
+            } => client(
+                Command::SnapDelete {
+                    volume: volume.clone(),
+                    name: snapshot.clone(),
+                    force: *force,
+                },
+                false,
+            ),
+        },
+        Cmd::Prune {
+            volume,
+            keep,
+            dry_run,
+            json,
+        } => client(
+            Command::Prune {
+                volume: volume.clone(),
+                keep: *keep,
+                dry_run: *dry_run,
+            },
+            *json,
+        ),
+        Cmd::Diff {
+            volume,
+            target,
+            base,
+            qtree,
+            json,
+        } => client(
+            Command::Diff {
+                volume: volume.clone(),
+                qtree: qtree.clone(),
+                base: base.clone(),
+                target: target.clone(),
+            },
+            *json,
+        ),
+        Cmd::Status { json } => client(Command::Status, *json),
     }
 }

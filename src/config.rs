@@ -1,0 +1,115 @@
+//! `sluice serve` settings: from the command line, from a TOML file
+//! (`--config`), or both (the command line wins). Unknown keys in the file
+//! are errors, so a typo is never silently ignored.
+//!
+//! ```toml
+//! data = "/dev/loop0"          # pool device or file (sluice init first)
+//! listen = "127.0.0.1:7000"    # control API, /metrics, peers
+//! nbd = "127.0.0.1:10809"      # NBD exports (optional)
+//! name = "node-a"              # node name (default: the listen address)
+//! checkpoint_interval_ms = 5000
+//! direct_io = true
+//! ```
+
+use crate::error::{NodeError, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub data: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub nbd: Option<String>,
+    pub name: Option<String>,
+    pub checkpoint_interval_ms: Option<u64>,
+    pub direct_io: Option<bool>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile> {
+        let err = |reason: String| NodeError::Config {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string().replace('\n', " ")))
+    }
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub data: PathBuf,
+    pub listen: String,
+    pub nbd: Option<String>,
+    /// Node name; `None`: the bound listen address.
+    pub name: Option<String>,
+    pub checkpoint_interval: Duration,
+    pub direct_io: bool,
+}
+
+impl ServeConfig {
+    /// Merge command-line values over the file's.
+    pub fn resolve(
+        file: ConfigFile,
+        data: Option<PathBuf>,
+        listen: Option<String>,
+        nbd: Option<String>,
+        name: Option<String>,
+    ) -> Result<ServeConfig> {
+        let data = data.or(file.data).ok_or_else(|| {
+            NodeError::Invalid("serve needs --data <PATH> (or `data` in the config file)".into())
+        })?;
+        let listen = listen.or(file.listen).ok_or_else(|| {
+            NodeError::Invalid(
+                "serve needs --listen <ADDR> (or `listen` in the config file)".into(),
+            )
+        })?;
+        let cp_ms = file.checkpoint_interval_ms.unwrap_or(5000);
+        if cp_ms == 0 {
+            return Err(NodeError::Invalid(
+                "checkpoint_interval_ms must be greater than zero".into(),
+            ));
+        }
+        Ok(ServeConfig {
+            name: name.or(file.name),
+            data,
+            listen,
+            nbd: nbd.or(file.nbd),
+            checkpoint_interval: Duration::from_millis(cp_ms),
+            direct_io: file.direct_io.unwrap_or(true),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let f: ConfigFile = toml::from_str(
+            "data = \"/tmp/p\"\nlisten = \"127.0.0.1:1\"\nnbd = \"127.0.0.1:2\"\ncheckpoint_interval_ms = 100\n",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(f.clone(), None, None, None, None).unwrap();
+        assert_eq!(c.name, None);
+        assert_eq!(c.nbd.as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(c.checkpoint_interval, Duration::from_millis(100));
+        let c = ServeConfig::resolve(f, None, Some("127.0.0.1:3".into()), None, Some("a".into()))
+            .unwrap();
+        assert_eq!(
+            (c.listen.as_str(), c.name.as_deref()),
+            ("127.0.0.1:3", Some("a"))
+        );
+    }
+
+    #[test]
+    fn typos_and_gaps_are_errors() {
+        assert!(toml::from_str::<ConfigFile>("lisen = \"x\"").is_err());
+        let e = ServeConfig::resolve(ConfigFile::default(), None, None, None, None).unwrap_err();
+        assert!(e.to_string().contains("--data"));
+    }
+}

@@ -1,0 +1,302 @@
+//! The control API: JSON lines over TCP on the node's `--listen` address.
+//!
+//! One request object per line, answered by zero or more progress lines
+//! (`{"progress": {...}}`, for long operations) and then exactly one final
+//! line: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
+//! A connection may carry many requests in turn. Lines are bounded
+//! ([`LINE_MAX`]); a longer line, bad JSON or an unknown op gets an error
+//! response naming the problem, and the connection stays usable (except
+//! after an over-long line, which closes it). Every op is listed in
+//! `docs/CONTROL.md`.
+//!
+//! This module owns the bytes (request enum, response lines) and the client
+//! side; [`crate::node::Node::execute`] gives the ops their meaning.
+
+use crate::error::{NodeError, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// Longest request or response line, in bytes.
+pub const LINE_MAX: usize = 1 << 20;
+
+/// Every control operation. The JSON form is internally tagged by `op`, e.g.
+/// `{"op":"vol_create","name":"vol0","size_bytes":1073741824}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    VolCreate {
+        name: String,
+        size_bytes: u64,
+    },
+    VolList,
+    QtreeCreate {
+        volume: String,
+        name: String,
+        size_bytes: u64,
+    },
+    SnapCreate {
+        volume: String,
+        name: String,
+    },
+    SnapList {
+        volume: String,
+    },
+    SnapDelete {
+        volume: String,
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Prune {
+        volume: String,
+        keep: usize,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Changed extents of a volume (or qtree) between two snapshots.
+    Diff {
+        volume: String,
+        #[serde(default)]
+        qtree: Option<String>,
+        #[serde(default)]
+        base: Option<String>,
+        target: String,
+    },
+    Status,
+}
+
+impl ControlRequest {
+    /// The op's wire name, for logs and metrics.
+    pub fn op(&self) -> &'static str {
+        match self {
+            ControlRequest::VolCreate { .. } => "vol_create",
+            ControlRequest::VolList => "vol_list",
+            ControlRequest::QtreeCreate { .. } => "qtree_create",
+            ControlRequest::SnapCreate { .. } => "snap_create",
+            ControlRequest::SnapList { .. } => "snap_list",
+            ControlRequest::SnapDelete { .. } => "snap_delete",
+            ControlRequest::Prune { .. } => "prune",
+            ControlRequest::Diff { .. } => "diff",
+            ControlRequest::Status => "status",
+        }
+    }
+}
+
+/// Parse one request line; the error says what was wrong with it.
+pub fn parse_request(line: &str) -> Result<ControlRequest> {
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| NodeError::BadRequest(format!("not a JSON object: {e}")))?;
+    if !v.is_object() {
+        return Err(NodeError::BadRequest("not a JSON object".into()));
+    }
+    match v.get("op") {
+        None => return Err(NodeError::BadRequest("missing \"op\" field".into())),
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(NodeError::BadRequest("\"op\" must be a string".into())),
+    }
+    serde_json::from_value(v).map_err(|e| NodeError::BadRequest(e.to_string()))
+}
+
+/// The final response line for a result.
+pub fn response_line(result: &Result<Value>) -> String {
+    let v = match result {
+        Ok(r) => serde_json::json!({ "ok": true, "result": r }),
+        Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
+    };
+    let mut s = v.to_string();
+    s.push('\n');
+    s
+}
+
+/// A progress line (not final).
+pub fn progress_line(progress: &Value) -> String {
+    let mut s = serde_json::json!({ "progress": progress }).to_string();
+    s.push('\n');
+    s
+}
+
+/// Read one `\n`-terminated line of at most [`LINE_MAX`] bytes. `Ok(None)`
+/// at a clean end of stream.
+pub fn read_line<R: BufRead>(r: &mut R) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let n = r.take(LINE_MAX as u64 + 1).read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') {
+        if buf.len() > LINE_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("line longer than {LINE_MAX} bytes"),
+            ));
+        }
+        // End of stream without a newline: take what came.
+    } else {
+        buf.pop();
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "line is not UTF-8"))
+}
+
+/// A client connection to a node's control API.
+pub struct Client {
+    addr: String,
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    /// Connect to `addr` (`host:port`), failing within a few seconds.
+    pub fn connect(addr: &str) -> Result<Client> {
+        let unreachable = |source| NodeError::Unreachable {
+            addr: addr.to_string(),
+            source,
+        };
+        let sockaddr = addr
+            .to_socket_addrs()
+            .map_err(unreachable)?
+            .next()
+            .ok_or_else(|| {
+                unreachable(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "address resolves to nothing",
+                ))
+            })?;
+        let stream =
+            TcpStream::connect_timeout(&sockaddr, Duration::from_secs(5)).map_err(unreachable)?;
+        let _ = stream.set_nodelay(true);
+        let writer = stream.try_clone().map_err(unreachable)?;
+        Ok(Client {
+            addr: addr.to_string(),
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// Send one request and wait for its final line; progress lines go to
+    /// `on_progress`. A node-side error comes back as [`NodeError::Remote`].
+    pub fn call_with_progress(
+        &mut self,
+        req: &ControlRequest,
+        on_progress: &mut dyn FnMut(&Value),
+    ) -> Result<Value> {
+        let mut line = serde_json::to_string(req)
+            .map_err(|e| NodeError::BadRequest(format!("cannot encode request: {e}")))?;
+        line.push('\n');
+        let addr = self.addr.clone();
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|source| NodeError::Unreachable {
+                addr: addr.clone(),
+                source,
+            })?;
+        loop {
+            let got = read_line(&mut self.reader).map_err(|source| NodeError::Unreachable {
+                addr: addr.clone(),
+                source,
+            })?;
+            let Some(got) = got else {
+                return Err(NodeError::NoAnswer { addr });
+            };
+            let bad = |reason: String| NodeError::BadAnswer {
+                addr: addr.clone(),
+                reason,
+            };
+            let v: Value = serde_json::from_str(&got).map_err(|e| bad(e.to_string()))?;
+            if let Some(p) = v.get("progress") {
+                on_progress(p);
+                continue;
+            }
+            return match v.get("ok") {
+                Some(Value::Bool(true)) => Ok(v.get("result").cloned().unwrap_or(Value::Null)),
+                Some(Value::Bool(false)) => Err(NodeError::Remote(
+                    v.get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unspecified error")
+                        .to_string(),
+                )),
+                _ => Err(bad("no \"ok\" field".into())),
+            };
+        }
+    }
+
+    pub fn call(&mut self, req: &ControlRequest) -> Result<Value> {
+        self.call_with_progress(req, &mut |_| {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_errors_name_the_problem() {
+        assert_eq!(
+            parse_request(r#"{"op":"vol_create","name":"v","size_bytes":4096}"#).unwrap(),
+            ControlRequest::VolCreate {
+                name: "v".into(),
+                size_bytes: 4096
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"snap_delete","volume":"v","name":"s"}"#).unwrap(),
+            ControlRequest::SnapDelete {
+                volume: "v".into(),
+                name: "s".into(),
+                force: false
+            }
+        );
+        let cases = [
+            ("nope", "not a JSON object"),
+            ("[1]", "not a JSON object"),
+            (r#"{"name":"v"}"#, "missing \"op\""),
+            (r#"{"op":7}"#, "must be a string"),
+            (r#"{"op":"explode"}"#, "explode"),
+            (r#"{"op":"vol_create","name":"v"}"#, "size_bytes"),
+            (r#"{"op":"vol_create","name":"v","size_bytes":-1}"#, "-1"),
+        ];
+        for (line, want) in cases {
+            let e = parse_request(line).unwrap_err().to_string();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_op_round_trips() {
+        let reqs = [
+            ControlRequest::VolList,
+            ControlRequest::Status,
+            ControlRequest::Prune {
+                volume: "v".into(),
+                keep: 2,
+                dry_run: true,
+            },
+            ControlRequest::Diff {
+                volume: "v".into(),
+                qtree: Some("q".into()),
+                base: None,
+                target: "s".into(),
+            },
+        ];
+        for r in reqs {
+            let line = serde_json::to_string(&r).unwrap();
+            assert_eq!(parse_request(&line).unwrap(), r);
+            assert!(line.contains(&format!("\"op\":\"{}\"", r.op())));
+        }
+    }
+
+    #[test]
+    fn long_lines_are_refused() {
+        let long = vec![b'x'; LINE_MAX + 10];
+        let mut r = std::io::Cursor::new(long);
+        assert!(read_line(&mut r).is_err());
+        let mut r = std::io::Cursor::new(b"{}\n{\"a\":1}".to_vec());
+        assert_eq!(read_line(&mut r).unwrap().unwrap(), "{}");
+        assert_eq!(read_line(&mut r).unwrap().unwrap(), "{\"a\":1}");
+        assert_eq!(read_line(&mut r).unwrap(), None);
+    }
+}

@@ -1,0 +1,340 @@
+//! `sluice serve`: the node process.
+//!
+//! Owns the process lifecycle: open the pool exclusively (a second daemon
+//! on the same device is refused by the device layer), start the engine,
+//! bind the `--listen` address (control API, HTTP `/metrics`, peers) and the
+//! optional NBD address, print one `ready` line on stdout, then wait for
+//! SIGTERM/SIGINT. Shutdown order: stop accepting, let the NBD server finish
+//! in-flight requests, take the final consistency point, exit 0.
+//!
+//! Every accepted `--listen` connection gets its own thread, which looks at
+//! the first bytes without consuming them (`peek`): `{` is the control API
+//! (JSON lines), `GET ` is HTTP, the lockproto magic `SLCE` is a peer. The
+//! number of such threads is bounded ([`CONN_MAX`]).
+
+use crate::config::ServeConfig;
+use crate::control::{parse_request, read_line, response_line};
+use crate::error::{NodeError, Result};
+use crate::node::{Node, NodeInfo};
+use sluice_engine::device::uring::{UringDevice, UringOptions};
+use sluice_engine::shard::{Engine, EngineOptions};
+use sluice_engine::Pool;
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most `--listen` connections served at once; more are closed at accept.
+pub const CONN_MAX: usize = 256;
+/// How long a new connection may take to send its first bytes.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+const HTTP_HEAD_MAX: usize = 16 << 10;
+
+/// How long `serve` waits for a device that is busy. A daemon that was
+/// just killed releases its device lock only when the kernel tears down its
+/// io_uring, which happens asynchronously after the process is gone.
+const BUSY_WAIT: Duration = Duration::from_secs(3);
+
+fn open_device(cfg: &ServeConfig) -> Result<UringDevice> {
+    let opts = UringOptions {
+        direct_io: cfg.direct_io,
+        ..UringOptions::default()
+    };
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    loop {
+        match UringDevice::open(&cfg.data, opts.clone()) {
+            Err(sluice_engine::error::Error::DeviceBusy { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+pub fn serve(cfg: ServeConfig) -> Result<()> {
+    let dev = open_device(&cfg)?;
+    let pool = Pool::open(dev).map_err(|source| NodeError::Pool {
+        path: cfg.data.display().to_string(),
+        source,
+    })?;
+    tracing::info!(data = %cfg.data.display(), generation = pool.generation(), "pool opened");
+    let engine = Engine::start(
+        pool,
+        EngineOptions {
+            cp_interval: cfg.checkpoint_interval,
+            ..EngineOptions::default()
+        },
+    );
+    let result = run(&cfg, engine.clone());
+    let shut = engine.shutdown();
+    match (&result, shut) {
+        (_, Err(e)) => {
+            tracing::error!(error = %e, "final consistency point failed");
+            result.and(Err(e.into()))
+        }
+        (Ok(()), Ok(())) => {
+            tracing::info!("final consistency point taken; stopped");
+            result
+        }
+        (Err(_), Ok(())) => result,
+    }
+}
+
+fn bind(addr: &str, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).map_err(NodeError::io(format!("cannot listen for {what} on {addr}")))
+}
+
+fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<()> {
+    let control = bind(&cfg.listen, "the control API")?;
+    let control_addr = control
+        .local_addr()
+        .map_err(NodeError::io("control listener address"))?;
+    let nbd_listener = match &cfg.nbd {
+        Some(a) => Some(bind(a, "NBD")?),
+        None => None,
+    };
+    let nbd_addr = match &nbd_listener {
+        Some(l) => Some(
+            l.local_addr()
+                .map_err(NodeError::io("NBD listener address"))?,
+        ),
+        None => None,
+    };
+    let name = cfg.name.clone().unwrap_or_else(|| control_addr.to_string());
+    let node = Arc::new(Node::new(
+        engine.clone(),
+        NodeInfo {
+            name: name.clone(),
+            data: cfg.data.display().to_string(),
+            listen: control_addr.to_string(),
+            nbd: nbd_addr.map(|a| a.to_string()),
+        },
+    ));
+
+    // Signals first, so a TERM that arrives while starting is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(NodeError::io("installing signal handlers"))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let node = node.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("sluice-accept".into())
+            .spawn(move || accept_loop(control, node, stop))
+            .map_err(NodeError::io("spawning the accept thread"))?
+    };
+
+    tracing::info!(
+        node = %name,
+        control = %control_addr,
+        nbd = ?nbd_addr,
+        "serving"
+    );
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "ready control={control_addr} nbd={}",
+        nbd_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    let _ = out.flush();
+
+    let sig = signals.forever().next();
+    tracing::info!(signal = ?sig, "stopping: no new connections, finishing in-flight I/O");
+    stop.store(true, Ordering::SeqCst);
+    wake(control_addr);
+    let _ = acceptor.join();
+    drop(nbd_listener);
+    Ok(())
+}
+
+/// Unblock a thread sitting in `accept` on `addr`.
+fn wake(addr: SocketAddr) {
+    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+}
+
+fn accept_loop(listener: TcpListener, node: Arc<Node>, stop: Arc<AtomicBool>) {
+    let live = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        if live.load(Ordering::SeqCst) >= CONN_MAX {
+            tracing::warn!(%peer, "too many connections ({CONN_MAX}); closing this one");
+            continue;
+        }
+        live.fetch_add(1, Ordering::SeqCst);
+        let (node, live) = (node.clone(), live.clone());
+        let spawned = std::thread::Builder::new()
+            .name("sluice-conn".into())
+            .spawn(move || {
+                if let Err(e) = dispatch(stream, &node) {
+                    tracing::warn!(%peer, error = %e, "connection closed");
+                }
+                live.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot spawn a connection thread");
+        }
+    }
+}
+
+/// Route a connection on its first bytes.
+fn dispatch(stream: TcpStream, node: &Arc<Node>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(FIRST_BYTES_TIMEOUT))?;
+    let mut first = [0u8; 4];
+    let mut n = 0;
+    while n < first.len() {
+        n = stream.peek(&mut first)?;
+        if n == 0 {
+            return Ok(()); // closed before saying anything
+        }
+        if first[0] == b'{' {
+            break;
+        }
+        if n < first.len() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    if first[0] == b'{' {
+        stream.set_read_timeout(None)?;
+        control_conn(stream, node)
+    } else if &first == b"GET " {
+        http_conn(stream, node)
+    } else if &first[..] == sluice_lockproto::wire::MAGIC.to_le_bytes() {
+        Err(std::io::Error::other(
+            "a peer connected, but replication is not running on this node",
+        ))
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unrecognised first bytes {first:02x?} (not control JSON, HTTP or a peer)"),
+        ))
+    }
+}
+
+fn control_conn(stream: TcpStream, node: &Node) -> std::io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let line = match read_line(&mut reader) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let resp = response_line(&Err(NodeError::BadRequest(e.to_string())));
+                let _ = writer.write_all(resp.as_bytes());
+                return Err(e);
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = parse_request(&line);
+        if parsed.is_err() {
+            node.note_bad_request();
+        }
+        let result = parsed.and_then(|req| {
+            let op = req.op();
+            let r = node.execute(req);
+            match &r {
+                Ok(_) => tracing::debug!(op, "control request done"),
+                Err(e) => tracing::info!(op, error = %e, "control request failed"),
+            }
+            r
+        });
+        writer.write_all(response_line(&result).as_bytes())?;
+    }
+}
+
+fn http_conn(mut stream: TcpStream, node: &Node) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > HTTP_HEAD_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "HTTP request head too large",
+            ));
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let path = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("");
+    let (status, body) = if path == "/metrics" {
+        ("200 OK", crate::metrics::render(node))
+    } else {
+        (
+            "404 Not Found",
+            format!("no such path {path:?}; try /metrics\n"),
+        )
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes())
+}
+
+/// `sluice init`: format `path` as a pool. A missing file is created at
+/// `size`; an existing file grows to `size` if given. A device or file that
+/// already holds a pool is refused unless `force`.
+pub fn init(path: &std::path::Path, size: Option<u64>, force: bool) -> Result<u64> {
+    let opts = UringOptions::default();
+    let exists = path.exists();
+    if !exists && size.is_none() {
+        return Err(NodeError::Invalid(format!(
+            "{} does not exist; give --size to create it as a file",
+            path.display()
+        )));
+    }
+    if exists && !force {
+        let dev = UringDevice::open(path, opts.clone())?;
+        if Pool::open(dev).is_ok() {
+            return Err(NodeError::Invalid(format!(
+                "{} already holds a sluice pool; use --force to format it anyway (destroys its data)",
+                path.display()
+            )));
+        }
+    }
+    let dev = match size {
+        Some(s) => UringDevice::create(path, s, opts)?,
+        None => UringDevice::open(path, opts)?,
+    };
+    let mut pool = Pool::format(dev, sluice_engine::FormatOptions::default())?;
+    match pool.execute(sluice_engine::api::Request::Space)? {
+        sluice_engine::api::Reply::Space(s) => {
+            Ok(s.total_blocks * sluice_engine::device::BLOCK_SIZE as u64)
+        }
+        _ => Err(NodeError::Invalid(
+            "engine gave an unexpected reply to space".into(),
+        )),
+    }
+}

@@ -1,0 +1,53 @@
+//! The node's one error enum: what the daemon, the control API and the CLI
+//! report. Each message names the thing that was wrong (a size string, a
+//! node address, an op) so an operator can act on one line.
+
+use thiserror::Error;
+
+pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Engine(#[from] sluice_engine::error::Error),
+    #[error("{path}: {source}")]
+    Pool {
+        path: String,
+        #[source]
+        source: sluice_engine::error::Error,
+    },
+    #[error("bad size {text:?}: {reason}")]
+    BadSize { text: String, reason: String },
+    #[error("cannot reach node {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node {addr} closed the connection without answering")]
+    NoAnswer { addr: String },
+    #[error("node {addr} answered something that is not a control response: {reason}")]
+    BadAnswer { addr: String, reason: String },
+    /// The node answered with an error; the text is the node's own.
+    #[error("{0}")]
+    Remote(String),
+    #[error("bad control request: {0}")]
+    BadRequest(String),
+    #[error("config file {path}: {reason}")]
+    Config { path: String, reason: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl NodeError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+        let what = what.into();
+        move |source| NodeError::Io { what, source }
+    }
+}

@@ -1,0 +1,406 @@
+//! A running node's state and the meaning of every control op.
+//!
+//! [`Node`] holds the engine handle and what the daemon was started with;
+//! [`Node::execute`] runs one [`ControlRequest`] against the engine and
+//! returns the JSON result the CLI prints (`--json`) or renders as text.
+//! The views here (`VolumeView`, `SnapshotView`, `PrunePlan`, `StatusView`)
+//! are the documented result shapes (docs/CONTROL.md).
+//!
+//! Invariants: a prune never deletes one of the newest `keep` snapshots,
+//! deletes oldest first, and a dry run changes nothing.
+
+use crate::control::ControlRequest;
+use crate::error::{NodeError, Result};
+use crate::units::fmt_unix_ms;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sluice_engine::api::{DiffKind, NsName, Reply, Request, SnapshotInfo, VolumeInfo};
+use sluice_engine::device::BLOCK_SIZE;
+use sluice_engine::shard::EngineHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// What the daemon was started with.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub name: String,
+    pub data: String,
+    pub listen: String,
+    pub nbd: Option<String>,
+}
+
+pub struct Node {
+    pub engine: EngineHandle,
+    pub info: NodeInfo,
+    started: Instant,
+    pub control_requests: AtomicU64,
+    pub control_errors: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QtreeView {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeView {
+    pub name: String,
+    pub id: u32,
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub read_only: bool,
+    pub snapshots: usize,
+    pub qtrees: Vec<QtreeView>,
+}
+
+impl From<&VolumeInfo> for VolumeView {
+    fn from(v: &VolumeInfo) -> Self {
+        VolumeView {
+            name: v.name.clone(),
+            id: v.id,
+            size_bytes: v.size_bytes,
+            used_bytes: v.used_blocks * BS,
+            read_only: v.read_only,
+            snapshots: v.snapshot_count,
+            qtrees: v
+                .qtrees
+                .iter()
+                .map(|q| QtreeView {
+                    name: q.name.clone(),
+                    size_bytes: q.size_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotView {
+    pub name: String,
+    /// Global id, the same on every node the snapshot is mirrored to.
+    pub id: String,
+    pub created: String,
+    pub created_unix_ms: u64,
+    /// Bytes this snapshot's image holds.
+    pub referenced_bytes: u64,
+    /// Bytes that deleting this snapshot alone would free.
+    pub unique_bytes: u64,
+    /// Content digest per namespace ("" = the volume's own space), hex.
+    pub digests: Vec<(String, String)>,
+    /// Soft locks naming this snapshot (filled by the replicator).
+    pub locks: Vec<Value>,
+}
+
+impl From<&SnapshotInfo> for SnapshotView {
+    fn from(s: &SnapshotInfo) -> Self {
+        SnapshotView {
+            name: s.name.clone(),
+            id: s.id.to_string(),
+            created: fmt_unix_ms(s.created_unix_ms),
+            created_unix_ms: s.created_unix_ms,
+            referenced_bytes: s.referenced_blocks * BS,
+            unique_bytes: s.unique_blocks * BS,
+            digests: s
+                .digests
+                .iter()
+                .map(|(q, d)| (q.clone().unwrap_or_default(), format!("{d:032x}")))
+                .collect(),
+            locks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneEntry {
+    pub name: String,
+    pub id: String,
+    pub created: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrunePlan {
+    pub volume: String,
+    pub keep: usize,
+    pub dry_run: bool,
+    pub delete: Vec<PruneEntry>,
+    pub kept: Vec<PruneEntry>,
+    /// Bytes the deletions free (exact for one snapshot; for several, at
+    /// least the sum of their unique bytes).
+    pub frees_bytes_at_least: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpaceView {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub pending_free_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    pub node: String,
+    pub version: String,
+    pub data: String,
+    pub listen: String,
+    pub nbd: Option<String>,
+    pub uptime_s: u64,
+    pub space: SpaceView,
+    pub volumes: usize,
+    pub snapshots: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiffView {
+    pub volume: String,
+    pub qtree: Option<String>,
+    pub base: Option<String>,
+    pub target: String,
+    pub extents: usize,
+    pub data_bytes: u64,
+    pub trim_bytes: u64,
+}
+
+fn to_value<T: Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| NodeError::Invalid(format!("cannot encode result: {e}")))
+}
+
+fn unexpected(what: &str) -> NodeError {
+    NodeError::Invalid(format!("engine gave an unexpected reply to {what}"))
+}
+
+impl Node {
+    pub fn new(engine: EngineHandle, info: NodeInfo) -> Node {
+        Node {
+            engine,
+            info,
+            started: Instant::now(),
+            control_requests: AtomicU64::new(0),
+            control_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Run one control request.
+    pub fn execute(&self, req: ControlRequest) -> Result<Value> {
+        self.control_requests.fetch_add(1, Ordering::Relaxed);
+        let r = self.execute_inner(req);
+        if r.is_err() {
+            self.control_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Count a request that could not even be parsed.
+    pub fn note_bad_request(&self) {
+        self.control_requests.fetch_add(1, Ordering::Relaxed);
+        self.control_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn execute_inner(&self, req: ControlRequest) -> Result<Value> {
+        match req {
+            ControlRequest::VolCreate { name, size_bytes } => {
+                self.engine.call(Request::CreateVolume {
+                    name: name.clone(),
+                    size_bytes,
+                })?;
+                to_value(&self.volume(&name)?)
+            }
+            ControlRequest::VolList => to_value(
+                &self
+                    .volumes()?
+                    .iter()
+                    .map(VolumeView::from)
+                    .collect::<Vec<_>>(),
+            ),
+            ControlRequest::QtreeCreate {
+                volume,
+                name,
+                size_bytes,
+            } => {
+                self.engine.call(Request::CreateQtree {
+                    volume: volume.clone(),
+                    name,
+                    size_bytes,
+                })?;
+                to_value(&self.volume(&volume)?)
+            }
+            ControlRequest::SnapCreate { volume, name } => {
+                match self.engine.call(Request::CreateSnapshot {
+                    volume,
+                    name,
+                    id: None,
+                    created_unix_ms: None,
+                })? {
+                    Reply::Snapshot(s) => to_value(&SnapshotView::from(&s)),
+                    _ => Err(unexpected("snapshot create")),
+                }
+            }
+            ControlRequest::SnapList { volume } => to_value(
+                &self
+                    .snapshots(&volume)?
+                    .iter()
+                    .map(SnapshotView::from)
+                    .collect::<Vec<_>>(),
+            ),
+            ControlRequest::SnapDelete {
+                volume,
+                name,
+                force: _,
+            } => {
+                // No soft locks exist until the replicator runs on this node;
+                // `force` then overrides them.
+                self.engine.call(Request::DeleteSnapshot {
+                    volume: volume.clone(),
+                    name: name.clone(),
+                })?;
+                tracing::info!(%volume, snapshot = %name, "snapshot deleted");
+                Ok(serde_json::json!({ "volume": volume, "deleted": name }))
+            }
+            ControlRequest::Prune {
+                volume,
+                keep,
+                dry_run,
+            } => to_value(&self.prune(&volume, keep, dry_run)?),
+            ControlRequest::Diff {
+                volume,
+                qtree,
+                base,
+                target,
+            } => {
+                let ns = NsName {
+                    volume: volume.clone(),
+                    qtree: qtree.clone(),
+                };
+                let extents = match self.engine.call(Request::Diff {
+                    ns,
+                    base: base.clone(),
+                    target: target.clone(),
+                })? {
+                    Reply::Diff(d) => d,
+                    _ => return Err(unexpected("diff")),
+                };
+                let sum = |k: DiffKind| -> u64 {
+                    extents
+                        .iter()
+                        .filter(|e| e.kind == k)
+                        .map(|e| e.len_blocks * BS)
+                        .sum()
+                };
+                to_value(&DiffView {
+                    volume,
+                    qtree,
+                    base,
+                    target,
+                    extents: extents.len(),
+                    data_bytes: sum(DiffKind::Data),
+                    trim_bytes: sum(DiffKind::Trim),
+                })
+            }
+            ControlRequest::Status => to_value(&self.status()?),
+        }
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
+        match self.engine.call(Request::ListVolumes)? {
+            Reply::Volumes(v) => Ok(v),
+            _ => Err(unexpected("volume list")),
+        }
+    }
+
+    fn volume(&self, name: &str) -> Result<VolumeView> {
+        self.volumes()?
+            .iter()
+            .find(|v| v.name == name)
+            .map(VolumeView::from)
+            .ok_or_else(|| sluice_engine::error::Error::NoSuchVolume(name.to_string()).into())
+    }
+
+    /// Snapshots of a volume, oldest first.
+    pub fn snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
+        match self.engine.call(Request::ListSnapshots {
+            volume: volume.to_string(),
+        })? {
+            Reply::Snapshots(mut s) => {
+                s.sort_by_key(|s| (s.gen, s.created_unix_ms));
+                Ok(s)
+            }
+            _ => Err(unexpected("snapshot list")),
+        }
+    }
+
+    pub fn space(&self) -> Result<SpaceView> {
+        match self.engine.call(Request::Space)? {
+            Reply::Space(s) => Ok(SpaceView {
+                total_bytes: s.total_blocks * BS,
+                used_bytes: s.used_blocks * BS,
+                free_bytes: s.free_blocks * BS,
+                pending_free_bytes: s.pending_free_blocks * BS,
+            }),
+            _ => Err(unexpected("space")),
+        }
+    }
+
+    pub fn status(&self) -> Result<StatusView> {
+        let vols = self.volumes()?;
+        Ok(StatusView {
+            node: self.info.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            data: self.info.data.clone(),
+            listen: self.info.listen.clone(),
+            nbd: self.info.nbd.clone(),
+            uptime_s: self.started.elapsed().as_secs(),
+            space: self.space()?,
+            volumes: vols.len(),
+            snapshots: vols.iter().map(|v| v.snapshot_count).sum(),
+        })
+    }
+
+    /// Delete the oldest snapshots beyond the newest `keep`.
+    pub fn prune(&self, volume: &str, keep: usize, dry_run: bool) -> Result<PrunePlan> {
+        let snaps = self.snapshots(volume)?;
+        let cut = snaps.len().saturating_sub(keep);
+        let entry = |s: &SnapshotInfo, reason: String| PruneEntry {
+            name: s.name.clone(),
+            id: s.id.to_string(),
+            created: fmt_unix_ms(s.created_unix_ms),
+            reason,
+        };
+        let mut plan = PrunePlan {
+            volume: volume.to_string(),
+            keep,
+            dry_run,
+            delete: Vec::new(),
+            kept: Vec::new(),
+            frees_bytes_at_least: 0,
+        };
+        for (i, s) in snaps.iter().enumerate() {
+            if i < cut {
+                plan.delete
+                    .push(entry(s, format!("older than the newest {keep}")));
+                plan.frees_bytes_at_least += s.unique_blocks * BS;
+            } else {
+                plan.kept.push(entry(
+                    s,
+                    format!(
+                        "one of the newest {keep} (#{} from newest)",
+                        snaps.len() - i
+                    ),
+                ));
+            }
+        }
+        if !dry_run {
+            for d in &plan.delete {
+                self.engine.call(Request::DeleteSnapshot {
+                    volume: volume.to_string(),
+                    name: d.name.clone(),
+                })?;
+                tracing::info!(volume, snapshot = %d.name, "pruned");
+            }
+        }
+        Ok(plan)
+    }
+}

@@ -1,0 +1,195 @@
+//! End-to-end harness: real `sluice` processes on files in a temp folder,
+//! real TCP on 127.0.0.1 (ports chosen by the kernel: the daemon is started
+//! with `:0` and prints the bound addresses on its `ready` line).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// Run `sluice ARGS` to completion.
+pub fn sluice(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("SLUICE_NODE")
+        .output()
+        .expect("run sluice")
+}
+
+/// Format a pool file of `size` (e.g. "1G") at `dir/name`.
+pub fn init_pool(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    let out = sluice(&["init", path.to_str().unwrap(), "--size", size]);
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A running `sluice serve`.
+pub struct Daemon {
+    child: Option<Child>,
+    pub data: PathBuf,
+    pub control: String,
+    pub nbd: String,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start a daemon on `data` with control and NBD on free ports.
+    pub fn start(data: &Path) -> Daemon {
+        Self::try_start(data, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start with extra `serve` arguments; `Err` with the daemon's stderr if
+    /// it exits before it is ready.
+    pub fn try_start(data: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        let log = data.with_extension(format!("log{}", std::process::id() ^ rand_u32()));
+        let mut child = Command::new(BIN)
+            .args(["serve", "--data", data.to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn sluice serve");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the daemon never blocks on stdout.
+            let mut sink = String::new();
+            while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(str::to_string)
+        };
+        match (field("control="), field("nbd=")) {
+            (Some(control), Some(nbd)) if line.starts_with("ready") => Ok(Daemon {
+                child: Some(child),
+                data: data.to_path_buf(),
+                control,
+                nbd,
+                log,
+            }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!(
+                    "daemon did not start: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ))
+            }
+        }
+    }
+
+    /// `sluice --node <this> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--node", self.control.as_str()];
+        all.extend_from_slice(args);
+        sluice(&all)
+    }
+
+    /// Like [`Self::cli`], asserting success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(o.status.success(), "sluice {args:?} failed: {}", stderr(&o));
+        stdout(&o)
+    }
+
+    /// `--json` output parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("json output")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn signal(&mut self, sig: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let sig = nix::sys::signal::Signal::try_from(sig).expect("signal number");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon did not exit after {sig}: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM; waits for the exit.
+    pub fn term(mut self) -> ExitStatus {
+        self.signal(15)
+    }
+    /// SIGINT; waits for the exit.
+    pub fn int(mut self) -> ExitStatus {
+        self.signal(2)
+    }
+    /// SIGKILL; waits for the exit.
+    pub fn kill(mut self) -> ExitStatus {
+        self.signal(9)
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish() as u32
+}
+
+/// Is `prog` on PATH? Tests that need it print "skipped: ..." without it.
+pub fn have(prog: &str) -> bool {
+    Command::new(prog)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
