@@ -1,0 +1,256 @@
+//! Failure paths over real TCP: authentication, lost common base and
+//! resync, cut connections and resume, corrupted extents, stale leases,
+//! the canary with soft locks switched off, break and resync.
+
+mod common;
+
+use common::*;
+use sluice_engine::api::NsName;
+use sluice_replicator::{MirrorSpec, ReplError};
+
+fn node_secret(name: &str, secret: Option<&[u8]>) -> Node {
+    Node::with_config(config(name, secret))
+}
+
+#[test]
+fn auth_refused_with_wrong_or_missing_secret() {
+    let a = node_secret("A", Some(b"alpha"));
+    a.create_volume("v");
+    a.snap("v", "s1");
+    // Wrong secret.
+    let b = node_secret("B", Some(b"beta"));
+    match b.repl.mirror_create(spec("v", &a, "v")) {
+        Err(ReplError::AuthRefused { detail, .. }) => assert!(detail.contains("secret"), "{detail}"),
+        other => panic!("wrong secret: {other:?}"),
+    }
+    // No secret on the puller.
+    let c = node_secret("C", None);
+    match c.repl.mirror_create(spec("v", &a, "v")) {
+        Err(e @ ReplError::AuthRefused { .. }) => assert!(e.to_string().contains("secret"), "{e}"),
+        other => panic!("missing secret: {other:?}"),
+    }
+    // No secret on the source: a puller with one refuses it.
+    let d = node_secret("D", None);
+    d.create_volume("w");
+    d.snap("w", "s1");
+    match b.repl.mirror_create(spec("w", &d, "w")) {
+        Err(e @ ReplError::AuthRefused { .. }) => assert!(e.to_string().contains("secret"), "{e}"),
+        other => panic!("source without secret: {other:?}"),
+    }
+    assert!(a.repl.lock_list().is_empty(), "a refused peer set locks");
+    let mut m = String::new();
+    a.repl.render_metrics(&mut m);
+    assert!(!m.contains("sluice_repl_auth_failures_total 0"), "{m}");
+    // The same secret works.
+    let e = node_secret("E", Some(b"alpha"));
+    assert_eq!(e.repl.mirror_create(spec("v", &a, "v")).unwrap().kind, "full");
+    for n in [a, b, c, d, e] {
+        n.shutdown();
+    }
+}
+
+#[test]
+fn no_common_snapshot_fails_until_resync() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed("no_common_snapshot_fails_until_resync"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 100, &mut r);
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 30, &mut r);
+    a.snap("v", "s2");
+    // An administrator force-deletes B's base on A.
+    match a.repl.snap_delete("v", "s1", false) {
+        Err(ReplError::Locked { holders, .. }) => assert!(holders.contains("B"), "{holders}"),
+        other => panic!("{other:?}"),
+    }
+    a.repl.snap_delete("v", "s1", true).unwrap();
+    match b.repl.mirror_update("v", &noprog) {
+        Err(e @ ReplError::NoCommonSnapshot { bytes, .. }) => {
+            assert!(bytes > 0, "{e}");
+            assert!(e.to_string().contains("mirror resync"), "{e}");
+        }
+        other => panic!("expected no common snapshot: {other:?}"),
+    }
+    let st = b.repl.mirror_status();
+    assert!(st[0].last_error.as_deref().unwrap_or("").contains("no common snapshot"));
+    let rep = b.repl.mirror_resync("v", &noprog).unwrap();
+    assert_eq!(rep.kind, "full");
+    let x = a.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
+    let y = b.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
+    assert!(x == y);
+    assert_eq!(b.snap_names("v"), vec!["s2"], "s1 went with its source");
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
+/// A connection cut in the middle of a baseline: the next update resumes
+/// from the receiver's checkpoint and sends less than a full transfer.
+#[test]
+fn resume_after_dropped_connection() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed("resume_after_dropped_connection"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 1500, &mut r);
+    a.snap("v", "s1");
+    let p = Proxy::start(&a.addr);
+    let s = MirrorSpec {
+        source_addr: p.addr.clone(),
+        ..spec("v", &a, "v")
+    };
+    // Learn the full size with a clean run elsewhere.
+    let c = Node::start("C");
+    let full = c.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    assert!(full.bytes > 1 << 20);
+    let cut = r.gen_range(full.bytes / 3..full.bytes * 2 / 3);
+    p.arm(Fault::CutAfter(cut));
+    let err = b.repl.mirror_create(s).expect_err("the cut must fail the baseline");
+    assert!(!err.to_string().is_empty());
+    assert!(b.snap_names("v").is_empty(), "nothing committed");
+    let st = b.repl.mirror_status();
+    let ck = st[0].checkpoint.clone().expect("a checkpoint survives the cut");
+    assert!(ck.position > 0);
+    let rep = b.repl.mirror_update("v", &noprog).unwrap();
+    assert_eq!(rep.kind, "full");
+    assert_eq!(rep.resumed_from, ck.position);
+    assert!(rep.bytes < full.bytes, "resumed {} >= full {}", rep.bytes, full.bytes);
+    let x = a.read_all(&NsName::volume("v"), Some("s1"), VOL_BLOCKS);
+    let y = b.read_all(&NsName::volume("v"), Some("s1"), VOL_BLOCKS);
+    assert!(x == y);
+    for n in [a, b, c] {
+        n.shutdown();
+    }
+}
+
+use rand::Rng;
+
+/// One flipped bit on the wire: the transfer fails, nothing is committed;
+/// a clean retry completes with identical content.
+#[test]
+fn corrupted_extent_commits_nothing() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed("corrupted_extent_commits_nothing"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 600, &mut r);
+    a.snap("v", "s1");
+    let p = Proxy::start(&a.addr);
+    let s = MirrorSpec {
+        source_addr: p.addr.clone(),
+        ..spec("v", &a, "v")
+    };
+    p.arm(Fault::FlipAt(r.gen_range(200_000..1_000_000)));
+    let err = b.repl.mirror_create(s).expect_err("corruption must fail the transfer");
+    assert!(
+        matches!(err, ReplError::ExtentChecksum { .. } | ReplError::Protocol { .. }),
+        "{err}"
+    );
+    assert!(b.snap_names("v").is_empty(), "nothing committed");
+    let rep = b.repl.mirror_update("v", &noprog).unwrap();
+    assert_eq!(rep.kind, "full");
+    let x = a.read_all(&NsName::volume("v"), Some("s1"), VOL_BLOCKS);
+    let y = b.read_all(&NsName::volume("v"), Some("s1"), VOL_BLOCKS);
+    assert!(x == y);
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
+/// A downstream that goes silent: its locks turn stale after the lease
+/// (kept under the default policy) and an operator can release them.
+#[test]
+fn silent_downstream_goes_stale_and_can_be_released() {
+    let a = Node::start("A");
+    let mut cb = config("B", None);
+    cb.lease_ms = 300;
+    cb.renew_every_ms = 100;
+    let b = Node::with_config(cb);
+    a.create_volume("v");
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    let from_b = |a: &Node| {
+        a.repl
+            .lock_list()
+            .into_iter()
+            .filter(|l| l.origin_node == "B")
+            .collect::<Vec<_>>()
+    };
+    assert!(!from_b(&a).is_empty());
+    // B renews while alive.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(from_b(&a).iter().all(|l| l.state == "active"), "{:?}", from_b(&a));
+    b.shutdown();
+    wait_for("B's locks turn stale on A", || {
+        let l = from_b(&a);
+        !l.is_empty() && l.iter().all(|l| l.state == "stale")
+    });
+    assert!(a.repl.snap_delete("v", "s1", false).is_err(), "stale locks still hold");
+    a.repl.lock_release("v", "s1", "B").unwrap();
+    assert!(from_b(&a).is_empty());
+    a.repl.snap_delete("v", "s1", false).unwrap();
+    a.shutdown();
+}
+
+/// The canary: with soft-lock propagation switched off, A's keep-1 pruning
+/// deletes C's base and C's next update finds no common snapshot.
+#[test]
+fn chain_breaks_without_soft_locks() {
+    let off = |n: &str| {
+        let mut c = config(n, None);
+        c.propagate_locks = false;
+        Node::with_config(c)
+    };
+    let (a, b, c) = (off("A"), off("B"), off("C"));
+    a.create_volume("v");
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    c.repl.mirror_create(spec("v", &b, "v")).unwrap();
+    let mut broke = 0;
+    for round in 2..=3 {
+        a.snap("v", &format!("s{round}"));
+        a.repl.prune("v", 1, false).unwrap();
+        for (n, who) in [(&b, "B"), (&c, "C")] {
+            match n.repl.mirror_update("v", &noprog) {
+                Err(ReplError::NoCommonSnapshot { .. }) => broke += 1,
+                Err(e) => panic!("{who}: unexpected error {e}"),
+                Ok(_) => {}
+            }
+            n.repl.prune("v", 1, false).unwrap();
+        }
+    }
+    assert!(broke > 0, "the canary did not break");
+    for n in [a, b, c] {
+        n.shutdown();
+    }
+}
+
+/// Break makes the destination writable; resync reverts local writes to
+/// the newest common snapshot and continues incrementally.
+#[test]
+fn break_then_resync_reverts_local_changes() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed("break_then_resync_reverts_local_changes"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 100, &mut r);
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    b.repl.mirror_break("v").unwrap();
+    assert!(matches!(
+        b.repl.mirror_update("v", &noprog),
+        Err(ReplError::Broken(_))
+    ));
+    b.churn(&NsName::volume("v"), VOL_BLOCKS, 50, &mut r);
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 30, &mut r);
+    a.snap("v", "s2");
+    let rep = b.repl.mirror_resync("v", &noprog).unwrap();
+    assert_eq!(rep.kind, "incremental");
+    let x = a.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
+    let y = b.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
+    assert!(x == y);
+    let d = |n: &Node| n.snaps("v").into_iter().find(|s| s.name == "s2").unwrap().digests;
+    assert_eq!(d(&a), d(&b));
+    assert_eq!(b.repl.mirror_status()[0].state, "idle");
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
