@@ -121,6 +121,14 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     ])
     .map_err(NodeError::io("installing signal handlers"))?;
 
+    let nbd = match nbd_listener {
+        Some(l) => Some(
+            crate::nbd::NbdServer::start(l, engine.clone(), node.nbd_metrics.clone())
+                .map_err(NodeError::io("starting the NBD server"))?,
+        ),
+        None => None,
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
     let acceptor = {
         let node = node.clone();
@@ -152,7 +160,10 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     stop.store(true, Ordering::SeqCst);
     wake(control_addr);
     let _ = acceptor.join();
-    drop(nbd_listener);
+    if let Some(nbd) = nbd {
+        nbd.shutdown();
+        tracing::info!("NBD server stopped; every in-flight request answered");
+    }
     Ok(())
 }
 

@@ -101,5 +101,6 @@ pub fn render(node: &Node) -> String {
             );
         }
     }
+    node.nbd_metrics.render(&mut out);
     out
 }

@@ -11,6 +11,7 @@
 
 use crate::control::ControlRequest;
 use crate::error::{NodeError, Result};
+use crate::nbd::NbdMetrics;
 use crate::units::fmt_unix_ms;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -18,6 +19,7 @@ use sluice_engine::api::{DiffKind, NsName, Reply, Request, SnapshotInfo, VolumeI
 use sluice_engine::device::BLOCK_SIZE;
 use sluice_engine::shard::EngineHandle;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -34,6 +36,8 @@ pub struct NodeInfo {
 pub struct Node {
     pub engine: EngineHandle,
     pub info: NodeInfo,
+    /// The NBD server's counters (zero when the node serves no NBD).
+    pub nbd_metrics: Arc<NbdMetrics>,
     started: Instant,
     pub control_requests: AtomicU64,
     pub control_errors: AtomicU64,
@@ -178,6 +182,7 @@ impl Node {
         Node {
             engine,
             info,
+            nbd_metrics: Arc::new(NbdMetrics::new()),
             started: Instant::now(),
             control_requests: AtomicU64::new(0),
             control_errors: AtomicU64::new(0),
