@@ -145,7 +145,9 @@ impl Conn {
     pub fn recv(&mut self) -> Result<Option<Message>> {
         let m = self.recv_raw()?;
         match m {
-            Some(Message::Hello(h)) if !self.peer_node.is_empty() && h.auth.is_some() && !self.secret => {
+            Some(Message::Hello(h))
+                if !self.peer_node.is_empty() && h.auth.is_some() && !self.secret =>
+            {
                 // The peer requires a shared secret and we have none: answer
                 // so it can refuse clearly, and stop here too.
                 let _ = self.send(&Message::Hello(self.hello(None, [0; NONCE_LEN])), &[]);
@@ -222,7 +224,9 @@ impl Conn {
 
     /// The raw payload of the last received frame.
     pub fn payload(&self) -> &[u8] {
-        self.buf.get(self.payload_at.0..self.payload_at.1).unwrap_or(&[])
+        self.buf
+            .get(self.payload_at.0..self.payload_at.1)
+            .unwrap_or(&[])
     }
 
     fn hello(&self, auth: Option<[u8; 32]>, nonce: [u8; NONCE_LEN]) -> Hello {

@@ -37,7 +37,11 @@ pub enum ReplError {
     AuthRefused { peer: String, detail: String },
     /// The peer answered with an error frame.
     #[error("peer {peer} answered with error (code {code}): {text}")]
-    Remote { peer: String, code: u16, text: String },
+    Remote {
+        peer: String,
+        code: u16,
+        text: String,
+    },
     /// No snapshot in common: only a resync can re-baseline.
     #[error("no common snapshot between {dst} and {source_path}; run `mirror resync {dst}`, which sends {bytes} bytes (a full copy)")]
     NoCommonSnapshot {
@@ -65,7 +69,9 @@ pub enum ReplError {
     #[error("no mirror relationship with destination {0:?}; see `mirror status`")]
     NoSuchRelationship(String),
     /// A relationship with that destination exists already.
-    #[error("a mirror relationship with destination {0:?} exists already; `mirror delete` it first")]
+    #[error(
+        "a mirror relationship with destination {0:?} exists already; `mirror delete` it first"
+    )]
     RelationshipExists(String),
     /// The relationship is broken (its destination writable).
     #[error("mirror {0} is broken (destination writable); run `mirror resync {0}` to make it a mirror again")]
@@ -74,7 +80,9 @@ pub enum ReplError {
     #[error("an update of mirror {0} is already running; wait for it")]
     Busy(String),
     /// A snapshot delete was refused by locks.
-    #[error("snapshot {volume}@{snapshot} is locked by: {holders}; release those locks or use --force")]
+    #[error(
+        "snapshot {volume}@{snapshot} is locked by: {holders}; release those locks or use --force"
+    )]
     Locked {
         volume: String,
         snapshot: String,

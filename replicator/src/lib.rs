@@ -20,6 +20,6 @@ pub use error::{ReplError, Result};
 pub use replicator::Replicator;
 pub use sluice_lockproto::LeasePolicy;
 pub use types::{
-    Checkpoint, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PruneSkip, PrunePlan,
+    Checkpoint, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PrunePlan, PruneSkip,
     Relationship, ReplicatorConfig, SnapRef, TransferReport,
 };

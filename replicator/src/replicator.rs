@@ -269,7 +269,10 @@ impl Replicator {
             }
         }
         let st = lock(&self.st);
-        if let Err(e) = self.persist_locks(&st).and_then(|()| self.persist_rels(&st)) {
+        if let Err(e) = self
+            .persist_locks(&st)
+            .and_then(|()| self.persist_rels(&st))
+        {
             tracing::error!(error = %e, "persisting replicator state at shutdown failed");
         }
         let _ = self.engine.call(Request::Flush);
@@ -362,7 +365,9 @@ impl Replicator {
                     downstream,
                     renewed_ms,
                     lease_ms,
-                } => tracing::warn!(%downstream, renewed_ms, lease_ms, "downstream lock set is stale (not renewed within its lease); its locks are kept until released"),
+                } => {
+                    tracing::warn!(%downstream, renewed_ms, lease_ms, "downstream lock set is stale (not renewed within its lease); its locks are kept until released")
+                }
                 Action::Released { downstream, reason } => {
                     tracing::info!(%downstream, ?reason, "downstream locks released")
                 }
@@ -379,7 +384,9 @@ impl Replicator {
                 Action::TellSnapshotGone {
                     downstream,
                     snapshot,
-                } => tracing::info!(%downstream, %snapshot, "downstream will be told the snapshot is gone"),
+                } => {
+                    tracing::info!(%downstream, %snapshot, "downstream will be told the snapshot is gone")
+                }
                 Action::DeleteRefused { .. }
                 | Action::Deleted { .. }
                 | Action::Protected { .. }
@@ -454,7 +461,9 @@ impl Replicator {
         loop {
             match c.recv()? {
                 Some(Message::Pong { nonce: n }) if n == nonce => return Ok(gone),
-                Some(Message::SnapshotGone { snapshot, .. }) => gone.push(Uuid::from_bytes(snapshot)),
+                Some(Message::SnapshotGone { snapshot, .. }) => {
+                    gone.push(Uuid::from_bytes(snapshot))
+                }
                 Some(Message::Error { code, text, .. }) => {
                     return Err(ReplError::Remote {
                         peer: c.who(),
@@ -628,7 +637,10 @@ impl Replicator {
             c.send(
                 &Message::SnapshotGone {
                     snapshot: *g.as_bytes(),
-                    holders_text: format!("snapshot {g} was force-deleted on {}", self.cfg.node_name),
+                    holders_text: format!(
+                        "snapshot {g} was force-deleted on {}",
+                        self.cfg.node_name
+                    ),
                 },
                 &[],
             )?;
@@ -742,10 +754,7 @@ impl Replicator {
             return fail(
                 c,
                 codes::NOT_FOUND,
-                ReplError::NotFound(format!(
-                    "qtree {:?} in snapshot {}",
-                    r.qtree, target.name
-                )),
+                ReplError::NotFound(format!("qtree {:?} in snapshot {}", r.qtree, target.name)),
             );
         };
         let nss = match self.transfer_namespaces(&r.volume, r.qtree.as_deref()) {
@@ -769,8 +778,20 @@ impl Replicator {
                 target: target.name.clone(),
             }) {
                 Ok(Reply::Diff(d)) => diffs.push(d),
-                Ok(_) => return fail(c, codes::INTERNAL, ReplError::EngineReply { request: "Diff" }),
-                Err(e) => return fail(c, codes::INTERNAL, ReplError::engine(format!("diff of {ns}"), e)),
+                Ok(_) => {
+                    return fail(
+                        c,
+                        codes::INTERNAL,
+                        ReplError::EngineReply { request: "Diff" },
+                    )
+                }
+                Err(e) => {
+                    return fail(
+                        c,
+                        codes::INTERNAL,
+                        ReplError::engine(format!("diff of {ns}"), e),
+                    )
+                }
             }
             if i == 0 {
                 ns_bytes = ns_size_bytes(&self.engine, ns)?;
@@ -801,7 +822,11 @@ impl Replicator {
         tracing::info!(%peer, volume = %r.volume, target = %target.name, base = ?base.as_ref().map(|b| &b.name), resume_from = r.resume_from, "serving transfer");
         loop {
             if self.stopping() {
-                c.send_error(req_id, codes::INTERNAL, "source node is shutting down; resume later");
+                c.send_error(
+                    req_id,
+                    codes::INTERNAL,
+                    "source node is shutting down; resume later",
+                );
                 return Ok(());
             }
             match sender.next_step() {
@@ -821,13 +846,20 @@ impl Replicator {
                             }) {
                                 Ok(Reply::Data(d)) => d,
                                 Ok(_) => {
-                                    return fail(c, codes::INTERNAL, ReplError::EngineReply { request: "Read" })
+                                    return fail(
+                                        c,
+                                        codes::INTERNAL,
+                                        ReplError::EngineReply { request: "Read" },
+                                    )
                                 }
                                 Err(e) => {
                                     return fail(
                                         c,
                                         codes::INTERNAL,
-                                        ReplError::engine(format!("read {ns}@{} lba {}", target.name, it.lba), e),
+                                        ReplError::engine(
+                                            format!("read {ns}@{} lba {}", target.name, it.lba),
+                                            e,
+                                        ),
                                     )
                                 }
                             };
@@ -896,9 +928,15 @@ impl Replicator {
         let st = lock(&self.st);
         st.rels
             .get(dst)
-            .or_else(|| st.rels.values().find(|r| r.dst_volume == dst && r.kind == MirrorKind::Volume))
+            .or_else(|| {
+                st.rels
+                    .values()
+                    .find(|r| r.dst_volume == dst && r.kind == MirrorKind::Volume)
+            })
             .cloned()
-            .ok_or_else(|| ReplError::NotFound(format!("mirror relationship {dst:?}; see `mirror status`")))
+            .ok_or_else(|| {
+                ReplError::NotFound(format!("mirror relationship {dst:?}; see `mirror status`"))
+            })
     }
 
     fn update_rel(&self, key: &str, f: impl FnOnce(&mut Relationship)) -> Result<()> {
@@ -941,7 +979,9 @@ impl Replicator {
             Some(q) => format!("{}/{q}", spec.dst_volume),
             None => spec.dst_volume.clone(),
         };
-        let exists = volumes(&self.engine)?.into_iter().find(|v| v.name == spec.dst_volume);
+        let exists = volumes(&self.engine)?
+            .into_iter()
+            .find(|v| v.name == spec.dst_volume);
         match (&kind, &exists) {
             (MirrorKind::Volume, Some(_)) => {
                 return Err(ReplError::Invalid(format!(
@@ -949,7 +989,9 @@ impl Replicator {
                     spec.dst_volume
                 )))
             }
-            (MirrorKind::Qtree, Some(v)) if v.qtrees.iter().any(|q| Some(&q.name) == dst_qtree.as_ref()) => {
+            (MirrorKind::Qtree, Some(v))
+                if v.qtrees.iter().any(|q| Some(&q.name) == dst_qtree.as_ref()) =>
+            {
                 return Err(ReplError::Invalid(format!(
                     "qtree {key} exists already; a qtree mirror creates its destination"
                 )))
@@ -1097,7 +1139,9 @@ impl Replicator {
             }
         }
         if last {
-            let acts = self.lock_events(vec![Event::UpstreamRemoved { upstream: up.clone() }])?;
+            let acts = self.lock_events(vec![Event::UpstreamRemoved {
+                upstream: up.clone(),
+            }])?;
             self.perform(acts, None);
             lock(&self.st).pending_sets.remove(&up);
         }
@@ -1132,7 +1176,10 @@ impl Replicator {
                 } else {
                     "idle".into()
                 },
-                lag_ms: r.common.as_ref().map(|c| now.saturating_sub(c.created_unix_ms)),
+                lag_ms: r
+                    .common
+                    .as_ref()
+                    .map(|c| now.saturating_sub(c.created_unix_ms)),
                 newest_common_snapshot: r.common.clone(),
                 full_transfers: r.full_transfers,
                 incremental_transfers: r.incremental_transfers,
@@ -1213,7 +1260,13 @@ impl Replicator {
         }
     }
 
-    fn request_list(&self, c: &mut Conn, up: &str, volume: &str, qtree: Option<&str>) -> Result<Vec<SnapInfo>> {
+    fn request_list(
+        &self,
+        c: &mut Conn,
+        up: &str,
+        volume: &str,
+        qtree: Option<&str>,
+    ) -> Result<Vec<SnapInfo>> {
         let req_id = rand::random::<u64>();
         c.send(
             &Message::SnapshotListRequest {
@@ -1224,7 +1277,10 @@ impl Replicator {
             &[],
         )?;
         match self.recv_reply(c, up)? {
-            Message::SnapshotList { req_id: r, snapshots } if r == req_id => {
+            Message::SnapshotList {
+                req_id: r,
+                snapshots,
+            } if r == req_id => {
                 if snapshots.len() > 4096 {
                     return Err(ReplError::Protocol {
                         peer: c.who(),
@@ -1235,7 +1291,10 @@ impl Replicator {
             }
             other => Err(ReplError::Protocol {
                 peer: c.who(),
-                detail: format!("expected SnapshotList, got message type {}", other.type_code()),
+                detail: format!(
+                    "expected SnapshotList, got message type {}",
+                    other.type_code()
+                ),
             }),
         }
     }
@@ -1341,10 +1400,9 @@ impl Replicator {
                 }
             }
             MirrorKind::Qtree => {
-                let q = rel
-                    .dst_qtree
-                    .clone()
-                    .ok_or_else(|| ReplError::Invalid("qtree mirror without a destination qtree".into()))?;
+                let q = rel.dst_qtree.clone().ok_or_else(|| {
+                    ReplError::Invalid("qtree mirror without a destination qtree".into())
+                })?;
                 let size = ns_sizes.first().map(|x| x.1).unwrap_or(0);
                 if existing.is_none() {
                     // A fresh volume for the qtree; its own space stays tiny.
@@ -1407,7 +1465,12 @@ impl Replicator {
                 }) {
                     Ok(Reply::Diff(d)) => d,
                     Ok(_) => return Err(ReplError::EngineReply { request: "Diff" }),
-                    Err(x) => return Err(ReplError::engine(format!("diff {ns} {tmp}..{}", base.name), x)),
+                    Err(x) => {
+                        return Err(ReplError::engine(
+                            format!("diff {ns} {tmp}..{}", base.name),
+                            x,
+                        ))
+                    }
                 };
                 for it in plan(&[d]) {
                     match it.kind {
@@ -1422,7 +1485,12 @@ impl Replicator {
                             }) {
                                 Ok(Reply::Data(d)) => d,
                                 Ok(_) => return Err(ReplError::EngineReply { request: "Read" }),
-                                Err(x) => return Err(ReplError::engine(format!("read {ns}@{}", base.name), x)),
+                                Err(x) => {
+                                    return Err(ReplError::engine(
+                                        format!("read {ns}@{}", base.name),
+                                        x,
+                                    ))
+                                }
                             };
                             self.engine
                                 .call(Request::Write {
@@ -1491,9 +1559,12 @@ impl Replicator {
         let up = c.peer_node.clone();
         self.ensure_upstream(rel, &up)?;
         // Claims 10/20: our lock set before the transfer.
-        let acts = self.lock_events(vec![Event::TransferStarting { upstream: up.clone() }])?;
+        let acts = self.lock_events(vec![Event::TransferStarting {
+            upstream: up.clone(),
+        }])?;
         self.send_sets(&mut c, acts)?;
-        let src = self.request_list(&mut c, &up, &rel.source_volume, rel.source_qtree.as_deref())?;
+        let src =
+            self.request_list(&mut c, &up, &rel.source_volume, rel.source_qtree.as_deref())?;
         let src_ids: Vec<Uuid> = src.iter().map(|s| Uuid::from_bytes(s.id)).collect();
         {
             let mut st = lock(&self.st);
@@ -1528,7 +1599,16 @@ impl Replicator {
             MirrorKind::Volume => self
                 .request_list(&mut c, &up, &rel.source_volume, Some(NS_LIST_TAG))?
                 .into_iter()
-                .map(|s| (if s.name.is_empty() { None } else { Some(s.name) }, s.created_ms))
+                .map(|s| {
+                    (
+                        if s.name.is_empty() {
+                            None
+                        } else {
+                            Some(s.name)
+                        },
+                        s.created_ms,
+                    )
+                })
                 .collect(),
             MirrorKind::Qtree => Vec::new(), // size from TransferStart
         };
@@ -1538,7 +1618,9 @@ impl Replicator {
                 detail: format!("{} namespaces", ns_sizes.len()),
             });
         }
-        let dst_exists = volumes(&self.engine)?.iter().any(|v| v.name == rel.dst_volume);
+        let dst_exists = volumes(&self.engine)?
+            .iter()
+            .any(|v| v.name == rel.dst_volume);
         let local = if dst_exists {
             snapshots(&self.engine, &rel.dst_volume)?
         } else {
@@ -1553,7 +1635,9 @@ impl Replicator {
         match mode {
             Mode::Create => {
                 if base.is_some() {
-                    return Err(ReplError::Invalid(format!("destination {key} already holds source snapshots")));
+                    return Err(ReplError::Invalid(format!(
+                        "destination {key} already holds source snapshots"
+                    )));
                 }
             }
             Mode::Update => {
@@ -1633,7 +1717,9 @@ impl Replicator {
                             .iter()
                             .find(|l| l.id.as_bytes() == &b.id)
                             .cloned()
-                            .ok_or_else(|| ReplError::NotFound(format!("base {} locally", b.name)))?;
+                            .ok_or_else(|| {
+                                ReplError::NotFound(format!("base {} locally", b.name))
+                            })?;
                         self.revert_to(rel, &nss, &bi)?;
                     }
                     None => {
@@ -1644,7 +1730,17 @@ impl Replicator {
             }
         }
         if !up_to_date {
-            let (r, b) = self.pull(&mut c, rel, &up, base.take(), &target, resume_from, &ns_sizes, progress, &mut report)?;
+            let (r, b) = self.pull(
+                &mut c,
+                rel,
+                &up,
+                base.take(),
+                &target,
+                resume_from,
+                &ns_sizes,
+                progress,
+                &mut report,
+            )?;
             report = r;
             base = b;
         }
@@ -1668,7 +1764,9 @@ impl Replicator {
                             volume: rel.dst_volume.clone(),
                             name: s.name.clone(),
                         })
-                        .map_err(|e| ReplError::engine(format!("delete {}@{}", rel.dst_volume, s.name), e))?;
+                        .map_err(|e| {
+                            ReplError::engine(format!("delete {}@{}", rel.dst_volume, s.name), e)
+                        })?;
                     report.deleted_snapshots.push(s.name.clone());
                 } else {
                     report.kept_locked.push(s.name.clone());
@@ -1745,11 +1843,17 @@ impl Replicator {
             other => {
                 return Err(ReplError::Protocol {
                     peer: c.who(),
-                    detail: format!("expected TransferStart, got message type {}", other.type_code()),
+                    detail: format!(
+                        "expected TransferStart, got message type {}",
+                        other.type_code()
+                    ),
                 })
             }
         };
-        if start.target.id != target.id || start.start_position != resume_from || start.base != base_id {
+        if start.target.id != target.id
+            || start.start_position != resume_from
+            || start.base != base_id
+        {
             return Err(ReplError::Protocol {
                 peer: c.who(),
                 detail: "TransferStart does not match the request".into(),
@@ -1765,7 +1869,13 @@ impl Replicator {
         for ns in &nss {
             ns_blocks.push(ns_size_bytes(&self.engine, ns)? / BLOCK_SIZE as u64);
         }
-        let mut rx = Receiver::new(ns_blocks, resume_from, start.extent_count, &key, &rel.source_path())?;
+        let mut rx = Receiver::new(
+            ns_blocks,
+            resume_from,
+            start.extent_count,
+            &key,
+            &rel.source_path(),
+        )?;
         let ckpt = Checkpoint {
             base: base_id.map(Uuid::from_bytes),
             target: Uuid::from_bytes(target.id),
@@ -1774,7 +1884,12 @@ impl Replicator {
         self.store_ckpt(&key, Some(&ckpt))?;
         self.flush()?;
         let rel_bucket = self.bucket(&key, rel.throttle_bps);
-        report.kind = if base.is_some() { "incremental" } else { "full" }.into();
+        report.kind = if base.is_some() {
+            "incremental"
+        } else {
+            "full"
+        }
+        .into();
         report.total_items = rx.total();
         let mut prog = Progress {
             done_items: resume_from,
@@ -1790,7 +1905,10 @@ impl Replicator {
             match self.recv_reply(c, up)? {
                 Message::Extent(h) => {
                     let a: Apply = rx.on_extent(&h, c.payload())?;
-                    let ns = nss.get(usize::from(a.ns)).cloned().ok_or_else(|| ReplError::Invalid("namespace".into()))?;
+                    let ns = nss
+                        .get(usize::from(a.ns))
+                        .cloned()
+                        .ok_or_else(|| ReplError::Invalid("namespace".into()))?;
                     let n = c.payload().len() as u64;
                     self.engine
                         .call(Request::Write {
@@ -1808,7 +1926,10 @@ impl Replicator {
                 }
                 Message::Trim { lba, len, .. } => {
                     let a = rx.on_trim(lba, len)?;
-                    let ns = nss.get(usize::from(a.ns)).cloned().ok_or_else(|| ReplError::Invalid("namespace".into()))?;
+                    let ns = nss
+                        .get(usize::from(a.ns))
+                        .cloned()
+                        .ok_or_else(|| ReplError::Invalid("namespace".into()))?;
                     self.engine
                         .call(Request::Trim {
                             ns: ns.clone(),
@@ -1833,14 +1954,19 @@ impl Replicator {
                     self.flush()?;
                     c.send(&Message::CheckpointAck { req_id, position }, &[])?;
                 }
-                Message::TransferDone { content_digest: d, .. } => {
+                Message::TransferDone {
+                    content_digest: d, ..
+                } => {
                     rx.on_done()?;
                     break d;
                 }
                 other => {
                     return Err(ReplError::Protocol {
                         peer: c.who(),
-                        detail: format!("unexpected message type {} in a transfer", other.type_code()),
+                        detail: format!(
+                            "unexpected message type {} in a transfer",
+                            other.type_code()
+                        ),
                     })
                 }
             }
@@ -1853,7 +1979,11 @@ impl Replicator {
         let local = snapshots(&self.engine, &rel.dst_volume)?;
         let mut name = target.name.clone();
         if local.iter().any(|s| s.name == name) {
-            name = format!("{}.{}", target.name, &Uuid::from_bytes(target.id).simple().to_string()[..8]);
+            name = format!(
+                "{}.{}",
+                target.name,
+                &Uuid::from_bytes(target.id).simple().to_string()[..8]
+            );
         }
         let info = match self.engine.call(Request::CreateSnapshot {
             volume: rel.dst_volume.clone(),
@@ -1862,8 +1992,17 @@ impl Replicator {
             created_unix_ms: Some(target.created_ms),
         }) {
             Ok(Reply::Snapshot(s)) => s,
-            Ok(_) => return Err(ReplError::EngineReply { request: "CreateSnapshot" }),
-            Err(e) => return Err(ReplError::engine(format!("snapshot {}@{name}", rel.dst_volume), e)),
+            Ok(_) => {
+                return Err(ReplError::EngineReply {
+                    request: "CreateSnapshot",
+                })
+            }
+            Err(e) => {
+                return Err(ReplError::engine(
+                    format!("snapshot {}@{name}", rel.dst_volume),
+                    e,
+                ))
+            }
         };
         let ours = content_digest(&info.digests, rel.dst_qtree.as_deref());
         if ours != Some(digest) || digest != target.content_digest {
@@ -1907,7 +2046,11 @@ impl Replicator {
             created_unix_ms: None,
         }) {
             Ok(Reply::Snapshot(s)) => s,
-            Ok(_) => return Err(ReplError::EngineReply { request: "CreateSnapshot" }),
+            Ok(_) => {
+                return Err(ReplError::EngineReply {
+                    request: "CreateSnapshot",
+                })
+            }
             Err(e) => return Err(ReplError::engine(format!("snapshot {volume}@{name}"), e)),
         };
         let acts = self.lock_events(vec![Event::SnapshotCreated { snapshot: info.id }])?;
@@ -1936,8 +2079,9 @@ impl Replicator {
             snapshot: s.id,
             force,
         }])?;
-        if let Some(Action::DeleteRefused { holders, .. }) =
-            acts.iter().find(|a| matches!(a, Action::DeleteRefused { .. }))
+        if let Some(Action::DeleteRefused { holders, .. }) = acts
+            .iter()
+            .find(|a| matches!(a, Action::DeleteRefused { .. }))
         {
             self.n.deletes_refused.fetch_add(1, Ordering::Relaxed);
             return Err(ReplError::Locked {
@@ -2009,9 +2153,17 @@ impl Replicator {
 
     /// An application on this node depends on `volume@snap`: lock it here
     /// and on every node upstream.
-    pub fn lock_add(&self, volume: &str, snap: &str, owner: &str, text: Option<&str>) -> Result<LockView> {
+    pub fn lock_add(
+        &self,
+        volume: &str,
+        snap: &str,
+        owner: &str,
+        text: Option<&str>,
+    ) -> Result<LockView> {
         if owner.is_empty() || owner.contains(": ") {
-            return Err(ReplError::Invalid(format!("owner {owner:?} must be non-empty without \": \"")));
+            return Err(ReplError::Invalid(format!(
+                "owner {owner:?} must be non-empty without \": \""
+            )));
         }
         let s = self.find_snap(volume, snap)?;
         let full = match text {
@@ -2065,10 +2217,14 @@ impl Replicator {
                 snapshot: s.id,
                 owner: l.text.clone(),
             }
-        } else if locks
+        } else if locks.iter().any(|l| {
+            l.snapshot == s.id
+                && (l.hop_path.last().map(String::as_str) == Some(holder)
+                    || l.origin_node == holder)
+                && &l.origin_node != me
+        }) || locks
             .iter()
-            .any(|l| l.snapshot == s.id && (l.hop_path.last().map(String::as_str) == Some(holder) || l.origin_node == holder) && &l.origin_node != me)
-            || locks.iter().any(|l| l.snapshot == s.id && l.origin_node == holder)
+            .any(|l| l.snapshot == s.id && l.origin_node == holder)
         {
             Event::OperatorRelease {
                 downstream: self.via(holder, &locks),
@@ -2101,7 +2257,12 @@ impl Replicator {
         Ok(snaps
             .into_iter()
             .map(|s| {
-                let v = st.locks.holders(s.id).iter().map(|l| self.view_with(l, &names, &st)).collect();
+                let v = st
+                    .locks
+                    .holders(s.id)
+                    .iter()
+                    .map(|l| self.view_with(l, &names, &st))
+                    .collect();
                 (s, v)
             })
             .collect())
@@ -2122,7 +2283,12 @@ impl Replicator {
         self.view_with(l, names, &st)
     }
 
-    fn view_with(&self, l: &SoftLock, names: &BTreeMap<Uuid, (String, String)>, st: &State) -> LockView {
+    fn view_with(
+        &self,
+        l: &SoftLock,
+        names: &BTreeMap<Uuid, (String, String)>,
+        st: &State,
+    ) -> LockView {
         let me = &self.cfg.node_name;
         let stale_set = st.locks.stale_downstreams();
         let via = l.hop_path.last().cloned().unwrap_or_default();
@@ -2173,13 +2339,48 @@ impl Replicator {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         };
-        w("sluice_repl_bytes_sent_total", "Extent payload bytes sent to downstreams.", "counter", vec![(String::new(), c(&self.n.bytes_sent))]);
-        w("sluice_repl_bytes_received_total", "Extent payload bytes received from upstreams.", "counter", vec![(String::new(), c(&self.n.bytes_received))]);
-        w("sluice_repl_transfers_served_total", "Transfers served to downstreams.", "counter", vec![(String::new(), c(&self.n.transfers_served))]);
-        w("sluice_repl_transfer_failures_total", "Pulls that failed.", "counter", vec![(String::new(), c(&self.n.transfer_failures))]);
-        w("sluice_repl_deletes_refused_total", "Snapshot deletes refused by soft locks.", "counter", vec![(String::new(), c(&self.n.deletes_refused))]);
-        w("sluice_repl_forced_deletes_total", "Forced deletes of locked snapshots.", "counter", vec![(String::new(), c(&self.n.forced_deletes))]);
-        w("sluice_repl_auth_failures_total", "Peer connections refused by authentication.", "counter", vec![(String::new(), c(&self.n.auth_failures))]);
+        w(
+            "sluice_repl_bytes_sent_total",
+            "Extent payload bytes sent to downstreams.",
+            "counter",
+            vec![(String::new(), c(&self.n.bytes_sent))],
+        );
+        w(
+            "sluice_repl_bytes_received_total",
+            "Extent payload bytes received from upstreams.",
+            "counter",
+            vec![(String::new(), c(&self.n.bytes_received))],
+        );
+        w(
+            "sluice_repl_transfers_served_total",
+            "Transfers served to downstreams.",
+            "counter",
+            vec![(String::new(), c(&self.n.transfers_served))],
+        );
+        w(
+            "sluice_repl_transfer_failures_total",
+            "Pulls that failed.",
+            "counter",
+            vec![(String::new(), c(&self.n.transfer_failures))],
+        );
+        w(
+            "sluice_repl_deletes_refused_total",
+            "Snapshot deletes refused by soft locks.",
+            "counter",
+            vec![(String::new(), c(&self.n.deletes_refused))],
+        );
+        w(
+            "sluice_repl_forced_deletes_total",
+            "Forced deletes of locked snapshots.",
+            "counter",
+            vec![(String::new(), c(&self.n.forced_deletes))],
+        );
+        w(
+            "sluice_repl_auth_failures_total",
+            "Peer connections refused by authentication.",
+            "counter",
+            vec![(String::new(), c(&self.n.auth_failures))],
+        );
         let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
         let mut transfers = Vec::new();
         let mut lag = Vec::new();
@@ -2187,22 +2388,58 @@ impl Replicator {
         for s in &st {
             let d = esc(&s.dst);
             transfers.push((format!("{{dst=\"{d}\",kind=\"full\"}}"), s.full_transfers));
-            transfers.push((format!("{{dst=\"{d}\",kind=\"incremental\"}}"), s.incremental_transfers));
+            transfers.push((
+                format!("{{dst=\"{d}\",kind=\"incremental\"}}"),
+                s.incremental_transfers,
+            ));
             if let Some(l) = s.lag_ms {
                 lag.push((format!("{{dst=\"{d}\"}}"), l / 1000));
             }
             broken.push((format!("{{dst=\"{d}\"}}"), u64::from(s.state == "broken")));
         }
-        w("sluice_repl_transfers_total", "Completed transfers per relationship and kind.", "counter", transfers);
-        w("sluice_repl_lag_seconds", "Age of the newest common snapshot.", "gauge", lag);
-        w("sluice_repl_broken", "1 if the relationship is broken.", "gauge", broken);
+        w(
+            "sluice_repl_transfers_total",
+            "Completed transfers per relationship and kind.",
+            "counter",
+            transfers,
+        );
+        w(
+            "sluice_repl_lag_seconds",
+            "Age of the newest common snapshot.",
+            "gauge",
+            lag,
+        );
+        w(
+            "sluice_repl_broken",
+            "1 if the relationship is broken.",
+            "gauge",
+            broken,
+        );
         let active = locks.iter().filter(|l| l.state == "active").count() as u64;
         let stale = locks.len() as u64 - active;
-        w("sluice_repl_locks", "Soft locks effective on this node.", "gauge", vec![("{state=\"active\"}".into(), active), ("{state=\"stale\"}".into(), stale)]);
+        w(
+            "sluice_repl_locks",
+            "Soft locks effective on this node.",
+            "gauge",
+            vec![
+                ("{state=\"active\"}".into(), active),
+                ("{state=\"stale\"}".into(), stale),
+            ],
+        );
         let sd = lock(&self.st).locks.stale_downstreams().len() as u64;
-        w("sluice_repl_stale_downstreams", "Downstreams whose lock set lease ran out.", "gauge", vec![(String::new(), sd)]);
+        w(
+            "sluice_repl_stale_downstreams",
+            "Downstreams whose lock set lease ran out.",
+            "gauge",
+            vec![(String::new(), sd)],
+        );
         let pending = lock(&self.st).pending_sets.len() as u64;
-        w("sluice_repl_undelivered_lock_sets", "Upstreams whose latest lock set is not delivered yet.", "gauge", vec![(String::new(), pending)]);
+        w(
+            "sluice_repl_undelivered_lock_sets",
+            "Upstreams whose latest lock set is not delivered yet.",
+            "gauge",
+            vec![(String::new(), pending)],
+        );
     }
 
     // ---------------------------------------------------------------- scheduler
@@ -2239,7 +2476,8 @@ impl Replicator {
                     .entry(k.clone())
                     .or_insert_with(|| now + Duration::from_millis(every));
                 if next <= now {
-                    st.next_due.insert(k.clone(), now + Duration::from_millis(every));
+                    st.next_due
+                        .insert(k.clone(), now + Duration::from_millis(every));
                     due.push(k);
                 }
             }
@@ -2292,7 +2530,9 @@ fn set_attr(e: &EngineHandle, key: &str, value: Option<Vec<u8>>) -> Result<()> {
 fn volumes(e: &EngineHandle) -> Result<Vec<VolumeInfo>> {
     match e.call(Request::ListVolumes) {
         Ok(Reply::Volumes(v)) => Ok(v),
-        Ok(_) => Err(ReplError::EngineReply { request: "ListVolumes" }),
+        Ok(_) => Err(ReplError::EngineReply {
+            request: "ListVolumes",
+        }),
         Err(x) => Err(ReplError::engine("list volumes", x)),
     }
 }
@@ -2309,7 +2549,9 @@ fn snapshots(e: &EngineHandle, volume: &str) -> Result<Vec<SnapshotInfo>> {
         volume: volume.into(),
     }) {
         Ok(Reply::Snapshots(v)) => Ok(v),
-        Ok(_) => Err(ReplError::EngineReply { request: "ListSnapshots" }),
+        Ok(_) => Err(ReplError::EngineReply {
+            request: "ListSnapshots",
+        }),
         Err(x) => Err(ReplError::engine(format!("list snapshots of {volume}"), x)),
     }
 }

@@ -82,7 +82,10 @@ mod tests {
         let b = Bucket::new(Some(1 << 20));
         // A 4 MiB take on a 1 MiB/s bucket owes about 4 s (rate-based, not timed).
         let w = b.take(4 << 20);
-        assert!(w > Duration::from_secs(3) && w <= Duration::from_secs(5), "{w:?}");
+        assert!(
+            w > Duration::from_secs(3) && w <= Duration::from_secs(5),
+            "{w:?}"
+        );
         b.set_rate(None);
         assert!(b.take(1).is_zero());
     }

@@ -222,12 +222,13 @@ impl Receiver {
         dst: &str,
         source_path: &str,
     ) -> Result<Self> {
-        let total = start_position
-            .checked_add(extent_count)
-            .ok_or_else(|| ReplError::Protocol {
-                peer: source_path.to_string(),
-                detail: "extent count overflows".into(),
-            })?;
+        let total =
+            start_position
+                .checked_add(extent_count)
+                .ok_or_else(|| ReplError::Protocol {
+                    peer: source_path.to_string(),
+                    detail: "extent count overflows".into(),
+                })?;
         Ok(Receiver {
             ns_blocks,
             position: start_position,
@@ -266,10 +267,7 @@ impl Receiver {
             )));
         }
         if self.position >= self.total {
-            return Err(self.bad(format!(
-                "more items than the {} announced",
-                self.total
-            )));
+            return Err(self.bad(format!("more items than the {} announced", self.total)));
         }
         Ok((ns, lba))
     }

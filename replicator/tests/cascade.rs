@@ -24,7 +24,12 @@ fn same(a: &Node, av: &str, b: &Node, bv: &str, snap: &str, qtree: Option<&str>)
     };
     let x = a.read_all(&an, Some(snap), blocks);
     let y = b.read_all(&bn, Some(snap), blocks);
-    assert!(x == y, "{}:{an}@{snap} differs from {}:{bn}@{snap}", a.name, b.name);
+    assert!(
+        x == y,
+        "{}:{an}@{snap} differs from {}:{bn}@{snap}",
+        a.name,
+        b.name
+    );
 }
 
 /// Chain A -> B -> C, A prunes to 1 snapshot every round, C lags: every
@@ -39,9 +44,15 @@ fn chain_stays_incremental_with_keep_one_pruning() {
     a.churn(&NsName::volume("v"), VOL_BLOCKS, 300, &mut r);
     a.churn(&NsName::qtree("v", "q"), QBYTES / 4096, 50, &mut r);
     a.snap("v", "s1");
-    let rep = b.repl.mirror_create(spec("v", &a, "v")).expect("B baseline");
+    let rep = b
+        .repl
+        .mirror_create(spec("v", &a, "v"))
+        .expect("B baseline");
     assert_eq!(rep.kind, "full");
-    let rep = c.repl.mirror_create(spec("v", &b, "v")).expect("C baseline");
+    let rep = c
+        .repl
+        .mirror_create(spec("v", &b, "v"))
+        .expect("C baseline");
     assert_eq!(rep.kind, "full");
     same(&a, "v", &c, "v", "s1", None);
     same(&a, "v", &c, "v", "s1", Some("q"));
@@ -72,7 +83,13 @@ fn chain_stays_incremental_with_keep_one_pruning() {
     assert_eq!(rep.kind, "incremental");
     same(&a, "v", &c, "v", "s7", None);
     same(&a, "v", &c, "v", "s7", Some("q"));
-    let digest = |n: &Node| n.snaps("v").into_iter().find(|s| s.name == "s7").unwrap().digests;
+    let digest = |n: &Node| {
+        n.snaps("v")
+            .into_iter()
+            .find(|s| s.name == "s7")
+            .unwrap()
+            .digests
+    };
     assert_eq!(digest(&a), digest(&c));
     for n in [&b, &c] {
         let st = n.repl.mirror_status();
@@ -104,7 +121,10 @@ fn app_lock_on_c_protects_upstream() {
     a.snap("v", "s2");
     b.repl.mirror_update("v", &noprog).unwrap();
     c.repl.mirror_update("v", &noprog).unwrap();
-    let v = c.repl.lock_add("v", "s1", "backup", Some("nightly copy")).unwrap();
+    let v = c
+        .repl
+        .lock_add("v", "s1", "backup", Some("nightly copy"))
+        .unwrap();
     assert_eq!(v.origin_node, "C");
     assert_eq!(v.kind, "owner");
     let on_a = |a: &Node| {
@@ -125,7 +145,10 @@ fn app_lock_on_c_protects_upstream() {
         other => panic!("delete of a locked snapshot: {other:?}"),
     }
     let plan = a.repl.prune("v", 1, true).unwrap();
-    assert!(plan.deleted.is_empty() && plan.skipped.len() == 1, "{plan:?}");
+    assert!(
+        plan.deleted.is_empty() && plan.skipped.len() == 1,
+        "{plan:?}"
+    );
     // B's own snapshots are protected too.
     assert!(b.repl.snap_delete("v", "s1", false).is_err());
     c.repl.lock_release("v", "s1", "backup").unwrap();
@@ -155,8 +178,14 @@ fn fan_out_two_downstreams_lock_different_snapshots() {
     assert!(plan.deleted.is_empty(), "{plan:?}");
     assert_eq!(plan.skipped.len(), 2);
     assert_eq!(a.snap_names("v"), vec!["s1", "s2", "s3"]);
-    assert_eq!(b.repl.mirror_update("v", &noprog).unwrap().kind, "incremental");
-    assert_eq!(d.repl.mirror_update("dv", &noprog).unwrap().kind, "incremental");
+    assert_eq!(
+        b.repl.mirror_update("v", &noprog).unwrap().kind,
+        "incremental"
+    );
+    assert_eq!(
+        d.repl.mirror_update("dv", &noprog).unwrap().kind,
+        "incremental"
+    );
     same(&a, "v", &b, "v", "s3", None);
     same(&a, "v", &d, "dv", "s3", None);
     // Both now depend on s3 only: s1 and s2 go.
@@ -191,15 +220,27 @@ fn qtree_mirror_in_a_cascade() {
         source_qtree: Some("q".into()),
         ..spec(dst, src, vol)
     };
-    assert_eq!(b.repl.mirror_create(qspec("bq", &a, "v")).unwrap().kind, "full");
-    assert_eq!(c.repl.mirror_create(qspec("cq", &b, "bq")).unwrap().kind, "full");
+    assert_eq!(
+        b.repl.mirror_create(qspec("bq", &a, "v")).unwrap().kind,
+        "full"
+    );
+    assert_eq!(
+        c.repl.mirror_create(qspec("cq", &b, "bq")).unwrap().kind,
+        "full"
+    );
     for round in 2..=3 {
         a.churn(&q, QBYTES / 4096, 20, &mut r);
         let s = format!("s{round}");
         a.snap("v", &s);
         a.repl.prune("v", 1, false).unwrap();
-        assert_eq!(b.repl.mirror_update("bq/q", &noprog).unwrap().kind, "incremental");
-        assert_eq!(c.repl.mirror_update("cq/q", &noprog).unwrap().kind, "incremental");
+        assert_eq!(
+            b.repl.mirror_update("bq/q", &noprog).unwrap().kind,
+            "incremental"
+        );
+        assert_eq!(
+            c.repl.mirror_update("cq/q", &noprog).unwrap().kind,
+            "incremental"
+        );
         let x = a.read_all(&q, Some(&s), QBYTES / 4096);
         let y = c.read_all(&NsName::qtree("cq", "q"), Some(&s), QBYTES / 4096);
         assert!(x == y, "round {round}: qtree content differs");
@@ -227,7 +268,11 @@ fn restart_keeps_relationships_and_locks() {
     let st = b.repl.mirror_status();
     assert_eq!(st.len(), 1);
     assert_eq!(st[0].full_transfers, 1);
-    assert!(b.repl.lock_list().iter().any(|l| l.kind == "owner" && l.text == "app"));
+    assert!(b
+        .repl
+        .lock_list()
+        .iter()
+        .any(|l| l.kind == "owner" && l.text == "app"));
     assert!(
         a.repl.lock_list().iter().any(|l| l.origin_node == "B"),
         "A lost B's locks over a restart"
@@ -235,7 +280,10 @@ fn restart_keeps_relationships_and_locks() {
     a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
     a.snap("v", "s2");
     a.repl.prune("v", 1, false).unwrap();
-    assert_eq!(b.repl.mirror_update("v", &noprog).unwrap().kind, "incremental");
+    assert_eq!(
+        b.repl.mirror_update("v", &noprog).unwrap().kind,
+        "incremental"
+    );
     same(&a, "v", &b, "v", "s2", None);
     // s1 stays on A and B: B's application lock.
     assert!(a.snap_names("v").contains(&"s1".to_string()));
@@ -257,7 +305,9 @@ fn scheduled_updates_pull_new_snapshots() {
     };
     b.repl.mirror_create(s).unwrap();
     a.snap("v", "s2");
-    wait_for("B pulls s2 by schedule", || b.snap_names("v").contains(&"s2".to_string()));
+    wait_for("B pulls s2 by schedule", || {
+        b.snap_names("v").contains(&"s2".to_string())
+    });
     for n in [a, b] {
         n.shutdown();
     }

@@ -20,7 +20,9 @@ fn auth_refused_with_wrong_or_missing_secret() {
     // Wrong secret.
     let b = node_secret("B", Some(b"beta"));
     match b.repl.mirror_create(spec("v", &a, "v")) {
-        Err(ReplError::AuthRefused { detail, .. }) => assert!(detail.contains("secret"), "{detail}"),
+        Err(ReplError::AuthRefused { detail, .. }) => {
+            assert!(detail.contains("secret"), "{detail}")
+        }
         other => panic!("wrong secret: {other:?}"),
     }
     // No secret on the puller.
@@ -43,7 +45,10 @@ fn auth_refused_with_wrong_or_missing_secret() {
     assert!(!m.contains("sluice_repl_auth_failures_total 0"), "{m}");
     // The same secret works.
     let e = node_secret("E", Some(b"alpha"));
-    assert_eq!(e.repl.mirror_create(spec("v", &a, "v")).unwrap().kind, "full");
+    assert_eq!(
+        e.repl.mirror_create(spec("v", &a, "v")).unwrap().kind,
+        "full"
+    );
     for n in [a, b, c, d, e] {
         n.shutdown();
     }
@@ -73,7 +78,11 @@ fn no_common_snapshot_fails_until_resync() {
         other => panic!("expected no common snapshot: {other:?}"),
     }
     let st = b.repl.mirror_status();
-    assert!(st[0].last_error.as_deref().unwrap_or("").contains("no common snapshot"));
+    assert!(st[0]
+        .last_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("no common snapshot"));
     let rep = b.repl.mirror_resync("v", &noprog).unwrap();
     assert_eq!(rep.kind, "full");
     let x = a.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
@@ -105,16 +114,27 @@ fn resume_after_dropped_connection() {
     assert!(full.bytes > 1 << 20);
     let cut = r.gen_range(full.bytes / 3..full.bytes * 2 / 3);
     p.arm(Fault::CutAfter(cut));
-    let err = b.repl.mirror_create(s).expect_err("the cut must fail the baseline");
+    let err = b
+        .repl
+        .mirror_create(s)
+        .expect_err("the cut must fail the baseline");
     assert!(!err.to_string().is_empty());
     assert!(b.snap_names("v").is_empty(), "nothing committed");
     let st = b.repl.mirror_status();
-    let ck = st[0].checkpoint.clone().expect("a checkpoint survives the cut");
+    let ck = st[0]
+        .checkpoint
+        .clone()
+        .expect("a checkpoint survives the cut");
     assert!(ck.position > 0);
     let rep = b.repl.mirror_update("v", &noprog).unwrap();
     assert_eq!(rep.kind, "full");
     assert_eq!(rep.resumed_from, ck.position);
-    assert!(rep.bytes < full.bytes, "resumed {} >= full {}", rep.bytes, full.bytes);
+    assert!(
+        rep.bytes < full.bytes,
+        "resumed {} >= full {}",
+        rep.bytes,
+        full.bytes
+    );
     let x = a.read_all(&NsName::volume("v"), Some("s1"), VOL_BLOCKS);
     let y = b.read_all(&NsName::volume("v"), Some("s1"), VOL_BLOCKS);
     assert!(x == y);
@@ -140,9 +160,15 @@ fn corrupted_extent_commits_nothing() {
         ..spec("v", &a, "v")
     };
     p.arm(Fault::FlipAt(r.gen_range(200_000..1_000_000)));
-    let err = b.repl.mirror_create(s).expect_err("corruption must fail the transfer");
+    let err = b
+        .repl
+        .mirror_create(s)
+        .expect_err("corruption must fail the transfer");
     assert!(
-        matches!(err, ReplError::ExtentChecksum { .. } | ReplError::Protocol { .. }),
+        matches!(
+            err,
+            ReplError::ExtentChecksum { .. } | ReplError::Protocol { .. }
+        ),
         "{err}"
     );
     assert!(b.snap_names("v").is_empty(), "nothing committed");
@@ -178,13 +204,20 @@ fn silent_downstream_goes_stale_and_can_be_released() {
     assert!(!from_b(&a).is_empty());
     // B renews while alive.
     std::thread::sleep(std::time::Duration::from_millis(600));
-    assert!(from_b(&a).iter().all(|l| l.state == "active"), "{:?}", from_b(&a));
+    assert!(
+        from_b(&a).iter().all(|l| l.state == "active"),
+        "{:?}",
+        from_b(&a)
+    );
     b.shutdown();
     wait_for("B's locks turn stale on A", || {
         let l = from_b(&a);
         !l.is_empty() && l.iter().all(|l| l.state == "stale")
     });
-    assert!(a.repl.snap_delete("v", "s1", false).is_err(), "stale locks still hold");
+    assert!(
+        a.repl.snap_delete("v", "s1", false).is_err(),
+        "stale locks still hold"
+    );
     a.repl.lock_release("v", "s1", "B").unwrap();
     assert!(from_b(&a).is_empty());
     a.repl.snap_delete("v", "s1", false).unwrap();
@@ -247,7 +280,13 @@ fn break_then_resync_reverts_local_changes() {
     let x = a.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
     let y = b.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
     assert!(x == y);
-    let d = |n: &Node| n.snaps("v").into_iter().find(|s| s.name == "s2").unwrap().digests;
+    let d = |n: &Node| {
+        n.snaps("v")
+            .into_iter()
+            .find(|s| s.name == "s2")
+            .unwrap()
+            .digests
+    };
     assert_eq!(d(&a), d(&b));
     assert_eq!(b.repl.mirror_status()[0].state, "idle");
     for n in [a, b] {

@@ -67,7 +67,8 @@ impl Node {
     pub fn with_config(cfg: ReplicatorConfig) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("pool.img");
-        let dev = UringDevice::create(&path, POOL_BYTES, UringOptions::default()).expect("pool file");
+        let dev =
+            UringDevice::create(&path, POOL_BYTES, UringOptions::default()).expect("pool file");
         let pool = Pool::format(dev, FormatOptions::default()).expect("format");
         let engine = Engine::start(pool, EngineOptions::default());
         let repl = Replicator::start(engine.clone(), cfg.clone()).expect("replicator start");
@@ -180,7 +181,10 @@ impl Node {
     }
 
     pub fn snaps(&self, vol: &str) -> Vec<SnapshotInfo> {
-        match self.engine.call(Request::ListSnapshots { volume: vol.into() }) {
+        match self
+            .engine
+            .call(Request::ListSnapshots { volume: vol.into() })
+        {
             Ok(Reply::Snapshots(s)) => s,
             other => panic!("list snapshots of {vol}: {other:?}"),
         }
@@ -276,7 +280,9 @@ impl Proxy {
             std::thread::spawn(move || {
                 for c in l.incoming() {
                     let Ok(client) = c else { continue };
-                    let Ok(server) = TcpStream::connect(&target) else { continue };
+                    let Ok(server) = TcpStream::connect(&target) else {
+                        continue;
+                    };
                     let f = std::mem::replace(&mut *fault.lock().unwrap(), Fault::None);
                     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                     std::thread::spawn(move || pump(c2, s2, Fault::None, None));
