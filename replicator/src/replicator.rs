@@ -1676,9 +1676,17 @@ impl Replicator {
             }
             _ => (newest.clone(), 0),
         };
-        if ckpt.is_some() && resume_from == 0 {
-            self.store_ckpt(&key, None)?;
-        }
+        let abandoned = match &ckpt {
+            Some(ck) if resume_from == 0 => {
+                // The interrupted target is gone (or a resync was asked):
+                // drop its checkpoint and its resume lock; the partial data
+                // it left is undone below before the new transfer.
+                self.store_ckpt(&key, None)?;
+                self.resume_lock(&key, ck.target, false, Some(&mut c))?;
+                true
+            }
+            _ => false,
+        };
         let mut report = TransferReport {
             dst: key.clone(),
             kind: "none".into(),
@@ -1695,7 +1703,7 @@ impl Replicator {
             duration_ms: 0,
         };
         let up_to_date = base.as_ref().is_some_and(|b| b.id == target.id);
-        if mode == Mode::Resync && !up_to_date {
+        if (mode == Mode::Resync || abandoned) && !up_to_date {
             if rel.kind == MirrorKind::Volume && dst_exists {
                 let _ = self.engine.call(Request::SetReadOnly {
                     volume: rel.dst_volume.clone(),
@@ -1807,6 +1815,29 @@ impl Replicator {
         Ok(report)
     }
 
+    fn resume_owner(&self, key: &str) -> String {
+        format!("transfer to {}:{key} in progress", self.cfg.node_name)
+    }
+
+    /// Lock (or release) the target of an interrupted-able transfer.
+    fn resume_lock(&self, key: &str, target: Uuid, on: bool, c: Option<&mut Conn>) -> Result<()> {
+        let owner = self.resume_owner(key);
+        let ev = if on {
+            Event::AppLockAdded {
+                snapshot: target,
+                owner,
+            }
+        } else {
+            Event::AppLockReleased {
+                snapshot: target,
+                owner,
+            }
+        };
+        let acts = self.lock_events(vec![ev])?;
+        self.perform(acts, c);
+        Ok(())
+    }
+
     fn in_transfer(&self, id: Uuid) -> bool {
         lock(&self.serving).contains_key(&id)
     }
@@ -1859,6 +1890,9 @@ impl Replicator {
                 detail: "TransferStart does not match the request".into(),
             });
         }
+        // Keep the target alive upstream until it is committed here, so a
+        // cut transfer can resume on the next update.
+        self.resume_lock(&key, Uuid::from_bytes(target.id), true, Some(c))?;
         let ns_sizes: Vec<(Option<String>, u64)> = match rel.kind {
             MirrorKind::Volume => ns_sizes.to_vec(),
             MirrorKind::Qtree => vec![(rel.dst_qtree.clone(), start.volume_bytes)],
@@ -2012,6 +2046,7 @@ impl Replicator {
             });
             self.store_ckpt(&key, None)?;
             self.flush()?;
+            self.resume_lock(&key, Uuid::from_bytes(target.id), false, Some(c))?;
             return Err(ReplError::DigestMismatch {
                 dst: key,
                 source_path: rel.source_path(),
@@ -2026,10 +2061,17 @@ impl Replicator {
         }
         self.store_ckpt(&key, None)?;
         self.flush()?;
-        let acts = self.lock_events(vec![Event::TransferFinished {
-            upstream: up.to_string(),
-            target: info.id,
-        }])?;
+        let owner = self.resume_owner(&key);
+        let acts = self.lock_events(vec![
+            Event::AppLockReleased {
+                snapshot: info.id,
+                owner,
+            },
+            Event::TransferFinished {
+                upstream: up.to_string(),
+                target: info.id,
+            },
+        ])?;
         self.send_sets(c, acts)?;
         report.target = Some(snap_ref(&info));
         Ok((report.clone(), Some(target.clone())))

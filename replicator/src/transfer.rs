@@ -353,6 +353,7 @@ pub fn content_digest(digests: &[(Option<String>, u128)], qtree: Option<&str>) -
             out[..16].copy_from_slice(&own.to_le_bytes());
             let mut qs: Vec<(&str, u128)> = digests
                 .iter()
+                .filter(|(_, d)| *d != 0) // an empty qtree is the same as none
                 .filter_map(|(n, d)| n.as_deref().map(|n| (n, *d)))
                 .collect();
             qs.sort();
