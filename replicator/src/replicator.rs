@@ -1858,6 +1858,9 @@ impl Replicator {
         let key = rel.dst.clone();
         let req_id = rand::random::<u64>();
         let base_id = base.as_ref().map(|b| b.id);
+        // Keep the target alive upstream until it is committed here, so a
+        // cut transfer can resume on the next update.
+        self.resume_lock(&key, Uuid::from_bytes(target.id), true, Some(c))?;
         c.send(
             &Message::TransferRequest(TransferRequest {
                 req_id,
@@ -1890,9 +1893,6 @@ impl Replicator {
                 detail: "TransferStart does not match the request".into(),
             });
         }
-        // Keep the target alive upstream until it is committed here, so a
-        // cut transfer can resume on the next update.
-        self.resume_lock(&key, Uuid::from_bytes(target.id), true, Some(c))?;
         let ns_sizes: Vec<(Option<String>, u64)> = match rel.kind {
             MirrorKind::Volume => ns_sizes.to_vec(),
             MirrorKind::Qtree => vec![(rel.dst_qtree.clone(), start.volume_bytes)],

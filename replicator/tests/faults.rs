@@ -293,3 +293,53 @@ fn break_then_resync_reverts_local_changes() {
         n.shutdown();
     }
 }
+
+/// The destination restarts in the middle of a throttled baseline: the
+/// next update resumes from the persisted checkpoint.
+#[test]
+fn destination_restart_mid_transfer_resumes() {
+    let a = Node::start("A");
+    let mut b = Node::start("B");
+    let mut r = rng(seed("destination_restart_mid_transfer_resumes"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 1500, &mut r);
+    a.snap("v", "s1");
+    let s = MirrorSpec {
+        throttle_bps: Some(3 << 20),
+        ..spec("v", &a, "v")
+    };
+    let repl = b.repl.clone();
+    let h = std::thread::spawn(move || repl.mirror_create(s));
+    wait_for("a durable checkpoint on B", || {
+        b.repl
+            .mirror_status()
+            .first()
+            .and_then(|s| s.checkpoint.clone())
+            .is_some_and(|c| c.position > 0)
+    });
+    b.restart();
+    assert!(
+        h.join().unwrap().is_err(),
+        "the restart must stop the transfer"
+    );
+    // The source keeps the interrupted target for B (resume lock).
+    assert!(a
+        .repl
+        .lock_list()
+        .iter()
+        .any(|l| l.origin_node == "B" && l.text.contains("in progress")));
+    let rep = b.repl.mirror_update("v", &noprog).unwrap();
+    assert_eq!(rep.kind, "full");
+    assert!(rep.resumed_from > 0, "{rep:?}");
+    let x = a.read_all(&NsName::volume("v"), Some("s1"), VOL_BLOCKS);
+    let y = b.read_all(&NsName::volume("v"), Some("s1"), VOL_BLOCKS);
+    assert!(x == y);
+    assert!(!a
+        .repl
+        .lock_list()
+        .iter()
+        .any(|l| l.text.contains("in progress")));
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
