@@ -1,0 +1,292 @@
+//! Hostile peers: random bytes, valid frames with random fields, in both
+//! directions. Nothing panics, every bad input ends in an error, and the
+//! node keeps serving real peers afterwards.
+
+mod common;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use rand::Rng;
+use sluice_lockproto::wire::{ExtentHeader, SnapInfo, TransferRequest, TransferStart, WireLockSet};
+use sluice_lockproto::Message;
+use sluice_replicator::conn::Conn;
+
+fn random_message(r: &mut impl Rng) -> (Message, Vec<u8>) {
+    let id: [u8; 16] = r.gen();
+    let s = |r: &mut dyn rand::RngCore| {
+        let n = r.gen_range(0..12);
+        (0..n)
+            .map(|_| r.gen_range(b'a'..=b'z') as char)
+            .collect::<String>()
+    };
+    match r.gen_range(0..9) {
+        0 => (
+            Message::LockSet(WireLockSet {
+                sender: s(r),
+                generation: r.gen(),
+                lease_ms: r.gen(),
+                locks: Vec::new(),
+                gone_acks: vec![id],
+            }),
+            Vec::new(),
+        ),
+        1 => (
+            Message::SnapshotListRequest {
+                req_id: r.gen(),
+                volume: if r.gen() { "v".into() } else { s(r) },
+                qtree: if r.gen() {
+                    Some("@namespaces".into())
+                } else {
+                    None
+                },
+            },
+            Vec::new(),
+        ),
+        2 => (
+            Message::TransferRequest(TransferRequest {
+                req_id: r.gen(),
+                volume: "v".into(),
+                qtree: None,
+                base: if r.gen() { Some(id) } else { None },
+                target: id,
+                resume_from: r.gen(),
+            }),
+            Vec::new(),
+        ),
+        3 => {
+            let len = r.gen_range(0..4u32);
+            let mut p = vec![0u8; len as usize * 4096];
+            r.fill(&mut p[..]);
+            (
+                Message::Extent(ExtentHeader {
+                    req_id: r.gen(),
+                    lba: r.gen(),
+                    len: r.gen_range(0..300),
+                    checksum_kind: r.gen(),
+                    checksum: r.gen(),
+                }),
+                p,
+            )
+        }
+        4 => (
+            Message::Trim {
+                req_id: r.gen(),
+                lba: r.gen(),
+                len: r.gen(),
+            },
+            Vec::new(),
+        ),
+        5 => (
+            Message::Checkpoint {
+                req_id: r.gen(),
+                position: r.gen(),
+            },
+            Vec::new(),
+        ),
+        6 => (
+            Message::TransferStart(TransferStart {
+                req_id: r.gen(),
+                target: SnapInfo {
+                    id,
+                    name: s(r),
+                    created_ms: r.gen(),
+                    content_digest: [0; 32],
+                },
+                base: None,
+                extent_count: r.gen(),
+                byte_count: r.gen(),
+                volume_bytes: r.gen(),
+                start_position: r.gen(),
+            }),
+            Vec::new(),
+        ),
+        7 => (
+            Message::SnapshotList {
+                req_id: r.gen(),
+                snapshots: (0..r.gen_range(0..4))
+                    .map(|_| SnapInfo {
+                        id: r.gen(),
+                        name: "x".into(),
+                        created_ms: r.gen(),
+                        content_digest: r.gen(),
+                    })
+                    .collect(),
+            },
+            Vec::new(),
+        ),
+        _ => (
+            Message::TransferDone {
+                req_id: r.gen(),
+                content_digest: r.gen(),
+            },
+            Vec::new(),
+        ),
+    }
+}
+
+/// Serve one connection on our own thread so a panic would be seen.
+fn serve_one(node: &Node) -> (String, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let r = node.repl.clone();
+    let h = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        r.handle_peer(s);
+    });
+    (addr, h)
+}
+
+#[test]
+fn hostile_downstreams_cannot_crash_a_source() {
+    let seed = seed("hostile_downstreams_cannot_crash_a_source");
+    let mut r = rng(seed);
+    let a = Node::start("A");
+    a.create_volume("v");
+    a.churn(
+        &sluice_engine::api::NsName::volume("v"),
+        VOL_BLOCKS,
+        20,
+        &mut r,
+    );
+    a.snap("v", "s1");
+    for round in 0..150 {
+        let (addr, h) = serve_one(&a);
+        let mut s = TcpStream::connect(&addr).unwrap();
+        if round % 3 == 0 {
+            // Raw garbage, sometimes starting with the magic.
+            let mut junk = vec![0u8; r.gen_range(1..200)];
+            r.fill(&mut junk[..]);
+            if r.gen() {
+                let n = 4.min(junk.len());
+                junk[..n].copy_from_slice(&b"SLCE"[..n]);
+            }
+            let _ = s.write_all(&junk);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        } else {
+            let mut c = Conn::new(s, Duration::from_secs(5)).unwrap();
+            c.handshake("X", None).unwrap();
+            for _ in 0..r.gen_range(1..6) {
+                let (m, p) = random_message(&mut r);
+                if c.send(&m, &p).is_err() {
+                    break;
+                }
+            }
+            c.close();
+        }
+        assert!(
+            h.join().is_ok(),
+            "round {round}: handle_peer panicked (seed {seed})"
+        );
+    }
+    // Still a working source.
+    let b = Node::start("B");
+    assert_eq!(
+        b.repl.mirror_create(spec("v", &a, "v")).unwrap().kind,
+        "full"
+    );
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
+#[test]
+fn hostile_source_cannot_crash_a_destination() {
+    let seed = seed("hostile_source_cannot_crash_a_destination");
+    let mut r = rng(seed);
+    let b = Node::start("B");
+    for round in 0..80 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let frames: Vec<(Message, Vec<u8>)> = (0..r.gen_range(1..8))
+            .map(|_| random_message(&mut r))
+            .collect();
+        let evil_seed: u64 = r.gen();
+        let h = std::thread::spawn(move || {
+            // A plausible but lying source: answers requests with echoed ids
+            // and random contents, then random frames.
+            let mut r = rng(evil_seed);
+            let (s, _) = l.accept().unwrap();
+            let mut c = Conn::new(s, Duration::from_secs(5)).unwrap();
+            if c.handshake("EVIL", None).is_err() {
+                return;
+            }
+            loop {
+                let m = match c.recv() {
+                    Ok(Some(m)) => m,
+                    _ => return,
+                };
+                let reply = match m {
+                    Message::SnapshotListRequest { req_id, .. } => Message::SnapshotList {
+                        req_id,
+                        snapshots: (0..r.gen_range(0..3))
+                            .map(|i| SnapInfo {
+                                id: r.gen(),
+                                name: format!("e{i}"),
+                                created_ms: [0, 4096, 1 << 20, r.gen::<u64>() & !4095, u64::MAX]
+                                    [r.gen_range(0..5)],
+                                content_digest: r.gen(),
+                            })
+                            .collect(),
+                    },
+                    Message::TransferRequest(t) => Message::TransferStart(TransferStart {
+                        req_id: t.req_id,
+                        target: SnapInfo {
+                            id: t.target,
+                            name: "e".into(),
+                            created_ms: 0,
+                            content_digest: r.gen(),
+                        },
+                        base: t.base,
+                        extent_count: r.gen_range(0..5),
+                        byte_count: r.gen(),
+                        volume_bytes: [4096, 1 << 20, r.gen()][r.gen_range(0..3)],
+                        start_position: t.resume_from,
+                    }),
+                    Message::Ping { nonce } => Message::Pong { nonce },
+                    Message::LockSet(_) | Message::CheckpointAck { .. } => continue,
+                    _ => return,
+                };
+                let is_start = matches!(reply, Message::TransferStart(_));
+                if c.send(&reply, &[]).is_err() {
+                    return;
+                }
+                if is_start {
+                    for (m, p) in &frames {
+                        if c.send(m, p).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let spec = sluice_replicator::MirrorSpec {
+            dst_volume: format!("d{round}"),
+            source_addr: addr,
+            source_volume: "v".into(),
+            source_qtree: None,
+            dst_qtree: None,
+            every: None,
+            throttle_bps: None,
+        };
+        let res = std::thread::spawn({
+            let repl = b.repl.clone();
+            move || repl.mirror_create(spec)
+        })
+        .join();
+        assert!(
+            res.is_ok(),
+            "round {round}: mirror_create panicked (seed {seed})"
+        );
+        assert!(
+            res.unwrap().is_err(),
+            "round {round}: garbage made a mirror"
+        );
+        h.join().unwrap();
+    }
+    for n in [b] {
+        n.shutdown();
+    }
+}
