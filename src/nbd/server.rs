@@ -303,11 +303,14 @@ fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let r = match handshake(&shared, &stream) {
         Ok(Some(export)) => {
             tracing::debug!(%peer, export = %export.name, "NBD transmission starts");
-            transmission(&shared, stream, export, peer)
+            transmission(&shared, &stream, export, peer)
         }
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
+    // The registry holds a clone of the socket (to wake the reader at
+    // shutdown): dropping ours alone would not close the connection.
+    let _ = stream.shutdown(Shutdown::Both);
     match r {
         Ok(()) => tracing::debug!(%peer, "NBD connection closed"),
         Err(End::Protocol(e)) => {
@@ -612,7 +615,7 @@ fn op_of(command: u16) -> Option<NbdOp> {
 
 fn transmission(
     shared: &Arc<Shared>,
-    stream: TcpStream,
+    stream: &TcpStream,
     export: Export,
     peer: SocketAddr,
 ) -> Result<(), End> {
@@ -642,7 +645,7 @@ fn transmission(
         state: &state,
         export: &export,
         done: done_tx,
-        rd: BufReader::with_capacity(IO_BUF_BYTES, &stream),
+        rd: BufReader::with_capacity(IO_BUF_BYTES, stream),
     };
     let r = reader.run();
     // Closing the completion channel (with the engine's clones, once every
@@ -651,7 +654,6 @@ fn transmission(
     if writer.join().is_err() {
         tracing::error!(%peer, "the NBD writer thread panicked");
     }
-    let _ = stream.shutdown(Shutdown::Both);
     r
 }
 
