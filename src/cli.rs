@@ -4,8 +4,8 @@
 
 use crate::control::{Client, ControlRequest};
 use crate::error::{NodeError, Result};
-use crate::node::{DiffView, PrunePlan, SnapshotView, StatusView, VolumeView};
-use crate::units::{fmt_bytes, parse_size};
+use crate::node::{DiffView, SnapshotView, StatusView, VolumeView};
+use crate::units::{fmt_bytes, fmt_unix_ms, parse_duration, parse_rate, parse_size};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -46,6 +46,37 @@ pub enum Command {
         target: String,
     },
     Status,
+    MirrorCreate {
+        dst: String,
+        source: String,
+        every: Option<String>,
+        throttle: Option<String>,
+    },
+    MirrorUpdate {
+        dst: String,
+    },
+    MirrorStatus,
+    MirrorBreak {
+        dst: String,
+    },
+    MirrorResync {
+        dst: String,
+    },
+    MirrorDelete {
+        dst: String,
+    },
+    LockList,
+    LockAdd {
+        volume: String,
+        snapshot: String,
+        owner: String,
+        text: Option<String>,
+    },
+    LockRelease {
+        volume: String,
+        snapshot: String,
+        holder: String,
+    },
 }
 
 impl Command {
@@ -93,6 +124,51 @@ impl Command {
                 target,
             },
             Command::Status => ControlRequest::Status,
+            Command::MirrorCreate {
+                dst,
+                source,
+                every,
+                throttle,
+            } => {
+                crate::node::parse_source(&source)?;
+                ControlRequest::MirrorCreate {
+                    dst_volume: dst,
+                    source,
+                    dst_qtree: None,
+                    every_secs: every
+                        .as_deref()
+                        .map(parse_duration)
+                        .transpose()?
+                        .map(|d| d.as_secs().max(1)),
+                    throttle_bps: throttle.as_deref().map(parse_rate).transpose()?,
+                }
+            }
+            Command::MirrorUpdate { dst } => ControlRequest::MirrorUpdate { dst },
+            Command::MirrorStatus => ControlRequest::MirrorStatus,
+            Command::MirrorBreak { dst } => ControlRequest::MirrorBreak { dst },
+            Command::MirrorResync { dst } => ControlRequest::MirrorResync { dst },
+            Command::MirrorDelete { dst } => ControlRequest::MirrorDelete { dst },
+            Command::LockList => ControlRequest::LockList,
+            Command::LockAdd {
+                volume,
+                snapshot,
+                owner,
+                text,
+            } => ControlRequest::LockAdd {
+                volume,
+                snapshot,
+                owner,
+                text,
+            },
+            Command::LockRelease {
+                volume,
+                snapshot,
+                holder,
+            } => ControlRequest::LockRelease {
+                volume,
+                snapshot,
+                holder,
+            },
         })
     }
 }
@@ -108,7 +184,18 @@ fn parse<T: DeserializeOwned>(v: Value) -> Result<T> {
 pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
     let req = cmd.request()?; // local validation (sizes) before connecting
     let mut client = Client::connect(node)?;
-    let result = client.call(&req)?;
+    let bar = progress_bar(&cmd, json);
+    let result = client.call_with_progress(&req, &mut |p| {
+        if let Some(b) = &bar {
+            let total = p["total_bytes"].as_u64().unwrap_or(0);
+            b.set_length(total.max(1));
+            b.set_position(p["done_bytes"].as_u64().unwrap_or(0));
+        }
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let result = result?;
     if json {
         println!(
             "{}",
@@ -180,31 +267,19 @@ pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
                 );
             }
         }
-        Command::SnapDelete { volume, name, .. } => println!("deleted snapshot {volume}@{name}"),
-        Command::Prune { .. } => {
-            let p: PrunePlan = parse(result)?;
-            let verb = if p.dry_run { "would delete" } else { "deleted" };
-            if p.delete.is_empty() {
-                println!(
-                    "{}: nothing to prune ({} snapshots, keep {})",
-                    p.volume,
-                    p.kept.len(),
-                    p.keep
-                );
-            }
-            for d in &p.delete {
-                println!(
-                    "{verb} {}@{} ({}): {}",
-                    p.volume, d.name, d.created, d.reason
-                );
-            }
-            for k in &p.kept {
-                println!("keep {}@{} ({}): {}", p.volume, k.name, k.created, k.reason);
-            }
-            if !p.delete.is_empty() {
-                println!("frees at least {}", fmt_bytes(p.frees_bytes_at_least));
-            }
+        Command::MirrorCreate { .. } | Command::MirrorUpdate { .. } | Command::MirrorResync { .. } => {
+            print_transfer(&result)
         }
+        Command::MirrorStatus => print_mirrors(&result),
+        Command::MirrorBreak { dst } => println!("mirror {dst} broken: the volume is writable; `mirror resync {dst}` makes it a mirror again"),
+        Command::MirrorDelete { dst } => println!("mirror {dst} deleted; its locks upstream are released"),
+        Command::LockList => print_locks(&result),
+        Command::LockAdd { volume, snapshot, .. } => {
+            println!("locked {volume}@{snapshot} (holder {})", s(&result["holder"]));
+        }
+        Command::LockRelease { volume, snapshot, holder } => println!("released {holder}'s lock on {volume}@{snapshot}"),
+        Command::SnapDelete { volume, name, .. } => println!("deleted snapshot {volume}@{name}"),
+        Command::Prune { .. } => print_prune(&result),
         Command::Diff { .. } => {
             let d: DiffView = parse(result)?;
             println!(
@@ -237,4 +312,179 @@ pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn progress_bar(cmd: &Command, json: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    let long = matches!(
+        cmd,
+        Command::MirrorCreate { .. } | Command::MirrorUpdate { .. } | Command::MirrorResync { .. }
+    );
+    if !long || json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(1);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        b.set_style(style.progress_chars("=> "));
+    }
+    Some(b)
+}
+
+fn snap_ref(v: &Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    format!("{} ({})", s(&v["name"]), s(&v["id"]))
+}
+
+fn print_transfer(r: &Value) {
+    let kind = s(&r["kind"]);
+    if kind == "none" {
+        println!(
+            "{}: already up to date at {}",
+            s(&r["dst"]),
+            snap_ref(&r["target"])
+        );
+        return;
+    }
+    println!(
+        "{}: {kind} transfer to {} from base {}: {} in {} extents, {} trims, {} ms",
+        s(&r["dst"]),
+        snap_ref(&r["target"]),
+        snap_ref(&r["base"]),
+        fmt_bytes(r["bytes"].as_u64().unwrap_or(0)),
+        r["extents"].as_u64().unwrap_or(0),
+        r["trims"].as_u64().unwrap_or(0),
+        r["duration_ms"].as_u64().unwrap_or(0),
+    );
+    if r["resumed_from"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "  resumed from item {} of {}",
+            r["resumed_from"], r["total_items"]
+        );
+    }
+    for d in r["deleted_snapshots"].as_array().into_iter().flatten() {
+        println!("  deleted {} (gone at the source)", s(d));
+    }
+    for k in r["kept_locked"].as_array().into_iter().flatten() {
+        println!("  kept {} (gone at the source, but locked here)", s(k));
+    }
+}
+
+fn print_mirrors(v: &Value) {
+    println!(
+        "{:<16} {:<32} {:<6} {:<12} {:<20} {:>8} {:>5} {:>5} LAST",
+        "DESTINATION", "SOURCE", "KIND", "STATE", "COMMON", "LAG", "FULL", "INCR"
+    );
+    for m in v.as_array().into_iter().flatten() {
+        let lag = m["lag_ms"]
+            .as_u64()
+            .map(|l| format!("{}s", l / 1000))
+            .unwrap_or("-".into());
+        let last = &m["last_transfer"];
+        let last = if last.is_null() {
+            "-".to_string()
+        } else {
+            format!(
+                "{} {}",
+                s(&last["kind"]),
+                fmt_bytes(last["bytes"].as_u64().unwrap_or(0))
+            )
+        };
+        println!(
+            "{:<16} {:<32} {:<6} {:<12} {:<20} {:>8} {:>5} {:>5} {}",
+            s(&m["dst"]),
+            s(&m["source"]),
+            s(&m["kind"]),
+            s(&m["state"]),
+            s(&m["newest_common_snapshot"]["name"]),
+            lag,
+            m["full_transfers"].as_u64().unwrap_or(0),
+            m["incremental_transfers"].as_u64().unwrap_or(0),
+            last
+        );
+        if !m["last_error"].is_null() {
+            println!("  last error: {}", s(&m["last_error"]));
+        }
+    }
+}
+
+fn print_locks(v: &Value) {
+    println!(
+        "{:<24} {:<17} {:<24} {:<12} {:<7} {:<20} HOPS",
+        "SNAPSHOT", "TYPE", "STRING", "ORIGIN", "STATE", "RENEWED"
+    );
+    for l in v.as_array().into_iter().flatten() {
+        let snap = match (l["volume"].as_str(), l["snapshot"].as_str()) {
+            (Some(v), Some(n)) => format!("{v}@{n}"),
+            _ => s(&l["snapshot_id"]),
+        };
+        let hops: Vec<String> = l["hop_path"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        println!(
+            "{:<24} {:<17} {:<24} {:<12} {:<7} {:<20} {}",
+            snap,
+            s(&l["kind"]),
+            s(&l["text"]),
+            s(&l["origin_node"]),
+            s(&l["state"]),
+            fmt_unix_ms(l["renewed_unix_ms"].as_u64().unwrap_or(0)),
+            hops.join(" > ")
+        );
+    }
+}
+
+fn print_prune(p: &Value) {
+    let vol = s(&p["volume"]);
+    let dry = p["dry_run"].as_bool().unwrap_or(false);
+    let verb = if dry { "would delete" } else { "deleted" };
+    let deleted = p["deleted"].as_array().cloned().unwrap_or_default();
+    if deleted.is_empty() {
+        println!("{vol}: nothing to delete (keep {})", p["keep"]);
+    }
+    for d in &deleted {
+        println!("{verb} {vol}@{}: older than the newest {}", s(d), p["keep"]);
+    }
+    for k in p["kept_recent"].as_array().into_iter().flatten() {
+        println!("keep {vol}@{}: one of the newest {}", s(k), p["keep"]);
+    }
+    for k in p["skipped"].as_array().into_iter().flatten() {
+        let holders: Vec<String> = k["holders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| {
+                format!(
+                    "{} {:?} from {}",
+                    s(&h["kind"]),
+                    s(&h["text"]),
+                    s(&h["origin_node"])
+                )
+            })
+            .collect();
+        println!(
+            "keep {vol}@{}: {}{}",
+            s(&k["snapshot"]),
+            s(&k["reason"]),
+            if holders.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", holders.join("; "))
+            }
+        );
+    }
 }

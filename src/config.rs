@@ -6,13 +6,20 @@
 //! data = "/dev/loop0"          # pool device or file (sluice init first)
 //! listen = "127.0.0.1:7000"    # control API, /metrics, peers
 //! nbd = "127.0.0.1:10809"      # NBD exports (optional)
-//! name = "node-a"              # node name (default: the listen address)
+//! name = "node-a"              # node name, stored in the pool at first start
 //! checkpoint_interval_ms = 5000
 //! direct_io = true
+//! peer_secret = "/etc/sluice/secret"  # peers must prove it (HMAC); else any peer
+//! throttle = "100M"            # node-wide replication receive rate, bytes/s
+//! lease_ms = 60000             # lease on the lock sets this node sends
+//! lease_policy = "keep"        # stale locks: "keep" (report) or "release"
+//! lease_grace_ms = 60000       # with "release": how long after going stale
 //! ```
 
 use crate::error::{NodeError, Result};
+use crate::units::parse_rate;
 use serde::Deserialize;
+use sluice_replicator::LeasePolicy;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,6 +32,11 @@ pub struct ConfigFile {
     pub name: Option<String>,
     pub checkpoint_interval_ms: Option<u64>,
     pub direct_io: Option<bool>,
+    pub peer_secret: Option<PathBuf>,
+    pub throttle: Option<String>,
+    pub lease_ms: Option<u64>,
+    pub lease_policy: Option<String>,
+    pub lease_grace_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -44,21 +56,58 @@ pub struct ServeConfig {
     pub data: PathBuf,
     pub listen: String,
     pub nbd: Option<String>,
-    /// Node name; `None`: the bound listen address.
+    /// Node name; `None`: the one stored in the pool (or a new random one).
     pub name: Option<String>,
     pub checkpoint_interval: Duration,
     pub direct_io: bool,
+    pub peer_secret: Option<PathBuf>,
+    pub throttle_bps: Option<u64>,
+    pub lease_ms: Option<u64>,
+    pub lease_policy: LeasePolicy,
+}
+
+/// Flags of `serve` that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct ServeFlags {
+    pub data: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub nbd: Option<String>,
+    pub name: Option<String>,
+    pub peer_secret: Option<PathBuf>,
+    pub throttle: Option<String>,
 }
 
 impl ServeConfig {
     /// Merge command-line values over the file's.
-    pub fn resolve(
-        file: ConfigFile,
-        data: Option<PathBuf>,
-        listen: Option<String>,
-        nbd: Option<String>,
-        name: Option<String>,
-    ) -> Result<ServeConfig> {
+    pub fn resolve(file: ConfigFile, flags: ServeFlags) -> Result<ServeConfig> {
+        let ServeFlags {
+            data,
+            listen,
+            nbd,
+            name,
+            peer_secret,
+            throttle,
+        } = flags;
+        let throttle_bps = match throttle.or(file.throttle) {
+            Some(t) => Some(parse_rate(&t)?),
+            None => None,
+        };
+        let lease_policy = match file.lease_policy.as_deref() {
+            None | Some("keep") => LeasePolicy::Keep,
+            Some("release") => LeasePolicy::ReleaseAfter {
+                grace_ms: file.lease_grace_ms.unwrap_or(60_000),
+            },
+            Some(other) => {
+                return Err(NodeError::Invalid(format!(
+                    "lease_policy {other:?}: use \"keep\" or \"release\""
+                )))
+            }
+        };
+        if file.lease_ms == Some(0) {
+            return Err(NodeError::Invalid(
+                "lease_ms must be greater than zero".into(),
+            ));
+        }
         let data = data.or(file.data).ok_or_else(|| {
             NodeError::Invalid("serve needs --data <PATH> (or `data` in the config file)".into())
         })?;
@@ -80,6 +129,10 @@ impl ServeConfig {
             nbd: nbd.or(file.nbd),
             checkpoint_interval: Duration::from_millis(cp_ms),
             direct_io: file.direct_io.unwrap_or(true),
+            peer_secret: peer_secret.or(file.peer_secret),
+            throttle_bps,
+            lease_ms: file.lease_ms,
+            lease_policy,
         })
     }
 }
@@ -94,12 +147,16 @@ mod tests {
             "data = \"/tmp/p\"\nlisten = \"127.0.0.1:1\"\nnbd = \"127.0.0.1:2\"\ncheckpoint_interval_ms = 100\n",
         )
         .unwrap();
-        let c = ServeConfig::resolve(f.clone(), None, None, None, None).unwrap();
+        let c = ServeConfig::resolve(f.clone(), ServeFlags::default()).unwrap();
         assert_eq!(c.name, None);
         assert_eq!(c.nbd.as_deref(), Some("127.0.0.1:2"));
         assert_eq!(c.checkpoint_interval, Duration::from_millis(100));
-        let c = ServeConfig::resolve(f, None, Some("127.0.0.1:3".into()), None, Some("a".into()))
-            .unwrap();
+        let flags = ServeFlags {
+            listen: Some("127.0.0.1:3".into()),
+            name: Some("a".into()),
+            ..ServeFlags::default()
+        };
+        let c = ServeConfig::resolve(f, flags).unwrap();
         assert_eq!(
             (c.listen.as_str(), c.name.as_deref()),
             ("127.0.0.1:3", Some("a"))
@@ -109,7 +166,7 @@ mod tests {
     #[test]
     fn typos_and_gaps_are_errors() {
         assert!(toml::from_str::<ConfigFile>("lisen = \"x\"").is_err());
-        let e = ServeConfig::resolve(ConfigFile::default(), None, None, None, None).unwrap_err();
+        let e = ServeConfig::resolve(ConfigFile::default(), ServeFlags::default()).unwrap_err();
         assert!(e.to_string().contains("--data"));
     }
 }

@@ -66,6 +66,44 @@ pub enum ControlRequest {
         target: String,
     },
     Status,
+    /// Make `dst_volume` a mirror of `source` (`ADDR/VOL[/QTREE]`) and run
+    /// the baseline transfer (progress lines while it runs).
+    MirrorCreate {
+        dst_volume: String,
+        source: String,
+        #[serde(default)]
+        dst_qtree: Option<String>,
+        #[serde(default)]
+        every_secs: Option<u64>,
+        #[serde(default)]
+        throttle_bps: Option<u64>,
+    },
+    MirrorUpdate {
+        dst: String,
+    },
+    MirrorStatus,
+    MirrorBreak {
+        dst: String,
+    },
+    MirrorResync {
+        dst: String,
+    },
+    MirrorDelete {
+        dst: String,
+    },
+    LockList,
+    LockAdd {
+        volume: String,
+        snapshot: String,
+        owner: String,
+        #[serde(default)]
+        text: Option<String>,
+    },
+    LockRelease {
+        volume: String,
+        snapshot: String,
+        holder: String,
+    },
 }
 
 impl ControlRequest {
@@ -81,6 +119,15 @@ impl ControlRequest {
             ControlRequest::Prune { .. } => "prune",
             ControlRequest::Diff { .. } => "diff",
             ControlRequest::Status => "status",
+            ControlRequest::MirrorCreate { .. } => "mirror_create",
+            ControlRequest::MirrorUpdate { .. } => "mirror_update",
+            ControlRequest::MirrorStatus => "mirror_status",
+            ControlRequest::MirrorBreak { .. } => "mirror_break",
+            ControlRequest::MirrorResync { .. } => "mirror_resync",
+            ControlRequest::MirrorDelete { .. } => "mirror_delete",
+            ControlRequest::LockList => "lock_list",
+            ControlRequest::LockAdd { .. } => "lock_add",
+            ControlRequest::LockRelease { .. } => "lock_release",
         }
     }
 }

@@ -13,12 +13,13 @@
 //! number of such threads is bounded ([`CONN_MAX`]).
 
 use crate::config::ServeConfig;
-use crate::control::{parse_request, read_line, response_line};
+use crate::control::{parse_request, progress_line, read_line, response_line};
 use crate::error::{NodeError, Result};
 use crate::node::{Node, NodeInfo};
 use sluice_engine::device::uring::{UringDevice, UringOptions};
 use sluice_engine::shard::{Engine, EngineOptions};
 use sluice_engine::Pool;
+use sluice_replicator::{Replicator, ReplicatorConfig};
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -103,9 +104,22 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         ),
         None => None,
     };
-    let name = cfg.name.clone().unwrap_or_else(|| control_addr.to_string());
+    let name = node_name(&engine, cfg.name.as_deref())?;
+    let mut rcfg = ReplicatorConfig::new(name.clone());
+    rcfg.peer_secret = match &cfg.peer_secret {
+        Some(p) => Some(read_secret(p)?),
+        None => None,
+    };
+    rcfg.node_throttle_bps = cfg.throttle_bps;
+    if let Some(ms) = cfg.lease_ms {
+        rcfg.lease_ms = ms;
+        rcfg.renew_every_ms = (ms / 3).max(1);
+    }
+    rcfg.lease_policy = cfg.lease_policy;
+    let repl = Replicator::start(engine.clone(), rcfg)?;
     let node = Arc::new(Node::new(
         engine.clone(),
+        repl.clone(),
         NodeInfo {
             name: name.clone(),
             data: cfg.data.display().to_string(),
@@ -160,6 +174,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     stop.store(true, Ordering::SeqCst);
     wake(control_addr);
     let _ = acceptor.join();
+    repl.shutdown();
     if let Some(nbd) = nbd {
         nbd.shutdown();
         tracing::info!("NBD server stopped; every in-flight request answered");
@@ -232,10 +247,10 @@ fn dispatch(stream: TcpStream, node: &Arc<Node>) -> std::io::Result<()> {
         control_conn(stream, node)
     } else if &first == b"GET " {
         http_conn(stream, node)
-    } else if &first[..] == sluice_lockproto::wire::MAGIC.to_le_bytes() {
-        Err(std::io::Error::other(
-            "a peer connected, but replication is not running on this node",
-        ))
+    } else if first[..] == sluice_lockproto::wire::MAGIC.to_le_bytes() {
+        stream.set_read_timeout(None)?;
+        node.repl.handle_peer(stream);
+        Ok(())
     } else {
         Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -244,8 +259,70 @@ fn dispatch(stream: TcpStream, node: &Arc<Node>) -> std::io::Result<()> {
     }
 }
 
+/// Pool attribute holding the node's name.
+const NAME_ATTR: &str = "node.name";
+
+/// The node's name is part of its pool: peers key their soft locks by it,
+/// so it must not change across restarts. The first `serve` stores it (the
+/// `--name` given, or `node-` and 8 random hex digits); later starts reuse
+/// it, and a different `--name` is refused rather than silently orphaning
+/// every lock that names the old one.
+fn node_name(engine: &sluice_engine::shard::EngineHandle, wanted: Option<&str>) -> Result<String> {
+    use sluice_engine::api::{Reply, Request};
+    let stored = match engine.call(Request::GetAttr {
+        key: NAME_ATTR.into(),
+    })? {
+        Reply::Attr(v) => v.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        _ => None,
+    };
+    match (stored, wanted) {
+        (Some(s), None) => Ok(s),
+        (Some(s), Some(w)) if s == w => Ok(s),
+        (Some(s), Some(w)) => Err(NodeError::Invalid(format!(
+            "this pool belongs to node {s:?}, not {w:?}: peers know it by that name; drop --name or use --name {s}"
+        ))),
+        (None, w) => {
+            let name = match w {
+                Some(w) => w.to_string(),
+                None => format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            };
+            if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(NodeError::Invalid(format!(
+                    "bad node name {name:?}: 1 to 64 bytes, no spaces or control characters"
+                )));
+            }
+            engine.call(Request::SetAttr {
+                key: NAME_ATTR.into(),
+                value: Some(name.clone().into_bytes()),
+            })?;
+            engine.call(Request::Flush)?;
+            Ok(name)
+        }
+    }
+}
+
+/// Read a peer secret file: its bytes, without a trailing newline; at
+/// least 16 bytes, so a typo'd empty file is not a secret.
+fn read_secret(path: &std::path::Path) -> Result<Vec<u8>> {
+    let mut b = std::fs::read(path).map_err(NodeError::io(format!(
+        "reading peer secret {}",
+        path.display()
+    )))?;
+    while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+        b.pop();
+    }
+    if b.len() < 16 {
+        return Err(NodeError::Invalid(format!(
+            "peer secret {} has {} bytes; use at least 16 (e.g. head -c 32 /dev/urandom | base64 > FILE)",
+            path.display(),
+            b.len()
+        )));
+    }
+    Ok(b)
+}
+
 fn control_conn(stream: TcpStream, node: &Node) -> std::io::Result<()> {
-    let mut writer = stream.try_clone()?;
+    let writer = std::sync::Mutex::new(stream.try_clone()?);
     let mut reader = BufReader::new(stream);
     loop {
         let line = match read_line(&mut reader) {
@@ -253,7 +330,7 @@ fn control_conn(stream: TcpStream, node: &Node) -> std::io::Result<()> {
             Ok(None) => return Ok(()),
             Err(e) => {
                 let resp = response_line(&Err(NodeError::BadRequest(e.to_string())));
-                let _ = writer.write_all(resp.as_bytes());
+                let _ = lock(&writer).write_all(resp.as_bytes());
                 return Err(e);
             }
         };
@@ -266,14 +343,18 @@ fn control_conn(stream: TcpStream, node: &Node) -> std::io::Result<()> {
         }
         let result = parsed.and_then(|req| {
             let op = req.op();
-            let r = node.execute(req);
+            let progress = |p: serde_json::Value| {
+                // A client that went away only loses its progress lines.
+                let _ = lock(&writer).write_all(progress_line(&p).as_bytes());
+            };
+            let r = node.execute(req, &progress);
             match &r {
                 Ok(_) => tracing::debug!(op, "control request done"),
                 Err(e) => tracing::info!(op, error = %e, "control request failed"),
             }
             r
         });
-        writer.write_all(response_line(&result).as_bytes())?;
+        lock(&writer).write_all(response_line(&result).as_bytes())?;
     }
 }
 
@@ -348,4 +429,8 @@ pub fn init(path: &std::path::Path, size: Option<u64>, force: bool) -> Result<u6
             "engine gave an unexpected reply to space".into(),
         )),
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -10,6 +10,8 @@ pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 pub enum NodeError {
     #[error(transparent)]
     Engine(#[from] sluice_engine::error::Error),
+    #[error(transparent)]
+    Repl(#[from] sluice_replicator::ReplError),
     #[error("{path}: {source}")]
     Pool {
         path: String,

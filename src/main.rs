@@ -6,7 +6,7 @@ mod demo;
 
 use clap::{Parser, Subcommand};
 use sluice::cli::{self, Command};
-use sluice::config::{ConfigFile, ServeConfig};
+use sluice::config::{ConfigFile, ServeConfig, ServeFlags};
 use sluice::units::{fmt_bytes, parse_size};
 use std::path::PathBuf;
 
@@ -45,6 +45,23 @@ enum Cmd {
         name: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// A file holding the secret peers must prove (HMAC challenge); without
+        /// it any peer may pull and set locks.
+        #[arg(long)]
+        peer_secret: Option<PathBuf>,
+        /// Node-wide replication receive rate, bytes per second (e.g. 100M).
+        #[arg(long)]
+        throttle: Option<String>,
+    },
+    /// Mirror relationships (this node is the destination).
+    Mirror {
+        #[command(subcommand)]
+        cmd: MirrorCmd,
+    },
+    /// Soft locks on snapshots.
+    Lock {
+        #[command(subcommand)]
+        cmd: LockCmd,
     },
     /// Volumes.
     Vol {
@@ -99,6 +116,67 @@ enum VolCmd {
     List {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MirrorCmd {
+    /// Make DSTVOL a mirror of SRCADDR/VOL[/QTREE] and run the baseline.
+    Create {
+        dst: String,
+        #[arg(long)]
+        from: String,
+        /// Update on a schedule, e.g. 30s, 5m, 1h.
+        #[arg(long)]
+        every: Option<String>,
+        /// Bytes per second for this relationship, e.g. 50M.
+        #[arg(long)]
+        throttle: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One transfer now; waits for it.
+    Update {
+        dst: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the destination writable; updates stop until a resync.
+    Break { dst: String },
+    /// Become a mirror again (from the newest common snapshot, or a full copy).
+    Resync {
+        dst: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End the relationship and release its locks upstream.
+    Delete { dst: String },
+}
+
+#[derive(Subcommand)]
+enum LockCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// An application on this node depends on VOL@SNAP.
+    Add {
+        volume: String,
+        snapshot: String,
+        #[arg(long)]
+        owner: String,
+        #[arg(long)]
+        text: Option<String>,
+    },
+    Release {
+        volume: String,
+        snapshot: String,
+        #[arg(long)]
+        holder: String,
     },
 }
 
@@ -197,20 +275,78 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nbd,
             name,
             config,
+            peer_secret,
+            throttle,
         } => {
             let file = match config {
                 Some(p) => ConfigFile::load(p)?,
                 None => ConfigFile::default(),
             };
-            let cfg = ServeConfig::resolve(
-                file,
-                data.clone(),
-                listen.clone(),
-                nbd.clone(),
-                name.clone(),
-            )?;
-            Ok(sluice::daemon::serve(cfg)?)
+            let flags = ServeFlags {
+                data: data.clone(),
+                listen: listen.clone(),
+                nbd: nbd.clone(),
+                name: name.clone(),
+                peer_secret: peer_secret.clone(),
+                throttle: throttle.clone(),
+            };
+            Ok(sluice::daemon::serve(ServeConfig::resolve(file, flags)?)?)
         }
+        Cmd::Mirror { cmd } => match cmd {
+            MirrorCmd::Create {
+                dst,
+                from,
+                every,
+                throttle,
+                json,
+            } => client(
+                Command::MirrorCreate {
+                    dst: dst.clone(),
+                    source: from.clone(),
+                    every: every.clone(),
+                    throttle: throttle.clone(),
+                },
+                *json,
+            ),
+            MirrorCmd::Update { dst, json } => {
+                client(Command::MirrorUpdate { dst: dst.clone() }, *json)
+            }
+            MirrorCmd::Status { json } => client(Command::MirrorStatus, *json),
+            MirrorCmd::Break { dst } => client(Command::MirrorBreak { dst: dst.clone() }, false),
+            MirrorCmd::Resync { dst, json } => {
+                client(Command::MirrorResync { dst: dst.clone() }, *json)
+            }
+            MirrorCmd::Delete { dst } => client(Command::MirrorDelete { dst: dst.clone() }, false),
+        },
+        Cmd::Lock { cmd } => match cmd {
+            LockCmd::List { json } => client(Command::LockList, *json),
+            LockCmd::Add {
+                volume,
+                snapshot,
+                owner,
+                text,
+            } => client(
+                Command::LockAdd {
+                    volume: volume.clone(),
+                    snapshot: snapshot.clone(),
+                    owner: owner.clone(),
+                    text: text.clone(),
+                },
+                false,
+            ),
+            LockCmd::Release {
+                volume,
+                snapshot,
+                holder,
+            } => client(
+                Command::LockRelease {
+                    volume: volume.clone(),
+                    snapshot: snapshot.clone(),
+                    holder: holder.clone(),
+                },
+                false,
+            ),
+        },
         Cmd::Vol { cmd } => match cmd {
             VolCmd::Create { volume, size } => client(
                 Command::VolCreate {

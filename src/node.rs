@@ -3,11 +3,13 @@
 //! [`Node`] holds the engine handle and what the daemon was started with;
 //! [`Node::execute`] runs one [`ControlRequest`] against the engine and
 //! returns the JSON result the CLI prints (`--json`) or renders as text.
-//! The views here (`VolumeView`, `SnapshotView`, `PrunePlan`, `StatusView`)
-//! are the documented result shapes (docs/CONTROL.md).
+//! The views here (`VolumeView`, `SnapshotView`, `StatusView`, `DiffView`)
+//! and the replicator's (`PrunePlan`, `MirrorStatus`, `LockView`,
+//! `TransferReport`) are the documented result shapes (docs/CONTROL.md).
 //!
-//! Invariants: a prune never deletes one of the newest `keep` snapshots,
-//! deletes oldest first, and a dry run changes nothing.
+//! Every snapshot create, delete and prune goes through the replicator, so
+//! the soft locks it keeps are enforced whoever asks: there is no path from
+//! the control API to a snapshot delete that skips them.
 
 use crate::control::ControlRequest;
 use crate::error::{NodeError, Result};
@@ -18,6 +20,7 @@ use serde_json::Value;
 use sluice_engine::api::{DiffKind, NsName, Reply, Request, SnapshotInfo, VolumeInfo};
 use sluice_engine::device::BLOCK_SIZE;
 use sluice_engine::shard::EngineHandle;
+use sluice_replicator::{MirrorSpec, Replicator};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +38,8 @@ pub struct NodeInfo {
 
 pub struct Node {
     pub engine: EngineHandle,
+    /// Mirrors, soft locks and every snapshot operation that locks guard.
+    pub repl: Arc<Replicator>,
     pub info: NodeInfo,
     /// The NBD server's counters (zero when the node serves no NBD).
     pub nbd_metrics: Arc<NbdMetrics>,
@@ -118,26 +123,6 @@ impl From<&SnapshotInfo> for SnapshotView {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PruneEntry {
-    pub name: String,
-    pub id: String,
-    pub created: String,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PrunePlan {
-    pub volume: String,
-    pub keep: usize,
-    pub dry_run: bool,
-    pub delete: Vec<PruneEntry>,
-    pub kept: Vec<PruneEntry>,
-    /// Bytes the deletions free (exact for one snapshot; for several, at
-    /// least the sum of their unique bytes).
-    pub frees_bytes_at_least: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpaceView {
     pub total_bytes: u64,
     pub used_bytes: u64,
@@ -178,9 +163,10 @@ fn unexpected(what: &str) -> NodeError {
 }
 
 impl Node {
-    pub fn new(engine: EngineHandle, info: NodeInfo) -> Node {
+    pub fn new(engine: EngineHandle, repl: Arc<Replicator>, info: NodeInfo) -> Node {
         Node {
             engine,
+            repl,
             info,
             nbd_metrics: Arc::new(NbdMetrics::new()),
             started: Instant::now(),
@@ -189,10 +175,10 @@ impl Node {
         }
     }
 
-    /// Run one control request.
-    pub fn execute(&self, req: ControlRequest) -> Result<Value> {
+    /// Run one control request; long ones report on `progress`.
+    pub fn execute(&self, req: ControlRequest, progress: &(dyn Fn(Value) + Sync)) -> Result<Value> {
         self.control_requests.fetch_add(1, Ordering::Relaxed);
-        let r = self.execute_inner(req);
+        let r = self.execute_inner(req, progress);
         if r.is_err() {
             self.control_errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -205,7 +191,14 @@ impl Node {
         self.control_errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn execute_inner(&self, req: ControlRequest) -> Result<Value> {
+    fn execute_inner(
+        &self,
+        req: ControlRequest,
+        progress: &(dyn Fn(Value) + Sync),
+    ) -> Result<Value> {
+        let on_progress = |p: sluice_replicator::Progress| {
+            progress(serde_json::to_value(p).unwrap_or(Value::Null));
+        };
         match req {
             ControlRequest::VolCreate { name, size_bytes } => {
                 self.engine.call(Request::CreateVolume {
@@ -234,42 +227,32 @@ impl Node {
                 to_value(&self.volume(&volume)?)
             }
             ControlRequest::SnapCreate { volume, name } => {
-                match self.engine.call(Request::CreateSnapshot {
-                    volume,
-                    name,
-                    id: None,
-                    created_unix_ms: None,
-                })? {
-                    Reply::Snapshot(s) => to_value(&SnapshotView::from(&s)),
-                    _ => Err(unexpected("snapshot create")),
-                }
+                to_value(&SnapshotView::from(&self.repl.snap_create(&volume, &name)?))
             }
-            ControlRequest::SnapList { volume } => to_value(
-                &self
-                    .snapshots(&volume)?
-                    .iter()
-                    .map(SnapshotView::from)
-                    .collect::<Vec<_>>(),
-            ),
+            ControlRequest::SnapList { volume } => {
+                let mut views = Vec::new();
+                let mut snaps = self.repl.snapshot_locks(&volume)?;
+                snaps.sort_by_key(|(s, _)| (s.gen, s.created_unix_ms));
+                for (s, locks) in snaps {
+                    let mut v = SnapshotView::from(&s);
+                    v.locks = locks.iter().map(to_value).collect::<Result<_>>()?;
+                    views.push(v);
+                }
+                to_value(&views)
+            }
             ControlRequest::SnapDelete {
                 volume,
                 name,
-                force: _,
+                force,
             } => {
-                // No soft locks exist until the replicator runs on this node;
-                // `force` then overrides them.
-                self.engine.call(Request::DeleteSnapshot {
-                    volume: volume.clone(),
-                    name: name.clone(),
-                })?;
-                tracing::info!(%volume, snapshot = %name, "snapshot deleted");
-                Ok(serde_json::json!({ "volume": volume, "deleted": name }))
+                self.repl.snap_delete(&volume, &name, force)?;
+                Ok(serde_json::json!({ "volume": volume, "deleted": name, "forced": force }))
             }
             ControlRequest::Prune {
                 volume,
                 keep,
                 dry_run,
-            } => to_value(&self.prune(&volume, keep, dry_run)?),
+            } => to_value(&self.repl.prune(&volume, keep, dry_run)?),
             ControlRequest::Diff {
                 volume,
                 qtree,
@@ -306,6 +289,62 @@ impl Node {
                 })
             }
             ControlRequest::Status => to_value(&self.status()?),
+            ControlRequest::MirrorCreate {
+                dst_volume,
+                source,
+                dst_qtree,
+                every_secs,
+                throttle_bps,
+            } => {
+                let (source_addr, source_volume, source_qtree) = parse_source(&source)?;
+                let spec = MirrorSpec {
+                    dst_volume,
+                    source_addr,
+                    source_volume,
+                    source_qtree,
+                    dst_qtree,
+                    every: every_secs.map(std::time::Duration::from_secs),
+                    throttle_bps,
+                };
+                let _ = &on_progress;
+                to_value(&self.repl.mirror_create(spec)?)
+            }
+            ControlRequest::MirrorUpdate { dst } => {
+                to_value(&self.repl.mirror_update(&dst, &on_progress)?)
+            }
+            ControlRequest::MirrorStatus => to_value(&self.repl.mirror_status()),
+            ControlRequest::MirrorBreak { dst } => {
+                self.repl.mirror_break(&dst)?;
+                Ok(serde_json::json!({ "dst": dst, "state": "broken" }))
+            }
+            ControlRequest::MirrorResync { dst } => {
+                to_value(&self.repl.mirror_resync(&dst, &on_progress)?)
+            }
+            ControlRequest::MirrorDelete { dst } => {
+                self.repl.mirror_delete(&dst)?;
+                Ok(serde_json::json!({ "dst": dst, "deleted": true }))
+            }
+            ControlRequest::LockList => to_value(&self.repl.lock_list()),
+            ControlRequest::LockAdd {
+                volume,
+                snapshot,
+                owner,
+                text,
+            } => to_value(
+                &self
+                    .repl
+                    .lock_add(&volume, &snapshot, &owner, text.as_deref())?,
+            ),
+            ControlRequest::LockRelease {
+                volume,
+                snapshot,
+                holder,
+            } => {
+                self.repl.lock_release(&volume, &snapshot, &holder)?;
+                Ok(
+                    serde_json::json!({ "volume": volume, "snapshot": snapshot, "released": holder }),
+                )
+            }
         }
     }
 
@@ -363,49 +402,32 @@ impl Node {
             snapshots: vols.iter().map(|v| v.snapshot_count).sum(),
         })
     }
+}
 
-    /// Delete the oldest snapshots beyond the newest `keep`.
-    pub fn prune(&self, volume: &str, keep: usize, dry_run: bool) -> Result<PrunePlan> {
-        let snaps = self.snapshots(volume)?;
-        let cut = snaps.len().saturating_sub(keep);
-        let entry = |s: &SnapshotInfo, reason: String| PruneEntry {
-            name: s.name.clone(),
-            id: s.id.to_string(),
-            created: fmt_unix_ms(s.created_unix_ms),
-            reason,
-        };
-        let mut plan = PrunePlan {
-            volume: volume.to_string(),
-            keep,
-            dry_run,
-            delete: Vec::new(),
-            kept: Vec::new(),
-            frees_bytes_at_least: 0,
-        };
-        for (i, s) in snaps.iter().enumerate() {
-            if i < cut {
-                plan.delete
-                    .push(entry(s, format!("older than the newest {keep}")));
-                plan.frees_bytes_at_least += s.unique_blocks * BS;
-            } else {
-                plan.kept.push(entry(
-                    s,
-                    format!(
-                        "one of the newest {keep} (#{} from newest)",
-                        snaps.len() - i
-                    ),
-                ));
-            }
-        }
-        if !dry_run {
-            for d in &plan.delete {
-                self.engine.call(Request::DeleteSnapshot {
-                    volume: volume.to_string(),
-                    name: d.name.clone(),
-                })?;
-                tracing::info!(volume, snapshot = %d.name, "pruned");
-            }
-        }
-        Ok(plan)
+/// `ADDR/VOL[/QTREE]` (ADDR is `host:port`, as given to the source's
+/// `--listen`) into its parts.
+pub fn parse_source(source: &str) -> Result<(String, String, Option<String>)> {
+    let bad = |why: &str| {
+        NodeError::Invalid(format!(
+            "bad mirror source {source:?}: {why}; expected ADDR/VOL or ADDR/VOL/QTREE, e.g. 127.0.0.1:7000/vol0"
+        ))
+    };
+    let (addr, rest) = source.split_once('/').ok_or_else(|| bad("no volume"))?;
+    if addr.is_empty() || !addr.contains(':') {
+        return Err(bad("the address needs host:port"));
     }
+    let mut parts = rest.split('/');
+    let vol = parts
+        .next()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| bad("empty volume"))?;
+    let qtree = match parts.next() {
+        None => None,
+        Some("") => return Err(bad("empty qtree")),
+        Some(q) => Some(q.to_string()),
+    };
+    if parts.next().is_some() {
+        return Err(bad("too many parts"));
+    }
+    Ok((addr.to_string(), vol.to_string(), qtree))
 }

@@ -22,16 +22,8 @@ pub fn parse_size(text: &str) -> Result<u64> {
     let n: u64 = t[..digits_end]
         .parse()
         .map_err(|_| bad("number too large"))?;
-    let unit = t[digits_end..].trim().to_ascii_lowercase();
-    let shift = match unit.as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        "p" | "pb" | "pib" => 50,
-        _ => return Err(bad("unknown unit; use K, M, G, T or P")),
-    };
+    let shift =
+        unit_shift(&t[digits_end..]).ok_or_else(|| bad("unknown unit; use K, M, G, T or P"))?;
     let bytes = n
         .checked_mul(1u64 << shift)
         .ok_or_else(|| bad("too large"))?;
@@ -42,6 +34,70 @@ pub fn parse_size(text: &str) -> Result<u64> {
         return Err(bad("must be a multiple of 4096 bytes (4K)"));
     }
     Ok(bytes)
+}
+
+/// A rate in bytes per second: `100M`, `1G`, `100MiB/s`, `4096` (any
+/// positive number of bytes; no block multiple needed).
+pub fn parse_rate(text: &str) -> Result<u64> {
+    let bad = |reason: &str| NodeError::BadSize {
+        text: text.to_string(),
+        reason: format!("rate: {reason}"),
+    };
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits_end == 0 {
+        return Err(bad("expected bytes per second, e.g. 100M"));
+    }
+    let n: u64 = t[..digits_end]
+        .parse()
+        .map_err(|_| bad("number too large"))?;
+    let shift =
+        unit_shift(&t[digits_end..]).ok_or_else(|| bad("unknown unit; use K, M, G or T"))?;
+    let v = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| bad("too large"))?;
+    if v == 0 {
+        return Err(bad("must be greater than zero"));
+    }
+    Ok(v)
+}
+
+/// `30s`, `5m`, `1h`, `500ms`, `1d`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration> {
+    let bad = || {
+        NodeError::Invalid(format!(
+            "bad duration {text:?}: expected a number and a unit (ms, s, m, h, d), e.g. 30s"
+        ))
+    };
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..digits_end].parse().map_err(|_| bad())?;
+    let ms = match &t[digits_end..] {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" | "min" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    if ms == 0 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+fn unit_shift(unit: &str) -> Option<u32> {
+    Some(match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        "p" | "pb" | "pib" => 50,
+        _ => return None,
+    })
 }
 
 /// `1.5 GiB`, `512 MiB`, `12 KiB`, `7 B`.
@@ -120,6 +176,24 @@ mod tests {
         ] {
             let e = parse_size(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn rates_and_durations() {
+        assert_eq!(parse_rate("100M").unwrap(), 100 << 20);
+        assert_eq!(parse_rate("1GiB/s").unwrap(), 1 << 30);
+        assert_eq!(parse_rate("1000").unwrap(), 1000);
+        assert!(parse_rate("0").is_err() && parse_rate("fast").is_err());
+        assert_eq!(parse_duration("30s").unwrap().as_secs(), 30);
+        assert_eq!(parse_duration("5m").unwrap().as_secs(), 300);
+        assert_eq!(parse_duration("2").unwrap().as_secs(), 2);
+        assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
+        for bad in ["", "0s", "5x", "s", "-1s"] {
+            assert!(parse_duration(bad)
+                .unwrap_err()
+                .to_string()
+                .contains(&format!("{bad:?}")));
         }
     }
 

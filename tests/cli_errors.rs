@@ -199,6 +199,26 @@ fn daemon_start_errors_are_one_line() {
         "not-an-address",
         "serve on a bad address",
     );
+    // A pool keeps its node name: another --name is refused.
+    let named = init_pool(dir.path(), "named.img", "256M");
+    let d = Daemon::try_start(&named, &["--name", "alpha"]).unwrap();
+    assert!(d.term().success());
+    serve_fails_with(
+        &sluice(&[
+            "serve",
+            "--data",
+            named.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "beta",
+        ]),
+        "belongs to node \"alpha\"",
+        "serve with another name",
+    );
+    let d = Daemon::start(&named);
+    assert_eq!(d.json(&["status"])["node"], "alpha");
+    drop(d);
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "lisen = \"127.0.0.1:0\"\n").unwrap();
     serve_fails_with(
