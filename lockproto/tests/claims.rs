@@ -660,6 +660,52 @@ fn leases_stale_is_visible_keep_policy_keeps_operator_releases() {
     assert!(r.holders(sid(1)).is_empty());
 }
 
+/// Found by a long DAG run (sub-seed 7924096030789231548): a set delayed
+/// past the lease + grace of a newer one must not bring the released locks
+/// back; only a set newer than every one accepted before does.
+#[test]
+fn released_set_is_not_revived_by_a_late_older_set() {
+    let mut r = LockNode::new(NodeConfig {
+        policy: LeasePolicy::ReleaseAfter { grace_ms: 500 },
+        ..NodeConfig::new("B")
+    });
+    r.handle(
+        0,
+        Event::DownstreamAdded {
+            downstream: "C".into(),
+        },
+    );
+    r.handle(0, Event::SnapshotCreated { snapshot: sid(1) });
+    let set = |generation| LockSet {
+        sender: "C".into(),
+        generation,
+        lease_ms: 1_000,
+        locks: vec![SoftLock {
+            snapshot: sid(1),
+            kind: LockKind::DestinationPath,
+            text: "c".into(),
+            origin_node: "C".into(),
+            hop_path: vec!["C".into()],
+            created_ms: 0,
+            renewed_ms: 0,
+            lease_ms: 1_000,
+        }],
+        gone_acks: vec![],
+    };
+    r.handle(0, Event::LockSetReceived { set: set(5) });
+    assert!(!r.holders(sid(1)).is_empty());
+    let acts = r.handle(1_500, Event::Tick);
+    assert!(acts.contains(&Action::Released {
+        downstream: "C".into(),
+        reason: ReleaseReason::LeaseExpired
+    }));
+    assert!(r.holders(sid(1)).is_empty());
+    r.handle(1_600, Event::LockSetReceived { set: set(4) });
+    assert!(r.holders(sid(1)).is_empty(), "an older set stays ignored");
+    r.handle(1_700, Event::LockSetReceived { set: set(6) });
+    assert!(!r.holders(sid(1)).is_empty(), "a newer set locks again");
+}
+
 #[test]
 fn lock_table_persists_restores_and_rejects_garbage() {
     let mut b = middle();

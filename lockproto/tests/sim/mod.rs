@@ -71,6 +71,8 @@ pub struct Sim {
     pub edges: Vec<(usize, usize)>,
     pub baselined: BTreeSet<(usize, usize)>,
     pub net: Vec<(usize, usize, LockSet)>,
+    /// (receiver, sender) -> (highest generation the receiver accepted,
+    /// snapshots that set names; emptied when the receiver releases it).
     pub delivered: BTreeMap<(usize, usize), (u64, BTreeSet<Uuid>)>,
     pub now: u64,
     pub propagate: bool,
@@ -107,6 +109,36 @@ impl Sim {
             }
             n += 1;
         }
+        Sim::build(rng, n, edges, propagate)
+    }
+
+    /// A random DAG of 3..=8 nodes: node 0 is the root, every later node
+    /// pulls from one to three distinct earlier nodes. So fan-in nodes can
+    /// have their own downstreams (their sets relay to every upstream), there
+    /// can be several fan-ins, diamonds and long paths.
+    pub fn new_dag(seed: u64, propagate: bool) -> Sim {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let n = rng.gen_range(3..=8);
+        let mut edges = Vec::new();
+        for d in 1..n {
+            let want = match rng.gen_range(0..100) {
+                0..=54 => 1,
+                55..=89 => 2,
+                _ => 3,
+            };
+            let mut ups: Vec<usize> = Vec::new();
+            while ups.len() < want.min(d) {
+                let u = rng.gen_range(0..d);
+                if !ups.contains(&u) {
+                    ups.push(u);
+                }
+            }
+            edges.extend(ups.into_iter().map(|u| (u, d)));
+        }
+        Sim::build(rng, n, edges, propagate)
+    }
+
+    fn build(rng: SmallRng, n: usize, edges: Vec<(usize, usize)>, propagate: bool) -> Sim {
         let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
         let cfgs: Vec<NodeConfig> = names
             .iter()
@@ -211,8 +243,13 @@ impl Sim {
                     if *reason == ReleaseReason::LeaseExpired {
                         self.out.lease_releases += 1;
                     }
+                    // The released set no longer protects anything, but the
+                    // node still remembers the highest generation it took
+                    // from that sender: a late older set stays ignored.
                     if let Some(d) = self.idx(downstream) {
-                        self.delivered.remove(&(i, d));
+                        if let Some((_, locked)) = self.delivered.get_mut(&(i, d)) {
+                            locked.clear();
+                        }
                     }
                 }
                 _ => {}
