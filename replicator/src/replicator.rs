@@ -929,9 +929,13 @@ impl Replicator {
         st.rels
             .get(dst)
             .or_else(|| {
-                st.rels
-                    .values()
-                    .find(|r| r.dst_volume == dst && r.kind == MirrorKind::Volume)
+                // A destination volume names its relationship when only one
+                // relationship writes into it (e.g. one qtree mirror).
+                let mut it = st.rels.values().filter(|r| r.dst_volume == dst);
+                match (it.next(), it.next()) {
+                    (Some(r), None) => Some(r),
+                    _ => None,
+                }
             })
             .cloned()
             .ok_or_else(|| {
@@ -2242,8 +2246,10 @@ impl Replicator {
         locks.iter().map(|l| self.view(l, &names)).collect()
     }
 
-    /// Release an application lock (holder = owner) or every lock a
-    /// downstream node holds here (holder = that node).
+    /// Release an application lock on `volume@snap` (holder = its owner),
+    /// or, holder = a downstream node (or a node behind it), every lock that
+    /// downstream's set holds here (an operator release; it is restored by
+    /// the downstream's next set if it is still alive).
     pub fn lock_release(&self, volume: &str, snap: &str, holder: &str) -> Result<()> {
         let s = self.find_snap(volume, snap)?;
         let locks = lock(&self.st).locks.all_locks();
@@ -2254,41 +2260,31 @@ impl Replicator {
                 && &l.origin_node == me
                 && (l.text == holder || l.text.starts_with(&format!("{holder}: ")))
         });
-        let ev = if let Some(l) = app {
-            Event::AppLockReleased {
+        // A downstream's locks: released as a whole (the set of that
+        // downstream node, through which the holder's locks reach us).
+        let down = locks
+            .iter()
+            .filter(|l| l.snapshot == s.id && &l.origin_node != me)
+            .find(|l| l.origin_node == holder || l.hop_path.iter().any(|h| h == holder))
+            .map(|l| match l.hop_path.last() {
+                Some(h) if h != me => h.clone(),
+                _ => l.origin_node.clone(),
+            });
+        let ev = match (app, down) {
+            (Some(l), _) => Event::AppLockReleased {
                 snapshot: s.id,
                 owner: l.text.clone(),
+            },
+            (None, Some(downstream)) => Event::OperatorRelease { downstream },
+            (None, None) => {
+                return Err(ReplError::NotFound(format!(
+                    "lock on {volume}@{snap} held by {holder:?}; see `lock list`"
+                )))
             }
-        } else if locks.iter().any(|l| {
-            l.snapshot == s.id
-                && (l.hop_path.last().map(String::as_str) == Some(holder)
-                    || l.origin_node == holder)
-                && &l.origin_node != me
-        }) || locks
-            .iter()
-            .any(|l| l.snapshot == s.id && l.origin_node == holder)
-        {
-            Event::OperatorRelease {
-                downstream: self.via(holder, &locks),
-            }
-        } else {
-            return Err(ReplError::NotFound(format!(
-                "lock on {volume}@{snap} held by {holder:?}; see `lock list`"
-            )));
         };
         let acts = self.lock_events(vec![ev])?;
         self.perform(acts, None);
         Ok(())
-    }
-
-    /// The downstream through which locks of `holder` reach us.
-    fn via(&self, holder: &str, locks: &[SoftLock]) -> String {
-        locks
-            .iter()
-            .find(|l| l.origin_node == holder || l.hop_path.iter().any(|h| h == holder))
-            .and_then(|l| l.hop_path.last().cloned())
-            .filter(|h| h != &self.cfg.node_name)
-            .unwrap_or_else(|| holder.to_string())
     }
 
     /// Each snapshot of `volume` with the locks that hold it.

@@ -32,13 +32,15 @@ fn same(a: &Node, av: &str, b: &Node, bv: &str, snap: &str, qtree: Option<&str>)
     );
 }
 
-/// Chain A -> B -> C, A prunes to 1 snapshot every round, C lags: every
-/// update after the baselines is incremental and content is identical.
+/// Chain A -> B -> C -> D, A prunes to 1 snapshot every round, C and D
+/// lag: every update after the baselines is incremental and content is
+/// identical on every hop.
 #[test]
 fn chain_stays_incremental_with_keep_one_pruning() {
     let seed = seed("chain_stays_incremental_with_keep_one_pruning");
     let mut r = rng(seed);
     let (a, b, c) = (Node::start("A"), Node::start("B"), Node::start("C"));
+    let d = Node::start("D");
     a.create_volume("v");
     a.create_qtree("v", "q", QBYTES);
     a.churn(&NsName::volume("v"), VOL_BLOCKS, 300, &mut r);
@@ -56,6 +58,10 @@ fn chain_stays_incremental_with_keep_one_pruning() {
     assert_eq!(rep.kind, "full");
     same(&a, "v", &c, "v", "s1", None);
     same(&a, "v", &c, "v", "s1", Some("q"));
+    assert_eq!(
+        d.repl.mirror_create(spec("dv", &c, "v")).unwrap().kind,
+        "full"
+    );
     let mut c_skipped_by_locks = false;
     for round in 2..=7 {
         a.churn(&NsName::volume("v"), VOL_BLOCKS, 60, &mut r);
@@ -72,10 +78,24 @@ fn chain_stays_incremental_with_keep_one_pruning() {
         same(&a, "v", &b, "v", &s, None);
         b.repl.prune("v", 1, false).expect("prune B");
         if round % 3 == 0 {
-            let rep = c.repl.mirror_update("v", &noprog).expect("C update");
+            let calls = std::sync::atomic::AtomicU64::new(0);
+            let rep = c
+                .repl
+                .mirror_update("v", &|p| {
+                    assert!(p.done_items <= p.total_items);
+                    calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                })
+                .expect("C update");
+            assert!(calls.into_inner() > 0, "no progress reported");
             assert_eq!(rep.kind, "incremental", "round {round}: {rep:?}");
             same(&a, "v", &c, "v", &s, None);
             same(&a, "v", &c, "v", &s, Some("q"));
+            c.repl.prune("v", 1, false).expect("prune C");
+        }
+        if round == 6 {
+            let rep = d.repl.mirror_update("dv", &noprog).expect("D update");
+            assert_eq!(rep.kind, "incremental", "round {round}: {rep:?}");
+            same(&a, "v", &d, "dv", &s, Some("q"));
         }
     }
     assert!(c_skipped_by_locks, "A's prune never had to keep C's base");
@@ -101,7 +121,7 @@ fn chain_stays_incremental_with_keep_one_pruning() {
     let mut m = String::new();
     b.repl.render_metrics(&mut m);
     assert!(m.contains("sluice_repl_transfers_total{dst=\"v\",kind=\"incremental\"}"));
-    for n in [a, b, c] {
+    for n in [a, b, c, d] {
         n.shutdown();
     }
 }
