@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub throttle_bps: Option<u64>,
     pub lease_ms: Option<u64>,
     pub lease_policy: LeasePolicy,
+    /// Demonstration switch: soft locks are not propagated.
+    pub propagate_locks: bool,
 }
 
 /// Flags of `serve` that override the file.
@@ -75,6 +77,7 @@ pub struct ServeFlags {
     pub name: Option<String>,
     pub peer_secret: Option<PathBuf>,
     pub throttle: Option<String>,
+    pub no_lock_propagation: bool,
 }
 
 impl ServeConfig {
@@ -87,6 +90,7 @@ impl ServeConfig {
             name,
             peer_secret,
             throttle,
+            no_lock_propagation,
         } = flags;
         let throttle_bps = match throttle.or(file.throttle) {
             Some(t) => Some(parse_rate(&t)?),
@@ -133,6 +137,7 @@ impl ServeConfig {
             throttle_bps,
             lease_ms: file.lease_ms,
             lease_policy,
+            propagate_locks: !no_lock_propagation,
         })
     }
 }

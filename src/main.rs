@@ -52,6 +52,10 @@ enum Cmd {
         /// Node-wide replication receive rate, bytes per second (e.g. 100M).
         #[arg(long)]
         throttle: Option<String>,
+        /// Demonstration switch: send empty lock sets, so upstreams protect
+        /// nothing (shows the broken chains soft locks prevent).
+        #[arg(long)]
+        no_lock_propagation: bool,
     },
     /// Mirror relationships (this node is the destination).
     Mirror {
@@ -277,6 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             peer_secret,
             throttle,
+            no_lock_propagation,
         } => {
             let file = match config {
                 Some(p) => ConfigFile::load(p)?,
@@ -289,6 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name: name.clone(),
                 peer_secret: peer_secret.clone(),
                 throttle: throttle.clone(),
+                no_lock_propagation: *no_lock_propagation,
             };
             Ok(sluice::daemon::serve(ServeConfig::resolve(file, flags)?)?)
         }

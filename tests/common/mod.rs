@@ -193,3 +193,68 @@ pub fn have(prog: &str) -> bool {
         .status()
         .is_ok()
 }
+
+/// `qemu-io -f raw nbd://NBD/EXPORT -c CMD...`; panics with the output if
+/// qemu-io reports a failure.
+pub fn qemu_io(nbd: &str, export: &str, cmds: &[String]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", &format!("nbd://{nbd}/{export}")]);
+    if export.contains('@') {
+        c.arg("-r");
+    }
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.output().expect("run qemu-io");
+    let out = stdout(&o);
+    assert!(
+        o.status.success() && !out.contains("failed"),
+        "qemu-io {export} {cmds:?}: {out}{}",
+        stderr(&o)
+    );
+    out
+}
+
+/// Every byte of an export, read by `qemu-img convert` through NBD.
+pub fn read_export(nbd: &str, export: &str, scratch: &Path) -> Vec<u8> {
+    let out = scratch.join(format!("export-{}.raw", rand_u32()));
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd://{nbd}/{export}"))
+        .arg(&out)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        o.status.success(),
+        "qemu-img convert {export}: {}",
+        stderr(&o)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    bytes
+}
+
+/// xorshift64*, seeded; tests print the seed (`SLUICE_SEED` replays it).
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn from_env(test: &str) -> Rng {
+        let seed = std::env::var("SLUICE_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        println!("{test}: SLUICE_SEED={seed}");
+        Rng(seed)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
