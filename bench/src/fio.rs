@@ -27,14 +27,22 @@ pub struct FioJob<'a> {
 
 pub fn run(device: &Path, job: &FioJob) -> Result<Measured> {
     let mut cmd = Command::new("fio");
+    cmd.arg(format!("--filename={}", device.display()))
+        .args(["--ioengine=io_uring", "--direct=1"]);
+    measure(cmd, job)
+}
+
+/// The same job through fio's NBD engine (libnbd) against `uri`
+/// (`nbd://127.0.0.1:PORT/EXPORT`).
+pub fn run_nbd(uri: &str, job: &FioJob) -> Result<Measured> {
+    let mut cmd = Command::new("fio");
+    cmd.args(["--ioengine=nbd", &format!("--uri={uri}")]);
+    measure(cmd, job)
+}
+
+fn measure(mut cmd: Command, job: &FioJob) -> Result<Measured> {
     cmd.arg("--name=sluice-bench")
-        .arg(format!("--filename={}", device.display()))
-        .args([
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--numjobs=1",
-            "--output-format=json",
-        ])
+        .args(["--numjobs=1", "--output-format=json"])
         .args([
             "--lat_percentiles=1",
             "--percentile_list=50:99:99.9",

@@ -11,6 +11,7 @@ mod drive;
 mod enginecase;
 mod fio;
 mod loopdev;
+mod nbd;
 mod report;
 
 use anyhow::Result;
@@ -31,6 +32,8 @@ struct Cli {
 enum Cmd {
     /// Engine vs fio on the same device (needs root for the loop device).
     Engine(EngineArgs),
+    /// NBD: fio's nbd engine against a Sluice export and qemu-nbd (needs root).
+    Nbd(nbd::NbdArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -80,5 +83,6 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Engine(args) => enginecase::run(&args),
+        Cmd::Nbd(args) => nbd::run(&args),
     }
 }
