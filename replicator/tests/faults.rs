@@ -343,3 +343,47 @@ fn destination_restart_mid_transfer_resumes() {
         n.shutdown();
     }
 }
+
+/// The source restarts (as after a kill) at a random point of a throttled
+/// incremental transfer: the next update resumes and the data matches.
+#[test]
+fn source_restart_mid_transfer_resumes() {
+    let mut a = Node::start("A");
+    let b = Node::start("B");
+    let mut r = rng(seed("source_restart_mid_transfer_resumes"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 100, &mut r);
+    a.snap("v", "s1");
+    let s = MirrorSpec {
+        throttle_bps: Some(3 << 20),
+        ..spec("v", &a, "v")
+    };
+    b.repl.mirror_create(s).unwrap();
+    // 1024 separate one-block extents: 32 checkpoints.
+    a.sparse(&NsName::volume("v"), VOL_BLOCKS, 2, &mut r);
+    a.snap("v", "s2");
+    let want: u64 = r.gen_range(1..24);
+    let repl = b.repl.clone();
+    let h = std::thread::spawn(move || repl.mirror_update("v", &noprog));
+    wait_for("a durable checkpoint on B", || {
+        b.repl
+            .mirror_status()
+            .first()
+            .and_then(|s| s.checkpoint.clone())
+            .is_some_and(|c| c.position >= want * 32)
+    });
+    a.restart();
+    assert!(
+        h.join().unwrap().is_err(),
+        "the source restart must cut the transfer"
+    );
+    let rep = b.repl.mirror_update("v", &noprog).unwrap();
+    assert_eq!(rep.kind, "incremental");
+    assert!(rep.resumed_from >= want * 32, "{rep:?}");
+    let x = a.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
+    let y = b.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
+    assert!(x == y);
+    for n in [a, b] {
+        n.shutdown();
+    }
+}

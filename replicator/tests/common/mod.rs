@@ -176,6 +176,25 @@ impl Node {
         }
     }
 
+    /// Write one random block at every `stride`-th lba: many separate extents.
+    pub fn sparse(&self, ns: &NsName, blocks: u64, stride: u64, r: &mut impl Rng) {
+        let mut lba = r.gen_range(0..stride);
+        while lba < blocks {
+            let mut b = AlignedBuf::zeroed(1);
+            r.fill(b.as_mut_slice());
+            self.engine
+                .call(Request::Write {
+                    ns: ns.clone(),
+                    lba,
+                    data: b,
+                    fua: false,
+                    replica: false,
+                })
+                .expect("write");
+            lba += stride;
+        }
+    }
+
     pub fn snap(&self, vol: &str, name: &str) -> SnapshotInfo {
         self.repl.snap_create(vol, name).expect("snap create")
     }
