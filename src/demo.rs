@@ -1,215 +1,475 @@
-//! `sluice demo` (engine stage): runs the engine on a file-backed pool in a
-//! temporary folder and shows what it does -- volumes, a qtree, writes,
-//! copy-on-write snapshots, pruning, space accounting and incremental
-//! diffs. The cascade demo (several nodes, soft locks) grows from this once
-//! the node and the replicator land.
+//! `sluice demo`: a whole cascade of real `sluice serve` processes on
+//! file-backed pools in a temporary folder, talking over 127.0.0.1.
 //!
-//! Everything runs through the real stack: `UringDevice` (io_uring, O_DIRECT
-//! where the folder's filesystem allows it), the shard thread, the pool.
+//! ```text
+//!            ┌──▶ B:vol0 ──▶ C:vol0          (volume mirrors, a chain)
+//!   A:vol0 ──┤          └──▶ C:dbcopy/db     (a qtree mirror in the chain)
+//!            └──▶ D:vol0                     (fan-out)
+//! ```
+//!
+//! The workload is written on A through NBD (this binary's own small client,
+//! so the demo needs nothing installed). A snapshots every round and prunes
+//! to the newest one; B updates every round, D every second round, C every
+//! third, so C lags several snapshots behind A. The same scenario then runs
+//! again with lock propagation switched off (a demonstration switch of
+//! `serve`), to show the chains soft locks kept intact.
 
 use anyhow::{bail, Context, Result};
-use sluice_engine::api::{DiffKind, NsName, Reply, Request, SnapshotInfo};
-use sluice_engine::device::uring::{UringDevice, UringOptions};
-use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
-use sluice_engine::shard::{Engine, EngineHandle, EngineOptions};
-use sluice_engine::{FormatOptions, Pool};
+use serde_json::Value;
+use sluice::control::{Client, ControlRequest};
+use sluice::nbd_client::NbdClient;
+use sluice::units::fmt_bytes;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
 
-const POOL_BYTES: u64 = 512 << 20;
-const VOL_BYTES: u64 = 256 << 20;
-const QTREE_BYTES: u64 = 64 << 20;
+const POOL: &str = "256M";
+const VOL_BYTES: u64 = 64 << 20;
+const QTREE_BYTES: u64 = 8 << 20;
 const ROUNDS: u64 = 6;
-const KEEP: usize = 2;
+const BLOCK: usize = 4096;
 
-pub fn run() -> Result<()> {
-    let dir = tempfile::tempdir().context("creating a temporary folder")?;
-    let path = dir.path().join("pool.img");
-    let dev = UringDevice::create(&path, POOL_BYTES, UringOptions::default())
-        .with_context(|| format!("creating pool file {}", path.display()))?;
-    println!(
-        "pool: {} ({} MiB, io_uring, O_DIRECT {})",
-        path.display(),
-        POOL_BYTES >> 20,
-        if dev.direct_io() {
-            "on"
-        } else {
-            "refused here: buffered"
-        }
-    );
-    let pool = Pool::format(dev, FormatOptions::default()).context("formatting the pool")?;
-    let engine = Engine::start_executor(pool, EngineOptions::default());
-    let result = scenario(&engine);
-    engine.shutdown().context("shutting the engine down")?;
-    result
+/// One `sluice serve` child process.
+struct Node {
+    name: &'static str,
+    child: Option<Child>,
+    control: String,
+    nbd: String,
 }
 
-fn scenario(e: &EngineHandle) -> Result<()> {
-    e.call(Request::CreateVolume {
-        name: "vol0".into(),
-        size_bytes: VOL_BYTES,
-    })?;
-    e.call(Request::CreateQtree {
-        volume: "vol0".into(),
-        name: "db".into(),
-        size_bytes: QTREE_BYTES,
-    })?;
-    println!(
-        "volume vol0 ({} MiB) with qtree vol0/db ({} MiB)\n",
-        VOL_BYTES >> 20,
-        QTREE_BYTES >> 20
-    );
-
-    let vol = NsName::volume("vol0");
-    let vol_blocks = VOL_BYTES / BLOCK_SIZE as u64;
-    let mut rng_state = 0x5eed_u64;
-    let mut next = move || {
-        // xorshift: a fixed, printable workload.
-        rng_state ^= rng_state << 13;
-        rng_state ^= rng_state >> 7;
-        rng_state ^= rng_state << 17;
-        rng_state
-    };
-
-    println!("round  wrote   snapshot  diff vs previous (blocks)  pruned");
-    let mut prev: Option<String> = None;
-    for round in 1..=ROUNDS {
-        // A first full-ish write, then ~1 % random changes per round.
-        let writes = if round == 1 { 4096 } else { vol_blocks / 100 };
-        for _ in 0..writes {
-            let lba = next() % vol_blocks;
-            let mut buf = AlignedBuf::zeroed(1);
-            buf.as_mut_slice()[..8].copy_from_slice(&(lba ^ round).to_le_bytes());
-            e.call(Request::Write {
-                ns: vol.clone(),
-                lba,
-                data: buf,
-                fua: false,
-                replica: false,
-            })?;
+impl Node {
+    fn start(dir: &Path, name: &'static str, locks: bool) -> Result<Node> {
+        let exe = std::env::current_exe().context("finding the sluice binary")?;
+        let pool = dir.join(format!("{name}.img"));
+        let out = Command::new(&exe)
+            .args(["init", pool.to_str().unwrap_or_default(), "--size", POOL])
+            .output()
+            .context("running sluice init")?;
+        if !out.status.success() {
+            bail!(
+                "init {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        let db = AlignedBuf::from_slice(format!("db record of round {round}").as_bytes());
-        e.call(Request::Write {
-            ns: NsName::qtree("vol0", "db"),
-            lba: round,
-            data: db,
-            fua: false,
-            replica: false,
-        })?;
-        if round == 4 {
-            e.call(Request::Trim {
-                ns: vol.clone(),
-                lba: 0,
-                len_blocks: 512,
-                replica: false,
-            })?;
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["serve", "--data", pool.to_str().unwrap_or_default()])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--nbd",
+                "127.0.0.1:0",
+                "--name",
+                name,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log);
+        if !locks {
+            cmd.arg("--no-lock-propagation");
         }
-        let name = format!("s{round}");
-        e.call(Request::CreateSnapshot {
-            volume: "vol0".into(),
-            name: name.clone(),
-            id: None,
-            created_unix_ms: None,
-        })?;
-        let (data, trims) = match e.call(Request::Diff {
-            ns: vol.clone(),
-            base: prev.clone(),
-            target: name.clone(),
-        })? {
-            Reply::Diff(extents) => extents.iter().fold((0, 0), |(d, t), x| match x.kind {
-                DiffKind::Data => (d + x.len_blocks, t),
-                DiffKind::Trim => (d, t + x.len_blocks),
-            }),
-            other => bail!("unexpected reply to Diff: {other:?}"),
+        let mut child = cmd.spawn().context("starting sluice serve")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(str::to_string)
         };
-        let pruned = prune(e, KEEP)?;
-        println!(
-            "{round:>5}  {writes:>5}   {name:<8}  {data:>6} data + {trims:>4} trim{}  {}",
-            if prev.is_none() { " (baseline)" } else { "" },
-            if pruned.is_empty() {
-                "-".to_string()
-            } else {
-                pruned.join(",")
-            }
-        );
-        prev = Some(name);
+        let (Some(control), Some(nbd)) = (field("control="), field("nbd=")) else {
+            let _ = child.kill();
+            bail!(
+                "node {name} did not start; see {}",
+                dir.join(format!("{name}.log")).display()
+            );
+        };
+        Ok(Node {
+            name,
+            child: Some(child),
+            control,
+            nbd,
+        })
     }
 
-    println!("\nsnapshots kept (prune --keep {KEEP}):");
+    fn call(&self, req: ControlRequest) -> Result<Value> {
+        Ok(Client::connect(&self.control)?.call(&req)?)
+    }
+
+    fn try_call(&self, req: ControlRequest) -> Result<Value, String> {
+        Client::connect(&self.control)
+            .and_then(|mut c| c.call(&req))
+            .map_err(|e| e.to_string())
+    }
+
+    /// SIGTERM and wait: the node takes its final consistency point.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// xorshift64: a fixed, printable workload.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What one run of the scenario saw.
+#[derive(Default)]
+struct RunResult {
+    incremental: u64,
+    full_after_baseline: u64,
+    broken: Vec<String>,
+    identical: Vec<String>,
+}
+
+pub fn run() -> Result<()> {
+    let start = Instant::now();
+    let dir = tempfile::tempdir().context("creating a temporary folder")?;
     println!(
-        "name  id                                    gen  referenced MiB  unique MiB  digest(vol0)"
+        "sluice demo: a cascade of four nodes in {}",
+        dir.path().display()
     );
-    for s in snapshots(e)? {
-        let digest = s
-            .digests
-            .iter()
-            .find(|(q, _)| q.is_none())
-            .map(|(_, d)| *d)
-            .unwrap_or(0);
-        println!(
-            "{:<4}  {}  {:>4}  {:>14.1}  {:>10.1}  {:032x}",
-            s.name,
-            s.id,
-            s.gen,
-            mib(s.referenced_blocks),
-            mib(s.unique_blocks),
-            digest
-        );
+    println!();
+    println!("           ┌──▶ B:vol0 ──▶ C:vol0          volume mirrors (a chain)");
+    println!("  A:vol0 ──┤          └──▶ C:dbcopy/db     qtree mirror of vol0/db");
+    println!("           └──▶ D:vol0                     fan-out");
+    println!();
+    println!(
+        "Each round writes ~1 % of vol0 and some of its qtree db on A through NBD, snapshots A\n\
+         and prunes A to its newest snapshot (keep 1). B updates every round, D every 2nd,\n\
+         C every 3rd: C lags behind snapshots that A's retention would delete.\n"
+    );
+    println!("== 1. with soft locks ==");
+    let with = scenario(&dir.path().join("on"), true)?;
+    println!();
+    println!("== 2. the same with lock propagation switched off ==");
+    let without = scenario(&dir.path().join("off"), false)?;
+    println!();
+    println!("== summary ==");
+    println!(
+        "with soft locks:    {} incremental updates, {} full copies after the baseline, {} broken chains",
+        with.incremental,
+        with.full_after_baseline,
+        with.broken.len()
+    );
+    for i in &with.identical {
+        println!("                    {i}");
     }
-    let reply = e.call(Request::Read {
-        image: sluice_engine::api::Image {
-            ns: NsName::qtree("vol0", "db"),
-            snapshot: Some(format!("s{}", ROUNDS - 1)),
-        },
-        lba: ROUNDS - 1,
-        len_blocks: 1,
-    })?;
-    if let Reply::Data(buf) = reply {
-        let text: String = buf
-            .as_slice()
-            .iter()
-            .take_while(|&&b| b != 0)
-            .map(|&b| b as char)
-            .collect();
-        println!(
-            "\nread vol0/db@s{} block {}: {text:?}",
-            ROUNDS - 1,
-            ROUNDS - 1
-        );
+    println!(
+        "without soft locks: {} incremental updates, {} broken chains:",
+        without.incremental,
+        without.broken.len()
+    );
+    for b in &without.broken {
+        println!("                    {b}");
     }
-    if let Reply::Space(sp) = e.call(Request::Space)? {
-        println!(
-            "space: {:.1} MiB used, {:.1} MiB free of {:.1} MiB",
-            mib(sp.used_blocks),
-            mib(sp.free_blocks),
-            mib(sp.total_blocks)
-        );
+    println!(
+        "\ndone in {:.1} s; the temporary folder is removed.",
+        start.elapsed().as_secs_f64()
+    );
+    if !with.broken.is_empty() || with.full_after_baseline > 0 {
+        bail!("a chain broke although soft locks were on");
     }
     Ok(())
 }
 
-fn snapshots(e: &EngineHandle) -> Result<Vec<SnapshotInfo>> {
-    match e.call(Request::ListSnapshots {
+fn write_round(a: &Node, rng: &mut Rng, round: u64) -> Result<u64> {
+    let mut vol = NbdClient::open(&a.nbd, "vol0")?;
+    let mut db = NbdClient::open(&a.nbd, "vol0/db")?;
+    let mut written = 0;
+    if round == 0 {
+        // Baseline: 8 MiB of vol0 and 1 MiB of db.
+        for mb in 0..8u64 {
+            vol.write(mb << 20, &vec![(mb as u8) ^ 0x5a; 1 << 20])?;
+        }
+        db.write(0, &vec![0xdb; 1 << 20])?;
+        written += 9 << 20;
+    } else {
+        let blocks = VOL_BYTES / BLOCK as u64;
+        for _ in 0..blocks / 100 {
+            let lba = rng.next() % blocks;
+            let mut b = vec![0u8; BLOCK];
+            b[..8].copy_from_slice(&rng.next().to_le_bytes());
+            b[8] = round as u8;
+            vol.write(lba * BLOCK as u64, &b)?;
+            written += BLOCK as u64;
+        }
+        let qblocks = QTREE_BYTES / BLOCK as u64;
+        for _ in 0..qblocks / 50 {
+            let lba = rng.next() % qblocks;
+            db.write(lba * BLOCK as u64, &vec![round as u8; BLOCK])?;
+            written += BLOCK as u64;
+        }
+    }
+    vol.flush()?;
+    db.flush()?;
+    Ok(written)
+}
+
+fn cell(r: &Result<Value, String>, out: &mut RunResult, who: &str, round: u64) -> String {
+    match r {
+        Ok(v) => {
+            let kind = v["kind"].as_str().unwrap_or("?");
+            match kind {
+                "incremental" => out.incremental += 1,
+                "full" => out.full_after_baseline += 1,
+                _ => {}
+            }
+            let short = match kind {
+                "incremental" => "incr",
+                "none" => "same",
+                k => k,
+            };
+            format!("{short} {}", fmt_bytes(v["bytes"].as_u64().unwrap_or(0)))
+        }
+        Err(e) => {
+            let full = e
+                .split("sends ")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .map(|b| format!(", a full copy of {} needed", fmt_bytes(b)))
+                .unwrap_or_default();
+            let why = if e.contains("no common snapshot") {
+                "no common snapshot left"
+            } else {
+                e.as_str()
+            };
+            out.broken
+                .push(format!("round {round}: {who}: {why}{full}"));
+            "BROKEN".into()
+        }
+    }
+}
+
+fn scenario(dir: &Path, locks: bool) -> Result<RunResult> {
+    std::fs::create_dir_all(dir)?;
+    let mut nodes = Vec::new();
+    for name in ["A", "B", "C", "D"] {
+        nodes.push(Node::start(dir, name, locks)?);
+    }
+    let result = drive(&nodes);
+    for n in &mut nodes {
+        n.stop();
+    }
+    result
+}
+
+fn mirror(n: &Node, dst: &str, source: String) -> Result<Value> {
+    n.call(ControlRequest::MirrorCreate {
+        dst_volume: dst.into(),
+        source,
+        dst_qtree: None,
+        every_secs: None,
+        throttle_bps: None,
+    })
+    .with_context(|| format!("mirror create on {}", n.name))
+}
+
+fn update(n: &Node, dst: &str) -> Result<Value, String> {
+    n.try_call(ControlRequest::MirrorUpdate { dst: dst.into() })
+}
+
+fn drive(nodes: &[Node]) -> Result<RunResult> {
+    let (a, b, c, d) = (&nodes[0], &nodes[1], &nodes[2], &nodes[3]);
+    let mut out = RunResult::default();
+    let mut rng = Rng(0x5eed_cafe);
+    a.call(ControlRequest::VolCreate {
+        name: "vol0".into(),
+        size_bytes: VOL_BYTES,
+    })?;
+    a.call(ControlRequest::QtreeCreate {
         volume: "vol0".into(),
-    })? {
-        Reply::Snapshots(s) => Ok(s),
-        other => bail!("unexpected reply to ListSnapshots: {other:?}"),
-    }
-}
-
-/// Delete the oldest snapshots beyond `keep`; returns their names.
-fn prune(e: &EngineHandle, keep: usize) -> Result<Vec<String>> {
-    let snaps = snapshots(e)?;
-    let excess = snaps.len().saturating_sub(keep);
-    let mut gone = Vec::new();
-    for s in snaps.into_iter().take(excess) {
-        e.call(Request::DeleteSnapshot {
+        name: "db".into(),
+        size_bytes: QTREE_BYTES,
+    })?;
+    write_round(a, &mut rng, 0)?;
+    a.call(ControlRequest::SnapCreate {
+        volume: "vol0".into(),
+        name: "r0".into(),
+    })?;
+    let base = [
+        ("B:vol0", mirror(b, "vol0", format!("{}/vol0", a.control))?),
+        ("C:vol0", mirror(c, "vol0", format!("{}/vol0", b.control))?),
+        (
+            "C:dbcopy/db",
+            mirror(c, "dbcopy", format!("{}/vol0/db", b.control))?,
+        ),
+        ("D:vol0", mirror(d, "vol0", format!("{}/vol0", a.control))?),
+    ];
+    println!(
+        "baseline r0: {}",
+        base.iter()
+            .map(|(w, v)| format!(
+                "{w} {} {}",
+                v["kind"].as_str().unwrap_or("?"),
+                fmt_bytes(v["bytes"].as_u64().unwrap_or(0))
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!();
+    println!(
+        "{:<6} {:>9} {:<22} {:<14} {:<14} {:<14} {:<14}",
+        "round", "written", "A keeps", "B:vol0", "C:vol0", "C:dbcopy/db", "D:vol0"
+    );
+    for round in 1..=ROUNDS {
+        let written = write_round(a, &mut rng, round)?;
+        a.call(ControlRequest::SnapCreate {
             volume: "vol0".into(),
-            name: s.name.clone(),
+            name: format!("r{round}"),
         })?;
-        gone.push(s.name);
+        a.call(ControlRequest::Prune {
+            volume: "vol0".into(),
+            keep: 1,
+            dry_run: false,
+        })?;
+        let kept: Vec<String> = a
+            .call(ControlRequest::SnapList {
+                volume: "vol0".into(),
+            })?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["name"].as_str().unwrap_or("?").to_string())
+            .collect();
+        let last = round == ROUNDS;
+        let mut row = Vec::new();
+        for (who, node, dst, every) in [
+            ("B:vol0", b, "vol0", 1),
+            ("C:vol0", c, "vol0", 3),
+            ("C:dbcopy/db", c, "dbcopy", 3),
+            ("D:vol0", d, "vol0", 2),
+        ] {
+            if round % every == 0 || last {
+                row.push(cell(&update(node, dst), &mut out, who, round));
+            } else {
+                row.push("-".into());
+            }
+        }
+        println!(
+            "r{:<5} {:>9} {:<22} {:<14} {:<14} {:<14} {:<14}",
+            round,
+            fmt_bytes(written),
+            kept.join(" "),
+            row[0],
+            row[1],
+            row[2],
+            row[3]
+        );
     }
-    Ok(gone)
+    println!();
+    print_locks(a)?;
+    check_identical(nodes, &mut out)?;
+    Ok(out)
 }
 
-fn mib(blocks: u64) -> f64 {
-    (blocks * BLOCK_SIZE as u64) as f64 / (1u64 << 20) as f64
+fn print_locks(a: &Node) -> Result<()> {
+    let locks = a.call(ControlRequest::LockList)?;
+    let locks = locks.as_array().cloned().unwrap_or_default();
+    if locks.is_empty() {
+        println!("locks on A: none");
+        return Ok(());
+    }
+    println!("locks on A (why A keeps the snapshots it keeps):");
+    for l in locks {
+        let snap = match (l["volume"].as_str(), l["snapshot"].as_str()) {
+            (Some(v), Some(s)) => format!("{v}@{s}"),
+            _ => l["snapshot_id"].as_str().unwrap_or("?").to_string(),
+        };
+        let hops: Vec<&str> = l["hop_path"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "  {:<10} held for {:<22} ({}, from node {}, via {})",
+            snap,
+            l["text"].as_str().unwrap_or("?"),
+            l["kind"].as_str().unwrap_or("?"),
+            l["origin_node"].as_str().unwrap_or("?"),
+            if hops.is_empty() {
+                "-".to_string()
+            } else {
+                hops.join(" > ")
+            }
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// Compare every mirror with A at A's newest snapshot: content digests,
+/// and the bytes themselves read through NBD.
+fn check_identical(nodes: &[Node], out: &mut RunResult) -> Result<()> {
+    let a = &nodes[0];
+    let target = format!("r{ROUNDS}");
+    let snaps = |n: &Node, vol: &str| -> Result<Vec<Value>> {
+        Ok(n.call(ControlRequest::SnapList { volume: vol.into() })?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    };
+    let find = |list: &[Value], id: &Value| list.iter().find(|s| &s["id"] == id).cloned();
+    let a_snaps = snaps(a, "vol0")?;
+    let Some(a_last) = a_snaps
+        .iter()
+        .find(|s| s["name"] == target.as_str())
+        .cloned()
+    else {
+        return Ok(());
+    };
+    let read_all = |n: &Node, export: &str, size: u64| -> Result<Vec<u8>> {
+        let mut c = NbdClient::open(&n.nbd, export)?;
+        let mut all = Vec::with_capacity(size as usize);
+        let mut off = 0;
+        while off < size {
+            all.extend(c.read(off, (1 << 20).min(size - off) as u32)?);
+            off += 1 << 20;
+        }
+        Ok(all)
+    };
+    let a_bytes = read_all(a, &format!("vol0@{target}"), VOL_BYTES)?;
+    let a_db = read_all(a, &format!("vol0/db@{target}"), QTREE_BYTES)?;
+    for n in &nodes[1..] {
+        let Some(s) = find(&snaps(n, "vol0")?, &a_last["id"]) else {
+            continue;
+        };
+        let same_digest = s["digests"] == a_last["digests"];
+        let same_bytes = read_all(n, &format!("vol0@{target}"), VOL_BYTES)? == a_bytes;
+        out.identical.push(format!(
+            "{}:vol0@{target} vs A: content digest {}, bytes read through NBD {}",
+            n.name,
+            if same_digest { "equal" } else { "DIFFERENT" },
+            if same_bytes { "identical" } else { "DIFFERENT" }
+        ));
+    }
+    if let Ok(db) = read_all(&nodes[2], "dbcopy/db", QTREE_BYTES) {
+        out.identical.push(format!(
+            "C:dbcopy/db vs A:vol0/db@{target}: bytes read through NBD {}",
+            if db == a_db { "identical" } else { "DIFFERENT" }
+        ));
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@
 //! - [`config`]: `serve` settings from flags and TOML.
 //! - [`metrics`]: Prometheus text for `GET /metrics`.
 //! - [`nbd`]: the NBD server (exports of volumes, qtrees and snapshots).
+//! - [`nbd_client`]: a minimal NBD client (the demo's workload).
 //! - [`units`]: sizes and times as operators write and read them.
 //! - [`error`]: [`NodeError`], the crate's one error enum.
 
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod error;
 pub mod metrics;
 pub mod nbd;
+pub mod nbd_client;
 pub mod node;
 pub mod units;
 
