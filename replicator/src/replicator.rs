@@ -44,6 +44,11 @@ use crate::transfer::{
 };
 use crate::types::*;
 
+/// Reads a source keeps queued ahead of the socket.
+const READ_AHEAD: usize = 32;
+/// Writes a destination keeps queued before it waits for one.
+const WRITE_BEHIND: usize = 32;
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -820,7 +825,19 @@ impl Replicator {
             &[],
         )?;
         tracing::info!(%peer, volume = %r.volume, target = %target.name, base = ?base.as_ref().map(|b| &b.name), resume_from = r.resume_from, "serving transfer");
+        let mut steps = Vec::new();
         loop {
+            match sender.next_step() {
+                SendStep::Finished => break,
+                st => steps.push(st),
+            }
+        }
+        // Reads run ahead of the socket: up to READ_AHEAD in the engine's
+        // queue at once, so the device sees queue depth, not one request.
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let mut submitted = 0usize;
+        let mut ready: BTreeMap<u64, sluice_engine::Result<Reply>> = BTreeMap::new();
+        for (i, step) in steps.iter().enumerate() {
             if self.stopping() {
                 c.send_error(
                     req_id,
@@ -829,65 +846,86 @@ impl Replicator {
                 );
                 return Ok(());
             }
-            match sender.next_step() {
-                SendStep::Item(it) => {
-                    let ns = nss.get(usize::from(it.ns)).cloned().ok_or_else(|| {
-                        ReplError::Invalid(format!("namespace index {} out of range", it.ns))
-                    })?;
-                    match it.kind {
-                        ItemKind::Data => {
-                            let data = match self.engine.call(Request::Read {
+            while submitted < steps.len() && submitted < i + READ_AHEAD {
+                if let SendStep::Item(it) = steps[submitted] {
+                    if it.kind == ItemKind::Data {
+                        let ns = nss.get(usize::from(it.ns)).cloned().ok_or_else(|| {
+                            ReplError::Invalid(format!("namespace index {} out of range", it.ns))
+                        })?;
+                        self.engine.submit(
+                            Request::Read {
                                 image: Image {
-                                    ns: ns.clone(),
+                                    ns,
                                     snapshot: Some(target.name.clone()),
                                 },
                                 lba: it.lba,
                                 len_blocks: it.len_blocks,
-                            }) {
-                                Ok(Reply::Data(d)) => d,
-                                Ok(_) => {
-                                    return fail(
-                                        c,
-                                        codes::INTERNAL,
-                                        ReplError::EngineReply { request: "Read" },
-                                    )
+                            },
+                            submitted as u64,
+                            done_tx.clone(),
+                        );
+                    }
+                }
+                submitted += 1;
+            }
+            match *step {
+                SendStep::Item(it) => match it.kind {
+                    ItemKind::Data => {
+                        let got = loop {
+                            if let Some(r) = ready.remove(&(i as u64)) {
+                                break r;
+                            }
+                            match done_rx.recv() {
+                                Ok((tag, r)) => {
+                                    ready.insert(tag, r);
                                 }
-                                Err(e) => {
-                                    return fail(
-                                        c,
-                                        codes::INTERNAL,
-                                        ReplError::engine(
-                                            format!("read {ns}@{} lba {}", target.name, it.lba),
-                                            e,
-                                        ),
-                                    )
-                                }
-                            };
-                            let payload = data.as_slice();
-                            c.send(
-                                &Message::Extent(ExtentHeader {
-                                    req_id,
-                                    lba: wire_lba(it.ns, it.lba),
-                                    len: it.len_blocks,
-                                    checksum_kind: CHECKSUM_XXH3,
-                                    checksum: crate::transfer::checksum(payload),
-                                }),
-                                payload,
-                            )?;
-                            self.n
-                                .bytes_sent
-                                .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                        }
-                        ItemKind::Trim => c.send(
-                            &Message::Trim {
+                                Err(_) => break Err(sluice_engine::Error::ShutDown),
+                            }
+                        };
+                        let data = match got {
+                            Ok(Reply::Data(d)) => d,
+                            Ok(_) => {
+                                return fail(
+                                    c,
+                                    codes::INTERNAL,
+                                    ReplError::EngineReply { request: "Read" },
+                                )
+                            }
+                            Err(e) => {
+                                return fail(
+                                    c,
+                                    codes::INTERNAL,
+                                    ReplError::engine(
+                                        format!("read {}@{} lba {}", r.volume, target.name, it.lba),
+                                        e,
+                                    ),
+                                )
+                            }
+                        };
+                        let payload = data.as_slice();
+                        c.send(
+                            &Message::Extent(ExtentHeader {
                                 req_id,
                                 lba: wire_lba(it.ns, it.lba),
                                 len: it.len_blocks,
-                            },
-                            &[],
-                        )?,
+                                checksum_kind: CHECKSUM_XXH3,
+                                checksum: crate::transfer::checksum(payload),
+                            }),
+                            payload,
+                        )?;
+                        self.n
+                            .bytes_sent
+                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
                     }
-                }
+                    ItemKind::Trim => c.send(
+                        &Message::Trim {
+                            req_id,
+                            lba: wire_lba(it.ns, it.lba),
+                            len: it.len_blocks,
+                        },
+                        &[],
+                    )?,
+                },
                 SendStep::Checkpoint(position) => {
                     c.send(&Message::Checkpoint { req_id, position }, &[])?
                 }
@@ -898,7 +936,7 @@ impl Replicator {
                     },
                     &[],
                 )?,
-                SendStep::Finished => break,
+                SendStep::Finished => {}
             }
         }
         self.n.transfers_served.fetch_add(1, Ordering::Relaxed);
@@ -1936,6 +1974,7 @@ impl Replicator {
             total_bytes: start.byte_count,
         };
         progress(prog);
+        let mut wb = WriteBehind::new(&self.engine);
         let digest = loop {
             if self.stopping() {
                 return Err(ReplError::ShuttingDown);
@@ -1948,15 +1987,16 @@ impl Replicator {
                         .cloned()
                         .ok_or_else(|| ReplError::Invalid("namespace".into()))?;
                     let n = c.payload().len() as u64;
-                    self.engine
-                        .call(Request::Write {
+                    wb.submit(
+                        Request::Write {
                             ns: ns.clone(),
                             lba: a.lba,
                             data: AlignedBuf::from_slice(c.payload()),
                             fua: false,
                             replica: true,
-                        })
-                        .map_err(|e| ReplError::engine(format!("write {ns} lba {}", a.lba), e))?;
+                        },
+                        || format!("write {ns} lba {}", a.lba),
+                    )?;
                     self.n.bytes_received.fetch_add(n, Ordering::Relaxed);
                     report.bytes += n;
                     report.extents += 1;
@@ -1968,18 +2008,20 @@ impl Replicator {
                         .get(usize::from(a.ns))
                         .cloned()
                         .ok_or_else(|| ReplError::Invalid("namespace".into()))?;
-                    self.engine
-                        .call(Request::Trim {
+                    wb.submit(
+                        Request::Trim {
                             ns: ns.clone(),
                             lba: a.lba,
                             len_blocks: a.len_blocks,
                             replica: true,
-                        })
-                        .map_err(|e| ReplError::engine(format!("trim {ns} lba {}", a.lba), e))?;
+                        },
+                        || format!("trim {ns} lba {}", a.lba),
+                    )?;
                     report.trims += 1;
                 }
                 Message::Checkpoint { position, .. } => {
                     rx.on_checkpoint(position)?;
+                    wb.drain()?;
                     // Data first, then the checkpoint naming it: one CP
                     // makes both durable together.
                     self.store_ckpt(
@@ -1996,6 +2038,7 @@ impl Replicator {
                     content_digest: d, ..
                 } => {
                     rx.on_done()?;
+                    wb.drain()?;
                     break d;
                 }
                 other => {
@@ -2543,6 +2586,57 @@ fn scheduler(r: Weak<Replicator>, stop: ChanRx<()>, tick: Duration) {
             return;
         }
         r.tick();
+    }
+}
+
+/// Destination writes queued in the engine without waiting for each one:
+/// at most [`WRITE_BEHIND`] outstanding; `drain` before anything that must
+/// see them (a checkpoint, the commit). The engine runs requests in order.
+struct WriteBehind<'a> {
+    engine: &'a EngineHandle,
+    tx: ChanTx<(u64, sluice_engine::Result<Reply>)>,
+    rx: ChanRx<(u64, sluice_engine::Result<Reply>)>,
+    what: BTreeMap<u64, String>,
+    next_tag: u64,
+}
+
+impl<'a> WriteBehind<'a> {
+    fn new(engine: &'a EngineHandle) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        WriteBehind {
+            engine,
+            tx,
+            rx,
+            what: BTreeMap::new(),
+            next_tag: 0,
+        }
+    }
+
+    fn submit(&mut self, req: Request, what: impl FnOnce() -> String) -> Result<()> {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.what.insert(tag, what());
+        self.engine.submit(req, tag, self.tx.clone());
+        if self.what.len() >= WRITE_BEHIND {
+            self.wait_one()?;
+        }
+        Ok(())
+    }
+
+    fn wait_one(&mut self) -> Result<()> {
+        let (tag, r) = self
+            .rx
+            .recv()
+            .map_err(|_| ReplError::engine("queued write", sluice_engine::Error::ShutDown))?;
+        let what = self.what.remove(&tag).unwrap_or_default();
+        r.map(|_| ()).map_err(|e| ReplError::engine(what, e))
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        while !self.what.is_empty() {
+            self.wait_one()?;
+        }
+        Ok(())
     }
 }
 
