@@ -286,7 +286,5 @@ fn hostile_source_cannot_crash_a_destination() {
         );
         h.join().unwrap();
     }
-    for n in [b] {
-        n.shutdown();
-    }
+    b.shutdown();
 }
