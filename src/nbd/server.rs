@@ -56,8 +56,13 @@ const _: () = assert!(
     (PAYLOAD_MAX_BYTES as u64 / BLOCK_SIZE as u64 + 2).div_ceil(PART_BLOCKS_MAX) < (1 << PART_BITS)
 );
 
-/// Socket buffer sizes of the reader and the writer.
+/// Socket buffer size of the writer.
 const IO_BUF_BYTES: usize = 256 << 10;
+/// Socket buffer size of the reader: large, so one read() takes in many
+/// requests, which then reach the engine together (see [`Reader::flush_submits`]).
+const READ_BUF_BYTES: usize = 4 << 20;
+/// Most engine requests the reader holds back before submitting.
+const SUBMIT_BATCH_MAX: usize = 64;
 
 /// Tunables; [`Default`] is what the daemon uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -543,6 +548,18 @@ struct ConnState {
 }
 
 impl ConnState {
+    /// Take room for one more request of `bytes` if there is some now.
+    fn try_acquire(&self, opts: &NbdOptions, bytes: u64) -> bool {
+        let mut f = lock(&self.flow);
+        let room = f.count < opts.inflight_max
+            && (f.count == 0 || f.bytes + bytes <= opts.inflight_bytes_max);
+        if room {
+            f.count += 1;
+            f.bytes += bytes;
+        }
+        room
+    }
+
     /// Wait for room for one more request of `bytes`; false if the
     /// connection broke meanwhile.
     fn acquire(&self, opts: &NbdOptions, bytes: u64) -> bool {
@@ -645,9 +662,12 @@ fn transmission(
         state: &state,
         export: &export,
         done: done_tx,
-        rd: BufReader::with_capacity(IO_BUF_BYTES, stream),
+        rd: BufReader::with_capacity(READ_BUF_BYTES, stream),
+        queued: Vec::with_capacity(SUBMIT_BATCH_MAX),
     };
     let r = reader.run();
+    // Requests accepted but held back are submitted (and answered) too.
+    reader.flush_submits();
     // Closing the completion channel (with the engine's clones, once every
     // submission answered) lets the writer finish.
     drop(reader);
@@ -663,9 +683,51 @@ struct Reader<'a> {
     export: &'a Export,
     done: Sender<(u64, sluice_engine::Result<Reply>)>,
     rd: BufReader<&'a TcpStream>,
+    /// Engine requests parsed but not yet submitted, in order.
+    queued: Vec<(Request, u64)>,
 }
 
 impl Reader<'_> {
+    /// Queue an engine request. Requests are held back while more whole
+    /// requests sit in the read buffer, then submitted back to back, so the
+    /// engine finds them together in its queue and batches them into one
+    /// device submission (the client's queue depth reaches the device).
+    fn submit(&mut self, req: Request, tag: u64) {
+        self.queued.push((req, tag));
+        if self.queued.len() >= SUBMIT_BATCH_MAX {
+            self.flush_submits();
+        }
+    }
+
+    /// Submit everything held back. Called before anything that may block
+    /// (a socket read, waiting for credit or for a drain), so a held-back
+    /// request never waits on itself.
+    fn flush_submits(&mut self) {
+        for (req, tag) in self.queued.drain(..) {
+            self.shared.engine.submit(req, tag, self.done.clone());
+        }
+    }
+
+    /// Flush held-back requests unless `bytes` more are already buffered.
+    fn before_reading(&mut self, bytes: usize) {
+        if self.rd.buffer().len() < bytes {
+            self.flush_submits();
+        }
+    }
+
+    fn acquire(&mut self, bytes: u64) -> bool {
+        if !self.state.try_acquire(&self.shared.opts, bytes) {
+            self.flush_submits();
+            return self.state.acquire(&self.shared.opts, bytes);
+        }
+        true
+    }
+
+    fn drain(&mut self) -> bool {
+        self.flush_submits();
+        self.state.drain()
+    }
+
     fn run(&mut self) -> Result<(), End> {
         loop {
             if self.shared.stopping.load(Ordering::SeqCst)
@@ -673,6 +735,7 @@ impl Reader<'_> {
             {
                 return Ok(());
             }
+            self.before_reading(REQUEST_HEADER_BYTES);
             let mut hb = [0u8; REQUEST_HEADER_BYTES];
             match read_full(&mut self.rd, &mut hb, "a request header") {
                 Ok(true) => {}
@@ -711,6 +774,7 @@ impl Reader<'_> {
     fn refuse(&mut self, h: &RequestHeader, errno: u32, start: Instant) -> Result<bool, End> {
         let payload = h.payload_bytes() as u64;
         if payload > 0 {
+            self.before_reading(payload as usize);
             let n = std::io::copy(&mut (&mut self.rd).take(payload), &mut std::io::sink())
                 .map_err(|e| End::Io("a write payload", e))?;
             if n < payload {
@@ -731,7 +795,7 @@ impl Reader<'_> {
         start: Instant,
         len_bytes: u64,
     ) -> Result<bool, End> {
-        if !self.state.acquire(&self.shared.opts, 0) {
+        if !self.acquire(0) {
             return Ok(false);
         }
         self.finish_now(h, errno, start, len_bytes, 0);
@@ -763,7 +827,7 @@ impl Reader<'_> {
         credit: u64,
         reqs: Vec<Request>,
     ) -> Result<bool, End> {
-        if credit == 0 && !self.state.acquire(&self.shared.opts, 0) {
+        if credit == 0 && !self.acquire(0) {
             return Ok(false);
         }
         let id = self.state.register(Pending {
@@ -778,7 +842,7 @@ impl Reader<'_> {
             credit_bytes: credit,
         });
         for (i, r) in reqs.into_iter().enumerate() {
-            self.shared.engine.submit(r, tag(id, i), self.done.clone());
+            self.submit(r, tag(id, i));
         }
         Ok(true)
     }
@@ -795,7 +859,7 @@ impl Reader<'_> {
         }
         let span = Span::covering(offset, len as u64);
         let credit = span.len_blocks * BLOCK_SIZE as u64;
-        if !self.state.acquire(&self.shared.opts, credit) {
+        if !self.acquire(credit) {
             return Ok(false);
         }
         let parts = split(span.lba, span.len_blocks, PART_BLOCKS_MAX);
@@ -816,9 +880,7 @@ impl Reader<'_> {
                 lba,
                 len_blocks: n as u32,
             };
-            self.shared
-                .engine
-                .submit(req, tag(id, i), self.done.clone());
+            self.submit(req, tag(id, i));
         }
         Ok(true)
     }
@@ -836,13 +898,14 @@ impl Reader<'_> {
         }
         let len64 = len as u64;
         if Span::aligned(offset, len64) {
-            if !self.state.acquire(&self.shared.opts, len64) {
+            if !self.acquire(len64) {
                 return Ok(false);
             }
             let mut reqs = Vec::new();
             let lba0 = offset / BLOCK_SIZE as u64;
             for (lba, n) in split(lba0, len64 / BLOCK_SIZE as u64, PART_BLOCKS_MAX) {
                 let mut buf = AlignedBuf::zeroed(n as usize);
+                self.before_reading(buf.len_bytes());
                 read_all(&mut self.rd, buf.as_mut_slice(), "a write payload")?;
                 reqs.push(Request::Write {
                     ns: self.export.image.ns.clone(),
@@ -856,7 +919,7 @@ impl Reader<'_> {
         }
         // Unaligned: everything earlier on this connection first, then a
         // synchronous read-modify-write.
-        if !self.state.drain() || !self.state.acquire(&self.shared.opts, len64) {
+        if !self.drain() || !self.acquire(len64) {
             return Ok(false);
         }
         let mut data = vec![0u8; len as usize];
@@ -922,7 +985,7 @@ impl Reader<'_> {
             return self.submit_parts(h, start, len as u64, 0, reqs);
         }
         // Partial blocks at the edges: synchronous, after a drain.
-        if !self.state.drain() || !self.state.acquire(&self.shared.opts, 0) {
+        if !self.drain() || !self.acquire(0) {
             return Ok(false);
         }
         let bs = BLOCK_SIZE as u64;
