@@ -1,0 +1,313 @@
+//! A fault-injecting TCP proxy for the replication end-to-end tests.
+//!
+//! It listens on 127.0.0.1 (port chosen by the kernel) and forwards every
+//! accepted connection to the current upstream address (settable, so a
+//! source daemon restarted on a new port stays reachable at the same
+//! address). A destination creates its mirror against [`Proxy::addr`].
+//!
+//! Faults are armed one at a time and fire once:
+//! - [`Fault::CutAfter`]: the first connection that carries N bytes from the
+//!   upstream to the client gets exactly N bytes forwarded, then both of its
+//!   sockets are shut down (a dropped connection, possibly mid-frame).
+//! - [`Fault::CorruptExtent`]: the n-th `Extent` frame (message type 7)
+//!   forwarded after arming gets one byte of its raw payload flipped. The
+//!   frame layout is `docs/PROTOCOL.md`'s: a 24-byte header (magic `SLCE`,
+//!   msg_type at 8..10, body_len at 12..16, payload_len at 16..20, all LE),
+//!   then the body, then the payload. The payload is not covered by the
+//!   frame crc; only the extent's own checksum can catch the flip.
+//!
+//! Invariants: bytes are forwarded unchanged and in order except where an
+//! armed fault fires; a stream that does not start with the frame magic is
+//! forwarded raw; end of stream is propagated (half-close) both ways.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+const HEADER_LEN: usize = 24;
+const MAGIC: &[u8; 4] = b"SLCE";
+const MSG_EXTENT: u16 = 7;
+
+/// A one-shot fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward exactly this many upstream-to-client bytes on the first
+    /// connection that reaches it, then drop that connection.
+    CutAfter(u64),
+    /// Flip byte `offset % payload_len` of the payload of the `nth` (0-based)
+    /// Extent frame forwarded after arming.
+    CorruptExtent { nth: u64, offset: u64 },
+}
+
+/// What a fault did when it fired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fired {
+    /// Connection number `conn` was cut after `bytes` upstream-to-client bytes.
+    Cut { conn: u64, bytes: u64 },
+    /// Payload byte `offset` of an extent of `payload_len` bytes was flipped.
+    Corrupted {
+        conn: u64,
+        payload_len: usize,
+        offset: usize,
+    },
+}
+
+struct Shared {
+    upstream: Mutex<String>,
+    fault: Mutex<Option<Fault>>,
+    extents_since_arm: AtomicU64,
+    fired: Mutex<Vec<Fired>>,
+    conns: AtomicU64,
+    stop: AtomicBool,
+    live: Mutex<Vec<TcpStream>>,
+}
+
+/// The proxy; dropping it stops it and closes every connection.
+pub struct Proxy {
+    addr: String,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Start forwarding to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let shared = Arc::new(Shared {
+            upstream: Mutex::new(upstream.to_string()),
+            fault: Mutex::new(None),
+            extents_since_arm: AtomicU64::new(0),
+            fired: Mutex::new(Vec::new()),
+            conns: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            live: Mutex::new(Vec::new()),
+        });
+        let sh = shared.clone();
+        std::thread::spawn(move || accept_loop(listener, sh));
+        Proxy { addr, shared }
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Forward new connections to `upstream` from now on.
+    pub fn set_upstream(&self, upstream: &str) {
+        *lock(&self.shared.upstream) = upstream.to_string();
+    }
+
+    /// Arm `f` (replacing any fault not fired yet).
+    pub fn arm(&self, f: Fault) {
+        self.shared.extents_since_arm.store(0, Ordering::SeqCst);
+        *lock(&self.shared.fault) = Some(f);
+    }
+
+    /// Disarm a fault that has not fired.
+    pub fn disarm(&self) {
+        *lock(&self.shared.fault) = None;
+    }
+
+    /// Faults that fired so far, in order.
+    pub fn fired(&self) -> Vec<Fired> {
+        lock(&self.shared.fired).clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.conns.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr);
+        for s in lock(&self.shared.live).drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
+    for conn in listener.incoming() {
+        if sh.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = conn else { continue };
+        let n = sh.conns.fetch_add(1, Ordering::SeqCst) + 1;
+        let up_addr = lock(&sh.upstream).clone();
+        let Ok(server) = TcpStream::connect(&up_addr) else {
+            // Upstream down: the client sees the connection close, as if
+            // the source were unreachable.
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        {
+            let mut live = lock(&sh.live);
+            live.retain(|s| s.peer_addr().is_ok());
+            for s in [&client, &server] {
+                if let Ok(c) = s.try_clone() {
+                    live.push(c);
+                }
+            }
+        }
+        let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+            continue;
+        };
+        std::thread::spawn(move || pump_raw(c2, s2));
+        let sh2 = sh.clone();
+        std::thread::spawn(move || pump_down(server, client, sh2, n));
+    }
+}
+
+/// Client to upstream: bytes as they come; end of stream half-closes.
+fn pump_raw(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    let _ = from.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+            Err(_) => {
+                let _ = to.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+/// Upstream to client, frame by frame, with the armed fault applied.
+fn pump_down(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>, conn: u64) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut sent: u64 = 0;
+    let mut raw = false;
+    let cut_both = |a: &TcpStream, b: &TcpStream| {
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+    };
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => {
+                // Forward what is left (a partial frame) and half-close.
+                if !pending.is_empty() && !forward(&mut to, &pending, &mut sent, &sh, conn) {
+                    cut_both(&from, &to);
+                    return;
+                }
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+            Err(_) => {
+                cut_both(&from, &to);
+                return;
+            }
+        };
+        pending.extend_from_slice(&buf[..n]);
+        // Cut out every complete frame (or everything, in raw mode).
+        let mut ready: Vec<u8> = Vec::new();
+        loop {
+            if raw {
+                ready.append(&mut pending);
+                break;
+            }
+            if pending.len() < HEADER_LEN {
+                break;
+            }
+            if &pending[..4] != MAGIC {
+                raw = true;
+                continue;
+            }
+            let u16_at = |o: usize| u16::from_le_bytes([pending[o], pending[o + 1]]);
+            let u32_at = |o: usize| {
+                u32::from_le_bytes([pending[o], pending[o + 1], pending[o + 2], pending[o + 3]])
+                    as usize
+            };
+            let msg_type = u16_at(8);
+            let body_len = u32_at(12);
+            let payload_len = u32_at(16);
+            let frame_len = HEADER_LEN + body_len + payload_len;
+            if pending.len() < frame_len {
+                break;
+            }
+            let mut frame: Vec<u8> = pending.drain(..frame_len).collect();
+            if msg_type == MSG_EXTENT && payload_len > 0 {
+                corrupt_if_armed(&mut frame, HEADER_LEN + body_len, &sh, conn);
+            }
+            ready.extend_from_slice(&frame);
+        }
+        if !ready.is_empty() && !forward(&mut to, &ready, &mut sent, &sh, conn) {
+            cut_both(&from, &to);
+            return;
+        }
+    }
+}
+
+fn corrupt_if_armed(frame: &mut [u8], payload_at: usize, sh: &Shared, conn: u64) {
+    let mut f = lock(&sh.fault);
+    let Some(Fault::CorruptExtent { nth, offset }) = *f else {
+        return;
+    };
+    let seen = sh.extents_since_arm.fetch_add(1, Ordering::SeqCst);
+    if seen != nth {
+        return;
+    }
+    *f = None;
+    let payload_len = frame.len() - payload_at;
+    let off = (offset % payload_len as u64) as usize;
+    frame[payload_at + off] ^= 0xA5;
+    lock(&sh.fired).push(Fired::Corrupted {
+        conn,
+        payload_len,
+        offset: off,
+    });
+}
+
+/// Write `data`, honouring an armed cut. False: the connection was cut (or
+/// the client went away).
+fn forward(to: &mut TcpStream, data: &[u8], sent: &mut u64, sh: &Shared, conn: u64) -> bool {
+    let cut_at = {
+        let mut f = lock(&sh.fault);
+        match *f {
+            Some(Fault::CutAfter(n)) if *sent + data.len() as u64 >= n => {
+                *f = None;
+                Some(n)
+            }
+            _ => None,
+        }
+    };
+    match cut_at {
+        Some(n) => {
+            let keep = (n.saturating_sub(*sent)) as usize;
+            let _ = to.write_all(&data[..keep]);
+            *sent += keep as u64;
+            let _ = to.flush();
+            lock(&sh.fired).push(Fired::Cut { conn, bytes: n });
+            false
+        }
+        None => {
+            if to.write_all(data).is_err() {
+                return false;
+            }
+            *sent += data.len() as u64;
+            true
+        }
+    }
+}
