@@ -164,6 +164,21 @@ fn many_requests_in_flight_matched_by_handle() {
         "seed {s}: zeroes/trim result differs"
     );
     c.disconnect();
+    // The metrics saw it all (600 + 1 writes, one read past the end).
+    let mut text = String::new();
+    node.metrics.render(&mut text);
+    for line in [
+        "sluice_nbd_requests_total{op=\"write\"} 601",
+        "sluice_nbd_requests_total{op=\"write_zeroes\"} 3",
+        "sluice_nbd_requests_total{op=\"trim\"} 1",
+        "sluice_nbd_errors_total{op=\"read\"} 1",
+        "sluice_nbd_connections_protocol_errors_total 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
     node.stop();
 }
 
