@@ -48,6 +48,9 @@ use crate::types::*;
 const READ_AHEAD: usize = 32;
 /// Writes a destination keeps queued before it waits for one.
 const WRITE_BEHIND: usize = 32;
+/// Bytes a destination keeps queued (the engine reserves space for a whole
+/// batch, so a deep queue of large writes could fail a small pool).
+const WRITE_BEHIND_BYTES: u64 = 256 << 10;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -2596,7 +2599,8 @@ struct WriteBehind<'a> {
     engine: &'a EngineHandle,
     tx: ChanTx<(u64, sluice_engine::Result<Reply>)>,
     rx: ChanRx<(u64, sluice_engine::Result<Reply>)>,
-    what: BTreeMap<u64, String>,
+    what: BTreeMap<u64, (String, u64)>,
+    queued_bytes: u64,
     next_tag: u64,
 }
 
@@ -2608,6 +2612,7 @@ impl<'a> WriteBehind<'a> {
             tx,
             rx,
             what: BTreeMap::new(),
+            queued_bytes: 0,
             next_tag: 0,
         }
     }
@@ -2615,9 +2620,14 @@ impl<'a> WriteBehind<'a> {
     fn submit(&mut self, req: Request, what: impl FnOnce() -> String) -> Result<()> {
         let tag = self.next_tag;
         self.next_tag += 1;
-        self.what.insert(tag, what());
+        let bytes = match &req {
+            Request::Write { data, .. } => data.len_bytes() as u64,
+            _ => 0,
+        };
+        self.what.insert(tag, (what(), bytes));
+        self.queued_bytes += bytes;
         self.engine.submit(req, tag, self.tx.clone());
-        if self.what.len() >= WRITE_BEHIND {
+        while self.what.len() >= WRITE_BEHIND || self.queued_bytes > WRITE_BEHIND_BYTES {
             self.wait_one()?;
         }
         Ok(())
@@ -2628,7 +2638,8 @@ impl<'a> WriteBehind<'a> {
             .rx
             .recv()
             .map_err(|_| ReplError::engine("queued write", sluice_engine::Error::ShutDown))?;
-        let what = self.what.remove(&tag).unwrap_or_default();
+        let (what, bytes) = self.what.remove(&tag).unwrap_or_default();
+        self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
         r.map(|_| ()).map_err(|e| ReplError::engine(what, e))
     }
 
