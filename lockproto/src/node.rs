@@ -38,7 +38,7 @@ use uuid::Uuid;
 
 use crate::error::{LockError, Result};
 use crate::model::{Bounds, LeasePolicy, LockKind, LockSet, SoftLock};
-use crate::wire::{PersistDown, PersistNode, PersistUp, WireLock, WireLockSet};
+use crate::wire::{PersistDown, PersistNode, PersistNodeV1, PersistUp, WireLock, WireLockSet};
 
 /// Static configuration of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,8 +211,9 @@ pub struct LockNode {
 }
 
 const PERSIST_MAGIC: &[u8; 4] = b"SLKT";
-/// Version of the persisted lock-table format. 2 added each upstream's
-/// anchor; a version-1 table is refused (`PersistedVersion`), not guessed.
+/// Version of the persisted lock-table format written. 2 added each
+/// upstream's anchor; version-1 tables are still read (anchors unknown until
+/// the next transfer from each upstream); any other version is refused.
 pub const PERSIST_VERSION: u16 = 2;
 
 impl LockNode {
@@ -794,16 +795,21 @@ impl LockNode {
             return Err(LockError::BadPersisted("missing SLKT magic".into()));
         }
         let ver = u16::from_le_bytes([head[4], head[5]]);
-        if ver != PERSIST_VERSION {
-            return Err(LockError::PersistedVersion {
-                found: ver,
-                supported: PERSIST_VERSION,
-            });
-        }
         let mut al = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len() - 8);
         al.extend_from_slice(&bytes[8..]);
-        let p: PersistNode = rkyv::from_bytes::<PersistNode, rkyv::rancor::Error>(&al)
-            .map_err(|e| LockError::BadPersisted(e.to_string()))?;
+        let p: PersistNode = match ver {
+            PERSIST_VERSION => rkyv::from_bytes::<PersistNode, rkyv::rancor::Error>(&al)
+                .map_err(|e| LockError::BadPersisted(e.to_string()))?,
+            1 => rkyv::from_bytes::<PersistNodeV1, rkyv::rancor::Error>(&al)
+                .map_err(|e| LockError::BadPersisted(format!("version 1 table: {e}")))?
+                .into(),
+            found => {
+                return Err(LockError::PersistedVersion {
+                    found,
+                    supported: PERSIST_VERSION,
+                })
+            }
+        };
         if p.node_id != cfg.node_id {
             return Err(LockError::BadPersisted(format!(
                 "table belongs to node {:?}, not {:?}",

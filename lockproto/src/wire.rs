@@ -189,6 +189,67 @@ pub struct PersistNode {
     pub app: Vec<WireLock>,
 }
 
+/// Persisted upstream relationship as lock-table format version 1 wrote it
+/// (before the anchor). Read to upgrade old tables, never written.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistUpV1 {
+    /// Upstream node.
+    pub name: String,
+    /// Our relationship name.
+    pub relationship: String,
+    /// Lock kind code.
+    pub kind: u8,
+    /// Snapshots the upstream holds.
+    pub has: Vec<[u8; 16]>,
+    /// Gone acks to send.
+    pub gone_acks: Vec<[u8; 16]>,
+}
+
+/// Persisted lock table as format version 1 wrote it. Read to upgrade old
+/// tables (every anchor unknown until the next transfer), never written.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistNodeV1 {
+    /// Node id.
+    pub node_id: String,
+    /// Restart epoch.
+    pub epoch: u32,
+    /// Generation counter within the epoch.
+    pub counter: u32,
+    /// Local snapshots, oldest first.
+    pub local: Vec<[u8; 16]>,
+    /// Upstreams.
+    pub ups: Vec<PersistUpV1>,
+    /// Downstreams.
+    pub downs: Vec<PersistDown>,
+    /// Application locks.
+    pub app: Vec<WireLock>,
+}
+
+impl From<PersistNodeV1> for PersistNode {
+    fn from(v: PersistNodeV1) -> Self {
+        PersistNode {
+            node_id: v.node_id,
+            epoch: v.epoch,
+            counter: v.counter,
+            local: v.local,
+            ups: v
+                .ups
+                .into_iter()
+                .map(|u| PersistUp {
+                    name: u.name,
+                    relationship: u.relationship,
+                    kind: u.kind,
+                    has: u.has,
+                    anchor: None,
+                    gone_acks: u.gone_acks,
+                })
+                .collect(),
+            downs: v.downs,
+            app: v.app,
+        }
+    }
+}
+
 /// Hello: first message each way. See `docs/PROTOCOL.md` for the handshake.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Hello {

@@ -748,6 +748,50 @@ fn lock_table_persists_restores_and_rejects_garbage() {
     ));
 }
 
+/// A lock table written by format version 1 (before the anchor, by commit
+/// 253f134: B mirrors A with snapshots 1 and 2, shares 1 with C, an app
+/// lock on 2) still restores: same locks, anchors unknown until the next
+/// transfer; it is written back as the current version.
+#[test]
+fn lock_table_version_1_still_restores() {
+    let hex = include_str!("golden/lock_table_v1.hex").trim();
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex fixture"))
+        .collect();
+    assert_eq!(&bytes[4..6], &1u16.to_le_bytes(), "fixture is version 1");
+    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore v1");
+    assert_eq!(r.snapshots(), &[sid(1), sid(2)]);
+    assert_eq!(r.next_base("A"), Some(sid(2)));
+    assert_eq!(r.anchor("A"), None);
+    let holders = |n: &LockNode, s| {
+        n.holders(s)
+            .iter()
+            .map(|h| (h.origin_node.clone(), h.text.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        holders(&r, sid(1)),
+        vec![("C".into(), "base of mirror to C".into())]
+    );
+    assert_eq!(holders(&r, sid(2)).len(), 2, "own base and app lock");
+    r.handle(
+        5,
+        Event::TransferFinished {
+            upstream: "A".into(),
+            target: sid(3),
+        },
+    );
+    assert_eq!(r.anchor("A"), Some(sid(3)));
+    let again = r.to_bytes().expect("persist");
+    assert_eq!(
+        &again[4..6],
+        &sluice_lockproto::node::PERSIST_VERSION.to_le_bytes()
+    );
+    let back = LockNode::from_bytes(NodeConfig::new("B"), &again).expect("restore v2");
+    assert_eq!(back.anchor("A"), Some(sid(3)));
+}
+
 #[test]
 fn propagation_off_sends_empty_sets() {
     let mut b = middle();
