@@ -16,6 +16,6 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 
-pub use metrics::NbdMetrics;
+pub use metrics::{NbdMetrics, NbdOp};
 pub use proto::NbdError;
 pub use server::{NbdOptions, NbdServer};

@@ -91,8 +91,8 @@ impl Default for NbdOptions {
     }
 }
 
-/// A running NBD server. Dropping it without [`NbdServer::shutdown`] leaves
-/// its threads running until the process ends.
+/// A running NBD server. Dropping it does what [`NbdServer::shutdown`]
+/// does.
 pub struct NbdServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -184,6 +184,13 @@ impl NbdServer {
     /// in-flight request complete and its reply be sent, close connections,
     /// join all threads. Returns after that (the daemon then takes the final CP).
     pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.acceptor.is_none() {
+            return;
+        }
         {
             // Under the lock: the acceptor registers connections under it
             // and checks the flag first, so none slips past.
@@ -212,6 +219,12 @@ impl NbdServer {
             }
         }
         tracing::info!(addr = %self.addr, "NBD server stopped");
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
