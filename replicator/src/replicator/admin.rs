@@ -1,0 +1,288 @@
+//! Snapshots, retention and locks as the operator sees them.
+//!
+//! Owns: `snap create/delete`, `prune`, `lock add/list/release`, the lock
+//! views. Invariant: every delete goes through the lock table
+//! (`DeleteRequested`) and is refused while a transfer uses the snapshot.
+
+use super::*;
+
+impl Replicator {
+    /// Take a snapshot and tell the lock table.
+    pub fn snap_create(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
+        let info = match self.engine.call(Request::CreateSnapshot {
+            volume: volume.to_string(),
+            name: name.to_string(),
+            id: None,
+            created_unix_ms: None,
+        }) {
+            Ok(Reply::Snapshot(s)) => s,
+            Ok(_) => {
+                return Err(ReplError::EngineReply {
+                    request: "CreateSnapshot",
+                })
+            }
+            Err(e) => return Err(ReplError::engine(format!("snapshot {volume}@{name}"), e)),
+        };
+        let acts = self.lock_events(vec![Event::SnapshotCreated { snapshot: info.id }])?;
+        self.perform(acts, None);
+        Ok(info)
+    }
+
+    pub(super) fn find_snap(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
+        snapshots(&self.engine, volume)?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ReplError::NotFound(format!("snapshot {volume}@{name}")))
+    }
+
+    /// Delete a snapshot; refused (naming every holder) if locked, unless
+    /// `force` (logged; affected downstreams are told).
+    pub fn snap_delete(&self, volume: &str, name: &str, force: bool) -> Result<()> {
+        let s = self.find_snap(volume, name)?;
+        if self.in_transfer(s.id) {
+            return Err(ReplError::InTransfer {
+                volume: volume.into(),
+                snapshot: name.into(),
+            });
+        }
+        let acts = self.lock_events(vec![Event::DeleteRequested {
+            snapshot: s.id,
+            force,
+        }])?;
+        if let Some(Action::DeleteRefused { holders, .. }) = acts
+            .iter()
+            .find(|a| matches!(a, Action::DeleteRefused { .. }))
+        {
+            self.n.deletes_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(ReplError::Locked {
+                volume: volume.into(),
+                snapshot: name.into(),
+                holders: holders_text(holders),
+            });
+        }
+        self.engine
+            .call(Request::DeleteSnapshot {
+                volume: volume.into(),
+                name: name.into(),
+            })
+            .map_err(|e| ReplError::engine(format!("delete {volume}@{name}"), e))?;
+        self.perform(acts, None);
+        Ok(())
+    }
+
+    /// Keep the newest `keep` snapshots of `volume`; delete older ones
+    /// unless locked or in a transfer (each skip says why).
+    pub fn prune(&self, volume: &str, keep: usize, dry_run: bool) -> Result<PrunePlan> {
+        let mut snaps = snapshots(&self.engine, volume)?;
+        snaps.sort_by_key(|s| (s.created_unix_ms, s.gen));
+        let cut = snaps.len().saturating_sub(keep);
+        let (old, recent) = snaps.split_at(cut);
+        let mut plan = PrunePlan {
+            volume: volume.into(),
+            keep,
+            dry_run,
+            deleted: Vec::new(),
+            kept_recent: recent.iter().map(|s| s.name.clone()).collect(),
+            skipped: Vec::new(),
+        };
+        let names = self.snapshot_names()?;
+        for s in old {
+            if self.in_transfer(s.id) {
+                plan.skipped.push(PruneSkip {
+                    snapshot: s.name.clone(),
+                    reason: "in use by a running transfer".into(),
+                    holders: Vec::new(),
+                });
+                continue;
+            }
+            let holders = lock(&self.st).locks.holders(s.id);
+            if !holders.is_empty() {
+                let views: Vec<LockView> = holders.iter().map(|h| self.view(h, &names)).collect();
+                plan.skipped.push(PruneSkip {
+                    snapshot: s.name.clone(),
+                    reason: format!("locked by {}", holders_text(&holders)),
+                    holders: views,
+                });
+                continue;
+            }
+            if dry_run {
+                plan.deleted.push(s.name.clone());
+                continue;
+            }
+            match self.snap_delete(volume, &s.name, false) {
+                Ok(()) => plan.deleted.push(s.name.clone()),
+                Err(e) => plan.skipped.push(PruneSkip {
+                    snapshot: s.name.clone(),
+                    reason: e.to_string(),
+                    holders: Vec::new(),
+                }),
+            }
+        }
+        Ok(plan)
+    }
+
+    /// An application on this node depends on `volume@snap`: lock it here
+    /// and on every node upstream.
+    pub fn lock_add(
+        &self,
+        volume: &str,
+        snap: &str,
+        owner: &str,
+        text: Option<&str>,
+    ) -> Result<LockView> {
+        if owner.is_empty() || owner.contains(": ") {
+            return Err(ReplError::Invalid(format!(
+                "owner {owner:?} must be non-empty without \": \""
+            )));
+        }
+        let s = self.find_snap(volume, snap)?;
+        let full = match text {
+            Some(t) if !t.is_empty() => format!("{owner}: {t}"),
+            _ => owner.to_string(),
+        };
+        let bounds = sluice_lockproto::Bounds::default();
+        if full.len() > bounds.max_text_len {
+            return Err(ReplError::Invalid(format!(
+                "lock text is {} bytes; at most {}",
+                full.len(),
+                bounds.max_text_len
+            )));
+        }
+        let acts = self.lock_events(vec![Event::AppLockAdded {
+            snapshot: s.id,
+            owner: full.clone(),
+        }])?;
+        self.perform(acts, None);
+        let names = self.snapshot_names()?;
+        let l = lock(&self.st)
+            .locks
+            .all_locks()
+            .into_iter()
+            .find(|l| l.snapshot == s.id && l.text == full && l.kind == LockKind::OwnerName)
+            .ok_or_else(|| ReplError::NotFound("the lock just added".into()))?;
+        Ok(self.view(&l, &names))
+    }
+
+    /// Every lock effective on this node.
+    pub fn lock_list(&self) -> Vec<LockView> {
+        let names = self.snapshot_names().unwrap_or_default();
+        let locks = lock(&self.st).locks.all_locks();
+        locks.iter().map(|l| self.view(l, &names)).collect()
+    }
+
+    /// Release an application lock on `volume@snap` (holder = its owner),
+    /// or, holder = a downstream node (or a node behind it), every lock that
+    /// downstream's set holds here (an operator release; it is restored by
+    /// the downstream's next set if it is still alive).
+    pub fn lock_release(&self, volume: &str, snap: &str, holder: &str) -> Result<()> {
+        let s = self.find_snap(volume, snap)?;
+        let locks = lock(&self.st).locks.all_locks();
+        let me = &self.cfg.node_name;
+        let app = locks.iter().find(|l| {
+            l.snapshot == s.id
+                && l.kind == LockKind::OwnerName
+                && &l.origin_node == me
+                && (l.text == holder || l.text.starts_with(&format!("{holder}: ")))
+        });
+        // A downstream's locks: released as a whole (the set of that
+        // downstream node, through which the holder's locks reach us).
+        let down = locks
+            .iter()
+            .filter(|l| l.snapshot == s.id && &l.origin_node != me)
+            .find(|l| l.origin_node == holder || l.hop_path.iter().any(|h| h == holder))
+            .map(|l| match l.hop_path.last() {
+                Some(h) if h != me => h.clone(),
+                _ => l.origin_node.clone(),
+            });
+        let ev = match (app, down) {
+            (Some(l), _) => Event::AppLockReleased {
+                snapshot: s.id,
+                owner: l.text.clone(),
+            },
+            (None, Some(downstream)) => Event::OperatorRelease { downstream },
+            (None, None) => {
+                return Err(ReplError::NotFound(format!(
+                    "lock on {volume}@{snap} held by {holder:?}; see `lock list`"
+                )))
+            }
+        };
+        let acts = self.lock_events(vec![ev])?;
+        self.perform(acts, None);
+        Ok(())
+    }
+
+    /// Each snapshot of `volume` with the locks that hold it.
+    pub fn snapshot_locks(&self, volume: &str) -> Result<Vec<(SnapshotInfo, Vec<LockView>)>> {
+        let snaps = snapshots(&self.engine, volume)?;
+        let names = self.snapshot_names()?;
+        let st = lock(&self.st);
+        Ok(snaps
+            .into_iter()
+            .map(|s| {
+                let v = st
+                    .locks
+                    .holders(s.id)
+                    .iter()
+                    .map(|l| self.view_with(l, &names, &st))
+                    .collect();
+                (s, v)
+            })
+            .collect())
+    }
+
+    pub(super) fn snapshot_names(&self) -> Result<BTreeMap<Uuid, (String, String)>> {
+        let mut m = BTreeMap::new();
+        for v in volumes(&self.engine)? {
+            for s in snapshots(&self.engine, &v.name)? {
+                m.insert(s.id, (v.name.clone(), s.name));
+            }
+        }
+        Ok(m)
+    }
+
+    pub(super) fn view(&self, l: &SoftLock, names: &BTreeMap<Uuid, (String, String)>) -> LockView {
+        let st = lock(&self.st);
+        self.view_with(l, names, &st)
+    }
+
+    pub(super) fn view_with(
+        &self,
+        l: &SoftLock,
+        names: &BTreeMap<Uuid, (String, String)>,
+        st: &State,
+    ) -> LockView {
+        let me = &self.cfg.node_name;
+        let stale_set = st.locks.stale_downstreams();
+        let via = l.hop_path.last().cloned().unwrap_or_default();
+        let from_down = &l.origin_node != me;
+        let stale = from_down && (stale_set.contains(&via) || stale_set.contains(&l.origin_node));
+        let holder = if !from_down && l.kind == LockKind::OwnerName {
+            l.text.split(": ").next().unwrap_or(&l.text).to_string()
+        } else if from_down {
+            if via == *me {
+                l.origin_node.clone()
+            } else {
+                via
+            }
+        } else {
+            me.clone()
+        };
+        let dv = l.dependency_view();
+        LockView {
+            volume: names.get(&l.snapshot).map(|x| x.0.clone()),
+            snapshot: names.get(&l.snapshot).map(|x| x.1.clone()),
+            snapshot_id: l.snapshot,
+            kind: l.kind.to_string(),
+            text: l.text.clone(),
+            origin_node: l.origin_node.clone(),
+            hop_path: l.hop_path.clone(),
+            state: if stale { "stale" } else { "active" }.into(),
+            created_unix_ms: l.created_ms,
+            renewed_unix_ms: l.renewed_ms,
+            lease_ms: l.lease_ms,
+            holder,
+            resource_id: dv.resource_id,
+            locking_dataset_id: dv.locking_dataset_id,
+        }
+    }
+}

@@ -1,0 +1,675 @@
+//! The node-level replicator: relationships, pull transfers over TCP, the
+//! serving side of peers, soft locks through `LockNode`, retention and the
+//! scheduler. The daemon owns one `Arc<Replicator>` per node.
+//!
+//! Owns: the relationship table and the lock table (both persisted in pool
+//! attributes, see [`crate::types::keys`]), receiver checkpoints, the
+//! in-flight guards of outgoing transfers, throttles and metrics.
+//!
+//! Invariants kept:
+//! - The state mutex is never held across network I/O; lock-table changes
+//!   are persisted before their actions are performed.
+//! - A snapshot is deleted (prune, `snap delete`, volume-mirror follow-up)
+//!   only after `LockNode` answered `Deleted` or `ForcedDelete`, and never
+//!   while an outgoing transfer uses it.
+//! - A destination snapshot is created only after every item of a transfer
+//!   arrived and passed its checksum, and is removed again at once if its
+//!   content digest differs from the source's: a failed transfer commits
+//!   nothing.
+//! - Lock sets go to an upstream before and after every transfer on the
+//!   transfer's own connection, and whenever they change on a short
+//!   connection of their own; undeliverable sets are retried every tick.
+//!
+//! Here: the struct, start/shutdown, persistence, the lock-table plumbing
+//! (events in, actions performed, set delivery) and the scheduler. The
+//! source side is in [`serve`], the destination side in [`pull`], the
+//! operator's snapshot/prune/lock calls in [`admin`], metrics in [`metrics`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver as ChanRx, RecvTimeoutError, Sender as ChanTx};
+use sluice_engine::api::{Image, NsName, Reply, Request, SnapshotInfo, VolumeInfo};
+use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
+use sluice_engine::shard::EngineHandle;
+use sluice_lockproto::wire::{
+    codes, ExtentHeader, SnapInfo, TransferRequest, TransferStart, WireLockSet, CHECKSUM_XXH3,
+};
+use sluice_lockproto::{Action, Event, LockKind, LockNode, LockSet, Message, NodeConfig, SoftLock};
+use uuid::Uuid;
+
+use crate::conn::Conn;
+use crate::error::{ReplError, Result};
+use crate::throttle::{pace, Bucket};
+use crate::transfer::{
+    content_digest, plan, wire_lba, Apply, ItemKind, Receiver, SendStep, Sender, NS_LIST_TAG,
+};
+use crate::types::*;
+
+mod admin;
+mod metrics;
+mod pull;
+mod serve;
+
+/// Reads a source keeps queued ahead of the socket.
+const READ_AHEAD: usize = 32;
+/// Writes a destination keeps queued before it waits for one.
+const WRITE_BEHIND: usize = 32;
+/// Bytes a destination keeps queued (the engine reserves space for a whole
+/// batch, so a deep queue of large writes could fail a small pool).
+const WRITE_BEHIND_BYTES: u64 = 256 << 10;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    transfers_served: AtomicU64,
+    transfer_failures: AtomicU64,
+    deletes_refused: AtomicU64,
+    forced_deletes: AtomicU64,
+    auth_failures: AtomicU64,
+}
+
+struct State {
+    rels: BTreeMap<String, Relationship>,
+    locks: LockNode,
+    /// Latest undelivered set per upstream node.
+    pending_sets: BTreeMap<String, LockSet>,
+    /// Per downstream: snapshots we know it holds as its bases.
+    down_shared: BTreeMap<String, BTreeSet<Uuid>>,
+    /// Per relationship: when the next scheduled update is due.
+    next_due: BTreeMap<String, Instant>,
+}
+
+/// One node's replicator. See the module docs.
+pub struct Replicator {
+    engine: EngineHandle,
+    cfg: ReplicatorConfig,
+    st: Mutex<State>,
+    busy: Mutex<BTreeSet<String>>,
+    serving: Mutex<BTreeMap<Uuid, usize>>,
+    node_bucket: Bucket,
+    rel_buckets: Mutex<BTreeMap<String, Arc<Bucket>>>,
+    stop: AtomicBool,
+    stop_tx: ChanTx<()>,
+    sched: Mutex<Option<JoinHandle<()>>>,
+    n: Counters,
+}
+
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Replicator({})", self.cfg.node_name)
+    }
+}
+
+/// Releases the in-flight guard of an outgoing transfer.
+struct ServeGuard<'a> {
+    r: &'a Replicator,
+    ids: Vec<Uuid>,
+}
+
+impl Drop for ServeGuard<'_> {
+    fn drop(&mut self) {
+        let mut s = lock(&self.r.serving);
+        for id in &self.ids {
+            if let Some(c) = s.get_mut(id) {
+                *c -= 1;
+                if *c == 0 {
+                    s.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// Releases a relationship's busy flag.
+struct BusyGuard<'a> {
+    r: &'a Replicator,
+    key: String,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.r.busy).remove(&self.key);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Create,
+    Update,
+    Resync,
+}
+
+fn snap_ref(s: &SnapshotInfo) -> SnapRef {
+    SnapRef {
+        name: s.name.clone(),
+        id: s.id,
+        created_unix_ms: s.created_unix_ms,
+    }
+}
+
+fn wire_ref(s: &SnapInfo) -> SnapRef {
+    SnapRef {
+        name: s.name.clone(),
+        id: Uuid::from_bytes(s.id),
+        created_unix_ms: s.created_ms,
+    }
+}
+
+impl Replicator {
+    /// Load persisted relationships and locks from the engine's attributes
+    /// and start the scheduler (lease checks and renewals every tick,
+    /// `--every` updates).
+    pub fn start(engine: EngineHandle, cfg: ReplicatorConfig) -> Result<Arc<Replicator>> {
+        if cfg.node_name.is_empty() || cfg.node_name.len() > crate::conn::NODE_NAME_MAX {
+            return Err(ReplError::Invalid(format!(
+                "node name {:?} must be 1..={} bytes",
+                cfg.node_name,
+                crate::conn::NODE_NAME_MAX
+            )));
+        }
+        let ncfg = NodeConfig {
+            node_id: cfg.node_name.clone(),
+            lease_ms: cfg.lease_ms,
+            renew_every_ms: cfg.renew_every_ms,
+            policy: cfg.lease_policy,
+            bounds: Default::default(),
+            propagate: cfg.propagate_locks,
+        };
+        let rels: BTreeMap<String, Relationship> = match get_attr(&engine, keys::RELATIONSHIPS)? {
+            Some(b) => {
+                let v: Vec<Relationship> =
+                    serde_json::from_slice(&b).map_err(|e| ReplError::Persisted {
+                        key: keys::RELATIONSHIPS.into(),
+                        detail: e.to_string(),
+                    })?;
+                v.into_iter().map(|r| (r.dst.clone(), r)).collect()
+            }
+            None => BTreeMap::new(),
+        };
+        let (mut locks, restored) = match get_attr(&engine, keys::LOCKS)? {
+            Some(b) => (LockNode::from_bytes(ncfg, &b)?, true),
+            None => (LockNode::new(ncfg), false),
+        };
+        if !restored {
+            // First start: every existing snapshot is local, oldest first.
+            let mut all = Vec::new();
+            for v in volumes(&engine)? {
+                all.extend(snapshots(&engine, &v.name)?);
+            }
+            all.sort_by_key(|s| (s.created_unix_ms, s.gen));
+            for s in all {
+                locks.handle(now_ms(), Event::SnapshotCreated { snapshot: s.id });
+            }
+        }
+        if cfg.peer_secret.is_none() {
+            tracing::warn!(
+                node = %cfg.node_name,
+                "running without a peer secret: any peer can pull snapshots and set locks; start with --peer-secret to require authentication"
+            );
+        } else {
+            tracing::info!(node = %cfg.node_name, "peers must prove the shared peer secret");
+        }
+        let (stop_tx, stop_rx) = bounded::<()>(1);
+        let r = Arc::new(Replicator {
+            node_bucket: Bucket::new(cfg.node_throttle_bps),
+            engine,
+            st: Mutex::new(State {
+                rels,
+                locks,
+                pending_sets: BTreeMap::new(),
+                down_shared: BTreeMap::new(),
+                next_due: BTreeMap::new(),
+            }),
+            busy: Mutex::new(BTreeSet::new()),
+            serving: Mutex::new(BTreeMap::new()),
+            rel_buckets: Mutex::new(BTreeMap::new()),
+            stop: AtomicBool::new(false),
+            stop_tx,
+            sched: Mutex::new(None),
+            n: Counters::default(),
+            cfg,
+        });
+        // Re-send every set (a restart bumps the generation epoch).
+        let acts = r.lock_events(vec![Event::Restarted])?;
+        {
+            let mut st = lock(&r.st);
+            for a in acts {
+                if let Action::SendLockSet { upstream, set } = a {
+                    st.pending_sets.insert(upstream, set);
+                }
+            }
+            r.persist_locks(&st)?;
+        }
+        let weak = Arc::downgrade(&r);
+        let tick = r.cfg.tick;
+        let h = std::thread::Builder::new()
+            .name(format!("sluice-repl-{}", r.cfg.node_name))
+            .spawn(move || scheduler(weak, stop_rx, tick))
+            .map_err(|e| ReplError::Io {
+                peer: "local".into(),
+                op: "spawn the scheduler thread",
+                source: e,
+            })?;
+        *lock(&r.sched) = Some(h);
+        Ok(r)
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    /// Stop the scheduler; running transfers stop at their next item (the
+    /// receiver's checkpoint lets the next update resume).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.stop_tx.try_send(());
+        let h = lock(&self.sched).take();
+        if let Some(h) = h {
+            if h.thread().id() != std::thread::current().id() && h.join().is_err() {
+                tracing::error!("replicator scheduler thread panicked");
+            }
+        }
+        let st = lock(&self.st);
+        if let Err(e) = self
+            .persist_locks(&st)
+            .and_then(|()| self.persist_rels(&st))
+        {
+            tracing::error!(error = %e, "persisting replicator state at shutdown failed");
+        }
+        let _ = self.engine.call(Request::Flush);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    // ---------------------------------------------------------------- persistence
+
+    fn persist_rels(&self, st: &State) -> Result<()> {
+        let v: Vec<&Relationship> = st.rels.values().collect();
+        let b = serde_json::to_vec(&v).map_err(|e| ReplError::Persisted {
+            key: keys::RELATIONSHIPS.into(),
+            detail: e.to_string(),
+        })?;
+        set_attr(&self.engine, keys::RELATIONSHIPS, Some(b))
+    }
+
+    fn persist_locks(&self, st: &State) -> Result<()> {
+        set_attr(&self.engine, keys::LOCKS, Some(st.locks.to_bytes()?))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.engine
+            .call(Request::Flush)
+            .map(|_| ())
+            .map_err(|e| ReplError::engine("flush", e))
+    }
+
+    fn load_ckpt(&self, key: &str) -> Result<Option<Checkpoint>> {
+        let k = format!("{}{key}", keys::CHECKPOINT_PREFIX);
+        match get_attr(&self.engine, &k)? {
+            None => Ok(None),
+            Some(b) => match serde_json::from_slice(&b) {
+                Ok(c) => Ok(Some(c)),
+                Err(e) => {
+                    tracing::warn!(key = %k, error = %e, "unreadable transfer checkpoint dropped");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn store_ckpt(&self, key: &str, c: Option<&Checkpoint>) -> Result<()> {
+        let k = format!("{}{key}", keys::CHECKPOINT_PREFIX);
+        let v = match c {
+            Some(c) => Some(serde_json::to_vec(c).map_err(|e| ReplError::Persisted {
+                key: k.clone(),
+                detail: e.to_string(),
+            })?),
+            None => None,
+        };
+        set_attr(&self.engine, &k, v)
+    }
+
+    // ---------------------------------------------------------------- locks plumbing
+
+    /// Feed events to the lock table, persist it, return the actions.
+    fn lock_events(&self, evs: Vec<Event>) -> Result<Vec<Action>> {
+        let mut st = lock(&self.st);
+        let mut out = Vec::new();
+        for ev in evs {
+            out.extend(st.locks.handle(now_ms(), ev));
+        }
+        self.persist_locks(&st)?;
+        Ok(out)
+    }
+
+    /// Perform actions that need no caller decision: deliver sets (on `conn`
+    /// when it goes to that upstream), log the rest.
+    fn perform(&self, acts: Vec<Action>, mut conn: Option<&mut Conn>) {
+        for a in acts {
+            match a {
+                Action::SendLockSet { upstream, set } => {
+                    if let Some(c) = conn.as_deref_mut() {
+                        if c.peer_node == upstream {
+                            let msg = Message::LockSet(WireLockSet::from_model(&set));
+                            if let Err(e) = c.send(&msg, &[]) {
+                                tracing::warn!(%upstream, error = %e, "lock set not sent; retried next tick");
+                                lock(&self.st).pending_sets.insert(upstream, set);
+                            }
+                            continue;
+                        }
+                    }
+                    self.deliver(&upstream, set);
+                }
+                Action::Stale {
+                    downstream,
+                    renewed_ms,
+                    lease_ms,
+                } => {
+                    tracing::warn!(%downstream, renewed_ms, lease_ms, "downstream lock set is stale (not renewed within its lease); its locks are kept until released")
+                }
+                Action::Released { downstream, reason } => {
+                    tracing::info!(%downstream, ?reason, "downstream locks released")
+                }
+                Action::SetRejected { sender, error } => {
+                    tracing::warn!(%sender, %error, "lock set rejected")
+                }
+                Action::SetTruncated { upstream, dropped } => {
+                    tracing::warn!(%upstream, dropped, "lock set exceeded its bound; oldest locks left out")
+                }
+                Action::ForcedDelete { snapshot, holders } => {
+                    self.n.forced_deletes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%snapshot, holders = %holders_text(&holders), "forced delete of a locked snapshot")
+                }
+                Action::TellSnapshotGone {
+                    downstream,
+                    snapshot,
+                } => {
+                    tracing::info!(%downstream, %snapshot, "downstream will be told the snapshot is gone")
+                }
+                Action::DeleteRefused { .. }
+                | Action::Deleted { .. }
+                | Action::Protected { .. }
+                | Action::Unprotected { .. } => {}
+            }
+        }
+    }
+
+    /// Deliver one set to an upstream on a connection of its own.
+    fn deliver(&self, upstream: &str, set: LockSet) {
+        match self.deliver_now(upstream, &set) {
+            Ok(gone) => {
+                let mut st = lock(&self.st);
+                if st
+                    .pending_sets
+                    .get(upstream)
+                    .is_some_and(|p| p.generation <= set.generation)
+                {
+                    st.pending_sets.remove(upstream);
+                }
+                drop(st);
+                self.apply_gone(upstream, gone, None);
+            }
+            Err(e) => {
+                tracing::warn!(%upstream, error = %e, "lock set not delivered; retried next tick");
+                let mut st = lock(&self.st);
+                let newer = st
+                    .pending_sets
+                    .get(upstream)
+                    .is_some_and(|p| p.generation > set.generation);
+                if !newer {
+                    st.pending_sets.insert(upstream.to_string(), set);
+                }
+            }
+        }
+    }
+
+    fn upstream_addr(&self, upstream: &str) -> Option<String> {
+        let st = lock(&self.st);
+        st.rels
+            .values()
+            .find(|r| r.source_node.as_deref() == Some(upstream))
+            .map(|r| r.source_addr.clone())
+    }
+
+    fn deliver_now(&self, upstream: &str, set: &LockSet) -> Result<Vec<Uuid>> {
+        let addr = self
+            .upstream_addr(upstream)
+            .ok_or_else(|| ReplError::NotFound(format!("address of upstream node {upstream}")))?;
+        self.deliver_to(&addr, upstream, set)
+    }
+
+    fn deliver_to(&self, addr: &str, upstream: &str, set: &LockSet) -> Result<Vec<Uuid>> {
+        let mut c = self.connect(addr)?;
+        if c.peer_node != upstream {
+            return Err(ReplError::Invalid(format!(
+                "{addr} is node {}, not the upstream {upstream}",
+                c.peer_node
+            )));
+        }
+        c.send(&Message::LockSet(WireLockSet::from_model(set)), &[])?;
+        let gone = self.barrier(&mut c)?;
+        Ok(gone)
+    }
+
+    /// Ping and wait for the Pong: the peer has processed everything sent
+    /// before. Returns the snapshots it said are gone.
+    fn barrier(&self, c: &mut Conn) -> Result<Vec<Uuid>> {
+        let nonce = rand::random::<u64>();
+        c.send(&Message::Ping { nonce }, &[])?;
+        let mut gone = Vec::new();
+        loop {
+            match c.recv()? {
+                Some(Message::Pong { nonce: n }) if n == nonce => return Ok(gone),
+                Some(Message::SnapshotGone { snapshot, .. }) => {
+                    gone.push(Uuid::from_bytes(snapshot))
+                }
+                Some(Message::Error { code, text, .. }) => {
+                    return Err(ReplError::Remote {
+                        peer: c.who(),
+                        code,
+                        text,
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    return Err(ReplError::Protocol {
+                        peer: c.who(),
+                        detail: "connection closed before Pong".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    fn apply_gone(&self, upstream: &str, gone: Vec<Uuid>, conn: Option<&mut Conn>) {
+        if gone.is_empty() {
+            return;
+        }
+        let evs = gone
+            .into_iter()
+            .map(|s| Event::UpstreamSnapshotGone {
+                upstream: upstream.to_string(),
+                snapshot: s,
+            })
+            .collect();
+        match self.lock_events(evs) {
+            Ok(a) => self.perform(a, conn),
+            Err(e) => tracing::error!(error = %e, "lock table update failed"),
+        }
+    }
+
+    fn connect(&self, addr: &str) -> Result<Conn> {
+        let mut c = Conn::connect(addr, self.cfg.peer_timeout)?;
+        if let Err(e) = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref()) {
+            if matches!(e, ReplError::AuthRefused { .. }) {
+                self.n.auth_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
+        Ok(c)
+    }
+
+    // ---------------------------------------------------------------- scheduler
+
+    fn tick(&self) {
+        match self.lock_events(vec![Event::Tick]) {
+            Ok(a) => self.perform(a, None),
+            Err(e) => tracing::error!(error = %e, "lock tick failed"),
+        }
+        let pending: Vec<(String, LockSet)> = lock(&self.st)
+            .pending_sets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (u, s) in pending {
+            if self.stopping() {
+                return;
+            }
+            self.deliver(&u, s);
+        }
+        let now = Instant::now();
+        let due: Vec<String> = {
+            let mut st = lock(&self.st);
+            let sched: Vec<(String, u64)> = st
+                .rels
+                .values()
+                .filter(|r| !r.broken)
+                .filter_map(|r| r.every_ms.map(|e| (r.dst.clone(), e)))
+                .collect();
+            let mut due = Vec::new();
+            for (k, every) in sched {
+                let next = *st
+                    .next_due
+                    .entry(k.clone())
+                    .or_insert_with(|| now + Duration::from_millis(every));
+                if next <= now {
+                    st.next_due
+                        .insert(k.clone(), now + Duration::from_millis(every));
+                    due.push(k);
+                }
+            }
+            due
+        };
+        for k in due {
+            if self.stopping() {
+                return;
+            }
+            if let Err(e) = self.transfer(&k, Mode::Update, &|_| {}) {
+                tracing::warn!(dst = %k, error = %e, "scheduled update failed");
+            }
+        }
+    }
+}
+
+fn scheduler(r: Weak<Replicator>, stop: ChanRx<()>, tick: Duration) {
+    loop {
+        match stop.recv_timeout(tick) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let Some(r) = r.upgrade() else { return };
+        if r.stopping() {
+            return;
+        }
+        r.tick();
+    }
+}
+
+// -------------------------------------------------------------------- engine helpers
+
+fn get_attr(e: &EngineHandle, key: &str) -> Result<Option<Vec<u8>>> {
+    match e.call(Request::GetAttr { key: key.into() }) {
+        Ok(Reply::Attr(v)) => Ok(v),
+        Ok(_) => Err(ReplError::EngineReply { request: "GetAttr" }),
+        Err(x) => Err(ReplError::engine(format!("read attribute {key}"), x)),
+    }
+}
+
+fn set_attr(e: &EngineHandle, key: &str, value: Option<Vec<u8>>) -> Result<()> {
+    e.call(Request::SetAttr {
+        key: key.into(),
+        value,
+    })
+    .map(|_| ())
+    .map_err(|x| ReplError::engine(format!("write attribute {key}"), x))
+}
+
+fn volumes(e: &EngineHandle) -> Result<Vec<VolumeInfo>> {
+    match e.call(Request::ListVolumes) {
+        Ok(Reply::Volumes(v)) => Ok(v),
+        Ok(_) => Err(ReplError::EngineReply {
+            request: "ListVolumes",
+        }),
+        Err(x) => Err(ReplError::engine("list volumes", x)),
+    }
+}
+
+fn volume_info(e: &EngineHandle, volume: &str) -> Result<VolumeInfo> {
+    volumes(e)?
+        .into_iter()
+        .find(|v| v.name == volume)
+        .ok_or_else(|| ReplError::NotFound(format!("volume {volume}")))
+}
+
+fn snapshots(e: &EngineHandle, volume: &str) -> Result<Vec<SnapshotInfo>> {
+    match e.call(Request::ListSnapshots {
+        volume: volume.into(),
+    }) {
+        Ok(Reply::Snapshots(v)) => Ok(v),
+        Ok(_) => Err(ReplError::EngineReply {
+            request: "ListSnapshots",
+        }),
+        Err(x) => Err(ReplError::engine(format!("list snapshots of {volume}"), x)),
+    }
+}
+
+fn ns_size_bytes(e: &EngineHandle, ns: &NsName) -> Result<u64> {
+    let v = volume_info(e, &ns.volume)?;
+    match &ns.qtree {
+        None => Ok(v.size_bytes),
+        Some(q) => v
+            .qtrees
+            .iter()
+            .find(|x| &x.name == q)
+            .map(|x| x.size_bytes)
+            .ok_or_else(|| ReplError::NotFound(format!("qtree {ns}"))),
+    }
+}
+
+fn holders_text(h: &[SoftLock]) -> String {
+    h.iter()
+        .map(|l| {
+            format!(
+                "{} {:?} from {} via {}",
+                l.kind,
+                l.text,
+                l.origin_node,
+                l.hop_path.join(">")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,1253 @@
+//! The destination side: relationships and pull transfers.
+//!
+//! Owns: `mirror create/update/resync/break/delete/status`, base and target
+//! selection, resume from the receiver checkpoint, commit (flush, snapshot
+//! under the source's global id, digest verification), the volume-mirror
+//! follow-up deletes, and write-behind into the engine. Invariants: a
+//! snapshot is created only after every item arrived and passed its checks,
+//! and removed at once if its digest differs; a checkpoint names only data
+//! that is durable.
+
+use super::*;
+
+impl Replicator {
+    pub(super) fn rel(&self, dst: &str) -> Result<Relationship> {
+        let st = lock(&self.st);
+        st.rels
+            .get(dst)
+            .or_else(|| {
+                // A destination volume names its relationship when only one
+                // relationship writes into it (e.g. one qtree mirror).
+                let mut it = st.rels.values().filter(|r| r.dst_volume == dst);
+                match (it.next(), it.next()) {
+                    (Some(r), None) => Some(r),
+                    _ => None,
+                }
+            })
+            .cloned()
+            .ok_or_else(|| {
+                ReplError::NotFound(format!("mirror relationship {dst:?}; see `mirror status`"))
+            })
+    }
+
+    pub(super) fn update_rel(&self, key: &str, f: impl FnOnce(&mut Relationship)) -> Result<()> {
+        let mut st = lock(&self.st);
+        if let Some(r) = st.rels.get_mut(key) {
+            f(r);
+        }
+        self.persist_rels(&st)
+    }
+
+    pub(super) fn bucket(&self, key: &str, rate: Option<u64>) -> Arc<Bucket> {
+        let mut m = lock(&self.rel_buckets);
+        let b = m
+            .entry(key.to_string())
+            .or_insert_with(|| Arc::new(Bucket::new(rate)))
+            .clone();
+        b.set_rate(rate);
+        b
+    }
+
+    /// Make the destination (volume read-only, or qtree) and do the baseline.
+    pub fn mirror_create(&self, spec: MirrorSpec) -> Result<TransferReport> {
+        let kind = if spec.source_qtree.is_some() {
+            MirrorKind::Qtree
+        } else {
+            MirrorKind::Volume
+        };
+        let dst_qtree = match kind {
+            MirrorKind::Qtree => spec.dst_qtree.clone().or_else(|| spec.source_qtree.clone()),
+            MirrorKind::Volume => {
+                if spec.dst_qtree.is_some() {
+                    return Err(ReplError::Invalid(
+                        "a destination qtree needs a source qtree (qtree mirror)".into(),
+                    ));
+                }
+                None
+            }
+        };
+        let key = match &dst_qtree {
+            Some(q) => format!("{}/{q}", spec.dst_volume),
+            None => spec.dst_volume.clone(),
+        };
+        let exists = volumes(&self.engine)?
+            .into_iter()
+            .find(|v| v.name == spec.dst_volume);
+        match (&kind, &exists) {
+            (MirrorKind::Volume, Some(_)) => {
+                return Err(ReplError::Invalid(format!(
+                    "volume {} exists already; a volume mirror creates its destination",
+                    spec.dst_volume
+                )))
+            }
+            (MirrorKind::Qtree, Some(v))
+                if v.qtrees.iter().any(|q| Some(&q.name) == dst_qtree.as_ref()) =>
+            {
+                return Err(ReplError::Invalid(format!(
+                    "qtree {key} exists already; a qtree mirror creates its destination"
+                )))
+            }
+            _ => {}
+        }
+        {
+            let mut st = lock(&self.st);
+            if st.rels.contains_key(&key) {
+                return Err(ReplError::RelationshipExists(key));
+            }
+            st.rels.insert(
+                key.clone(),
+                Relationship {
+                    dst: key.clone(),
+                    dst_volume: spec.dst_volume.clone(),
+                    dst_qtree,
+                    source_addr: spec.source_addr.clone(),
+                    source_volume: spec.source_volume.clone(),
+                    source_qtree: spec.source_qtree.clone(),
+                    source_node: None,
+                    kind,
+                    broken: false,
+                    every_ms: spec.every.map(|d| d.as_millis() as u64),
+                    throttle_bps: spec.throttle_bps,
+                    source_snaps: Vec::new(),
+                    full_transfers: 0,
+                    incremental_transfers: 0,
+                    last_transfer: None,
+                    last_error: None,
+                    common: None,
+                },
+            );
+            self.persist_rels(&st)?;
+        }
+        match self.transfer(&key, Mode::Create, &|_| {}) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                // A baseline that never started leaves no relationship; one
+                // cut midway keeps it (and its checkpoint) so update resumes.
+                let started = self.load_ckpt(&key)?.is_some();
+                if !started {
+                    let mut st = lock(&self.st);
+                    st.rels.remove(&key);
+                    self.persist_rels(&st)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// One transfer now (incremental from the newest common snapshot).
+    pub fn mirror_update(
+        &self,
+        dst_volume: &str,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<TransferReport> {
+        let key = self.rel(dst_volume)?.dst;
+        self.transfer(&key, Mode::Update, progress)
+    }
+
+    /// Re-establish a broken or chainless mirror: from the newest common
+    /// snapshot (reverting local changes), or a full re-baseline.
+    pub fn mirror_resync(
+        &self,
+        dst: &str,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<TransferReport> {
+        let key = self.rel(dst)?.dst;
+        self.transfer(&key, Mode::Resync, progress)
+    }
+
+    /// Make the destination writable and stop updates until a resync.
+    pub fn mirror_break(&self, dst: &str) -> Result<()> {
+        let r = self.rel(dst)?;
+        let _busy = self.busy_guard(&r.dst)?;
+        if r.kind == MirrorKind::Volume {
+            self.engine
+                .call(Request::SetReadOnly {
+                    volume: r.dst_volume.clone(),
+                    read_only: false,
+                })
+                .map_err(|e| ReplError::engine(format!("make {} writable", r.dst_volume), e))?;
+        }
+        self.update_rel(&r.dst, |x| x.broken = true)?;
+        tracing::info!(dst = %r.dst, "mirror broken: destination writable");
+        Ok(())
+    }
+
+    /// End the relationship and release its locks upstream. The destination
+    /// volume stays, writable.
+    pub fn mirror_delete(&self, dst: &str) -> Result<()> {
+        let r = self.rel(dst)?;
+        let _busy = self.busy_guard(&r.dst)?;
+        let acts = {
+            let mut st = lock(&self.st);
+            st.rels.remove(&r.dst);
+            self.persist_rels(&st)?;
+            let mut acts = Vec::new();
+            if let Some(up) = &r.source_node {
+                let rest: Vec<Uuid> = st
+                    .rels
+                    .values()
+                    .filter(|x| x.source_node.as_deref() == Some(up))
+                    .flat_map(|x| x.source_snaps.iter().copied())
+                    .collect();
+                let last = rest.is_empty();
+                acts.extend(st.locks.handle(
+                    now_ms(),
+                    Event::UpstreamSnapshots {
+                        upstream: up.clone(),
+                        snapshots: rest,
+                    },
+                ));
+                if last {
+                    // The set just produced (empty) is the final one.
+                    let force = st.locks.handle(
+                        now_ms(),
+                        Event::TransferStarting {
+                            upstream: up.clone(),
+                        },
+                    );
+                    acts.extend(force);
+                }
+                self.persist_locks(&st)?;
+                (acts, last, up.clone())
+            } else {
+                (acts, false, String::new())
+            }
+        };
+        let (acts, last, up) = acts;
+        // Deliver synchronously: the upstream releases before we return.
+        let mut final_set = None;
+        let mut rest = Vec::new();
+        for a in acts {
+            match a {
+                Action::SendLockSet { upstream, set } if upstream == up => final_set = Some(set),
+                other => rest.push(other),
+            }
+        }
+        self.perform(rest, None);
+        if let Some(set) = final_set {
+            if let Err(e) = self.deliver_to(&r.source_addr, &up, &set) {
+                tracing::warn!(upstream = %up, error = %e, "final lock set not delivered; the upstream releases our locks when their lease ends");
+            }
+        }
+        if last {
+            let acts = self.lock_events(vec![Event::UpstreamRemoved {
+                upstream: up.clone(),
+            }])?;
+            self.perform(acts, None);
+            lock(&self.st).pending_sets.remove(&up);
+        }
+        self.store_ckpt(&r.dst, None)?;
+        if r.kind == MirrorKind::Volume {
+            if let Err(e) = self.engine.call(Request::SetReadOnly {
+                volume: r.dst_volume.clone(),
+                read_only: false,
+            }) {
+                tracing::warn!(volume = %r.dst_volume, error = %e, "could not make the former destination writable");
+            }
+        }
+        self.flush()?;
+        tracing::info!(dst = %r.dst, "mirror relationship deleted; its locks were released upstream");
+        Ok(())
+    }
+
+    /// Every relationship's status.
+    pub fn mirror_status(&self) -> Vec<MirrorStatus> {
+        let rels: Vec<Relationship> = lock(&self.st).rels.values().cloned().collect();
+        let busy = lock(&self.busy).clone();
+        let now = now_ms();
+        rels.into_iter()
+            .map(|r| MirrorStatus {
+                source: r.source_path(),
+                source_node: r.source_node.clone(),
+                kind: r.kind,
+                state: if r.broken {
+                    "broken".into()
+                } else if busy.contains(&r.dst) {
+                    "transferring".into()
+                } else {
+                    "idle".into()
+                },
+                lag_ms: r
+                    .common
+                    .as_ref()
+                    .map(|c| now.saturating_sub(c.created_unix_ms)),
+                newest_common_snapshot: r.common.clone(),
+                full_transfers: r.full_transfers,
+                incremental_transfers: r.incremental_transfers,
+                last_transfer: r.last_transfer.clone(),
+                last_error: r.last_error.clone(),
+                checkpoint: self.load_ckpt(&r.dst).ok().flatten(),
+                every_secs: r.every_ms.map(|m| m / 1000),
+                throttle_bps: r.throttle_bps,
+                dst: r.dst,
+            })
+            .collect()
+    }
+
+    pub(super) fn busy_guard(&self, key: &str) -> Result<BusyGuard<'_>> {
+        let mut b = lock(&self.busy);
+        if !b.insert(key.to_string()) {
+            return Err(ReplError::Busy(key.to_string()));
+        }
+        Ok(BusyGuard {
+            r: self,
+            key: key.to_string(),
+        })
+    }
+
+    pub(super) fn transfer(
+        &self,
+        key: &str,
+        mode: Mode,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<TransferReport> {
+        let rel = self.rel(key)?;
+        if rel.broken && mode == Mode::Update {
+            return Err(ReplError::Broken(key.to_string()));
+        }
+        let _busy = self.busy_guard(key)?;
+        let started = Instant::now();
+        let r = self.transfer_inner(&rel, mode, progress, started);
+        match &r {
+            Ok(rep) => {
+                tracing::info!(dst = %key, kind = %rep.kind, bytes = rep.bytes, "mirror transfer done");
+            }
+            Err(e) => {
+                self.n.transfer_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(dst = %key, error = %e, "mirror transfer failed");
+                let msg = e.to_string();
+                let _ = self.update_rel(key, |x| x.last_error = Some(msg));
+            }
+        }
+        r
+    }
+
+    pub(super) fn recv_reply(&self, c: &mut Conn, upstream: &str) -> Result<Message> {
+        loop {
+            match c.recv()? {
+                Some(Message::SnapshotGone { snapshot, .. }) => {
+                    self.apply_gone(upstream, vec![Uuid::from_bytes(snapshot)], Some(c))
+                }
+                Some(Message::Ping { nonce }) => c.send(&Message::Pong { nonce }, &[])?,
+                Some(Message::Error { code, text, .. }) => {
+                    return Err(ReplError::Remote {
+                        peer: c.who(),
+                        code,
+                        text,
+                    })
+                }
+                Some(m) => return Ok(m),
+                None => {
+                    return Err(ReplError::Io {
+                        peer: c.who(),
+                        op: "receive",
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the source closed the connection; the next update resumes from the last checkpoint",
+                        ),
+                    })
+                }
+            }
+        }
+    }
+
+    pub(super) fn request_list(
+        &self,
+        c: &mut Conn,
+        up: &str,
+        volume: &str,
+        qtree: Option<&str>,
+    ) -> Result<Vec<SnapInfo>> {
+        let req_id = rand::random::<u64>();
+        c.send(
+            &Message::SnapshotListRequest {
+                req_id,
+                volume: volume.to_string(),
+                qtree: qtree.map(str::to_string),
+            },
+            &[],
+        )?;
+        match self.recv_reply(c, up)? {
+            Message::SnapshotList {
+                req_id: r,
+                snapshots,
+            } if r == req_id => {
+                if snapshots.len() > 4096 {
+                    return Err(ReplError::Protocol {
+                        peer: c.who(),
+                        detail: format!("snapshot list of {} entries", snapshots.len()),
+                    });
+                }
+                Ok(snapshots)
+            }
+            other => Err(ReplError::Protocol {
+                peer: c.who(),
+                detail: format!(
+                    "expected SnapshotList, got message type {}",
+                    other.type_code()
+                ),
+            }),
+        }
+    }
+
+    /// Ask the source what a baseline would send (for the no-common-base error).
+    pub(super) fn probe_full_bytes(&self, rel: &Relationship, target: &SnapInfo) -> u64 {
+        let r = (|| -> Result<u64> {
+            let mut c = self.connect(&rel.source_addr)?;
+            let up = c.peer_node.clone();
+            c.send(
+                &Message::TransferRequest(TransferRequest {
+                    req_id: 1,
+                    volume: rel.source_volume.clone(),
+                    qtree: rel.source_qtree.clone(),
+                    base: None,
+                    target: target.id,
+                    resume_from: 0,
+                }),
+                &[],
+            )?;
+            match self.recv_reply(&mut c, &up)? {
+                Message::TransferStart(s) => {
+                    c.close();
+                    Ok(s.byte_count)
+                }
+                _ => Ok(0),
+            }
+        })();
+        r.unwrap_or(0)
+    }
+
+    pub(super) fn ensure_upstream(&self, rel: &Relationship, peer: &str) -> Result<()> {
+        if let Some(n) = &rel.source_node {
+            if n != peer {
+                return Err(ReplError::Invalid(format!(
+                    "{} is now node {peer:?}, but mirror {} pulls from node {n:?}; fix the address or recreate the mirror",
+                    rel.source_addr, rel.dst
+                )));
+            }
+        }
+        let mut st = lock(&self.st);
+        if let Some(r) = st.rels.get_mut(&rel.dst) {
+            r.source_node = Some(peer.to_string());
+        }
+        let kind = match rel.kind {
+            MirrorKind::Volume => LockKind::DestinationPath,
+            MirrorKind::Qtree => LockKind::QtreeName,
+        };
+        let relationship = format!("{}:{}", self.cfg.node_name, rel.dst);
+        st.locks.handle(
+            now_ms(),
+            Event::UpstreamAdded {
+                upstream: peer.to_string(),
+                relationship,
+                kind,
+            },
+        );
+        self.persist_rels(&st)?;
+        self.persist_locks(&st)
+    }
+
+    /// Create the destination namespaces (volume + qtrees, or the qtree).
+    pub(super) fn ensure_dst(
+        &self,
+        rel: &Relationship,
+        ns_sizes: &[(Option<String>, u64)],
+    ) -> Result<()> {
+        let vols = volumes(&self.engine)?;
+        let existing = vols.iter().find(|v| v.name == rel.dst_volume);
+        let ctx = |what: String| move |e| ReplError::engine(what, e);
+        match rel.kind {
+            MirrorKind::Volume => {
+                let own = ns_sizes
+                    .iter()
+                    .find(|(n, _)| n.is_none())
+                    .map(|x| x.1)
+                    .ok_or_else(|| ReplError::Invalid("source volume size unknown".into()))?;
+                if existing.is_none() {
+                    self.engine
+                        .call(Request::CreateVolume {
+                            name: rel.dst_volume.clone(),
+                            size_bytes: own,
+                        })
+                        .map_err(ctx(format!("create volume {}", rel.dst_volume)))?;
+                    self.engine
+                        .call(Request::SetReadOnly {
+                            volume: rel.dst_volume.clone(),
+                            read_only: true,
+                        })
+                        .map_err(ctx(format!("make {} read-only", rel.dst_volume)))?;
+                }
+                let have: BTreeSet<String> = existing
+                    .map(|v| v.qtrees.iter().map(|q| q.name.clone()).collect())
+                    .unwrap_or_default();
+                for (n, size) in ns_sizes {
+                    if let Some(q) = n {
+                        if !have.contains(q) {
+                            self.engine
+                                .call(Request::CreateQtree {
+                                    volume: rel.dst_volume.clone(),
+                                    name: q.clone(),
+                                    size_bytes: *size,
+                                })
+                                .map_err(ctx(format!("create qtree {}/{q}", rel.dst_volume)))?;
+                        }
+                    }
+                }
+            }
+            MirrorKind::Qtree => {
+                let q = rel.dst_qtree.clone().ok_or_else(|| {
+                    ReplError::Invalid("qtree mirror without a destination qtree".into())
+                })?;
+                let size = ns_sizes.first().map(|x| x.1).unwrap_or(0);
+                if existing.is_none() {
+                    // A fresh volume for the qtree; its own space stays tiny.
+                    self.engine
+                        .call(Request::CreateVolume {
+                            name: rel.dst_volume.clone(),
+                            size_bytes: BLOCK_SIZE as u64,
+                        })
+                        .map_err(ctx(format!("create volume {}", rel.dst_volume)))?;
+                }
+                if !existing.is_some_and(|v| v.qtrees.iter().any(|x| x.name == q)) {
+                    self.engine
+                        .call(Request::CreateQtree {
+                            volume: rel.dst_volume.clone(),
+                            name: q.clone(),
+                            size_bytes: size,
+                        })
+                        .map_err(ctx(format!("create qtree {}/{q}", rel.dst_volume)))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn dst_ns(
+        &self,
+        rel: &Relationship,
+        ns_sizes: &[(Option<String>, u64)],
+    ) -> Vec<NsName> {
+        match rel.kind {
+            MirrorKind::Volume => ns_sizes
+                .iter()
+                .map(|(n, _)| match n {
+                    None => NsName::volume(&rel.dst_volume),
+                    Some(q) => NsName::qtree(&rel.dst_volume, q),
+                })
+                .collect(),
+            MirrorKind::Qtree => vec![NsName {
+                volume: rel.dst_volume.clone(),
+                qtree: rel.dst_qtree.clone(),
+            }],
+        }
+    }
+
+    /// Revert the destination's live image to snapshot `base` (resync after
+    /// a break): apply the diff from a temporary snapshot of now back to base.
+    pub(super) fn revert_to(
+        &self,
+        rel: &Relationship,
+        nss: &[NsName],
+        base: &SnapshotInfo,
+    ) -> Result<()> {
+        let tmp = format!("resync-{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let e = |c: String| move |x| ReplError::engine(c, x);
+        self.engine
+            .call(Request::CreateSnapshot {
+                volume: rel.dst_volume.clone(),
+                name: tmp.clone(),
+                id: None,
+                created_unix_ms: None,
+            })
+            .map_err(e(format!("snapshot {}@{tmp}", rel.dst_volume)))?;
+        let r = (|| -> Result<()> {
+            for ns in nss {
+                let d = match self.engine.call(Request::Diff {
+                    ns: ns.clone(),
+                    base: Some(tmp.clone()),
+                    target: base.name.clone(),
+                }) {
+                    Ok(Reply::Diff(d)) => d,
+                    Ok(_) => return Err(ReplError::EngineReply { request: "Diff" }),
+                    Err(x) => {
+                        return Err(ReplError::engine(
+                            format!("diff {ns} {tmp}..{}", base.name),
+                            x,
+                        ))
+                    }
+                };
+                for it in plan(&[d]) {
+                    match it.kind {
+                        ItemKind::Data => {
+                            let data = match self.engine.call(Request::Read {
+                                image: Image {
+                                    ns: ns.clone(),
+                                    snapshot: Some(base.name.clone()),
+                                },
+                                lba: it.lba,
+                                len_blocks: it.len_blocks,
+                            }) {
+                                Ok(Reply::Data(d)) => d,
+                                Ok(_) => return Err(ReplError::EngineReply { request: "Read" }),
+                                Err(x) => {
+                                    return Err(ReplError::engine(
+                                        format!("read {ns}@{}", base.name),
+                                        x,
+                                    ))
+                                }
+                            };
+                            self.engine
+                                .call(Request::Write {
+                                    ns: ns.clone(),
+                                    lba: it.lba,
+                                    data,
+                                    fua: false,
+                                    replica: true,
+                                })
+                                .map_err(e(format!("revert {ns} lba {}", it.lba)))?;
+                        }
+                        ItemKind::Trim => {
+                            self.engine
+                                .call(Request::Trim {
+                                    ns: ns.clone(),
+                                    lba: it.lba,
+                                    len_blocks: u64::from(it.len_blocks),
+                                    replica: true,
+                                })
+                                .map_err(e(format!("revert {ns} lba {}", it.lba)))?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        let d = self.engine.call(Request::DeleteSnapshot {
+            volume: rel.dst_volume.clone(),
+            name: tmp.clone(),
+        });
+        r?;
+        d.map_err(e(format!("delete {}@{tmp}", rel.dst_volume)))?;
+        Ok(())
+    }
+
+    /// Unmap every block of the destination (full re-baseline).
+    pub(super) fn wipe(&self, nss: &[NsName]) -> Result<()> {
+        for ns in nss {
+            let blocks = ns_size_bytes(&self.engine, ns)? / BLOCK_SIZE as u64;
+            self.engine
+                .call(Request::Trim {
+                    ns: ns.clone(),
+                    lba: 0,
+                    len_blocks: blocks,
+                    replica: true,
+                })
+                .map_err(|e| ReplError::engine(format!("wipe {ns}"), e))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn send_sets(&self, c: &mut Conn, acts: Vec<Action>) -> Result<()> {
+        self.perform(acts, Some(c));
+        Ok(())
+    }
+
+    pub(super) fn transfer_inner(
+        &self,
+        rel: &Relationship,
+        mode: Mode,
+        progress: &(dyn Fn(Progress) + Sync),
+        started: Instant,
+    ) -> Result<TransferReport> {
+        let key = rel.dst.clone();
+        let mut c = self.connect(&rel.source_addr)?;
+        let up = c.peer_node.clone();
+        self.ensure_upstream(rel, &up)?;
+        // Claims 10/20: our lock set before the transfer.
+        let acts = self.lock_events(vec![Event::TransferStarting {
+            upstream: up.clone(),
+        }])?;
+        self.send_sets(&mut c, acts)?;
+        let src =
+            self.request_list(&mut c, &up, &rel.source_volume, rel.source_qtree.as_deref())?;
+        let src_ids: Vec<Uuid> = src.iter().map(|s| Uuid::from_bytes(s.id)).collect();
+        {
+            let mut st = lock(&self.st);
+            if let Some(r) = st.rels.get_mut(&key) {
+                r.source_snaps = src_ids.clone();
+            }
+            let union: Vec<Uuid> = st
+                .rels
+                .values()
+                .filter(|r| r.source_node.as_deref() == Some(up.as_str()))
+                .flat_map(|r| r.source_snaps.iter().copied())
+                .collect();
+            let a = st.locks.handle(
+                now_ms(),
+                Event::UpstreamSnapshots {
+                    upstream: up.clone(),
+                    snapshots: union,
+                },
+            );
+            self.persist_rels(&st)?;
+            self.persist_locks(&st)?;
+            drop(st);
+            self.send_sets(&mut c, a)?;
+        }
+        let Some(newest) = src.last().cloned() else {
+            return Err(ReplError::NotFound(format!(
+                "any snapshot of {} (take one there with `snap create`)",
+                rel.source_path()
+            )));
+        };
+        let ns_sizes: Vec<(Option<String>, u64)> = match rel.kind {
+            MirrorKind::Volume => self
+                .request_list(&mut c, &up, &rel.source_volume, Some(NS_LIST_TAG))?
+                .into_iter()
+                .map(|s| {
+                    (
+                        if s.name.is_empty() {
+                            None
+                        } else {
+                            Some(s.name)
+                        },
+                        s.created_ms,
+                    )
+                })
+                .collect(),
+            MirrorKind::Qtree => Vec::new(), // size from TransferStart
+        };
+        if ns_sizes.len() > crate::transfer::NS_MAX {
+            return Err(ReplError::Protocol {
+                peer: c.who(),
+                detail: format!("{} namespaces", ns_sizes.len()),
+            });
+        }
+        let dst_exists = volumes(&self.engine)?
+            .iter()
+            .any(|v| v.name == rel.dst_volume);
+        let local = if dst_exists {
+            snapshots(&self.engine, &rel.dst_volume)?
+        } else {
+            Vec::new()
+        };
+        let base_info = src
+            .iter()
+            .rev()
+            .find(|s| local.iter().any(|l| l.id.as_bytes() == &s.id))
+            .cloned();
+        let mut base = base_info.clone();
+        match mode {
+            Mode::Create => {
+                if base.is_some() {
+                    return Err(ReplError::Invalid(format!(
+                        "destination {key} already holds source snapshots"
+                    )));
+                }
+            }
+            Mode::Update => {
+                if base.is_none() {
+                    let has_ckpt_baseline = self
+                        .load_ckpt(&key)?
+                        .is_some_and(|ck| ck.base.is_none() && src_ids.contains(&ck.target));
+                    if !has_ckpt_baseline {
+                        drop(c);
+                        let bytes = self.probe_full_bytes(rel, &newest);
+                        return Err(ReplError::NoCommonSnapshot {
+                            dst: key.clone(),
+                            source_path: rel.source_path(),
+                            bytes,
+                        });
+                    }
+                }
+            }
+            Mode::Resync => {}
+        }
+        // Resume an interrupted transfer of the same base if its target is
+        // still there; otherwise start over to the newest snapshot.
+        let ckpt = self.load_ckpt(&key)?;
+        let (target, resume_from) = match &ckpt {
+            Some(ck)
+                if mode != Mode::Resync
+                    && ck.base == base.as_ref().map(|b| Uuid::from_bytes(b.id))
+                    && src_ids.contains(&ck.target) =>
+            {
+                let t = src
+                    .iter()
+                    .find(|s| Uuid::from_bytes(s.id) == ck.target)
+                    .cloned()
+                    .unwrap_or_else(|| newest.clone());
+                (t, ck.position)
+            }
+            _ => (newest.clone(), 0),
+        };
+        let abandoned = match &ckpt {
+            Some(ck) if resume_from == 0 => {
+                // The interrupted target is gone (or a resync was asked):
+                // drop its checkpoint and its resume lock; the partial data
+                // it left is undone below before the new transfer.
+                self.store_ckpt(&key, None)?;
+                self.resume_lock(&key, ck.target, false, Some(&mut c))?;
+                true
+            }
+            _ => false,
+        };
+        let mut report = TransferReport {
+            dst: key.clone(),
+            kind: "none".into(),
+            base: base.as_ref().map(wire_ref),
+            target: Some(wire_ref(&target)),
+            bytes: 0,
+            extents: 0,
+            trims: 0,
+            resumed_from: resume_from,
+            total_items: 0,
+            deleted_snapshots: Vec::new(),
+            kept_locked: Vec::new(),
+            finished_unix_ms: 0,
+            duration_ms: 0,
+        };
+        let up_to_date = base.as_ref().is_some_and(|b| b.id == target.id);
+        if (mode == Mode::Resync || abandoned) && !up_to_date {
+            if rel.kind == MirrorKind::Volume && dst_exists {
+                let _ = self.engine.call(Request::SetReadOnly {
+                    volume: rel.dst_volume.clone(),
+                    read_only: true,
+                });
+            }
+            if dst_exists {
+                let nss = if rel.kind == MirrorKind::Volume {
+                    self.dst_ns(rel, &ns_sizes)
+                        .into_iter()
+                        .filter(|n| ns_size_bytes(&self.engine, n).is_ok())
+                        .collect()
+                } else {
+                    self.dst_ns(rel, &ns_sizes)
+                };
+                match &base {
+                    Some(b) => {
+                        let bi = local
+                            .iter()
+                            .find(|l| l.id.as_bytes() == &b.id)
+                            .cloned()
+                            .ok_or_else(|| {
+                                ReplError::NotFound(format!("base {} locally", b.name))
+                            })?;
+                        self.revert_to(rel, &nss, &bi)?;
+                    }
+                    None => {
+                        tracing::info!(dst = %key, "resync without a common snapshot: full re-baseline");
+                        self.wipe(&nss)?;
+                    }
+                }
+            }
+        }
+        if !up_to_date {
+            let (r, b) = self.pull(
+                &mut c,
+                rel,
+                &up,
+                base.take(),
+                &target,
+                resume_from,
+                &ns_sizes,
+                progress,
+                &mut report,
+            )?;
+            report = r;
+            base = b;
+        }
+        let _ = base;
+        // Volume mirrors drop the snapshots their source no longer has,
+        // except those locked here (own downstreams, applications).
+        if rel.kind == MirrorKind::Volume {
+            let now_local = snapshots(&self.engine, &rel.dst_volume)?;
+            for s in now_local {
+                if src_ids.contains(&s.id) || self.in_transfer(s.id) {
+                    continue;
+                }
+                let acts = self.lock_events(vec![Event::DeleteRequested {
+                    snapshot: s.id,
+                    force: false,
+                }])?;
+                let deleted = acts.iter().any(|a| matches!(a, Action::Deleted { .. }));
+                if deleted {
+                    self.engine
+                        .call(Request::DeleteSnapshot {
+                            volume: rel.dst_volume.clone(),
+                            name: s.name.clone(),
+                        })
+                        .map_err(|e| {
+                            ReplError::engine(format!("delete {}@{}", rel.dst_volume, s.name), e)
+                        })?;
+                    report.deleted_snapshots.push(s.name.clone());
+                } else {
+                    report.kept_locked.push(s.name.clone());
+                }
+                self.send_sets(&mut c, acts)?;
+            }
+        }
+        // Claims 10/20: our lock set after the transfer (sent by
+        // TransferFinished in pull); make sure the source processed it.
+        let gone = self.barrier(&mut c)?;
+        self.apply_gone(&up, gone, Some(&mut c));
+        let common = {
+            let local = snapshots(&self.engine, &rel.dst_volume)?;
+            src.iter()
+                .rev()
+                .find(|s| local.iter().any(|l| l.id.as_bytes() == &s.id))
+                .map(wire_ref)
+        };
+        report.finished_unix_ms = now_ms();
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        let rep = report.clone();
+        self.update_rel(&key, |r| {
+            match rep.kind.as_str() {
+                "full" => r.full_transfers += 1,
+                "incremental" => r.incremental_transfers += 1,
+                _ => {}
+            }
+            if rep.kind != "none" || r.last_transfer.is_none() {
+                r.last_transfer = Some(rep.clone());
+            }
+            r.last_error = None;
+            r.common = common;
+            if mode == Mode::Resync {
+                r.broken = false;
+            }
+        })?;
+        self.flush()?;
+        Ok(report)
+    }
+
+    pub(super) fn resume_owner(&self, key: &str) -> String {
+        format!("transfer to {}:{key} in progress", self.cfg.node_name)
+    }
+
+    /// Lock (or release) the target of an interrupted-able transfer.
+    pub(super) fn resume_lock(
+        &self,
+        key: &str,
+        target: Uuid,
+        on: bool,
+        c: Option<&mut Conn>,
+    ) -> Result<()> {
+        let owner = self.resume_owner(key);
+        let ev = if on {
+            Event::AppLockAdded {
+                snapshot: target,
+                owner,
+            }
+        } else {
+            Event::AppLockReleased {
+                snapshot: target,
+                owner,
+            }
+        };
+        let acts = self.lock_events(vec![ev])?;
+        self.perform(acts, c);
+        Ok(())
+    }
+
+    pub(super) fn in_transfer(&self, id: Uuid) -> bool {
+        lock(&self.serving).contains_key(&id)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pull(
+        &self,
+        c: &mut Conn,
+        rel: &Relationship,
+        up: &str,
+        base: Option<SnapInfo>,
+        target: &SnapInfo,
+        resume_from: u64,
+        ns_sizes: &[(Option<String>, u64)],
+        progress: &(dyn Fn(Progress) + Sync),
+        report: &mut TransferReport,
+    ) -> Result<(TransferReport, Option<SnapInfo>)> {
+        let key = rel.dst.clone();
+        let req_id = rand::random::<u64>();
+        let base_id = base.as_ref().map(|b| b.id);
+        // Keep the target alive upstream until it is committed here, so a
+        // cut transfer can resume on the next update.
+        self.resume_lock(&key, Uuid::from_bytes(target.id), true, Some(c))?;
+        c.send(
+            &Message::TransferRequest(TransferRequest {
+                req_id,
+                volume: rel.source_volume.clone(),
+                qtree: rel.source_qtree.clone(),
+                base: base_id,
+                target: target.id,
+                resume_from,
+            }),
+            &[],
+        )?;
+        let start = match self.recv_reply(c, up)? {
+            Message::TransferStart(s) if s.req_id == req_id => s,
+            other => {
+                return Err(ReplError::Protocol {
+                    peer: c.who(),
+                    detail: format!(
+                        "expected TransferStart, got message type {}",
+                        other.type_code()
+                    ),
+                })
+            }
+        };
+        if start.target.id != target.id
+            || start.start_position != resume_from
+            || start.base != base_id
+        {
+            return Err(ReplError::Protocol {
+                peer: c.who(),
+                detail: "TransferStart does not match the request".into(),
+            });
+        }
+        let ns_sizes: Vec<(Option<String>, u64)> = match rel.kind {
+            MirrorKind::Volume => ns_sizes.to_vec(),
+            MirrorKind::Qtree => vec![(rel.dst_qtree.clone(), start.volume_bytes)],
+        };
+        self.ensure_dst(rel, &ns_sizes)?;
+        let nss = self.dst_ns(rel, &ns_sizes);
+        let mut ns_blocks = Vec::with_capacity(nss.len());
+        for ns in &nss {
+            ns_blocks.push(ns_size_bytes(&self.engine, ns)? / BLOCK_SIZE as u64);
+        }
+        let mut rx = Receiver::new(
+            ns_blocks,
+            resume_from,
+            start.extent_count,
+            &key,
+            &rel.source_path(),
+        )?;
+        let ckpt = Checkpoint {
+            base: base_id.map(Uuid::from_bytes),
+            target: Uuid::from_bytes(target.id),
+            position: resume_from,
+        };
+        self.store_ckpt(&key, Some(&ckpt))?;
+        self.flush()?;
+        let rel_bucket = self.bucket(&key, rel.throttle_bps);
+        report.kind = if base.is_some() {
+            "incremental"
+        } else {
+            "full"
+        }
+        .into();
+        report.total_items = rx.total();
+        let mut prog = Progress {
+            done_items: resume_from,
+            total_items: rx.total(),
+            done_bytes: 0,
+            total_bytes: start.byte_count,
+        };
+        progress(prog);
+        let mut wb = WriteBehind::new(&self.engine);
+        let digest = loop {
+            if self.stopping() {
+                return Err(ReplError::ShuttingDown);
+            }
+            match self.recv_reply(c, up)? {
+                Message::Extent(h) => {
+                    let a: Apply = rx.on_extent(&h, c.payload())?;
+                    let ns = nss
+                        .get(usize::from(a.ns))
+                        .cloned()
+                        .ok_or_else(|| ReplError::Invalid("namespace".into()))?;
+                    let n = c.payload().len() as u64;
+                    wb.submit(
+                        Request::Write {
+                            ns: ns.clone(),
+                            lba: a.lba,
+                            data: AlignedBuf::from_slice(c.payload()),
+                            fua: false,
+                            replica: true,
+                        },
+                        || format!("write {ns} lba {}", a.lba),
+                    )?;
+                    self.n.bytes_received.fetch_add(n, Ordering::Relaxed);
+                    report.bytes += n;
+                    report.extents += 1;
+                    pace(&[&rel_bucket, &self.node_bucket], n);
+                }
+                Message::Trim { lba, len, .. } => {
+                    let a = rx.on_trim(lba, len)?;
+                    let ns = nss
+                        .get(usize::from(a.ns))
+                        .cloned()
+                        .ok_or_else(|| ReplError::Invalid("namespace".into()))?;
+                    wb.submit(
+                        Request::Trim {
+                            ns: ns.clone(),
+                            lba: a.lba,
+                            len_blocks: a.len_blocks,
+                            replica: true,
+                        },
+                        || format!("trim {ns} lba {}", a.lba),
+                    )?;
+                    report.trims += 1;
+                }
+                Message::Checkpoint { position, .. } => {
+                    rx.on_checkpoint(position)?;
+                    wb.drain()?;
+                    // Data first, then the checkpoint naming it: one CP
+                    // makes both durable together.
+                    self.store_ckpt(
+                        &key,
+                        Some(&Checkpoint {
+                            position,
+                            ..ckpt.clone()
+                        }),
+                    )?;
+                    self.flush()?;
+                    c.send(&Message::CheckpointAck { req_id, position }, &[])?;
+                }
+                Message::TransferDone {
+                    content_digest: d, ..
+                } => {
+                    rx.on_done()?;
+                    wb.drain()?;
+                    break d;
+                }
+                other => {
+                    return Err(ReplError::Protocol {
+                        peer: c.who(),
+                        detail: format!(
+                            "unexpected message type {} in a transfer",
+                            other.type_code()
+                        ),
+                    })
+                }
+            }
+            prog.done_items = rx.position();
+            prog.done_bytes = report.bytes;
+            progress(prog);
+        };
+        // Commit: flush, snapshot under the source's global id, verify.
+        self.flush()?;
+        let local = snapshots(&self.engine, &rel.dst_volume)?;
+        let mut name = target.name.clone();
+        if local.iter().any(|s| s.name == name) {
+            name = format!(
+                "{}.{}",
+                target.name,
+                &Uuid::from_bytes(target.id).simple().to_string()[..8]
+            );
+        }
+        let info = match self.engine.call(Request::CreateSnapshot {
+            volume: rel.dst_volume.clone(),
+            name: name.clone(),
+            id: Some(Uuid::from_bytes(target.id)),
+            created_unix_ms: Some(target.created_ms),
+        }) {
+            Ok(Reply::Snapshot(s)) => s,
+            Ok(_) => {
+                return Err(ReplError::EngineReply {
+                    request: "CreateSnapshot",
+                })
+            }
+            Err(e) => {
+                return Err(ReplError::engine(
+                    format!("snapshot {}@{name}", rel.dst_volume),
+                    e,
+                ))
+            }
+        };
+        let ours = content_digest(&info.digests, rel.dst_qtree.as_deref());
+        if ours != Some(digest) || digest != target.content_digest {
+            let _ = self.engine.call(Request::DeleteSnapshot {
+                volume: rel.dst_volume.clone(),
+                name: name.clone(),
+            });
+            self.store_ckpt(&key, None)?;
+            self.flush()?;
+            self.resume_lock(&key, Uuid::from_bytes(target.id), false, Some(c))?;
+            return Err(ReplError::DigestMismatch {
+                dst: key,
+                source_path: rel.source_path(),
+                snapshot: target.name.clone(),
+                detail: format!(
+                    "source {} says {}, received data gives {}",
+                    up,
+                    hex(&digest),
+                    ours.map(|d| hex(&d)).unwrap_or_else(|| "none".into())
+                ),
+            });
+        }
+        self.store_ckpt(&key, None)?;
+        self.flush()?;
+        let owner = self.resume_owner(&key);
+        let acts = self.lock_events(vec![
+            Event::AppLockReleased {
+                snapshot: info.id,
+                owner,
+            },
+            Event::TransferFinished {
+                upstream: up.to_string(),
+                target: info.id,
+            },
+        ])?;
+        self.send_sets(c, acts)?;
+        report.target = Some(snap_ref(&info));
+        Ok((report.clone(), Some(target.clone())))
+    }
+}
+
+/// Destination writes queued in the engine without waiting for each one:
+/// at most [`WRITE_BEHIND`] outstanding; `drain` before anything that must
+/// see them (a checkpoint, the commit). The engine runs requests in order.
+struct WriteBehind<'a> {
+    engine: &'a EngineHandle,
+    tx: ChanTx<(u64, sluice_engine::Result<Reply>)>,
+    rx: ChanRx<(u64, sluice_engine::Result<Reply>)>,
+    what: BTreeMap<u64, (String, u64)>,
+    queued_bytes: u64,
+    next_tag: u64,
+}
+
+impl<'a> WriteBehind<'a> {
+    fn new(engine: &'a EngineHandle) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        WriteBehind {
+            engine,
+            tx,
+            rx,
+            what: BTreeMap::new(),
+            queued_bytes: 0,
+            next_tag: 0,
+        }
+    }
+
+    fn submit(&mut self, req: Request, what: impl FnOnce() -> String) -> Result<()> {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let bytes = match &req {
+            Request::Write { data, .. } => data.len_bytes() as u64,
+            _ => 0,
+        };
+        self.what.insert(tag, (what(), bytes));
+        self.queued_bytes += bytes;
+        self.engine.submit(req, tag, self.tx.clone());
+        while self.what.len() >= WRITE_BEHIND || self.queued_bytes > WRITE_BEHIND_BYTES {
+            self.wait_one()?;
+        }
+        Ok(())
+    }
+
+    fn wait_one(&mut self) -> Result<()> {
+        let (tag, r) = self
+            .rx
+            .recv()
+            .map_err(|_| ReplError::engine("queued write", sluice_engine::Error::ShutDown))?;
+        let (what, bytes) = self.what.remove(&tag).unwrap_or_default();
+        self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
+        r.map(|_| ()).map_err(|e| ReplError::engine(what, e))
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        while !self.what.is_empty() {
+            self.wait_one()?;
+        }
+        Ok(())
+    }
+}

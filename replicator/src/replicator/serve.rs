@@ -1,0 +1,464 @@
+//! The source side: serving a downstream's connection (`handle_peer`).
+//!
+//! Owns: the request loop of a peer session (lock sets, snapshot and
+//! namespace lists, transfers, keepalive) and streaming a transfer with
+//! read-ahead. Invariants: nothing is served before the handshake; a
+//! transfer's base and target are guarded against deletion while it runs;
+//! a served target is recorded as shared with that downstream (protected
+//! until its after-transfer set arrives).
+
+use super::*;
+
+impl Replicator {
+    /// Serve one peer connection (its first bytes are the lockproto MAGIC).
+    /// Returns when the peer closes, on a protocol error or on shutdown.
+    pub fn handle_peer(self: &Arc<Self>, stream: std::net::TcpStream) {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        if let Err(e) = self.serve(stream) {
+            if matches!(e, ReplError::AuthRefused { .. }) {
+                self.n.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, error = %e, "peer refused");
+            } else {
+                tracing::info!(%peer, error = %e, "peer connection ended with an error");
+            }
+        }
+    }
+
+    pub(super) fn serve(&self, stream: std::net::TcpStream) -> Result<()> {
+        let mut c = Conn::new(stream, self.cfg.peer_timeout)?;
+        let peer = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref())?;
+        loop {
+            if self.stopping() {
+                c.send_error(0, codes::INTERNAL, "node is shutting down");
+                return Ok(());
+            }
+            let Some(msg) = c.recv()? else {
+                return Ok(());
+            };
+            match msg {
+                Message::LockSet(w) => self.on_lock_set(&mut c, &peer, &w)?,
+                Message::Ping { nonce } => c.send(&Message::Pong { nonce }, &[])?,
+                Message::Pong { .. } | Message::CheckpointAck { .. } => {}
+                Message::SnapshotListRequest {
+                    req_id,
+                    volume,
+                    qtree,
+                } => match self.list_for_peer(&volume, qtree.as_deref()) {
+                    Ok(snapshots) => c.send(&Message::SnapshotList { req_id, snapshots }, &[])?,
+                    Err(e) => c.send_error(req_id, codes::NOT_FOUND, &e.to_string()),
+                },
+                Message::TransferRequest(r) => {
+                    self.lock_events(vec![Event::DownstreamAdded {
+                        downstream: peer.clone(),
+                    }])?;
+                    self.serve_transfer(&mut c, &peer, &r)?;
+                }
+                Message::Error { code, text, .. } => {
+                    tracing::info!(%peer, code, %text, "peer sent an error");
+                    return Ok(());
+                }
+                other => {
+                    let text = format!(
+                        "unexpected message type {} from a downstream",
+                        other.type_code()
+                    );
+                    c.send_error(0, codes::BAD_FRAME, &text);
+                    return Err(ReplError::Protocol {
+                        peer: c.who(),
+                        detail: text,
+                    });
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_lock_set(&self, c: &mut Conn, peer: &str, w: &WireLockSet) -> Result<()> {
+        if w.sender != peer {
+            let text = format!(
+                "lock set names sender {:?} but the connection authenticated as {peer:?}",
+                w.sender
+            );
+            c.send_error(0, codes::BAD_FRAME, &text);
+            return Err(ReplError::Protocol {
+                peer: c.who(),
+                detail: text,
+            });
+        }
+        let set = w.to_model()?;
+        let acts = {
+            let mut st = lock(&self.st);
+            let now = now_ms();
+            let mut acts = Vec::new();
+            if set.locks.is_empty() && set.gone_acks.is_empty() {
+                // The downstream holds nothing here any more (its mirrors
+                // were deleted): it stops being a downstream.
+                st.down_shared.remove(peer);
+                acts.extend(st.locks.handle(
+                    now,
+                    Event::DownstreamRemoved {
+                        downstream: peer.to_string(),
+                    },
+                ));
+            } else {
+                acts.extend(st.locks.handle(
+                    now,
+                    Event::DownstreamAdded {
+                        downstream: peer.to_string(),
+                    },
+                ));
+                let local: BTreeSet<Uuid> = st.locks.snapshots().iter().copied().collect();
+                let shared: BTreeSet<Uuid> = set
+                    .locks
+                    .iter()
+                    .filter(|l| l.origin_node == peer && local.contains(&l.snapshot))
+                    .map(|l| l.snapshot)
+                    .collect();
+                st.down_shared.insert(peer.to_string(), shared.clone());
+                acts.extend(st.locks.handle(now, Event::LockSetReceived { set }));
+                acts.extend(st.locks.handle(
+                    now,
+                    Event::DownstreamShared {
+                        downstream: peer.to_string(),
+                        shared: shared.into_iter().collect(),
+                    },
+                ));
+            }
+            self.persist_locks(&st)?;
+            acts
+        };
+        self.perform(acts, None);
+        let gone = lock(&self.st).locks.pending_gone(peer);
+        for g in gone {
+            c.send(
+                &Message::SnapshotGone {
+                    snapshot: *g.as_bytes(),
+                    holders_text: format!(
+                        "snapshot {g} was force-deleted on {}",
+                        self.cfg.node_name
+                    ),
+                },
+                &[],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn list_for_peer(&self, volume: &str, qtree: Option<&str>) -> Result<Vec<SnapInfo>> {
+        if qtree == Some(NS_LIST_TAG) {
+            let v = volume_info(&self.engine, volume)?;
+            let mut out = vec![SnapInfo {
+                id: [0; 16],
+                name: String::new(),
+                created_ms: v.size_bytes,
+                content_digest: [0; 32],
+            }];
+            let mut qs = v.qtrees.clone();
+            qs.sort_by(|a, b| a.name.cmp(&b.name));
+            for q in qs {
+                out.push(SnapInfo {
+                    id: [0; 16],
+                    name: q.name,
+                    created_ms: q.size_bytes,
+                    content_digest: [0; 32],
+                });
+            }
+            return Ok(out);
+        }
+        if let Some(q) = qtree {
+            let v = volume_info(&self.engine, volume)?;
+            if !v.qtrees.iter().any(|x| x.name == q) {
+                return Err(ReplError::NotFound(format!("qtree {volume}/{q}")));
+            }
+        }
+        Ok(snapshots(&self.engine, volume)?
+            .iter()
+            .filter_map(|s| {
+                content_digest(&s.digests, qtree).map(|d| SnapInfo {
+                    id: *s.id.as_bytes(),
+                    name: s.name.clone(),
+                    created_ms: s.created_unix_ms,
+                    content_digest: d,
+                })
+            })
+            .collect())
+    }
+
+    /// Namespaces of a volume in transfer order: own space, then qtrees by name.
+    pub(super) fn transfer_namespaces(
+        &self,
+        volume: &str,
+        qtree: Option<&str>,
+    ) -> Result<Vec<NsName>> {
+        if let Some(q) = qtree {
+            return Ok(vec![NsName::qtree(volume, q)]);
+        }
+        let v = volume_info(&self.engine, volume)?;
+        let mut names: Vec<String> = v.qtrees.iter().map(|q| q.name.clone()).collect();
+        names.sort();
+        let mut out = vec![NsName::volume(volume)];
+        out.extend(names.iter().map(|q| NsName::qtree(volume, q)));
+        Ok(out)
+    }
+
+    pub(super) fn serve_transfer(
+        &self,
+        c: &mut Conn,
+        peer: &str,
+        r: &TransferRequest,
+    ) -> Result<()> {
+        let req_id = r.req_id;
+        let fail = |c: &mut Conn, code: u16, e: ReplError| -> Result<()> {
+            c.send_error(req_id, code, &e.to_string());
+            Ok(())
+        };
+        let snaps = match snapshots(&self.engine, &r.volume) {
+            Ok(s) => s,
+            Err(e) => return fail(c, codes::NOT_FOUND, e),
+        };
+        let target_id = Uuid::from_bytes(r.target);
+        let Some(target) = snaps.iter().find(|s| s.id == target_id).cloned() else {
+            return fail(
+                c,
+                codes::NOT_FOUND,
+                ReplError::NotFound(format!(
+                    "snapshot {target_id} on {}:{} (deleted meanwhile?)",
+                    self.cfg.node_name, r.volume
+                )),
+            );
+        };
+        let base = match r.base {
+            None => None,
+            Some(b) => {
+                let b = Uuid::from_bytes(b);
+                match snaps.iter().find(|s| s.id == b) {
+                    Some(s) => Some(s.clone()),
+                    None => {
+                        return fail(
+                            c,
+                            codes::NO_COMMON_BASE,
+                            ReplError::NotFound(format!(
+                                "base snapshot {b} no longer exists on {}:{}",
+                                self.cfg.node_name, r.volume
+                            )),
+                        )
+                    }
+                }
+            }
+        };
+        let _guard = {
+            let mut s = lock(&self.serving);
+            let mut ids = vec![target.id];
+            ids.extend(base.as_ref().map(|b| b.id));
+            for id in &ids {
+                *s.entry(*id).or_insert(0) += 1;
+            }
+            ServeGuard { r: self, ids }
+        };
+        let Some(digest) = content_digest(&target.digests, r.qtree.as_deref()) else {
+            return fail(
+                c,
+                codes::NOT_FOUND,
+                ReplError::NotFound(format!("qtree {:?} in snapshot {}", r.qtree, target.name)),
+            );
+        };
+        let nss = match self.transfer_namespaces(&r.volume, r.qtree.as_deref()) {
+            Ok(n) => n,
+            Err(e) => return fail(c, codes::NOT_FOUND, e),
+        };
+        let mut diffs = Vec::with_capacity(nss.len());
+        let mut ns_bytes = 0;
+        for (i, ns) in nss.iter().enumerate() {
+            let present = match &ns.qtree {
+                None => true,
+                Some(q) => target.digests.iter().any(|(n, _)| n.as_deref() == Some(q)),
+            };
+            if !present {
+                diffs.push(Vec::new());
+                continue;
+            }
+            match self.engine.call(Request::Diff {
+                ns: ns.clone(),
+                base: base.as_ref().map(|b| b.name.clone()),
+                target: target.name.clone(),
+            }) {
+                Ok(Reply::Diff(d)) => diffs.push(d),
+                Ok(_) => {
+                    return fail(
+                        c,
+                        codes::INTERNAL,
+                        ReplError::EngineReply { request: "Diff" },
+                    )
+                }
+                Err(e) => {
+                    return fail(
+                        c,
+                        codes::INTERNAL,
+                        ReplError::engine(format!("diff of {ns}"), e),
+                    )
+                }
+            }
+            if i == 0 {
+                ns_bytes = ns_size_bytes(&self.engine, ns)?;
+            }
+        }
+        let items = plan(&diffs);
+        let mut sender = match Sender::new(items, r.resume_from) {
+            Ok(s) => s,
+            Err(e) => return fail(c, codes::INTERNAL, ReplError::Invalid(e)),
+        };
+        c.send(
+            &Message::TransferStart(TransferStart {
+                req_id,
+                target: SnapInfo {
+                    id: *target.id.as_bytes(),
+                    name: target.name.clone(),
+                    created_ms: target.created_unix_ms,
+                    content_digest: digest,
+                },
+                base: r.base,
+                extent_count: sender.remaining(),
+                byte_count: sender.remaining_bytes(),
+                volume_bytes: ns_bytes,
+                start_position: r.resume_from,
+            }),
+            &[],
+        )?;
+        tracing::info!(%peer, volume = %r.volume, target = %target.name, base = ?base.as_ref().map(|b| &b.name), resume_from = r.resume_from, "serving transfer");
+        let mut steps = Vec::new();
+        loop {
+            match sender.next_step() {
+                SendStep::Finished => break,
+                st => steps.push(st),
+            }
+        }
+        // Reads run ahead of the socket: up to READ_AHEAD in the engine's
+        // queue at once, so the device sees queue depth, not one request.
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let mut submitted = 0usize;
+        let mut ready: BTreeMap<u64, sluice_engine::Result<Reply>> = BTreeMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            if self.stopping() {
+                c.send_error(
+                    req_id,
+                    codes::INTERNAL,
+                    "source node is shutting down; resume later",
+                );
+                return Ok(());
+            }
+            while submitted < steps.len() && submitted < i + READ_AHEAD {
+                if let SendStep::Item(it) = steps[submitted] {
+                    if it.kind == ItemKind::Data {
+                        let ns = nss.get(usize::from(it.ns)).cloned().ok_or_else(|| {
+                            ReplError::Invalid(format!("namespace index {} out of range", it.ns))
+                        })?;
+                        self.engine.submit(
+                            Request::Read {
+                                image: Image {
+                                    ns,
+                                    snapshot: Some(target.name.clone()),
+                                },
+                                lba: it.lba,
+                                len_blocks: it.len_blocks,
+                            },
+                            submitted as u64,
+                            done_tx.clone(),
+                        );
+                    }
+                }
+                submitted += 1;
+            }
+            match *step {
+                SendStep::Item(it) => match it.kind {
+                    ItemKind::Data => {
+                        let got = loop {
+                            if let Some(r) = ready.remove(&(i as u64)) {
+                                break r;
+                            }
+                            match done_rx.recv() {
+                                Ok((tag, r)) => {
+                                    ready.insert(tag, r);
+                                }
+                                Err(_) => break Err(sluice_engine::Error::ShutDown),
+                            }
+                        };
+                        let data = match got {
+                            Ok(Reply::Data(d)) => d,
+                            Ok(_) => {
+                                return fail(
+                                    c,
+                                    codes::INTERNAL,
+                                    ReplError::EngineReply { request: "Read" },
+                                )
+                            }
+                            Err(e) => {
+                                return fail(
+                                    c,
+                                    codes::INTERNAL,
+                                    ReplError::engine(
+                                        format!("read {}@{} lba {}", r.volume, target.name, it.lba),
+                                        e,
+                                    ),
+                                )
+                            }
+                        };
+                        let payload = data.as_slice();
+                        c.send(
+                            &Message::Extent(ExtentHeader {
+                                req_id,
+                                lba: wire_lba(it.ns, it.lba),
+                                len: it.len_blocks,
+                                checksum_kind: CHECKSUM_XXH3,
+                                checksum: crate::transfer::checksum(payload),
+                            }),
+                            payload,
+                        )?;
+                        self.n
+                            .bytes_sent
+                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    }
+                    ItemKind::Trim => c.send(
+                        &Message::Trim {
+                            req_id,
+                            lba: wire_lba(it.ns, it.lba),
+                            len: it.len_blocks,
+                        },
+                        &[],
+                    )?,
+                },
+                SendStep::Checkpoint(position) => {
+                    c.send(&Message::Checkpoint { req_id, position }, &[])?
+                }
+                SendStep::Done => c.send(
+                    &Message::TransferDone {
+                        req_id,
+                        content_digest: digest,
+                    },
+                    &[],
+                )?,
+                SendStep::Finished => {}
+            }
+        }
+        self.n.transfers_served.fetch_add(1, Ordering::Relaxed);
+        // Protect the target for this downstream until its after-set arrives.
+        let acts = {
+            let mut st = lock(&self.st);
+            let e = st.down_shared.entry(peer.to_string()).or_default();
+            e.insert(target.id);
+            let shared: Vec<Uuid> = e.iter().copied().collect();
+            let a = st.locks.handle(
+                now_ms(),
+                Event::DownstreamShared {
+                    downstream: peer.to_string(),
+                    shared,
+                },
+            );
+            self.persist_locks(&st)?;
+            a
+        };
+        self.perform(acts, None);
+        Ok(())
+    }
+}
