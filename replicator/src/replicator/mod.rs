@@ -22,8 +22,8 @@
 //!
 //! Here: the struct, start/shutdown, persistence, the lock-table plumbing
 //! (events in, actions performed, set delivery) and the scheduler. The
-//! source side is in [`serve`], the destination side in [`pull`], the
-//! operator's snapshot/prune/lock calls in [`admin`], metrics in [`metrics`].
+//! source side is in `serve`, the destination side in `pull`, the
+//! operator's snapshot/prune/lock calls in `admin`, metrics in `metrics`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
