@@ -15,6 +15,9 @@
 //!   msg_type at 8..10, body_len at 12..16, payload_len at 16..20, all LE),
 //!   then the body, then the payload. The payload is not covered by the
 //!   frame crc; only the extent's own checksum can catch the flip.
+//! - [`Fault::ForgeExtent`]: the same flip, but the extent header's checksum
+//!   is recomputed and the frame re-encoded (a lying or buggy source): only
+//!   the end-to-end content digest of the snapshot can catch it.
 //!
 //! Invariants: bytes are forwarded unchanged and in order except where an
 //! armed fault fires; a stream that does not start with the frame magic is
@@ -22,6 +25,7 @@
 
 #![allow(dead_code)]
 
+use sluice_lockproto::Message;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +44,9 @@ pub enum Fault {
     /// Flip byte `offset % payload_len` of the payload of the `nth` (0-based)
     /// Extent frame forwarded after arming.
     CorruptExtent { nth: u64, offset: u64 },
+    /// Like `CorruptExtent`, with a valid extent checksum over the flipped
+    /// payload (the frame is re-encoded with lockproto's encoder).
+    ForgeExtent { nth: u64, offset: u64 },
 }
 
 /// What a fault did when it fired.
@@ -50,6 +57,13 @@ pub enum Fired {
     /// Payload byte `offset` of an extent of `payload_len` bytes was flipped.
     Corrupted {
         conn: u64,
+        payload_len: usize,
+        offset: usize,
+    },
+    /// The same, with the extent checksum recomputed; `lba` is the wire lba.
+    Forged {
+        conn: u64,
+        lba: u64,
         payload_len: usize,
         offset: usize,
     },
@@ -260,10 +274,12 @@ fn pump_down(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>, conn: u64)
     }
 }
 
-fn corrupt_if_armed(frame: &mut [u8], payload_at: usize, sh: &Shared, conn: u64) {
+fn corrupt_if_armed(frame: &mut Vec<u8>, payload_at: usize, sh: &Shared, conn: u64) {
     let mut f = lock(&sh.fault);
-    let Some(Fault::CorruptExtent { nth, offset }) = *f else {
-        return;
+    let (nth, offset, forge) = match *f {
+        Some(Fault::CorruptExtent { nth, offset }) => (nth, offset, false),
+        Some(Fault::ForgeExtent { nth, offset }) => (nth, offset, true),
+        _ => return,
     };
     let seen = sh.extents_since_arm.fetch_add(1, Ordering::SeqCst);
     if seen != nth {
@@ -273,8 +289,27 @@ fn corrupt_if_armed(frame: &mut [u8], payload_at: usize, sh: &Shared, conn: u64)
     let payload_len = frame.len() - payload_at;
     let off = (offset % payload_len as u64) as usize;
     frame[payload_at + off] ^= 0xA5;
-    lock(&sh.fired).push(Fired::Corrupted {
+    if !forge {
+        lock(&sh.fired).push(Fired::Corrupted {
+            conn,
+            payload_len,
+            offset: off,
+        });
+        return;
+    }
+    let decoded = sluice_lockproto::decode(frame)
+        .expect("the source sent a valid Extent frame")
+        .expect("a whole frame");
+    let Message::Extent(mut h) = decoded.msg else {
+        panic!("message type 7 is not an Extent");
+    };
+    let payload = decoded.payload.to_vec();
+    h.checksum = sluice_replicator::transfer::checksum(&payload);
+    let lba = h.lba;
+    *frame = sluice_lockproto::encode(&Message::Extent(h), &payload).expect("re-encode Extent");
+    lock(&sh.fired).push(Fired::Forged {
         conn,
+        lba,
         payload_len,
         offset: off,
     });
