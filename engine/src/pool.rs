@@ -1451,11 +1451,7 @@ impl<D: BlockDevice> Pool<D> {
 
     fn write(&mut self, ns: &NsName, lba: u64, data: &AlignedBuf, replica: bool) -> Result<()> {
         let (vi, ni, pbas) = self.write_prepare(ns, lba, data, replica, 0)?;
-        let writes: Vec<(u64, Vec<u8>)> = pbas
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| (p, data.block(i).to_vec()))
-            .collect();
+        let writes = pbas.iter().enumerate().map(|(i, &p)| (p, data.block(i)));
         self.write_data(writes, &pbas)?;
         self.write_apply(vi, ni, lba, data, &pbas)
     }
@@ -1510,9 +1506,13 @@ impl<D: BlockDevice> Pool<D> {
     /// Write data blocks to their fresh pbas in one batch; on failure the
     /// pbas are unallocated again (nothing references them) and the pool
     /// is poisoned.
-    fn write_data(&mut self, writes: Vec<(u64, Vec<u8>)>, pbas: &[u64]) -> Result<()> {
-        let n = writes.len() as u64;
-        if let Err(e) = self.store.write_raw(writes, false) {
+    fn write_data<'a>(
+        &mut self,
+        writes: impl IntoIterator<Item = (u64, &'a [u8])>,
+        pbas: &[u64],
+    ) -> Result<()> {
+        let n = pbas.len() as u64;
+        if let Err(e) = self.store.write_blocks(writes, false) {
             for &p in pbas {
                 self.fm.clear(p);
             }
@@ -1577,14 +1577,14 @@ impl<D: BlockDevice> Pool<D> {
                 prepared.push(Err(Error::Invalid("not a write".into())));
             }
         }
-        let mut writes = Vec::new();
-        let mut all = Vec::new();
-        for (_, _, _, data, pbas) in prepared.iter().flatten() {
-            for (i, &p) in pbas.iter().enumerate() {
-                writes.push((p, data.block(i).to_vec()));
-                all.push(p);
-            }
-        }
+        let all: Vec<u64> = prepared
+            .iter()
+            .flatten()
+            .flat_map(|(_, _, _, _, pbas)| pbas.iter().copied())
+            .collect();
+        let writes = prepared.iter().flatten().flat_map(|(_, _, _, data, pbas)| {
+            pbas.iter().enumerate().map(|(i, &p)| (p, data.block(i)))
+        });
         if let Err(e) = self.write_data(writes, &all) {
             let reason = e.to_string();
             return prepared

@@ -375,7 +375,7 @@ mod tests {
             t.join().expect("caller thread");
         }
         h.shutdown().expect("shutdown");
-        assert!(sim.counters().writes >= 256);
+        assert!(sim.counters().blocks_written >= 256);
     }
 
     #[test]

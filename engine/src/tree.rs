@@ -235,13 +235,44 @@ impl<D: BlockDevice> Store<D> {
     }
 
     pub fn write_raw(&mut self, blocks: Vec<(u64, Vec<u8>)>, fua: bool) -> Result<()> {
-        if blocks.is_empty() {
+        self.write_blocks(blocks.iter().map(|(p, b)| (*p, b.as_slice())), fua)
+    }
+
+    /// Write whole blocks, in one device batch. Blocks whose pbas follow
+    /// each other (in the order given) go to the device as one request of
+    /// up to [`COALESCE_MAX`] blocks: a sequential stream of fresh
+    /// allocations costs one I/O per run, not one per block.
+    pub fn write_blocks<'a>(
+        &mut self,
+        blocks: impl IntoIterator<Item = (u64, &'a [u8])>,
+        fua: bool,
+    ) -> Result<()> {
+        let mut reqs = Vec::new();
+        let mut run: Vec<&'a [u8]> = Vec::new();
+        let mut start = 0u64;
+        let flush_run = |start: u64, run: &mut Vec<&'a [u8]>, reqs: &mut Vec<_>| {
+            if run.is_empty() {
+                return;
+            }
+            let mut buf = AlignedBuf::zeroed(run.len());
+            for (i, b) in run.iter().enumerate() {
+                buf.block_mut(i).copy_from_slice(b);
+            }
+            reqs.push((IoKind::Write { fua }, start, Some(buf)));
+            run.clear();
+        };
+        for (pba, data) in blocks {
+            let follows = !run.is_empty() && start + run.len() as u64 == pba;
+            if !follows || run.len() >= COALESCE_MAX {
+                flush_run(start, &mut run, &mut reqs);
+                start = pba;
+            }
+            run.push(data);
+        }
+        flush_run(start, &mut run, &mut reqs);
+        if reqs.is_empty() {
             return Ok(());
         }
-        let reqs = blocks
-            .into_iter()
-            .map(|(p, b)| (IoKind::Write { fua }, p, Some(AlignedBuf::from_slice(&b))))
-            .collect();
         self.run(reqs).map(|_| ())
     }
 
@@ -267,6 +298,9 @@ impl<D: BlockDevice> Store<D> {
         Ok(a)
     }
 }
+
+/// Most blocks in one coalesced write request (1 MiB).
+pub const COALESCE_MAX: usize = 256;
 
 /// The payload of the leaf covering `leaf_key`, if the tree has one.
 pub fn get_leaf<D: BlockDevice>(
