@@ -387,3 +387,104 @@ fn source_restart_mid_transfer_resumes() {
         n.shutdown();
     }
 }
+
+/// A source whose data does not match the digest it announces (a liar on
+/// the wire, valid frames and checksums): the snapshot is not committed.
+#[test]
+fn digest_mismatch_commits_nothing() {
+    use sluice_lockproto::wire::{ExtentHeader, SnapInfo, TransferStart, CHECKSUM_XXH3};
+    use sluice_lockproto::Message;
+    use sluice_replicator::conn::Conn;
+    let b = Node::start("B");
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let id = *uuid::Uuid::new_v4().as_bytes();
+    let snap = SnapInfo {
+        id,
+        name: "s1".into(),
+        created_ms: 1,
+        content_digest: [7; 32],
+    };
+    let h = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut c = Conn::new(s, std::time::Duration::from_secs(10)).unwrap();
+        c.handshake("LIAR", None).unwrap();
+        while let Ok(Some(m)) = c.recv() {
+            match m {
+                Message::SnapshotListRequest { req_id, qtree, .. } => {
+                    let snapshots = if qtree.as_deref() == Some("@namespaces") {
+                        vec![SnapInfo {
+                            id: [0; 16],
+                            name: String::new(),
+                            created_ms: 1 << 20,
+                            content_digest: [0; 32],
+                        }]
+                    } else {
+                        vec![snap.clone()]
+                    };
+                    c.send(&Message::SnapshotList { req_id, snapshots }, &[])
+                        .unwrap();
+                }
+                Message::TransferRequest(t) => {
+                    let data = vec![0xab; 4096];
+                    let msgs = [
+                        Message::TransferStart(TransferStart {
+                            req_id: t.req_id,
+                            target: snap.clone(),
+                            base: None,
+                            extent_count: 1,
+                            byte_count: 4096,
+                            volume_bytes: 1 << 20,
+                            start_position: 0,
+                        }),
+                        Message::Extent(ExtentHeader {
+                            req_id: t.req_id,
+                            lba: 0,
+                            len: 1,
+                            checksum_kind: CHECKSUM_XXH3,
+                            checksum: sluice_replicator::transfer::checksum(&data),
+                        }),
+                        Message::Checkpoint {
+                            req_id: t.req_id,
+                            position: 1,
+                        },
+                        Message::TransferDone {
+                            req_id: t.req_id,
+                            content_digest: [7; 32],
+                        },
+                    ];
+                    for m in msgs {
+                        let p: &[u8] = if matches!(m, Message::Extent(_)) {
+                            &data
+                        } else {
+                            &[]
+                        };
+                        if c.send(&m, p).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Message::Ping { nonce } => c.send(&Message::Pong { nonce }, &[]).unwrap(),
+                _ => {}
+            }
+        }
+    });
+    let s = sluice_replicator::MirrorSpec {
+        dst_volume: "v".into(),
+        source_addr: addr,
+        source_volume: "v".into(),
+        source_qtree: None,
+        dst_qtree: None,
+        every: None,
+        throttle_bps: None,
+    };
+    match b.repl.mirror_create(s) {
+        Err(e @ ReplError::DigestMismatch { .. }) => {
+            assert!(e.to_string().contains("nothing was committed"), "{e}")
+        }
+        other => panic!("expected a digest mismatch: {other:?}"),
+    }
+    assert!(b.snap_names("v").is_empty(), "a snapshot was committed");
+    h.join().unwrap();
+    b.shutdown();
+}
