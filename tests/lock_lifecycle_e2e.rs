@@ -1,0 +1,286 @@
+//! Issue 5, test 5, with real `sluice serve` processes and real TCP: the
+//! life of soft locks in a cascade A -> B -> C.
+//!
+//! - C's base lock appears on A with its hop path through B.
+//! - `snap delete` of a locked snapshot on A is refused naming the holders
+//!   (one line, non-zero exit); `--force` deletes it (logged with the
+//!   holders), B is told (its next update keeps its own copy because C
+//!   locks it there, and A stops showing locks on it) and C's chain holds.
+//! - `lock add` on C (owner and text) shows on B and A; `lock release` ends
+//!   it everywhere.
+//! - A silent (killed) downstream's locks turn stale after its lease and
+//!   are kept under the default policy; it renews them when it comes back.
+//! - `mirror delete` on C releases C's locks on B and A.
+//! - With `lease_policy = "release"`, a silent downstream's locks disappear
+//!   after the grace period, on its upstream and (relayed) further up.
+//!
+//! Short leases come from `--config` TOML files. Every wait polls with a
+//! deadline; no wall-clock duration is asserted.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const LEASE_MS: u64 = 3000;
+
+fn config(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn locks(d: &Daemon) -> Vec<Value> {
+    d.json(&["lock", "list"]).as_array().unwrap().clone()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn from_origin<'a>(ls: &'a [Value], origin: &str) -> Vec<&'a Value> {
+    ls.iter().filter(|l| l["origin_node"] == origin).collect()
+}
+
+fn hops(l: &Value) -> Vec<String> {
+    l["hop_path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn snap_id(d: &Daemon, snap: &str) -> String {
+    d.json(&["snap", "list", "v"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == snap)
+        .and_then(|s| s["id"].as_str())
+        .unwrap_or_else(|| panic!("snapshot v@{snap}"))
+        .to_string()
+}
+
+fn snap_names(d: &Daemon, vol: &str) -> Vec<String> {
+    d.json(&["snap", "list", vol])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn write_some(a: &Daemon, rng: &mut Rng) {
+    if !have("qemu-io") {
+        return; // the locks do not need data; snapshots of an idle volume do
+    }
+    let cmds: Vec<String> = (0..8)
+        .map(|_| {
+            format!(
+                "write -P {} {} 4k",
+                rng.next() % 250 + 1,
+                (rng.next() % 2048) * 4096
+            )
+        })
+        .collect();
+    qemu_io(&a.nbd, "v", &cmds);
+}
+
+fn update(d: &Daemon, vol: &str) -> Value {
+    d.json(&["mirror", "update", vol])
+}
+
+#[test]
+fn soft_locks_live_and_die_through_a_cascade() {
+    let mut rng = Rng::from_env("lock_lifecycle");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let keep_cfg = config(
+        p,
+        "keep.toml",
+        &format!("lease_ms = {LEASE_MS}\nlease_policy = \"keep\"\n"),
+    );
+    let release_cfg = config(
+        p,
+        "release.toml",
+        &format!("lease_ms = {LEASE_MS}\nlease_policy = \"release\"\nlease_grace_ms = 1500\n"),
+    );
+    let c_cfg = config(p, "c.toml", &format!("lease_ms = {LEASE_MS}\n"));
+    let a_pool = init_pool(p, "a.img", "128M");
+    let b_pool = init_pool(p, "b.img", "128M");
+    let c_pool = init_pool(p, "c.img", "128M");
+    let a = Daemon::try_start(&a_pool, &["--name", "a"]).unwrap();
+    let b = Daemon::try_start(&b_pool, &["--name", "b", "--config", &keep_cfg]).unwrap();
+    let c = Daemon::try_start(&c_pool, &["--name", "c", "--config", &c_cfg]).unwrap();
+    a.ok(&["vol", "create", "v", "--size", "8M"]);
+    write_some(&a, &mut rng);
+    a.ok(&["snap", "create", "v", "s1"]);
+    b.ok(&[
+        "mirror",
+        "create",
+        "v",
+        "--from",
+        &format!("{}/v", a.control),
+    ]);
+    c.ok(&[
+        "mirror",
+        "create",
+        "v",
+        "--from",
+        &format!("{}/v", b.control),
+    ]);
+    let s1 = snap_id(&a, "s1");
+
+    // C's base lock on A, through B.
+    let on_a = locks(&a);
+    let c_on_a = from_origin(&on_a, "c");
+    assert!(
+        c_on_a
+            .iter()
+            .any(|l| l["snapshot"] == "s1" && hops(l) == ["c", "b"] && l["state"] == "active"),
+        "A shows no lock of C's on s1 through B: {on_a:#?}"
+    );
+
+    // B moves on to s2; C stays at s1, so A's s1 is held by C alone.
+    write_some(&a, &mut rng);
+    a.ok(&["snap", "create", "v", "s2"]);
+    assert_eq!(update(&b, "v")["kind"], "incremental");
+    let o = a.cli(&["snap", "delete", "v", "s1"]);
+    assert!(!o.status.success(), "delete of a locked snapshot succeeded");
+    let e = stderr(&o);
+    assert_eq!(e.trim().lines().count(), 1, "one-line refusal: {e}");
+    for want in ["v@s1", "locked", "from c via c>b", "--force"] {
+        assert!(e.contains(want), "refusal lacks {want:?}: {e}");
+    }
+    assert!(snap_names(&a, "v").contains(&"s1".to_string()));
+    let plan = a.json(&["prune", "v", "--keep", "1", "--dry-run"]);
+    assert!(
+        plan["skipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["snapshot"] == "s1"),
+        "prune preview keeps s1 for its holders: {plan}"
+    );
+
+    // --force deletes it, logs the holders, and the downstream is told.
+    a.ok(&["snap", "delete", "v", "s1", "--force"]);
+    assert!(!snap_names(&a, "v").contains(&"s1".to_string()));
+    let log = a.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("forced delete of a locked snapshot") && l.contains("from c")),
+        "A's log does not record the forced delete with its holders:\n{log}"
+    );
+    let r = update(&b, "v");
+    assert_eq!(
+        r["kept_locked"],
+        serde_json::json!(["s1"]),
+        "B keeps s1 (gone at the source, locked by C): {r}"
+    );
+    assert!(
+        !locks(&a).iter().any(|l| l["snapshot_id"] == s1.as_str()),
+        "A still lists locks on the deleted s1: {:#?}",
+        locks(&a)
+    );
+    let r = update(&c, "v");
+    assert_eq!(r["kind"], "incremental", "C's chain survived: {r}");
+    assert_eq!(r["base"]["name"], "s1");
+
+    // An application lock on C shows on B and A with owner and text.
+    let text = "nightly report";
+    let want_text = format!("app: {text}");
+    let added = c.ok(&["lock", "add", "v", "s2", "--owner", "app", "--text", text]);
+    assert!(added.contains("holder app"), "{added}");
+    let app_lock = |d: &Daemon| -> Option<Value> {
+        locks(d)
+            .into_iter()
+            .find(|l| l["kind"] == "owner" && l["text"] == want_text.as_str())
+    };
+    for (d, name, path) in [
+        (&c, "C", vec!["c"]),
+        (&b, "B", vec!["c"]),
+        (&a, "A", vec!["c", "b"]),
+    ] {
+        let l = app_lock(d).unwrap_or_else(|| {
+            panic!("{name} does not show C's application lock: {:#?}", locks(d))
+        });
+        assert_eq!(l["origin_node"], "c", "{name}: {l}");
+        assert_eq!(l["snapshot"], "s2", "{name}: {l}");
+        assert_eq!(hops(&l), path, "{name}: {l}");
+    }
+    let o = a.cli(&["snap", "delete", "v", "s2"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains(&want_text),
+        "A's refusal names the application: {}",
+        stderr(&o)
+    );
+    c.ok(&["lock", "release", "v", "s2", "--holder", "app"]);
+    for (d, name) in [(&c, "C"), (&b, "B"), (&a, "A")] {
+        wait_until(&format!("the application lock to end on {name}"), || {
+            app_lock(d).is_none()
+        });
+    }
+
+    // A silent downstream: C killed; B marks its locks stale after C's
+    // lease and keeps them (default policy); C coming back renews them.
+    let c_locks_on =
+        |d: &Daemon| -> Vec<Value> { from_origin(&locks(d), "c").into_iter().cloned().collect() };
+    assert!(!c_locks_on(&b).is_empty());
+    c.kill();
+    wait_until("C's locks to turn stale on B", || {
+        let ls = c_locks_on(&b);
+        !ls.is_empty() && ls.iter().all(|l| l["state"] == "stale")
+    });
+    assert!(
+        b.log_text().contains("is stale"),
+        "B's log does not report the stale downstream"
+    );
+    let c = Daemon::try_start(&c_pool, &["--name", "c", "--config", &c_cfg]).unwrap();
+    wait_until("C's locks to be renewed on B", || {
+        let ls = c_locks_on(&b);
+        !ls.is_empty() && ls.iter().all(|l| l["state"] == "active")
+    });
+
+    // mirror delete on C releases C's locks upstream, on return.
+    c.ok(&["mirror", "delete", "v"]);
+    assert!(c_locks_on(&b).is_empty(), "B: {:#?}", locks(&b));
+    assert!(c_locks_on(&a).is_empty(), "A: {:#?}", locks(&a));
+
+    // lease_policy = "release": B drops a silent C's locks after the grace
+    // period, and A (told by B) no longer shows them either.
+    b.term();
+    let b = Daemon::try_start(&b_pool, &["--name", "b", "--config", &release_cfg]).unwrap();
+    c.ok(&[
+        "mirror",
+        "create",
+        "w",
+        "--from",
+        &format!("{}/v", b.control),
+    ]);
+    assert!(
+        !c_locks_on(&b).is_empty(),
+        "C's new mirror locks nothing on B"
+    );
+    wait_until("C's locks to reach A", || !c_locks_on(&a).is_empty());
+    c.kill();
+    wait_until("C's locks to be released on B", || {
+        c_locks_on(&b).is_empty()
+    });
+    wait_until("C's locks to disappear from A", || {
+        c_locks_on(&a).is_empty()
+    });
+    assert!(
+        b.log_text().contains("LeaseExpired"),
+        "B's log does not say why C's locks were released"
+    );
+    // B's own locks on A are untouched.
+    assert!(!from_origin(&locks(&a), "b").is_empty());
+}
