@@ -1,6 +1,7 @@
 //! Prometheus text exposition for `GET /metrics` on the `--listen` address:
-//! space, volumes, snapshots and control requests from the node, plus the
-//! NBD server's I/O counts and latency histograms.
+//! space, volumes, snapshots and control requests from the node, the NBD
+//! server's I/O counts and latency histograms, and the replicator's
+//! transfers and locks (`sluice_repl_*`).
 //!
 //! Gauges are read from the engine at scrape time, so a scrape costs two
 //! engine calls per volume; nothing is cached that could go stale.
@@ -102,5 +103,6 @@ pub fn render(node: &Node) -> String {
         }
     }
     node.nbd_metrics.render(&mut out);
+    node.repl.render_metrics(&mut out);
     out
 }

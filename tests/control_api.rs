@@ -64,6 +64,8 @@ fn json_lines_http_and_garbage() {
         "sluice_pool_bytes{state=\"free\"}",
         "sluice_volume_size_bytes{volume=\"v\"} 16777216",
         "sluice_control_requests_total{result=\"error\"} 5",
+        "sluice_nbd_",
+        "sluice_repl_",
     ] {
         assert!(m.contains(want), "missing {want} in {m}");
     }
