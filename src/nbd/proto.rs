@@ -478,11 +478,12 @@ pub fn encode_option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u
 /// Append an error reply with a human message (truncated to the spec's
 /// string limit).
 pub fn encode_option_error(out: &mut Vec<u8>, option: u32, code: u32, message: &str) {
-    let mut m = message.as_bytes();
-    if m.len() > NAME_MAX_BYTES {
-        m = &m[..NAME_MAX_BYTES];
+    // Cut at a character boundary: the message stays valid UTF-8.
+    let mut end = message.len().min(NAME_MAX_BYTES);
+    while !message.is_char_boundary(end) {
+        end -= 1;
     }
-    encode_option_reply(out, option, code, m);
+    encode_option_reply(out, option, code, &message.as_bytes()[..end]);
 }
 
 /// NBD_REP_INFO replies: always EXPORT and BLOCK_SIZE (the spec lets a
@@ -1114,6 +1115,17 @@ mod tests {
         let mut out = Vec::new();
         encode_option_error(&mut out, 1, REP_ERR_UNKNOWN, &"e".repeat(10_000));
         assert_eq!(replies(&out)[0].2.len(), NAME_MAX_BYTES);
+        // Multi-byte characters are not cut in half.
+        let mut out = Vec::new();
+        encode_option_error(
+            &mut out,
+            1,
+            REP_ERR_UNKNOWN,
+            &format!("e{}", "é".repeat(5000)),
+        );
+        let m = &replies(&out)[0].2;
+        assert_eq!(m.len(), NAME_MAX_BYTES - 1);
+        assert!(std::str::from_utf8(m).is_ok());
     }
 
     #[test]
