@@ -19,6 +19,9 @@
 //!   is recomputed and the frame re-encoded (a lying or buggy source): only
 //!   the end-to-end content digest of the snapshot can catch it.
 //!
+//! With [`Proxy::record`] on, every byte forwarded either way is also kept
+//! (to check what crosses the wire, e.g. that a secret never does).
+//!
 //! Invariants: bytes are forwarded unchanged and in order except where an
 //! armed fault fires; a stream that does not start with the frame magic is
 //! forwarded raw; end of stream is propagated (half-close) both ways.
@@ -77,6 +80,16 @@ struct Shared {
     conns: AtomicU64,
     stop: AtomicBool,
     live: Mutex<Vec<TcpStream>>,
+    recording: AtomicBool,
+    recorded: Mutex<Vec<u8>>,
+}
+
+impl Shared {
+    fn keep(&self, data: &[u8]) {
+        if self.recording.load(Ordering::SeqCst) {
+            lock(&self.recorded).extend_from_slice(data);
+        }
+    }
 }
 
 /// The proxy; dropping it stops it and closes every connection.
@@ -98,6 +111,8 @@ impl Proxy {
             conns: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
+            recording: AtomicBool::new(false),
+            recorded: Mutex::new(Vec::new()),
         });
         let sh = shared.clone();
         std::thread::spawn(move || accept_loop(listener, sh));
@@ -128,6 +143,16 @@ impl Proxy {
     /// Faults that fired so far, in order.
     pub fn fired(&self) -> Vec<Fired> {
         lock(&self.shared.fired).clone()
+    }
+
+    /// Keep (or stop keeping) a copy of every forwarded byte.
+    pub fn record(&self, on: bool) {
+        self.shared.recording.store(on, Ordering::SeqCst);
+    }
+
+    /// The bytes kept while recording, both directions interleaved.
+    pub fn recorded(&self) -> Vec<u8> {
+        lock(&self.shared.recorded).clone()
     }
 
     /// Connections accepted so far.
@@ -178,14 +203,15 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
             continue;
         };
-        std::thread::spawn(move || pump_raw(c2, s2));
+        let sh1 = sh.clone();
+        std::thread::spawn(move || pump_raw(c2, s2, sh1));
         let sh2 = sh.clone();
         std::thread::spawn(move || pump_down(server, client, sh2, n));
     }
 }
 
 /// Client to upstream: bytes as they come; end of stream half-closes.
-fn pump_raw(mut from: TcpStream, mut to: TcpStream) {
+fn pump_raw(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match from.read(&mut buf) {
@@ -194,6 +220,7 @@ fn pump_raw(mut from: TcpStream, mut to: TcpStream) {
                 return;
             }
             Ok(n) => {
+                sh.keep(&buf[..n]);
                 if to.write_all(&buf[..n]).is_err() {
                     let _ = from.shutdown(Shutdown::Both);
                     return;
@@ -331,6 +358,7 @@ fn forward(to: &mut TcpStream, data: &[u8], sent: &mut u64, sh: &Shared, conn: u
     match cut_at {
         Some(n) => {
             let keep = (n.saturating_sub(*sent)) as usize;
+            sh.keep(&data[..keep]);
             let _ = to.write_all(&data[..keep]);
             *sent += keep as u64;
             let _ = to.flush();
@@ -338,6 +366,7 @@ fn forward(to: &mut TcpStream, data: &[u8], sent: &mut u64, sh: &Shared, conn: u
             false
         }
         None => {
+            sh.keep(data);
             if to.write_all(data).is_err() {
                 return false;
             }
