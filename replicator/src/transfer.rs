@@ -32,8 +32,26 @@ pub const TRIM_CHUNK_BLOCKS: u64 = 1 << 30;
 pub const NS_SHIFT: u32 = 48;
 /// Largest namespace index.
 pub const NS_MAX: usize = 1024;
-/// Items between checkpoints.
-pub const CKPT_EVERY_ITEMS: u64 = 32;
+/// When the source marks checkpoints: after this many items or this many
+/// payload bytes since the last one, whichever comes first (and always at
+/// the end). Each checkpoint costs the destination a consistency point, so
+/// they are sparse by default; tests make them dense.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    /// Items between checkpoints.
+    pub every_items: u64,
+    /// Payload bytes between checkpoints.
+    pub every_bytes: u64,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy {
+            every_items: 8192,
+            every_bytes: 64 << 20,
+        }
+    }
+}
 /// `SnapshotListRequest.qtree` value asking for the namespace list of a
 /// volume instead of its snapshots (qtree names cannot contain `@`).
 pub const NS_LIST_TAG: &str = "@namespaces";
@@ -126,18 +144,24 @@ pub enum SendStep {
 }
 
 /// The source's side: walks the item list from a start position, with
-/// checkpoints every [`CKPT_EVERY_ITEMS`] items and one at the end.
+/// checkpoints by [`CheckpointPolicy`] and one at the end.
 #[derive(Debug)]
 pub struct Sender {
     items: Vec<Item>,
     pos: usize,
     since_ckpt: u64,
+    since_ckpt_bytes: u64,
+    policy: CheckpointPolicy,
     state: u8, // 0 items, 1 final checkpoint sent, 2 done sent
 }
 
 impl Sender {
     /// Start at `start` (a receiver's checkpoint); errors if beyond the list.
-    pub fn new(items: Vec<Item>, start: u64) -> std::result::Result<Self, String> {
+    pub fn new(
+        items: Vec<Item>,
+        start: u64,
+        policy: CheckpointPolicy,
+    ) -> std::result::Result<Self, String> {
         let pos = usize::try_from(start).map_err(|_| format!("resume position {start}"))?;
         if pos > items.len() {
             return Err(format!(
@@ -149,6 +173,8 @@ impl Sender {
             items,
             pos,
             since_ckpt: 0,
+            since_ckpt_bytes: 0,
+            policy,
             state: 0,
         })
     }
@@ -163,14 +189,20 @@ impl Sender {
     /// The next step.
     pub fn next_step(&mut self) -> SendStep {
         match self.state {
-            0 if self.since_ckpt >= CKPT_EVERY_ITEMS => {
+            0 if self.since_ckpt >= self.policy.every_items.max(1)
+                || self.since_ckpt_bytes >= self.policy.every_bytes.max(1) =>
+            {
                 self.since_ckpt = 0;
+                self.since_ckpt_bytes = 0;
                 SendStep::Checkpoint(self.pos as u64)
             }
             0 => match self.items.get(self.pos) {
                 Some(i) => {
                     self.pos += 1;
                     self.since_ckpt += 1;
+                    if i.kind == ItemKind::Data {
+                        self.since_ckpt_bytes += u64::from(i.len_blocks) * BLOCK_SIZE as u64;
+                    }
                     SendStep::Item(*i)
                 }
                 None => {
@@ -399,7 +431,11 @@ mod tests {
     #[test]
     fn sender_checkpoints_and_resumes() {
         let items = plan(&[vec![ext(0, 256 * 70, DiffKind::Data)]]);
-        let mut s = Sender::new(items.clone(), 0).unwrap();
+        let dense = CheckpointPolicy {
+            every_items: 32,
+            every_bytes: u64::MAX,
+        };
+        let mut s = Sender::new(items.clone(), 0, dense).unwrap();
         let mut ckpts = Vec::new();
         let mut n = 0;
         loop {
@@ -412,9 +448,24 @@ mod tests {
         }
         assert_eq!(n, 70);
         assert_eq!(ckpts, vec![32, 64, 70]);
-        let s = Sender::new(items.clone(), 64).unwrap();
+        let s = Sender::new(items.clone(), 64, dense).unwrap();
         assert_eq!(s.remaining(), 6);
-        assert!(Sender::new(items, 71).is_err());
+        assert!(Sender::new(items.clone(), 71, dense).is_err());
+        // By bytes: 70 MiB of 1 MiB items with a 16 MiB byte bound.
+        let by_bytes = CheckpointPolicy {
+            every_items: 1000,
+            every_bytes: 16 << 20,
+        };
+        let mut s = Sender::new(items, 0, by_bytes).unwrap();
+        let mut ckpts = Vec::new();
+        loop {
+            match s.next_step() {
+                SendStep::Checkpoint(p) => ckpts.push(p),
+                SendStep::Finished => break,
+                _ => {}
+            }
+        }
+        assert_eq!(ckpts, vec![16, 32, 48, 64, 70]);
     }
 
     #[test]

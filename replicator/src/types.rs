@@ -43,6 +43,8 @@ pub struct ReplicatorConfig {
     pub tick: Duration,
     /// Connect/read/write timeout on peer sockets.
     pub peer_timeout: Duration,
+    /// How often transfers served by this node checkpoint (resume points).
+    pub checkpoint: crate::transfer::CheckpointPolicy,
 }
 
 impl ReplicatorConfig {
@@ -58,6 +60,7 @@ impl ReplicatorConfig {
             propagate_locks: true,
             tick: Duration::from_millis(500),
             peer_timeout: Duration::from_secs(30),
+            checkpoint: Default::default(),
         }
     }
 }

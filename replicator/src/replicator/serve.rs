@@ -305,7 +305,7 @@ impl Replicator {
             }
         }
         let items = plan(&diffs);
-        let mut sender = match Sender::new(items, r.resume_from) {
+        let mut sender = match Sender::new(items, r.resume_from, self.cfg.checkpoint) {
             Ok(s) => s,
             Err(e) => return fail(c, codes::INTERNAL, ReplError::Invalid(e)),
         };

@@ -56,6 +56,11 @@ pub fn config(name: &str, secret: Option<&[u8]>) -> ReplicatorConfig {
     c.peer_secret = secret.map(<[u8]>::to_vec);
     c.tick = Duration::from_millis(100);
     c.peer_timeout = Duration::from_secs(10);
+    // Dense checkpoints so small test transfers have resume points.
+    c.checkpoint = sluice_replicator::transfer::CheckpointPolicy {
+        every_items: 32,
+        every_bytes: 1 << 20,
+    };
     c
 }
 
