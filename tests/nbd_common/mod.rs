@@ -1,25 +1,19 @@
-//! Shared setup of the NBD end-to-end tests: a node serving NBD on
-//! 127.0.0.1, and a tiny raw NBD client.
-//!
-//! Today the node is in-process: a real engine on a temp file (io_uring,
-//! O_DIRECT where the filesystem allows) and `NbdServer::start` on
-//! 127.0.0.1:0. Everything the tests need from "the node" goes through
-//! [`Node`] (create volumes, qtrees, snapshots; its NBD address), so
-//! switching it to a spawned `sluice serve` daemon changes this file only.
+//! Shared setup of the NBD end-to-end tests: a real `sluice serve` process
+//! (pool file in a temp folder, control and NBD on 127.0.0.1 ports chosen
+//! by the kernel), set up through the real CLI; and a tiny raw NBD client.
+//! Metrics are read the way an operator reads them: `GET /metrics`.
 #![allow(dead_code)]
 
-use sluice::nbd::{NbdMetrics, NbdServer};
-use sluice_engine::api::{Image, NsName, Reply, Request};
-use sluice_engine::device::uring::{UringDevice, UringOptions};
-use sluice_engine::device::AlignedBuf;
-use sluice_engine::pool::{FormatOptions, Pool};
-use sluice_engine::shard::{Engine, EngineHandle, EngineOptions};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::Arc;
+#[path = "../common/mod.rs"]
+mod harness;
 
-pub const POOL_BYTES: u64 = 512 << 20;
+use harness::{init_pool, Daemon};
+use sluice_engine::api::{Image, NsName};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+
+pub const POOL_SIZE: &str = "512M";
 /// The volume every test gets, and its qtree.
 pub const VOL: &str = "vol";
 pub const VOL_BYTES: u64 = 64 << 20;
@@ -49,35 +43,70 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     found
 }
 
+/// The daemon's metrics, scraped over HTTP.
+pub struct Metrics {
+    control: String,
+}
+
+impl Metrics {
+    /// The whole `/metrics` body.
+    pub fn scrape(&self) -> String {
+        let mut s = TcpStream::connect(&self.control).expect("connect for /metrics");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: sluice\r\n\r\n").expect("send GET");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read /metrics");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn render(&self, out: &mut String) {
+        out.push_str(&self.scrape());
+    }
+
+    fn value(&self, name: &str) -> u64 {
+        self.scrape()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn protocol_errors(&self) -> u64 {
+        self.value("sluice_nbd_connections_protocol_errors_total")
+    }
+}
+
 /// A node serving NBD: volume [`VOL`] with qtree [`QTREE`].
 pub struct Node {
     pub nbd_addr: SocketAddr,
-    pub metrics: Arc<NbdMetrics>,
-    engine: EngineHandle,
-    server: Option<NbdServer>,
+    pub metrics: Metrics,
+    daemon: Option<Daemon>,
     _dir: tempfile::TempDir,
+}
+
+fn export(image: &Image) -> String {
+    let mut e = image.ns.volume.clone();
+    if let Some(q) = &image.ns.qtree {
+        e = format!("{e}/{q}");
+    }
+    if let Some(s) = &image.snapshot {
+        e = format!("{e}@{s}");
+    }
+    e
 }
 
 impl Node {
     pub fn start() -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
-        let dev = UringDevice::create(
-            &dir.path().join("pool.img"),
-            POOL_BYTES,
-            UringOptions::default(),
-        )
-        .expect("pool file");
-        let pool = Pool::format(dev, FormatOptions::default()).expect("format");
-        let engine = Engine::start(pool, EngineOptions::default());
-        let metrics = Arc::new(NbdMetrics::new());
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let server =
-            NbdServer::start(listener, engine.clone(), metrics.clone()).expect("NBD server");
+        let pool = init_pool(dir.path(), "pool.img", POOL_SIZE);
+        let daemon = Daemon::start(&pool);
         let node = Node {
-            nbd_addr: server.local_addr(),
-            metrics,
-            engine,
-            server: Some(server),
+            nbd_addr: daemon.nbd.parse().expect("NBD address"),
+            metrics: Metrics {
+                control: daemon.control.clone(),
+            },
+            daemon: Some(daemon),
             _dir: dir,
         };
         node.create_volume(VOL, VOL_BYTES);
@@ -85,58 +114,49 @@ impl Node {
         node
     }
 
-    fn call(&self, req: Request) -> Reply {
-        let what = format!("{req:?}");
-        self.engine
-            .call(req)
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("daemon running")
     }
 
     pub fn create_volume(&self, name: &str, size_bytes: u64) {
-        self.call(Request::CreateVolume {
-            name: name.into(),
-            size_bytes,
-        });
+        self.daemon()
+            .ok(&["vol", "create", name, "--size", &size_bytes.to_string()]);
     }
 
     pub fn create_qtree(&self, volume: &str, name: &str, size_bytes: u64) {
-        self.call(Request::CreateQtree {
-            volume: volume.into(),
-            name: name.into(),
-            size_bytes,
-        });
+        self.daemon().ok(&[
+            "qtree",
+            "create",
+            volume,
+            name,
+            "--size",
+            &size_bytes.to_string(),
+        ]);
     }
 
     pub fn snapshot(&self, volume: &str, name: &str) {
-        self.call(Request::CreateSnapshot {
-            volume: volume.into(),
-            name: name.into(),
-            id: None,
-            created_unix_ms: None,
-        });
+        self.daemon().ok(&["snap", "create", volume, name]);
     }
 
-    /// Whole-block write straight into the engine (test setup, not NBD).
+    /// Whole-block write for test setup, through its own NBD connection.
     pub fn write_direct(&self, ns: &NsName, lba: u64, data: &[u8]) {
-        self.call(Request::Write {
+        let image = Image {
             ns: ns.clone(),
-            lba,
-            data: AlignedBuf::from_slice(data),
-            fua: false,
-            replica: false,
-        });
+            snapshot: None,
+        };
+        let mut c = Client::connect(self.nbd_addr, &export(&image)).expect("connect");
+        let (err, _) = c.call(CMD_WRITE, 0, lba * 4096, data.len() as u32, data);
+        assert_eq!(err, 0, "setup write to {}", export(&image));
+        c.disconnect();
     }
 
-    /// Read straight from the engine (checking, not NBD).
+    /// Read for checking, through its own NBD connection.
     pub fn read_direct(&self, image: &Image, lba: u64, len_blocks: u32) -> Vec<u8> {
-        match self.call(Request::Read {
-            image: image.clone(),
-            lba,
-            len_blocks,
-        }) {
-            Reply::Data(b) => b.as_slice().to_vec(),
-            other => panic!("read answered {other:?}"),
-        }
+        let mut c = Client::connect(self.nbd_addr, &export(image)).expect("connect");
+        let (err, data) = c.call(CMD_READ, 0, lba * 4096, len_blocks * 4096, &[]);
+        assert_eq!(err, 0, "check read of {}", export(image));
+        c.disconnect();
+        data
     }
 
     /// qemu's `--image-opts` for an export.
@@ -148,20 +168,12 @@ impl Node {
         )
     }
 
+    /// Graceful stop (SIGTERM): the daemon must exit 0.
     pub fn stop(mut self) {
-        if let Some(s) = self.server.take() {
-            s.shutdown();
+        if let Some(d) = self.daemon.take() {
+            let status = d.term();
+            assert!(status.success(), "daemon exit: {status:?}");
         }
-        self.engine.shutdown().expect("engine shutdown");
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(s) = self.server.take() {
-            s.shutdown();
-        }
-        let _ = self.engine.shutdown();
     }
 }
 
