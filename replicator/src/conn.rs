@@ -13,7 +13,7 @@
 //! too (the peer's authenticated `Hello` is answered with an unauthenticated
 //! one, then the connection ends). Every socket has read/write timeouts.
 
-use std::io::{Read, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -25,12 +25,17 @@ use sluice_lockproto::Message;
 
 use crate::error::{ReplError, Result};
 
+/// Socket buffer sizes: small frames are batched into few syscalls.
+const IO_BUF_BYTES: usize = 256 << 10;
+
 /// Longest node name we accept from a peer.
 pub const NODE_NAME_MAX: usize = 256;
 
 /// One framed connection to a peer.
 pub struct Conn {
     stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    writer: BufWriter<TcpStream>,
     /// Address (for messages).
     pub peer: String,
     /// The peer's node id once the handshake is done.
@@ -61,8 +66,18 @@ impl Conn {
             .set_write_timeout(Some(timeout))
             .map_err(|e| io("set write timeout", e))?;
         let _ = stream.set_nodelay(true);
+        let reader = BufReader::with_capacity(
+            IO_BUF_BYTES,
+            stream.try_clone().map_err(|e| io("clone socket", e))?,
+        );
+        let writer = BufWriter::with_capacity(
+            IO_BUF_BYTES,
+            stream.try_clone().map_err(|e| io("clone socket", e))?,
+        );
         Ok(Conn {
             stream,
+            reader,
+            writer,
             peer: peer.clone(),
             peer_node: String::new(),
             buf: Vec::new(),
@@ -107,25 +122,32 @@ impl Conn {
         }
     }
 
-    /// Send one message, then `payload` raw (extents only).
+    /// Queue one message, then `payload` raw (extents only). Frames are
+    /// buffered: they leave at the latest when this side next waits for a
+    /// frame ([`Conn::recv`]), on [`Conn::flush`] or [`Conn::close`].
     pub fn send(&mut self, msg: &Message, payload: &[u8]) -> Result<()> {
         let len = u32::try_from(payload.len())
             .map_err(|_| ReplError::Invalid("payload longer than 4 GiB".into()))?;
         let mut out = std::mem::take(&mut self.out);
         let r = encode_into(msg, len, &mut out)
             .map_err(ReplError::from)
-            .and_then(|()| self.stream.write_all(&out).map_err(|e| self.io("send", e)))
+            .and_then(|()| self.writer.write_all(&out).map_err(|e| self.io("send", e)))
             .and_then(|()| {
                 if payload.is_empty() {
                     Ok(())
                 } else {
-                    self.stream
+                    self.writer
                         .write_all(payload)
                         .map_err(|e| self.io("send payload", e))
                 }
             });
         self.out = out;
         r
+    }
+
+    /// Push buffered frames to the socket (`recv` does it first).
+    pub fn flush(&mut self) -> Result<()> {
+        self.writer.flush().map_err(|e| self.io("send", e))
     }
 
     /// Send an error frame (best effort: the connection ends next).
@@ -138,6 +160,7 @@ impl Conn {
             },
             &[],
         );
+        let _ = self.flush();
     }
 
     /// Receive one frame; `Ok(None)` on a clean end of stream between frames.
@@ -151,6 +174,7 @@ impl Conn {
                 // The peer requires a shared secret and we have none: answer
                 // so it can refuse clearly, and stop here too.
                 let _ = self.send(&Message::Hello(self.hello(None, [0; NONCE_LEN])), &[]);
+                let _ = self.flush();
                 Err(ReplError::AuthRefused {
                     peer: self.who(),
                     detail: "the peer requires a shared peer secret and this node runs without one; start both with the same --peer-secret".into(),
@@ -167,10 +191,12 @@ impl Conn {
     }
 
     fn recv_raw(&mut self) -> Result<Option<Message>> {
+        // Everything sent so far goes out before we wait for an answer.
+        self.flush()?;
         self.buf.resize(HEADER_LEN, 0);
         let mut got = 0;
         while got < HEADER_LEN {
-            match self.stream.read(&mut self.buf[got..HEADER_LEN]) {
+            match self.reader.read(&mut self.buf[got..HEADER_LEN]) {
                 Ok(0) if got == 0 => return Ok(None),
                 Ok(0) => {
                     return Err(self.io(
@@ -199,7 +225,7 @@ impl Conn {
         };
         let need = hd.frame_len();
         self.buf.resize(need, 0);
-        if let Err(e) = self.stream.read_exact(&mut self.buf[HEADER_LEN..need]) {
+        if let Err(e) = self.reader.read_exact(&mut self.buf[HEADER_LEN..need]) {
             return Err(self.io("receive frame body", e));
         }
         match decode(&self.buf) {
@@ -337,7 +363,8 @@ impl Conn {
     }
 
     /// Shut the socket down both ways (unblocks a reader on another thread).
-    pub fn close(&self) {
+    pub fn close(&mut self) {
+        let _ = self.flush();
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
