@@ -45,6 +45,25 @@ pub enum NodeError {
     },
     #[error("{0}")]
     Invalid(String),
+    // --- NBD protocol violations: each ends that client's connection ---
+    #[error("client flags {flags:#x} set unknown bits or lack FIXED_NEWSTYLE (old client?)")]
+    NbdBadClientFlags { flags: u32 },
+    #[error("bad option magic {magic:#018x} (not an NBD client, or out of sync)")]
+    NbdBadOptionMagic { magic: u64 },
+    #[error("option {option} carries {len} bytes of data; at most {max} accepted")]
+    NbdOptionTooLong { option: u32, len: u32, max: u32 },
+    #[error("bad request magic {magic:#010x} (garbage or out of sync)")]
+    NbdBadRequestMagic { magic: u32 },
+    #[error("command {command} asks for {len} bytes of payload; at most {max}")]
+    NbdPayloadTooLong { command: u16, len: u32, max: u32 },
+    #[error("unknown command type {command}")]
+    NbdUnknownCommand { command: u16 },
+    #[error("export {name:?} not found (NBD_OPT_EXPORT_NAME cannot report errors)")]
+    NbdExportNameUnknown { name: String },
+    #[error("client disconnected in the middle of {during}")]
+    NbdDisconnected { during: &'static str },
+    #[error("client sent more than {max} options without choosing an export")]
+    NbdTooManyOptions { max: usize },
 }
 
 impl NodeError {

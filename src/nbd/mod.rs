@@ -17,5 +17,4 @@ pub mod proto;
 pub mod server;
 
 pub use metrics::{NbdMetrics, NbdOp};
-pub use proto::NbdError;
 pub use server::{NbdOptions, NbdServer};

@@ -30,6 +30,7 @@
 
 use super::metrics::{NbdMetrics, NbdOp};
 use super::proto::{self, *};
+use crate::error::NodeError;
 use crossbeam_channel::{Receiver, Sender};
 use sluice_engine::api::{Image, Reply, Request};
 use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
@@ -305,13 +306,13 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64) {
 /// Why a connection ended early.
 enum End {
     /// The client broke the protocol (counted, warned).
-    Protocol(NbdError),
+    Protocol(NodeError),
     /// The socket failed (reset, timeout).
     Io(&'static str, std::io::Error),
 }
 
-impl From<NbdError> for End {
-    fn from(e: NbdError) -> Self {
+impl From<NodeError> for End {
+    fn from(e: NodeError) -> Self {
         End::Protocol(e)
     }
 }
@@ -350,7 +351,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8], during: &'static str) -> Result<
     while at < buf.len() {
         match r.read(&mut buf[at..]) {
             Ok(0) if at == 0 => return Ok(false),
-            Ok(0) => return Err(NbdError::Disconnected { during }.into()),
+            Ok(0) => return Err(NodeError::NbdDisconnected { during }.into()),
             Ok(n) => at += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(End::Io(during, e)),
@@ -363,7 +364,7 @@ fn read_all(r: &mut impl Read, buf: &mut [u8], during: &'static str) -> Result<(
     if buf.is_empty() || read_full(r, buf, during)? {
         Ok(())
     } else {
-        Err(NbdError::Disconnected { during }.into())
+        Err(NodeError::NbdDisconnected { during }.into())
     }
 }
 
@@ -425,7 +426,7 @@ fn handshake(shared: &Shared, stream: &TcpStream) -> Result<Option<Export>, End>
             }
         }
     }
-    Err(NbdError::TooManyOptions { max: OPTIONS_MAX }.into())
+    Err(NodeError::NbdTooManyOptions { max: OPTIONS_MAX }.into())
 }
 
 /// Exports resolved through the engine: `ListVolumes`, `ListSnapshots`.
@@ -791,7 +792,7 @@ impl Reader<'_> {
             let n = std::io::copy(&mut (&mut self.rd).take(payload), &mut std::io::sink())
                 .map_err(|e| End::Io("a write payload", e))?;
             if n < payload {
-                return Err(NbdError::Disconnected {
+                return Err(NodeError::NbdDisconnected {
                     during: "a write payload",
                 }
                 .into());
