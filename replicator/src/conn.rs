@@ -362,6 +362,11 @@ impl Conn {
         }
     }
 
+    /// A second handle on the socket (to shut it down from another thread).
+    pub fn socket(&self) -> Option<TcpStream> {
+        self.stream.try_clone().ok()
+    }
+
     /// Shut the socket down both ways (unblocks a reader on another thread).
     pub fn close(&mut self) {
         let _ = self.flush();

@@ -104,6 +104,35 @@ pub struct Replicator {
     stop_tx: ChanTx<()>,
     sched: Mutex<Option<JoinHandle<()>>>,
     n: Counters,
+    /// Open peer sockets, shut down by `shutdown` so nothing waits on a peer.
+    live: Mutex<BTreeMap<u64, std::net::TcpStream>>,
+    next_live: AtomicU64,
+}
+
+/// A peer connection registered with its replicator (shut down with it).
+pub(crate) struct Tracked<'a> {
+    conn: Conn,
+    r: &'a Replicator,
+    id: u64,
+}
+
+impl std::ops::Deref for Tracked<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Tracked<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        lock(&self.r.live).remove(&self.id);
+    }
 }
 
 impl std::fmt::Debug for Replicator {
@@ -243,6 +272,8 @@ impl Replicator {
             stop_tx,
             sched: Mutex::new(None),
             n: Counters::default(),
+            live: Mutex::new(BTreeMap::new()),
+            next_live: AtomicU64::new(0),
             cfg,
         });
         // Re-send every set (a restart bumps the generation epoch).
@@ -280,6 +311,11 @@ impl Replicator {
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.stop_tx.try_send(());
+        // Cut every peer connection: transfers stop at once (the receiver's
+        // checkpoint lets the next update resume).
+        for s in lock(&self.live).values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         let h = lock(&self.sched).take();
         if let Some(h) = h {
             if h.thread().id() != std::thread::current().id() && h.join().is_err() {
@@ -517,8 +553,20 @@ impl Replicator {
         }
     }
 
-    fn connect(&self, addr: &str) -> Result<Conn> {
-        let mut c = Conn::connect(addr, self.cfg.peer_timeout)?;
+    /// Register a connection so `shutdown` can cut it.
+    fn track(&self, conn: Conn) -> Result<Tracked<'_>> {
+        if self.stopping() {
+            return Err(ReplError::ShuttingDown);
+        }
+        let id = self.next_live.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = conn.socket() {
+            lock(&self.live).insert(id, s);
+        }
+        Ok(Tracked { conn, r: self, id })
+    }
+
+    fn connect(&self, addr: &str) -> Result<Tracked<'_>> {
+        let mut c = self.track(Conn::connect(addr, self.cfg.peer_timeout)?)?;
         if let Err(e) = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref()) {
             if matches!(e, ReplError::AuthRefused { .. }) {
                 self.n.auth_failures.fetch_add(1, Ordering::Relaxed);

@@ -28,7 +28,7 @@ impl Replicator {
     }
 
     pub(super) fn serve(&self, stream: std::net::TcpStream) -> Result<()> {
-        let mut c = Conn::new(stream, self.cfg.peer_timeout)?;
+        let mut c = self.track(Conn::new(stream, self.cfg.peer_timeout)?)?;
         let peer = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref())?;
         loop {
             if self.stopping() {
