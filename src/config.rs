@@ -14,11 +14,14 @@
 //! lease_ms = 60000             # lease on the lock sets this node sends
 //! lease_policy = "keep"        # stale locks: "keep" (report) or "release"
 //! lease_grace_ms = 60000       # with "release": how long after going stale
+//! checkpoint_items = 8192      # transfers served here: a resume point every N items
+//! checkpoint_bytes = 67108864  # ... or every N payload bytes, whichever first
 //! ```
 
 use crate::error::{NodeError, Result};
 use crate::units::parse_rate;
 use serde::Deserialize;
+use sluice_replicator::transfer::CheckpointPolicy;
 use sluice_replicator::LeasePolicy;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +40,8 @@ pub struct ConfigFile {
     pub lease_ms: Option<u64>,
     pub lease_policy: Option<String>,
     pub lease_grace_ms: Option<u64>,
+    pub checkpoint_items: Option<u64>,
+    pub checkpoint_bytes: Option<u64>,
 }
 
 impl ConfigFile {
@@ -66,6 +71,8 @@ pub struct ServeConfig {
     pub lease_policy: LeasePolicy,
     /// Demonstration switch: soft locks are not propagated.
     pub propagate_locks: bool,
+    /// Resume points of the transfers this node serves.
+    pub checkpoint: CheckpointPolicy,
 }
 
 /// Flags of `serve` that override the file.
@@ -112,6 +119,16 @@ impl ServeConfig {
                 "lease_ms must be greater than zero".into(),
             ));
         }
+        if file.checkpoint_items == Some(0) || file.checkpoint_bytes == Some(0) {
+            return Err(NodeError::Invalid(
+                "checkpoint_items and checkpoint_bytes must be greater than zero".into(),
+            ));
+        }
+        let dflt = CheckpointPolicy::default();
+        let checkpoint = CheckpointPolicy {
+            every_items: file.checkpoint_items.unwrap_or(dflt.every_items),
+            every_bytes: file.checkpoint_bytes.unwrap_or(dflt.every_bytes),
+        };
         let data = data.or(file.data).ok_or_else(|| {
             NodeError::Invalid("serve needs --data <PATH> (or `data` in the config file)".into())
         })?;
@@ -138,6 +155,7 @@ impl ServeConfig {
             lease_ms: file.lease_ms,
             lease_policy,
             propagate_locks: !no_lock_propagation,
+            checkpoint,
         })
     }
 }
@@ -173,5 +191,19 @@ mod tests {
         assert!(toml::from_str::<ConfigFile>("lisen = \"x\"").is_err());
         let e = ServeConfig::resolve(ConfigFile::default(), ServeFlags::default()).unwrap_err();
         assert!(e.to_string().contains("--data"));
+    }
+
+    #[test]
+    fn checkpoint_policy_from_the_file() {
+        let f: ConfigFile =
+            toml::from_str("data = \"/p\"\nlisten = \"x\"\ncheckpoint_items = 32\n").unwrap();
+        let c = ServeConfig::resolve(f, ServeFlags::default()).unwrap();
+        assert_eq!(c.checkpoint.every_items, 32);
+        assert_eq!(
+            c.checkpoint.every_bytes,
+            CheckpointPolicy::default().every_bytes
+        );
+        let f: ConfigFile = toml::from_str("checkpoint_bytes = 0\n").unwrap();
+        assert!(ServeConfig::resolve(f, ServeFlags::default()).is_err());
     }
 }

@@ -116,6 +116,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         rcfg.renew_every_ms = (ms / 3).max(1);
     }
     rcfg.lease_policy = cfg.lease_policy;
+    rcfg.checkpoint = cfg.checkpoint;
     rcfg.propagate_locks = cfg.propagate_locks;
     if !cfg.propagate_locks {
         tracing::warn!("soft-lock propagation is OFF (demonstration switch): upstreams will not protect this node's bases");

@@ -93,7 +93,14 @@ fn damaged_extents_are_detected_and_nothing_is_committed() {
     let mut rng = Rng::from_env("damaged_extents");
     let dir = tempfile::tempdir().unwrap();
     let scratch = dir.path();
-    let a = Daemon::try_start(&init_pool(scratch, "a.img", "256M"), &["--name", "a"]).unwrap();
+    // Transfers served by A checkpoint every CKPT_ITEMS items.
+    let cfg = scratch.join("a.toml");
+    std::fs::write(&cfg, format!("checkpoint_items = {CKPT_ITEMS}\n")).unwrap();
+    let a = Daemon::try_start(
+        &init_pool(scratch, "a.img", "256M"),
+        &["--name", "a", "--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
     let b = Daemon::try_start(&init_pool(scratch, "b.img", "256M"), &["--name", "b"]).unwrap();
     let proxy = Proxy::start(&a.control);
     a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);

@@ -28,13 +28,15 @@ const SLOTS: u64 = 256;
 const SLOT_BYTES: u64 = 256 << 10;
 const EXTENT_BYTES: u64 = 128 << 10;
 const ROUND_BYTES: u64 = SLOTS * EXTENT_BYTES;
-/// Items between two checkpoints (docs/REPLICATION.md).
+/// Items between two checkpoints (the source's `checkpoint_items`).
 const CKPT_ITEMS: u64 = 32;
 const THROTTLE: &str = "16M";
 const DEADLINE: Duration = Duration::from_secs(90);
 
 struct Pair {
     dir: tempfile::TempDir,
+    /// `serve` arguments of the source (its name and dense checkpoints).
+    a_args: Vec<String>,
     a_pool: std::path::PathBuf,
     b_pool: std::path::PathBuf,
     a: Option<Daemon>,
@@ -47,18 +49,29 @@ impl Pair {
         let dir = tempfile::tempdir().unwrap();
         let a_pool = init_pool(dir.path(), "a.img", "512M");
         let b_pool = init_pool(dir.path(), "b.img", "512M");
-        let a = Daemon::try_start(&a_pool, &["--name", "a"]).unwrap();
+        // Checkpoints of transfers served by A: every CKPT_ITEMS items.
+        let cfg = dir.path().join("a.toml");
+        std::fs::write(&cfg, format!("checkpoint_items = {CKPT_ITEMS}\n")).unwrap();
+        let a_args: Vec<String> = ["--name", "a", "--config", cfg.to_str().unwrap()]
+            .map(String::from)
+            .into();
+        let a = Pair::start_a(&a_pool, &a_args);
         let b = Daemon::try_start(&b_pool, &["--name", "b"]).unwrap();
         let proxy = Proxy::start(&a.control);
         a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
         Pair {
             dir,
+            a_args,
             a_pool,
             b_pool,
             a: Some(a),
             b: Some(b),
             proxy,
         }
+    }
+    fn start_a(pool: &std::path::Path, args: &[String]) -> Daemon {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::try_start(pool, &args).unwrap()
     }
     fn a(&self) -> &Daemon {
         self.a.as_ref().expect("source running")
@@ -72,8 +85,14 @@ impl Pair {
 
     /// Rewrite every slot on A (one 128 KiB extent each), then snapshot.
     fn round(&self, rng: &mut Rng, snap: &str) {
+        self.write_slots(rng, 0..SLOTS);
+        self.a().ok(&["snap", "create", "v", snap]);
+    }
+
+    /// Write one 128 KiB extent at the start of each slot in `slots`.
+    fn write_slots(&self, rng: &mut Rng, slots: std::ops::Range<u64>) {
         let base = rng.next() % 250;
-        let mut cmds: Vec<String> = (0..SLOTS)
+        let mut cmds: Vec<String> = slots
             .map(|i| {
                 format!(
                     "aio_write -P {} {} {}",
@@ -85,7 +104,6 @@ impl Pair {
             .collect();
         cmds.push("aio_flush".into());
         qemu_io(&self.a().nbd, "v", &cmds);
-        self.a().ok(&["snap", "create", "v", snap]);
     }
 
     fn create_mirror(&self) -> std::process::Output {
@@ -251,7 +269,7 @@ fn source_killed_mid_transfer_resumes_after_restart() {
     assert!(pos >= seen, "checkpoint went back: {pos} < {seen}");
     assert!(rel_status(p.b())["last_error"].is_string());
     // Same pool, same name, new port: the proxy points at it.
-    let a = Daemon::try_start(&p.a_pool, &["--name", "a"]).unwrap();
+    let a = Pair::start_a(&p.a_pool, &p.a_args);
     p.proxy.set_upstream(&a.control);
     p.a = Some(a);
     let r = p.update();
@@ -353,4 +371,72 @@ fn dropped_connections_resume_from_the_checkpoint() {
     assert_eq!(st["full_transfers"].as_u64(), Some(1), "{st}");
     assert_eq!(st["incremental_transfers"].as_u64(), Some(2), "{st}");
     assert!(st["last_error"].is_null(), "{st}");
+}
+
+/// A cut transfer whose target disappears upstream (force-deleted while
+/// the destination waits to resume) is abandoned: the partial data it left
+/// on the destination is undone before the next target is pulled. The
+/// scenario makes that observable: the cut transfer wrote blocks that were
+/// unmapped at the base and are unmapped again at the new target, so no
+/// item of the new transfer covers them.
+#[test]
+fn abandoned_resume_target_is_undone_before_the_next_transfer() {
+    if !need_qemu() {
+        return;
+    }
+    let mut rng = Rng::from_env("abandoned_target");
+    let p = Pair::new();
+    let mb = 1u64 << 20;
+    let half = SLOTS / 2;
+    // s0: only the upper half is mapped.
+    p.write_slots(&mut rng, half..SLOTS);
+    p.a().ok(&["snap", "create", "v", "s0"]);
+    let o = p.create_mirror();
+    assert!(o.status.success(), "baseline: {}", stderr(&o));
+    // s1 writes every slot; the lower half (fresh) goes first. Cut inside it,
+    // after at least one checkpoint.
+    p.round(&mut rng, "s1");
+    let n = 5 * mb + rng.next() % (10 * mb);
+    p.proxy.arm(Fault::CutAfter(n));
+    let o = p.b().cli(&["mirror", "update", "v"]);
+    let e = failed_one_line(&o, "update through a dropped connection");
+    println!("cut after {n} bytes: {e}; {:?}", p.proxy.fired());
+    let pos = ckpt_position(p.b()).expect("checkpoint");
+    assert!(
+        pos >= CKPT_ITEMS && pos < half,
+        "cut after {n} bytes: checkpoint {pos}"
+    );
+    // The source keeps the interrupted target for the destination.
+    let o = p.a().cli(&["snap", "delete", "v", "s1"]);
+    assert!(
+        !o.status.success(),
+        "A deleted the target of a cut transfer"
+    );
+    let e = stderr(&o);
+    assert!(
+        e.contains("transfer to b:v in progress"),
+        "A's refusal names the interrupted transfer: {e}"
+    );
+    // Unmap the lower half again, snapshot, and force the target away.
+    let disc = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-d", "unmap"])
+        .arg(format!("nbd://{}/v", p.a().nbd))
+        .args(["-c", &format!("discard 0 {}", half * SLOT_BYTES)])
+        .output()
+        .expect("run qemu-io");
+    assert!(disc.status.success(), "discard: {}", stderr(&disc));
+    p.a().ok(&["snap", "create", "v", "s2"]);
+    p.a().ok(&["snap", "delete", "v", "s1", "--force"]);
+    let r = p.update();
+    assert_eq!(r["kind"], "incremental", "{r}");
+    assert_eq!(r["base"]["name"], "s0", "{r}");
+    assert_eq!(r["target"]["name"], "s2", "{r}");
+    assert_eq!(r["resumed_from"].as_u64(), Some(0), "{r}");
+    assert!(rel_status(p.b())["checkpoint"].is_null());
+    p.check_content("s2");
+    let live = read_export(&p.b().nbd, "v", p.dir.path());
+    assert!(
+        live[..(half * SLOT_BYTES) as usize].iter().all(|b| *b == 0),
+        "partial data of the abandoned transfer survived on B"
+    );
 }

@@ -7,8 +7,9 @@
 //!
 //! Faults are armed one at a time and fire once:
 //! - [`Fault::CutAfter`]: the first connection that carries N bytes from the
-//!   upstream to the client gets exactly N bytes forwarded, then both of its
-//!   sockets are shut down (a dropped connection, possibly mid-frame).
+//!   upstream to the client gets exactly N bytes forwarded, then the end of
+//!   the stream, and its upstream side is closed (a dropped connection,
+//!   possibly mid-frame). The client receives all N bytes.
 //! - [`Fault::CorruptExtent`]: the n-th `Extent` frame (message type 7)
 //!   forwarded after arming gets one byte of its raw payload flipped. The
 //!   frame layout is `docs/PROTOCOL.md`'s: a 24-byte header (magic `SLCE`,
@@ -211,8 +212,12 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
 }
 
 /// Client to upstream: bytes as they come; end of stream half-closes.
+/// Once the upstream side is gone (a cut), the client's bytes are read and
+/// dropped until it closes: closing a socket with unread bytes would send a
+/// reset that discards what was forwarded before the cut.
 fn pump_raw(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>) {
     let mut buf = vec![0u8; 64 << 10];
+    let mut to_open = true;
     loop {
         match from.read(&mut buf) {
             Ok(0) => {
@@ -221,9 +226,8 @@ fn pump_raw(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>) {
             }
             Ok(n) => {
                 sh.keep(&buf[..n]);
-                if to.write_all(&buf[..n]).is_err() {
-                    let _ = from.shutdown(Shutdown::Both);
-                    return;
+                if to_open && to.write_all(&buf[..n]).is_err() {
+                    to_open = false;
                 }
             }
             Err(_) => {
@@ -249,7 +253,7 @@ fn pump_down(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>, conn: u64)
             Ok(0) => {
                 // Forward what is left (a partial frame) and half-close.
                 if !pending.is_empty() && !forward(&mut to, &pending, &mut sent, &sh, conn) {
-                    cut_both(&from, &to);
+                    let _ = to.shutdown(Shutdown::Write);
                     return;
                 }
                 let _ = to.shutdown(Shutdown::Write);
@@ -295,7 +299,10 @@ fn pump_down(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>, conn: u64)
             ready.extend_from_slice(&frame);
         }
         if !ready.is_empty() && !forward(&mut to, &ready, &mut sent, &sh, conn) {
-            cut_both(&from, &to);
+            // Everything forwarded so far reaches the client, then its end
+            // of stream; the upstream connection is dropped.
+            let _ = to.shutdown(Shutdown::Write);
+            let _ = from.shutdown(Shutdown::Both);
             return;
         }
     }
