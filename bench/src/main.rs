@@ -3,7 +3,8 @@
 //! `engine`: fio, the bare io_uring device and the engine, in one run on one
 //! device (a loop device on a file by default), for the cases of the design's
 //! performance table, plus snapshot-create and diff cost on small and huge
-//! thin volumes. Room is left for `nbd` and `replicate` subcommands.
+//! thin volumes. `nbd`: against qemu-nbd. `replicate`: mirrors against btrfs
+//! send/receive and raw TCP (see `replicate.rs`).
 //!
 //! Benchmarks report numbers; they never pass or fail on a time.
 
@@ -12,6 +13,7 @@ mod enginecase;
 mod fio;
 mod loopdev;
 mod nbd;
+mod replicate;
 mod report;
 
 use anyhow::Result;
@@ -34,6 +36,8 @@ enum Cmd {
     Engine(EngineArgs),
     /// NBD: fio's nbd engine against a Sluice export and qemu-nbd (needs root).
     Nbd(nbd::NbdArgs),
+    /// Replication: Sluice mirrors vs btrfs send/receive vs raw TCP (needs root).
+    Replicate(replicate::ReplicateArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -84,5 +88,6 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Engine(args) => enginecase::run(&args),
         Cmd::Nbd(args) => nbd::run(&args),
+        Cmd::Replicate(args) => replicate::run(&args),
     }
 }
