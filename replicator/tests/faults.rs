@@ -275,7 +275,7 @@ fn break_then_resync_reverts_local_changes() {
         b.repl.mirror_update("v", &noprog),
         Err(ReplError::Broken(_))
     ));
-    b.churn(&NsName::volume("v"), VOL_BLOCKS, 50, &mut r);
+    b.churn(&NsName::volume("v"), VOL_BLOCKS, 300, &mut r);
     a.churn(&NsName::volume("v"), VOL_BLOCKS, 30, &mut r);
     a.snap("v", "s2");
     let rep = b.repl.mirror_resync("v", &noprog).unwrap();

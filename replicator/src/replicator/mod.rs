@@ -32,7 +32,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver as ChanRx, RecvTimeoutError, Sender as ChanTx};
-use sluice_engine::api::{Image, NsName, Reply, Request, SnapshotInfo, VolumeInfo};
+use sluice_engine::api::{
+    DiffExtent, DiffKind, Image, NsName, Reply, Request, SnapshotInfo, VolumeInfo,
+};
 use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
 use sluice_engine::shard::EngineHandle;
 use sluice_lockproto::wire::{

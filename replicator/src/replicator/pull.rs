@@ -562,20 +562,28 @@ impl Replicator {
             .map_err(e(format!("snapshot {}@{tmp}", rel.dst_volume)))?;
         let r = (|| -> Result<()> {
             for ns in nss {
-                let d = match self.engine.call(Request::Diff {
-                    ns: ns.clone(),
-                    base: Some(tmp.clone()),
-                    target: base.name.clone(),
-                }) {
-                    Ok(Reply::Diff(d)) => d,
-                    Ok(_) => return Err(ReplError::EngineReply { request: "Diff" }),
-                    Err(x) => {
-                        return Err(ReplError::engine(
-                            format!("diff {ns} {tmp}..{}", base.name),
-                            x,
-                        ))
+                // Only forward diffs (older base, newer target) are used:
+                // what changed since the base, and what the base maps. A
+                // changed block the base mapped is restored from it; one it
+                // did not map is trimmed.
+                let diff = |from: Option<&str>, to: &str| -> Result<Vec<DiffExtent>> {
+                    match self.engine.call(Request::Diff {
+                        ns: ns.clone(),
+                        base: from.map(str::to_string),
+                        target: to.to_string(),
+                    }) {
+                        Ok(Reply::Diff(d)) => Ok(d),
+                        Ok(_) => Err(ReplError::EngineReply { request: "Diff" }),
+                        Err(x) => Err(ReplError::engine(format!("diff {ns} ..{to}"), x)),
                     }
                 };
+                let changed = diff(Some(&base.name), &tmp)?;
+                let mapped: Vec<(u64, u64)> = diff(None, &base.name)?
+                    .into_iter()
+                    .filter(|e| e.kind == DiffKind::Data)
+                    .map(|e| (e.lba, e.lba + e.len_blocks))
+                    .collect();
+                let d = revert_extents(&changed, &mapped);
                 for it in plan(&[d]) {
                     match it.kind {
                         ItemKind::Data => {
@@ -1249,5 +1257,86 @@ impl<'a> WriteBehind<'a> {
             self.wait_one()?;
         }
         Ok(())
+    }
+}
+
+/// The extents that undo `changed` (a forward diff base -> now) given the
+/// ranges `mapped` (sorted, disjoint) the base maps: `Data` = restore from
+/// the base, `Trim` = unmap.
+pub(crate) fn revert_extents(changed: &[DiffExtent], mapped: &[(u64, u64)]) -> Vec<DiffExtent> {
+    let mut out = Vec::new();
+    for e in changed {
+        let (start, end) = (e.lba, e.lba + e.len_blocks);
+        if e.kind == DiffKind::Trim {
+            // Unmapped now, mapped in the base: restore.
+            out.push(DiffExtent {
+                kind: DiffKind::Data,
+                ..*e
+            });
+            continue;
+        }
+        let mut at = start;
+        let first = mapped.partition_point(|&(_, me)| me <= start);
+        for &(ms, me) in &mapped[first..] {
+            if ms >= end {
+                break;
+            }
+            let (s0, e0) = (ms.max(start), me.min(end));
+            if s0 > at {
+                out.push(DiffExtent {
+                    lba: at,
+                    len_blocks: s0 - at,
+                    kind: DiffKind::Trim,
+                });
+            }
+            out.push(DiffExtent {
+                lba: s0,
+                len_blocks: e0 - s0,
+                kind: DiffKind::Data,
+            });
+            at = e0;
+        }
+        if at < end {
+            out.push(DiffExtent {
+                lba: at,
+                len_blocks: end - at,
+                kind: DiffKind::Trim,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revert_restores_mapped_and_trims_new_blocks() {
+        let ch = [
+            DiffExtent {
+                lba: 0,
+                len_blocks: 10,
+                kind: DiffKind::Data,
+            },
+            DiffExtent {
+                lba: 20,
+                len_blocks: 2,
+                kind: DiffKind::Trim,
+            },
+        ];
+        let got = revert_extents(&ch, &[(2, 4), (6, 8), (20, 22)]);
+        let k = |g: &DiffExtent| (g.lba, g.len_blocks, g.kind == DiffKind::Data);
+        assert_eq!(
+            got.iter().map(k).collect::<Vec<_>>(),
+            vec![
+                (0, 2, false),
+                (2, 2, true),
+                (4, 2, false),
+                (6, 2, true),
+                (8, 2, false),
+                (20, 2, true)
+            ]
+        );
     }
 }
