@@ -19,6 +19,7 @@ pub mod types;
 pub use error::{ReplError, Result};
 pub use replicator::Replicator;
 pub use sluice_lockproto::LeasePolicy;
+pub use transfer::CheckpointPolicy;
 pub use types::{
     Checkpoint, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PrunePlan, PruneSkip,
     Relationship, ReplicatorConfig, SnapRef, TransferReport,

@@ -392,10 +392,14 @@ impl Replicator {
     fn lock_events(&self, evs: Vec<Event>) -> Result<Vec<Action>> {
         let mut st = lock(&self.st);
         let mut out = Vec::new();
+        // A quiet tick changes nothing worth a pool write.
+        let quiet_tick = evs.iter().all(|e| matches!(e, Event::Tick));
         for ev in evs {
             out.extend(st.locks.handle(now_ms(), ev));
         }
-        self.persist_locks(&st)?;
+        if !(quiet_tick && out.is_empty()) {
+            self.persist_locks(&st)?;
+        }
         Ok(out)
     }
 
