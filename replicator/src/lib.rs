@@ -24,3 +24,10 @@ pub use types::{
     Checkpoint, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PrunePlan, PruneSkip,
     Relationship, ReplicatorConfig, SnapRef, TransferReport,
 };
+
+/// The daemon shares one `Arc<Replicator>` between threads.
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Replicator>();
+}

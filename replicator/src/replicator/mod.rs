@@ -237,16 +237,21 @@ impl Replicator {
             Some(b) => (LockNode::from_bytes(ncfg, &b)?, true),
             None => (LockNode::new(ncfg), false),
         };
-        if !restored {
-            // First start: every existing snapshot is local, oldest first.
-            let mut all = Vec::new();
-            for v in volumes(&engine)? {
-                all.extend(snapshots(&engine, &v.name)?);
+        // Every snapshot of the pool is local to the lock table, oldest
+        // first: on a first start all of them; after a restart those taken
+        // while the table was not written (a crash between a transfer's
+        // commit and its bookkeeping), so they stay protected as bases.
+        let mut all = Vec::new();
+        for v in volumes(&engine)? {
+            all.extend(snapshots(&engine, &v.name)?);
+        }
+        all.sort_by_key(|s| (s.created_unix_ms, s.gen));
+        let known: BTreeSet<Uuid> = locks.snapshots().iter().copied().collect();
+        for s in all.into_iter().filter(|s| !known.contains(&s.id)) {
+            if restored {
+                tracing::info!(snapshot = %s.name, id = %s.id, "snapshot unknown to the lock table added");
             }
-            all.sort_by_key(|s| (s.created_unix_ms, s.gen));
-            for s in all {
-                locks.handle(now_ms(), Event::SnapshotCreated { snapshot: s.id });
-            }
+            locks.handle(now_ms(), Event::SnapshotCreated { snapshot: s.id });
         }
         if cfg.peer_secret.is_none() {
             tracing::warn!(
