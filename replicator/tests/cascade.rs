@@ -412,3 +412,24 @@ fn random_cascade_never_breaks() {
         n.shutdown();
     }
 }
+
+/// `mirror delete` at the end of a chain releases that node's locks on
+/// every node upstream, not only on its direct source.
+#[test]
+fn mirror_delete_releases_through_the_chain() {
+    let (a, b, c) = (Node::start("A"), Node::start("B"), Node::start("C"));
+    a.create_volume("v");
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    c.repl.mirror_create(spec("v", &b, "v")).unwrap();
+    c.repl.lock_add("v", "s1", "app", None).unwrap();
+    let from_c = |n: &Node| n.repl.lock_list().iter().any(|l| l.origin_node == "C");
+    wait_for("C's locks reach A", || from_c(&a) && from_c(&b));
+    c.repl.mirror_delete("v").unwrap();
+    wait_for("C's locks leave B and A", || !from_c(&a) && !from_c(&b));
+    // B's own base still holds on A.
+    assert!(a.repl.lock_list().iter().any(|l| l.origin_node == "B"));
+    for n in [a, b, c] {
+        n.shutdown();
+    }
+}
