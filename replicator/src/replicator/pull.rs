@@ -74,7 +74,9 @@ impl Replicator {
             .into_iter()
             .find(|v| v.name == spec.dst_volume);
         match (&kind, &exists) {
-            (MirrorKind::Volume, Some(_)) => {
+            // An empty read-only volume is the leftover of a baseline that
+            // failed before its first checkpoint: it is reused.
+            (MirrorKind::Volume, Some(v)) if !(v.read_only && v.snapshot_count == 0) => {
                 return Err(ReplError::Invalid(format!(
                     "volume {} exists already; a volume mirror creates its destination",
                     spec.dst_volume
