@@ -56,6 +56,8 @@ mod metrics;
 mod pull;
 mod serve;
 
+/// Most downstream nodes one node serves.
+const DOWNSTREAMS_MAX: usize = 1024;
 /// Reads a source keeps queued ahead of the socket.
 const READ_AHEAD: usize = 32;
 /// Writes a destination keeps queued before it waits for one.

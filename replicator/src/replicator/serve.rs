@@ -10,6 +10,26 @@
 use super::*;
 
 impl Replicator {
+    /// Bound the downstreams one node tracks (a node without a secret
+    /// accepts any peer name): a new one beyond [`DOWNSTREAMS_MAX`] is refused.
+    pub(super) fn admit_downstream(&self, c: &mut Conn, peer: &str) -> Result<()> {
+        let mut st = lock(&self.st);
+        if st.down_shared.contains_key(peer) {
+            return Ok(());
+        }
+        if st.down_shared.len() >= DOWNSTREAMS_MAX {
+            drop(st);
+            let text = format!(
+                "node {} already serves {DOWNSTREAMS_MAX} downstreams; delete unused mirrors downstream",
+                self.cfg.node_name
+            );
+            c.send_error(0, codes::INTERNAL, &text);
+            return Err(ReplError::Invalid(text));
+        }
+        st.down_shared.insert(peer.to_string(), BTreeSet::new());
+        Ok(())
+    }
+
     /// Serve one peer connection (its first bytes are the lockproto MAGIC).
     /// Returns when the peer closes, on a protocol error or on shutdown.
     pub fn handle_peer(self: &Arc<Self>, stream: std::net::TcpStream) {
@@ -51,6 +71,7 @@ impl Replicator {
                     Err(e) => c.send_error(req_id, codes::NOT_FOUND, &e.to_string()),
                 },
                 Message::TransferRequest(r) => {
+                    self.admit_downstream(&mut c, &peer)?;
                     self.lock_events(vec![Event::DownstreamAdded {
                         downstream: peer.clone(),
                     }])?;
@@ -88,6 +109,7 @@ impl Replicator {
             });
         }
         let set = w.to_model()?;
+        self.admit_downstream(c, peer)?;
         let acts = {
             let mut st = lock(&self.st);
             let now = now_ms();
