@@ -30,7 +30,10 @@ const EXTENT_BYTES: u64 = 128 << 10;
 const ROUND_BYTES: u64 = SLOTS * EXTENT_BYTES;
 /// Items between two checkpoints (the source's `checkpoint_items`).
 const CKPT_ITEMS: u64 = 32;
-const THROTTLE: &str = "16M";
+/// The relationship's throttle; the proxy forwards slower still (PROXY_RATE),
+/// so the destination never has a backlog of received bytes.
+const THROTTLE: &str = "32M";
+const PROXY_RATE: u64 = 16 << 20;
 const DEADLINE: Duration = Duration::from_secs(90);
 
 struct Pair {
@@ -58,6 +61,7 @@ impl Pair {
         let a = Pair::start_a(&a_pool, &a_args);
         let b = Daemon::try_start(&b_pool, &["--name", "b"]).unwrap();
         let proxy = Proxy::start(&a.control);
+        proxy.set_rate(PROXY_RATE);
         a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
         Pair {
             dir,
@@ -167,8 +171,13 @@ fn rel_status(b: &Daemon) -> serde_json::Value {
         .expect("relationship v in mirror status")
 }
 
+/// The checkpoint of relationship v (None: no relationship or checkpoint yet).
 fn ckpt_position(b: &Daemon) -> Option<u64> {
-    rel_status(b)["checkpoint"]["position"].as_u64()
+    b.json(&["mirror", "status"])
+        .as_array()?
+        .iter()
+        .find(|r| r["dst"] == "v")?["checkpoint"]["position"]
+        .as_u64()
 }
 
 /// Poll B's checkpoint until it reaches `k` while `job` runs.
@@ -258,7 +267,7 @@ fn source_killed_mid_transfer_resumes_after_restart() {
     baseline(&p, &mut rng);
     p.round(&mut rng, "s1");
     // Kill A after a seeded checkpoint (2..=6 of 8).
-    let k = CKPT_ITEMS * (2 + rng.next() % 5);
+    let k = CKPT_ITEMS * (2 + rng.next() % 4);
     let job = p.update_bg();
     let seen = wait_checkpoint(p.b(), k, &job);
     p.a.take().unwrap().kill();
@@ -277,6 +286,93 @@ fn source_killed_mid_transfer_resumes_after_restart() {
     assert_eq!(r["target"]["name"], "s1");
     assert!(rel_status(p.b())["checkpoint"].is_null());
     p.check_content("s1");
+}
+
+#[test]
+fn destination_killed_during_the_baseline_resumes_it_after_restart() {
+    if !need_qemu() {
+        return;
+    }
+    let mut rng = Rng::from_env("destination_killed_baseline");
+    let mut p = Pair::new();
+    p.round(&mut rng, "s0");
+    let k = CKPT_ITEMS * (2 + rng.next() % 5);
+    let node = p.b().control.clone();
+    let from = p.from();
+    let job = std::thread::spawn(move || {
+        sluice(&[
+            "--node",
+            &node,
+            "mirror",
+            "create",
+            "v",
+            "--from",
+            &from,
+            "--throttle",
+            THROTTLE,
+        ])
+    });
+    let seen = wait_checkpoint(p.b(), k, &job);
+    p.b.take().unwrap().kill();
+    let o = job.join().unwrap();
+    failed_one_line(&o, "baseline while the destination dies");
+    let b = Daemon::try_start(&p.b_pool, &["--name", "b"]).unwrap();
+    p.b = Some(b);
+    let st = rel_status(p.b());
+    let pos = st["checkpoint"]["position"]
+        .as_u64()
+        .expect("baseline checkpoint");
+    assert!(
+        pos + CKPT_ITEMS >= seen && pos > 0,
+        "durable {pos}, seen {seen}"
+    );
+    assert_eq!(st["full_transfers"].as_u64(), Some(0), "{st}");
+    let r = p.update();
+    assert_resumed(&r, pos, "full");
+    p.check_content("s0");
+}
+
+/// SIGTERM (a clean stop) of either side mid-transfer: the daemon stops at
+/// once and the next update resumes from the checkpoint.
+#[test]
+fn stopped_daemons_mid_transfer_resume_after_restart() {
+    if !need_qemu() {
+        return;
+    }
+    let mut rng = Rng::from_env("stopped_daemons");
+    let mut p = Pair::new();
+    baseline(&p, &mut rng);
+    // The destination stops.
+    p.round(&mut rng, "s1");
+    let k = CKPT_ITEMS * (2 + rng.next() % 5);
+    let job = p.update_bg();
+    let seen = wait_checkpoint(p.b(), k, &job);
+    let st = p.b.take().unwrap().term();
+    assert!(st.success(), "destination exit on SIGTERM: {st:?}");
+    failed_one_line(&job.join().unwrap(), "update while the destination stops");
+    p.b = Some(Daemon::try_start(&p.b_pool, &["--name", "b"]).unwrap());
+    let pos = ckpt_position(p.b()).expect("checkpoint after a clean stop");
+    assert!(
+        pos >= seen,
+        "a clean stop keeps checkpoint {seen}, has {pos}"
+    );
+    assert_resumed(&p.update(), pos, "incremental");
+    p.check_content("s1");
+    // The source stops.
+    p.round(&mut rng, "s2");
+    let k = CKPT_ITEMS * (2 + rng.next() % 4);
+    let job = p.update_bg();
+    let seen = wait_checkpoint(p.b(), k, &job);
+    let st = p.a.take().unwrap().term();
+    assert!(st.success(), "source exit on SIGTERM: {st:?}");
+    failed_one_line(&job.join().unwrap(), "update while the source stops");
+    let pos = ckpt_position(p.b()).expect("checkpoint kept");
+    assert!(pos >= seen, "checkpoint went back: {pos} < {seen}");
+    let a = Pair::start_a(&p.a_pool, &p.a_args);
+    p.proxy.set_upstream(&a.control);
+    p.a = Some(a);
+    assert_resumed(&p.update(), pos, "incremental");
+    p.check_content("s2");
 }
 
 #[test]
@@ -352,9 +448,19 @@ fn dropped_connections_resume_from_the_checkpoint() {
     let st = rel_status(p.b());
     assert!(st["last_error"].is_string(), "{st}");
     assert_eq!(st["state"], "idle", "{st}");
+    // A moves on meanwhile: the resume still finishes the interrupted
+    // target first; the next update brings the newer snapshot.
+    p.write_slots(&mut rng, 0..4);
+    p.a().ok(&["snap", "create", "v", "s1b"]);
     let r = p.update();
     assert_resumed(&r, pos, "incremental");
+    assert_eq!(r["target"]["name"], "s1", "{r}");
     p.check_content("s1");
+    let r = p.update();
+    assert_eq!(r["kind"], "incremental", "{r}");
+    assert_eq!(r["base"]["name"], "s1", "{r}");
+    assert_eq!(r["target"]["name"], "s1b", "{r}");
+    p.check_content("s1b");
 
     // (3) Cut before the first checkpoint: nothing to resume from, the
     // transfer starts over and still matches.
@@ -369,7 +475,7 @@ fn dropped_connections_resume_from_the_checkpoint() {
     p.check_content("s2");
     let st = rel_status(p.b());
     assert_eq!(st["full_transfers"].as_u64(), Some(1), "{st}");
-    assert_eq!(st["incremental_transfers"].as_u64(), Some(2), "{st}");
+    assert_eq!(st["incremental_transfers"].as_u64(), Some(3), "{st}");
     assert!(st["last_error"].is_null(), "{st}");
 }
 
@@ -406,13 +512,23 @@ fn abandoned_resume_target_is_undone_before_the_next_transfer() {
         pos >= CKPT_ITEMS && pos < half,
         "cut after {n} bytes: checkpoint {pos}"
     );
-    // The source keeps the interrupted target for the destination.
-    let o = p.a().cli(&["snap", "delete", "v", "s1"]);
-    assert!(
-        !o.status.success(),
-        "A deleted the target of a cut transfer"
-    );
-    let e = stderr(&o);
+    // The source keeps the interrupted target for the destination (once
+    // its serving thread has noticed the dropped connection, the target is
+    // no longer "in use", but still locked).
+    let deadline = Instant::now() + DEADLINE;
+    let e = loop {
+        let o = p.a().cli(&["snap", "delete", "v", "s1"]);
+        assert!(
+            !o.status.success(),
+            "A deleted the target of a cut transfer"
+        );
+        let e = stderr(&o);
+        if !e.contains("in use by a running transfer") {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "A still serves the cut transfer");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         e.contains("transfer to b:v in progress"),
         "A's refusal names the interrupted transfer: {e}"

@@ -20,6 +20,11 @@
 //!   is recomputed and the frame re-encoded (a lying or buggy source): only
 //!   the end-to-end content digest of the snapshot can catch it.
 //!
+//! [`Proxy::set_rate`] paces the upstream-to-client direction: the backlog
+//! then sits upstream of the proxy (in the source's socket), not in the
+//! client's receive buffer, so a source killed mid-transfer really is
+//! mid-transfer.
+//!
 //! With [`Proxy::record`] on, every byte forwarded either way is also kept
 //! (to check what crosses the wire, e.g. that a secret never does).
 //!
@@ -83,6 +88,7 @@ struct Shared {
     live: Mutex<Vec<TcpStream>>,
     recording: AtomicBool,
     recorded: Mutex<Vec<u8>>,
+    rate: AtomicU64,
 }
 
 impl Shared {
@@ -114,6 +120,7 @@ impl Proxy {
             live: Mutex::new(Vec::new()),
             recording: AtomicBool::new(false),
             recorded: Mutex::new(Vec::new()),
+            rate: AtomicU64::new(0),
         });
         let sh = shared.clone();
         std::thread::spawn(move || accept_loop(listener, sh));
@@ -144,6 +151,11 @@ impl Proxy {
     /// Faults that fired so far, in order.
     pub fn fired(&self) -> Vec<Fired> {
         lock(&self.shared.fired).clone()
+    }
+
+    /// Forward upstream-to-client bytes at most this fast (0 = no limit).
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.shared.rate.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// Keep (or stop keeping) a copy of every forwarded byte.
@@ -195,19 +207,21 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         {
             let mut live = lock(&sh.live);
             live.retain(|s| s.peer_addr().is_ok());
-            for s in [&client, &server] {
-                if let Ok(c) = s.try_clone() {
-                    live.push(c);
-                }
+            if let Ok(c) = client.try_clone() {
+                live.push(c);
             }
         }
         let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
             continue;
         };
+        // The upstream socket's write side, shared so that a cut can close
+        // every descriptor of it (the source then gets a reset at once).
+        let up_w = Arc::new(Mutex::new(Some(s2)));
+        let up_w2 = up_w.clone();
         let sh1 = sh.clone();
-        std::thread::spawn(move || pump_raw(c2, s2, sh1));
+        std::thread::spawn(move || pump_raw(c2, up_w2, sh1));
         let sh2 = sh.clone();
-        std::thread::spawn(move || pump_down(server, client, sh2, n));
+        std::thread::spawn(move || pump_down(server, up_w, client, sh2, n));
     }
 }
 
@@ -215,23 +229,29 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
 /// Once the upstream side is gone (a cut), the client's bytes are read and
 /// dropped until it closes: closing a socket with unread bytes would send a
 /// reset that discards what was forwarded before the cut.
-fn pump_raw(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>) {
+fn pump_raw(mut from: TcpStream, to: Arc<Mutex<Option<TcpStream>>>, sh: Arc<Shared>) {
     let mut buf = vec![0u8; 64 << 10];
-    let mut to_open = true;
     loop {
         match from.read(&mut buf) {
             Ok(0) => {
-                let _ = to.shutdown(Shutdown::Write);
+                if let Some(t) = lock(&to).as_ref() {
+                    let _ = t.shutdown(Shutdown::Write);
+                }
                 return;
             }
             Ok(n) => {
                 sh.keep(&buf[..n]);
-                if to_open && to.write_all(&buf[..n]).is_err() {
-                    to_open = false;
+                let mut t = lock(&to);
+                if let Some(w) = t.as_mut() {
+                    if w.write_all(&buf[..n]).is_err() {
+                        *t = None;
+                    }
                 }
             }
             Err(_) => {
-                let _ = to.shutdown(Shutdown::Both);
+                if let Some(t) = lock(&to).take() {
+                    let _ = t.shutdown(Shutdown::Both);
+                }
                 return;
             }
         }
@@ -239,11 +259,18 @@ fn pump_raw(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>) {
 }
 
 /// Upstream to client, frame by frame, with the armed fault applied.
-fn pump_down(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>, conn: u64) {
+fn pump_down(
+    mut from: TcpStream,
+    up_w: Arc<Mutex<Option<TcpStream>>>,
+    mut to: TcpStream,
+    sh: Arc<Shared>,
+    conn: u64,
+) {
     let mut buf = vec![0u8; 64 << 10];
     let mut pending: Vec<u8> = Vec::new();
     let mut sent: u64 = 0;
     let mut raw = false;
+    let t0 = std::time::Instant::now();
     let cut_both = |a: &TcpStream, b: &TcpStream| {
         let _ = a.shutdown(Shutdown::Both);
         let _ = b.shutdown(Shutdown::Both);
@@ -300,10 +327,20 @@ fn pump_down(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>, conn: u64)
         }
         if !ready.is_empty() && !forward(&mut to, &ready, &mut sent, &sh, conn) {
             // Everything forwarded so far reaches the client, then its end
-            // of stream; the upstream connection is dropped.
+            // of stream; the upstream connection is closed (every
+            // descriptor of it: `from` is dropped on return).
             let _ = to.shutdown(Shutdown::Write);
             let _ = from.shutdown(Shutdown::Both);
+            drop(lock(&up_w).take());
             return;
+        }
+        let rate = sh.rate.load(Ordering::SeqCst);
+        if rate > 0 {
+            let due = t0 + std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
         }
     }
 }
