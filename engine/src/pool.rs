@@ -1692,6 +1692,16 @@ impl<D: BlockDevice> Pool<D> {
                 })
         };
         let t = root_of(self, target)?;
+        if let Some(b) = base {
+            // The walk skips subtrees born before the base: it is only
+            // correct from an older image to a newer one.
+            let (bi, ti) = (self.snap_idx(vi, b)?, self.snap_idx(vi, target)?);
+            if self.vols[vi].snaps[bi].gen > self.vols[vi].snaps[ti].gen {
+                return Err(Error::Invalid(format!(
+                    "diff of {ns} from {b} to {target}: the base is newer than the target; diff from the older snapshot to the newer"
+                )));
+            }
+        }
         let b = match base {
             // A qtree created after the base snapshot: diff from nothing.
             Some(b) => match root_of(self, b) {
@@ -1933,6 +1943,19 @@ mod tests {
             Reply::Space(s) => s,
             _ => panic!(),
         }
+    }
+
+    #[test]
+    fn a_diff_from_newer_to_older_is_refused() {
+        let mut p = pool();
+        write(&mut p, 0, 4, 1);
+        snap(&mut p, "a");
+        write(&mut p, 8, 4, 2);
+        snap(&mut p, "b");
+        let fwd = p.diff(&NsName::volume("v"), Some("a"), "b").unwrap();
+        assert_eq!(fwd.iter().map(|e| e.len_blocks).sum::<u64>(), 4);
+        let e = p.diff(&NsName::volume("v"), Some("b"), "a").unwrap_err();
+        assert!(e.to_string().contains("base is newer"), "{e}");
     }
 
     #[test]
