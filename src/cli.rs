@@ -5,173 +5,9 @@
 use crate::control::{Client, ControlRequest};
 use crate::error::{NodeError, Result};
 use crate::node::{DiffView, SnapshotView, StatusView, VolumeView};
-use crate::units::{fmt_bytes, fmt_unix_ms, parse_duration, parse_rate, parse_size};
+use crate::units::{fmt_bytes, fmt_unix_ms};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-
-/// A client command, already parsed from the command line.
-#[derive(Debug, Clone)]
-pub enum Command {
-    VolCreate {
-        name: String,
-        size: String,
-    },
-    VolList,
-    QtreeCreate {
-        volume: String,
-        name: String,
-        size: String,
-    },
-    SnapCreate {
-        volume: String,
-        name: String,
-    },
-    SnapList {
-        volume: String,
-    },
-    SnapDelete {
-        volume: String,
-        name: String,
-        force: bool,
-    },
-    Prune {
-        volume: String,
-        keep: usize,
-        dry_run: bool,
-    },
-    Diff {
-        volume: String,
-        qtree: Option<String>,
-        base: Option<String>,
-        target: String,
-    },
-    Status,
-    MirrorCreate {
-        dst: String,
-        source: String,
-        every: Option<String>,
-        throttle: Option<String>,
-    },
-    MirrorUpdate {
-        dst: String,
-    },
-    MirrorStatus,
-    MirrorBreak {
-        dst: String,
-    },
-    MirrorResync {
-        dst: String,
-    },
-    MirrorDelete {
-        dst: String,
-    },
-    LockList,
-    LockAdd {
-        volume: String,
-        snapshot: String,
-        owner: String,
-        text: Option<String>,
-    },
-    LockRelease {
-        volume: String,
-        snapshot: String,
-        holder: String,
-    },
-}
-
-impl Command {
-    fn request(&self) -> Result<ControlRequest> {
-        Ok(match self.clone() {
-            Command::VolCreate { name, size } => ControlRequest::VolCreate {
-                name,
-                size_bytes: parse_size(&size)?,
-            },
-            Command::VolList => ControlRequest::VolList,
-            Command::QtreeCreate { volume, name, size } => ControlRequest::QtreeCreate {
-                volume,
-                name,
-                size_bytes: parse_size(&size)?,
-            },
-            Command::SnapCreate { volume, name } => ControlRequest::SnapCreate { volume, name },
-            Command::SnapList { volume } => ControlRequest::SnapList { volume },
-            Command::SnapDelete {
-                volume,
-                name,
-                force,
-            } => ControlRequest::SnapDelete {
-                volume,
-                name,
-                force,
-            },
-            Command::Prune {
-                volume,
-                keep,
-                dry_run,
-            } => ControlRequest::Prune {
-                volume,
-                keep,
-                dry_run,
-            },
-            Command::Diff {
-                volume,
-                qtree,
-                base,
-                target,
-            } => ControlRequest::Diff {
-                volume,
-                qtree,
-                base,
-                target,
-            },
-            Command::Status => ControlRequest::Status,
-            Command::MirrorCreate {
-                dst,
-                source,
-                every,
-                throttle,
-            } => {
-                crate::node::parse_source(&source)?;
-                ControlRequest::MirrorCreate {
-                    dst_volume: dst,
-                    source,
-                    dst_qtree: None,
-                    every_secs: every
-                        .as_deref()
-                        .map(parse_duration)
-                        .transpose()?
-                        .map(|d| d.as_secs().max(1)),
-                    throttle_bps: throttle.as_deref().map(parse_rate).transpose()?,
-                }
-            }
-            Command::MirrorUpdate { dst } => ControlRequest::MirrorUpdate { dst },
-            Command::MirrorStatus => ControlRequest::MirrorStatus,
-            Command::MirrorBreak { dst } => ControlRequest::MirrorBreak { dst },
-            Command::MirrorResync { dst } => ControlRequest::MirrorResync { dst },
-            Command::MirrorDelete { dst } => ControlRequest::MirrorDelete { dst },
-            Command::LockList => ControlRequest::LockList,
-            Command::LockAdd {
-                volume,
-                snapshot,
-                owner,
-                text,
-            } => ControlRequest::LockAdd {
-                volume,
-                snapshot,
-                owner,
-                text,
-            },
-            Command::LockRelease {
-                volume,
-                snapshot,
-                holder,
-            } => ControlRequest::LockRelease {
-                volume,
-                snapshot,
-                holder,
-            },
-        })
-    }
-}
 
 fn parse<T: DeserializeOwned>(v: Value) -> Result<T> {
     serde_json::from_value(v).map_err(|e| NodeError::BadAnswer {
@@ -180,11 +16,10 @@ fn parse<T: DeserializeOwned>(v: Value) -> Result<T> {
     })
 }
 
-/// Run `cmd` against the node at `node`, printing to stdout.
-pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
-    let req = cmd.request()?; // local validation (sizes) before connecting
+/// Send `req` to the node at `node` and print the result to stdout.
+pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
     let mut client = Client::connect(node)?;
-    let bar = progress_bar(&cmd, json);
+    let bar = progress_bar(&req, json);
     let result = client.call_with_progress(&req, &mut |p| {
         if let Some(b) = &bar {
             let total = p["total_bytes"].as_u64().unwrap_or(0);
@@ -203,12 +38,12 @@ pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    match cmd {
-        Command::VolCreate { .. } => {
+    match req {
+        ControlRequest::VolCreate { .. } => {
             let v: VolumeView = parse(result)?;
             println!("created volume {} ({})", v.name, fmt_bytes(v.size_bytes));
         }
-        Command::QtreeCreate { volume, name, .. } => {
+        ControlRequest::QtreeCreate { volume, name, .. } => {
             let v: VolumeView = parse(result)?;
             let size = v
                 .qtrees
@@ -218,7 +53,7 @@ pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
                 .unwrap_or(0);
             println!("created qtree {volume}/{name} ({})", fmt_bytes(size));
         }
-        Command::VolList => {
+        ControlRequest::VolList => {
             let vols: Vec<VolumeView> = parse(result)?;
             println!(
                 "{:<20} {:>10} {:>10} {:>9} {:<3} QTREES",
@@ -245,11 +80,11 @@ pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
                 );
             }
         }
-        Command::SnapCreate { volume, .. } => {
+        ControlRequest::SnapCreate { volume, .. } => {
             let s: SnapshotView = parse(result)?;
             println!("created snapshot {volume}@{} (id {})", s.name, s.id);
         }
-        Command::SnapList { .. } => {
+        ControlRequest::SnapList { .. } => {
             let snaps: Vec<SnapshotView> = parse(result)?;
             println!(
                 "{:<20} {:<36} {:<20} {:>10} {:>10} LOCKS",
@@ -267,20 +102,20 @@ pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
                 );
             }
         }
-        Command::MirrorCreate { .. } | Command::MirrorUpdate { .. } | Command::MirrorResync { .. } => {
+        ControlRequest::MirrorCreate { .. } | ControlRequest::MirrorUpdate { .. } | ControlRequest::MirrorResync { .. } => {
             print_transfer(&result)
         }
-        Command::MirrorStatus => print_mirrors(&result),
-        Command::MirrorBreak { dst } => println!("mirror {dst} broken: the volume is writable; `mirror resync {dst}` makes it a mirror again"),
-        Command::MirrorDelete { dst } => println!("mirror {dst} deleted; its locks upstream are released"),
-        Command::LockList => print_locks(&result),
-        Command::LockAdd { volume, snapshot, .. } => {
+        ControlRequest::MirrorStatus => print_mirrors(&result),
+        ControlRequest::MirrorBreak { dst } => println!("mirror {dst} broken: the volume is writable; `mirror resync {dst}` makes it a mirror again"),
+        ControlRequest::MirrorDelete { dst } => println!("mirror {dst} deleted; its locks upstream are released"),
+        ControlRequest::LockList => print_locks(&result),
+        ControlRequest::LockAdd { volume, snapshot, .. } => {
             println!("locked {volume}@{snapshot} (holder {})", s(&result["holder"]));
         }
-        Command::LockRelease { volume, snapshot, holder } => println!("released {holder}'s lock on {volume}@{snapshot}"),
-        Command::SnapDelete { volume, name, .. } => println!("deleted snapshot {volume}@{name}"),
-        Command::Prune { .. } => print_prune(&result),
-        Command::Diff { .. } => {
+        ControlRequest::LockRelease { volume, snapshot, holder } => println!("released {holder}'s lock on {volume}@{snapshot}"),
+        ControlRequest::SnapDelete { volume, name, .. } => println!("deleted snapshot {volume}@{name}"),
+        ControlRequest::Prune { .. } => print_prune(&result),
+        ControlRequest::Diff { .. } => {
             let d: DiffView = parse(result)?;
             println!(
                 "{}{} {}..{}: {} extents, {} of data, {} trimmed",
@@ -293,7 +128,7 @@ pub fn run(node: &str, cmd: Command, json: bool) -> Result<()> {
                 fmt_bytes(d.trim_bytes)
             );
         }
-        Command::Status => {
+        ControlRequest::Status => {
             let s: StatusView = parse(result)?;
             println!("node        {} (sluice {})", s.node, s.version);
             println!("data        {}", s.data);
@@ -322,11 +157,13 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn progress_bar(cmd: &Command, json: bool) -> Option<indicatif::ProgressBar> {
+fn progress_bar(req: &ControlRequest, json: bool) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
     let long = matches!(
-        cmd,
-        Command::MirrorCreate { .. } | Command::MirrorUpdate { .. } | Command::MirrorResync { .. }
+        req,
+        ControlRequest::MirrorCreate { .. }
+            | ControlRequest::MirrorUpdate { .. }
+            | ControlRequest::MirrorResync { .. }
     );
     if !long || json || !std::io::stderr().is_terminal() {
         return None;

@@ -5,9 +5,10 @@
 mod demo;
 
 use clap::{Parser, Subcommand};
-use sluice::cli::{self, Command};
+use sluice::cli;
 use sluice::config::{ConfigFile, ServeConfig, ServeFlags};
-use sluice::units::{fmt_bytes, parse_size};
+use sluice::control::ControlRequest;
+use sluice::units::{fmt_bytes, parse_duration, parse_rate, parse_size};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -254,24 +255,20 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = |cmd: Command, json: bool| -> anyhow::Result<()> {
-        let node = cli
-            .node
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("this command talks to a node: give --node <ADDR> (the node's --listen address) or set SLUICE_NODE"))?;
-        Ok(cli::run(node, cmd, json)?)
-    };
-    match &cli.cmd {
-        Cmd::Demo => demo::run(),
+    use ControlRequest as R;
+    // Everything but demo, init and serve talks to a node: sizes, rates and
+    // durations are checked here, before connecting.
+    let (req, json) = match cli.cmd {
+        Cmd::Demo => return demo::run(),
         Cmd::Init { path, size, force } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            let bytes = sluice::daemon::init(path, size, *force)?;
+            let bytes = sluice::daemon::init(&path, size, force)?;
             println!(
                 "formatted {} as a sluice pool ({})",
                 path.display(),
                 fmt_bytes(bytes)
             );
-            Ok(())
+            return Ok(());
         }
         Cmd::Serve {
             data,
@@ -284,126 +281,69 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_lock_propagation,
         } => {
             let file = match config {
-                Some(p) => ConfigFile::load(p)?,
+                Some(p) => ConfigFile::load(&p)?,
                 None => ConfigFile::default(),
             };
             let flags = ServeFlags {
-                data: data.clone(),
-                listen: listen.clone(),
-                nbd: nbd.clone(),
-                name: name.clone(),
-                peer_secret: peer_secret.clone(),
-                throttle: throttle.clone(),
-                no_lock_propagation: *no_lock_propagation,
-            };
-            Ok(sluice::daemon::serve(ServeConfig::resolve(file, flags)?)?)
-        }
-        Cmd::Mirror { cmd } => match cmd {
-            MirrorCmd::Create {
-                dst,
-                from,
-                every,
+                data,
+                listen,
+                nbd,
+                name,
+                peer_secret,
                 throttle,
-                json,
-            } => client(
-                Command::MirrorCreate {
-                    dst: dst.clone(),
-                    source: from.clone(),
-                    every: every.clone(),
-                    throttle: throttle.clone(),
+                no_lock_propagation,
+            };
+            return Ok(sluice::daemon::serve(ServeConfig::resolve(file, flags)?)?);
+        }
+        Cmd::Vol {
+            cmd: VolCmd::Create { volume, size },
+        } => (
+            R::VolCreate {
+                name: volume,
+                size_bytes: parse_size(&size)?,
+            },
+            false,
+        ),
+        Cmd::Vol {
+            cmd: VolCmd::List { json },
+        } => (R::VolList, json),
+        Cmd::Qtree {
+            cmd:
+                QtreeCmd::Create {
+                    volume,
+                    qtree,
+                    size,
                 },
-                *json,
-            ),
-            MirrorCmd::Update { dst, json } => {
-                client(Command::MirrorUpdate { dst: dst.clone() }, *json)
-            }
-            MirrorCmd::Status { json } => client(Command::MirrorStatus, *json),
-            MirrorCmd::Break { dst } => client(Command::MirrorBreak { dst: dst.clone() }, false),
-            MirrorCmd::Resync { dst, json } => {
-                client(Command::MirrorResync { dst: dst.clone() }, *json)
-            }
-            MirrorCmd::Delete { dst } => client(Command::MirrorDelete { dst: dst.clone() }, false),
-        },
-        Cmd::Lock { cmd } => match cmd {
-            LockCmd::List { json } => client(Command::LockList, *json),
-            LockCmd::Add {
+        } => (
+            R::QtreeCreate {
                 volume,
-                snapshot,
-                owner,
-                text,
-            } => client(
-                Command::LockAdd {
-                    volume: volume.clone(),
-                    snapshot: snapshot.clone(),
-                    owner: owner.clone(),
-                    text: text.clone(),
-                },
-                false,
-            ),
-            LockCmd::Release {
-                volume,
-                snapshot,
-                holder,
-            } => client(
-                Command::LockRelease {
-                    volume: volume.clone(),
-                    snapshot: snapshot.clone(),
-                    holder: holder.clone(),
-                },
-                false,
-            ),
-        },
-        Cmd::Vol { cmd } => match cmd {
-            VolCmd::Create { volume, size } => client(
-                Command::VolCreate {
-                    name: volume.clone(),
-                    size: size.clone(),
-                },
-                false,
-            ),
-            VolCmd::List { json } => client(Command::VolList, *json),
-        },
-        Cmd::Qtree { cmd } => match cmd {
-            QtreeCmd::Create {
-                volume,
-                qtree,
-                size,
-            } => client(
-                Command::QtreeCreate {
-                    volume: volume.clone(),
-                    name: qtree.clone(),
-                    size: size.clone(),
-                },
-                false,
-            ),
-        },
+                name: qtree,
+                size_bytes: parse_size(&size)?,
+            },
+            false,
+        ),
         Cmd::Snap { cmd } => match cmd {
             SnapCmd::Create {
                 volume,
                 snapshot,
                 json,
-            } => client(
-                Command::SnapCreate {
-                    volume: volume.clone(),
-                    name: snapshot.clone(),
+            } => (
+                R::SnapCreate {
+                    volume,
+                    name: snapshot,
                 },
-                *json,
+                json,
             ),
-            SnapCmd::List { volume, json } => client(
-                Command::SnapList {
-                    volume: volume.clone(),
-                },
-                *json,
-            ),
+            SnapCmd::List { volume, json } => (R::SnapList { volume }, json),
             SnapCmd::Delete {
                 volume,
                 snapshot,
                 force,
-            } => client(
-                Command::SnapDelete {
-                    volume: volume.clone(),
-                    name: snapshot.clone(),
-                    force: *force,
+            } => (
+                R::SnapDelete {
+                    volume,
+                    name: snapshot,
+                    force,
                 },
                 false,
             ),
@@ -413,13 +353,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             keep,
             dry_run,
             json,
-        } => client(
-            Command::Prune {
-                volume: volume.clone(),
-                keep: *keep,
-                dry_run: *dry_run,
+        } => (
+            R::Prune {
+                volume,
+                keep,
+                dry_run,
             },
-            *json,
+            json,
         ),
         Cmd::Diff {
             volume,
@@ -427,15 +367,77 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             base,
             qtree,
             json,
-        } => client(
-            Command::Diff {
-                volume: volume.clone(),
-                qtree: qtree.clone(),
-                base: base.clone(),
-                target: target.clone(),
+        } => (
+            R::Diff {
+                volume,
+                qtree,
+                base,
+                target,
             },
-            *json,
+            json,
         ),
-        Cmd::Status { json } => client(Command::Status, *json),
-    }
+        Cmd::Status { json } => (R::Status, json),
+        Cmd::Mirror { cmd } => match cmd {
+            MirrorCmd::Create {
+                dst,
+                from,
+                every,
+                throttle,
+                json,
+            } => {
+                sluice::node::parse_source(&from)?;
+                let every_secs = every.as_deref().map(parse_duration).transpose()?;
+                (
+                    R::MirrorCreate {
+                        dst_volume: dst,
+                        source: from,
+                        dst_qtree: None,
+                        every_secs: every_secs.map(|d| d.as_secs().max(1)),
+                        throttle_bps: throttle.as_deref().map(parse_rate).transpose()?,
+                    },
+                    json,
+                )
+            }
+            MirrorCmd::Update { dst, json } => (R::MirrorUpdate { dst }, json),
+            MirrorCmd::Status { json } => (R::MirrorStatus, json),
+            MirrorCmd::Break { dst } => (R::MirrorBreak { dst }, false),
+            MirrorCmd::Resync { dst, json } => (R::MirrorResync { dst }, json),
+            MirrorCmd::Delete { dst } => (R::MirrorDelete { dst }, false),
+        },
+        Cmd::Lock { cmd } => match cmd {
+            LockCmd::List { json } => (R::LockList, json),
+            LockCmd::Add {
+                volume,
+                snapshot,
+                owner,
+                text,
+            } => (
+                R::LockAdd {
+                    volume,
+                    snapshot,
+                    owner,
+                    text,
+                },
+                false,
+            ),
+            LockCmd::Release {
+                volume,
+                snapshot,
+                holder,
+            } => (
+                R::LockRelease {
+                    volume,
+                    snapshot,
+                    holder,
+                },
+                false,
+            ),
+        },
+    };
+    let node = cli.node.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "this command talks to a node: give --node <ADDR> (the node's --listen address) or set SLUICE_NODE"
+        )
+    })?;
+    Ok(cli::run(node, req, json)?)
 }
