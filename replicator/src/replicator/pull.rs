@@ -128,8 +128,20 @@ impl Replicator {
                 let started = self.load_ckpt(&key)?.is_some();
                 if !started {
                     let mut st = lock(&self.st);
-                    st.rels.remove(&key);
+                    let gone = st.rels.remove(&key).and_then(|r| r.source_node);
                     self.persist_rels(&st)?;
+                    // Nor an upstream in the lock table that no relationship
+                    // uses (it would be renewed, undeliverably, forever).
+                    let unused = gone
+                        .filter(|up| !st.rels.values().any(|r| r.source_node.as_ref() == Some(up)));
+                    drop(st);
+                    if let Some(up) = unused {
+                        let acts = self.lock_events(vec![Event::UpstreamRemoved {
+                            upstream: up.clone(),
+                        }])?;
+                        lock(&self.st).pending_sets.remove(&up);
+                        self.perform(acts, None);
+                    }
                 }
                 Err(e)
             }
