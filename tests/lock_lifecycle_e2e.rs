@@ -239,10 +239,9 @@ fn soft_locks_live_and_die_through_a_cascade() {
         let ls = c_locks_on(&b);
         !ls.is_empty() && ls.iter().all(|l| l["state"] == "stale")
     });
-    assert!(
-        b.log_text().contains("is stale"),
-        "B's log does not report the stale downstream"
-    );
+    wait_until("B's log to report the stale downstream", || {
+        b.log_text().contains("is stale")
+    });
     let c = Daemon::try_start(&c_pool, &["--name", "c", "--config", &c_cfg]).unwrap();
     wait_until("C's locks to be renewed on B", || {
         let ls = c_locks_on(&b);
@@ -277,10 +276,9 @@ fn soft_locks_live_and_die_through_a_cascade() {
     wait_until("C's locks to disappear from A", || {
         c_locks_on(&a).is_empty()
     });
-    assert!(
-        b.log_text().contains("LeaseExpired"),
-        "B's log does not say why C's locks were released"
-    );
+    wait_until("B's log to say why C's locks were released", || {
+        b.log_text().contains("LeaseExpired")
+    });
     // B's own locks on A are untouched.
     assert!(!from_origin(&locks(&a), "b").is_empty());
 }
