@@ -149,6 +149,26 @@ pub enum Action {
         renewed_ms: u64,
         lease_ms: u64,
     },
+    /// Locks relayed through `downstream` from `origin` (further down) are
+    /// past their origin's lease: `origin` has not renewed them (or the
+    /// relay reported them stale). Reported once per going stale; they are
+    /// kept under `Keep` and shown stale by [`LockNode::is_stale`].
+    RelayedStale {
+        downstream: String,
+        origin: String,
+        renewed_ms: u64,
+        lease_ms: u64,
+    },
+    /// Under `ReleaseAfter`, locks relayed through `downstream` from
+    /// `origin` were dropped: their origin's renewal time plus lease and
+    /// grace ran out. `unprotected` lists the snapshots that set no longer
+    /// names at all.
+    RelayedReleased {
+        downstream: String,
+        origin: String,
+        dropped: usize,
+        unprotected: Vec<Uuid>,
+    },
     /// A downstream's locks were dropped here.
     Released {
         downstream: String,
@@ -195,6 +215,25 @@ struct Down {
     stale: bool,
     lapsed: bool,
     forced_gone: BTreeSet<Uuid>,
+    /// Origins (further down) whose relayed locks in `received` are past
+    /// their lease, as last reported (not persisted: re-reported after a
+    /// restart).
+    stale_origins: BTreeSet<String>,
+}
+
+/// When a lock's own lease ends (`renewed_ms + lease_ms`), `set_lease_ms`
+/// standing in for a lease of 0. `None` when the lock carries no renewal
+/// time (then only its set's lease applies).
+fn lock_expiry(l: &SoftLock, set_lease_ms: u64) -> Option<u64> {
+    if l.renewed_ms == 0 {
+        return None;
+    }
+    let lease = if l.lease_ms == 0 {
+        set_lease_ms
+    } else {
+        l.lease_ms
+    };
+    Some(l.renewed_ms.saturating_add(lease))
 }
 
 /// One node's lock table and rules. See the module docs.
@@ -257,6 +296,11 @@ impl LockNode {
     /// Every lock effective on this node (own bases, downstream, app), for status.
     pub fn all_locks(&self) -> Vec<SoftLock> {
         self.effective()
+    }
+
+    /// Whether `upstream` is an upstream of this node (we send it sets).
+    pub fn has_upstream(&self, upstream: &str) -> bool {
+        self.ups.contains_key(upstream)
     }
 
     /// Downstreams whose set is stale now.
@@ -331,6 +375,14 @@ impl LockNode {
     }
 
     /// Locks from downstream knowledge (shared snapshots and relayed sets).
+    ///
+    /// Each keeps the renewal time of where it lives, never ours: a lock
+    /// for a snapshot shared with downstream D is renewed when D last
+    /// renewed its set here (on our clock) under D's lease, and a relayed
+    /// lock keeps its origin's renewal time and lease. While D's set is
+    /// stale here, its locks' leases are cut to end no later than D's set
+    /// lease did, so whoever we relay them to sees them stale too (issue
+    /// 3/5: stale is always visible, never silent, at every hop).
     fn downstream_locks(&self) -> Vec<SoftLock> {
         let mut out = Vec::new();
         if !self.cfg.propagate {
@@ -340,20 +392,63 @@ impl LockNode {
             if d.lapsed {
                 continue;
             }
+            let set_lease = d
+                .received
+                .as_ref()
+                .map_or(self.cfg.lease_ms, |s| s.lease_ms);
+            let deadline = d.received_ms.saturating_add(set_lease);
+            let mark = |l: &mut SoftLock| {
+                if l.renewed_ms == 0 {
+                    l.renewed_ms = d.received_ms;
+                }
+                if l.lease_ms == 0 {
+                    l.lease_ms = set_lease;
+                }
+                if d.stale {
+                    let left = deadline.saturating_sub(l.renewed_ms).max(1);
+                    l.lease_ms = l.lease_ms.min(left);
+                }
+            };
             for s in &d.shared {
-                out.push(self.lock(
+                let mut l = self.lock(
                     *s,
                     LockKind::DestinationPath,
                     format!("base of mirror to {name}"),
                     name.clone(),
-                    0,
-                ));
+                    d.received_ms,
+                );
+                l.lease_ms = set_lease;
+                mark(&mut l);
+                out.push(l);
             }
             if let Some(set) = &d.received {
-                out.extend(set.locks.iter().cloned());
+                out.extend(set.locks.iter().cloned().map(|mut l| {
+                    mark(&mut l);
+                    l
+                }));
             }
         }
         out
+    }
+
+    /// Whether lock `l` (as returned by [`LockNode::all_locks`] or
+    /// [`LockNode::holders`]) is stale at `now_ms`: it lives on another node
+    /// and either the downstream it came through has a stale set here, or
+    /// its own lease (its origin's renewal time plus lease, as relayed) ran
+    /// out. Our own and application locks are never stale.
+    pub fn is_stale(&self, l: &SoftLock, now_ms: u64) -> bool {
+        let me = &self.cfg.node_id;
+        if &l.origin_node == me {
+            return false;
+        }
+        let via = match l.hop_path.last() {
+            Some(h) if h != me => h,
+            _ => &l.origin_node,
+        };
+        if self.downs.get(via).is_some_and(|d| d.stale) {
+            return true;
+        }
+        lock_expiry(l, self.cfg.lease_ms).is_some_and(|e| now_ms >= e)
     }
 
     /// Our own locks for the relationship with `upstream`: the next base
@@ -438,11 +533,15 @@ impl LockNode {
         up.last_sent = Some(locks.clone());
         up.last_sent_ms = now_ms;
         self.counter = self.counter.wrapping_add(1);
+        // We renew only what lives here (our bases, application locks);
+        // relayed and shared locks keep the renewal time of where they live.
         let mut locks = locks;
         for l in &mut locks {
-            l.renewed_ms = now_ms;
+            if l.origin_node == sender {
+                l.renewed_ms = now_ms;
+            }
             if l.created_ms == 0 {
-                l.created_ms = now_ms;
+                l.created_ms = l.renewed_ms;
             }
         }
         let gone_acks = up.gone_acks.iter().copied().collect();
@@ -682,6 +781,7 @@ impl LockNode {
                 }
             }
         }
+        self.tick_relayed(now_ms, out);
         let due: Vec<String> = self
             .ups
             .iter()
@@ -690,6 +790,76 @@ impl LockNode {
             .collect();
         for u in due {
             self.send(&u, now_ms, true, out);
+        }
+    }
+
+    /// Leases of relayed locks, by their origin's renewal time: a lock that
+    /// lives further down (origin other than the downstream that sent it)
+    /// turns stale here when its own lease ran out, even while the relaying
+    /// downstream keeps renewing its set (reported once, `RelayedStale`);
+    /// under `ReleaseAfter` it is dropped `grace_ms` later
+    /// (`RelayedReleased`), exactly as its origin's set would have been by
+    /// its direct upstream.
+    fn tick_relayed(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let grace = match self.cfg.policy {
+            LeasePolicy::Keep => None,
+            LeasePolicy::ReleaseAfter { grace_ms } => Some(grace_ms),
+        };
+        for (name, d) in self.downs.iter_mut() {
+            if d.lapsed {
+                continue;
+            }
+            let Some(set) = d.received.as_mut() else {
+                d.stale_origins.clear();
+                continue;
+            };
+            let set_lease = set.lease_ms;
+            let relayed = |l: &SoftLock| &l.origin_node != name;
+            if let Some(grace_ms) = grace {
+                let mut dropped: BTreeMap<String, (usize, BTreeSet<Uuid>)> = BTreeMap::new();
+                set.locks.retain(|l| {
+                    let gone = relayed(l)
+                        && lock_expiry(l, set_lease)
+                            .is_some_and(|e| now_ms >= e.saturating_add(grace_ms));
+                    if gone {
+                        let e = dropped.entry(l.origin_node.clone()).or_default();
+                        e.0 += 1;
+                        e.1.insert(l.snapshot);
+                    }
+                    !gone
+                });
+                for (origin, (n, snaps)) in dropped {
+                    let unprotected = snaps
+                        .into_iter()
+                        .filter(|s| !set.locks.iter().any(|l| l.snapshot == *s))
+                        .collect();
+                    out.push(Action::RelayedReleased {
+                        downstream: name.clone(),
+                        origin,
+                        dropped: n,
+                        unprotected,
+                    });
+                }
+            }
+            let mut now_stale: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for l in set.locks.iter().filter(|l| relayed(l)) {
+                if lock_expiry(l, set_lease).is_some_and(|e| now_ms >= e) {
+                    now_stale
+                        .entry(l.origin_node.clone())
+                        .or_insert((l.renewed_ms, l.lease_ms));
+                }
+            }
+            for (origin, (renewed_ms, lease_ms)) in &now_stale {
+                if !d.stale_origins.contains(origin) {
+                    out.push(Action::RelayedStale {
+                        downstream: name.clone(),
+                        origin: origin.clone(),
+                        renewed_ms: *renewed_ms,
+                        lease_ms: *lease_ms,
+                    });
+                }
+            }
+            d.stale_origins = now_stale.into_keys().collect();
         }
     }
 
@@ -853,6 +1023,7 @@ impl LockNode {
                     stale: d.stale,
                     lapsed: d.lapsed,
                     forced_gone: d.forced_gone.iter().map(|b| Uuid::from_bytes(*b)).collect(),
+                    stale_origins: BTreeSet::new(),
                 },
             );
         }

@@ -845,3 +845,189 @@ fn protection_changes_are_reported_and_removed_downstream_releases() {
         "preview: only B's own base is held"
     );
 }
+
+/// Delivers every set in `acts` addressed to `to.config().node_id`.
+fn deliver_to(to: &mut LockNode, now: u64, acts: &[Action]) -> usize {
+    let me = to.config().node_id.clone();
+    let mut n = 0;
+    for (u, set) in sets(acts) {
+        if u == me {
+            to.handle(now, Event::LockSetReceived { set });
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Issue 3/5 "stale is always visible, never silent", two hops up: in
+/// A -> B -> C, once C goes silent B marks C's set stale after its lease,
+/// and A, which sees C's locks only through B's sets, must see them stale
+/// too, with C's own renewal time, while B itself keeps renewing. A's
+/// release policy applies to them by C's renewal time: under `Keep` they
+/// stay (stale), under `ReleaseAfter` they go after C's lease + grace even
+/// though B keeps relaying them (B keeps them under its own `Keep`).
+#[test]
+fn relayed_locks_carry_their_origins_renewal_and_staleness_every_hop() {
+    const LEASE: u64 = 3_000;
+    let cfg = |n: &str, policy| NodeConfig {
+        lease_ms: LEASE,
+        renew_every_ms: 1_000,
+        policy,
+        ..NodeConfig::new(n)
+    };
+    for a_policy in [
+        LeasePolicy::Keep,
+        LeasePolicy::ReleaseAfter { grace_ms: 2_000 },
+    ] {
+        let mut a = LockNode::new(cfg("A", a_policy));
+        let mut b = LockNode::new(cfg("B", LeasePolicy::Keep));
+        let mut c = LockNode::new(cfg("C", LeasePolicy::Keep));
+        let s1 = sid(1);
+        // A has s1; B pulls it from A; C pulls it from B.
+        a.handle(0, Event::SnapshotCreated { snapshot: s1 });
+        a.handle(
+            0,
+            Event::DownstreamAdded {
+                downstream: "B".into(),
+            },
+        );
+        b.handle(
+            0,
+            Event::DownstreamAdded {
+                downstream: "C".into(),
+            },
+        );
+        up(&mut b, "A");
+        up(&mut c, "B");
+        b.handle(
+            0,
+            Event::UpstreamSnapshots {
+                upstream: "A".into(),
+                snapshots: vec![s1],
+            },
+        );
+        let acts = b.handle(
+            10,
+            Event::TransferFinished {
+                upstream: "A".into(),
+                target: s1,
+            },
+        );
+        deliver_to(&mut a, 10, &acts);
+        c.handle(
+            20,
+            Event::UpstreamSnapshots {
+                upstream: "B".into(),
+                snapshots: vec![s1],
+            },
+        );
+        let acts = c.handle(
+            20,
+            Event::TransferFinished {
+                upstream: "B".into(),
+                target: s1,
+            },
+        );
+        let relay = b.handle(
+            20,
+            Event::DownstreamShared {
+                downstream: "C".into(),
+                shared: vec![s1],
+            },
+        );
+        deliver_to(&mut a, 20, &relay);
+        let relay = {
+            let mut r = Vec::new();
+            for (_, set) in sets(&acts) {
+                r.extend(b.handle(20, Event::LockSetReceived { set }));
+            }
+            r
+        };
+        deliver_to(&mut a, 20, &relay);
+        // Everyone ticks every 500 ms; C renews until it dies at t=5000.
+        let died = 5_000;
+        let mut t = 20;
+        let c_on_a = |a: &LockNode| -> Vec<SoftLock> {
+            a.all_locks()
+                .into_iter()
+                .filter(|l| l.origin_node == "C")
+                .collect()
+        };
+        let mut b_stale_at = None;
+        let mut a_relayed_stale = false;
+        let mut a_released = false;
+        while t < 20_000 {
+            t += 500;
+            if t <= died {
+                let acts = c.handle(t, Event::Tick);
+                for (_, set) in sets(&acts) {
+                    let r = b.handle(t, Event::LockSetReceived { set });
+                    deliver_to(&mut a, t, &r);
+                }
+            }
+            let acts = b.handle(t, Event::Tick);
+            if acts
+                .iter()
+                .any(|x| matches!(x, Action::Stale { downstream, .. } if downstream == "C"))
+            {
+                b_stale_at.get_or_insert(t);
+            }
+            deliver_to(&mut a, t, &acts);
+            let acts = a.handle(t, Event::Tick);
+            assert!(
+                a.stale_downstreams().is_empty(),
+                "B renews: its set is fresh on A"
+            );
+            a_relayed_stale |= acts.iter().any(|x| {
+                matches!(x, Action::RelayedStale { downstream, origin, .. } if downstream == "B" && origin == "C")
+            });
+            a_released |= acts.iter().any(|x| {
+                matches!(x, Action::RelayedReleased { downstream, origin, .. } if downstream == "B" && origin == "C")
+            });
+            let on_a = c_on_a(&a);
+            // Never renewed after C died, on any node.
+            for l in &on_a {
+                assert!(
+                    l.renewed_ms <= died,
+                    "A shows C's lock renewed at {} after C died at {died}: {l}",
+                    l.renewed_ms
+                );
+            }
+            if t < died {
+                assert!(!on_a.is_empty());
+                assert!(
+                    on_a.iter().all(|l| !a.is_stale(l, t)),
+                    "t={t}: C alive but its locks look stale on A"
+                );
+            }
+            if b_stale_at.is_some() {
+                // B knows: C's locks are stale on B and on A.
+                assert!(b
+                    .all_locks()
+                    .iter()
+                    .filter(|l| l.origin_node == "C")
+                    .all(|l| b.is_stale(l, t)));
+                assert!(
+                    on_a.iter().all(|l| a.is_stale(l, t)),
+                    "t={t}: B marked C stale, A shows C's locks active"
+                );
+            }
+        }
+        assert!(b_stale_at.is_some(), "B marks C stale after its lease");
+        assert!(a_relayed_stale, "A reports C's relayed locks stale");
+        // B (Keep) still holds and relays them.
+        assert!(!b.holders(s1).iter().all(|l| l.origin_node != "C"));
+        match a_policy {
+            LeasePolicy::Keep => {
+                assert!(!a_released);
+                assert!(!c_on_a(&a).is_empty(), "Keep: C's locks stay on A, stale");
+            }
+            LeasePolicy::ReleaseAfter { .. } => {
+                assert!(a_released, "A releases C's locks by C's renewal time");
+                assert!(c_on_a(&a).is_empty(), "released on A: {:?}", c_on_a(&a));
+                // B's own base lock still holds s1 on A.
+                assert!(a.holders(s1).iter().any(|l| l.origin_node == "B"));
+            }
+        }
+    }
+}

@@ -239,6 +239,23 @@ impl Sim {
                         self.net.push((i, u, set.clone()));
                     }
                 }
+                Action::RelayedReleased {
+                    downstream,
+                    unprotected,
+                    ..
+                } => {
+                    // Relayed locks whose origin's lease and grace ran out
+                    // were dropped (reported): the snapshots that set no
+                    // longer names are no longer needed here.
+                    self.out.lease_releases += 1;
+                    if let Some(d) = self.idx(downstream) {
+                        if let Some((_, locked)) = self.delivered.get_mut(&(i, d)) {
+                            for s in unprotected {
+                                locked.remove(s);
+                            }
+                        }
+                    }
+                }
                 Action::Released { downstream, reason } => {
                     if *reason == ReleaseReason::LeaseExpired {
                         self.out.lease_releases += 1;

@@ -252,10 +252,11 @@ impl Replicator {
         st: &State,
     ) -> LockView {
         let me = &self.cfg.node_name;
-        let stale_set = st.locks.stale_downstreams();
         let via = l.hop_path.last().cloned().unwrap_or_default();
         let from_down = &l.origin_node != me;
-        let stale = from_down && (stale_set.contains(&via) || stale_set.contains(&l.origin_node));
+        // By the lock's own lease (its origin's renewal time, as relayed)
+        // and by the set it came in: stale is visible at every hop.
+        let stale = st.locks.is_stale(l, now_ms());
         let holder = if !from_down && l.kind == LockKind::OwnerName {
             l.text.split(": ").next().unwrap_or(&l.text).to_string()
         } else if from_down {

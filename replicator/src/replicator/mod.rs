@@ -435,6 +435,22 @@ impl Replicator {
                 } => {
                     tracing::warn!(%downstream, renewed_ms, lease_ms, "downstream lock set is stale (not renewed within its lease); its locks are kept until released")
                 }
+                Action::RelayedStale {
+                    downstream,
+                    origin,
+                    renewed_ms,
+                    lease_ms,
+                } => {
+                    tracing::warn!(%downstream, %origin, renewed_ms, lease_ms, "locks relayed from a node further down are stale (their origin has not renewed them within its lease); kept until released")
+                }
+                Action::RelayedReleased {
+                    downstream,
+                    origin,
+                    dropped,
+                    ..
+                } => {
+                    tracing::info!(%downstream, %origin, dropped, "relayed locks released: their origin's lease and grace ran out")
+                }
                 Action::Released { downstream, reason } => {
                     tracing::info!(%downstream, ?reason, "downstream locks released")
                 }
@@ -484,7 +500,9 @@ impl Replicator {
                     .pending_sets
                     .get(upstream)
                     .is_some_and(|p| p.generation > set.generation);
-                if !newer {
+                // No relationship, no upstream: a set for an upstream the
+                // lock table dropped meanwhile is not kept for retries.
+                if !newer && st.locks.has_upstream(upstream) {
                     st.pending_sets.insert(upstream.to_string(), set);
                 }
             }
@@ -596,11 +614,19 @@ impl Replicator {
             Ok(a) => self.perform(a, None),
             Err(e) => tracing::error!(error = %e, "lock tick failed"),
         }
-        let pending: Vec<(String, LockSet)> = lock(&self.st)
-            .pending_sets
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let pending: Vec<(String, LockSet)> = {
+            let mut st = lock(&self.st);
+            let State {
+                pending_sets,
+                locks,
+                ..
+            } = &mut *st;
+            pending_sets.retain(|u, _| locks.has_upstream(u));
+            pending_sets
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
         for (u, s) in pending {
             if self.stopping() {
                 return;
