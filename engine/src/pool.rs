@@ -999,12 +999,7 @@ impl<D: BlockDevice> Pool<D> {
             };
             let plan = self.read_plan(image, *lba, *len_blocks as u64);
             if let Ok(slots) = &plan {
-                io.extend(
-                    slots
-                        .iter()
-                        .filter(|s| s.pba != 0)
-                        .map(|s| (IoKind::Read, s.pba, Some(AlignedBuf::zeroed(1)))),
-                );
+                io.extend(read_ios(slots));
             }
             plans.push(plan);
         }
@@ -1307,12 +1302,7 @@ impl<D: BlockDevice> Pool<D> {
 
     fn read(&mut self, image: &Image, lba: u64, len: u64) -> Result<AlignedBuf> {
         let slots = self.read_plan(image, lba, len)?;
-        let reqs = slots
-            .iter()
-            .filter(|s| s.pba != 0)
-            .map(|s| (IoKind::Read, s.pba, Some(AlignedBuf::zeroed(1))))
-            .collect();
-        let comps = self.store.run(reqs)?;
+        let comps = self.store.run(read_ios(&slots).collect())?;
         self.read_finish(image, lba, &slots, &mut comps.into_iter())
     }
 
@@ -1364,29 +1354,25 @@ impl<D: BlockDevice> Pool<D> {
     ) -> Result<AlignedBuf> {
         // Take exactly this read's completions before anything can fail, so
         // the next read of a run starts at its own.
-        let mapped = slots.iter().filter(|s| s.pba != 0).count();
-        let mine: Vec<IoCompletion> = ci.by_ref().take(mapped).collect();
-        self.store.stats.data_blocks_read += mapped as u64;
-        let mut ci = mine.into_iter();
+        let runs = read_runs(slots);
+        let mine: Vec<IoCompletion> = ci.by_ref().take(runs.len()).collect();
+        self.store.stats.data_blocks_read += runs.iter().map(|r| r.1 as u64).sum::<u64>();
         let mut out = AlignedBuf::zeroed(slots.len());
-        for (i, s) in slots.iter().enumerate() {
-            if s.pba == 0 {
-                continue;
-            }
-            let c = ci
-                .next()
-                .ok_or_else(|| Error::Invalid("missing read completion".into()))?;
+        for ((start, len), c) in runs.into_iter().zip(mine) {
             let data = c
                 .buf
                 .ok_or_else(|| Error::Invalid("read completion without buffer".into()))?;
-            if xxhash_rust::xxh3::xxh3_64(data.as_slice()) != s.hash {
-                return Err(Error::DataChecksum {
-                    vol: image.ns.to_string(),
-                    lba: lba + i as u64,
-                    pba: s.pba,
-                });
+            for k in 0..len {
+                let (i, s) = (start + k, &slots[start + k]);
+                if xxhash_rust::xxh3::xxh3_64(data.block(k)) != s.hash {
+                    return Err(Error::DataChecksum {
+                        vol: image.ns.to_string(),
+                        lba: lba + i as u64,
+                        pba: s.pba,
+                    });
+                }
+                out.block_mut(i).copy_from_slice(data.block(k));
             }
-            out.block_mut(i).copy_from_slice(data.as_slice());
         }
         Ok(out)
     }
@@ -1885,10 +1871,55 @@ impl<D: BlockDevice + 'static> crate::shard::Executor for Pool<D> {
     }
 }
 
+/// The runs of a read plan that go to the device: (first slot, blocks),
+/// consecutive mapped slots whose pbas follow each other, at most
+/// [`COALESCE_MAX`] blocks each. Holes (pba 0) are not read.
+fn read_runs(slots: &[Slot]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, s) in slots.iter().enumerate() {
+        if s.pba == 0 {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((start, len))
+                if *start + *len == i && slots[i - 1].pba + 1 == s.pba && *len < COALESCE_MAX =>
+            {
+                *len += 1
+            }
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
+}
+
+/// The device reads of a read plan, one per run.
+fn read_ios(slots: &[Slot]) -> impl Iterator<Item = (IoKind, u64, Option<AlignedBuf>)> + '_ {
+    read_runs(slots).into_iter().map(|(start, len)| {
+        (
+            IoKind::Read,
+            slots[start].pba,
+            Some(AlignedBuf::zeroed(len)),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::device::sim::SimDevice;
+
+    #[test]
+    fn read_runs_join_consecutive_pbas_and_skip_holes() {
+        let s = |pba| Slot {
+            pba,
+            ..Slot::default()
+        };
+        let slots = [s(10), s(11), s(0), s(12), s(13), s(20), s(21)];
+        assert_eq!(read_runs(&slots), vec![(0, 2), (3, 2), (5, 2)]);
+        let long: Vec<Slot> = (0..COALESCE_MAX as u64 + 3).map(|i| s(100 + i)).collect();
+        assert_eq!(read_runs(&long), vec![(0, COALESCE_MAX), (COALESCE_MAX, 3)]);
+        assert!(read_runs(&[s(0), s(0)]).is_empty());
+    }
 
     fn pool() -> Pool<SimDevice> {
         let mut p = Pool::format(SimDevice::new(8192), FormatOptions::default()).unwrap();
