@@ -294,7 +294,6 @@ fn now_unix_ms() -> u64 {
 /// once C has gone silent. B (C's direct upstream) marks them stale; A sees
 /// them only through B's sets, which must not present them as renewed by C.
 #[test]
-#[ignore = "bug: a relay re-stamps relayed locks' renewed time, so a dead node's locks look active and freshly renewed two hops up"]
 fn a_silent_downstreams_locks_do_not_look_alive_further_up() {
     let _rng = Rng::from_env("silent_two_hops");
     let dir = tempfile::tempdir().unwrap();
