@@ -38,7 +38,10 @@ use uuid::Uuid;
 
 use crate::error::{LockError, Result};
 use crate::model::{Bounds, LeasePolicy, LockKind, LockSet, SoftLock};
-use crate::wire::{PersistDown, PersistNode, PersistNodeV1, PersistUp, WireLock, WireLockSet};
+use crate::wire::{
+    PersistDown, PersistNode, PersistNodeV1, PersistNodeV2, PersistSince, PersistUp, WireLock,
+    WireLockSet,
+};
 
 /// Static configuration of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +207,8 @@ struct Up {
     last_sent: Option<Vec<SoftLock>>,
     last_sent_ms: u64,
     gone_acks: BTreeSet<Uuid>,
+    /// Since when our own base lock with this upstream holds each snapshot.
+    since: BTreeMap<Uuid, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -219,6 +224,8 @@ struct Down {
     /// their lease, as last reported (not persisted: re-reported after a
     /// restart).
     stale_origins: BTreeSet<String>,
+    /// Since when we have shared each snapshot of `shared` with this downstream.
+    since: BTreeMap<Uuid, u64>,
 }
 
 /// When a lock's own lease ends (`renewed_ms + lease_ms`), `set_lease_ms`
@@ -251,9 +258,11 @@ pub struct LockNode {
 
 const PERSIST_MAGIC: &[u8; 4] = b"SLKT";
 /// Version of the persisted lock-table format written. 2 added each
-/// upstream's anchor; version-1 tables are still read (anchors unknown until
-/// the next transfer from each upstream); any other version is refused.
-pub const PERSIST_VERSION: u16 = 2;
+/// upstream's anchor; 3 added since when each derived lock holds its
+/// snapshot. Versions 1 and 2 are still read (anchors unknown until the next
+/// transfer from each upstream; derived locks dated from the restore); any
+/// other version is refused.
+pub const PERSIST_VERSION: u16 = 3;
 
 impl LockNode {
     /// A fresh node with no relationships.
@@ -415,8 +424,9 @@ impl LockNode {
                     LockKind::DestinationPath,
                     format!("base of mirror to {name}"),
                     name.clone(),
-                    d.received_ms,
+                    d.since.get(s).copied().unwrap_or(d.received_ms),
                 );
+                l.renewed_ms = d.received_ms.max(l.created_ms);
                 l.lease_ms = set_lease;
                 mark(&mut l);
                 out.push(l);
@@ -454,7 +464,31 @@ impl LockNode {
     /// Our own locks for the relationship with `upstream`: the next base
     /// (newest snapshot we share) and the anchor (last snapshot committed
     /// from it), when each is still a local snapshot. Usually the same one.
+    ///
+    /// Each is created (and, being ours, renewed here) when it started to
+    /// hold its snapshot ([`LockNode::stamp`]); the copy sent upstream is
+    /// renewed at each send.
     fn own_locks_for(&self, upstream: &str) -> Vec<SoftLock> {
+        let Some(up) = self.ups.get(upstream) else {
+            return Vec::new();
+        };
+        self.own_snapshots(upstream)
+            .into_iter()
+            .map(|s| {
+                self.lock(
+                    s,
+                    up.kind,
+                    up.relationship.clone(),
+                    self.cfg.node_id.clone(),
+                    up.since.get(&s).copied().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// The snapshots our own locks for `upstream` hold: the next base and
+    /// the anchor.
+    fn own_snapshots(&self, upstream: &str) -> Vec<Uuid> {
         let Some(up) = self.ups.get(upstream) else {
             return Vec::new();
         };
@@ -465,17 +499,32 @@ impl LockNode {
             }
         }
         snaps
-            .into_iter()
-            .map(|s| {
-                self.lock(
-                    s,
-                    up.kind,
-                    up.relationship.clone(),
-                    self.cfg.node_id.clone(),
-                    0,
-                )
-            })
-            .collect()
+    }
+
+    /// Date the derived locks: each own base lock and each shared-base lock
+    /// remembers when it started to hold its snapshot (`now_ms` for the
+    /// ones new since the last stamp) and forgets the ones that ended.
+    fn stamp(&mut self, now_ms: u64) {
+        let own: Vec<(String, Vec<Uuid>)> = self
+            .ups
+            .keys()
+            .map(|u| (u.clone(), self.own_snapshots(u)))
+            .collect();
+        for (u, snaps) in own {
+            if let Some(up) = self.ups.get_mut(&u) {
+                up.since.retain(|s, _| snaps.contains(s));
+                for s in snaps {
+                    up.since.entry(s).or_insert(now_ms);
+                }
+            }
+        }
+        for d in self.downs.values_mut() {
+            let shared = &d.shared;
+            d.since.retain(|s, _| shared.contains(s));
+            for s in &d.shared {
+                d.since.entry(*s).or_insert(now_ms);
+            }
+        }
     }
 
     fn own_base_locks(&self) -> Vec<SoftLock> {
@@ -520,6 +569,7 @@ impl LockNode {
     }
 
     fn send(&mut self, upstream: &str, now_ms: u64, force: bool, out: &mut Vec<Action>) {
+        self.stamp(now_ms);
         let (locks, dropped) = self.outgoing(upstream);
         let next_gen = self.next_generation();
         let lease_ms = self.cfg.lease_ms;
@@ -614,6 +664,7 @@ impl LockNode {
                     last_sent: None,
                     last_sent_ms: now_ms,
                     gone_acks: BTreeSet::new(),
+                    since: BTreeMap::new(),
                 });
             }
             Event::UpstreamRemoved { upstream } => {
@@ -709,6 +760,7 @@ impl LockNode {
                 }
             }
         }
+        self.stamp(now_ms);
         self.send_changed(now_ms, &mut out);
         self.refresh_protection(&mut out);
         out
@@ -940,6 +992,7 @@ impl LockNode {
                 })
                 .collect(),
             app: self.app.iter().map(WireLock::from_model).collect(),
+            since: self.persist_since(),
         };
         let body = rkyv::to_bytes::<rkyv::rancor::Error>(&p).map_err(|e| LockError::Encode {
             what: "lock table",
@@ -951,6 +1004,26 @@ impl LockNode {
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&body);
         Ok(out)
+    }
+
+    fn persist_since(&self) -> Vec<PersistSince> {
+        let ups = self.ups.iter().flat_map(|(n, u)| {
+            u.since.iter().map(move |(s, ms)| PersistSince {
+                peer: n.clone(),
+                upstream: true,
+                snapshot: *s.as_bytes(),
+                ms: *ms,
+            })
+        });
+        let downs = self.downs.iter().flat_map(|(n, d)| {
+            d.since.iter().map(move |(s, ms)| PersistSince {
+                peer: n.clone(),
+                upstream: false,
+                snapshot: *s.as_bytes(),
+                ms: *ms,
+            })
+        });
+        ups.chain(downs).collect()
     }
 
     /// Restore a lock table written by [`LockNode::to_bytes`]. The epoch is
@@ -970,9 +1043,14 @@ impl LockNode {
         let p: PersistNode = match ver {
             PERSIST_VERSION => rkyv::from_bytes::<PersistNode, rkyv::rancor::Error>(&al)
                 .map_err(|e| LockError::BadPersisted(e.to_string()))?,
-            1 => rkyv::from_bytes::<PersistNodeV1, rkyv::rancor::Error>(&al)
-                .map_err(|e| LockError::BadPersisted(format!("version 1 table: {e}")))?
+            2 => rkyv::from_bytes::<PersistNodeV2, rkyv::rancor::Error>(&al)
+                .map_err(|e| LockError::BadPersisted(format!("version 2 table: {e}")))?
                 .into(),
+            1 => PersistNodeV2::from(
+                rkyv::from_bytes::<PersistNodeV1, rkyv::rancor::Error>(&al)
+                    .map_err(|e| LockError::BadPersisted(format!("version 1 table: {e}")))?,
+            )
+            .into(),
             found => {
                 return Err(LockError::PersistedVersion {
                     found,
@@ -1005,6 +1083,7 @@ impl LockNode {
                     last_sent: None,
                     last_sent_ms: 0,
                     gone_acks: u.gone_acks.iter().map(|b| Uuid::from_bytes(*b)).collect(),
+                    since: BTreeMap::new(),
                 },
             );
         }
@@ -1024,8 +1103,20 @@ impl LockNode {
                     lapsed: d.lapsed,
                     forced_gone: d.forced_gone.iter().map(|b| Uuid::from_bytes(*b)).collect(),
                     stale_origins: BTreeSet::new(),
+                    since: BTreeMap::new(),
                 },
             );
+        }
+        for t in p.since {
+            let snapshot = Uuid::from_bytes(t.snapshot);
+            let since = if t.upstream {
+                n.ups.get_mut(&t.peer).map(|u| &mut u.since)
+            } else {
+                n.downs.get_mut(&t.peer).map(|d| &mut d.since)
+            };
+            if let Some(since) = since {
+                since.insert(snapshot, t.ms);
+            }
         }
         for l in p.app {
             n.app.insert(l.to_model()?);

@@ -187,6 +187,60 @@ pub struct PersistNode {
     pub downs: Vec<PersistDown>,
     /// Application locks.
     pub app: Vec<WireLock>,
+    /// Since when each of our own base locks (per upstream) and each
+    /// shared-base lock (per downstream) has held its snapshot (format
+    /// version 3).
+    pub since: Vec<PersistSince>,
+}
+
+/// When a derived lock (own base with an upstream, or base shared with a
+/// downstream) first held its snapshot.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistSince {
+    /// The upstream or downstream node the lock belongs to.
+    pub peer: String,
+    /// True: our own base lock with upstream `peer`; false: the base we
+    /// share with downstream `peer`.
+    pub upstream: bool,
+    /// Snapshot id.
+    pub snapshot: [u8; 16],
+    /// Unix ms.
+    pub ms: u64,
+}
+
+/// Persisted lock table as format version 2 wrote it (before lock times
+/// of derived locks). Read to upgrade old tables, never written.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistNodeV2 {
+    /// Node id.
+    pub node_id: String,
+    /// Restart epoch.
+    pub epoch: u32,
+    /// Generation counter within the epoch.
+    pub counter: u32,
+    /// Local snapshots, oldest first.
+    pub local: Vec<[u8; 16]>,
+    /// Upstreams.
+    pub ups: Vec<PersistUp>,
+    /// Downstreams.
+    pub downs: Vec<PersistDown>,
+    /// Application locks.
+    pub app: Vec<WireLock>,
+}
+
+impl From<PersistNodeV2> for PersistNode {
+    fn from(v: PersistNodeV2) -> Self {
+        PersistNode {
+            node_id: v.node_id,
+            epoch: v.epoch,
+            counter: v.counter,
+            local: v.local,
+            ups: v.ups,
+            downs: v.downs,
+            app: v.app,
+            since: Vec::new(),
+        }
+    }
 }
 
 /// Persisted upstream relationship as lock-table format version 1 wrote it
@@ -225,9 +279,9 @@ pub struct PersistNodeV1 {
     pub app: Vec<WireLock>,
 }
 
-impl From<PersistNodeV1> for PersistNode {
+impl From<PersistNodeV1> for PersistNodeV2 {
     fn from(v: PersistNodeV1) -> Self {
-        PersistNode {
+        PersistNodeV2 {
             node_id: v.node_id,
             epoch: v.epoch,
             counter: v.counter,

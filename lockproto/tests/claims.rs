@@ -792,6 +792,132 @@ fn lock_table_version_1_still_restores() {
     assert_eq!(back.anchor("A"), Some(sid(3)));
 }
 
+/// A lock table written by format version 2 (before the dates of derived
+/// locks, by commit 88db4ae: B mirrors A with snapshots 1 (t=1001) and 2
+/// (t=1002), shares 1 with C (t=1003), an app lock on 2 (t=1004)) still
+/// restores: same locks and anchor; derived locks are dated from the first
+/// event after the restore and keep that date; written back as the current
+/// version with the dates.
+#[test]
+fn lock_table_version_2_still_restores() {
+    let hex = include_str!("golden/lock_table_v2.hex").trim();
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex fixture"))
+        .collect();
+    assert_eq!(&bytes[4..6], &2u16.to_le_bytes(), "fixture is version 2");
+    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore v2");
+    assert_eq!(r.snapshots(), &[sid(1), sid(2)]);
+    assert_eq!(r.anchor("A"), Some(sid(2)));
+    r.handle(5000, Event::Restarted);
+    let dates = |n: &LockNode| {
+        let mut v: Vec<(String, u64, u64)> = n
+            .all_locks()
+            .iter()
+            .map(|l| (l.text.clone(), l.created_ms, l.renewed_ms))
+            .collect();
+        v.sort();
+        v
+    };
+    let got = dates(&r);
+    assert_eq!(
+        got,
+        vec![
+            ("B:/vol/v1".into(), 5000, 5000),
+            ("backup-app".into(), 1004, 1004),
+            ("base of mirror to C".into(), 5000, 5000),
+        ],
+        "derived locks dated from the restore, app lock keeps its date"
+    );
+    r.handle(6000, Event::Tick);
+    let again = r.to_bytes().expect("persist");
+    assert_eq!(
+        &again[4..6],
+        &sluice_lockproto::node::PERSIST_VERSION.to_le_bytes()
+    );
+    let mut back = LockNode::from_bytes(NodeConfig::new("B"), &again).expect("restore v3");
+    back.handle(7000, Event::Restarted);
+    let kept: Vec<(String, u64)> = dates(&back).into_iter().map(|(t, c, _)| (t, c)).collect();
+    assert_eq!(
+        kept,
+        vec![
+            ("B:/vol/v1".into(), 5000),
+            ("backup-app".into(), 1004),
+            ("base of mirror to C".into(), 5000),
+        ],
+        "dates survive a restart"
+    );
+}
+
+/// Every lock a node lists carries the real moment it started to hold its
+/// snapshot: own bases from when they became the base, shared bases from
+/// when the snapshot was first shared (renewed with the downstream's set),
+/// and a base that moves on gets the new moment.
+#[test]
+fn derived_locks_are_dated_from_when_they_started_to_hold() {
+    let mut b = node("B");
+    b.handle(
+        100,
+        Event::UpstreamAdded {
+            upstream: "A".into(),
+            relationship: "B:/vol/v1".into(),
+            kind: LockKind::DestinationPath,
+        },
+    );
+    b.handle(
+        100,
+        Event::DownstreamAdded {
+            downstream: "C".into(),
+        },
+    );
+    b.handle(
+        200,
+        Event::TransferFinished {
+            upstream: "A".into(),
+            target: sid(1),
+        },
+    );
+    b.handle(
+        300,
+        Event::DownstreamShared {
+            downstream: "C".into(),
+            shared: vec![sid(1)],
+        },
+    );
+    b.handle(400, Event::Tick);
+    let find = |n: &LockNode, text: &str| {
+        n.all_locks()
+            .into_iter()
+            .find(|l| l.text == text)
+            .unwrap_or_else(|| panic!("no lock {text:?}: {:?}", n.all_locks()))
+    };
+    let own = find(&b, "B:/vol/v1");
+    assert_eq!(
+        (own.snapshot, own.created_ms, own.renewed_ms),
+        (sid(1), 200, 200)
+    );
+    let shared = find(&b, "base of mirror to C");
+    assert_eq!(shared.created_ms, 300);
+    assert!(shared.renewed_ms >= 300, "{shared:?}");
+    b.handle(
+        500,
+        Event::TransferFinished {
+            upstream: "A".into(),
+            target: sid(2),
+        },
+    );
+    let own = find(&b, "B:/vol/v1");
+    assert_eq!((own.snapshot, own.created_ms), (sid(2), 500));
+    let s = sets(&b.handle(
+        600,
+        Event::TransferStarting {
+            upstream: "A".into(),
+        },
+    ));
+    let sent = s[0].1.locks.iter().find(|l| l.snapshot == sid(2)).unwrap();
+    assert_eq!((sent.created_ms, sent.renewed_ms), (500, 600));
+}
+
 #[test]
 fn propagation_off_sends_empty_sets() {
     let mut b = middle();
