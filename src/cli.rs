@@ -53,11 +53,15 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
                 .unwrap_or(0);
             println!("created qtree {volume}/{name} ({})", fmt_bytes(size));
         }
+        ControlRequest::VolRetain { volume, keep } => match keep {
+            Some(k) => println!("volume {volume}: keeping the newest {k} snapshots (and any a soft lock holds)"),
+            None => println!("volume {volume}: no retention policy; snapshots are kept until deleted"),
+        },
         ControlRequest::VolList => {
             let vols: Vec<VolumeView> = parse(result)?;
             println!(
-                "{:<20} {:>10} {:>10} {:>9} {:<3} QTREES",
-                "VOLUME", "SIZE", "USED", "SNAPSHOTS", "RO"
+                "{:<20} {:>10} {:>10} {:>9} {:>4} {:<3} QTREES",
+                "VOLUME", "SIZE", "USED", "SNAPSHOTS", "KEEP", "RO"
             );
             for v in vols {
                 let q: Vec<String> = v
@@ -66,11 +70,12 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
                     .map(|q| format!("{} ({})", q.name, fmt_bytes(q.size_bytes)))
                     .collect();
                 println!(
-                    "{:<20} {:>10} {:>10} {:>9} {:<3} {}",
+                    "{:<20} {:>10} {:>10} {:>9} {:>4} {:<3} {}",
                     v.name,
                     fmt_bytes(v.size_bytes),
                     fmt_bytes(v.used_bytes),
                     v.snapshots,
+                    v.keep.map_or("-".into(), |k| k.to_string()),
                     if v.read_only { "yes" } else { "no" },
                     if q.is_empty() {
                         "-".into()

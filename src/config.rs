@@ -16,6 +16,7 @@
 //! lease_grace_ms = 60000       # with "release": how long after going stale
 //! checkpoint_items = 8192      # transfers served here: a resume point every N items
 //! checkpoint_bytes = 67108864  # ... or every N payload bytes, whichever first
+//! retention = { vol0 = 24 }    # keep the newest N snapshots of a volume
 //! ```
 
 use crate::error::{NodeError, Result};
@@ -23,6 +24,7 @@ use crate::units::parse_rate;
 use serde::Deserialize;
 use sluice_replicator::transfer::CheckpointPolicy;
 use sluice_replicator::LeasePolicy;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,6 +44,7 @@ pub struct ConfigFile {
     pub lease_grace_ms: Option<u64>,
     pub checkpoint_items: Option<u64>,
     pub checkpoint_bytes: Option<u64>,
+    pub retention: Option<BTreeMap<String, usize>>,
 }
 
 impl ConfigFile {
@@ -73,6 +76,9 @@ pub struct ServeConfig {
     pub propagate_locks: bool,
     /// Resume points of the transfers this node serves.
     pub checkpoint: CheckpointPolicy,
+    /// Retention by count per volume, set at start (over what the pool
+    /// keeps from `vol retain`).
+    pub retention: BTreeMap<String, usize>,
 }
 
 /// Flags of `serve` that override the file.
@@ -137,6 +143,12 @@ impl ServeConfig {
                 "serve needs --listen <ADDR> (or `listen` in the config file)".into(),
             )
         })?;
+        let retention = file.retention.unwrap_or_default();
+        if let Some((v, _)) = retention.iter().find(|(_, k)| **k == 0) {
+            return Err(NodeError::Invalid(format!(
+                "retention for volume {v:?} must keep at least 1 snapshot"
+            )));
+        }
         let cp_ms = file.checkpoint_interval_ms.unwrap_or(5000);
         if cp_ms == 0 {
             return Err(NodeError::Invalid(
@@ -156,6 +168,7 @@ impl ServeConfig {
             lease_policy,
             propagate_locks: !no_lock_propagation,
             checkpoint,
+            retention,
         })
     }
 }
@@ -205,5 +218,19 @@ mod tests {
         );
         let f: ConfigFile = toml::from_str("checkpoint_bytes = 0\n").unwrap();
         assert!(ServeConfig::resolve(f, ServeFlags::default()).is_err());
+    }
+
+    #[test]
+    fn retention_from_the_file() {
+        let f: ConfigFile =
+            toml::from_str("data = \"/p\"\nlisten = \"x\"\nretention = { a = 3, b = 1 }\n")
+                .unwrap();
+        let c = ServeConfig::resolve(f, ServeFlags::default()).unwrap();
+        assert_eq!(c.retention.get("a"), Some(&3));
+        assert_eq!(c.retention.len(), 2);
+        let f: ConfigFile =
+            toml::from_str("data = \"/p\"\nlisten = \"x\"\nretention = { a = 0 }\n").unwrap();
+        let e = ServeConfig::resolve(f, ServeFlags::default()).unwrap_err();
+        assert!(e.to_string().contains("\"a\""), "{e}");
     }
 }

@@ -32,6 +32,12 @@ pub enum ControlRequest {
         size_bytes: u64,
     },
     VolList,
+    /// Retention by count: keep the newest `keep` snapshots of `volume`,
+    /// applied by the node continuously; `null` ends the policy.
+    VolRetain {
+        volume: String,
+        keep: Option<usize>,
+    },
     QtreeCreate {
         volume: String,
         name: String,
@@ -77,6 +83,9 @@ pub enum ControlRequest {
         every_secs: Option<u64>,
         #[serde(default)]
         throttle_bps: Option<u64>,
+        /// Retention on the destination volume.
+        #[serde(default)]
+        keep: Option<usize>,
     },
     MirrorUpdate {
         dst: String,
@@ -112,6 +121,7 @@ impl ControlRequest {
         match self {
             ControlRequest::VolCreate { .. } => "vol_create",
             ControlRequest::VolList => "vol_list",
+            ControlRequest::VolRetain { .. } => "vol_retain",
             ControlRequest::QtreeCreate { .. } => "qtree_create",
             ControlRequest::SnapCreate { .. } => "snap_create",
             ControlRequest::SnapList { .. } => "snap_list",

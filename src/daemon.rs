@@ -132,6 +132,13 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
             nbd: nbd_addr.map(|a| a.to_string()),
         },
     ));
+    let vols = node.volumes()?;
+    for (volume, keep) in &cfg.retention {
+        if !vols.iter().any(|v| &v.name == volume) {
+            tracing::warn!(volume = %volume, keep, "retention set for a volume that does not exist (yet)");
+        }
+        repl.store_retention(volume, Some(*keep))?;
+    }
 
     // Signals first, so a TERM that arrives while starting is not lost.
     let mut signals = signal_hook::iterator::Signals::new([

@@ -277,6 +277,7 @@ fn scenario(dir: &Path, locks: bool) -> Result<RunResult> {
 
 fn mirror(n: &Node, dst: &str, source: String) -> Result<Value> {
     n.call(ControlRequest::MirrorCreate {
+        keep: None,
         dst_volume: dst.into(),
         source,
         dst_qtree: None,

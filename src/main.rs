@@ -122,6 +122,17 @@ enum VolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Retention by count: keep the newest N snapshots of VOL from now on
+    /// (older ones are deleted as soon as no soft lock holds them).
+    Retain {
+        volume: String,
+        /// Snapshots to keep (at least 1).
+        #[arg(long, required_unless_present = "off", conflicts_with = "off")]
+        keep: Option<usize>,
+        /// End the policy.
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -137,6 +148,9 @@ enum MirrorCmd {
         /// Bytes per second for this relationship, e.g. 50M.
         #[arg(long)]
         throttle: Option<String>,
+        /// Retention on DSTVOL: keep its newest N snapshots (see `vol retain`).
+        #[arg(long)]
+        keep: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -307,6 +321,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vol {
             cmd: VolCmd::List { json },
         } => (R::VolList, json),
+        Cmd::Vol {
+            cmd: VolCmd::Retain { volume, keep, off },
+        } => (
+            R::VolRetain {
+                volume,
+                keep: if off { None } else { keep },
+            },
+            false,
+        ),
         Cmd::Qtree {
             cmd:
                 QtreeCmd::Create {
@@ -383,6 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 from,
                 every,
                 throttle,
+                keep,
                 json,
             } => {
                 sluice::node::parse_source(&from)?;
@@ -394,6 +418,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         dst_qtree: None,
                         every_secs: every_secs.map(|d| d.as_secs().max(1)),
                         throttle_bps: throttle.as_deref().map(parse_rate).transpose()?,
+                        keep,
                     },
                     json,
                 )

@@ -63,6 +63,10 @@ pub struct VolumeView {
     pub read_only: bool,
     pub snapshots: usize,
     pub qtrees: Vec<QtreeView>,
+    /// Retention by count: the node keeps this many newest snapshots
+    /// (beyond them only what soft locks hold); absent: no policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
 }
 
 impl From<&VolumeInfo> for VolumeView {
@@ -82,6 +86,7 @@ impl From<&VolumeInfo> for VolumeView {
                     size_bytes: q.size_bytes,
                 })
                 .collect(),
+            keep: None,
         }
     }
 }
@@ -211,9 +216,13 @@ impl Node {
                 &self
                     .volumes()?
                     .iter()
-                    .map(VolumeView::from)
+                    .map(|v| self.view(v))
                     .collect::<Vec<_>>(),
             ),
+            ControlRequest::VolRetain { volume, keep } => {
+                self.repl.set_retention(&volume, keep)?;
+                to_value(&self.volume(&volume)?)
+            }
             ControlRequest::QtreeCreate {
                 volume,
                 name,
@@ -295,6 +304,7 @@ impl Node {
                 dst_qtree,
                 every_secs,
                 throttle_bps,
+                keep,
             } => {
                 let (source_addr, source_volume, source_qtree) = parse_source(&source)?;
                 let spec = MirrorSpec {
@@ -305,6 +315,7 @@ impl Node {
                     dst_qtree,
                     every: every_secs.map(std::time::Duration::from_secs),
                     throttle_bps,
+                    keep,
                 };
                 let _ = &on_progress;
                 to_value(&self.repl.mirror_create(spec)?)
@@ -359,8 +370,15 @@ impl Node {
         self.volumes()?
             .iter()
             .find(|v| v.name == name)
-            .map(VolumeView::from)
+            .map(|v| self.view(v))
             .ok_or_else(|| sluice_engine::error::Error::NoSuchVolume(name.to_string()).into())
+    }
+
+    /// A volume as the control API shows it, with its retention policy.
+    fn view(&self, v: &VolumeInfo) -> VolumeView {
+        let mut view = VolumeView::from(v);
+        view.keep = self.repl.retention().get(&v.name).copied();
+        view
     }
 
     /// Snapshots of a volume, oldest first.

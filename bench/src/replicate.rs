@@ -567,6 +567,7 @@ fn sluice_phase(
     let (base_ab, _) = timed_mirror(
         &b,
         ControlRequest::MirrorCreate {
+            keep: None,
             dst_volume: VOLUME.into(),
             source: format!("{}/{VOLUME}", a.control),
             dst_qtree: None,
@@ -582,6 +583,7 @@ fn sluice_phase(
     let (base_bc, _) = timed_mirror(
         &c,
         ControlRequest::MirrorCreate {
+            keep: None,
             dst_volume: VOLUME.into(),
             source: format!("{}/{VOLUME}", b.control),
             dst_qtree: None,

@@ -20,6 +20,8 @@ pub mod keys {
     pub const LOCKS: &str = "repl.v1.locks";
     /// Prefix of a relationship's transfer checkpoint (JSON `Checkpoint`).
     pub const CHECKPOINT_PREFIX: &str = "repl.v1.ckpt.";
+    /// Retention policies (JSON map: volume -> snapshots to keep).
+    pub const RETENTION: &str = "repl.v1.retention";
 }
 
 /// How a node's replicator runs.
@@ -82,6 +84,8 @@ pub struct MirrorSpec {
     pub every: Option<Duration>,
     /// Per-relationship throttle (bytes per second).
     pub throttle_bps: Option<u64>,
+    /// Retention on the destination volume: keep its newest N snapshots.
+    pub keep: Option<usize>,
 }
 
 /// Volume or qtree relationship.

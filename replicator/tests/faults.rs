@@ -480,6 +480,7 @@ fn digest_mismatch_commits_nothing() {
         dst_qtree: None,
         every: None,
         throttle_bps: None,
+        keep: None,
     };
     match b.repl.mirror_create(s) {
         Err(e @ ReplError::DigestMismatch { .. }) => {

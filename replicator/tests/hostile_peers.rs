@@ -270,6 +270,7 @@ fn hostile_source_cannot_crash_a_destination() {
             dst_qtree: None,
             every: None,
             throttle_bps: None,
+            keep: None,
         };
         let res = std::thread::spawn({
             let repl = b.repl.clone();

@@ -54,6 +54,7 @@ use crate::types::*;
 mod admin;
 mod metrics;
 mod pull;
+mod retention;
 mod serve;
 
 /// Most downstream nodes one node serves.
@@ -93,6 +94,10 @@ struct State {
     down_shared: BTreeMap<String, BTreeSet<Uuid>>,
     /// Per relationship: when the next scheduled update is due.
     next_due: BTreeMap<String, Instant>,
+    /// Retention by count: volume -> snapshots to keep.
+    retention: BTreeMap<String, usize>,
+    /// Per volume: the snapshots retention last kept beyond its count.
+    retention_kept: BTreeMap<String, Vec<String>>,
 }
 
 /// One node's replicator. See the module docs.
@@ -235,6 +240,7 @@ impl Replicator {
             }
             None => BTreeMap::new(),
         };
+        let retention = retention::load_retention(&engine)?;
         let (mut locks, restored) = match get_attr(&engine, keys::LOCKS)? {
             Some(b) => (LockNode::from_bytes(ncfg, &b)?, true),
             None => (LockNode::new(ncfg), false),
@@ -273,6 +279,8 @@ impl Replicator {
                 pending_sets: BTreeMap::new(),
                 down_shared: BTreeMap::new(),
                 next_due: BTreeMap::new(),
+                retention,
+                retention_kept: BTreeMap::new(),
             }),
             busy: Mutex::new(BTreeSet::new()),
             serving: Mutex::new(BTreeMap::new()),
@@ -664,6 +672,7 @@ impl Replicator {
                 tracing::warn!(dst = %k, error = %e, "scheduled update failed");
             }
         }
+        self.apply_retention();
     }
 }
 

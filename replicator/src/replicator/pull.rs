@@ -120,7 +120,13 @@ impl Replicator {
             );
             self.persist_rels(&st)?;
         }
-        match self.transfer(&key, Mode::Create, &|_| {}) {
+        let res = self.transfer(&key, Mode::Create, &|_| {});
+        // The policy holds for the relationship's life, also when its
+        // baseline has to be resumed.
+        if spec.keep.is_some() && lock(&self.st).rels.contains_key(&key) {
+            self.store_retention(&spec.dst_volume, spec.keep)?;
+        }
+        match res {
             Ok(r) => Ok(r),
             Err(e) => {
                 // A baseline that never started leaves no relationship; one

@@ -258,6 +258,7 @@ pub fn spec(dst: &str, src: &Node, vol: &str) -> sluice_replicator::MirrorSpec {
         dst_qtree: None,
         every: None,
         throttle_bps: None,
+        keep: None,
     }
 }
 

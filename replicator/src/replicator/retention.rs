@@ -1,0 +1,106 @@
+//! Retention by count: a per-volume policy "keep the newest N snapshots",
+//! applied by the scheduler on every tick, on sources, middles and
+//! destinations alike (MISSION: scheduled updates and pruning by count on
+//! each node). The policy is persisted in a pool attribute
+//! ([`keys::RETENTION`]).
+//!
+//! Invariants kept:
+//! - Every delete goes through [`Replicator::prune`], so a snapshot a soft
+//!   lock names, or one an outgoing transfer uses, is never deleted here.
+//! - What retention keeps beyond N, and why, is logged when that set
+//!   changes, not on every tick; each delete is logged.
+
+use super::*;
+
+impl Replicator {
+    /// Keep the newest `keep` snapshots of `volume` from now on (`None`
+    /// ends the policy). The volume must exist; `keep` must be at least 1
+    /// (a mirror needs a snapshot to stay incremental; `prune --keep 0`
+    /// does a one-off).
+    pub fn set_retention(&self, volume: &str, keep: Option<usize>) -> Result<()> {
+        if keep == Some(0) {
+            return Err(ReplError::Invalid(
+                "retention keep must be at least 1 (end the policy instead)".into(),
+            ));
+        }
+        volume_info(&self.engine, volume)?;
+        self.store_retention(volume, keep)
+    }
+
+    /// The retention policy of every volume that has one.
+    pub fn retention(&self) -> BTreeMap<String, usize> {
+        lock(&self.st).retention.clone()
+    }
+
+    /// Set a policy without checking that the volume exists yet (a mirror's
+    /// destination appears with its baseline; a config file may name a
+    /// volume created later). `keep` must be at least 1.
+    pub fn store_retention(&self, volume: &str, keep: Option<usize>) -> Result<()> {
+        let mut st = lock(&self.st);
+        let before = match keep {
+            Some(k) => st.retention.insert(volume.to_string(), k),
+            None => st.retention.remove(volume),
+        };
+        st.retention_kept.remove(volume);
+        if before != keep {
+            tracing::info!(volume, keep = ?keep, before = ?before, "retention policy set");
+        }
+        let b = serde_json::to_vec(&st.retention).map_err(|e| ReplError::Persisted {
+            key: keys::RETENTION.into(),
+            detail: e.to_string(),
+        })?;
+        set_attr(&self.engine, keys::RETENTION, Some(b))
+    }
+
+    /// One pass of every policy (from the scheduler).
+    pub(super) fn apply_retention(&self) {
+        let policy = self.retention();
+        for (volume, keep) in policy {
+            if self.stopping() {
+                return;
+            }
+            // A volume that is not there (yet) has nothing to prune.
+            let Ok(snaps) = snapshots(&self.engine, &volume) else {
+                continue;
+            };
+            if snaps.len() <= keep {
+                lock(&self.st).retention_kept.remove(&volume);
+                continue;
+            }
+            let plan = match self.prune(&volume, keep, false) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(volume = %volume, keep, error = %e, "retention pass failed");
+                    continue;
+                }
+            };
+            for s in &plan.deleted {
+                tracing::info!(volume = %volume, snapshot = %s, keep, "retention deleted snapshot");
+            }
+            let kept: Vec<String> = plan.skipped.iter().map(|s| s.snapshot.clone()).collect();
+            let changed = {
+                let mut st = lock(&self.st);
+                st.retention_kept.insert(volume.clone(), kept.clone()) != Some(kept)
+            };
+            if changed && !plan.skipped.is_empty() {
+                let why: Vec<String> = plan
+                    .skipped
+                    .iter()
+                    .map(|s| format!("{}: {}", s.snapshot, s.reason))
+                    .collect();
+                tracing::info!(volume = %volume, keep, kept = %why.join("; "), "retention keeps snapshots beyond its count");
+            }
+        }
+    }
+}
+
+/// Load the persisted policies.
+pub(super) fn load_retention(e: &EngineHandle) -> Result<BTreeMap<String, usize>> {
+    match get_attr(e, keys::RETENTION)? {
+        Some(b) => serde_json::from_slice(&b).map_err(|err| ReplError::Persisted {
+            key: keys::RETENTION.into(),
+            detail: err.to_string(),
+        }),
+        None => Ok(BTreeMap::new()),
+    }
+}
