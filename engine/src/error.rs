@@ -81,6 +81,15 @@ pub enum Error {
     TooManySnapshots { volume: String, limit: usize },
     #[error("pool already has {limit} volumes (set at format time)")]
     TooManyVolumes { limit: u32 },
+    #[error("pool region {index} of {count}: {source}")]
+    Region {
+        index: u32,
+        count: u32,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("pool region {index} does not belong with the others: {reason}; was the device partly reformatted?")]
+    RegionMismatch { index: u32, reason: String },
     #[error("device has {blocks} blocks; a pool needs at least {min}")]
     DeviceTooSmall { blocks: u64, min: u64 },
     #[error("invalid request: {0}")]

@@ -10,7 +10,9 @@ use crate::device::BLOCK_SIZE;
 use crate::error::{Error, Result};
 
 pub const SB_MAGIC: &[u8; 8] = b"SLUICE01";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added `shard_index`/`shard_count`; a version-1 superblock
+/// decodes as shard 0 of 1 (the whole device is one region).
+pub const FORMAT_VERSION: u32 = 2;
 pub const MD_MAGIC: u32 = 0x534C_4D44; // "SLMD"
 pub const HDR_LEN: usize = 32;
 /// Bytes after the header of a metadata block.
@@ -119,6 +121,11 @@ pub struct Superblock {
     pub catalog: Ptr,
     pub uuid: [u8; 16],
     pub volumes_max: u32,
+    /// Which region of a sharded pool this superblock heads (0-based).
+    pub shard_index: u32,
+    /// How many regions (shards) the pool has; region 0's count is the
+    /// pool's. Version 1 had neither field: shard 0 of 1.
+    pub shard_count: u32,
 }
 
 impl Superblock {
@@ -133,6 +140,8 @@ impl Superblock {
         w.u64(self.catalog.birth);
         w.bytes(&self.uuid);
         w.u32(self.volumes_max);
+        w.u32(self.shard_index);
+        w.u32(self.shard_count);
         let mut b = w.buf;
         b.resize(BLOCK_SIZE - 4, 0);
         let crc = crc32c::crc32c(&b);
@@ -177,6 +186,17 @@ impl Superblock {
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(r.take(16)?);
         let volumes_max = r.u32()?;
+        let (shard_index, shard_count) = if version >= 2 {
+            (r.u32()?, r.u32()?)
+        } else {
+            (0, 1)
+        };
+        if shard_count == 0 || shard_index >= shard_count {
+            return Err(Error::CorruptSuperblock {
+                slot,
+                reason: format!("shard {shard_index} of {shard_count}"),
+            });
+        }
         Ok(Some(Superblock {
             version,
             block_count,
@@ -184,6 +204,8 @@ impl Superblock {
             catalog,
             uuid,
             volumes_max,
+            shard_index,
+            shard_count,
         }))
     }
 }
@@ -296,12 +318,14 @@ mod tests {
     #[test]
     fn superblock_round_trip_and_corruption() {
         let sb = Superblock {
-            version: 1,
+            version: FORMAT_VERSION,
             block_count: 1 << 34,
             gen: 7,
             catalog: Ptr { pba: 99, birth: 7 },
             uuid: [3; 16],
             volumes_max: 64,
+            shard_index: 2,
+            shard_count: 3,
         };
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b, 1).unwrap(), Some(sb));
@@ -311,6 +335,49 @@ mod tests {
             Err(Error::CorruptSuperblock { .. })
         ));
         assert_eq!(Superblock::decode(&[0u8; BLOCK_SIZE], 0).unwrap(), None);
+    }
+
+    /// A version-1 superblock (no shard fields; bytes 68.. zero) is shard 0
+    /// of 1, so pools made before sharding open unchanged.
+    #[test]
+    fn version_1_superblock_is_shard_0_of_1() {
+        let mut w = Writer::default();
+        w.bytes(SB_MAGIC);
+        w.u32(1);
+        w.u32(BLOCK_SIZE as u32);
+        w.u64(4096);
+        w.u64(3);
+        w.u64(17);
+        w.u64(3);
+        w.bytes(&[9; 16]);
+        w.u32(64);
+        let mut b = w.buf;
+        b.resize(BLOCK_SIZE - 4, 0);
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let sb = Superblock::decode(&b, 1).unwrap().unwrap();
+        assert_eq!((sb.version, sb.shard_index, sb.shard_count), (1, 0, 1));
+        assert_eq!((sb.block_count, sb.gen, sb.volumes_max), (4096, 3, 64));
+    }
+
+    #[test]
+    fn shard_fields_out_of_range_are_corrupt() {
+        for (index, count) in [(0, 0), (3, 3), (7, 2)] {
+            let sb = Superblock {
+                version: FORMAT_VERSION,
+                block_count: 4096,
+                gen: 1,
+                catalog: Ptr { pba: 5, birth: 1 },
+                uuid: [1; 16],
+                volumes_max: 64,
+                shard_index: index,
+                shard_count: count,
+            };
+            assert!(matches!(
+                Superblock::decode(&sb.encode(), 0),
+                Err(Error::CorruptSuperblock { .. })
+            ));
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 pub mod pool;
 pub mod shard;
+pub mod sharded;
 pub mod tree;
 
 pub use error::{Error, Result};

@@ -90,6 +90,9 @@ pub struct Pool<D: BlockDevice> {
     gen: u64,
     uuid: [u8; 16],
     volumes_max: u32,
+    /// This pool's region in a sharded pool (0 of 1 when not sharded).
+    shard_index: u32,
+    shard_count: u32,
     next_vol_id: u32,
     vols: Vec<Vol>,
     attrs: BTreeMap<String, Vec<u8>>,
@@ -388,8 +391,34 @@ fn diff_walk<D: BlockDevice>(
     Ok(())
 }
 
+/// The valid superblock with the highest generation in slots 0 and 1 of
+/// `store`'s device: `NotAPool` when neither has the magic, the corruption
+/// when only corrupt ones have it.
+pub(crate) fn newest_superblock<D: BlockDevice>(store: &mut Store<D>) -> Result<Superblock> {
+    let raw = store.read_raw(&[0, 1])?;
+    let mut best: Option<Superblock> = None;
+    let mut corrupt = None;
+    for (slot, b) in raw.iter().enumerate() {
+        match Superblock::decode(b, slot as u64) {
+            Ok(Some(sb)) => {
+                if best.as_ref().is_none_or(|x| sb.gen > x.gen) {
+                    best = Some(sb);
+                }
+            }
+            Ok(None) => {}
+            Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
+            Err(e) => corrupt = Some(e),
+        }
+    }
+    match (best, corrupt) {
+        (Some(sb), _) => Ok(sb),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(Error::NotAPool),
+    }
+}
+
 impl<D: BlockDevice> Pool<D> {
-    fn empty(dev: D, uuid: [u8; 16], volumes_max: u32) -> Self {
+    fn empty(dev: D, uuid: [u8; 16], volumes_max: u32, shard: (u32, u32)) -> Self {
         let total = dev.info().block_count;
         let mut fm = FreeMap::new(total);
         fm.set(0);
@@ -401,6 +430,8 @@ impl<D: BlockDevice> Pool<D> {
             gen: 0,
             uuid,
             volumes_max,
+            shard_index: shard.0,
+            shard_count: shard.1,
             next_vol_id: 1,
             vols: Vec::new(),
             attrs: BTreeMap::new(),
@@ -413,6 +444,23 @@ impl<D: BlockDevice> Pool<D> {
     /// Make a new, empty pool on `dev` (both superblock slots are cleared
     /// first, so an older pool on the device cannot win at mount).
     pub fn format(dev: D, opts: FormatOptions) -> Result<Self> {
+        Self::format_region(dev, opts, *Uuid::new_v4().as_bytes(), 0, 1)
+    }
+
+    /// Format `dev` as region `shard_index` of a pool of `shard_count`
+    /// regions that all carry `uuid` (see `crate::sharded`).
+    pub(crate) fn format_region(
+        dev: D,
+        opts: FormatOptions,
+        uuid: [u8; 16],
+        shard_index: u32,
+        shard_count: u32,
+    ) -> Result<Self> {
+        if shard_count == 0 || shard_index >= shard_count {
+            return Err(Error::Invalid(format!(
+                "shard {shard_index} of {shard_count} does not exist"
+            )));
+        }
         let blocks = dev.info().block_count;
         if blocks < MIN_BLOCKS {
             return Err(Error::DeviceTooSmall {
@@ -428,7 +476,7 @@ impl<D: BlockDevice> Pool<D> {
         if opts.volumes_max == 0 {
             return Err(Error::Invalid("volumes_max must be at least 1".into()));
         }
-        let mut pool = Pool::empty(dev, *Uuid::new_v4().as_bytes(), opts.volumes_max);
+        let mut pool = Pool::empty(dev, uuid, opts.volumes_max, (shard_index, shard_count));
         pool.store.write_raw(
             vec![(0, vec![0u8; BLOCK_SIZE]), (1, vec![0u8; BLOCK_SIZE])],
             false,
@@ -437,40 +485,45 @@ impl<D: BlockDevice> Pool<D> {
         Ok(pool)
     }
 
-    /// Mount: the valid superblock with the highest generation wins.
+    /// Mount: the valid superblock with the highest generation wins. A
+    /// pool of several shards is refused here (it spans regions of the
+    /// device): open it with `crate::sharded::open_sharded`.
     pub fn open(dev: D) -> Result<Self> {
+        Self::open_inner(dev, false)
+    }
+
+    /// Mount one region (any shard index); the caller checks the shard
+    /// fields against the rest of the pool.
+    pub(crate) fn open_region(dev: D) -> Result<Self> {
+        Self::open_inner(dev, true)
+    }
+
+    fn open_inner(dev: D, region: bool) -> Result<Self> {
         let blocks = dev.info().block_count;
         if blocks < 2 {
             return Err(Error::NotAPool);
         }
         let mut store = Store::new(dev);
-        let raw = store.read_raw(&[0, 1])?;
-        let mut best: Option<Superblock> = None;
-        let mut corrupt = None;
-        for (slot, b) in raw.iter().enumerate() {
-            match Superblock::decode(b, slot as u64) {
-                Ok(Some(sb)) => {
-                    if best.as_ref().is_none_or(|x| sb.gen > x.gen) {
-                        best = Some(sb);
-                    }
-                }
-                Ok(None) => {}
-                Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
-                Err(e) => corrupt = Some(e),
-            }
+        let sb = newest_superblock(&mut store)?;
+        if !region && sb.shard_count != 1 {
+            return Err(Error::Invalid(format!(
+                "{} holds a pool of {} shards; open it as a sharded pool (sluice_engine::sharded)",
+                store.dev.info().name,
+                sb.shard_count
+            )));
         }
-        let sb = match (best, corrupt) {
-            (Some(sb), _) => sb,
-            (None, Some(e)) => return Err(e),
-            (None, None) => return Err(Error::NotAPool),
-        };
         if sb.block_count != blocks {
             return Err(Error::Invalid(format!(
                 "superblock says {} blocks, device has {}",
                 sb.block_count, blocks
             )));
         }
-        let mut pool = Pool::empty(store.dev, sb.uuid, sb.volumes_max);
+        let mut pool = Pool::empty(
+            store.dev,
+            sb.uuid,
+            sb.volumes_max,
+            (sb.shard_index, sb.shard_count),
+        );
         pool.gen = sb.gen;
         pool.meta_dirty = false;
         pool.load_catalog(sb.catalog)?;
@@ -835,6 +888,8 @@ impl<D: BlockDevice> Pool<D> {
             },
             uuid: self.uuid,
             volumes_max: self.volumes_max,
+            shard_index: self.shard_index,
+            shard_count: self.shard_count,
         };
         self.store.write_raw(vec![(g % 2, sb.encode())], false)?;
         self.store.flush()?;
@@ -874,6 +929,25 @@ impl<D: BlockDevice> Pool<D> {
     /// Current CP generation.
     pub fn generation(&self) -> u64 {
         self.gen
+    }
+
+    /// The pool uuid (the same in every region of a sharded pool).
+    pub fn uuid(&self) -> Uuid {
+        Uuid::from_bytes(self.uuid)
+    }
+
+    /// `(shard_index, shard_count)`: which region of the pool this is.
+    pub fn shard(&self) -> (u32, u32) {
+        (self.shard_index, self.shard_count)
+    }
+
+    /// The id a volume shows outside: `local_id * shard_count +
+    /// shard_index`, unique across the shards of a pool and equal to the
+    /// local id when there is one shard.
+    fn public_id(&self, local_id: u32) -> u32 {
+        local_id
+            .wrapping_mul(self.shard_count)
+            .wrapping_add(self.shard_index)
     }
 
     fn vol_idx(&self, name: &str) -> Result<usize> {
@@ -923,7 +997,7 @@ impl<D: BlockDevice> Pool<D> {
     fn vol_info(&self, v: &Vol) -> VolumeInfo {
         VolumeInfo {
             name: v.name.clone(),
-            id: v.id,
+            id: self.public_id(v.id),
             size_bytes: v.ns[0].size * BLOCK_SIZE as u64,
             qtrees: v
                 .ns

@@ -21,21 +21,36 @@
 //! - The channel is bounded ([`EngineOptions::queue_max`]): callers block
 //!   instead of queueing without limit.
 //!
-//! What several shards (one per core, each with its own ring) need, the next
-//! step: the pool's volumes split across shards, each shard owning its
-//! volumes' maps and bit planes and a share of the free space (an allocation
-//! group per shard, so allocation needs no cross-shard lock); a router in the
-//! handle that sends a request to the shard owning its volume (requests on
-//! different volumes never meet); cross-volume operations (`Space`,
-//! `ListVolumes`, pool attributes) fanned out and merged; and a pool-wide CP
-//! as a two-phase step: every shard writes and flushes its metadata, then one
-//! shard writes the superblock that names every shard's roots. Nothing in
-//! this file assumes a single shard beyond `Engine::start` taking one pool.
+//! Several shards ([`Engine::start_sharded`]): a sharded pool (see
+//! `sharded.rs`) is N region pools, each a complete pool on its own region
+//! of the device with its own device handle (for io_uring: its own ring).
+//! Each region pool gets its own thread, `sluice-shard-{i}`, pinned (best
+//! effort) to core `i % ncpus`, running the same loop on its own channel.
+//! The [`EngineHandle`] holds one sender per shard and routes:
+//! - requests naming a volume (create, qtree, read-only, read, write, trim,
+//!   snapshots, diff) go to shard `sharded::shard_of(volume, N)` only: a
+//!   hash of the name, no lock and no table lookup on the I/O path;
+//!   duplicate names meet on that one shard, which refuses them;
+//! - `Flush`, `ListVolumes` and `Space` go to every shard; the last shard
+//!   to answer merges the parts (flush: first error by shard index, else
+//!   done; volumes: merged and sorted by name; space: summed) and sends the
+//!   one reply, so `submit` never blocks on a fan-out either. The merge
+//!   state is the only thing shards share, and only for these requests;
+//! - pool attributes (`SetAttr`, `GetAttr`) live on shard 0.
+//!
+//! Volume ids stay unique across shards: a pool reports `local_id * N +
+//! shard_index` (pool.rs). `shutdown` stops every shard (each takes its
+//! final CP) and returns the first error.
+//!
+//! One shard is exactly the unsharded engine: `start_sharded` with one pool
+//! is `start` (thread `sluice-engine`, not pinned), and the handle sends
+//! every request to it without hashing or merging.
 
-use crate::api::{Reply, Request};
+use crate::api::{Reply, Request, SpaceInfo, VolumeInfo};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::pool::Pool;
+use crate::sharded::shard_of;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -72,8 +87,192 @@ pub trait Executor: Send + 'static {
 type Done = Sender<(u64, Result<Reply>)>;
 
 enum Msg {
-    Call { req: Request, tag: u64, done: Done },
-    Shutdown { done: Sender<Result<()>> },
+    Call {
+        req: Request,
+        tag: u64,
+        done: Done,
+    },
+    /// This shard's part of a fan-out request.
+    Part {
+        req: Request,
+        merge: Arc<Merge>,
+        index: usize,
+    },
+    Shutdown {
+        done: Sender<Result<()>>,
+    },
+}
+
+/// Where one executed request's result goes.
+enum ReplyTo {
+    Caller(u64, Done),
+    Part(Arc<Merge>, usize),
+}
+
+impl ReplyTo {
+    fn send(self, r: Result<Reply>) {
+        match self {
+            // A caller that stopped listening is not the engine's problem.
+            ReplyTo::Caller(tag, done) => {
+                let _ = done.send((tag, r));
+            }
+            ReplyTo::Part(merge, index) => merge.deliver(index, r),
+        }
+    }
+}
+
+/// The requests that go to every shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FanOut {
+    Flush,
+    ListVolumes,
+    Space,
+}
+
+impl FanOut {
+    fn request(self) -> Request {
+        match self {
+            FanOut::Flush => Request::Flush,
+            FanOut::ListVolumes => Request::ListVolumes,
+            FanOut::Space => Request::Space,
+        }
+    }
+
+    /// One reply from every shard's part, in shard order.
+    fn merge(self, parts: Vec<Result<Reply>>) -> Result<Reply> {
+        let mut volumes: Vec<VolumeInfo> = Vec::new();
+        let mut space = SpaceInfo {
+            total_blocks: 0,
+            used_blocks: 0,
+            free_blocks: 0,
+            pending_free_blocks: 0,
+        };
+        for (i, part) in parts.into_iter().enumerate() {
+            match (self, part?) {
+                (FanOut::Flush, Reply::Done) => {}
+                (FanOut::ListVolumes, Reply::Volumes(v)) => volumes.extend(v),
+                (FanOut::Space, Reply::Space(s)) => {
+                    space.total_blocks += s.total_blocks;
+                    space.used_blocks += s.used_blocks;
+                    space.free_blocks += s.free_blocks;
+                    space.pending_free_blocks += s.pending_free_blocks;
+                }
+                (_, other) => {
+                    return Err(Error::Invalid(format!(
+                        "shard {i} answered {other:?} to {self:?}"
+                    )))
+                }
+            }
+        }
+        Ok(match self {
+            FanOut::Flush => Reply::Done,
+            FanOut::ListVolumes => {
+                volumes.sort_by(|a, b| a.name.cmp(&b.name));
+                Reply::Volumes(volumes)
+            }
+            FanOut::Space => Reply::Space(space),
+        })
+    }
+}
+
+/// A fan-out request in flight: collects one part per shard; the last part
+/// in sends the merged reply. If parts are lost (a shard thread died), the
+/// drop of the last reference answers `ShutDown`: one reply per request,
+/// always.
+struct Merge {
+    kind: FanOut,
+    tag: u64,
+    done: Done,
+    parts: Mutex<MergeParts>,
+}
+
+struct MergeParts {
+    results: Vec<Option<Result<Reply>>>,
+    remaining: usize,
+    sent: bool,
+}
+
+impl Merge {
+    fn new(kind: FanOut, tag: u64, done: Done, shards: usize) -> Merge {
+        Merge {
+            kind,
+            tag,
+            done,
+            parts: Mutex::new(MergeParts {
+                results: (0..shards).map(|_| None).collect(),
+                remaining: shards,
+                sent: false,
+            }),
+        }
+    }
+
+    fn deliver(&self, index: usize, r: Result<Reply>) {
+        let complete = {
+            let mut p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+            match p.results.get_mut(index) {
+                Some(slot @ None) => {
+                    *slot = Some(r);
+                    p.remaining -= 1;
+                }
+                _ => {
+                    debug_assert!(false, "part {index} delivered twice or out of range");
+                    return;
+                }
+            }
+            if p.remaining == 0 && !p.sent {
+                p.sent = true;
+                Some(std::mem::take(&mut p.results))
+            } else {
+                None
+            }
+        };
+        if let Some(results) = complete {
+            let parts = results
+                .into_iter()
+                .map(|r| r.unwrap_or(Err(Error::ShutDown)))
+                .collect();
+            let _ = self.done.send((self.tag, self.kind.merge(parts)));
+        }
+    }
+}
+
+impl Drop for Merge {
+    fn drop(&mut self) {
+        let p = self.parts.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !p.sent {
+            p.sent = true;
+            let _ = self.done.send((self.tag, Err(Error::ShutDown)));
+        }
+    }
+}
+
+/// Where the handle sends a request.
+enum Route {
+    One(usize),
+    All(FanOut),
+}
+
+fn route(req: &Request, shards: usize) -> Route {
+    if shards <= 1 {
+        return Route::One(0);
+    }
+    let by = |volume: &str| Route::One(shard_of(volume, shards));
+    match req {
+        Request::CreateVolume { name, .. } => by(name),
+        Request::CreateQtree { volume, .. }
+        | Request::SetReadOnly { volume, .. }
+        | Request::CreateSnapshot { volume, .. }
+        | Request::DeleteSnapshot { volume, .. }
+        | Request::ListSnapshots { volume } => by(volume),
+        Request::Read { image, .. } => by(&image.ns.volume),
+        Request::Write { ns, .. } | Request::Trim { ns, .. } | Request::Diff { ns, .. } => {
+            by(&ns.volume)
+        }
+        Request::Flush => Route::All(FanOut::Flush),
+        Request::ListVolumes => Route::All(FanOut::ListVolumes),
+        Request::Space => Route::All(FanOut::Space),
+        Request::SetAttr { .. } | Request::GetAttr { .. } => Route::One(0),
+    }
 }
 
 /// Starts engine threads.
@@ -87,36 +286,103 @@ impl Engine {
 
     /// Same, for anything that executes requests like a pool.
     pub fn start_executor<X: Executor>(exec: X, opts: EngineOptions) -> EngineHandle {
-        let (tx, rx) = bounded(opts.queue_max.max(1));
-        let thread = std::thread::Builder::new()
-            .name("sluice-engine".to_string())
-            .spawn(move || run(exec, rx, opts));
-        let thread = match thread {
-            Ok(t) => Some(t),
-            Err(e) => {
-                // The receiver was moved into the failed spawn and dropped:
-                // every call on this handle answers ShutDown.
-                tracing::error!(error = %e, "cannot spawn the engine thread");
-                None
+        Self::spawn_all(vec![exec], opts)
+    }
+
+    /// One shard thread per region pool of a sharded pool (pools in shard
+    /// order, as `sharded::open_sharded` returns them). Each thread is named
+    /// `sluice-shard-{i}` and pinned to core `i % ncpus` (best effort: a
+    /// failure is logged). One pool: exactly [`Engine::start`].
+    pub fn start_sharded<D: BlockDevice + 'static>(
+        pools: Vec<Pool<D>>,
+        opts: EngineOptions,
+    ) -> Result<EngineHandle> {
+        let n = pools.len();
+        if n == 0 {
+            return Err(Error::Invalid("no shards to start".into()));
+        }
+        for (i, p) in pools.iter().enumerate() {
+            if p.shard() != (i as u32, n as u32) {
+                let (index, count) = p.shard();
+                return Err(Error::RegionMismatch {
+                    index: i as u32,
+                    reason: format!(
+                        "given as shard {i} of {n}, but it is region {index} of {count}"
+                    ),
+                });
             }
-        };
+        }
+        Ok(Self::spawn_all(pools, opts))
+    }
+
+    fn spawn_all<X: Executor>(execs: Vec<X>, opts: EngineOptions) -> EngineHandle {
+        let n = execs.len();
+        let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let mut senders = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for (i, exec) in execs.into_iter().enumerate() {
+            let (tx, rx) = bounded(opts.queue_max.max(1));
+            senders.push(tx);
+            let opts = opts.clone();
+            let name = if n == 1 {
+                "sluice-engine".to_string()
+            } else {
+                format!("sluice-shard-{i}")
+            };
+            let thread = std::thread::Builder::new().name(name).spawn(move || {
+                if n > 1 {
+                    pin_to_core(i, i % cpus);
+                }
+                run(exec, rx, opts)
+            });
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // The receiver was moved into the failed spawn and
+                    // dropped: every call routed to this shard answers
+                    // ShutDown.
+                    tracing::error!(shard = i, error = %e, "cannot spawn the engine thread");
+                }
+            }
+        }
         EngineHandle {
-            tx,
-            thread: Arc::new(Mutex::new(thread)),
+            shards: senders.into(),
+            threads: Arc::new(Mutex::new(threads)),
         }
     }
 }
 
-/// A cheap, cloneable way to talk to the engine thread.
+/// Pin the calling thread to `core`; a failure is logged, never fatal.
+fn pin_to_core(shard: usize, core: usize) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    let pinned = set
+        .set(core)
+        .and_then(|()| sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    match pinned {
+        Ok(()) => tracing::debug!(shard, core, "shard thread pinned"),
+        Err(e) => {
+            tracing::warn!(shard, core, error = %e, "cannot pin the shard thread; it runs unpinned")
+        }
+    }
+}
+
+/// A cheap, cloneable way to talk to the engine's shard threads.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: Sender<Msg>,
-    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// One sender per shard, in shard order.
+    shards: Arc<[Sender<Msg>]>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EngineHandle({} queued)", self.tx.len())
+        let queued: usize = self.shards.iter().map(|s| s.len()).sum();
+        write!(
+            f,
+            "EngineHandle({} shards, {queued} queued)",
+            self.shards.len()
+        )
     }
 }
 
@@ -131,29 +397,70 @@ impl EngineHandle {
         }
     }
 
-    /// Queue one request; its reply arrives on `done` with `tag`. Many
-    /// requests in flight through one `done` channel are how a caller gets
-    /// queue depth.
+    /// Queue one request; its reply arrives on `done` with `tag`, exactly
+    /// once (also for requests that go to every shard). Many requests in
+    /// flight through one `done` channel are how a caller gets queue depth.
     pub fn submit(&self, req: Request, tag: u64, done: Sender<(u64, Result<Reply>)>) {
-        if let Err(e) = self.tx.send(Msg::Call { req, tag, done }) {
-            if let Msg::Call { tag, done, .. } = e.into_inner() {
-                let _ = done.send((tag, Err(Error::ShutDown)));
+        match route(&req, self.shards.len()) {
+            Route::One(i) => {
+                let sent = match self.shards.get(i) {
+                    Some(tx) => tx
+                        .send(Msg::Call { req, tag, done })
+                        .map_err(|e| e.into_inner()),
+                    None => Err(Msg::Call { req, tag, done }),
+                };
+                if let Err(Msg::Call { tag, done, .. }) = sent {
+                    let _ = done.send((tag, Err(Error::ShutDown)));
+                }
+            }
+            Route::All(kind) => {
+                let merge = Arc::new(Merge::new(kind, tag, done, self.shards.len()));
+                for (index, tx) in self.shards.iter().enumerate() {
+                    let part = Msg::Part {
+                        req: kind.request(),
+                        merge: merge.clone(),
+                        index,
+                    };
+                    if let Err(e) = tx.send(part) {
+                        drop(e.into_inner());
+                        merge.deliver(index, Err(Error::ShutDown));
+                    }
+                }
             }
         }
     }
 
-    /// Run a final consistency point and stop the thread; later calls get
-    /// [`Error::ShutDown`]. Calling it again returns `Ok(())`.
+    /// How many shards serve this engine.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Run a final consistency point on every shard and stop their
+    /// threads; the result is the first shard's error, if any. Later calls
+    /// get [`Error::ShutDown`]. Calling it again returns `Ok(())`.
     pub fn shutdown(&self) -> Result<()> {
-        let (done, rx) = bounded(1);
-        let result = match self.tx.send(Msg::Shutdown { done }) {
-            Ok(()) => rx.recv().unwrap_or(Ok(())),
-            Err(_) => Ok(()),
-        };
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = thread {
+        let waits: Vec<_> = self
+            .shards
+            .iter()
+            .map(|tx| {
+                let (done, rx) = bounded(1);
+                tx.send(Msg::Shutdown { done }).ok().map(|()| rx)
+            })
+            .collect();
+        let mut result = Ok(());
+        for (i, rx) in waits.into_iter().enumerate() {
+            let r = rx.map_or(Ok(()), |rx| rx.recv().unwrap_or(Ok(())));
+            if let Err(e) = r {
+                tracing::error!(shard = i, error = %e, "shard shutdown failed");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
             if t.join().is_err() {
-                tracing::error!("the engine thread panicked");
+                tracing::error!("an engine thread panicked");
             }
         }
         result
@@ -165,7 +472,7 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
     let mut next_cp = Instant::now() + opts.cp_interval;
     let mut dirty = false;
     let mut reqs: Vec<Request> = Vec::with_capacity(batch_max);
-    let mut replies: Vec<(u64, Done)> = Vec::with_capacity(batch_max);
+    let mut replies: Vec<ReplyTo> = Vec::with_capacity(batch_max);
     loop {
         let wait = next_cp.saturating_duration_since(Instant::now());
         let first = match rx.recv_timeout(wait) {
@@ -188,7 +495,11 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
                 match m {
                     Msg::Call { req, tag, done } => {
                         reqs.push(req);
-                        replies.push((tag, done));
+                        replies.push(ReplyTo::Caller(tag, done));
+                    }
+                    Msg::Part { req, merge, index } => {
+                        reqs.push(req);
+                        replies.push(ReplyTo::Part(merge, index));
                     }
                     Msg::Shutdown { done } => {
                         shutdown = Some(done);
@@ -210,10 +521,8 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
             let results = exec.execute_batch(std::mem::take(&mut reqs));
             debug_assert_eq!(results.len(), n, "one result per request");
             let mut results = results.into_iter();
-            for (tag, done) in replies.drain(..) {
-                let r = results.next().unwrap_or(Err(Error::ShutDown));
-                // A caller that stopped listening is not the engine's problem.
-                let _ = done.send((tag, r));
+            for to in replies.drain(..) {
+                to.send(results.next().unwrap_or(Err(Error::ShutDown)));
             }
         }
         if let Some(done) = shutdown {
@@ -245,6 +554,7 @@ fn drop_queue(rx: &Receiver<Msg>) {
             Msg::Call { tag, done, .. } => {
                 let _ = done.send((tag, Err(Error::ShutDown)));
             }
+            Msg::Part { merge, index, .. } => merge.deliver(index, Err(Error::ShutDown)),
             Msg::Shutdown { done } => {
                 let _ = done.send(Ok(()));
             }
@@ -430,7 +740,7 @@ mod tests {
     fn dropping_every_handle_stops_the_thread() {
         let (h, _) = started(EngineOptions::default());
         h.call(write(0, 1)).expect("write");
-        let thread = h.thread.lock().expect("lock").take().expect("thread");
+        let thread = h.threads.lock().expect("lock").pop().expect("thread");
         drop(h);
         thread
             .join()

@@ -147,3 +147,12 @@ fn ramfs_falls_back_to_buffered_io() {
     survives_reopen(&path, UringOptions::default());
     exclusive(&path, UringOptions::default());
 }
+
+#[test]
+fn two_shards_on_a_file() {
+    let s = seed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pool.img");
+    drop(UringDevice::create(&path, 64 << 20, UringOptions::default()).expect("create"));
+    two_shard_round_trip(&path, s);
+}

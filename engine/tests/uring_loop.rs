@@ -107,3 +107,12 @@ fn loop_device_is_exclusive() {
     };
     exclusive(&lo.dev, UringOptions::default());
 }
+
+#[test]
+fn loop_device_two_shards() {
+    let s = seed();
+    let Some((_dir, lo)) = setup(64 << 20) else {
+        return;
+    };
+    two_shard_round_trip(&lo.dev, s);
+}

@@ -4,7 +4,8 @@
 //! Three faces implement it: [`uring::UringDevice`] (io_uring, O_DIRECT, the
 //! real thing), [`sim::SimDevice`] (an in-memory device with a live and a
 //! durable image and fault injection, used by every engine test), and
-//! whatever a test wraps around them.
+//! whatever wraps around them ([`region::Region`]: a range of a device, the
+//! part of a sharded pool one shard owns).
 //!
 //! Invariants every implementation keeps:
 //! - Addresses are physical block addresses (`pba`) of [`BLOCK_SIZE`] bytes;
@@ -19,10 +20,12 @@
 //! - A write with `fua` is durable when it completes.
 
 pub mod buf;
+pub mod region;
 pub mod sim;
 pub mod uring;
 
 pub use buf::AlignedBuf;
+pub use region::Region;
 
 /// Bytes in one block: the unit of every address and every buffer.
 pub const BLOCK_SIZE: usize = 4096;

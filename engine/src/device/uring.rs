@@ -21,7 +21,10 @@
 //!   overflows; the rest wait in `queued`.
 //! - Exclusive access: block devices are opened `O_EXCL`, files are
 //!   `flock(LOCK_EX|LOCK_NB)`ed; a second opener gets
-//!   [`Error::DeviceBusy`].
+//!   [`Error::DeviceBusy`]. [`UringDevice::open_another_ring`] gives a
+//!   shard its own ring (and registered file and buffers) on the same open
+//!   file: the fd and its lock are shared (`Arc`), and the lock is released
+//!   when the last ring on it closes.
 //! - Per-request errors carry the path, the op and the block address; a
 //!   short transfer is an error, never a silent partial success.
 //!
@@ -38,6 +41,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// How to open a [`UringDevice`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +81,25 @@ struct InFlight {
     len_bytes: usize,
 }
 
+/// The open, exclusively held file or block device, shared by every ring
+/// opened on it; unlocks when the last ring is gone.
+struct LockedFile {
+    file: File,
+    path: PathBuf,
+    block_device: bool,
+    direct_io: bool,
+    size_bytes: u64,
+}
+
+impl Drop for LockedFile {
+    fn drop(&mut self) {
+        if !self.block_device {
+            // SAFETY: flock on an fd we own; no memory is passed.
+            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+}
+
 /// The io_uring device. See the module comment.
 pub struct UringDevice {
     // Field order matters for Drop: the ring (which still references the
@@ -85,7 +108,7 @@ pub struct UringDevice {
     info: DeviceInfo,
     path: PathBuf,
     /// Keeps the fd (registered as fixed file 0) and its lock alive.
-    file: File,
+    file: Arc<LockedFile>,
     direct_io: bool,
     block_device: bool,
     /// Registered staging buffers: `fixed_buffers` blocks, slot i is block i.
@@ -243,6 +266,32 @@ impl UringDevice {
             });
         }
 
+        let shared = Arc::new(LockedFile {
+            file,
+            path: path.to_path_buf(),
+            block_device,
+            direct_io,
+            size_bytes,
+        });
+        let dev = Self::with_ring(shared, &opts)?;
+        tracing::info!(path = %path.display(), size_bytes, direct_io, block_device, "device opened");
+        Ok(dev)
+    }
+
+    /// Another ring on the device this one holds: its own io_uring,
+    /// registered file and registered buffers, on the same open file (so
+    /// the exclusive lock taken by [`UringDevice::open`] covers it; a
+    /// second `open` of the same path would be refused as busy). This is
+    /// how each shard of a pool gets its own ring.
+    pub fn open_another_ring(&self, opts: &UringOptions) -> Result<UringDevice> {
+        Self::with_ring(self.file.clone(), opts)
+    }
+
+    fn with_ring(shared: Arc<LockedFile>, opts: &UringOptions) -> Result<UringDevice> {
+        let path = shared.path.as_path();
+        let fd = shared.file.as_raw_fd();
+        let (direct_io, block_device, size_bytes) =
+            (shared.direct_io, shared.block_device, shared.size_bytes);
         let ring =
             IoUring::new(opts.ring_entries.max(2)).map_err(open_err(path, "io_uring_setup"))?;
         ring.submitter()
@@ -276,7 +325,6 @@ impl UringDevice {
                 }
             }
         }
-        tracing::info!(path = %path.display(), size_bytes, direct_io, block_device, "device opened");
         Ok(UringDevice {
             ring,
             info: DeviceInfo {
@@ -284,7 +332,7 @@ impl UringDevice {
                 block_count: size_bytes / BLOCK_SIZE as u64,
             },
             path: path.to_path_buf(),
-            file,
+            file: shared,
             direct_io,
             block_device,
             arena,
@@ -636,12 +684,9 @@ impl Drop for UringDevice {
             sink.clear();
         }
         // The ring holds its own reference to the registered file and is
-        // torn down asynchronously by the kernel: release the lock and the
-        // registration now so a reopen right after this drop succeeds.
+        // torn down asynchronously by the kernel: release the registration
+        // now; the lock goes with the last ring on the file (LockedFile's
+        // drop), so a reopen right after that succeeds.
         let _ = self.ring.submitter().unregister_files();
-        if !self.block_device {
-            // SAFETY: flock on an fd we own; no memory is passed.
-            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
-        }
     }
 }

@@ -253,3 +253,105 @@ pub fn exclusive(path: &std::path::Path, opts: UringOptions) {
     drop(first);
     UringDevice::open(path, opts).expect("open after the first closed");
 }
+
+/// A pool of two shards on the whole of `path`, each shard with its own
+/// ring on the one locked file: format, write on volumes of both shards,
+/// shut down, reopen (the shard count comes from the device), read back.
+pub fn two_shard_round_trip(path: &std::path::Path, seed: u64) {
+    use sluice_engine::api::{Image, NsName, Reply, Request};
+    use sluice_engine::shard::{Engine, EngineOptions};
+    use sluice_engine::sharded::{format_uring, open_uring, read_layout, shard_of};
+    let opts = UringOptions::default();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    // Two volumes on each shard.
+    let mut names: Vec<String> = Vec::new();
+    for shard in 0..2 {
+        names.extend(
+            (0..)
+                .map(|k| format!("v{k}"))
+                .filter(|n| shard_of(n, 2) == shard)
+                .take(2),
+        );
+    }
+    let dev = UringDevice::open(path, opts.clone()).expect("open");
+    let blocks = dev.info().block_count;
+    let pools = format_uring(dev, 2, sluice_engine::FormatOptions::default(), &opts)
+        .expect("format 2 shards");
+    assert_eq!(pools[1].device().info().block_count, blocks / 2);
+    // The shards' rings share the lock: a second opener is still refused.
+    assert!(matches!(
+        UringDevice::open(path, opts.clone()),
+        Err(sluice_engine::Error::DeviceBusy { .. })
+    ));
+    let h = Engine::start_sharded(pools, EngineOptions::default()).expect("start");
+    let mut written: Vec<(String, u64, u8)> = Vec::new();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for name in &names {
+        h.call(Request::CreateVolume {
+            name: name.clone(),
+            size_bytes: 16 << 20,
+        })
+        .expect("create");
+        for _ in 0..32 {
+            let lba = rng.gen_range(0..4096u64);
+            let version = rng.gen_range(1..=255u8);
+            written.retain(|(n, l, _)| !(n == name && *l == lba));
+            written.push((name.clone(), lba, version));
+            let mut data = AlignedBuf::zeroed(1);
+            data.as_mut_slice().copy_from_slice(&pattern(lba, version));
+            h.submit(
+                Request::Write {
+                    ns: NsName::volume(name),
+                    lba,
+                    data,
+                    fua: false,
+                    replica: false,
+                },
+                lba,
+                tx.clone(),
+            );
+        }
+    }
+    for _ in 0..names.len() * 32 {
+        let (_, r) = rx.recv().expect("reply");
+        assert!(matches!(r, Ok(Reply::Done)), "write: {r:?}");
+    }
+    h.shutdown().expect("shutdown: final CP on both shards");
+    drop(h);
+
+    let dev = UringDevice::open(path, opts.clone()).expect("reopen: the lock was released");
+    let (layout, dev) = read_layout(dev).expect("layout");
+    assert_eq!(layout.shard_count, 2);
+    drop(dev);
+    let dev = UringDevice::open(path, opts.clone()).expect("reopen");
+    let pools = open_uring(dev, &opts).expect("open 2 shards");
+    assert_eq!(pools.len(), 2);
+    let h = Engine::start_sharded(pools, EngineOptions::default()).expect("restart");
+    match h.call(Request::ListVolumes) {
+        Ok(Reply::Volumes(v)) => {
+            let mut want = names.clone();
+            want.sort();
+            assert_eq!(v.iter().map(|v| v.name.clone()).collect::<Vec<_>>(), want);
+        }
+        other => panic!("list: {other:?}"),
+    }
+    for (name, lba, version) in &written {
+        let r = h.call(Request::Read {
+            image: Image {
+                ns: NsName::volume(name),
+                snapshot: None,
+            },
+            lba: *lba,
+            len_blocks: 1,
+        });
+        match r {
+            Ok(Reply::Data(b)) => assert_eq!(
+                b.as_slice(),
+                &pattern(*lba, *version)[..],
+                "seed {seed}: {name} lba {lba}"
+            ),
+            other => panic!("read {name} lba {lba}: {other:?}"),
+        }
+    }
+    h.shutdown().expect("shutdown");
+}
