@@ -140,6 +140,7 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
             println!("listen      {}", s.listen);
             println!("nbd         {}", s.nbd.as_deref().unwrap_or("-"));
             println!("uptime      {} s", s.uptime_s);
+            println!("shards      {}", s.shards);
             println!(
                 "space       {} used, {} free of {} ({} waiting for the next checkpoint)",
                 fmt_bytes(s.space.used_bytes),

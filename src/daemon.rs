@@ -1,7 +1,8 @@
 //! `sluice serve`: the node process.
 //!
 //! Owns the process lifecycle: open the pool exclusively (a second daemon
-//! on the same device is refused by the device layer), start the engine,
+//! on the same device is refused by the device layer), start one engine
+//! shard per region of the pool (each with its own io_uring ring),
 //! bind the `--listen` address (control API, HTTP `/metrics`, peers) and the
 //! optional NBD address, print one `ready` line on stdout, then wait for
 //! SIGTERM/SIGINT. Shutdown order: stop accepting, let the NBD server finish
@@ -17,8 +18,9 @@ use crate::control::{parse_request, progress_line, read_line, response_line};
 use crate::error::{NodeError, Result};
 use crate::node::{Node, NodeInfo};
 use sluice_engine::device::uring::{UringDevice, UringOptions};
+use sluice_engine::device::BlockDevice;
 use sluice_engine::shard::{Engine, EngineOptions};
-use sluice_engine::Pool;
+use sluice_engine::sharded;
 use sluice_replicator::{Replicator, ReplicatorConfig};
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -37,11 +39,7 @@ const HTTP_HEAD_MAX: usize = 16 << 10;
 /// io_uring, which happens asynchronously after the process is gone.
 const BUSY_WAIT: Duration = Duration::from_secs(3);
 
-fn open_device(cfg: &ServeConfig) -> Result<UringDevice> {
-    let opts = UringOptions {
-        direct_io: cfg.direct_io,
-        ..UringOptions::default()
-    };
+fn open_device(cfg: &ServeConfig, opts: &UringOptions) -> Result<UringDevice> {
     let deadline = std::time::Instant::now() + BUSY_WAIT;
     loop {
         match UringDevice::open(&cfg.data, opts.clone()) {
@@ -56,19 +54,33 @@ fn open_device(cfg: &ServeConfig) -> Result<UringDevice> {
 }
 
 pub fn serve(cfg: ServeConfig) -> Result<()> {
-    let dev = open_device(&cfg)?;
-    let pool = Pool::open(dev).map_err(|source| NodeError::Pool {
+    let opts = UringOptions {
+        direct_io: cfg.direct_io,
+        ..UringOptions::default()
+    };
+    let dev = open_device(&cfg, &opts)?;
+    let pool_err = |source| NodeError::Pool {
         path: cfg.data.display().to_string(),
         source,
-    })?;
-    tracing::info!(data = %cfg.data.display(), generation = pool.generation(), "pool opened");
-    let engine = Engine::start(
-        pool,
+    };
+    // One region pool per shard, each with its own ring on the one locked
+    // device; the shard count is the pool's (region 0's superblock).
+    let pools = sharded::open_uring(dev, &opts).map_err(pool_err)?;
+    let shards = pools.len();
+    tracing::info!(
+        data = %cfg.data.display(),
+        shards,
+        generation = pools.first().map_or(0, |p| p.generation()),
+        "pool opened"
+    );
+    let engine = Engine::start_sharded(
+        pools,
         EngineOptions {
             cp_interval: cfg.checkpoint_interval,
             ..EngineOptions::default()
         },
-    );
+    )
+    .map_err(pool_err)?;
     let result = run(&cfg, engine.clone());
     let shut = engine.shutdown();
     match (&result, shut) {
@@ -169,6 +181,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         node = %name,
         control = %control_addr,
         nbd = ?nbd_addr,
+        shards = engine.shard_count(),
         "serving"
     );
     let mut out = std::io::stdout();
@@ -407,10 +420,28 @@ fn http_conn(mut stream: TcpStream, node: &Node) -> std::io::Result<()> {
     stream.write_all(resp.as_bytes())
 }
 
-/// `sluice init`: format `path` as a pool. A missing file is created at
-/// `size`; an existing file grows to `size` if given. A device or file that
-/// already holds a pool is refused unless `force`.
-pub fn init(path: &std::path::Path, size: Option<u64>, force: bool) -> Result<u64> {
+/// Bytes of device per shard that `init` picks by default.
+pub const BYTES_PER_DEFAULT_SHARD: u64 = 1 << 30;
+
+/// The shard count `init` picks when none is given: one per GiB of device,
+/// at most one per available core, at least one (so small pools, like the
+/// tests', stay at one shard).
+pub fn default_shards(size_bytes: u64) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as u64;
+    let by_size = (size_bytes / BYTES_PER_DEFAULT_SHARD).max(1);
+    cores.min(by_size).clamp(1, sharded::SHARDS_MAX as u64) as u32
+}
+
+/// `sluice init`: format `path` as a pool of `shards` shards (default:
+/// [`default_shards`]). A missing file is created at `size`; an existing
+/// file grows to `size` if given. A device or file that already holds a
+/// pool is refused unless `force`. Returns the pool's bytes and shards.
+pub fn init(
+    path: &std::path::Path,
+    size: Option<u64>,
+    force: bool,
+    shards: Option<u32>,
+) -> Result<(u64, u32)> {
     let opts = UringOptions::default();
     let exists = path.exists();
     if !exists && size.is_none() {
@@ -421,7 +452,9 @@ pub fn init(path: &std::path::Path, size: Option<u64>, force: bool) -> Result<u6
     }
     if exists && !force {
         let dev = UringDevice::open(path, opts.clone())?;
-        if Pool::open(dev).is_ok() {
+        // Any valid superblock at the start (region 0) is a pool, however
+        // many shards it has.
+        if sharded::read_layout(dev).is_ok() {
             return Err(NodeError::Invalid(format!(
                 "{} already holds a sluice pool; use --force to format it anyway (destroys its data)",
                 path.display()
@@ -429,20 +462,44 @@ pub fn init(path: &std::path::Path, size: Option<u64>, force: bool) -> Result<u6
         }
     }
     let dev = match size {
-        Some(s) => UringDevice::create(path, s, opts)?,
-        None => UringDevice::open(path, opts)?,
+        Some(s) => UringDevice::create(path, s, opts.clone())?,
+        None => UringDevice::open(path, opts.clone())?,
     };
-    let mut pool = Pool::format(dev, sluice_engine::FormatOptions::default())?;
-    match pool.execute(sluice_engine::api::Request::Space)? {
-        sluice_engine::api::Reply::Space(s) => {
-            Ok(s.total_blocks * sluice_engine::device::BLOCK_SIZE as u64)
+    let size_bytes = dev.info().block_count * sluice_engine::device::BLOCK_SIZE as u64;
+    let shards = shards.unwrap_or_else(|| default_shards(size_bytes));
+    let mut pools =
+        sharded::format_uring(dev, shards, sluice_engine::FormatOptions::default(), &opts)?;
+    let mut total = 0;
+    for pool in &mut pools {
+        match pool.execute(sluice_engine::api::Request::Space)? {
+            sluice_engine::api::Reply::Space(s) => {
+                total += s.total_blocks * sluice_engine::device::BLOCK_SIZE as u64
+            }
+            _ => {
+                return Err(NodeError::Invalid(
+                    "engine gave an unexpected reply to space".into(),
+                ))
+            }
         }
-        _ => Err(NodeError::Invalid(
-            "engine gave an unexpected reply to space".into(),
-        )),
     }
+    Ok((total, shards))
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_shards_follow_size_and_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as u32;
+        assert_eq!(default_shards(0), 1);
+        assert_eq!(default_shards(64 << 20), 1);
+        assert_eq!(default_shards((1 << 30) - 4096), 1);
+        assert_eq!(default_shards(2 << 30), cores.min(2));
+        assert_eq!(default_shards(1 << 50), cores.min(sharded::SHARDS_MAX));
+    }
 }

@@ -33,6 +33,10 @@ enum Cmd {
         /// Format even if the device already holds a pool (destroys it).
         #[arg(long)]
         force: bool,
+        /// Engine shards (threads, each with its own ring and an equal
+        /// region of the device); default: one per GiB, at most one per core.
+        #[arg(long)]
+        shards: Option<u32>,
     },
     /// Run a node: the engine, the control API and NBD.
     Serve {
@@ -274,11 +278,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // durations are checked here, before connecting.
     let (req, json) = match cli.cmd {
         Cmd::Demo => return demo::run(),
-        Cmd::Init { path, size, force } => {
+        Cmd::Init {
+            path,
+            size,
+            force,
+            shards,
+        } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            let bytes = sluice::daemon::init(&path, size, force)?;
+            let (bytes, shards) = sluice::daemon::init(&path, size, force, shards)?;
             println!(
-                "formatted {} as a sluice pool ({})",
+                "formatted {} as a sluice pool ({}, shards={shards})",
                 path.display(),
                 fmt_bytes(bytes)
             );

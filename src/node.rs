@@ -143,6 +143,9 @@ pub struct StatusView {
     pub listen: String,
     pub nbd: Option<String>,
     pub uptime_s: u64,
+    /// Engine shards (threads, each owning a region of the pool).
+    #[serde(default)]
+    pub shards: usize,
     pub space: SpaceView,
     pub volumes: usize,
     pub snapshots: usize,
@@ -415,6 +418,7 @@ impl Node {
             listen: self.info.listen.clone(),
             nbd: self.info.nbd.clone(),
             uptime_s: self.started.elapsed().as_secs(),
+            shards: self.engine.shard_count(),
             space: self.space()?,
             volumes: vols.len(),
             snapshots: vols.iter().map(|v| v.snapshot_count).sum(),

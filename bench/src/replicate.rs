@@ -395,7 +395,9 @@ impl Node {
     fn start(bin: &Path, dir: &Path, name: &'static str, dev_bytes: u64) -> Result<Node> {
         let dev = BenchDevice::temporary(dev_bytes, Some(dir))?;
         run_cmd(
-            Command::new(bin).arg("init").arg(&dev.path),
+            Command::new(bin)
+                .args(["init", "--shards", "1"])
+                .arg(&dev.path),
             &format!("sluice init {} (node {name})", dev.path.display()),
         )?;
         let log = dir.join(format!("{name}.log"));
