@@ -9,6 +9,7 @@
 //! name = "node-a"              # node name, stored in the pool at first start
 //! checkpoint_interval_ms = 5000
 //! direct_io = true
+//! pin_shards = true            # pin engine shard i to core i (pools of several shards)
 //! peer_secret = "/etc/sluice/secret"  # peers must prove it (HMAC); else any peer
 //! throttle = "100M"            # node-wide replication receive rate, bytes/s
 //! lease_ms = 60000             # lease on the lock sets this node sends
@@ -37,6 +38,7 @@ pub struct ConfigFile {
     pub name: Option<String>,
     pub checkpoint_interval_ms: Option<u64>,
     pub direct_io: Option<bool>,
+    pub pin_shards: Option<bool>,
     pub peer_secret: Option<PathBuf>,
     pub throttle: Option<String>,
     pub lease_ms: Option<u64>,
@@ -68,6 +70,8 @@ pub struct ServeConfig {
     pub name: Option<String>,
     pub checkpoint_interval: Duration,
     pub direct_io: bool,
+    /// Pin engine shard `i` to core `i % ncpus` (pools of several shards).
+    pub pin_shards: bool,
     pub peer_secret: Option<PathBuf>,
     pub throttle_bps: Option<u64>,
     pub lease_ms: Option<u64>,
@@ -162,6 +166,7 @@ impl ServeConfig {
             nbd: nbd.or(file.nbd),
             checkpoint_interval: Duration::from_millis(cp_ms),
             direct_io: file.direct_io.unwrap_or(true),
+            pin_shards: file.pin_shards.unwrap_or(true),
             peer_secret: peer_secret.or(file.peer_secret),
             throttle_bps,
             lease_ms: file.lease_ms,

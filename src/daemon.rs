@@ -77,6 +77,7 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         pools,
         EngineOptions {
             cp_interval: cfg.checkpoint_interval,
+            pin_threads: cfg.pin_shards,
             ..EngineOptions::default()
         },
     )

@@ -516,3 +516,94 @@ fn a_region_alone_is_not_a_pool() {
         Err(Error::RegionMismatch { index: 0, .. })
     ));
 }
+
+/// Pools formatted before sharding have version-1 superblocks (no shard
+/// fields): they open unchanged as shard 0 of 1, through `Pool::open` and
+/// through the sharded path the daemon uses, and their next CP (the first
+/// after a change) writes version 2.
+#[test]
+fn version_1_pool_opens_as_one_shard() {
+    use sluice_engine::device::sim::run_one;
+    use sluice_engine::device::{IoKind, IoRequest};
+    use sluice_engine::sharded::read_layout;
+
+    let dev = SimDevice::new(REGION_BLOCKS);
+    let sim = dev.handle();
+    let mut pool = Pool::format(dev, FormatOptions::default()).expect("format");
+    pool.execute(Request::CreateVolume {
+        name: "old".into(),
+        size_bytes: VOL_BLOCKS * 4096,
+    })
+    .expect("volume");
+    pool.execute(Request::Write {
+        ns: NsName::volume("old"),
+        lba: 3,
+        data: block(77),
+        fua: true,
+        replica: false,
+    })
+    .expect("write");
+    let mut dev = pool.into_device();
+    // Rewrite both slots as version 1 wrote them: version 1, nothing after
+    // volumes_max (bytes 68..), crc over bytes 0..4092.
+    for slot in 0..2u64 {
+        let mut b = sim.read_durable(slot);
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[68..4092].fill(0);
+        let crc = crc32c::crc32c(&b[..4092]);
+        b[4092..].copy_from_slice(&crc.to_le_bytes());
+        let mut buf = AlignedBuf::zeroed(1);
+        buf.as_mut_slice().copy_from_slice(&b);
+        let c = run_one(
+            &mut dev,
+            IoRequest {
+                tag: slot,
+                kind: IoKind::Write { fua: true },
+                pba: slot,
+                buf: Some(buf),
+            },
+        )
+        .expect("device");
+        c.result.expect("superblock write");
+    }
+    let mut pool = Pool::open(dev).expect("a version-1 pool opens");
+    assert_eq!(pool.shard(), (0, 1));
+    let read = |p: &mut Pool<SimDevice>| match p.execute(Request::Read {
+        image: Image {
+            ns: NsName::volume("old"),
+            snapshot: None,
+        },
+        lba: 3,
+        len_blocks: 1,
+    }) {
+        Ok(Reply::Data(b)) => b.as_slice().to_vec(),
+        other => panic!("read: {other:?}"),
+    };
+    assert_eq!(read(&mut pool), block(77).as_slice());
+    let dev = pool.into_device();
+
+    let (layout, dev) = read_layout(dev).expect("layout of a version-1 pool");
+    assert_eq!(
+        (layout.shard_count, layout.region_blocks),
+        (1, REGION_BLOCKS)
+    );
+    let mut pools = open_sharded(vec![dev]).expect("sharded open of a version-1 pool");
+    let mut pool = pools.pop().expect("one shard");
+    match pool.execute(Request::ListVolumes) {
+        Ok(Reply::Volumes(v)) => assert_eq!(v[0].id, 1, "ids unchanged with one shard"),
+        other => panic!("list: {other:?}"),
+    }
+    // A CP runs only when something changed: write, then CP.
+    pool.execute(Request::Write {
+        ns: NsName::volume("old"),
+        lba: 4,
+        data: block(78),
+        fua: false,
+        replica: false,
+    })
+    .expect("write");
+    pool.checkpoint().expect("cp");
+    let slot = pool.generation() % 2;
+    assert_eq!(sim.read_durable(slot)[8..12], 2u32.to_le_bytes());
+    assert_eq!(read(&mut pool), block(77).as_slice());
+}
