@@ -67,11 +67,10 @@ pub struct EngineOptions {
     /// Most requests waiting in the channel before callers block.
     pub queue_max: usize,
     /// Pin shard `i` to core `i % ncpus` when there are several shards.
-    /// Measured on 2 cores with the load generator and the NBD threads on
-    /// the same cores, pinning cost about 20 % of 4K random-write IOPS
-    /// (the scheduler cannot move a shard off a core its NBD threads
-    /// need); turn it off where the shards do not have cores to
-    /// themselves.
+    /// Measured on 2 cores shared with fio and the NBD threads, pinning
+    /// cost about 40 % of 4K random-write IOPS (a pinned shard waits for
+    /// its one busy core; docs/BENCHMARKS.md); turn it off where the
+    /// shards do not have cores to themselves.
     pub pin_threads: bool,
 }
 
@@ -300,8 +299,9 @@ impl Engine {
 
     /// One shard thread per region pool of a sharded pool (pools in shard
     /// order, as `sharded::open_sharded` returns them). Each thread is named
-    /// `sluice-shard-{i}` and pinned to core `i % ncpus` (best effort: a
-    /// failure is logged). One pool: exactly [`Engine::start`].
+    /// `sluice-shard-{i}` and pinned to core `i % ncpus` when
+    /// [`EngineOptions::pin_threads`] (best effort: a failure is logged).
+    /// One pool: exactly [`Engine::start`].
     pub fn start_sharded<D: BlockDevice + 'static>(
         pools: Vec<Pool<D>>,
         opts: EngineOptions,

@@ -14,9 +14,10 @@
 //!   missing, corrupt or foreign region is an error naming the region
 //!   ([`Error::Region`], [`Error::RegionMismatch`]), never a panic and never
 //!   a pool opened with a region left out.
-//! - Format writes region 0 last: a crash during format leaves either no
-//!   pool (region 0 still zeroed or old) or an error naming the region that
-//!   did not make it, never a pool that silently lacks a region.
+//! - Format first zeroes region 0's superblock slots (durably), then formats
+//!   regions N-1 down to 1, then region 0: a crash during format leaves no
+//!   pool at all (`NotAPool`), never an older pool whose blocks the new
+//!   regions already overwrote, nor a pool that silently lacks a region.
 //! - A volume lives on shard `shard_of(name, N)`, a pure function of its
 //!   name: part of the on-disk meaning (docs/FORMAT.md), so it never changes
 //!   for a pool.
@@ -160,7 +161,19 @@ pub fn format_sharded<D: BlockDevice>(
         });
     }
     let uuid = *Uuid::new_v4().as_bytes();
-    // Region 0 last: its superblock is what makes the device a pool.
+    // Region 0's superblock is what makes the device a pool: unmake
+    // whatever pool was there before touching any region, and write the
+    // new one last.
+    let mut devices = devices;
+    if n > 1 {
+        let mut store = Store::new(devices.remove(0));
+        let zero = vec![0u8; crate::device::BLOCK_SIZE];
+        store
+            .write_raw(vec![(0, zero.clone()), (1, zero)], false)
+            .and_then(|()| store.flush())
+            .map_err(region_err(0, n))?;
+        devices.insert(0, store.dev);
+    }
     let mut pools: Vec<Pool<D>> = Vec::with_capacity(n);
     for (i, dev) in devices.into_iter().enumerate().rev() {
         let pool =

@@ -607,3 +607,30 @@ fn version_1_pool_opens_as_one_shard() {
     assert_eq!(sim.read_durable(slot)[8..12], 2u32.to_le_bytes());
     assert_eq!(read(&mut pool), block(77).as_slice());
 }
+
+/// Story: formatting N regions over a device that held an older pool, a
+/// crash (here: a failed write) in the middle must not leave the older
+/// pool's superblock in place, because the regions formatted so far have
+/// already overwritten its blocks. Format unmakes region 0 first.
+#[test]
+fn a_failed_format_leaves_no_pool_behind() {
+    use sluice_engine::device::sim::Fault;
+    let old = SimDevice::new(REGION_BLOCKS);
+    let old_sim = old.handle();
+    drop(Pool::format(old, FormatOptions::default()).expect("older pool"));
+    let old = old_sim.crash_image(CrashMode::KeepAll, 0);
+    let old_sim = old.handle();
+    Pool::open(old_sim.crash_image(CrashMode::KeepAll, 0)).expect("the older pool is there");
+
+    let second = SimDevice::new(REGION_BLOCKS);
+    second.handle().inject(Fault::WriteEio { after: 0 });
+    let e = format_sharded(vec![old, second], FormatOptions::default())
+        .err()
+        .expect("the format fails");
+    assert!(matches!(e, Error::Region { index: 1, .. }), "{e:?}");
+    let left = old_sim.crash_image(CrashMode::DropAll, 0);
+    assert!(
+        matches!(Pool::open(left), Err(Error::NotAPool)),
+        "the older pool's superblock must be gone"
+    );
+}
