@@ -34,7 +34,7 @@ enum Cmd {
         #[arg(long)]
         force: bool,
         /// Engine shards (threads, each with its own ring and an equal
-        /// region of the device); default: one per GiB, at most one per core.
+        /// region of the device); default: one per GiB, at most one per core but one.
         #[arg(long)]
         shards: Option<u32>,
     },
