@@ -33,8 +33,10 @@ pub const READ_BLOCKS_MAX: u64 = 16384;
 pub const SNAPSHOTS_MAX: usize = 255;
 /// Largest namespace, in blocks (the map tree's reach).
 pub const NS_BLOCKS_MAX: u64 = 168u64.pow(5);
-/// A CP is taken after a request once this many nodes are dirty or pending.
+/// A CP is taken after a request once this many nodes are dirty.
 const DIRTY_BOUND: usize = 16384;
+/// ... or once this many released blocks wait for a CP to become free.
+const PENDING_BOUND: usize = 1 << 20;
 /// Blocks client writes leave free for trims and snapshot deletes.
 const TRIM_HEADROOM: u64 = 64;
 
@@ -1098,7 +1100,7 @@ impl<D: BlockDevice> Pool<D> {
     pub fn execute(&mut self, req: Request) -> Result<Reply> {
         let r = self.execute_inner(req);
         if self.poisoned.is_none()
-            && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > DIRTY_BOUND)
+            && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > PENDING_BOUND)
         {
             self.cp(None)?;
         }
@@ -1667,7 +1669,7 @@ impl<D: BlockDevice> Pool<D> {
             });
         }
         if self.poisoned.is_none()
-            && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > DIRTY_BOUND)
+            && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > PENDING_BOUND)
         {
             if let Err(e) = self.cp(None) {
                 tracing::error!(error = %e, "checkpoint after a write batch failed");

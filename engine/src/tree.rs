@@ -254,10 +254,7 @@ impl<D: BlockDevice> Store<D> {
             if run.is_empty() {
                 return;
             }
-            let mut buf = AlignedBuf::zeroed(run.len());
-            for (i, b) in run.iter().enumerate() {
-                buf.block_mut(i).copy_from_slice(b);
-            }
+            let buf = AlignedBuf::gather(run);
             reqs.push((IoKind::Write { fua }, start, Some(buf)));
             run.clear();
         };

@@ -1,9 +1,10 @@
 //! 4 KiB-aligned block buffers, as O_DIRECT and registered io_uring buffers
-//! require. A buffer is always a whole number of blocks and is zeroed when
-//! allocated; it owns its memory and is `Send`.
+//! require. A buffer is always a whole number of blocks and every byte of
+//! it is initialised when allocated (zeroed, or filled by `gather`); it owns
+//! its memory and is `Send`.
 
 use super::BLOCK_SIZE;
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
 pub struct AlignedBuf {
@@ -24,6 +25,32 @@ impl AlignedBuf {
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len_bytes }
+    }
+
+    /// A buffer holding copies of `blocks`, one block each, in order:
+    /// gathers the pieces of a coalesced write without zeroing first.
+    /// A piece that is not exactly one block is zero-padded or cut.
+    pub fn gather(blocks: &[&[u8]]) -> Self {
+        let len_bytes = blocks.len().max(1) * BLOCK_SIZE;
+        let layout = Self::layout(len_bytes);
+        // SAFETY: layout has a non-zero size; every byte is written below
+        // (through raw pointers) before the buffer is handed out.
+        let raw = unsafe { alloc(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let base = ptr.as_ptr();
+        for k in 0..len_bytes / BLOCK_SIZE {
+            let src = blocks.get(k).copied().unwrap_or(&[]);
+            let n = src.len().min(BLOCK_SIZE);
+            // SAFETY: block k lies inside the allocation of `len_bytes`;
+            // `src` is a live slice that cannot overlap our new allocation.
+            // Raw writes initialise every byte before any reference exists.
+            unsafe {
+                let dst = base.add(k * BLOCK_SIZE);
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, n);
+                std::ptr::write_bytes(dst.add(n), 0, BLOCK_SIZE - n);
+            }
+        }
         AlignedBuf { ptr, len_bytes }
     }
 
@@ -91,6 +118,21 @@ impl std::fmt::Debug for AlignedBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gather_copies_each_block_and_pads() {
+        let a = vec![1u8; super::BLOCK_SIZE];
+        let b = vec![2u8; 10];
+        let g = super::AlignedBuf::gather(&[&a, &b]);
+        assert_eq!(g.len_blocks(), 2);
+        assert!(g.block(0).iter().all(|&x| x == 1));
+        assert!(g.block(1)[..10].iter().all(|&x| x == 2));
+        assert!(g.block(1)[10..].iter().all(|&x| x == 0));
+        assert!(super::AlignedBuf::gather(&[])
+            .as_slice()
+            .iter()
+            .all(|&x| x == 0));
+    }
+
     use super::*;
 
     #[test]
