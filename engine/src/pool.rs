@@ -83,7 +83,23 @@ struct Vol {
 }
 
 /// A validated write of a batch: (volume, namespace, lba, data, pbas).
-type PreparedWrite = (usize, usize, u64, AlignedBuf, Vec<u64>);
+/// A validated, allocated write of a batch: namespace (vi, ni), first lba,
+/// its data (taken when it goes to the device whole), fresh pbas and each
+/// block's hash.
+struct PreparedWrite {
+    vi: usize,
+    ni: usize,
+    lba: u64,
+    data: Option<AlignedBuf>,
+    pbas: Vec<u64>,
+    hashes: Vec<u64>,
+}
+
+fn block_hashes(data: &AlignedBuf) -> Vec<u64> {
+    (0..data.len_blocks())
+        .map(|i| xxhash_rust::xxh3::xxh3_64(data.block(i)))
+        .collect()
+}
 
 pub struct Pool<D: BlockDevice> {
     store: Store<D>,
@@ -1514,8 +1530,8 @@ impl<D: BlockDevice> Pool<D> {
     fn write(&mut self, ns: &NsName, lba: u64, data: &AlignedBuf, replica: bool) -> Result<()> {
         let (vi, ni, pbas) = self.write_prepare(ns, lba, data, replica, 0)?;
         let writes = pbas.iter().enumerate().map(|(i, &p)| (p, data.block(i)));
-        self.write_data(writes, &pbas)?;
-        self.write_apply(vi, ni, lba, data, &pbas)
+        self.write_data(Vec::new(), writes, &pbas)?;
+        self.write_apply(vi, ni, lba, &block_hashes(data), &pbas)
     }
 
     /// Blocks one written block may need by the next CP (its map path and
@@ -1565,16 +1581,19 @@ impl<D: BlockDevice> Pool<D> {
         Ok((vi, ni, pbas))
     }
 
-    /// Write data blocks to their fresh pbas in one batch; on failure the
-    /// pbas are unallocated again (nothing references them) and the pool
-    /// is poisoned.
+    /// Write data to fresh pbas in one batch: `whole` buffers as they are
+    /// (each at its first pba), `writes` block by block (coalesced where
+    /// pbas follow each other). On failure the pbas (`pbas`: all of them)
+    /// are unallocated again (nothing references them) and the pool is
+    /// poisoned.
     fn write_data<'a>(
         &mut self,
+        whole: Vec<(u64, AlignedBuf)>,
         writes: impl IntoIterator<Item = (u64, &'a [u8])>,
         pbas: &[u64],
     ) -> Result<()> {
         let n = pbas.len() as u64;
-        if let Err(e) = self.store.write_blocks(writes, false) {
+        if let Err(e) = self.store.write_mixed(whole, writes, false) {
             for &p in pbas {
                 self.fm.clear(p);
             }
@@ -1585,18 +1604,17 @@ impl<D: BlockDevice> Pool<D> {
         Ok(())
     }
 
-    /// Point the map at data blocks already written.
+    /// Point the map at data blocks already written (`hashes`: of each).
     fn write_apply(
         &mut self,
         vi: usize,
         ni: usize,
         lba: u64,
-        data: &AlignedBuf,
+        hashes: &[u64],
         pbas: &[u64],
     ) -> Result<()> {
         let birth = self.gen + 1;
-        for (i, &p) in pbas.iter().enumerate() {
-            let hash = xxhash_rust::xxh3::xxh3_64(data.block(i));
+        for (i, (&p, &hash)) in pbas.iter().zip(hashes).enumerate() {
             if let Err(e) = self.set_slot(
                 vi,
                 ni,
@@ -1631,7 +1649,14 @@ impl<D: BlockDevice> Pool<D> {
                 match self.write_prepare(&ns, lba, &data, replica, pending_blocks) {
                     Ok((vi, ni, pbas)) => {
                         pending_blocks += pbas.len() as u64;
-                        prepared.push(Ok((vi, ni, lba, data, pbas)));
+                        prepared.push(Ok(PreparedWrite {
+                            vi,
+                            ni,
+                            lba,
+                            hashes: block_hashes(&data),
+                            data: Some(data),
+                            pbas,
+                        }));
                     }
                     Err(e) => prepared.push(Err(e)),
                 }
@@ -1642,12 +1667,26 @@ impl<D: BlockDevice> Pool<D> {
         let all: Vec<u64> = prepared
             .iter()
             .flatten()
-            .flat_map(|(_, _, _, _, pbas)| pbas.iter().copied())
+            .flat_map(|p| p.pbas.iter().copied())
             .collect();
-        let writes = prepared.iter().flatten().flat_map(|(_, _, _, data, pbas)| {
-            pbas.iter().enumerate().map(|(i, &p)| (p, data.block(i)))
+        // A write of several blocks on consecutive pbas goes to the device
+        // in its own buffer, uncopied; single blocks are gathered into runs.
+        let mut whole = Vec::new();
+        for p in prepared.iter_mut().flatten() {
+            let n = p.pbas.len();
+            let consecutive = p.pbas.windows(2).all(|w| w[1] == w[0] + 1);
+            if n > 1 && n <= COALESCE_MAX && consecutive {
+                if let Some(d) = p.data.take() {
+                    whole.push((p.pbas[0], d));
+                }
+            }
+        }
+        let writes = prepared.iter().flatten().flat_map(|p| {
+            p.data
+                .iter()
+                .flat_map(|d| p.pbas.iter().enumerate().map(|(i, &pba)| (pba, d.block(i))))
         });
-        if let Err(e) = self.write_data(writes, &all) {
+        if let Err(e) = self.write_data(whole, writes, &all) {
             let reason = e.to_string();
             return prepared
                 .into_iter()
@@ -1662,8 +1701,8 @@ impl<D: BlockDevice> Pool<D> {
         let mut out = Vec::new();
         for p in prepared {
             out.push(match p {
-                Ok((vi, ni, lba, data, pbas)) => self
-                    .write_apply(vi, ni, lba, &data, &pbas)
+                Ok(p) => self
+                    .write_apply(p.vi, p.ni, p.lba, &p.hashes, &p.pbas)
                     .map(|_| Reply::Done),
                 Err(e) => Err(e),
             });

@@ -247,7 +247,22 @@ impl<D: BlockDevice> Store<D> {
         blocks: impl IntoIterator<Item = (u64, &'a [u8])>,
         fua: bool,
     ) -> Result<()> {
-        let mut reqs = Vec::new();
+        self.write_mixed(Vec::new(), blocks, fua)
+    }
+
+    /// [`Store::write_blocks`] plus `whole` buffers that go to the device
+    /// as they are, each at its first pba over consecutive blocks (no copy),
+    /// all in one submission.
+    pub fn write_mixed<'a>(
+        &mut self,
+        whole: Vec<(u64, AlignedBuf)>,
+        blocks: impl IntoIterator<Item = (u64, &'a [u8])>,
+        fua: bool,
+    ) -> Result<()> {
+        let mut reqs: Vec<_> = whole
+            .into_iter()
+            .map(|(pba, buf)| (IoKind::Write { fua }, pba, Some(buf)))
+            .collect();
         let mut run: Vec<&'a [u8]> = Vec::new();
         let mut start = 0u64;
         let flush_run = |start: u64, run: &mut Vec<&'a [u8]>, reqs: &mut Vec<_>| {
