@@ -3,7 +3,9 @@
 //! hdrhistogram.
 //!
 //! Two targets: the bare [`UringDevice`] (what the device layer costs over
-//! fio) and the engine through an [`EngineHandle`] (what the product costs).
+//! fio) and the engine through an [`EngineHandle`] (what the product costs),
+//! the latter also as several drivers at once, one thread per volume
+//! ([`engine_volumes`]: histograms merged, IOPS summed).
 
 use crate::report::Measured;
 use anyhow::{bail, Context, Result};
@@ -152,6 +154,78 @@ pub fn engine(
     load: &Load,
     seed: u64,
 ) -> Result<(Measured, Vec<u64>)> {
+    let run = engine_run(handle, volume, load, seed, None)?;
+    Ok((
+        summarize(&run.hist, run.ops, run.elapsed, load.bs_blocks),
+        run.snap_lat_us,
+    ))
+}
+
+/// One driver per volume, each on its own thread with `load` (its own
+/// `qd` in flight), all started together. The histograms are merged
+/// (percentiles over every request of every driver); IOPS and MB/s are the
+/// drivers' own rates summed. Driver `i` uses seed `seed ^ i * φ`
+/// (driver 0: `seed`, as [`engine`] would).
+pub fn engine_volumes(
+    handle: &EngineHandle,
+    volumes: &[String],
+    load: &Load,
+    seed: u64,
+) -> Result<Measured> {
+    let start = std::sync::Barrier::new(volumes.len());
+    let runs: Vec<Result<Run>> = std::thread::scope(|s| {
+        let threads: Vec<_> = volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let start = &start;
+                let seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                s.spawn(move || engine_run(handle, v, load, seed, Some(start)))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a driver thread panicked")))
+            })
+            .collect()
+    });
+    let mut hist = hist()?;
+    let (mut iops, mut mb_s) = (0.0, 0.0);
+    for (run, v) in runs.into_iter().zip(volumes) {
+        let run = run.with_context(|| format!("driver of volume {v}"))?;
+        hist.add(&run.hist).context("merging histograms")?;
+        let m = summarize(&run.hist, run.ops, run.elapsed, load.bs_blocks);
+        iops += m.iops;
+        mb_s += m.mb_s;
+    }
+    Ok(Measured {
+        iops,
+        mb_s,
+        ..summarize(&hist, 0, Duration::from_secs(1), load.bs_blocks)
+    })
+}
+
+/// What one closed-loop driver measured.
+struct Run {
+    hist: Histogram<u64>,
+    ops: u64,
+    elapsed: Duration,
+    snap_lat_us: Vec<u64>,
+}
+
+fn engine_run(
+    handle: &EngineHandle,
+    volume: &str,
+    load: &Load,
+    seed: u64,
+    start: Option<&std::sync::Barrier>,
+) -> Result<Run> {
+    // Before anything that can fail, so no driver waits for one that quit.
+    if let Some(b) = start {
+        b.wait();
+    }
     let mut addr = Addr::new(seed);
     let mut h = hist()?;
     let ns = NsName::volume(volume);
@@ -261,8 +335,10 @@ pub fn engine(
             }
         }
     }
-    Ok((
-        summarize(&h, ops, begin.elapsed(), load.bs_blocks),
+    Ok(Run {
+        hist: h,
+        ops,
+        elapsed: begin.elapsed(),
         snap_lat_us,
-    ))
+    })
 }

@@ -4,6 +4,13 @@
 //! the bare UringDevice, then a freshly formatted pool for the engine. Reads
 //! run only after the working set was written (a loop device over a sparse
 //! file would otherwise answer holes without touching the disk).
+//!
+//! With `--shards N` (N > 1), after those: the multi-volume cases, N volumes
+//! named so that they land one per shard, each with its own driver thread at
+//! QD32 over `span / N`: fio with N jobs (one offset range each), then the
+//! engine on a freshly formatted 1-shard pool, on an N-shard pool with
+//! pinned shard threads and on one with unpinned threads (each pool formatted
+//! with `sharded::format_uring`, so only the shard count and pinning differ).
 
 use crate::drive::{self, Load, Pattern};
 use crate::fio::{self, FioJob};
@@ -16,6 +23,8 @@ use sluice_engine::device::uring::{UringDevice, UringOptions};
 use sluice_engine::device::BLOCK_SIZE;
 use sluice_engine::pool::{FormatOptions, Pool};
 use sluice_engine::shard::{Engine, EngineHandle, EngineOptions};
+use sluice_engine::sharded::{self, shard_of};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 struct Case {
@@ -179,7 +188,15 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         shut.context("engine shutdown")?;
     }
 
+    // 4. Several volumes at once, on N shards and on one.
+    if args.shards > 1 {
+        shard_cases(&dev.path, args, seed, &mut report)?;
+    }
+
     report.fill_ratios();
+    if args.shards > 1 {
+        shard_notes(args.shards, &mut report);
+    }
     for r in report.rows.iter().filter(|r| r.tool == "engine") {
         if let Some(x) = r.ratio_to_fio {
             let target = if r.case.contains("snapshot") {
@@ -338,4 +355,222 @@ fn snapshot_case(
         diff_us,
         diff_extents: extents,
     })
+}
+
+/// One volume name per shard of an `n`-shard pool: for shard `i`, the first
+/// `bench-{k}` (k = 0, 1, ...) that `shard_of` puts there.
+fn shard_volumes(n: usize) -> Result<Vec<String>> {
+    let mut names: Vec<Option<String>> = vec![None; n];
+    for k in 0..1_000_000u32 {
+        let name = format!("bench-{k}");
+        let slot = &mut names[shard_of(&name, n)];
+        if slot.is_none() {
+            *slot = Some(name);
+            if names.iter().all(Option::is_some) {
+                return Ok(names.into_iter().flatten().collect());
+            }
+        }
+    }
+    bail!("no volume names found for every one of {n} shards")
+}
+
+fn multi_name(case: &Case, n: usize) -> String {
+    format!("{} x {n} volumes", case.name)
+}
+
+/// `case` for one of the drivers: its volume is `per_volume` bytes.
+fn multi_load(case: &Case, args: &EngineArgs, per_volume: u64) -> Load {
+    Load {
+        span_blocks: per_volume / BLOCK_SIZE as u64,
+        ..load(case, args)
+    }
+}
+
+/// `engine x1shard`, `engine xNshard` (pinned shard threads, the default)
+/// or `engine xNshard unpinned`.
+fn tool_name(shards: u32, pinned: bool) -> String {
+    if shards == 1 || pinned {
+        format!("engine x{shards}shard")
+    } else {
+        format!("engine x{shards}shard unpinned")
+    }
+}
+
+/// The multi-volume cases (`--shards N`, N > 1): fio with N jobs, then the
+/// engine on a 1-shard pool, an N-shard pool pinned and one unpinned.
+fn shard_cases(dev: &Path, args: &EngineArgs, seed: u64, report: &mut Report) -> Result<()> {
+    let n = args.shards as usize;
+    // Whole 128 KiB fill requests per volume.
+    let per_volume = args.span / n as u64 / (128 << 10) * (128 << 10);
+    if per_volume == 0 {
+        bail!(
+            "--span ({}) split over {n} volumes leaves less than 128 KiB each",
+            args.span
+        );
+    }
+    let volumes = shard_volumes(n)?;
+    let (wname, rname) = (multi_name(&RANDWRITE, n), multi_name(&RANDREAD, n));
+    let placed: Vec<String> = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| format!("{v} on shard {i}"))
+        .collect();
+    let with_fio = !args.no_fio && fio::available();
+    report.notes.push(format!(
+        "x {n} volumes: {} of {n} ({} MiB each), one driver thread each at QD32, latency over all drivers, IOPS summed{}",
+        placed.join(", "),
+        per_volume >> 20,
+        if with_fio {
+            format!("; fio: --numjobs={n}, --offset_increment={per_volume}, --group_reporting")
+        } else {
+            String::new()
+        }
+    ));
+
+    if with_fio {
+        progress(args, &format!("fio {wname}"));
+        let job = FioJob {
+            size_bytes: per_volume,
+            ..fio_job(&RANDWRITE, args, true)
+        };
+        let m = fio::run_jobs(dev, &job, n)?;
+        report.rows.push(named_row(&wname, "fio", m));
+        progress(args, &format!("fio fill x {n} jobs"));
+        let fill = FioJob {
+            rw: "write",
+            size_bytes: per_volume,
+            ..fio_job(&SEQWRITE, args, false)
+        };
+        fio::run_jobs(dev, &fill, n)?;
+        progress(args, &format!("fio {rname}"));
+        let job = FioJob {
+            size_bytes: per_volume,
+            ..fio_job(&RANDREAD, args, true)
+        };
+        let m = fio::run_jobs(dev, &job, n)?;
+        report.rows.push(named_row(&rname, "fio", m));
+    }
+
+    for (shards, pinned) in [(1, true), (args.shards, true), (args.shards, false)] {
+        let tool = tool_name(shards, pinned);
+        let (w, r) = multi_engine(dev, &tool, shards, pinned, &volumes, per_volume, args, seed)
+            .with_context(|| format!("{tool}: multi-volume cases"))?;
+        report.rows.push(named_row(&wname, &tool, w));
+        report.rows.push(named_row(&rname, &tool, r));
+    }
+    Ok(())
+}
+
+fn named_row(case: &str, tool: &str, m: Measured) -> Row {
+    Row {
+        case: case.to_string(),
+        tool: tool.to_string(),
+        m,
+        ratio_to_fio: None,
+    }
+}
+
+/// A fresh `shards`-shard pool on `dev` with `volumes`, driven at once:
+/// random write, a fill, random read.
+#[allow(clippy::too_many_arguments)]
+fn multi_engine(
+    dev: &Path,
+    tool: &str,
+    shards: u32,
+    pinned: bool,
+    volumes: &[String],
+    per_volume: u64,
+    args: &EngineArgs,
+    seed: u64,
+) -> Result<(Measured, Measured)> {
+    let ring = UringOptions::default();
+    let udev = UringDevice::open(dev, ring.clone())
+        .with_context(|| format!("cannot open {}", dev.display()))?;
+    let pools = sharded::format_uring(udev, shards, FormatOptions::default(), &ring)
+        .with_context(|| format!("cannot format the bench pool as {shards} shards"))?;
+    let opts = EngineOptions {
+        pin_threads: pinned,
+        ..EngineOptions::default()
+    };
+    let handle = Engine::start_sharded(pools, opts).context("cannot start the shards")?;
+    let result = multi_engine_cases(&handle, tool, volumes, per_volume, args, seed);
+    let shut = handle.shutdown();
+    let measured = result?;
+    shut.context("engine shutdown")?;
+    Ok(measured)
+}
+
+fn multi_engine_cases(
+    handle: &EngineHandle,
+    tool: &str,
+    volumes: &[String],
+    per_volume: u64,
+    args: &EngineArgs,
+    seed: u64,
+) -> Result<(Measured, Measured)> {
+    let n = volumes.len();
+    for v in volumes {
+        call(
+            handle,
+            Request::CreateVolume {
+                name: v.clone(),
+                size_bytes: per_volume,
+            },
+        )
+        .with_context(|| format!("cannot create the bench volume {v}"))?;
+    }
+    progress(args, &format!("{tool} {}", multi_name(&RANDWRITE, n)));
+    let w = drive::engine_volumes(
+        handle,
+        volumes,
+        &multi_load(&RANDWRITE, args, per_volume),
+        seed,
+    )?;
+    progress(args, &format!("{tool} fill x {n} volumes"));
+    let fill = Load {
+        count: Some(per_volume / (128 << 10)),
+        ..multi_load(&SEQWRITE, args, per_volume)
+    };
+    drive::engine_volumes(handle, volumes, &fill, seed)?;
+    handle
+        .call(Request::Flush)
+        .context("flush after the fill")?;
+    progress(args, &format!("{tool} {}", multi_name(&RANDREAD, n)));
+    let r = drive::engine_volumes(
+        handle,
+        volumes,
+        &multi_load(&RANDREAD, args, per_volume),
+        seed,
+    )?;
+    Ok((w, r))
+}
+
+/// The N-shard / 1-shard IOPS ratio of each multi-volume case.
+fn shard_notes(n: u32, report: &mut Report) {
+    let iops = |case: &str, tool: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.case == case && r.tool == tool)
+            .map(|r| r.m.iops)
+    };
+    let one = tool_name(1, true);
+    let mut notes = Vec::new();
+    for case in [&RANDWRITE, &RANDREAD] {
+        let name = multi_name(case, n as usize);
+        let Some(base) = iops(&name, &one).filter(|&i| i > 0.0) else {
+            continue;
+        };
+        let ratios: Vec<String> = [(true, "pinned"), (false, "unpinned")]
+            .iter()
+            .filter_map(|&(pinned, label)| {
+                iops(&name, &tool_name(n, pinned)).map(|i| format!("{:.2} {label}", i / base))
+            })
+            .collect();
+        notes.push(format!(
+            "{name}: {n}-shard / 1-shard IOPS {}",
+            ratios.join(", ")
+        ));
+    }
+    report.notes.extend(notes);
 }

@@ -1,4 +1,6 @@
 //! Runs fio with the same workload as an engine case and reads its JSON.
+//! [`run_jobs`] runs several jobs at once, each over its own range of the
+//! device, and reads their group report (IOPS summed, latency merged).
 
 use crate::report::Measured;
 use anyhow::{bail, Context, Result};
@@ -29,7 +31,18 @@ pub fn run(device: &Path, job: &FioJob) -> Result<Measured> {
     let mut cmd = Command::new("fio");
     cmd.arg(format!("--filename={}", device.display()))
         .args(["--ioengine=io_uring", "--direct=1"]);
-    measure(cmd, job)
+    measure(cmd, job, 1)
+}
+
+/// `numjobs` copies of `job` at once on `device`, each job over its own
+/// `size_bytes` (job `i` starts at `i * size_bytes`: `--offset_increment`),
+/// reported as one group: IOPS and MB/s summed, latency percentiles over
+/// every job's requests.
+pub fn run_jobs(device: &Path, job: &FioJob, numjobs: usize) -> Result<Measured> {
+    let mut cmd = Command::new("fio");
+    cmd.arg(format!("--filename={}", device.display()))
+        .args(["--ioengine=io_uring", "--direct=1"]);
+    measure(cmd, job, numjobs.max(1))
 }
 
 /// The same job through fio's NBD engine (libnbd) against `uri`
@@ -37,12 +50,13 @@ pub fn run(device: &Path, job: &FioJob) -> Result<Measured> {
 pub fn run_nbd(uri: &str, job: &FioJob) -> Result<Measured> {
     let mut cmd = Command::new("fio");
     cmd.args(["--ioengine=nbd", &format!("--uri={uri}")]);
-    measure(cmd, job)
+    measure(cmd, job, 1)
 }
 
-fn measure(mut cmd: Command, job: &FioJob) -> Result<Measured> {
+fn measure(mut cmd: Command, job: &FioJob, numjobs: usize) -> Result<Measured> {
     cmd.arg("--name=sluice-bench")
-        .args(["--numjobs=1", "--output-format=json"])
+        .arg(format!("--numjobs={numjobs}"))
+        .arg("--output-format=json")
         .args([
             "--lat_percentiles=1",
             "--percentile_list=50:99:99.9",
@@ -53,6 +67,10 @@ fn measure(mut cmd: Command, job: &FioJob) -> Result<Measured> {
         .arg(format!("--bs={}", job.bs_bytes))
         .arg(format!("--iodepth={}", job.iodepth))
         .arg(format!("--size={}", job.size_bytes));
+    if numjobs > 1 {
+        cmd.arg(format!("--offset_increment={}", job.size_bytes))
+            .arg("--group_reporting");
+    }
     if job.time_based {
         cmd.arg("--time_based")
             .arg(format!("--runtime={}", job.runtime_s));

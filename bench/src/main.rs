@@ -3,8 +3,10 @@
 //! `engine`: fio, the bare io_uring device and the engine, in one run on one
 //! device (a loop device on a file by default), for the cases of the design's
 //! performance table, plus snapshot-create and diff cost on small and huge
-//! thin volumes. `nbd`: against qemu-nbd. `replicate`: mirrors against btrfs
-//! send/receive and raw TCP (see `replicate.rs`).
+//! thin volumes; with `--shards N`, also N volumes driven at once on an
+//! N-shard and on a 1-shard pool, against fio with N jobs. `nbd`: against
+//! qemu-nbd. `replicate`: mirrors against btrfs send/receive and raw TCP
+//! (see `replicate.rs`).
 //!
 //! Benchmarks report numbers; they never pass or fail on a time.
 
@@ -67,6 +69,12 @@ pub struct EngineArgs {
     /// Seed of the random addresses (default: $SLUICE_SEED, else random; printed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// With N > 1, after the other cases: N volumes (one per shard) driven
+    /// at once on an N-shard pool (pinned and unpinned), on a 1-shard pool,
+    /// and fio with N jobs. 1: only the single-volume cases.
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=sluice_engine::sharded::SHARDS_MAX as i64))]
+    pub shards: u32,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

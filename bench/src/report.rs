@@ -14,7 +14,8 @@ pub struct Measured {
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub case: String,
-    /// `fio`, `device` (UringDevice alone) or `engine`.
+    /// `fio`, `device` (UringDevice alone) or `engine`; with `--shards N`
+    /// also `engine x1shard` and `engine xNshard` (multi-volume cases).
     pub tool: String,
     #[serde(flatten)]
     pub m: Measured,
@@ -66,18 +67,28 @@ impl Report {
             self.device, self.runtime_s
         );
         println!();
+        // The tool column widens for longer names (`engine x2shard`).
+        let tw = self.rows.iter().map(|r| r.tool.len()).fold(6, usize::max);
         println!(
-            "| {:<34} | {:<6} | {:>9} | {:>8} | {:>9} | {:>9} | {:>10} | {:>7} |",
+            "| {:<34} | {:<tw$} | {:>9} | {:>8} | {:>9} | {:>9} | {:>10} | {:>7} |",
             "case", "tool", "IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "vs fio"
         );
         println!(
-            "|{:-<36}|{:-<8}|{:->11}|{:->10}|{:->11}|{:->11}|{:->12}|{:->9}|",
-            "", "", "", "", "", "", "", ""
+            "|{:-<36}|{:-<w$}|{:->11}|{:->10}|{:->11}|{:->11}|{:->12}|{:->9}|",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            w = tw + 2
         );
         for r in &self.rows {
             let ratio = r.ratio_to_fio.map_or("".to_string(), |x| format!("{x:.2}"));
             println!(
-                "| {:<34} | {:<6} | {:>9.0} | {:>8.1} | {:>9.1} | {:>9.1} | {:>10.1} | {:>7} |",
+                "| {:<34} | {:<tw$} | {:>9.0} | {:>8.1} | {:>9.1} | {:>9.1} | {:>10.1} | {:>7} |",
                 r.case, r.tool, r.m.iops, r.m.mb_s, r.m.p50_us, r.m.p99_us, r.m.p999_us, ratio
             );
         }
