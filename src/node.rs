@@ -215,13 +215,7 @@ impl Node {
                 })?;
                 to_value(&self.volume(&name)?)
             }
-            ControlRequest::VolList => to_value(
-                &self
-                    .volumes()?
-                    .iter()
-                    .map(|v| self.view(v))
-                    .collect::<Vec<_>>(),
-            ),
+            ControlRequest::VolList => to_value(&self.views(&self.volumes()?)),
             ControlRequest::VolRetain { volume, keep } => {
                 self.repl.set_retention(&volume, keep)?;
                 to_value(&self.volume(&volume)?)
@@ -370,18 +364,26 @@ impl Node {
     }
 
     fn volume(&self, name: &str) -> Result<VolumeView> {
-        self.volumes()?
-            .iter()
-            .find(|v| v.name == name)
-            .map(|v| self.view(v))
+        let vols: Vec<VolumeInfo> = self
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.name == name)
+            .collect();
+        self.views(&vols)
+            .pop()
             .ok_or_else(|| sluice_engine::error::Error::NoSuchVolume(name.to_string()).into())
     }
 
-    /// A volume as the control API shows it, with its retention policy.
-    fn view(&self, v: &VolumeInfo) -> VolumeView {
-        let mut view = VolumeView::from(v);
-        view.keep = self.repl.retention().get(&v.name).copied();
-        view
+    /// Volumes as the control API shows them, each with its retention
+    /// policy (the policies read once).
+    fn views(&self, vols: &[VolumeInfo]) -> Vec<VolumeView> {
+        let keep = self.repl.retention();
+        vols.iter()
+            .map(|v| VolumeView {
+                keep: keep.get(&v.name).copied(),
+                ..VolumeView::from(v)
+            })
+            .collect()
     }
 
     /// Snapshots of a volume, oldest first.
