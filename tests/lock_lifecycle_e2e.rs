@@ -21,9 +21,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-const DEADLINE: Duration = Duration::from_secs(60);
 const LEASE_MS: u64 = 3000;
 
 fn config(dir: &Path, name: &str, text: &str) -> String {
@@ -34,14 +32,6 @@ fn config(dir: &Path, name: &str, text: &str) -> String {
 
 fn locks(d: &Daemon) -> Vec<Value> {
     d.json(&["lock", "list"]).as_array().unwrap().clone()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn from_origin<'a>(ls: &'a [Value], origin: &str) -> Vec<&'a Value> {
@@ -77,22 +67,6 @@ fn snap_names(d: &Daemon, vol: &str) -> Vec<String> {
         .collect()
 }
 
-fn write_some(a: &Daemon, rng: &mut Rng) {
-    if !have("qemu-io") {
-        return; // the locks do not need data; snapshots of an idle volume do
-    }
-    let cmds: Vec<String> = (0..8)
-        .map(|_| {
-            format!(
-                "write -P {} {} 4k",
-                rng.next() % 250 + 1,
-                (rng.next() % 2048) * 4096
-            )
-        })
-        .collect();
-    qemu_io(&a.nbd, "v", &cmds);
-}
-
 fn update(d: &Daemon, vol: &str) -> Value {
     d.json(&["mirror", "update", vol])
 }
@@ -120,7 +94,7 @@ fn soft_locks_live_and_die_through_a_cascade() {
     let b = Daemon::try_start(&b_pool, &["--name", "b", "--config", &keep_cfg]).unwrap();
     let c = Daemon::try_start(&c_pool, &["--name", "c", "--config", &c_cfg]).unwrap();
     a.ok(&["vol", "create", "v", "--size", "8M"]);
-    write_some(&a, &mut rng);
+    write_random_blocks(&a, "v", 8, &mut rng);
     a.ok(&["snap", "create", "v", "s1"]);
     b.ok(&[
         "mirror",
@@ -149,7 +123,7 @@ fn soft_locks_live_and_die_through_a_cascade() {
     );
 
     // B moves on to s2; C stays at s1, so A's s1 is held by C alone.
-    write_some(&a, &mut rng);
+    write_random_blocks(&a, "v", 8, &mut rng);
     a.ok(&["snap", "create", "v", "s2"]);
     assert_eq!(update(&b, "v")["kind"], "incremental");
     let o = a.cli(&["snap", "delete", "v", "s1"]);

@@ -17,17 +17,6 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::time::{Duration, Instant};
-
-const DEADLINE: Duration = Duration::from_secs(60);
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// (name, locked) of each snapshot of `v`, oldest first.
 fn snaps(d: &Daemon) -> Vec<(String, bool)> {
@@ -108,18 +97,7 @@ fn every_node_prunes_by_count_without_breaking_a_chain() {
     ]);
 
     for round in 2..=9 {
-        if have("qemu-io") {
-            let cmds: Vec<String> = (0..4)
-                .map(|_| {
-                    format!(
-                        "write -P {} {} 4k",
-                        rng.next() % 250 + 1,
-                        (rng.next() % 2048) * 4096
-                    )
-                })
-                .collect();
-            qemu_io(&a.nbd, "v", &cmds);
-        }
+        write_random_blocks(&a, "v", 4, &mut rng);
         let snap = format!("s{round}");
         a.ok(&["snap", "create", "v", &snap]);
         // B's schedule brings it over; nobody asks.

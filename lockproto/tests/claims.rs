@@ -748,17 +748,22 @@ fn lock_table_persists_restores_and_rejects_garbage() {
     ));
 }
 
+/// The bytes of a hex fixture file.
+fn hex_fixture(text: &str) -> Vec<u8> {
+    let hex = text.trim();
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex fixture"))
+        .collect()
+}
+
 /// A lock table written by format version 1 (before the anchor, by commit
 /// 253f134: B mirrors A with snapshots 1 and 2, shares 1 with C, an app
 /// lock on 2) still restores: same locks, anchors unknown until the next
 /// transfer; it is written back as the current version.
 #[test]
 fn lock_table_version_1_still_restores() {
-    let hex = include_str!("golden/lock_table_v1.hex").trim();
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex fixture"))
-        .collect();
+    let bytes = hex_fixture(include_str!("golden/lock_table_v1.hex"));
     assert_eq!(&bytes[4..6], &1u16.to_le_bytes(), "fixture is version 1");
     let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore v1");
     assert_eq!(r.snapshots(), &[sid(1), sid(2)]);
@@ -800,11 +805,7 @@ fn lock_table_version_1_still_restores() {
 /// version with the dates.
 #[test]
 fn lock_table_version_2_still_restores() {
-    let hex = include_str!("golden/lock_table_v2.hex").trim();
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex fixture"))
-        .collect();
+    let bytes = hex_fixture(include_str!("golden/lock_table_v2.hex"));
     assert_eq!(&bytes[4..6], &2u16.to_le_bytes(), "fixture is version 2");
     let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore v2");
     assert_eq!(r.snapshots(), &[sid(1), sid(2)]);

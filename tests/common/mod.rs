@@ -234,6 +234,38 @@ pub fn read_export(nbd: &str, export: &str, scratch: &Path) -> Vec<u8> {
     bytes
 }
 
+/// How long [`wait_until`] polls before it fails the test.
+pub const WAIT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Poll `f` every 50 ms until it holds; fail naming `what` after
+/// [`WAIT_DEADLINE`] (a correctness wait, not a timing assertion).
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `n` seeded 4 KiB pattern writes at random offsets of the first 8 MiB of
+/// `export` through NBD; nothing without qemu-io (snapshots of an idle
+/// volume serve the tests that use this just as well).
+pub fn write_random_blocks(d: &Daemon, export: &str, n: usize, rng: &mut Rng) {
+    if !have("qemu-io") {
+        return;
+    }
+    let cmds: Vec<String> = (0..n)
+        .map(|_| {
+            format!(
+                "write -P {} {} 4k",
+                rng.next() % 250 + 1,
+                (rng.next() % 2048) * 4096
+            )
+        })
+        .collect();
+    qemu_io(&d.nbd, export, &cmds);
+}
+
 /// xorshift64*, seeded; tests print the seed (`SLUICE_SEED` replays it).
 pub struct Rng(pub u64);
 impl Rng {
