@@ -112,7 +112,13 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
         }
         ControlRequest::MirrorStatus => print_mirrors(&result),
         ControlRequest::MirrorBreak { dst } => println!("mirror {dst} broken: the volume is writable; `mirror resync {dst}` makes it a mirror again"),
-        ControlRequest::MirrorDelete { dst } => println!("mirror {dst} deleted; its locks upstream are released"),
+        ControlRequest::MirrorDelete { dst } => {
+            if result["released_upstream"].as_bool() == Some(false) {
+                println!("mirror {dst} deleted; the upstream could not be reached, so its locks there were not released: they go stale when their lease runs out (or `lock release` there)");
+            } else {
+                println!("mirror {dst} deleted; its locks upstream are released");
+            }
+        }
         ControlRequest::LockList => print_locks(&result),
         ControlRequest::LockAdd { volume, snapshot, .. } => {
             println!("locked {volume}@{snapshot} (holder {})", s(&result["holder"]));

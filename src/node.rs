@@ -329,8 +329,10 @@ impl Node {
                 to_value(&self.repl.mirror_resync(&dst, &on_progress)?)
             }
             ControlRequest::MirrorDelete { dst } => {
-                self.repl.mirror_delete(&dst)?;
-                Ok(serde_json::json!({ "dst": dst, "deleted": true }))
+                let released = self.repl.mirror_delete(&dst)?;
+                Ok(
+                    serde_json::json!({ "dst": dst, "deleted": true, "released_upstream": released }),
+                )
             }
             ControlRequest::LockList => to_value(&self.repl.lock_list()),
             ControlRequest::LockAdd {

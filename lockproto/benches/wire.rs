@@ -17,10 +17,15 @@ fn lockset() -> Message {
             created_ms: u64::from(i),
             renewed_ms: u64::from(i),
             lease_ms: 60_000,
+            dataset: format!("node{}/dst{i}", i % 7),
         })
         .collect();
     Message::LockSet(WireLockSet {
         sender: "b".into(),
+        relationship: "dst".into(),
+        volume: "src".into(),
+        part: 0,
+        parts: 1,
         generation: 7,
         lease_ms: 60_000,
         locks,

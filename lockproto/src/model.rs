@@ -80,6 +80,11 @@ pub struct SoftLock {
     pub renewed_ms: u64,
     /// Lease length (ms); 0 means the sender's set lease applies.
     pub lease_ms: u64,
+    /// The resource on the origin node that needs the snapshot:
+    /// `node/volume` or `node/volume/qtree` (a mirror's destination, or the
+    /// volume an application lock was taken on). The second form's
+    /// locking-dataset id (claims 32-34).
+    pub dataset: String,
 }
 
 /// The second form of a lock (claims 32-34, 41): the resource protected and
@@ -88,7 +93,7 @@ pub struct SoftLock {
 pub struct DependencyView {
     /// The snapshot protected.
     pub resource_id: Uuid,
-    /// `origin_node:text`: the downstream resource that needs it.
+    /// `node/volume[/qtree]`: the downstream resource that needs it.
     pub locking_dataset_id: String,
 }
 
@@ -97,15 +102,16 @@ impl SoftLock {
     pub fn dependency_view(&self) -> DependencyView {
         DependencyView {
             resource_id: self.snapshot,
-            locking_dataset_id: format!("{}:{}", self.origin_node, self.text),
+            locking_dataset_id: self.dataset.clone(),
         }
     }
-    /// Identity of a lock for dedup: (snapshot, kind, origin, text).
-    pub fn key(&self) -> (Uuid, LockKind, &str, &str) {
+    /// Identity of a lock for dedup: (snapshot, kind, origin, dataset, text).
+    pub fn key(&self) -> (Uuid, LockKind, &str, &str, &str) {
         (
             self.snapshot,
             self.kind,
             self.origin_node.as_str(),
+            self.dataset.as_str(),
             self.text.as_str(),
         )
     }
@@ -113,6 +119,7 @@ impl SoftLock {
     pub fn validate(&self, b: &Bounds) -> Result<()> {
         check_text("lock.text", &self.text, b)?;
         check_text("lock.origin_node", &self.origin_node, b)?;
+        check_text("lock.dataset", &self.dataset, b)?;
         if self.hop_path.len() > b.max_hops {
             return Err(LockError::TooManyHops {
                 len: self.hop_path.len(),
@@ -142,11 +149,12 @@ impl fmt::Display for SoftLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {} {:?} origin={} via={} lease_ms={}",
+            "{} {} {:?} origin={} dataset={} via={} lease_ms={}",
             self.snapshot,
             self.kind,
             self.text,
             self.origin_node,
+            self.dataset,
             self.hop_path.join(">"),
             self.lease_ms
         )
@@ -177,7 +185,7 @@ pub struct Bounds {
 impl Default for Bounds {
     fn default() -> Self {
         Bounds {
-            max_locks_per_set: 8192,
+            max_locks_per_set: 65_536,
             max_text_len: 256,
             max_hops: 32,
         }
@@ -197,10 +205,18 @@ pub enum LeasePolicy {
 }
 
 /// A relationship's whole lock set, as sent by a downstream to an upstream.
+/// Each relationship has its own set: a downstream that pulls several
+/// volumes (or qtrees) from one upstream sends one set per relationship.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockSet {
     /// Node that sent the set (the downstream).
     pub sender: String,
+    /// The sender's relationship (its destination path, e.g. `vol0` or
+    /// `qv/db`): with `sender`, names the downstream relationship.
+    pub relationship: String,
+    /// The receiver's volume whose snapshots the set locks (the
+    /// relationship's source volume).
+    pub volume: String,
     /// Strictly increasing per sender; older-or-equal sets are ignored.
     pub generation: u64,
     /// Lease of the whole set (ms): not renewed within it, it turns stale.
@@ -215,6 +231,8 @@ impl LockSet {
     /// Check the set against `b`; errors name the bound.
     pub fn validate(&self, b: &Bounds) -> Result<()> {
         check_text("set.sender", &self.sender, b)?;
+        check_text("set.relationship", &self.relationship, b)?;
+        check_text("set.volume", &self.volume, b)?;
         if self.locks.len() > b.max_locks_per_set {
             return Err(LockError::TooManyLocks {
                 sender: self.sender.clone(),

@@ -6,25 +6,36 @@
 //! which local snapshots are protected and by whom, refusing or forcing
 //! deletes (claims 60-69), leases and stale reporting, and persistence.
 //!
-//! One `LockNode` covers all volumes of a node: snapshot ids are global
-//! uuids, so lineages never collide; relationships are keyed by peer node
-//! name (one relationship per peer pair and direction).
+//! One `LockNode` covers all volumes of a node. Everything is keyed by
+//! **relationship**, never by peer node alone: a node may pull several
+//! volumes (and qtrees) from one upstream and serve several to one
+//! downstream, and each relationship keeps its own base, anchor, set and
+//! lease.
+//! - An upstream relationship is named by our destination path (`vol0`,
+//!   `qv/db`); it knows the upstream node, the upstream's source volume and
+//!   our local volume.
+//! - A downstream relationship is named by (downstream node, its
+//!   destination path); it knows which of our volumes it pulls.
+//! - Local snapshots are kept per volume: one global snapshot id may exist
+//!   in two local volumes (a volume mirror and a qtree mirror of the same
+//!   source), and a lock holds the snapshot in exactly one of them.
 //!
 //! Invariants kept:
-//! - For every upstream U we lock our next base with U (the newest snapshot
-//!   we share) and the anchor (the last snapshot committed from U). U knows
-//!   it shares the anchor from the transfer itself, so the pair always
-//!   keeps a common snapshot without relying on a set in flight; the next
-//!   base alone is not enough under fan-in, where it can move to a snapshot
-//!   that arrived from another upstream and that U has not been told about.
-//! - A local snapshot named by any effective lock is never removed by
-//!   [`Event::DeleteRequested`] without `force`; a forced delete reports every
-//!   holder and tells every affected downstream.
-//! - Outgoing generations strictly increase, also across restarts (a restart
-//!   bumps the epoch in the high 32 bits).
-//! - A received set replaces the previous one of its sender only if its
-//!   generation is strictly newer: loss, duplication and reordering cannot
-//!   leak or drop a lock.
+//! - For every upstream relationship R we lock our next base with R (the
+//!   newest snapshot of R's local volume that R's source has) and the anchor
+//!   (the last snapshot committed through R). The upstream knows it shares
+//!   the anchor from the transfer itself, so the pair always keeps a common
+//!   snapshot without relying on a set in flight.
+//! - A local snapshot named by any effective lock on its volume is never
+//!   removed by [`Event::DeleteRequested`] without `force`; a forced delete
+//!   reports every holder and tells every affected downstream relationship.
+//! - Outgoing generations strictly increase across all sets of this node,
+//!   also across restarts (a restart bumps the epoch in the high 32 bits).
+//! - A received set replaces the previous one of its (sender, relationship)
+//!   only if its generation is strictly newer: loss, duplication and
+//!   reordering cannot leak or drop a lock.
+//! - Outgoing sets are never cut: every lock is sent (a set too big for one
+//!   frame travels in parts, see `wire::WireLockSet::split`).
 //! - A stale set is always reported (`Action::Stale`); it is only dropped by
 //!   the `ReleaseAfter` policy or by an operator, each reported.
 //!
@@ -39,9 +50,12 @@ use uuid::Uuid;
 use crate::error::{LockError, Result};
 use crate::model::{Bounds, LeasePolicy, LockKind, LockSet, SoftLock};
 use crate::wire::{
-    PersistDown, PersistNode, PersistNodeV1, PersistNodeV2, PersistSince, PersistUp, WireLock,
-    WireLockSet,
+    PersistApp, PersistDown, PersistLocal, PersistNode, PersistNodeV1, PersistNodeV2,
+    PersistNodeV3, PersistSince, PersistUp, WireLock, WireLockSet,
 };
+
+/// A downstream relationship: (downstream node, its destination path).
+pub type DownKey = (String, String);
 
 /// Static configuration of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,50 +91,91 @@ impl NodeConfig {
 /// Events into the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// We pull from `upstream`; `relationship` names our destination (path or qtree).
+    /// We pull `source` from node `upstream` into local `volume`, as
+    /// relationship `relationship` (our destination path). Also updates an
+    /// existing relationship: a new upstream node (retarget) gets a fresh
+    /// set and the former upstream a final empty one.
     UpstreamAdded {
-        upstream: String,
         relationship: String,
+        upstream: String,
+        source: String,
+        volume: String,
         kind: LockKind,
     },
-    /// The relationship with `upstream` is gone.
-    UpstreamRemoved { upstream: String },
-    /// `downstream` pulls from us.
-    DownstreamAdded { downstream: String },
-    /// `downstream` no longer pulls from us: its locks go at once.
-    DownstreamRemoved { downstream: String },
-    /// A local snapshot was taken (it is the newest).
-    SnapshotCreated { snapshot: Uuid },
-    /// The snapshot list of `upstream` (e.g. from a snapshot-list response).
-    UpstreamSnapshots {
-        upstream: String,
+    /// The relationship is gone: its upstream gets a final empty set (it
+    /// releases everything the relationship held there), then nothing more.
+    UpstreamRemoved { relationship: String },
+    /// `downstream` pulls our `volume` as its relationship `relationship`.
+    DownstreamAdded {
+        downstream: String,
+        relationship: String,
+        volume: String,
+    },
+    /// That downstream relationship ended: its locks go at once.
+    DownstreamRemoved {
+        downstream: String,
+        relationship: String,
+    },
+    /// A snapshot of local `volume` was taken (it is the newest).
+    SnapshotCreated { volume: String, snapshot: Uuid },
+    /// The snapshots of local `volume` are exactly these, oldest first
+    /// (reconciliation with the engine at start).
+    VolumeSnapshots {
+        volume: String,
         snapshots: Vec<Uuid>,
     },
-    /// The snapshots we share with `downstream` changed (claim 31).
+    /// Local `volume` was deleted (with every snapshot and application lock).
+    VolumeRemoved { volume: String },
+    /// The snapshot list of a relationship's source.
+    UpstreamSnapshots {
+        relationship: String,
+        snapshots: Vec<Uuid>,
+    },
+    /// The snapshots we share with a downstream relationship (claim 31).
     DownstreamShared {
         downstream: String,
+        relationship: String,
         shared: Vec<Uuid>,
     },
     /// A lock set arrived from a downstream.
     LockSetReceived { set: LockSet },
-    /// An application on this node locks a snapshot (owner-name lock).
-    AppLockAdded { snapshot: Uuid, owner: String },
+    /// An application on this node locks `volume@snapshot` (owner-name lock).
+    AppLockAdded {
+        volume: String,
+        snapshot: Uuid,
+        owner: String,
+    },
     /// An application released its lock.
-    AppLockReleased { snapshot: Uuid, owner: String },
-    /// A transfer from `upstream` is about to start (claims 10, 20: send before).
-    TransferStarting { upstream: String },
-    /// A transfer from `upstream` committed `target` locally (send after).
-    TransferFinished { upstream: String, target: Uuid },
-    /// `upstream` force-deleted `snapshot` (it told us).
-    UpstreamSnapshotGone { upstream: String, snapshot: Uuid },
+    AppLockReleased {
+        volume: String,
+        snapshot: Uuid,
+        owner: String,
+    },
+    /// A transfer of `relationship` is about to start (claims 10, 20: send before).
+    TransferStarting { relationship: String },
+    /// A transfer of `relationship` committed `target` locally (send after).
+    TransferFinished { relationship: String, target: Uuid },
+    /// The upstream of `relationship` force-deleted `snapshot` (it told us).
+    UpstreamSnapshotGone {
+        relationship: String,
+        snapshot: Uuid,
+    },
     /// Time passed: lease checks and renewals.
     Tick,
     /// A node restarted from persisted state: re-send every set.
     Restarted,
-    /// Delete a local snapshot (retention, mirror update or operator).
-    DeleteRequested { snapshot: Uuid, force: bool },
-    /// Operator releases every lock a downstream holds here.
-    OperatorRelease { downstream: String },
+    /// Delete `volume@snapshot` (retention, mirror update or operator).
+    DeleteRequested {
+        volume: String,
+        snapshot: Uuid,
+        force: bool,
+    },
+    /// Operator releases every lock a downstream holds here (all its
+    /// relationships, or one).
+    OperatorRelease {
+        downstream: String,
+        relationship: Option<String>,
+    },
 }
 
 /// Why a downstream's locks were released.
@@ -137,82 +192,121 @@ pub enum ReleaseReason {
 /// Actions out of the state machine; the replicator performs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Send this whole set to `upstream`.
-    SendLockSet { upstream: String, set: LockSet },
-    /// Snapshot `snapshot` is now protected by these holders (changed).
+    /// Send this whole set of `relationship` to node `upstream`.
+    SendLockSet {
+        relationship: String,
+        upstream: String,
+        set: LockSet,
+    },
+    /// `volume@snapshot` is now protected by these holders (changed).
     Protected {
+        volume: String,
         snapshot: Uuid,
         holders: Vec<SoftLock>,
     },
-    /// Snapshot `snapshot` is no longer protected.
-    Unprotected { snapshot: Uuid },
-    /// A downstream's set went stale (not renewed within its lease).
+    /// `volume@snapshot` is no longer protected.
+    Unprotected { volume: String, snapshot: Uuid },
+    /// A downstream relationship's set went stale (not renewed within its lease).
     Stale {
         downstream: String,
+        relationship: String,
         renewed_ms: u64,
         lease_ms: u64,
     },
-    /// Locks relayed through `downstream` from `origin` (further down) are
-    /// past their origin's lease: `origin` has not renewed them (or the
-    /// relay reported them stale). Reported once per going stale; they are
-    /// kept under `Keep` and shown stale by [`LockNode::is_stale`].
+    /// Locks relayed through a downstream relationship from `origin`
+    /// (further down) are past their origin's lease. Reported once per going
+    /// stale; kept under `Keep` and shown stale by [`LockNode::is_stale`].
     RelayedStale {
         downstream: String,
+        relationship: String,
         origin: String,
         renewed_ms: u64,
         lease_ms: u64,
     },
-    /// Under `ReleaseAfter`, locks relayed through `downstream` from
-    /// `origin` were dropped: their origin's renewal time plus lease and
+    /// Under `ReleaseAfter`, locks relayed through a downstream relationship
+    /// from `origin` were dropped: their origin's renewal time plus lease and
     /// grace ran out. `unprotected` lists the snapshots that set no longer
     /// names at all.
     RelayedReleased {
         downstream: String,
+        relationship: String,
         origin: String,
         dropped: usize,
         unprotected: Vec<Uuid>,
     },
-    /// A downstream's locks were dropped here.
+    /// A downstream relationship's locks were dropped here.
     Released {
         downstream: String,
+        relationship: String,
         reason: ReleaseReason,
     },
     /// A received set was rejected (unknown sender or out of bounds).
     SetRejected { sender: String, error: LockError },
-    /// An outgoing set exceeded the bound; the oldest locks were left out.
-    SetTruncated { upstream: String, dropped: usize },
+    /// An outgoing set holds more locks than the upstream accepts
+    /// (`Bounds::max_locks_per_set`): it is sent whole anyway and will be
+    /// refused there, which keeps the upstream's previous set. Loud, never
+    /// a silent cut.
+    SetOverBound {
+        relationship: String,
+        count: usize,
+        max: usize,
+    },
     /// The delete was done: the caller deletes the snapshot now.
-    Deleted { snapshot: Uuid },
+    Deleted { volume: String, snapshot: Uuid },
     /// The delete was refused; every holder is named.
     DeleteRefused {
+        volume: String,
         snapshot: Uuid,
         holders: Vec<SoftLock>,
     },
     /// A forced delete of a locked snapshot (log it); the caller deletes it.
     ForcedDelete {
+        volume: String,
         snapshot: Uuid,
         holders: Vec<SoftLock>,
     },
-    /// Tell `downstream` that `snapshot` is gone here.
-    TellSnapshotGone { downstream: String, snapshot: Uuid },
+    /// Tell a downstream relationship that `snapshot` is gone here.
+    TellSnapshotGone {
+        downstream: String,
+        relationship: String,
+        snapshot: Uuid,
+    },
+}
+
+/// One effective lock on this node: the lock, the local volume whose
+/// snapshot it holds, and the downstream relationship it came through
+/// (`None` for our own and application locks).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Held {
+    /// The local volume the lock protects a snapshot of.
+    pub volume: String,
+    /// The lock.
+    pub lock: SoftLock,
+    /// The downstream relationship it came through.
+    pub via: Option<DownKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Up {
-    relationship: String,
+    upstream: String,
+    source: String,
+    volume: String,
     kind: LockKind,
     has: BTreeSet<Uuid>,
-    /// The last snapshot committed from this upstream (see [`LockNode::anchor`]).
+    /// The last snapshot committed through this relationship (see [`LockNode::anchor`]).
     anchor: Option<Uuid>,
     last_sent: Option<Vec<SoftLock>>,
     last_sent_ms: u64,
     gone_acks: BTreeSet<Uuid>,
-    /// Since when our own base lock with this upstream holds each snapshot.
+    /// Since when our own base lock of this relationship holds each snapshot.
     since: BTreeMap<Uuid, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Down {
+    /// Our volume it pulls; `None` only for a set upgraded from a format-3
+    /// table (its locks then hold the snapshot in any volume that has it).
+    volume: Option<String>,
     shared: BTreeSet<Uuid>,
     received: Option<LockSet>,
     received_ms: u64,
@@ -224,7 +318,7 @@ struct Down {
     /// their lease, as last reported (not persisted: re-reported after a
     /// restart).
     stale_origins: BTreeSet<String>,
-    /// Since when we have shared each snapshot of `shared` with this downstream.
+    /// Since when we have shared each snapshot of `shared` with it.
     since: BTreeMap<Uuid, u64>,
 }
 
@@ -243,26 +337,45 @@ fn lock_expiry(l: &SoftLock, set_lease_ms: u64) -> Option<u64> {
     Some(l.renewed_ms.saturating_add(lease))
 }
 
+/// The dataset id of a relationship end: `node/path`.
+fn dataset(node: &str, path: &str) -> String {
+    if path.is_empty() {
+        node.to_string()
+    } else {
+        format!("{node}/{path}")
+    }
+}
+
+/// The local volume a destination path writes (`vol` of `vol/qtree`).
+fn path_volume(path: &str) -> &str {
+    path.split('/').next().unwrap_or(path)
+}
+
 /// One node's lock table and rules. See the module docs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockNode {
     cfg: NodeConfig,
     epoch: u32,
     counter: u32,
-    local: Vec<Uuid>,
+    /// Per volume, its snapshots oldest first. The volume "" holds the
+    /// snapshots of a table upgraded from format 3 until the engine says
+    /// which volume each belongs to ([`Event::VolumeSnapshots`]).
+    local: BTreeMap<String, Vec<Uuid>>,
     ups: BTreeMap<String, Up>,
-    downs: BTreeMap<String, Down>,
-    app: BTreeSet<SoftLock>,
-    protected: BTreeMap<Uuid, Vec<SoftLock>>,
+    downs: BTreeMap<DownKey, Down>,
+    /// Application locks per volume ("" as for `local`).
+    app: BTreeMap<String, BTreeSet<SoftLock>>,
+    /// Holders of each protected (volume, snapshot), as of the last event.
+    protected: BTreeMap<(String, Uuid), Vec<Held>>,
 }
 
 const PERSIST_MAGIC: &[u8; 4] = b"SLKT";
 /// Version of the persisted lock-table format written. 2 added each
 /// upstream's anchor; 3 added since when each derived lock holds its
-/// snapshot. Versions 1 and 2 are still read (anchors unknown until the next
-/// transfer from each upstream; derived locks dated from the restore); any
-/// other version is refused.
-pub const PERSIST_VERSION: u16 = 3;
+/// snapshot; 4 keys everything by relationship and snapshots by volume.
+/// Versions 1-3 are still read (upgraded: see [`LockNode::from_bytes`]);
+/// any other version is refused.
+pub const PERSIST_VERSION: u16 = 4;
 
 impl LockNode {
     /// A fresh node with no relationships.
@@ -271,10 +384,10 @@ impl LockNode {
             cfg,
             epoch: 0,
             counter: 0,
-            local: Vec::new(),
+            local: BTreeMap::new(),
             ups: BTreeMap::new(),
             downs: BTreeMap::new(),
-            app: BTreeSet::new(),
+            app: BTreeMap::new(),
             protected: BTreeMap::new(),
         }
     }
@@ -289,86 +402,140 @@ impl LockNode {
         self.cfg.propagate = on;
     }
 
-    /// Local snapshots, oldest first.
-    pub fn snapshots(&self) -> &[Uuid] {
-        &self.local
+    /// Snapshots of local `volume`, oldest first.
+    pub fn snapshots(&self, volume: &str) -> &[Uuid] {
+        self.local.get(volume).map_or(&[], Vec::as_slice)
     }
 
-    /// Every lock that protects local snapshot `snapshot` (empty: deletable).
-    pub fn holders(&self, snapshot: Uuid) -> Vec<SoftLock> {
-        self.effective()
-            .into_iter()
-            .filter(|l| l.snapshot == snapshot && self.local.contains(&l.snapshot))
-            .collect()
+    /// Whether local `volume` holds `snapshot`.
+    pub fn has_snapshot(&self, volume: &str, snapshot: Uuid) -> bool {
+        self.snapshots(volume).contains(&snapshot)
+    }
+
+    /// Every lock that protects `volume@snapshot` (empty: deletable).
+    pub fn holders(&self, volume: &str, snapshot: Uuid) -> Vec<Held> {
+        self.protected
+            .get(&(volume.to_string(), snapshot))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Every lock effective on this node (own bases, downstream, app), for status.
-    pub fn all_locks(&self) -> Vec<SoftLock> {
+    pub fn all_locks(&self) -> Vec<Held> {
         self.effective()
     }
 
-    /// Whether `upstream` is an upstream of this node (we send it sets).
-    pub fn has_upstream(&self, upstream: &str) -> bool {
-        self.ups.contains_key(upstream)
+    /// Whether `relationship` is an upstream relationship of this node.
+    pub fn has_upstream(&self, relationship: &str) -> bool {
+        self.ups.contains_key(relationship)
     }
 
-    /// Downstreams whose set is stale now.
-    pub fn stale_downstreams(&self) -> Vec<String> {
+    /// Every upstream relationship's name.
+    pub fn upstream_relationships(&self) -> Vec<String> {
+        self.ups.keys().cloned().collect()
+    }
+
+    /// Every local volume the table knows snapshots of.
+    pub fn volumes(&self) -> Vec<String> {
+        self.local.keys().cloned().collect()
+    }
+
+    /// The upstream node of `relationship`.
+    pub fn upstream_of(&self, relationship: &str) -> Option<&str> {
+        self.ups.get(relationship).map(|u| u.upstream.as_str())
+    }
+
+    /// Downstream relationships whose set is stale now.
+    pub fn stale_downstreams(&self) -> Vec<DownKey> {
         self.downs
             .iter()
             .filter(|(_, d)| d.stale)
-            .map(|(n, _)| n.clone())
+            .map(|(k, _)| k.clone())
             .collect()
     }
 
-    /// Snapshots force-deleted here that `downstream` has not acknowledged yet.
-    pub fn pending_gone(&self, downstream: &str) -> Vec<Uuid> {
+    /// Every downstream relationship: (node, relationship, our volume).
+    pub fn downstreams(&self) -> Vec<(DownKey, Option<String>)> {
         self.downs
-            .get(downstream)
+            .iter()
+            .map(|(k, d)| (k.clone(), d.volume.clone()))
+            .collect()
+    }
+
+    /// Snapshots force-deleted here that a downstream relationship has not
+    /// acknowledged yet.
+    pub fn pending_gone(&self, downstream: &str, relationship: &str) -> Vec<Uuid> {
+        self.downs
+            .get(&(downstream.to_string(), relationship.to_string()))
             .map(|d| d.forced_gone.iter().copied().collect())
             .unwrap_or_default()
     }
 
-    /// The newest snapshot we share with `upstream`: our next incremental base.
-    pub fn next_base(&self, upstream: &str) -> Option<Uuid> {
-        let up = self.ups.get(upstream)?;
-        self.local
+    /// The newest snapshot of `relationship`'s local volume that its source
+    /// has: our next incremental base.
+    pub fn next_base(&self, relationship: &str) -> Option<Uuid> {
+        let up = self.ups.get(relationship)?;
+        self.snapshots(&up.volume)
             .iter()
             .rev()
             .find(|s| up.has.contains(s))
             .copied()
     }
 
-    /// The anchor with `upstream`: the last snapshot committed from it by a
-    /// transfer ([`Event::TransferFinished`]), cleared only by the next
+    /// The anchor of `relationship`: the last snapshot committed through it
+    /// by a transfer ([`Event::TransferFinished`]), cleared only by the next
     /// transfer or by [`Event::UpstreamSnapshotGone`].
     ///
     /// Both sides know the anchor without any lock set in flight: the
     /// upstream learns it shares it with us from the transfer itself
     /// ([`Event::DownstreamShared`]), and we keep it locked here as long as
     /// it is the anchor. So the pair always keeps one common snapshot, even
-    /// when our newest common snapshot with `upstream` ([`LockNode::next_base`])
-    /// came from another upstream (fan-in) and the set naming it has not
-    /// reached `upstream` yet.
-    pub fn anchor(&self, upstream: &str) -> Option<Uuid> {
-        self.ups.get(upstream)?.anchor
+    /// when the next base came from another upstream (fan-in) and the set
+    /// naming it has not reached this one yet.
+    pub fn anchor(&self, relationship: &str) -> Option<Uuid> {
+        self.ups.get(relationship)?.anchor
     }
 
-    /// Preview a prune: which of `candidates` would be refused and by whom.
-    pub fn preview_delete(&self, candidates: &[Uuid]) -> Vec<(Uuid, Vec<SoftLock>)> {
+    /// Preview a prune of `volume`: which of `candidates` would be refused
+    /// and by whom.
+    pub fn preview_delete(&self, volume: &str, candidates: &[Uuid]) -> Vec<(Uuid, Vec<Held>)> {
         candidates
             .iter()
-            .map(|s| (*s, self.holders(*s)))
+            .map(|s| (*s, self.holders(volume, *s)))
             .filter(|(_, h)| !h.is_empty())
             .collect()
     }
 
+    /// How many locks the set of each upstream relationship of `volume`
+    /// would carry with one more application lock, the largest first
+    /// checked against the bound: `Err` names the relationship that would
+    /// exceed `Bounds::max_locks_per_set`.
+    pub fn app_lock_room(&self, volume: &str) -> Result<()> {
+        let max = self.cfg.bounds.max_locks_per_set;
+        for (rel, up) in &self.ups {
+            if up.volume != volume {
+                continue;
+            }
+            let n = self.outgoing(rel).len() + 1;
+            if n > max {
+                return Err(LockError::TooManyLocks {
+                    sender: format!("{} (relationship {rel})", self.cfg.node_id),
+                    count: n,
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn lock(
         &self,
         snapshot: Uuid,
         kind: LockKind,
         text: String,
         origin: String,
+        dataset: String,
         now_ms: u64,
     ) -> SoftLock {
         SoftLock {
@@ -380,6 +547,22 @@ impl LockNode {
             created_ms: now_ms,
             renewed_ms: now_ms,
             lease_ms: self.cfg.lease_ms,
+            dataset,
+        }
+    }
+
+    /// The local volumes in which a downstream relationship's lock on
+    /// `snapshot` holds it: its volume, or (upgraded format-3 sets) every
+    /// volume that has the snapshot.
+    fn down_volumes(&self, d: &Down, snapshot: Uuid) -> Vec<String> {
+        match &d.volume {
+            Some(v) => vec![v.clone()],
+            None => self
+                .local
+                .iter()
+                .filter(|(_, s)| s.contains(&snapshot))
+                .map(|(v, _)| v.clone())
+                .collect(),
         }
     }
 
@@ -390,17 +573,18 @@ impl LockNode {
     /// renewed its set here (on our clock) under D's lease, and a relayed
     /// lock keeps its origin's renewal time and lease. While D's set is
     /// stale here, its locks' leases are cut to end no later than D's set
-    /// lease did, so whoever we relay them to sees them stale too (issue
-    /// 3/5: stale is always visible, never silent, at every hop).
-    fn downstream_locks(&self) -> Vec<SoftLock> {
+    /// lease did, so whoever we relay them to sees them stale too (stale is
+    /// always visible, never silent, at every hop).
+    fn downstream_locks(&self) -> Vec<Held> {
         let mut out = Vec::new();
         if !self.cfg.propagate {
             return out;
         }
-        for (name, d) in &self.downs {
+        for (key, d) in &self.downs {
             if d.lapsed {
                 continue;
             }
+            let (name, rel) = key;
             let set_lease = d
                 .received
                 .as_ref()
@@ -418,83 +602,102 @@ impl LockNode {
                     l.lease_ms = l.lease_ms.min(left);
                 }
             };
+            let text = if rel.is_empty() {
+                format!("base of mirror to {name}")
+            } else {
+                format!("base of mirror to {name}:{rel}")
+            };
             for s in &d.shared {
                 let mut l = self.lock(
                     *s,
                     LockKind::DestinationPath,
-                    format!("base of mirror to {name}"),
+                    text.clone(),
                     name.clone(),
+                    dataset(name, rel),
                     d.since.get(s).copied().unwrap_or(d.received_ms),
                 );
                 l.renewed_ms = d.received_ms.max(l.created_ms);
                 l.lease_ms = set_lease;
                 mark(&mut l);
-                out.push(l);
+                for volume in self.down_volumes(d, *s) {
+                    out.push(Held {
+                        volume,
+                        lock: l.clone(),
+                        via: Some(key.clone()),
+                    });
+                }
             }
             if let Some(set) = &d.received {
-                out.extend(set.locks.iter().cloned().map(|mut l| {
+                for l in &set.locks {
+                    let mut l = l.clone();
                     mark(&mut l);
-                    l
-                }));
+                    for volume in self.down_volumes(d, l.snapshot) {
+                        out.push(Held {
+                            volume,
+                            lock: l.clone(),
+                            via: Some(key.clone()),
+                        });
+                    }
+                }
             }
         }
         out
     }
 
-    /// Whether lock `l` (as returned by [`LockNode::all_locks`] or
+    /// Whether `h` (as returned by [`LockNode::all_locks`] or
     /// [`LockNode::holders`]) is stale at `now_ms`: it lives on another node
-    /// and either the downstream it came through has a stale set here, or
-    /// its own lease (its origin's renewal time plus lease, as relayed) ran
-    /// out. Our own and application locks are never stale.
-    pub fn is_stale(&self, l: &SoftLock, now_ms: u64) -> bool {
-        let me = &self.cfg.node_id;
-        if &l.origin_node == me {
+    /// and either the downstream relationship it came through has a stale
+    /// set here, or its own lease (its origin's renewal time plus lease, as
+    /// relayed) ran out. Our own and application locks are never stale.
+    pub fn is_stale(&self, h: &Held, now_ms: u64) -> bool {
+        if h.lock.origin_node == self.cfg.node_id {
             return false;
         }
-        let via = match l.hop_path.last() {
-            Some(h) if h != me => h,
-            _ => &l.origin_node,
-        };
-        if self.downs.get(via).is_some_and(|d| d.stale) {
+        if h.via
+            .as_ref()
+            .and_then(|k| self.downs.get(k))
+            .is_some_and(|d| d.stale)
+        {
             return true;
         }
-        lock_expiry(l, self.cfg.lease_ms).is_some_and(|e| now_ms >= e)
+        lock_expiry(&h.lock, self.cfg.lease_ms).is_some_and(|e| now_ms >= e)
     }
 
-    /// Our own locks for the relationship with `upstream`: the next base
-    /// (newest snapshot we share) and the anchor (last snapshot committed
-    /// from it), when each is still a local snapshot. Usually the same one.
+    /// Our own locks for `relationship`: the next base and the anchor, when
+    /// each is still a local snapshot. Usually the same one.
     ///
     /// Each is created (and, being ours, renewed here) when it started to
     /// hold its snapshot ([`LockNode::stamp`]); the copy sent upstream is
     /// renewed at each send.
-    fn own_locks_for(&self, upstream: &str) -> Vec<SoftLock> {
-        let Some(up) = self.ups.get(upstream) else {
+    fn own_locks_for(&self, relationship: &str) -> Vec<SoftLock> {
+        let Some(up) = self.ups.get(relationship) else {
             return Vec::new();
         };
-        self.own_snapshots(upstream)
+        let me = &self.cfg.node_id;
+        self.own_snapshots(relationship)
             .into_iter()
             .map(|s| {
                 self.lock(
                     s,
                     up.kind,
-                    up.relationship.clone(),
-                    self.cfg.node_id.clone(),
+                    format!("{me}:{relationship}"),
+                    me.clone(),
+                    dataset(me, relationship),
                     up.since.get(&s).copied().unwrap_or(0),
                 )
             })
             .collect()
     }
 
-    /// The snapshots our own locks for `upstream` hold: the next base and
-    /// the anchor.
-    fn own_snapshots(&self, upstream: &str) -> Vec<Uuid> {
-        let Some(up) = self.ups.get(upstream) else {
+    /// The snapshots our own locks for `relationship` hold: the next base
+    /// and the anchor.
+    fn own_snapshots(&self, relationship: &str) -> Vec<Uuid> {
+        let Some(up) = self.ups.get(relationship) else {
             return Vec::new();
         };
-        let mut snaps: Vec<Uuid> = self.next_base(upstream).into_iter().collect();
+        let mut snaps: Vec<Uuid> = self.next_base(relationship).into_iter().collect();
         if let Some(a) = up.anchor {
-            if self.local.contains(&a) && !snaps.contains(&a) {
+            if self.has_snapshot(&up.volume, a) && !snaps.contains(&a) {
                 snaps.push(a);
             }
         }
@@ -527,56 +730,83 @@ impl LockNode {
         }
     }
 
-    fn own_base_locks(&self) -> Vec<SoftLock> {
+    fn own_base_locks(&self) -> Vec<Held> {
         self.ups
-            .keys()
-            .flat_map(|u| self.own_locks_for(u))
+            .iter()
+            .flat_map(|(rel, up)| {
+                self.own_locks_for(rel).into_iter().map(|lock| Held {
+                    volume: up.volume.clone(),
+                    lock,
+                    via: None,
+                })
+            })
             .collect()
     }
 
-    fn effective(&self) -> Vec<SoftLock> {
+    fn app_locks(&self) -> impl Iterator<Item = Held> + '_ {
+        self.app.iter().flat_map(|(volume, locks)| {
+            locks.iter().map(move |l| Held {
+                volume: volume.clone(),
+                lock: l.clone(),
+                via: None,
+            })
+        })
+    }
+
+    fn effective(&self) -> Vec<Held> {
         let mut v = self.own_base_locks();
         v.extend(self.downstream_locks());
-        v.extend(self.app.iter().cloned());
+        v.extend(self.app_locks());
         v.sort();
-        v.dedup_by(|a, b| a.key() == b.key());
+        v.dedup_by(|a, b| a.volume == b.volume && a.lock.key() == b.lock.key());
         v
     }
 
-    fn outgoing(&self, upstream: &str) -> (Vec<SoftLock>, usize) {
-        let Some(up) = self.ups.get(upstream) else {
-            return (Vec::new(), 0);
+    /// The set for `relationship`: our own locks, every downstream lock and
+    /// application lock on its local volume, limited to what its source has.
+    fn outgoing(&self, relationship: &str) -> Vec<SoftLock> {
+        let Some(up) = self.ups.get(relationship) else {
+            return Vec::new();
         };
         if !self.cfg.propagate {
-            return (Vec::new(), 0);
+            return Vec::new();
         }
         let me = &self.cfg.node_id;
-        let mut v: Vec<SoftLock> = self.own_locks_for(upstream);
-        for mut l in self.downstream_locks() {
+        let mut v: Vec<SoftLock> = self.own_locks_for(relationship);
+        for h in self.downstream_locks() {
+            if h.volume != up.volume {
+                continue;
+            }
+            let mut l = h.lock;
             if l.hop_path.last() != Some(me) {
                 l.hop_path.push(me.clone());
             }
             v.push(l);
         }
-        v.extend(self.app.iter().cloned());
+        if let Some(app) = self.app.get(&up.volume) {
+            v.extend(app.iter().cloned());
+        }
         v.retain(|l| up.has.contains(&l.snapshot) && l.hop_path.len() <= self.cfg.bounds.max_hops);
         v.sort();
         v.dedup_by(|a, b| a.key() == b.key());
-        let max = self.cfg.bounds.max_locks_per_set;
-        let dropped = v.len().saturating_sub(max);
-        v.truncate(max);
-        (v, dropped)
+        v
     }
 
-    fn send(&mut self, upstream: &str, now_ms: u64, force: bool, out: &mut Vec<Action>) {
+    fn send(&mut self, relationship: &str, now_ms: u64, force: bool, out: &mut Vec<Action>) {
         self.stamp(now_ms);
-        let (locks, dropped) = self.outgoing(upstream);
+        let locks = self.outgoing(relationship);
         let next_gen = self.next_generation();
         let lease_ms = self.cfg.lease_ms;
         let sender = self.cfg.node_id.clone();
-        let Some(up) = self.ups.get_mut(upstream) else {
+        let max = self.cfg.bounds.max_locks_per_set;
+        let Some(up) = self.ups.get_mut(relationship) else {
             return;
         };
+        // An upgraded relationship whose source volume is not known yet
+        // sends nothing until it is (its upstream keeps the set it has).
+        if up.source.is_empty() {
+            return;
+        }
         if !force && up.last_sent.as_ref() == Some(&locks) {
             return;
         }
@@ -594,23 +824,46 @@ impl LockNode {
                 l.created_ms = l.renewed_ms;
             }
         }
-        let gone_acks = up.gone_acks.iter().copied().collect();
-        if dropped > 0 {
-            out.push(Action::SetTruncated {
-                upstream: upstream.to_string(),
-                dropped,
+        if locks.len() > max {
+            out.push(Action::SetOverBound {
+                relationship: relationship.to_string(),
+                count: locks.len(),
+                max,
             });
         }
+        let gone_acks = up.gone_acks.iter().copied().collect();
         out.push(Action::SendLockSet {
-            upstream: upstream.to_string(),
+            relationship: relationship.to_string(),
+            upstream: up.upstream.clone(),
             set: LockSet {
                 sender,
+                relationship: relationship.to_string(),
+                volume: up.source.clone(),
                 generation: next_gen,
                 lease_ms,
                 locks,
                 gone_acks,
             },
         });
+    }
+
+    /// A final empty set for `relationship` to a former upstream (it
+    /// releases everything this relationship held there).
+    fn final_set(&mut self, relationship: &str, upstream: &str, source: &str) -> Action {
+        self.counter = self.counter.wrapping_add(1);
+        Action::SendLockSet {
+            relationship: relationship.to_string(),
+            upstream: upstream.to_string(),
+            set: LockSet {
+                sender: self.cfg.node_id.clone(),
+                relationship: relationship.to_string(),
+                volume: source.to_string(),
+                generation: (u64::from(self.epoch) << 32) | u64::from(self.counter),
+                lease_ms: self.cfg.lease_ms,
+                locks: Vec::new(),
+                gone_acks: Vec::new(),
+            },
+        }
     }
 
     fn next_generation(&self) -> u64 {
@@ -625,119 +878,185 @@ impl LockNode {
     }
 
     fn refresh_protection(&mut self, out: &mut Vec<Action>) {
-        let mut now: BTreeMap<Uuid, Vec<SoftLock>> = BTreeMap::new();
-        for l in self.effective() {
-            if self.local.contains(&l.snapshot) {
-                now.entry(l.snapshot).or_default().push(l);
+        let mut now: BTreeMap<(String, Uuid), Vec<Held>> = BTreeMap::new();
+        for h in self.effective() {
+            if self.has_snapshot(&h.volume, h.lock.snapshot) {
+                now.entry((h.volume.clone(), h.lock.snapshot))
+                    .or_default()
+                    .push(h);
             }
         }
-        for (s, h) in &now {
-            if self.protected.get(s) != Some(h) {
+        for ((v, s), h) in &now {
+            if self.protected.get(&(v.clone(), *s)) != Some(h) {
                 out.push(Action::Protected {
+                    volume: v.clone(),
                     snapshot: *s,
-                    holders: h.clone(),
+                    holders: h.iter().map(|x| x.lock.clone()).collect(),
                 });
             }
         }
-        for s in self.protected.keys() {
-            if !now.contains_key(s) {
-                out.push(Action::Unprotected { snapshot: *s });
+        for (v, s) in self.protected.keys() {
+            if !now.contains_key(&(v.clone(), *s)) {
+                out.push(Action::Unprotected {
+                    volume: v.clone(),
+                    snapshot: *s,
+                });
             }
         }
         self.protected = now;
     }
 
-    /// Feed one event at time `now_ms`; returns the actions to perform, in order.
+    /// Feed one event at time `now_ms`; returns the actions to perform, in
+    /// order. Every action matters (a dropped `SendLockSet` is a lock the
+    /// upstream never learns of).
+    #[must_use = "the actions must be performed: a dropped SendLockSet never reaches the upstream"]
     pub fn handle(&mut self, now_ms: u64, ev: Event) -> Vec<Action> {
         let mut out = Vec::new();
         match ev {
             Event::UpstreamAdded {
-                upstream,
                 relationship,
+                upstream,
+                source,
+                volume,
                 kind,
+            } => self.add_upstream(
+                relationship,
+                upstream,
+                source,
+                volume,
+                kind,
+                now_ms,
+                &mut out,
+            ),
+            Event::UpstreamRemoved { relationship } => {
+                if let Some(up) = self.ups.remove(&relationship) {
+                    if !up.source.is_empty() && self.cfg.propagate {
+                        let a = self.final_set(&relationship, &up.upstream, &up.source);
+                        out.push(a);
+                    }
+                }
+            }
+            Event::DownstreamAdded {
+                downstream,
+                relationship,
+                volume,
             } => {
-                self.ups.entry(upstream).or_insert(Up {
-                    relationship,
-                    kind,
-                    has: BTreeSet::new(),
-                    anchor: None,
-                    last_sent: None,
-                    last_sent_ms: now_ms,
-                    gone_acks: BTreeSet::new(),
-                    since: BTreeMap::new(),
-                });
+                let d = self
+                    .downs
+                    .entry((downstream, relationship))
+                    .or_insert_with(|| Down {
+                        received_ms: now_ms,
+                        ..Down::default()
+                    });
+                d.volume = Some(volume);
             }
-            Event::UpstreamRemoved { upstream } => {
-                self.ups.remove(&upstream);
-            }
-            Event::DownstreamAdded { downstream } => {
-                self.downs.entry(downstream).or_insert_with(|| Down {
-                    received_ms: now_ms,
-                    ..Down::default()
-                });
-            }
-            Event::DownstreamRemoved { downstream } => {
-                if self.downs.remove(&downstream).is_some() {
+            Event::DownstreamRemoved {
+                downstream,
+                relationship,
+            } => {
+                if self
+                    .downs
+                    .remove(&(downstream.clone(), relationship.clone()))
+                    .is_some()
+                {
                     out.push(Action::Released {
                         downstream,
+                        relationship,
                         reason: ReleaseReason::RelationshipRemoved,
                     });
                 }
             }
-            Event::SnapshotCreated { snapshot } => {
-                if !self.local.contains(&snapshot) {
-                    self.local.push(snapshot);
+            Event::SnapshotCreated { volume, snapshot } => {
+                let v = self.local.entry(volume).or_default();
+                if !v.contains(&snapshot) {
+                    v.push(snapshot);
                 }
             }
+            Event::VolumeSnapshots { volume, snapshots } => {
+                self.adopt_upgraded(&volume, &snapshots);
+                self.local.insert(volume, snapshots);
+            }
+            Event::VolumeRemoved { volume } => {
+                self.local.remove(&volume);
+                self.app.remove(&volume);
+            }
             Event::UpstreamSnapshots {
-                upstream,
+                relationship,
                 snapshots,
             } => {
-                if let Some(up) = self.ups.get_mut(&upstream) {
+                if let Some(up) = self.ups.get_mut(&relationship) {
                     up.has = snapshots.into_iter().collect();
                 }
             }
-            Event::DownstreamShared { downstream, shared } => {
-                if let Some(d) = self.downs.get_mut(&downstream) {
+            Event::DownstreamShared {
+                downstream,
+                relationship,
+                shared,
+            } => {
+                if let Some(d) = self.downs.get_mut(&(downstream, relationship)) {
                     d.shared = shared.into_iter().collect();
                 }
             }
             Event::LockSetReceived { set } => self.receive(now_ms, set, &mut out),
-            Event::AppLockAdded { snapshot, owner } => {
+            Event::AppLockAdded {
+                volume,
+                snapshot,
+                owner,
+            } => {
+                let me = self.cfg.node_id.clone();
                 let l = self.lock(
                     snapshot,
                     LockKind::OwnerName,
                     owner,
-                    self.cfg.node_id.clone(),
+                    me.clone(),
+                    dataset(&me, &volume),
                     now_ms,
                 );
-                if !self.app.iter().any(|a| a.key() == l.key()) {
-                    self.app.insert(l);
+                let set = self.app.entry(volume).or_default();
+                if !set.iter().any(|a| a.key() == l.key()) {
+                    set.insert(l);
                 }
             }
-            Event::AppLockReleased { snapshot, owner } => {
-                self.app
-                    .retain(|a| !(a.snapshot == snapshot && a.text == owner));
-            }
-            Event::TransferStarting { upstream } => self.send(&upstream, now_ms, true, &mut out),
-            Event::TransferFinished { upstream, target } => {
-                if let Some(up) = self.ups.get_mut(&upstream) {
-                    up.has.insert(target);
-                    up.anchor = Some(target);
-                    if !self.local.contains(&target) {
-                        self.local.push(target);
+            Event::AppLockReleased {
+                volume,
+                snapshot,
+                owner,
+            } => {
+                if let Some(set) = self.app.get_mut(&volume) {
+                    set.retain(|a| !(a.snapshot == snapshot && a.text == owner));
+                    if set.is_empty() {
+                        self.app.remove(&volume);
                     }
                 }
-                self.send(&upstream, now_ms, true, &mut out);
             }
-            Event::UpstreamSnapshotGone { upstream, snapshot } => {
-                if let Some(up) = self.ups.get_mut(&upstream) {
+            Event::TransferStarting { relationship } => {
+                self.send(&relationship, now_ms, true, &mut out)
+            }
+            Event::TransferFinished {
+                relationship,
+                target,
+            } => {
+                if let Some(up) = self.ups.get_mut(&relationship) {
+                    up.has.insert(target);
+                    up.anchor = Some(target);
+                    let v = self.local.entry(up.volume.clone()).or_default();
+                    if !v.contains(&target) {
+                        v.push(target);
+                    }
+                }
+                self.send(&relationship, now_ms, true, &mut out);
+            }
+            Event::UpstreamSnapshotGone {
+                relationship,
+                snapshot,
+            } => {
+                if let Some(up) = self.ups.get_mut(&relationship) {
                     up.has.remove(&snapshot);
                     if up.anchor == Some(snapshot) {
                         up.anchor = None;
                     }
                     up.gone_acks.insert(snapshot);
-                    self.send(&upstream, now_ms, true, &mut out);
+                    self.send(&relationship, now_ms, true, &mut out);
                 }
             }
             Event::Tick => self.tick(now_ms, &mut out),
@@ -747,14 +1066,25 @@ impl LockNode {
                     self.send(&u, now_ms, true, &mut out);
                 }
             }
-            Event::DeleteRequested { snapshot, force } => self.delete(snapshot, force, &mut out),
-            Event::OperatorRelease { downstream } => {
-                if let Some(d) = self.downs.get_mut(&downstream) {
+            Event::DeleteRequested {
+                volume,
+                snapshot,
+                force,
+            } => self.delete(&volume, snapshot, force, &mut out),
+            Event::OperatorRelease {
+                downstream,
+                relationship,
+            } => {
+                for ((node, rel), d) in self.downs.iter_mut() {
+                    if *node != downstream || relationship.as_ref().is_some_and(|r| r != rel) {
+                        continue;
+                    }
                     d.received = None;
                     d.lapsed = true;
                     d.stale = false;
                     out.push(Action::Released {
-                        downstream,
+                        downstream: node.clone(),
+                        relationship: rel.clone(),
                         reason: ReleaseReason::Operator,
                     });
                 }
@@ -766,6 +1096,113 @@ impl LockNode {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn add_upstream(
+        &mut self,
+        relationship: String,
+        upstream: String,
+        source: String,
+        volume: String,
+        kind: LockKind,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let prev = self.ups.get(&relationship).map(|u| {
+            (
+                u.upstream.clone(),
+                u.source.clone(),
+                u.volume.clone(),
+                u.anchor,
+                u.since.clone(),
+            )
+        });
+        if let Some((old_up, old_src, old_vol, anchor, since)) = prev {
+            if old_up == upstream && (old_src == source || old_src.is_empty()) {
+                // The same relationship (or an upgraded one learning its
+                // source): everything it knows stays.
+                if let Some(up) = self.ups.get_mut(&relationship) {
+                    up.source = source;
+                    up.volume = volume;
+                    up.kind = kind;
+                }
+                let _ = old_vol;
+                return;
+            }
+            // Retarget (or an upgraded table learning its source): the former
+            // upstream releases what this relationship held there; the new
+            // one starts from what it tells us it has.
+            if old_up != upstream || old_src != source {
+                if !old_src.is_empty() {
+                    let a = self.final_set(&relationship, &old_up, &old_src);
+                    out.push(a);
+                }
+                self.ups.insert(
+                    relationship,
+                    Up {
+                        upstream,
+                        source,
+                        volume,
+                        kind,
+                        has: BTreeSet::new(),
+                        // The anchor stays locked here until the new
+                        // upstream's first transfer replaces it.
+                        anchor,
+                        last_sent: None,
+                        last_sent_ms: now_ms,
+                        gone_acks: BTreeSet::new(),
+                        since,
+                    },
+                );
+                return;
+            }
+        }
+        let e = self.ups.entry(relationship).or_insert(Up {
+            upstream: upstream.clone(),
+            source: source.clone(),
+            volume: volume.clone(),
+            kind,
+            has: BTreeSet::new(),
+            anchor: None,
+            last_sent: None,
+            last_sent_ms: now_ms,
+            gone_acks: BTreeSet::new(),
+            since: BTreeMap::new(),
+        });
+        e.volume = volume;
+        e.kind = kind;
+    }
+
+    /// Move the snapshots and application locks of an upgraded table
+    /// (volume "") that belong to `volume`.
+    fn adopt_upgraded(&mut self, volume: &str, snapshots: &[Uuid]) {
+        if let Some(v) = self.local.get_mut("") {
+            v.retain(|s| !snapshots.contains(s));
+            if v.is_empty() {
+                self.local.remove("");
+            }
+        }
+        let Some(old) = self.app.get_mut("") else {
+            return;
+        };
+        let (mine, rest): (BTreeSet<SoftLock>, BTreeSet<SoftLock>) = std::mem::take(old)
+            .into_iter()
+            .partition(|l| snapshots.contains(&l.snapshot));
+        *old = rest;
+        if old.is_empty() {
+            self.app.remove("");
+        }
+        if !mine.is_empty() {
+            let me = self.cfg.node_id.clone();
+            self.app
+                .entry(volume.to_string())
+                .or_default()
+                .extend(mine.into_iter().map(|mut l| {
+                    l.dataset = dataset(&me, volume);
+                    l
+                }));
+        }
+    }
+
     fn receive(&mut self, now_ms: u64, set: LockSet, out: &mut Vec<Action>) {
         if let Err(error) = set.validate(&self.cfg.bounds) {
             out.push(Action::SetRejected {
@@ -774,12 +1211,14 @@ impl LockNode {
             });
             return;
         }
-        let Some(d) = self.downs.get_mut(&set.sender) else {
+        let key = (set.sender.clone(), set.relationship.clone());
+        let me = self.cfg.node_id.clone();
+        let Some(d) = self.downs.get_mut(&key) else {
             let error = LockError::BadField {
-                field: "set.sender",
+                field: "set.relationship",
                 detail: format!(
-                    "{:?} is not a downstream of {:?}",
-                    set.sender, self.cfg.node_id
+                    "{}:{} is not a downstream relationship of {me:?}",
+                    set.sender, set.relationship
                 ),
             };
             out.push(Action::SetRejected {
@@ -788,6 +1227,23 @@ impl LockNode {
             });
             return;
         };
+        if d.volume.as_deref() != Some(set.volume.as_str()) {
+            let error = LockError::BadField {
+                field: "set.volume",
+                detail: format!(
+                    "{}:{} pulls volume {:?} here, not {:?}",
+                    set.sender,
+                    set.relationship,
+                    d.volume.as_deref().unwrap_or(""),
+                    set.volume
+                ),
+            };
+            out.push(Action::SetRejected {
+                sender: set.sender,
+                error,
+            });
+            return;
+        }
         if set.generation <= d.generation {
             return; // older or duplicate: ignored by design
         }
@@ -798,11 +1254,36 @@ impl LockNode {
         d.received_ms = now_ms;
         d.stale = false;
         d.lapsed = false;
+        let volume = set.volume.clone();
         d.received = Some(set);
+        if !key.1.is_empty() {
+            self.supersede_upgraded(&key.0, &volume);
+        }
+    }
+
+    /// A per-relationship set of `node` for our `volume` supersedes what
+    /// the upgraded (per-node) set of that node held on `volume`'s
+    /// snapshots; what it held elsewhere stays until those relationships
+    /// send theirs. An emptied upgraded set is dropped.
+    fn supersede_upgraded(&mut self, node: &str, volume: &str) {
+        let key = (node.to_string(), String::new());
+        let snaps: BTreeSet<Uuid> = self.snapshots(volume).iter().copied().collect();
+        let Some(old) = self.downs.get_mut(&key) else {
+            return;
+        };
+        old.shared.retain(|s| !snaps.contains(s));
+        if let Some(set) = old.received.as_mut() {
+            set.locks.retain(|l| !snaps.contains(&l.snapshot));
+        }
+        let empty =
+            old.shared.is_empty() && old.received.as_ref().is_none_or(|s| s.locks.is_empty());
+        if empty {
+            self.downs.remove(&key);
+        }
     }
 
     fn tick(&mut self, now_ms: u64, out: &mut Vec<Action>) {
-        for (name, d) in self.downs.iter_mut() {
+        for ((name, rel), d) in self.downs.iter_mut() {
             if d.lapsed {
                 continue;
             }
@@ -817,6 +1298,7 @@ impl LockNode {
                 d.stale = true;
                 out.push(Action::Stale {
                     downstream: name.clone(),
+                    relationship: rel.clone(),
                     renewed_ms: d.received_ms,
                     lease_ms,
                 });
@@ -828,6 +1310,7 @@ impl LockNode {
                     d.stale = false;
                     out.push(Action::Released {
                         downstream: name.clone(),
+                        relationship: rel.clone(),
                         reason: ReleaseReason::LeaseExpired,
                     });
                 }
@@ -857,7 +1340,7 @@ impl LockNode {
             LeasePolicy::Keep => None,
             LeasePolicy::ReleaseAfter { grace_ms } => Some(grace_ms),
         };
-        for (name, d) in self.downs.iter_mut() {
+        for ((name, rel), d) in self.downs.iter_mut() {
             if d.lapsed {
                 continue;
             }
@@ -887,6 +1370,7 @@ impl LockNode {
                         .collect();
                     out.push(Action::RelayedReleased {
                         downstream: name.clone(),
+                        relationship: rel.clone(),
                         origin,
                         dropped: n,
                         unprotected,
@@ -905,6 +1389,7 @@ impl LockNode {
                 if !d.stale_origins.contains(origin) {
                     out.push(Action::RelayedStale {
                         downstream: name.clone(),
+                        relationship: rel.clone(),
                         origin: origin.clone(),
                         renewed_ms: *renewed_ms,
                         lease_ms: *lease_ms,
@@ -915,31 +1400,45 @@ impl LockNode {
         }
     }
 
-    fn delete(&mut self, snapshot: Uuid, force: bool, out: &mut Vec<Action>) {
-        let holders = self.holders(snapshot);
-        if !holders.is_empty() && !force {
-            out.push(Action::DeleteRefused { snapshot, holders });
-            return;
-        }
-        self.local.retain(|s| *s != snapshot);
-        if holders.is_empty() {
-            out.push(Action::Deleted { snapshot });
-            return;
-        }
-        let me = self.cfg.node_id.clone();
-        let affected: BTreeSet<String> = holders
-            .iter()
-            .map(|h| h.origin_node.clone())
-            .chain(holders.iter().flat_map(|h| h.hop_path.iter().cloned()))
-            .filter(|n| *n != me)
+    fn delete(&mut self, volume: &str, snapshot: Uuid, force: bool, out: &mut Vec<Action>) {
+        let holders: Vec<Held> = self
+            .effective()
+            .into_iter()
+            .filter(|h| h.volume == volume && h.lock.snapshot == snapshot)
             .collect();
-        out.push(Action::ForcedDelete { snapshot, holders });
-        for (name, d) in self.downs.iter_mut() {
-            if affected.contains(name) || d.shared.contains(&snapshot) {
+        let locks: Vec<SoftLock> = holders.iter().map(|h| h.lock.clone()).collect();
+        if !holders.is_empty() && !force {
+            out.push(Action::DeleteRefused {
+                volume: volume.to_string(),
+                snapshot,
+                holders: locks,
+            });
+            return;
+        }
+        if let Some(v) = self.local.get_mut(volume) {
+            v.retain(|s| *s != snapshot);
+        }
+        if holders.is_empty() {
+            out.push(Action::Deleted {
+                volume: volume.to_string(),
+                snapshot,
+            });
+            return;
+        }
+        let affected: BTreeSet<DownKey> = holders.iter().filter_map(|h| h.via.clone()).collect();
+        out.push(Action::ForcedDelete {
+            volume: volume.to_string(),
+            snapshot,
+            holders: locks,
+        });
+        for (key, d) in self.downs.iter_mut() {
+            let here = d.volume.as_deref().is_none_or(|v| v == volume);
+            if here && (affected.contains(key) || d.shared.contains(&snapshot)) {
                 d.shared.remove(&snapshot);
                 d.forced_gone.insert(snapshot);
                 out.push(Action::TellSnapshotGone {
-                    downstream: name.clone(),
+                    downstream: key.0.clone(),
+                    relationship: key.1.clone(),
                     snapshot,
                 });
             }
@@ -960,38 +1459,56 @@ impl LockNode {
 
     /// Serialize the lock table (versioned) for persistence across restarts.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let ids = |s: &BTreeSet<Uuid>| s.iter().map(|u| *u.as_bytes()).collect::<Vec<_>>();
         let p = PersistNode {
             node_id: self.cfg.node_id.clone(),
             epoch: self.epoch,
             counter: self.counter,
-            local: self.local.iter().map(|u| *u.as_bytes()).collect(),
+            local: self
+                .local
+                .iter()
+                .map(|(v, s)| PersistLocal {
+                    volume: v.clone(),
+                    snapshots: s.iter().map(|u| *u.as_bytes()).collect(),
+                })
+                .collect(),
             ups: self
                 .ups
                 .iter()
-                .map(|(n, u)| PersistUp {
-                    name: n.clone(),
-                    relationship: u.relationship.clone(),
+                .map(|(rel, u)| PersistUp {
+                    relationship: rel.clone(),
+                    upstream: u.upstream.clone(),
+                    source: u.source.clone(),
+                    volume: u.volume.clone(),
                     kind: u.kind.code(),
-                    has: u.has.iter().map(|s| *s.as_bytes()).collect(),
+                    has: ids(&u.has),
                     anchor: u.anchor.map(|s| *s.as_bytes()),
-                    gone_acks: u.gone_acks.iter().map(|s| *s.as_bytes()).collect(),
+                    gone_acks: ids(&u.gone_acks),
                 })
                 .collect(),
             downs: self
                 .downs
                 .iter()
-                .map(|(n, d)| PersistDown {
-                    name: n.clone(),
-                    shared: d.shared.iter().map(|s| *s.as_bytes()).collect(),
+                .map(|((node, rel), d)| PersistDown {
+                    node: node.clone(),
+                    relationship: rel.clone(),
+                    volume: d.volume.clone(),
+                    shared: ids(&d.shared),
                     received: d.received.as_ref().map(WireLockSet::from_model),
                     received_ms: d.received_ms,
                     generation: d.generation,
                     stale: d.stale,
                     lapsed: d.lapsed,
-                    forced_gone: d.forced_gone.iter().map(|s| *s.as_bytes()).collect(),
+                    forced_gone: ids(&d.forced_gone),
                 })
                 .collect(),
-            app: self.app.iter().map(WireLock::from_model).collect(),
+            app: self
+                .app_locks()
+                .map(|h| PersistApp {
+                    volume: h.volume,
+                    lock: WireLock::from_model(&h.lock),
+                })
+                .collect(),
             since: self.persist_since(),
         };
         let body = rkyv::to_bytes::<rkyv::rancor::Error>(&p).map_err(|e| LockError::Encode {
@@ -1010,14 +1527,16 @@ impl LockNode {
         let ups = self.ups.iter().flat_map(|(n, u)| {
             u.since.iter().map(move |(s, ms)| PersistSince {
                 peer: n.clone(),
+                relationship: String::new(),
                 upstream: true,
                 snapshot: *s.as_bytes(),
                 ms: *ms,
             })
         });
-        let downs = self.downs.iter().flat_map(|(n, d)| {
+        let downs = self.downs.iter().flat_map(|((n, rel), d)| {
             d.since.iter().map(move |(s, ms)| PersistSince {
                 peer: n.clone(),
+                relationship: rel.clone(),
                 upstream: false,
                 snapshot: *s.as_bytes(),
                 ms: *ms,
@@ -1029,6 +1548,14 @@ impl LockNode {
     /// Restore a lock table written by [`LockNode::to_bytes`]. The epoch is
     /// bumped so generations sent after the restart exceed all earlier ones;
     /// feed [`Event::Restarted`] next to re-send every set.
+    ///
+    /// Tables of formats 1-3 (keyed by peer node) are upgraded: each
+    /// upstream becomes the relationship its lock text named (`NODE:PATH`)
+    /// with its source volume unknown until the next [`Event::UpstreamAdded`]
+    /// (the replicator re-adds every relationship at start); each downstream
+    /// node's set holds its snapshots in whichever volume has them until that
+    /// node sends per-relationship sets; snapshots and application locks wait
+    /// in volume "" for [`Event::VolumeSnapshots`].
     pub fn from_bytes(cfg: NodeConfig, bytes: &[u8]) -> Result<Self> {
         let head = bytes.get(..8).ok_or(LockError::Truncated {
             need: 8,
@@ -1040,15 +1567,23 @@ impl LockNode {
         let ver = u16::from_le_bytes([head[4], head[5]]);
         let mut al = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len() - 8);
         al.extend_from_slice(&bytes[8..]);
-        let p: PersistNode = match ver {
-            PERSIST_VERSION => rkyv::from_bytes::<PersistNode, rkyv::rancor::Error>(&al)
-                .map_err(|e| LockError::BadPersisted(e.to_string()))?,
+        let old = |v: u16, e: rkyv::rancor::Error| {
+            LockError::BadPersisted(format!("version {v} table: {e}"))
+        };
+        let p: PersistNodeV3 = match ver {
+            PERSIST_VERSION => {
+                let p = rkyv::from_bytes::<PersistNode, rkyv::rancor::Error>(&al)
+                    .map_err(|e| LockError::BadPersisted(e.to_string()))?;
+                return Self::restore(cfg, p);
+            }
+            3 => rkyv::from_bytes::<PersistNodeV3, rkyv::rancor::Error>(&al)
+                .map_err(|e| old(3, e))?,
             2 => rkyv::from_bytes::<PersistNodeV2, rkyv::rancor::Error>(&al)
-                .map_err(|e| LockError::BadPersisted(format!("version 2 table: {e}")))?
+                .map_err(|e| old(2, e))?
                 .into(),
             1 => PersistNodeV2::from(
                 rkyv::from_bytes::<PersistNodeV1, rkyv::rancor::Error>(&al)
-                    .map_err(|e| LockError::BadPersisted(format!("version 1 table: {e}")))?,
+                    .map_err(|e| old(1, e))?,
             )
             .into(),
             found => {
@@ -1058,31 +1593,42 @@ impl LockNode {
                 })
             }
         };
-        if p.node_id != cfg.node_id {
+        Self::restore_v3(cfg, p)
+    }
+
+    fn check_owner(cfg: &NodeConfig, node_id: &str, epoch: u32) -> Result<LockNode> {
+        if node_id != cfg.node_id {
             return Err(LockError::BadPersisted(format!(
-                "table belongs to node {:?}, not {:?}",
-                p.node_id, cfg.node_id
+                "table belongs to node {node_id:?}, not {:?}",
+                cfg.node_id
             )));
         }
-        let mut n = LockNode::new(cfg);
-        n.epoch = p
-            .epoch
+        let mut n = LockNode::new(cfg.clone());
+        n.epoch = epoch
             .checked_add(1)
             .ok_or_else(|| LockError::BadPersisted("epoch exhausted".into()))?;
-        n.counter = 0;
-        n.local = p.local.iter().map(|b| Uuid::from_bytes(*b)).collect();
+        Ok(n)
+    }
+
+    fn restore(cfg: NodeConfig, p: PersistNode) -> Result<Self> {
+        let mut n = Self::check_owner(&cfg, &p.node_id, p.epoch)?;
+        let ids = |v: &[[u8; 16]]| v.iter().map(|b| Uuid::from_bytes(*b)).collect::<Vec<_>>();
+        for l in p.local {
+            n.local.insert(l.volume, ids(&l.snapshots));
+        }
         for u in p.ups {
-            let kind = LockKind::from_code(u.kind)?;
             n.ups.insert(
-                u.name,
+                u.relationship,
                 Up {
-                    relationship: u.relationship,
-                    kind,
-                    has: u.has.iter().map(|b| Uuid::from_bytes(*b)).collect(),
+                    upstream: u.upstream,
+                    source: u.source,
+                    volume: u.volume,
+                    kind: LockKind::from_code(u.kind)?,
+                    has: ids(&u.has).into_iter().collect(),
                     anchor: u.anchor.map(Uuid::from_bytes),
                     last_sent: None,
                     last_sent_ms: 0,
-                    gone_acks: u.gone_acks.iter().map(|b| Uuid::from_bytes(*b)).collect(),
+                    gone_acks: ids(&u.gone_acks).into_iter().collect(),
                     since: BTreeMap::new(),
                 },
             );
@@ -1093,33 +1639,129 @@ impl LockNode {
                 None => None,
             };
             n.downs.insert(
-                d.name,
+                (d.node, d.relationship),
                 Down {
-                    shared: d.shared.iter().map(|b| Uuid::from_bytes(*b)).collect(),
+                    volume: d.volume,
+                    shared: ids(&d.shared).into_iter().collect(),
                     received,
                     received_ms: d.received_ms,
                     generation: d.generation,
                     stale: d.stale,
                     lapsed: d.lapsed,
-                    forced_gone: d.forced_gone.iter().map(|b| Uuid::from_bytes(*b)).collect(),
+                    forced_gone: ids(&d.forced_gone).into_iter().collect(),
                     stale_origins: BTreeSet::new(),
                     since: BTreeMap::new(),
                 },
             );
+        }
+        for a in p.app {
+            n.app
+                .entry(a.volume)
+                .or_default()
+                .insert(a.lock.to_model()?);
         }
         for t in p.since {
             let snapshot = Uuid::from_bytes(t.snapshot);
             let since = if t.upstream {
                 n.ups.get_mut(&t.peer).map(|u| &mut u.since)
             } else {
-                n.downs.get_mut(&t.peer).map(|d| &mut d.since)
+                n.downs
+                    .get_mut(&(t.peer, t.relationship))
+                    .map(|d| &mut d.since)
             };
             if let Some(since) = since {
                 since.insert(snapshot, t.ms);
             }
         }
+        let mut sink = Vec::new();
+        n.refresh_protection(&mut sink);
+        Ok(n)
+    }
+
+    /// Upgrade a table of formats 1-3 (see [`LockNode::from_bytes`]).
+    fn restore_v3(cfg: NodeConfig, p: PersistNodeV3) -> Result<Self> {
+        let mut n = Self::check_owner(&cfg, &p.node_id, p.epoch)?;
+        let ids = |v: &[[u8; 16]]| v.iter().map(|b| Uuid::from_bytes(*b)).collect::<Vec<_>>();
+        n.local.insert(String::new(), ids(&p.local));
+        let mut rel_of_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for u in p.ups {
+            // The old lock text was `NODE:PATH`.
+            let rel = u
+                .relationship
+                .split_once(':')
+                .map_or(u.relationship.as_str(), |(_, r)| r)
+                .trim_start_matches('/')
+                .to_string();
+            rel_of_node
+                .entry(u.name.clone())
+                .or_default()
+                .push(rel.clone());
+            n.ups.insert(
+                rel.clone(),
+                Up {
+                    upstream: u.name,
+                    source: String::new(),
+                    volume: path_volume(&rel).to_string(),
+                    kind: LockKind::from_code(u.kind)?,
+                    has: ids(&u.has).into_iter().collect(),
+                    anchor: u.anchor.map(Uuid::from_bytes),
+                    last_sent: None,
+                    last_sent_ms: 0,
+                    gone_acks: ids(&u.gone_acks).into_iter().collect(),
+                    since: BTreeMap::new(),
+                },
+            );
+        }
+        for d in p.downs {
+            let received = match d.received {
+                Some(s) => Some(LockSet {
+                    sender: s.sender,
+                    relationship: String::new(),
+                    volume: String::new(),
+                    generation: s.generation,
+                    lease_ms: s.lease_ms,
+                    locks: s
+                        .locks
+                        .iter()
+                        .map(|l| l.to_model())
+                        .collect::<Result<_>>()?,
+                    gone_acks: ids(&s.gone_acks),
+                }),
+                None => None,
+            };
+            n.downs.insert(
+                (d.name, String::new()),
+                Down {
+                    volume: None,
+                    shared: ids(&d.shared).into_iter().collect(),
+                    received,
+                    received_ms: d.received_ms,
+                    generation: d.generation,
+                    stale: d.stale,
+                    lapsed: d.lapsed,
+                    forced_gone: ids(&d.forced_gone).into_iter().collect(),
+                    stale_origins: BTreeSet::new(),
+                    since: BTreeMap::new(),
+                },
+            );
+        }
         for l in p.app {
-            n.app.insert(l.to_model()?);
+            n.app
+                .entry(String::new())
+                .or_default()
+                .insert(l.to_model()?);
+        }
+        for t in p.since {
+            let snapshot = Uuid::from_bytes(t.snapshot);
+            if t.upstream {
+                for rel in rel_of_node.get(&t.peer).into_iter().flatten() {
+                    if let Some(u) = n.ups.get_mut(rel) {
+                        u.since.insert(snapshot, t.ms);
+                    }
+                }
+            } else if let Some(d) = n.downs.get_mut(&(t.peer, String::new())) {
+                d.since.insert(snapshot, t.ms);
+            }
         }
         let mut sink = Vec::new();
         n.refresh_protection(&mut sink);
@@ -1130,9 +1772,9 @@ impl LockNode {
 /// Convenience: turn a `DeleteRefused` into an error naming every holder.
 pub fn refused_to_error(a: &Action) -> Option<LockError> {
     match a {
-        Action::DeleteRefused { snapshot, holders } => {
-            Some(LockNode::delete_error(*snapshot, holders))
-        }
+        Action::DeleteRefused {
+            snapshot, holders, ..
+        } => Some(LockNode::delete_error(*snapshot, holders)),
         _ => None,
     }
 }

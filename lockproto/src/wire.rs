@@ -24,7 +24,7 @@ use crate::model::{LockKind, LockSet, SoftLock};
 /// Frame magic, bytes `S L C E` on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SLCE");
 /// Protocol major version: a different major is refused with an error frame.
-pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MAJOR: u16 = 2;
 /// Protocol minor version: additive changes only.
 pub const VERSION_MINOR: u16 = 0;
 /// Fixed header size in bytes.
@@ -55,6 +55,9 @@ pub struct WireLock {
     pub renewed_ms: u64,
     /// Lease (ms).
     pub lease_ms: u64,
+    /// The resource on the origin node that needs the snapshot
+    /// (`node/volume[/qtree]`): the lock's second form (claims 32-34).
+    pub dataset: String,
 }
 
 impl WireLock {
@@ -69,6 +72,7 @@ impl WireLock {
             created_ms: l.created_ms,
             renewed_ms: l.renewed_ms,
             lease_ms: l.lease_ms,
+            dataset: l.dataset.clone(),
         }
     }
     /// To the model (errors on an unknown kind code).
@@ -82,15 +86,32 @@ impl WireLock {
             created_ms: self.created_ms,
             renewed_ms: self.renewed_ms,
             lease_ms: self.lease_ms,
+            dataset: self.dataset.clone(),
         })
+    }
+
+    /// Bytes this lock takes in a frame body, roughly (strings plus the
+    /// fixed fields and rkyv's per-field overhead), for splitting big sets.
+    pub fn encoded_len_estimate(&self) -> usize {
+        let strings = self.text.len()
+            + self.origin_node.len()
+            + self.dataset.len()
+            + self.hop_path.iter().map(|h| h.len() + 8).sum::<usize>();
+        96 + strings
     }
 }
 
-/// A lock set on the wire.
+/// A lock set on the wire: one relationship's whole set, or one part of it
+/// (a set too big for one frame travels as `parts` frames of the same
+/// generation, `part` 0..parts; see [`SetAssembler`]).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct WireLockSet {
     /// Sender node.
     pub sender: String,
+    /// The sender's relationship this set belongs to (its destination path).
+    pub relationship: String,
+    /// The receiver's volume whose snapshots the set locks.
+    pub volume: String,
     /// Generation.
     pub generation: u64,
     /// Lease (ms).
@@ -99,23 +120,90 @@ pub struct WireLockSet {
     pub locks: Vec<WireLock>,
     /// Force-deleted snapshots the sender acknowledges.
     pub gone_acks: Vec<[u8; 16]>,
+    /// Index of this frame's part, 0-based.
+    pub part: u32,
+    /// Number of parts of the set (at least 1).
+    pub parts: u32,
 }
 
+/// Body bytes one lock-set part aims to stay under (half the frame bound, so
+/// the estimate's slack never makes a part exceed [`MAX_BODY_LEN`]).
+pub const SET_PART_BYTES: usize = (MAX_BODY_LEN as usize) / 2;
+
+/// Most parts one set may be split into (a bound the receiver enforces
+/// before it buffers anything).
+pub const SET_PARTS_MAX: u32 = 4096;
+
 impl WireLockSet {
-    /// From the model.
+    /// From the model, as one part.
     pub fn from_model(s: &LockSet) -> Self {
         WireLockSet {
             sender: s.sender.clone(),
+            relationship: s.relationship.clone(),
+            volume: s.volume.clone(),
             generation: s.generation,
             lease_ms: s.lease_ms,
             locks: s.locks.iter().map(WireLock::from_model).collect(),
             gone_acks: s.gone_acks.iter().map(|u| *u.as_bytes()).collect(),
+            part: 0,
+            parts: 1,
         }
     }
-    /// To the model (not yet validated against bounds: call `LockSet::validate`).
+
+    /// The frames that carry `s`: one when it fits in [`SET_PART_BYTES`],
+    /// else several parts of the same generation, every lock in exactly one
+    /// part (gone acks ride in the first). Never drops a lock.
+    pub fn split(s: &LockSet) -> Vec<WireLockSet> {
+        let whole = WireLockSet::from_model(s);
+        let mut chunks: Vec<Vec<WireLock>> = vec![Vec::new()];
+        let mut bytes = 256 + 16 * whole.gone_acks.len();
+        for l in whole.locks.iter() {
+            let n = l.encoded_len_estimate();
+            let cur_len = chunks.last().map_or(0, Vec::len);
+            if cur_len > 0 && bytes + n > SET_PART_BYTES {
+                chunks.push(Vec::new());
+                bytes = 256;
+            }
+            bytes += n;
+            if let Some(c) = chunks.last_mut() {
+                c.push(l.clone());
+            }
+        }
+        let parts = chunks.len() as u32;
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, locks)| WireLockSet {
+                locks,
+                gone_acks: if i == 0 {
+                    whole.gone_acks.clone()
+                } else {
+                    Vec::new()
+                },
+                part: i as u32,
+                parts,
+                ..whole.clone()
+            })
+            .collect()
+    }
+
+    /// To the model (not yet validated against bounds: call
+    /// `LockSet::validate`). Only a whole set (`parts == 1`) converts;
+    /// parts go through a [`SetAssembler`] first.
     pub fn to_model(&self) -> Result<LockSet> {
+        if self.parts != 1 || self.part != 0 {
+            return Err(LockError::BadField {
+                field: "set.part",
+                detail: format!(
+                    "part {} of {} given where a whole set was expected",
+                    self.part, self.parts
+                ),
+            });
+        }
         Ok(LockSet {
             sender: self.sender.clone(),
+            relationship: self.relationship.clone(),
+            volume: self.volume.clone(),
             generation: self.generation,
             lease_ms: self.lease_ms,
             locks: self
@@ -132,28 +220,110 @@ impl WireLockSet {
     }
 }
 
-/// Persisted upstream relationship (lock table).
+/// Reassembles a set sent in parts ([`WireLockSet::split`]), one set at a
+/// time per connection: parts must arrive in order, all of one sender,
+/// relationship and generation; the locks buffered are bounded by
+/// `max_locks` before anything is kept.
+#[derive(Debug, Default)]
+pub struct SetAssembler {
+    pending: Option<WireLockSet>,
+}
+
+impl SetAssembler {
+    /// Feed one frame's set. Returns the whole set once its last part
+    /// arrived; `Ok(None)` while parts are missing; an error names what was
+    /// out of order or too big (the partial set is dropped).
+    pub fn push(&mut self, w: WireLockSet, max_locks: usize) -> Result<Option<LockSet>> {
+        let bad = |detail: String| LockError::BadField {
+            field: "set.part",
+            detail,
+        };
+        if w.parts == 0 || w.parts > SET_PARTS_MAX || w.part >= w.parts {
+            self.pending = None;
+            return Err(bad(format!("part {} of {}", w.part, w.parts)));
+        }
+        let mut acc = match self.pending.take() {
+            None if w.part == 0 => {
+                if w.parts == 1 {
+                    return w.to_model().map(Some);
+                }
+                self.pending = Some(w);
+                return Ok(None);
+            }
+            None => {
+                return Err(bad(format!(
+                    "part {} of {} without part 0",
+                    w.part, w.parts
+                )))
+            }
+            Some(acc) => acc,
+        };
+        let expected = acc.part + 1;
+        if w.part != expected
+            || w.parts != acc.parts
+            || w.generation != acc.generation
+            || w.sender != acc.sender
+            || w.relationship != acc.relationship
+            || w.volume != acc.volume
+        {
+            return Err(bad(format!(
+                "part {} of {} (generation {}) after part {} of {} (generation {})",
+                w.part, w.parts, w.generation, acc.part, acc.parts, acc.generation
+            )));
+        }
+        if acc.locks.len() + w.locks.len() > max_locks {
+            return Err(LockError::TooManyLocks {
+                sender: w.sender,
+                count: acc.locks.len() + w.locks.len(),
+                max: max_locks,
+            });
+        }
+        acc.locks.extend(w.locks);
+        acc.part = w.part;
+        if acc.part + 1 == acc.parts {
+            acc.part = 0;
+            acc.parts = 1;
+            return acc.to_model().map(Some);
+        }
+        self.pending = Some(acc);
+        Ok(None)
+    }
+}
+
+/// Persisted upstream relationship (lock table format 4): one per
+/// relationship this node pulls.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct PersistUp {
-    /// Upstream node.
-    pub name: String,
-    /// Our relationship name.
+    /// Our relationship (destination path).
     pub relationship: String,
+    /// Upstream node.
+    pub upstream: String,
+    /// The upstream's volume we pull from.
+    pub source: String,
+    /// Our local volume the relationship writes.
+    pub volume: String,
     /// Lock kind code.
     pub kind: u8,
-    /// Snapshots the upstream holds.
+    /// Snapshots the upstream holds (of `source`).
     pub has: Vec<[u8; 16]>,
-    /// Last snapshot committed from the upstream (format version 2).
+    /// Last snapshot committed from the upstream.
     pub anchor: Option<[u8; 16]>,
     /// Gone acks to send.
     pub gone_acks: Vec<[u8; 16]>,
 }
 
-/// Persisted downstream relationship (lock table).
+/// Persisted downstream relationship (lock table format 4): one per
+/// (downstream node, its relationship).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct PersistDown {
     /// Downstream node.
-    pub name: String,
+    pub node: String,
+    /// Its relationship (its destination path); empty for a set upgraded
+    /// from a format-3 table.
+    pub relationship: String,
+    /// Our volume it pulls from; `None` for a set upgraded from a format-3
+    /// table (then its locks hold the snapshot in whichever volume has it).
+    pub volume: Option<String>,
     /// Shared snapshots.
     pub shared: Vec<[u8; 16]>,
     /// Last accepted set.
@@ -170,9 +340,163 @@ pub struct PersistDown {
     pub forced_gone: Vec<[u8; 16]>,
 }
 
-/// Persisted lock table of one node.
+/// The snapshots of one local volume, oldest first.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistLocal {
+    /// Volume name.
+    pub volume: String,
+    /// Snapshot ids, oldest first.
+    pub snapshots: Vec<[u8; 16]>,
+}
+
+/// An application lock and the local volume whose snapshot it holds.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistApp {
+    /// Volume name.
+    pub volume: String,
+    /// The lock.
+    pub lock: WireLock,
+}
+
+/// When a derived lock (own base of a relationship, or base shared with a
+/// downstream relationship) first held its snapshot.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistSince {
+    /// The upstream relationship, or the downstream node.
+    pub peer: String,
+    /// The downstream's relationship (empty for an upstream relationship).
+    pub relationship: String,
+    /// True: our own base lock of relationship `peer`; false: the base we
+    /// share with downstream (`peer`, `relationship`).
+    pub upstream: bool,
+    /// Snapshot id.
+    pub snapshot: [u8; 16],
+    /// Unix ms.
+    pub ms: u64,
+}
+
+/// Persisted lock table of one node (format 4: relationships keyed by
+/// relationship, snapshots by volume).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct PersistNode {
+    /// Node id.
+    pub node_id: String,
+    /// Restart epoch.
+    pub epoch: u32,
+    /// Generation counter within the epoch.
+    pub counter: u32,
+    /// Local snapshots per volume.
+    pub local: Vec<PersistLocal>,
+    /// Upstream relationships.
+    pub ups: Vec<PersistUp>,
+    /// Downstream relationships.
+    pub downs: Vec<PersistDown>,
+    /// Application locks.
+    pub app: Vec<PersistApp>,
+    /// Dates of derived locks.
+    pub since: Vec<PersistSince>,
+}
+
+/// A lock as lock-table formats 1-3 stored it (before `dataset`). Read to
+/// upgrade old tables, never written.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireLockV1 {
+    /// Snapshot uuid bytes.
+    pub snapshot: [u8; 16],
+    /// [`LockKind::code`].
+    pub kind: u8,
+    /// User-visible text.
+    pub text: String,
+    /// Origin node.
+    pub origin_node: String,
+    /// Hop path.
+    pub hop_path: Vec<String>,
+    /// Created (ms).
+    pub created_ms: u64,
+    /// Renewed (ms).
+    pub renewed_ms: u64,
+    /// Lease (ms).
+    pub lease_ms: u64,
+}
+
+impl WireLockV1 {
+    /// To the model; the dataset of an old lock is its origin and text
+    /// (`origin:text`), as version-1 nodes showed it.
+    pub fn to_model(&self) -> Result<SoftLock> {
+        Ok(SoftLock {
+            snapshot: Uuid::from_bytes(self.snapshot),
+            kind: LockKind::from_code(self.kind)?,
+            text: self.text.clone(),
+            origin_node: self.origin_node.clone(),
+            hop_path: self.hop_path.clone(),
+            created_ms: self.created_ms,
+            renewed_ms: self.renewed_ms,
+            lease_ms: self.lease_ms,
+            dataset: format!("{}:{}", self.origin_node, self.text),
+        })
+    }
+}
+
+/// A lock set as lock-table formats 1-3 stored it (one per downstream
+/// node). Read to upgrade old tables, never written.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireLockSetV1 {
+    /// Sender node.
+    pub sender: String,
+    /// Generation.
+    pub generation: u64,
+    /// Lease (ms).
+    pub lease_ms: u64,
+    /// Locks.
+    pub locks: Vec<WireLockV1>,
+    /// Force-deleted snapshots the sender acknowledges.
+    pub gone_acks: Vec<[u8; 16]>,
+}
+
+/// Persisted upstream of lock-table formats 2 and 3 (keyed by node).
+/// Read to upgrade old tables, never written.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistUpV2 {
+    /// Upstream node.
+    pub name: String,
+    /// Our relationship name.
+    pub relationship: String,
+    /// Lock kind code.
+    pub kind: u8,
+    /// Snapshots the upstream holds.
+    pub has: Vec<[u8; 16]>,
+    /// Last snapshot committed from the upstream (format version 2).
+    pub anchor: Option<[u8; 16]>,
+    /// Gone acks to send.
+    pub gone_acks: Vec<[u8; 16]>,
+}
+
+/// Persisted downstream of lock-table formats 1-3 (keyed by node).
+/// Read to upgrade old tables, never written.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistDownV1 {
+    /// Downstream node.
+    pub name: String,
+    /// Shared snapshots.
+    pub shared: Vec<[u8; 16]>,
+    /// Last accepted set.
+    pub received: Option<WireLockSetV1>,
+    /// When accepted (ms).
+    pub received_ms: u64,
+    /// Highest generation accepted.
+    pub generation: u64,
+    /// Stale flag.
+    pub stale: bool,
+    /// Released by lease or operator until the next set.
+    pub lapsed: bool,
+    /// Force-deleted snapshots not yet acknowledged.
+    pub forced_gone: Vec<[u8; 16]>,
+}
+
+/// Persisted lock table as format version 3 wrote it (relationships keyed
+/// by peer node). Read to upgrade old tables, never written.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PersistNodeV3 {
     /// Node id.
     pub node_id: String,
     /// Restart epoch.
@@ -182,21 +506,21 @@ pub struct PersistNode {
     /// Local snapshots, oldest first.
     pub local: Vec<[u8; 16]>,
     /// Upstreams.
-    pub ups: Vec<PersistUp>,
+    pub ups: Vec<PersistUpV2>,
     /// Downstreams.
-    pub downs: Vec<PersistDown>,
+    pub downs: Vec<PersistDownV1>,
     /// Application locks.
-    pub app: Vec<WireLock>,
+    pub app: Vec<WireLockV1>,
     /// Since when each of our own base locks (per upstream) and each
     /// shared-base lock (per downstream) has held its snapshot (format
     /// version 3).
-    pub since: Vec<PersistSince>,
+    pub since: Vec<PersistSinceV3>,
 }
 
 /// When a derived lock (own base with an upstream, or base shared with a
 /// downstream) first held its snapshot.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct PersistSince {
+pub struct PersistSinceV3 {
     /// The upstream or downstream node the lock belongs to.
     pub peer: String,
     /// True: our own base lock with upstream `peer`; false: the base we
@@ -221,16 +545,16 @@ pub struct PersistNodeV2 {
     /// Local snapshots, oldest first.
     pub local: Vec<[u8; 16]>,
     /// Upstreams.
-    pub ups: Vec<PersistUp>,
+    pub ups: Vec<PersistUpV2>,
     /// Downstreams.
-    pub downs: Vec<PersistDown>,
+    pub downs: Vec<PersistDownV1>,
     /// Application locks.
-    pub app: Vec<WireLock>,
+    pub app: Vec<WireLockV1>,
 }
 
-impl From<PersistNodeV2> for PersistNode {
+impl From<PersistNodeV2> for PersistNodeV3 {
     fn from(v: PersistNodeV2) -> Self {
-        PersistNode {
+        PersistNodeV3 {
             node_id: v.node_id,
             epoch: v.epoch,
             counter: v.counter,
@@ -274,9 +598,9 @@ pub struct PersistNodeV1 {
     /// Upstreams.
     pub ups: Vec<PersistUpV1>,
     /// Downstreams.
-    pub downs: Vec<PersistDown>,
+    pub downs: Vec<PersistDownV1>,
     /// Application locks.
-    pub app: Vec<WireLock>,
+    pub app: Vec<WireLockV1>,
 }
 
 impl From<PersistNodeV1> for PersistNodeV2 {
@@ -289,7 +613,7 @@ impl From<PersistNodeV1> for PersistNodeV2 {
             ups: v
                 .ups
                 .into_iter()
-                .map(|u| PersistUp {
+                .map(|u| PersistUpV2 {
                     name: u.name,
                     relationship: u.relationship,
                     kind: u.kind,
@@ -337,6 +661,9 @@ pub struct SnapInfo {
 pub struct TransferRequest {
     /// Request id echoed in replies.
     pub req_id: u64,
+    /// The requester's relationship (its destination path): the source
+    /// records what it served under it.
+    pub relationship: String,
     /// Source volume.
     pub volume: String,
     /// Source qtree (qtree mirror) or none (volume mirror).

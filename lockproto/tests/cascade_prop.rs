@@ -15,6 +15,9 @@ use sim::{run_seed, Faults, Sim, NO_FAULTS};
 const SCENARIOS: usize = 10_000;
 /// Random-DAG scenarios per CI run (they cost more per step).
 const DAG_SCENARIOS: usize = 3_000;
+/// Random-DAG scenarios with several volumes per node pair (they cost more
+/// per step again: every rotation rotates each volume).
+const VOLUME_SCENARIOS: usize = 2_000;
 /// Steps per scenario; `SLUICE_STEPS=<n>` runs longer ones.
 const STEPS: usize = 60;
 
@@ -112,6 +115,20 @@ fn dag_cascade_never_deletes_a_delivered_base_and_leases_release() {
     );
 }
 
+/// Random DAGs where every edge mirrors two or three volumes: each pair of
+/// nodes has several relationships, each with its own base, anchor, set and
+/// lease. The shape of the production bug: B pulled v1, v2 and v3 from A,
+/// the lock table kept one upstream entry per node, only one of the three
+/// bases was locked on A and A's retention broke the other two chains.
+#[test]
+fn several_volumes_per_pair_never_delete_a_delivered_base_and_leases_release() {
+    property(
+        "volumes_prop",
+        env_count("SLUICE_SCENARIOS", VOLUME_SCENARIOS),
+        Sim::new_dag_volumes,
+    );
+}
+
 #[test]
 fn canary_propagation_off_breaks_a_chain() {
     let seed = run_seed("canary");
@@ -129,6 +146,28 @@ fn canary_propagation_off_breaks_a_chain() {
     assert!(
         broken > 0,
         "with propagation off the property test must find a broken chain"
+    );
+}
+
+/// The same canary for the several-volumes property: it must be able to
+/// fail there too.
+#[test]
+fn canary_propagation_off_breaks_a_chain_with_several_volumes() {
+    let seed = run_seed("canary_volumes");
+    let mut meta = SmallRng::seed_from_u64(seed);
+    let mut broken = 0;
+    let n = 1_000;
+    for _ in 0..n {
+        let mut sim = Sim::new_dag_volumes(meta.gen(), false);
+        for _ in 0..STEPS {
+            sim.step(&NO_FAULTS);
+        }
+        broken += sim.out.broken;
+    }
+    eprintln!("canary_volumes: {n} scenarios, {broken} broken chains with propagation off");
+    assert!(
+        broken > 0,
+        "with propagation off the several-volumes property must find a broken chain"
     );
 }
 

@@ -23,6 +23,7 @@ fn samples() -> Vec<(&'static str, Message)> {
         created_ms: 1,
         renewed_ms: 2,
         lease_ms: 60_000,
+        dataset: "C/c".into(),
     };
     let snap = SnapInfo {
         id: [9; 16],
@@ -35,7 +36,7 @@ fn samples() -> Vec<(&'static str, Message)> {
             "hello",
             Message::Hello(Hello {
                 node_id: "A".into(),
-                major: 1,
+                major: wire::VERSION_MAJOR,
                 minor: 0,
                 nonce: [1; 32],
                 auth: Some([2; 32]),
@@ -45,10 +46,14 @@ fn samples() -> Vec<(&'static str, Message)> {
             "lockset",
             Message::LockSet(WireLockSet {
                 sender: "B".into(),
+                relationship: "v1".into(),
+                volume: "v1".into(),
                 generation: 42,
                 lease_ms: 60_000,
                 locks: vec![lock],
                 gone_acks: vec![[3; 16]],
+                part: 0,
+                parts: 1,
             }),
         ),
         (
@@ -70,6 +75,7 @@ fn samples() -> Vec<(&'static str, Message)> {
             "transfer_request",
             Message::TransferRequest(TransferRequest {
                 req_id: 2,
+                relationship: "v1".into(),
                 volume: "v1".into(),
                 qtree: None,
                 base: Some([4; 16]),
@@ -154,7 +160,7 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn golden_bytes_pin_every_message() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/wire_v1.txt");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/wire_v2.txt");
     let mut now = String::new();
     for (name, m) in samples() {
         let payload: &[u8] = if matches!(m, Message::Extent(_)) {
@@ -234,20 +240,25 @@ fn extent_payload_is_borrowed_not_copied() {
 
 #[test]
 fn unknown_major_version_gets_a_clear_error_frame() {
-    let mut f = encode(&Message::Ping { nonce: 1 }, &[]).expect("encode");
-    f[4] = 2; // major 2
-    let err = decode(&f).expect_err("refused");
-    assert!(
-        matches!(err, LockError::UnsupportedVersion { major: 2, .. }),
-        "{err}"
-    );
-    let reply = wire::error_frame(0, &err).expect("error frame");
-    match decode(&reply).expect("decodable").expect("whole").msg {
-        Message::Error { code, text, .. } => {
-            assert_eq!(code, wire::codes::VERSION);
-            assert!(text.contains("version"), "{text}");
+    assert_eq!(wire::VERSION_MAJOR, 2);
+    // A newer peer (major 3) and a peer still speaking 1 (sets keyed by
+    // node, no relationship or volume) are both refused with a clear answer.
+    for major in [wire::VERSION_MAJOR + 1, 1] {
+        let mut f = encode(&Message::Ping { nonce: 1 }, &[]).expect("encode");
+        f[4..6].copy_from_slice(&major.to_le_bytes());
+        let err = decode(&f).expect_err("refused");
+        assert!(
+            matches!(err, LockError::UnsupportedVersion { major: m, our_major: 2, .. } if m == major),
+            "{err}"
+        );
+        let reply = wire::error_frame(0, &err).expect("error frame");
+        match decode(&reply).expect("decodable").expect("whole").msg {
+            Message::Error { code, text, .. } => {
+                assert_eq!(code, wire::codes::VERSION);
+                assert!(text.contains("version"), "{text}");
+            }
+            other => panic!("expected an error frame, got {other:?}"),
         }
-        other => panic!("expected an error frame, got {other:?}"),
     }
 }
 
@@ -331,7 +342,7 @@ fn random_and_mutated_frames_only_error() {
             let mut v: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
             if rng.gen_bool(0.5) && v.len() >= 8 {
                 v[..4].copy_from_slice(b"SLCE");
-                v[4..6].copy_from_slice(&1u16.to_le_bytes());
+                v[4..6].copy_from_slice(&wire::VERSION_MAJOR.to_le_bytes());
             }
             v
         } else {
@@ -386,4 +397,65 @@ fn random_and_mutated_frames_only_error() {
     }
     eprintln!("wire_fuzz: 20000 frames, {ok} decoded, {err} refused");
     assert!(err > 1_000);
+}
+
+/// A set too big for one frame travels in parts: each part is a frame of
+/// its own within the body bound, carries the set's sender, relationship,
+/// volume and generation, and converts to a set only whole (a part alone is
+/// refused, not taken as the whole set).
+#[test]
+fn lock_set_parts_round_trip_and_a_part_is_not_a_set() {
+    let set = sluice_lockproto::LockSet {
+        sender: "B".into(),
+        relationship: "qv/db".into(),
+        volume: "db".into(),
+        generation: 7,
+        lease_ms: 60_000,
+        locks: (0..10_000u32)
+            .map(|i| sluice_lockproto::SoftLock {
+                snapshot: uuid::Uuid::from_u128(u128::from(i % 97)),
+                kind: sluice_lockproto::LockKind::OwnerName,
+                text: format!("backup-job-{i:06}"),
+                origin_node: "C".into(),
+                hop_path: vec!["C".into(), "B".into()],
+                created_ms: 1,
+                renewed_ms: 2,
+                lease_ms: 60_000,
+                dataset: "C/qv".into(),
+            })
+            .collect(),
+        gone_acks: vec![uuid::Uuid::from_u128(5)],
+    };
+    let whole = WireLockSet::from_model(&set);
+    assert_eq!((whole.part, whole.parts), (0, 1));
+    assert_eq!(whole.to_model().expect("whole"), set);
+    let parts = WireLockSet::split(&set);
+    assert!(parts.len() > 1, "{} parts", parts.len());
+    let mut locks = 0;
+    for (i, p) in parts.iter().enumerate() {
+        let f = encode(&Message::LockSet(p.clone()), &[]).expect("encode part");
+        assert!(f.len() <= wire::HEADER_LEN + wire::MAX_BODY_LEN as usize);
+        let d = decode(&f).expect("decode").expect("whole frame");
+        assert_eq!(d.msg, Message::LockSet(p.clone()));
+        assert_eq!(
+            (
+                p.sender.as_str(),
+                p.relationship.as_str(),
+                p.volume.as_str(),
+                p.generation
+            ),
+            ("B", "qv/db", "db", 7)
+        );
+        assert_eq!((p.part, p.parts), (i as u32, parts.len() as u32));
+        assert_eq!(p.gone_acks.is_empty(), i > 0, "gone acks ride in part 0");
+        assert!(matches!(
+            p.to_model(),
+            Err(LockError::BadField {
+                field: "set.part",
+                ..
+            })
+        ));
+        locks += p.locks.len();
+    }
+    assert_eq!(locks, set.locks.len(), "every lock in exactly one part");
 }

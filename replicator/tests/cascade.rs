@@ -159,7 +159,10 @@ fn app_lock_on_c_protects_upstream() {
     assert_eq!(l.origin_node, "C");
     assert_eq!(l.hop_path, vec!["C".to_string(), "B".to_string()]);
     assert_eq!(l.state, "active");
-    assert!(l.locking_dataset_id.starts_with("C:"));
+    assert_eq!(
+        l.locking_dataset_id, "C/v",
+        "the resource on C that needs it"
+    );
     match a.repl.snap_delete("v", "s1", false) {
         Err(ReplError::Locked { holders, .. }) => assert!(holders.contains("backup"), "{holders}"),
         other => panic!("delete of a locked snapshot: {other:?}"),

@@ -26,10 +26,14 @@ fn random_message(r: &mut impl Rng) -> (Message, Vec<u8>) {
         0 => (
             Message::LockSet(WireLockSet {
                 sender: s(r),
+                relationship: s(r),
+                volume: if r.gen() { "v".into() } else { s(r) },
                 generation: r.gen(),
                 lease_ms: r.gen(),
                 locks: Vec::new(),
                 gone_acks: vec![id],
+                part: r.gen_range(0..3),
+                parts: r.gen_range(0..3),
             }),
             Vec::new(),
         ),
@@ -48,6 +52,7 @@ fn random_message(r: &mut impl Rng) -> (Message, Vec<u8>) {
         2 => (
             Message::TransferRequest(TransferRequest {
                 req_id: r.gen(),
+                relationship: s(r),
                 volume: "v".into(),
                 qtree: None,
                 base: if r.gen() { Some(id) } else { None },

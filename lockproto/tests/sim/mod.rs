@@ -1,12 +1,20 @@
 //! Shared simulated cascade for the property tests (included with `mod sim`).
 //!
-//! Nodes hold snapshot lists (the "engine"), mirrors copy the newest upstream
-//! snapshot downstream, every node creates snapshots and rotates
-//! aggressively (keep 1 unlocked), and lock sets travel through a network
-//! that can lose, duplicate and reorder them. Nodes restart from persisted
-//! bytes. Everything is driven by one seed. `SLUICE_TRACE=1` prints every
-//! step (snapshot lists, creates, transfers, deletes, deliveries) to replay
-//! a failing sub-seed by hand.
+//! Nodes hold snapshot lists per volume (the "engine"), mirrors copy the
+//! newest upstream snapshot downstream, every node creates snapshots and
+//! rotates aggressively (keep 1 unlocked), and lock sets travel through a
+//! network that can lose, duplicate and reorder them. Nodes restart from
+//! persisted bytes. Everything is driven by one seed. `SLUICE_TRACE=1`
+//! prints every step (snapshot lists, creates, transfers, deletes,
+//! deliveries) to replay a failing sub-seed by hand.
+//!
+//! Each simulated mirror is one relationship: for an edge (u, d) and each
+//! volume `vol` of the simulation, d pulls u's `vol` into its own `vol` as
+//! relationship `vol/<u>` (so a fan-in writes one volume from two
+//! upstreams, as qtree mirrors into one volume do). The usual simulation has
+//! one volume; [`Sim::new_dag_volumes`] gives every pair of nodes two or
+//! three relationships (the shape of the production bug where one node
+//! pulled several volumes from one upstream).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,13 +75,18 @@ pub struct Sim {
     pub names: Vec<String>,
     pub nodes: Vec<Option<LockNode>>,
     pub persisted: Vec<Vec<u8>>,
-    pub snaps: Vec<Vec<Uuid>>,
+    /// The volumes every node has (and every edge mirrors).
+    pub vols: Vec<String>,
+    /// Per node, per volume (index into `vols`), snapshots oldest first.
+    pub snaps: Vec<Vec<Vec<Uuid>>>,
     pub edges: Vec<(usize, usize)>,
-    pub baselined: BTreeSet<(usize, usize)>,
+    /// (upstream, downstream, volume) mirrors that made a first transfer.
+    pub baselined: BTreeSet<(usize, usize, usize)>,
     pub net: Vec<(usize, usize, LockSet)>,
-    /// (receiver, sender) -> (highest generation the receiver accepted,
-    /// snapshots that set names; emptied when the receiver releases it).
-    pub delivered: BTreeMap<(usize, usize), (u64, BTreeSet<Uuid>)>,
+    /// (receiver, sender, volume) -> (highest generation the receiver
+    /// accepted for that relationship, snapshots that set names; emptied
+    /// when the receiver releases it).
+    pub delivered: BTreeMap<(usize, usize, usize), (u64, BTreeSet<Uuid>)>,
     pub now: u64,
     pub propagate: bool,
     pub out: Outcome,
@@ -87,6 +100,31 @@ pub const GRACE_MS: u64 = 5_000;
 impl Sim {
     pub fn new(seed: u64, propagate: bool) -> Sim {
         let mut rng = SmallRng::seed_from_u64(seed);
+        let (n, edges) = Sim::chain_topology(&mut rng);
+        Sim::build(rng, n, edges, propagate, 1)
+    }
+
+    /// A random DAG of 3..=8 nodes: node 0 is the root, every later node
+    /// pulls from one to three distinct earlier nodes. So fan-in nodes can
+    /// have their own downstreams (their sets relay to every upstream), there
+    /// can be several fan-ins, diamonds and long paths.
+    pub fn new_dag(seed: u64, propagate: bool) -> Sim {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let (n, edges) = Sim::dag_topology(&mut rng);
+        Sim::build(rng, n, edges, propagate, 1)
+    }
+
+    /// A random DAG as [`Sim::new_dag`] where every node has two or three
+    /// volumes and every edge mirrors each of them: each pair of nodes has
+    /// several relationships, each with its own base, set and lease.
+    pub fn new_dag_volumes(seed: u64, propagate: bool) -> Sim {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let (n, edges) = Sim::dag_topology(&mut rng);
+        let vols = rng.gen_range(2..=3);
+        Sim::build(rng, n, edges, propagate, vols)
+    }
+
+    fn chain_topology(rng: &mut SmallRng) -> (usize, Vec<(usize, usize)>) {
         // Topology: a chain of depth 2..=6, extra fan-out branches, maybe a fan-in.
         let depth = rng.gen_range(2..=6);
         let mut edges = Vec::new();
@@ -109,15 +147,10 @@ impl Sim {
             }
             n += 1;
         }
-        Sim::build(rng, n, edges, propagate)
+        (n, edges)
     }
 
-    /// A random DAG of 3..=8 nodes: node 0 is the root, every later node
-    /// pulls from one to three distinct earlier nodes. So fan-in nodes can
-    /// have their own downstreams (their sets relay to every upstream), there
-    /// can be several fan-ins, diamonds and long paths.
-    pub fn new_dag(seed: u64, propagate: bool) -> Sim {
-        let mut rng = SmallRng::seed_from_u64(seed);
+    fn dag_topology(rng: &mut SmallRng) -> (usize, Vec<(usize, usize)>) {
         let n = rng.gen_range(3..=8);
         let mut edges = Vec::new();
         for d in 1..n {
@@ -135,11 +168,26 @@ impl Sim {
             }
             edges.extend(ups.into_iter().map(|u| (u, d)));
         }
-        Sim::build(rng, n, edges, propagate)
+        (n, edges)
     }
 
-    fn build(rng: SmallRng, n: usize, edges: Vec<(usize, usize)>, propagate: bool) -> Sim {
+    fn build(
+        rng: SmallRng,
+        n: usize,
+        edges: Vec<(usize, usize)>,
+        propagate: bool,
+        nvols: usize,
+    ) -> Sim {
         let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+        let vols: Vec<String> = (0..nvols)
+            .map(|k| {
+                if k == 0 {
+                    "vol".to_string()
+                } else {
+                    format!("vol{k}")
+                }
+            })
+            .collect();
         let cfgs: Vec<NodeConfig> = names
             .iter()
             .map(|nm| NodeConfig {
@@ -155,23 +203,30 @@ impl Sim {
             .map(|c| Some(LockNode::new(c.clone())))
             .collect();
         for (u, d) in &edges {
-            if let Some(x) = nodes[*d].as_mut() {
-                x.handle(
-                    0,
-                    Event::UpstreamAdded {
-                        upstream: names[*u].clone(),
-                        relationship: format!("{}:vol", names[*d]),
-                        kind: LockKind::DestinationPath,
-                    },
-                );
-            }
-            if let Some(x) = nodes[*u].as_mut() {
-                x.handle(
-                    0,
-                    Event::DownstreamAdded {
-                        downstream: names[*d].clone(),
-                    },
-                );
+            for vol in &vols {
+                let relationship = rel_name(vol, &names[*u]);
+                if let Some(x) = nodes[*d].as_mut() {
+                    let _ = x.handle(
+                        0,
+                        Event::UpstreamAdded {
+                            relationship: relationship.clone(),
+                            upstream: names[*u].clone(),
+                            source: vol.clone(),
+                            volume: vol.clone(),
+                            kind: LockKind::DestinationPath,
+                        },
+                    );
+                }
+                if let Some(x) = nodes[*u].as_mut() {
+                    let _ = x.handle(
+                        0,
+                        Event::DownstreamAdded {
+                            downstream: names[*d].clone(),
+                            relationship,
+                            volume: vol.clone(),
+                        },
+                    );
+                }
             }
         }
         let persisted = nodes
@@ -187,7 +242,8 @@ impl Sim {
             names,
             nodes,
             persisted,
-            snaps: vec![Vec::new(); n],
+            snaps: vec![vec![Vec::new(); nvols]; n],
+            vols,
             edges,
             baselined: BTreeSet::new(),
             net: Vec::new(),
@@ -226,6 +282,27 @@ impl Sim {
         self.names.iter().position(|n| n == name)
     }
 
+    /// The volume index of a relationship name (`vol/<upstream>`).
+    fn rel_vol(&self, relationship: &str) -> Option<usize> {
+        let vol = relationship.split('/').next()?;
+        self.vols.iter().position(|v| v == vol)
+    }
+
+    /// The relationship of downstream `d`'s mirror of `u`'s volume `k`.
+    fn rel(&self, u: usize, k: usize) -> String {
+        rel_name(&self.vols[k], &self.names[u])
+    }
+
+    /// A random volume (no draw with one volume, so single-volume runs
+    /// replay the same scenarios as before volumes existed).
+    fn pick_vol(&mut self) -> usize {
+        if self.vols.len() > 1 {
+            self.rng.gen_range(0..self.vols.len())
+        } else {
+            0
+        }
+    }
+
     fn apply(&mut self, i: usize, ev: Event) -> Vec<Action> {
         let now = self.now;
         let Some(node) = self.nodes[i].as_mut() else {
@@ -234,13 +311,14 @@ impl Sim {
         let acts = node.handle(now, ev);
         for a in &acts {
             match a {
-                Action::SendLockSet { upstream, set } => {
+                Action::SendLockSet { upstream, set, .. } => {
                     if let Some(u) = self.idx(upstream) {
                         self.net.push((i, u, set.clone()));
                     }
                 }
                 Action::RelayedReleased {
                     downstream,
+                    relationship,
                     unprotected,
                     ..
                 } => {
@@ -248,23 +326,27 @@ impl Sim {
                     // were dropped (reported): the snapshots that set no
                     // longer names are no longer needed here.
                     self.out.lease_releases += 1;
-                    if let Some(d) = self.idx(downstream) {
-                        if let Some((_, locked)) = self.delivered.get_mut(&(i, d)) {
+                    if let (Some(d), Some(k)) = (self.idx(downstream), self.rel_vol(relationship)) {
+                        if let Some((_, locked)) = self.delivered.get_mut(&(i, d, k)) {
                             for s in unprotected {
                                 locked.remove(s);
                             }
                         }
                     }
                 }
-                Action::Released { downstream, reason } => {
+                Action::Released {
+                    downstream,
+                    relationship,
+                    reason,
+                } => {
                     if *reason == ReleaseReason::LeaseExpired {
                         self.out.lease_releases += 1;
                     }
                     // The released set no longer protects anything, but the
                     // node still remembers the highest generation it took
-                    // from that sender: a late older set stays ignored.
-                    if let Some(d) = self.idx(downstream) {
-                        if let Some((_, locked)) = self.delivered.get_mut(&(i, d)) {
+                    // from that relationship: a late older set stays ignored.
+                    if let (Some(d), Some(k)) = (self.idx(downstream), self.rel_vol(relationship)) {
+                        if let Some((_, locked)) = self.delivered.get_mut(&(i, d, k)) {
                             locked.clear();
                         }
                     }
@@ -278,107 +360,132 @@ impl Sim {
         acts
     }
 
-    fn base(&self, u: usize, d: usize) -> Option<Uuid> {
-        self.snaps[d]
+    fn base(&self, u: usize, d: usize, k: usize) -> Option<Uuid> {
+        self.snaps[d][k]
             .iter()
             .rev()
-            .find(|s| self.snaps[u].contains(s))
+            .find(|s| self.snaps[u][k].contains(s))
             .copied()
     }
 
     fn create(&mut self, i: usize) {
+        let k = self.pick_vol();
         let id = Uuid::from_u128(self.rng.gen());
-        self.snaps[i].push(id);
-        self.log(|| format!("{} creates {}", self.names[i], self.short(&id)));
-        self.apply(i, Event::SnapshotCreated { snapshot: id });
+        self.snaps[i][k].push(id);
+        self.log(|| {
+            format!(
+                "{} creates {}@{}",
+                self.names[i],
+                self.vols[k],
+                self.short(&id)
+            )
+        });
+        self.apply(
+            i,
+            Event::SnapshotCreated {
+                volume: self.vols[k].clone(),
+                snapshot: id,
+            },
+        );
     }
 
-    fn transfer(&mut self, u: usize, d: usize) {
+    fn transfer(&mut self, u: usize, d: usize, k: usize) {
         if self.nodes[u].is_none() || self.nodes[d].is_none() {
             return;
         }
-        let Some(&target) = self.snaps[u].last() else {
+        let Some(&target) = self.snaps[u][k].last() else {
             return;
         };
-        let list = self.snaps[u].clone();
+        let list = self.snaps[u][k].clone();
+        let relationship = self.rel(u, k);
         self.apply(
             d,
             Event::UpstreamSnapshots {
-                upstream: self.names[u].clone(),
+                relationship: relationship.clone(),
                 snapshots: list,
             },
         );
         self.apply(
             d,
             Event::TransferStarting {
-                upstream: self.names[u].clone(),
+                relationship: relationship.clone(),
             },
         );
-        if !self.snaps[d].contains(&target) {
-            if self.base(u, d).is_none() && self.baselined.contains(&(u, d)) {
+        if !self.snaps[d][k].contains(&target) {
+            if self.base(u, d, k).is_none() && self.baselined.contains(&(u, d, k)) {
                 self.out.broken += 1; // no common base: the chain broke (full copy)
             }
             self.log(|| {
                 format!(
-                    "transfer {}->{} target {} base {:?}",
+                    "transfer {}->{} {} target {} base {:?}",
                     self.names[u],
                     self.names[d],
+                    relationship,
                     self.short(&target),
-                    self.base(u, d).map(|b| self.short(&b))
+                    self.base(u, d, k).map(|b| self.short(&b))
                 )
             });
-            self.snaps[d].push(target);
+            self.snaps[d][k].push(target);
             self.out.transfers += 1;
         }
-        self.baselined.insert((u, d));
+        self.baselined.insert((u, d, k));
         self.apply(
             d,
             Event::TransferFinished {
-                upstream: self.names[u].clone(),
+                relationship,
                 target,
             },
         );
-        self.share_update(u, d);
+        self.share_update(u, d, k);
     }
 
-    fn share_update(&mut self, u: usize, d: usize) {
-        let shared: Vec<Uuid> = self.snaps[d]
+    fn share_update(&mut self, u: usize, d: usize, k: usize) {
+        let shared: Vec<Uuid> = self.snaps[d][k]
             .iter()
-            .filter(|s| self.snaps[u].contains(s))
+            .filter(|s| self.snaps[u][k].contains(s))
             .copied()
             .collect();
         self.apply(
             u,
             Event::DownstreamShared {
                 downstream: self.names[d].clone(),
+                relationship: self.rel(u, k),
                 shared,
             },
         );
     }
 
     fn rotate(&mut self, i: usize) {
-        let Some(&newest) = self.snaps[i].last() else {
+        for k in 0..self.vols.len() {
+            self.rotate_volume(i, k);
+        }
+    }
+
+    fn rotate_volume(&mut self, i: usize, k: usize) {
+        let Some(&newest) = self.snaps[i][k].last() else {
             return;
         };
-        let cands: Vec<Uuid> = self.snaps[i]
+        let cands: Vec<Uuid> = self.snaps[i][k]
             .iter()
             .copied()
             .filter(|s| *s != newest)
             .collect();
         for s in cands {
             // What delivered sets say must survive here: any snapshot named
-            // by the newest set accepted from a downstream (its own base,
-            // its shared snapshots, or locks relayed from further down the
-            // cascade), unless that set was released (reported).
+            // by the newest set accepted from a downstream relationship of
+            // this volume (its own base, its shared snapshots, or locks
+            // relayed from further down the cascade), unless that set was
+            // released (reported).
             let needed: Vec<usize> = self
                 .delivered
                 .iter()
-                .filter(|((to, _), (_, l))| *to == i && l.contains(&s))
-                .map(|((_, from), _)| *from)
+                .filter(|((to, _, kk), (_, l))| *to == i && *kk == k && l.contains(&s))
+                .map(|((_, from, _), _)| *from)
                 .collect();
             let acts = self.apply(
                 i,
                 Event::DeleteRequested {
+                    volume: self.vols[k].clone(),
                     snapshot: s,
                     force: false,
                 },
@@ -389,12 +496,19 @@ impl Sim {
             if acts.iter().any(|a| matches!(a, Action::Deleted { .. })) {
                 for d in needed {
                     self.out.violations.push(format!(
-                        "{} deleted {s}, named in the set delivered from {}",
-                        self.names[i], self.names[d]
+                        "{} deleted {}@{s}, named in the set delivered from {}",
+                        self.names[i], self.vols[k], self.names[d]
                     ));
                 }
-                self.log(|| format!("{} deletes {}", self.names[i], self.short(&s)));
-                self.snaps[i].retain(|x| *x != s);
+                self.log(|| {
+                    format!(
+                        "{} deletes {}@{}",
+                        self.names[i],
+                        self.vols[k],
+                        self.short(&s)
+                    )
+                });
+                self.snaps[i][k].retain(|x| *x != s);
                 self.out.deletes += 1;
             }
         }
@@ -406,7 +520,7 @@ impl Sim {
             .collect();
         for d in downs {
             if self.nodes[d].is_some() {
-                self.share_update(i, d);
+                self.share_update(i, d, k);
             }
         }
     }
@@ -425,24 +539,37 @@ impl Sim {
             return;
         }
         let generation = set.generation;
+        let k = self.vols.iter().position(|v| *v == set.volume);
+        assert_eq!(
+            k,
+            self.rel_vol(&set.relationship),
+            "a set for {} locks volume {}",
+            set.relationship,
+            set.volume
+        );
         let snaps: BTreeSet<Uuid> = set.locks.iter().map(|l| l.snapshot).collect();
         self.log(|| {
             format!(
-                "deliver {}->{} gen {} locks [{}]",
+                "deliver {}->{} {} gen {} locks [{}]",
                 self.names[from],
                 self.names[to],
+                set.relationship,
                 generation,
                 self.shorts(&snaps.iter().copied().collect::<Vec<_>>())
             )
         });
         let acts = self.apply(to, Event::LockSetReceived { set });
         let rejected = acts.iter().any(|a| matches!(a, Action::SetRejected { .. }));
+        let Some(k) = k else {
+            assert!(rejected, "a set for an unknown volume was accepted");
+            return;
+        };
         let newer = self
             .delivered
-            .get(&(to, from))
+            .get(&(to, from, k))
             .is_none_or(|(g, _)| generation > *g);
         if !rejected && newer {
-            self.delivered.insert((to, from), (generation, snaps));
+            self.delivered.insert((to, from, k), (generation, snaps));
         }
     }
 
@@ -468,7 +595,16 @@ impl Sim {
         let n = self.nodes.len();
         if self.trace {
             for i in 0..n {
-                self.log(|| format!("  {} has [{}]", self.names[i], self.shorts(&self.snaps[i])));
+                for k in 0..self.vols.len() {
+                    self.log(|| {
+                        format!(
+                            "  {} {} has [{}]",
+                            self.names[i],
+                            self.vols[k],
+                            self.shorts(&self.snaps[i][k])
+                        )
+                    });
+                }
             }
         }
         match self.rng.gen_range(0..100) {
@@ -479,7 +615,8 @@ impl Sim {
             20..=44 => {
                 if !self.edges.is_empty() {
                     let (u, d) = self.edges[self.rng.gen_range(0..self.edges.len())];
-                    self.transfer(u, d);
+                    let k = self.pick_vol();
+                    self.transfer(u, d, k);
                 }
             }
             45..=64 => {
@@ -525,13 +662,19 @@ impl Sim {
         }
         for (i, node) in self.nodes.iter().enumerate() {
             let Some(node) = node else { continue };
-            for l in node.all_locks() {
-                if l.origin_node == vname || l.hop_path.contains(&vname) {
-                    self.out
-                        .leaked
-                        .push(format!("{} still holds {l}", self.names[i]));
+            for h in node.all_locks() {
+                if h.lock.origin_node == vname || h.lock.hop_path.contains(&vname) {
+                    self.out.leaked.push(format!(
+                        "{} still holds {} on {}",
+                        self.names[i], h.lock, h.volume
+                    ));
                 }
             }
         }
     }
+}
+
+/// The relationship name of a mirror of `upstream`'s `vol` into our `vol`.
+pub fn rel_name(vol: &str, upstream: &str) -> String {
+    format!("{vol}/{upstream}")
 }

@@ -6,6 +6,9 @@
 
 use super::*;
 
+/// Snapshot names by (volume, global id).
+pub(super) type SnapNames = BTreeMap<(String, Uuid), String>;
+
 impl Replicator {
     /// Take a snapshot and tell the lock table.
     pub fn snap_create(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
@@ -23,7 +26,10 @@ impl Replicator {
             }
             Err(e) => return Err(ReplError::engine(format!("snapshot {volume}@{name}"), e)),
         };
-        let acts = self.lock_events(vec![Event::SnapshotCreated { snapshot: info.id }])?;
+        let acts = self.lock_events(vec![Event::SnapshotCreated {
+            volume: volume.to_string(),
+            snapshot: info.id,
+        }])?;
         self.perform(acts, None);
         Ok(info)
     }
@@ -46,6 +52,7 @@ impl Replicator {
             });
         }
         let acts = self.lock_events(vec![Event::DeleteRequested {
+            volume: volume.to_string(),
             snapshot: s.id,
             force,
         }])?;
@@ -95,12 +102,13 @@ impl Replicator {
                 });
                 continue;
             }
-            let holders = lock(&self.st).locks.holders(s.id);
+            let holders = lock(&self.st).locks.holders(volume, s.id);
             if !holders.is_empty() {
                 let views: Vec<LockView> = holders.iter().map(|h| self.view(h, &names)).collect();
+                let locks: Vec<SoftLock> = holders.into_iter().map(|h| h.lock).collect();
                 plan.skipped.push(PruneSkip {
                     snapshot: s.name.clone(),
-                    reason: format!("locked by {}", holders_text(&holders)),
+                    reason: format!("locked by {}", holders_text(&locks)),
                     holders: views,
                 });
                 continue;
@@ -148,7 +156,12 @@ impl Replicator {
                 bounds.max_text_len
             )));
         }
+        lock(&self.st)
+            .locks
+            .app_lock_room(volume)
+            .map_err(|e| ReplError::Invalid(format!("lock on {volume}@{snap} refused: {e}")))?;
         let acts = self.lock_events(vec![Event::AppLockAdded {
+            volume: volume.to_string(),
             snapshot: s.id,
             owner: full.clone(),
         }])?;
@@ -156,9 +169,9 @@ impl Replicator {
         let names = self.snapshot_names()?;
         let l = lock(&self.st)
             .locks
-            .all_locks()
+            .holders(volume, s.id)
             .into_iter()
-            .find(|l| l.snapshot == s.id && l.text == full && l.kind == LockKind::OwnerName)
+            .find(|h| h.lock.text == full && h.lock.kind == LockKind::OwnerName && h.via.is_none())
             .ok_or_else(|| ReplError::NotFound("the lock just added".into()))?;
         Ok(self.view(&l, &names))
     }
@@ -176,30 +189,30 @@ impl Replicator {
     /// the downstream's next set if it is still alive).
     pub fn lock_release(&self, volume: &str, snap: &str, holder: &str) -> Result<()> {
         let s = self.find_snap(volume, snap)?;
-        let locks = lock(&self.st).locks.all_locks();
+        let locks = lock(&self.st).locks.holders(volume, s.id);
         let me = &self.cfg.node_name;
-        let app = locks.iter().find(|l| {
-            l.snapshot == s.id
-                && l.kind == LockKind::OwnerName
+        let app = locks.iter().map(|h| &h.lock).find(|l| {
+            l.kind == LockKind::OwnerName
                 && &l.origin_node == me
                 && (l.text == holder || l.text.starts_with(&format!("{holder}: ")))
         });
-        // A downstream's locks: released as a whole (the set of that
-        // downstream node, through which the holder's locks reach us).
+        // A downstream's locks: released as a whole (the set of the
+        // downstream relationship through which the holder's locks reach us).
         let down = locks
             .iter()
-            .filter(|l| l.snapshot == s.id && &l.origin_node != me)
-            .find(|l| l.origin_node == holder || l.hop_path.iter().any(|h| h == holder))
-            .map(|l| match l.hop_path.last() {
-                Some(h) if h != me => h.clone(),
-                _ => l.origin_node.clone(),
-            });
+            .filter(|h| &h.lock.origin_node != me)
+            .find(|h| h.lock.origin_node == holder || h.lock.hop_path.iter().any(|x| x == holder))
+            .and_then(|h| h.via.clone());
         let ev = match (app, down) {
             (Some(l), _) => Event::AppLockReleased {
+                volume: volume.to_string(),
                 snapshot: s.id,
                 owner: l.text.clone(),
             },
-            (None, Some(downstream)) => Event::OperatorRelease { downstream },
+            (None, Some((downstream, relationship))) => Event::OperatorRelease {
+                downstream,
+                relationship: Some(relationship),
+            },
             (None, None) => {
                 return Err(ReplError::NotFound(format!(
                     "lock on {volume}@{snap} held by {holder:?}; see `lock list`"
@@ -221,7 +234,7 @@ impl Replicator {
             .map(|s| {
                 let v = st
                     .locks
-                    .holders(s.id)
+                    .holders(volume, s.id)
                     .iter()
                     .map(|l| self.view_with(l, &names, &st))
                     .collect();
@@ -230,33 +243,31 @@ impl Replicator {
             .collect())
     }
 
-    pub(super) fn snapshot_names(&self) -> Result<BTreeMap<Uuid, (String, String)>> {
+    /// Snapshot names by (volume, global id): one id may exist in two
+    /// local volumes.
+    pub(super) fn snapshot_names(&self) -> Result<SnapNames> {
         let mut m = BTreeMap::new();
         for v in volumes(&self.engine)? {
             for s in snapshots(&self.engine, &v.name)? {
-                m.insert(s.id, (v.name.clone(), s.name));
+                m.insert((v.name.clone(), s.id), s.name);
             }
         }
         Ok(m)
     }
 
-    pub(super) fn view(&self, l: &SoftLock, names: &BTreeMap<Uuid, (String, String)>) -> LockView {
+    pub(super) fn view(&self, h: &Held, names: &SnapNames) -> LockView {
         let st = lock(&self.st);
-        self.view_with(l, names, &st)
+        self.view_with(h, names, &st)
     }
 
-    pub(super) fn view_with(
-        &self,
-        l: &SoftLock,
-        names: &BTreeMap<Uuid, (String, String)>,
-        st: &State,
-    ) -> LockView {
+    pub(super) fn view_with(&self, h: &Held, names: &SnapNames, st: &State) -> LockView {
+        let l = &h.lock;
         let me = &self.cfg.node_name;
         let via = l.hop_path.last().cloned().unwrap_or_default();
         let from_down = &l.origin_node != me;
         // By the lock's own lease (its origin's renewal time, as relayed)
         // and by the set it came in: stale is visible at every hop.
-        let stale = st.locks.is_stale(l, now_ms());
+        let stale = st.locks.is_stale(h, now_ms());
         let holder = if !from_down && l.kind == LockKind::OwnerName {
             l.text.split(": ").next().unwrap_or(&l.text).to_string()
         } else if from_down {
@@ -269,9 +280,10 @@ impl Replicator {
             me.clone()
         };
         let dv = l.dependency_view();
+        let name = names.get(&(h.volume.clone(), l.snapshot)).cloned();
         LockView {
-            volume: names.get(&l.snapshot).map(|x| x.0.clone()),
-            snapshot: names.get(&l.snapshot).map(|x| x.1.clone()),
+            volume: (!h.volume.is_empty()).then(|| h.volume.clone()),
+            snapshot: name,
             snapshot_id: l.snapshot,
             kind: l.kind.to_string(),
             text: l.text.clone(),

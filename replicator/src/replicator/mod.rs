@@ -38,9 +38,12 @@ use sluice_engine::api::{
 use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
 use sluice_engine::shard::EngineHandle;
 use sluice_lockproto::wire::{
-    codes, ExtentHeader, SnapInfo, TransferRequest, TransferStart, WireLockSet, CHECKSUM_XXH3,
+    codes, ExtentHeader, SetAssembler, SnapInfo, TransferRequest, TransferStart, WireLockSet,
+    CHECKSUM_XXH3,
 };
-use sluice_lockproto::{Action, Event, LockKind, LockNode, LockSet, Message, NodeConfig, SoftLock};
+use sluice_lockproto::{
+    Action, DownKey, Event, Held, LockKind, LockNode, LockSet, Message, NodeConfig, SoftLock,
+};
 use uuid::Uuid;
 
 use crate::conn::Conn;
@@ -88,10 +91,10 @@ struct Counters {
 struct State {
     rels: BTreeMap<String, Relationship>,
     locks: LockNode,
-    /// Latest undelivered set per upstream node.
-    pending_sets: BTreeMap<String, LockSet>,
-    /// Per downstream: snapshots we know it holds as its bases.
-    down_shared: BTreeMap<String, BTreeSet<Uuid>>,
+    /// Latest undelivered set per (relationship, upstream node).
+    pending_sets: BTreeMap<(String, String), LockSet>,
+    /// Per downstream relationship: snapshots we know it holds as its bases.
+    down_shared: BTreeMap<DownKey, BTreeSet<Uuid>>,
     /// Per relationship: when the next scheduled update is due.
     next_due: BTreeMap<String, Instant>,
     /// Retention by count: volume -> snapshots to keep.
@@ -245,21 +248,47 @@ impl Replicator {
             Some(b) => (LockNode::from_bytes(ncfg, &b)?, true),
             None => (LockNode::new(ncfg), false),
         };
-        // Every snapshot of the pool is local to the lock table, oldest
-        // first: on a first start all of them; after a restart those taken
-        // while the table was not written (a crash between a transfer's
-        // commit and its bookkeeping), so they stay protected as bases.
-        let mut all = Vec::new();
-        for v in volumes(&engine)? {
-            all.extend(snapshots(&engine, &v.name)?);
-        }
-        all.sort_by_key(|s| (s.created_unix_ms, s.gen));
-        let known: BTreeSet<Uuid> = locks.snapshots().iter().copied().collect();
-        for s in all.into_iter().filter(|s| !known.contains(&s.id)) {
-            if restored {
-                tracing::info!(snapshot = %s.name, id = %s.id, "snapshot unknown to the lock table added");
+        // The lock table's snapshots are the pool's, per volume, oldest
+        // first: on a first start all of them; after a restart also those
+        // taken while the table was not written (a crash between a
+        // transfer's commit and its bookkeeping), so they stay protected as
+        // bases. Every relationship is (re-)registered with its source and
+        // volume; upstream relationships the table has but the relationship
+        // table does not are dropped.
+        let mut reconcile = Vec::new();
+        let pool_vols = volumes(&engine)?;
+        for v in &pool_vols {
+            let mut snaps = snapshots(&engine, &v.name)?;
+            snaps.sort_by_key(|s| (s.created_unix_ms, s.gen));
+            for s in snaps
+                .iter()
+                .filter(|s| restored && !locks.has_snapshot(&v.name, s.id))
+            {
+                tracing::info!(volume = %v.name, snapshot = %s.name, id = %s.id, "snapshot unknown to the lock table added");
             }
-            locks.handle(now_ms(), Event::SnapshotCreated { snapshot: s.id });
+            reconcile.push(Event::VolumeSnapshots {
+                volume: v.name.clone(),
+                snapshots: snaps.iter().map(|s| s.id).collect(),
+            });
+        }
+        for v in locks.volumes() {
+            if !v.is_empty() && !pool_vols.iter().any(|p| p.name == v) {
+                reconcile.push(Event::VolumeRemoved { volume: v });
+            }
+        }
+        for r in rels.values() {
+            if let Some(up) = &r.source_node {
+                reconcile.push(upstream_event(r, up));
+            }
+        }
+        for rel in locks.upstream_relationships() {
+            if rels.get(&rel).is_none_or(|r| r.source_node.is_none()) {
+                reconcile.push(Event::UpstreamRemoved { relationship: rel });
+            }
+        }
+        let mut early = Vec::new();
+        for ev in reconcile {
+            early.extend(locks.handle(now_ms(), ev));
         }
         if cfg.peer_secret.is_none() {
             tracing::warn!(
@@ -294,12 +323,18 @@ impl Replicator {
             cfg,
         });
         // Re-send every set (a restart bumps the generation epoch).
-        let acts = r.lock_events(vec![Event::Restarted])?;
+        let mut acts = early;
+        acts.extend(r.lock_events(vec![Event::Restarted])?);
         {
             let mut st = lock(&r.st);
             for a in acts {
-                if let Action::SendLockSet { upstream, set } = a {
-                    st.pending_sets.insert(upstream, set);
+                if let Action::SendLockSet {
+                    relationship,
+                    upstream,
+                    set,
+                } = a
+                {
+                    st.pending_sets.insert((relationship, upstream), set);
                 }
             }
             r.persist_locks(&st)?;
@@ -423,60 +458,81 @@ impl Replicator {
     fn perform(&self, acts: Vec<Action>, mut conn: Option<&mut Conn>) {
         for a in acts {
             match a {
-                Action::SendLockSet { upstream, set } => {
+                Action::SendLockSet {
+                    relationship,
+                    upstream,
+                    set,
+                } => {
                     if let Some(c) = conn.as_deref_mut() {
                         if c.peer_node == upstream {
-                            let msg = Message::LockSet(WireLockSet::from_model(&set));
-                            if let Err(e) = c.send(&msg, &[]) {
-                                tracing::warn!(%upstream, error = %e, "lock set not sent; retried next tick");
-                                lock(&self.st).pending_sets.insert(upstream, set);
+                            if let Err(e) = send_set(c, &set) {
+                                tracing::warn!(%upstream, %relationship, error = %e, "lock set not sent; retried next tick");
+                                lock(&self.st)
+                                    .pending_sets
+                                    .insert((relationship, upstream), set);
                             }
                             continue;
                         }
                     }
-                    self.deliver(&upstream, set);
+                    self.deliver(&relationship, &upstream, set);
                 }
                 Action::Stale {
                     downstream,
+                    relationship,
                     renewed_ms,
                     lease_ms,
                 } => {
-                    tracing::warn!(%downstream, renewed_ms, lease_ms, "downstream lock set is stale (not renewed within its lease); its locks are kept until released")
+                    tracing::warn!(%downstream, %relationship, renewed_ms, lease_ms, "downstream lock set is stale (not renewed within its lease); its locks are kept until released")
                 }
                 Action::RelayedStale {
                     downstream,
+                    relationship,
                     origin,
                     renewed_ms,
                     lease_ms,
                 } => {
-                    tracing::warn!(%downstream, %origin, renewed_ms, lease_ms, "locks relayed from a node further down are stale (their origin has not renewed them within its lease); kept until released")
+                    tracing::warn!(%downstream, %relationship, %origin, renewed_ms, lease_ms, "locks relayed from a node further down are stale (their origin has not renewed them within its lease); kept until released")
                 }
                 Action::RelayedReleased {
                     downstream,
+                    relationship,
                     origin,
                     dropped,
                     ..
                 } => {
-                    tracing::info!(%downstream, %origin, dropped, "relayed locks released: their origin's lease and grace ran out")
+                    tracing::info!(%downstream, %relationship, %origin, dropped, "relayed locks released: their origin's lease and grace ran out")
                 }
-                Action::Released { downstream, reason } => {
-                    tracing::info!(%downstream, ?reason, "downstream locks released")
+                Action::Released {
+                    downstream,
+                    relationship,
+                    reason,
+                } => {
+                    tracing::info!(%downstream, %relationship, ?reason, "downstream locks released")
                 }
                 Action::SetRejected { sender, error } => {
                     tracing::warn!(%sender, %error, "lock set rejected")
                 }
-                Action::SetTruncated { upstream, dropped } => {
-                    tracing::warn!(%upstream, dropped, "lock set exceeded its bound; oldest locks left out")
+                Action::SetOverBound {
+                    relationship,
+                    count,
+                    max,
+                } => {
+                    tracing::error!(%relationship, count, max, "lock set holds more locks than an upstream accepts; the upstream keeps its previous set until locks are released")
                 }
-                Action::ForcedDelete { snapshot, holders } => {
+                Action::ForcedDelete {
+                    volume,
+                    snapshot,
+                    holders,
+                } => {
                     self.n.forced_deletes.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%snapshot, holders = %holders_text(&holders), "forced delete of a locked snapshot")
+                    tracing::warn!(%volume, %snapshot, holders = %holders_text(&holders), "forced delete of a locked snapshot")
                 }
                 Action::TellSnapshotGone {
                     downstream,
+                    relationship,
                     snapshot,
                 } => {
-                    tracing::info!(%downstream, %snapshot, "downstream will be told the snapshot is gone")
+                    tracing::info!(%downstream, %relationship, %snapshot, "downstream will be told the snapshot is gone")
                 }
                 Action::DeleteRefused { .. }
                 | Action::Deleted { .. }
@@ -486,48 +542,55 @@ impl Replicator {
         }
     }
 
-    /// Deliver one set to an upstream on a connection of its own.
-    fn deliver(&self, upstream: &str, set: LockSet) {
-        match self.deliver_now(upstream, &set) {
+    /// Deliver one set of `relationship` to node `upstream` on a
+    /// connection of its own; an undeliverable one is kept for the next
+    /// tick (the latest per relationship and upstream), unless the
+    /// relationship no longer pulls from that upstream.
+    fn deliver(&self, relationship: &str, upstream: &str, set: LockSet) {
+        let key = (relationship.to_string(), upstream.to_string());
+        match self.deliver_now(relationship, upstream, &set) {
             Ok(gone) => {
                 let mut st = lock(&self.st);
                 if st
                     .pending_sets
-                    .get(upstream)
+                    .get(&key)
                     .is_some_and(|p| p.generation <= set.generation)
                 {
-                    st.pending_sets.remove(upstream);
+                    st.pending_sets.remove(&key);
                 }
                 drop(st);
-                self.apply_gone(upstream, gone, None);
+                self.apply_gone(relationship, gone, None);
             }
             Err(e) => {
-                tracing::warn!(%upstream, error = %e, "lock set not delivered; retried next tick");
+                tracing::warn!(%upstream, %relationship, error = %e, "lock set not delivered; retried next tick");
                 let mut st = lock(&self.st);
                 let newer = st
                     .pending_sets
-                    .get(upstream)
+                    .get(&key)
                     .is_some_and(|p| p.generation > set.generation);
-                // No relationship, no upstream: a set for an upstream the
-                // lock table dropped meanwhile is not kept for retries.
-                if !newer && st.locks.has_upstream(upstream) {
-                    st.pending_sets.insert(upstream.to_string(), set);
+                if !newer && st.locks.upstream_of(relationship) == Some(upstream) {
+                    st.pending_sets.insert(key, set);
                 }
             }
         }
     }
 
-    fn upstream_addr(&self, upstream: &str) -> Option<String> {
+    /// The address of node `upstream`: the source address of
+    /// `relationship` when it pulls from that node, else of any
+    /// relationship that does.
+    fn upstream_addr(&self, relationship: &str, upstream: &str) -> Option<String> {
         let st = lock(&self.st);
+        let from = |r: &&Relationship| r.source_node.as_deref() == Some(upstream);
         st.rels
-            .values()
-            .find(|r| r.source_node.as_deref() == Some(upstream))
+            .get(relationship)
+            .filter(from)
+            .or_else(|| st.rels.values().find(from))
             .map(|r| r.source_addr.clone())
     }
 
-    fn deliver_now(&self, upstream: &str, set: &LockSet) -> Result<Vec<Uuid>> {
+    fn deliver_now(&self, relationship: &str, upstream: &str, set: &LockSet) -> Result<Vec<Uuid>> {
         let addr = self
-            .upstream_addr(upstream)
+            .upstream_addr(relationship, upstream)
             .ok_or_else(|| ReplError::NotFound(format!("address of upstream node {upstream}")))?;
         self.deliver_to(&addr, upstream, set)
     }
@@ -540,7 +603,7 @@ impl Replicator {
                 c.peer_node
             )));
         }
-        c.send(&Message::LockSet(WireLockSet::from_model(set)), &[])?;
+        send_set(&mut c, set)?;
         let gone = self.barrier(&mut c)?;
         Ok(gone)
     }
@@ -575,14 +638,14 @@ impl Replicator {
         }
     }
 
-    fn apply_gone(&self, upstream: &str, gone: Vec<Uuid>, conn: Option<&mut Conn>) {
+    fn apply_gone(&self, relationship: &str, gone: Vec<Uuid>, conn: Option<&mut Conn>) {
         if gone.is_empty() {
             return;
         }
         let evs = gone
             .into_iter()
             .map(|s| Event::UpstreamSnapshotGone {
-                upstream: upstream.to_string(),
+                relationship: relationship.to_string(),
                 snapshot: s,
             })
             .collect();
@@ -622,24 +685,24 @@ impl Replicator {
             Ok(a) => self.perform(a, None),
             Err(e) => tracing::error!(error = %e, "lock tick failed"),
         }
-        let pending: Vec<(String, LockSet)> = {
+        let pending: Vec<((String, String), LockSet)> = {
             let mut st = lock(&self.st);
             let State {
                 pending_sets,
                 locks,
                 ..
             } = &mut *st;
-            pending_sets.retain(|u, _| locks.has_upstream(u));
+            pending_sets.retain(|(rel, up), _| locks.upstream_of(rel) == Some(up.as_str()));
             pending_sets
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         };
-        for (u, s) in pending {
+        for ((rel, up), s) in pending {
             if self.stopping() {
                 return;
             }
-            self.deliver(&u, s);
+            self.deliver(&rel, &up, s);
         }
         let now = Instant::now();
         let due: Vec<String> = {
@@ -687,6 +750,29 @@ fn scheduler(r: Weak<Replicator>, stop: ChanRx<()>, tick: Duration) {
             return;
         }
         r.tick();
+    }
+}
+
+/// Send a whole lock set on `c`, in as many frames as it needs.
+fn send_set(c: &mut Conn, set: &LockSet) -> Result<()> {
+    for part in WireLockSet::split(set) {
+        c.send(&Message::LockSet(part), &[])?;
+    }
+    Ok(())
+}
+
+/// The lock-table event that registers relationship `r` pulling from node
+/// `upstream`.
+fn upstream_event(r: &Relationship, upstream: &str) -> Event {
+    Event::UpstreamAdded {
+        relationship: r.dst.clone(),
+        upstream: upstream.to_string(),
+        source: r.source_volume.clone(),
+        volume: r.dst_volume.clone(),
+        kind: match r.kind {
+            MirrorKind::Volume => LockKind::DestinationPath,
+            MirrorKind::Qtree => LockKind::QtreeName,
+        },
     }
 }
 

@@ -66,6 +66,16 @@ impl Replicator {
                 None
             }
         };
+        for (what, name) in [
+            ("volume", Some(&spec.dst_volume)),
+            ("qtree", dst_qtree.as_ref()),
+        ] {
+            if let Some(n) = name.filter(|n| n.is_empty() || n.contains(['/', '@'])) {
+                return Err(ReplError::Invalid(format!(
+                    "destination {what} name {n:?} must be non-empty without '/' or '@' (a qtree mirror's destination is a volume; the qtree in it takes the source qtree's name)"
+                )));
+            }
+        }
         let key = match &dst_qtree {
             Some(q) => format!("{}/{q}", spec.dst_volume),
             None => spec.dst_volume.clone(),
@@ -133,25 +143,86 @@ impl Replicator {
                 // cut midway keeps it (and its checkpoint) so update resumes.
                 let started = self.load_ckpt(&key)?.is_some();
                 if !started {
-                    let mut st = lock(&self.st);
-                    let gone = st.rels.remove(&key).and_then(|r| r.source_node);
-                    self.persist_rels(&st)?;
-                    // Nor an upstream in the lock table that no relationship
-                    // uses (it would be renewed, undeliverably, forever).
-                    let unused = gone
-                        .filter(|up| !st.rels.values().any(|r| r.source_node.as_ref() == Some(up)));
-                    drop(st);
-                    if let Some(up) = unused {
-                        let acts = self.lock_events(vec![Event::UpstreamRemoved {
-                            upstream: up.clone(),
-                        }])?;
-                        lock(&self.st).pending_sets.remove(&up);
-                        self.perform(acts, None);
-                    }
+                    self.forget_failed_create(&key, &spec.dst_volume);
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Undo what a `mirror create` whose baseline never started left: the
+    /// relationship, its upstream in the lock table (the upstream gets a
+    /// final empty set, so it drops whatever the sets before the transfer
+    /// told it), the resume lock, and a destination volume it created that
+    /// holds nothing. The lock state is as it was before the command.
+    fn forget_failed_create(&self, key: &str, dst_volume: &str) {
+        let r = (|| -> Result<()> {
+            let owner = self.resume_owner(key);
+            let mut evs: Vec<Event> = lock(&self.st)
+                .locks
+                .all_locks()
+                .into_iter()
+                .filter(|h| h.lock.kind == LockKind::OwnerName && h.lock.text == owner)
+                .map(|h| Event::AppLockReleased {
+                    volume: h.volume,
+                    snapshot: h.lock.snapshot,
+                    owner: owner.clone(),
+                })
+                .collect();
+            evs.push(Event::UpstreamRemoved {
+                relationship: key.to_string(),
+            });
+            let acts = self.lock_events(evs)?;
+            lock(&self.st).pending_sets.retain(|(rel, _), _| rel != key);
+            // Delivered while the relationship (and so the upstream's
+            // address) is still known.
+            if let Some(Err(e)) = self.perform_final(key, acts) {
+                tracing::warn!(dst = %key, error = %e, "final lock set after a failed create not delivered; the upstream drops it when its lease ends");
+            }
+            {
+                let mut st = lock(&self.st);
+                st.rels.remove(key);
+                self.persist_rels(&st)?;
+            }
+            self.store_ckpt(key, None)?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            tracing::warn!(dst = %key, error = %e, "cleaning up after a failed mirror create failed");
+        }
+        let _ = dst_volume;
+    }
+
+    /// Perform `acts`, delivering the final set of `relationship` (if any)
+    /// synchronously; returns whether the upstream acknowledged it (`None`
+    /// when there was none to send).
+    fn perform_final(&self, relationship: &str, acts: Vec<Action>) -> Option<Result<()>> {
+        let mut final_set = None;
+        let mut rest = Vec::new();
+        for a in acts {
+            match a {
+                Action::SendLockSet {
+                    relationship: r,
+                    upstream,
+                    set,
+                } if r == relationship && set.locks.is_empty() => final_set = Some((upstream, set)),
+                other => rest.push(other),
+            }
+        }
+        self.perform(rest, None);
+        let (up, set) = final_set?;
+        let own = lock(&self.st)
+            .rels
+            .get(relationship)
+            .map(|r| r.source_addr.clone());
+        let addr = own.or_else(|| self.upstream_addr(relationship, &up));
+        let r = match addr {
+            Some(addr) => self.deliver_to(&addr, &up, &set).map(|_| ()),
+            None => Err(ReplError::NotFound(format!(
+                "address of upstream node {up}"
+            ))),
+        };
+        Some(r)
     }
 
     /// One transfer now (incremental from the newest common snapshot).
@@ -193,68 +264,29 @@ impl Replicator {
     }
 
     /// End the relationship and release its locks upstream. The destination
-    /// volume stays, writable.
-    pub fn mirror_delete(&self, dst: &str) -> Result<()> {
+    /// volume stays, writable. Returns whether the upstream released them
+    /// (`false`: it could not be reached, and its locks there will go stale
+    /// under their lease).
+    pub fn mirror_delete(&self, dst: &str) -> Result<bool> {
         let r = self.rel(dst)?;
         let _busy = self.busy_guard(&r.dst)?;
-        let acts = {
-            let mut st = lock(&self.st);
-            st.rels.remove(&r.dst);
-            self.persist_rels(&st)?;
-            let mut acts = Vec::new();
-            if let Some(up) = &r.source_node {
-                let rest: Vec<Uuid> = st
-                    .rels
-                    .values()
-                    .filter(|x| x.source_node.as_deref() == Some(up))
-                    .flat_map(|x| x.source_snaps.iter().copied())
-                    .collect();
-                let last = rest.is_empty();
-                acts.extend(st.locks.handle(
-                    now_ms(),
-                    Event::UpstreamSnapshots {
-                        upstream: up.clone(),
-                        snapshots: rest,
-                    },
-                ));
-                if last {
-                    // The set just produced (empty) is the final one.
-                    let force = st.locks.handle(
-                        now_ms(),
-                        Event::TransferStarting {
-                            upstream: up.clone(),
-                        },
-                    );
-                    acts.extend(force);
-                }
-                self.persist_locks(&st)?;
-                (acts, last, up.clone())
-            } else {
-                (acts, false, String::new())
+        let acts = self.lock_events(vec![Event::UpstreamRemoved {
+            relationship: r.dst.clone(),
+        }])?;
+        // Deliver synchronously (the relationship is still in the table, so
+        // its address is known): the upstream releases before we return.
+        let released = match self.perform_final(&r.dst, acts) {
+            None | Some(Ok(())) => true,
+            Some(Err(e)) => {
+                tracing::warn!(dst = %r.dst, source = %r.source_path(), error = %e, "final lock set not delivered; the upstream keeps our locks until their lease ends");
+                false
             }
         };
-        let (acts, last, up) = acts;
-        // Deliver synchronously: the upstream releases before we return.
-        let mut final_set = None;
-        let mut rest = Vec::new();
-        for a in acts {
-            match a {
-                Action::SendLockSet { upstream, set } if upstream == up => final_set = Some(set),
-                other => rest.push(other),
-            }
-        }
-        self.perform(rest, None);
-        if let Some(set) = final_set {
-            if let Err(e) = self.deliver_to(&r.source_addr, &up, &set) {
-                tracing::warn!(upstream = %up, error = %e, "final lock set not delivered; the upstream releases our locks when their lease ends");
-            }
-        }
-        if last {
-            let acts = self.lock_events(vec![Event::UpstreamRemoved {
-                upstream: up.clone(),
-            }])?;
-            self.perform(acts, None);
-            lock(&self.st).pending_sets.remove(&up);
+        {
+            let mut st = lock(&self.st);
+            st.rels.remove(&r.dst);
+            st.pending_sets.retain(|(rel, _), _| rel != &r.dst);
+            self.persist_rels(&st)?;
         }
         self.store_ckpt(&r.dst, None)?;
         if r.kind == MirrorKind::Volume {
@@ -266,8 +298,12 @@ impl Replicator {
             }
         }
         self.flush()?;
-        tracing::info!(dst = %r.dst, "mirror relationship deleted; its locks were released upstream");
-        Ok(())
+        if released {
+            tracing::info!(dst = %r.dst, "mirror relationship deleted; its locks were released upstream");
+        } else {
+            tracing::warn!(dst = %r.dst, "mirror relationship deleted; the upstream was not reached, so its locks there stay until their lease runs out");
+        }
+        Ok(released)
     }
 
     /// Every relationship's status.
@@ -342,11 +378,11 @@ impl Replicator {
         r
     }
 
-    pub(super) fn recv_reply(&self, c: &mut Conn, upstream: &str) -> Result<Message> {
+    pub(super) fn recv_reply(&self, c: &mut Conn, relationship: &str) -> Result<Message> {
         loop {
             match c.recv()? {
                 Some(Message::SnapshotGone { snapshot, .. }) => {
-                    self.apply_gone(upstream, vec![Uuid::from_bytes(snapshot)], Some(c))
+                    self.apply_gone(relationship, vec![Uuid::from_bytes(snapshot)], Some(c))
                 }
                 Some(Message::Ping { nonce }) => c.send(&Message::Pong { nonce }, &[])?,
                 Some(Message::Error { code, text, .. }) => {
@@ -374,7 +410,7 @@ impl Replicator {
     pub(super) fn request_list(
         &self,
         c: &mut Conn,
-        up: &str,
+        relationship: &str,
         volume: &str,
         qtree: Option<&str>,
     ) -> Result<Vec<SnapInfo>> {
@@ -387,7 +423,7 @@ impl Replicator {
             },
             &[],
         )?;
-        match self.recv_reply(c, up)? {
+        match self.recv_reply(c, relationship)? {
             Message::SnapshotList {
                 req_id: r,
                 snapshots,
@@ -414,10 +450,10 @@ impl Replicator {
     pub(super) fn probe_full_bytes(&self, rel: &Relationship, target: &SnapInfo) -> u64 {
         let r = (|| -> Result<u64> {
             let mut c = self.connect(&rel.source_addr)?;
-            let up = c.peer_node.clone();
             c.send(
                 &Message::TransferRequest(TransferRequest {
                     req_id: 1,
+                    relationship: rel.dst.clone(),
                     volume: rel.source_volume.clone(),
                     qtree: rel.source_qtree.clone(),
                     base: None,
@@ -426,7 +462,7 @@ impl Replicator {
                 }),
                 &[],
             )?;
-            match self.recv_reply(&mut c, &up)? {
+            match self.recv_reply(&mut c, &rel.dst)? {
                 Message::TransferStart(s) => {
                     c.close();
                     Ok(s.byte_count)
@@ -446,25 +482,18 @@ impl Replicator {
                 )));
             }
         }
-        let mut st = lock(&self.st);
-        if let Some(r) = st.rels.get_mut(&rel.dst) {
-            r.source_node = Some(peer.to_string());
-        }
-        let kind = match rel.kind {
-            MirrorKind::Volume => LockKind::DestinationPath,
-            MirrorKind::Qtree => LockKind::QtreeName,
+        let acts = {
+            let mut st = lock(&self.st);
+            if let Some(r) = st.rels.get_mut(&rel.dst) {
+                r.source_node = Some(peer.to_string());
+            }
+            let acts = st.locks.handle(now_ms(), upstream_event(rel, peer));
+            self.persist_rels(&st)?;
+            self.persist_locks(&st)?;
+            acts
         };
-        let relationship = format!("{}:{}", self.cfg.node_name, rel.dst);
-        st.locks.handle(
-            now_ms(),
-            Event::UpstreamAdded {
-                upstream: peer.to_string(),
-                relationship,
-                kind,
-            },
-        );
-        self.persist_rels(&st)?;
-        self.persist_locks(&st)
+        self.perform(acts, None);
+        Ok(())
     }
 
     /// Create the destination namespaces (volume + qtrees, or the qtree).
@@ -692,28 +721,26 @@ impl Replicator {
         self.ensure_upstream(rel, &up)?;
         // Claims 10/20: our lock set before the transfer.
         let acts = self.lock_events(vec![Event::TransferStarting {
-            upstream: up.clone(),
+            relationship: key.clone(),
         }])?;
         self.send_sets(&mut c, acts)?;
-        let src =
-            self.request_list(&mut c, &up, &rel.source_volume, rel.source_qtree.as_deref())?;
+        let src = self.request_list(
+            &mut c,
+            &key,
+            &rel.source_volume,
+            rel.source_qtree.as_deref(),
+        )?;
         let src_ids: Vec<Uuid> = src.iter().map(|s| Uuid::from_bytes(s.id)).collect();
         {
             let mut st = lock(&self.st);
             if let Some(r) = st.rels.get_mut(&key) {
                 r.source_snaps = src_ids.clone();
             }
-            let union: Vec<Uuid> = st
-                .rels
-                .values()
-                .filter(|r| r.source_node.as_deref() == Some(up.as_str()))
-                .flat_map(|r| r.source_snaps.iter().copied())
-                .collect();
             let a = st.locks.handle(
                 now_ms(),
                 Event::UpstreamSnapshots {
-                    upstream: up.clone(),
-                    snapshots: union,
+                    relationship: key.clone(),
+                    snapshots: src_ids.clone(),
                 },
             );
             self.persist_rels(&st)?;
@@ -729,7 +756,7 @@ impl Replicator {
         };
         let ns_sizes: Vec<(Option<String>, u64)> = match rel.kind {
             MirrorKind::Volume => self
-                .request_list(&mut c, &up, &rel.source_volume, Some(NS_LIST_TAG))?
+                .request_list(&mut c, &key, &rel.source_volume, Some(NS_LIST_TAG))?
                 .into_iter()
                 .map(|s| {
                     (
@@ -814,7 +841,7 @@ impl Replicator {
                 // drop its checkpoint and its resume lock; the partial data
                 // it left is undone below before the new transfer.
                 self.store_ckpt(&key, None)?;
-                self.resume_lock(&key, ck.target, false, Some(&mut c))?;
+                self.resume_lock(rel, ck.target, false, Some(&mut c))?;
                 true
             }
             _ => false,
@@ -894,6 +921,7 @@ impl Replicator {
                     continue;
                 }
                 let acts = self.lock_events(vec![Event::DeleteRequested {
+                    volume: rel.dst_volume.clone(),
                     snapshot: s.id,
                     force: false,
                 }])?;
@@ -917,7 +945,7 @@ impl Replicator {
         // Claims 10/20: our lock set after the transfer (sent by
         // TransferFinished in pull); make sure the source processed it.
         let gone = self.barrier(&mut c)?;
-        self.apply_gone(&up, gone, Some(&mut c));
+        self.apply_gone(&key, gone, Some(&mut c));
         let common = {
             let local = snapshots(&self.engine, &rel.dst_volume)?;
             src.iter()
@@ -951,22 +979,26 @@ impl Replicator {
         format!("transfer to {}:{key} in progress", self.cfg.node_name)
     }
 
-    /// Lock (or release) the target of an interrupted-able transfer.
+    /// Lock (or release) the target of an interrupted-able transfer (held
+    /// for the destination volume, relayed to the source).
     pub(super) fn resume_lock(
         &self,
-        key: &str,
+        rel: &Relationship,
         target: Uuid,
         on: bool,
         c: Option<&mut Conn>,
     ) -> Result<()> {
-        let owner = self.resume_owner(key);
+        let owner = self.resume_owner(&rel.dst);
+        let volume = rel.dst_volume.clone();
         let ev = if on {
             Event::AppLockAdded {
+                volume,
                 snapshot: target,
                 owner,
             }
         } else {
             Event::AppLockReleased {
+                volume,
                 snapshot: target,
                 owner,
             }
@@ -998,10 +1030,11 @@ impl Replicator {
         let base_id = base.as_ref().map(|b| b.id);
         // Keep the target alive upstream until it is committed here, so a
         // cut transfer can resume on the next update.
-        self.resume_lock(&key, Uuid::from_bytes(target.id), true, Some(c))?;
+        self.resume_lock(rel, Uuid::from_bytes(target.id), true, Some(c))?;
         c.send(
             &Message::TransferRequest(TransferRequest {
                 req_id,
+                relationship: key.clone(),
                 volume: rel.source_volume.clone(),
                 qtree: rel.source_qtree.clone(),
                 base: base_id,
@@ -1010,7 +1043,7 @@ impl Replicator {
             }),
             &[],
         )?;
-        let start = match self.recv_reply(c, up)? {
+        let start = match self.recv_reply(c, &key)? {
             Message::TransferStart(s) if s.req_id == req_id => s,
             other => {
                 return Err(ReplError::Protocol {
@@ -1075,7 +1108,7 @@ impl Replicator {
             if self.stopping() {
                 return Err(ReplError::ShuttingDown);
             }
-            match self.recv_reply(c, up)? {
+            match self.recv_reply(c, &key)? {
                 Message::Extent(h) => {
                     let a: Apply = rx.on_extent(&h, c.payload())?;
                     let ns = nss
@@ -1189,7 +1222,7 @@ impl Replicator {
             });
             self.store_ckpt(&key, None)?;
             self.flush()?;
-            self.resume_lock(&key, Uuid::from_bytes(target.id), false, Some(c))?;
+            self.resume_lock(rel, Uuid::from_bytes(target.id), false, Some(c))?;
             return Err(ReplError::DigestMismatch {
                 dst: key,
                 source_path: rel.source_path(),
@@ -1205,14 +1238,18 @@ impl Replicator {
         self.store_ckpt(&key, None)?;
         self.flush()?;
         let owner = self.resume_owner(&key);
+        // The base lock first, then the resume lock goes: the set the
+        // source sees never lacks the target (an empty set in between would
+        // end this downstream relationship there for a moment).
         let acts = self.lock_events(vec![
+            Event::TransferFinished {
+                relationship: key.clone(),
+                target: info.id,
+            },
             Event::AppLockReleased {
+                volume: rel.dst_volume.clone(),
                 snapshot: info.id,
                 owner,
-            },
-            Event::TransferFinished {
-                upstream: up.to_string(),
-                target: info.id,
             },
         ])?;
         self.send_sets(c, acts)?;

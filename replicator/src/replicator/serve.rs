@@ -12,12 +12,13 @@ use super::*;
 impl Replicator {
     /// Bound the downstreams one node tracks (a node without a secret
     /// accepts any peer name): a new one beyond [`DOWNSTREAMS_MAX`] is refused.
-    pub(super) fn admit_downstream(&self, c: &mut Conn, peer: &str) -> Result<()> {
+    pub(super) fn admit_downstream(&self, c: &mut Conn, key: &DownKey) -> Result<()> {
         let mut st = lock(&self.st);
-        if st.down_shared.contains_key(peer) {
+        if st.down_shared.contains_key(key) {
             return Ok(());
         }
-        if st.down_shared.len() >= DOWNSTREAMS_MAX {
+        let nodes: BTreeSet<&str> = st.down_shared.keys().map(|(n, _)| n.as_str()).collect();
+        if !nodes.contains(key.0.as_str()) && nodes.len() >= DOWNSTREAMS_MAX {
             drop(st);
             let text = format!(
                 "node {} already serves {DOWNSTREAMS_MAX} downstreams; delete unused mirrors downstream",
@@ -26,7 +27,7 @@ impl Replicator {
             c.send_error(0, codes::INTERNAL, &text);
             return Err(ReplError::Invalid(text));
         }
-        st.down_shared.insert(peer.to_string(), BTreeSet::new());
+        st.down_shared.insert(key.clone(), BTreeSet::new());
         Ok(())
     }
 
@@ -50,6 +51,7 @@ impl Replicator {
     pub(super) fn serve(&self, stream: std::net::TcpStream) -> Result<()> {
         let mut c = self.track(Conn::new(stream, self.cfg.peer_timeout)?)?;
         let peer = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref())?;
+        let mut parts = SetAssembler::default();
         loop {
             if self.stopping() {
                 c.send_error(0, codes::INTERNAL, "node is shutting down");
@@ -59,7 +61,17 @@ impl Replicator {
                 return Ok(());
             };
             match msg {
-                Message::LockSet(w) => self.on_lock_set(&mut c, &peer, &w)?,
+                Message::LockSet(w) => {
+                    let max = sluice_lockproto::Bounds::default().max_locks_per_set;
+                    match parts.push(w, max) {
+                        Ok(Some(set)) => self.on_lock_set(&mut c, &peer, set)?,
+                        Ok(None) => {}
+                        Err(e) => {
+                            c.send_error(0, codes::BAD_FRAME, &e.to_string());
+                            return Err(e.into());
+                        }
+                    }
+                }
                 Message::Ping { nonce } => c.send(&Message::Pong { nonce }, &[])?,
                 Message::Pong { .. } | Message::CheckpointAck { .. } => {}
                 Message::SnapshotListRequest {
@@ -70,13 +82,7 @@ impl Replicator {
                     Ok(snapshots) => c.send(&Message::SnapshotList { req_id, snapshots }, &[])?,
                     Err(e) => c.send_error(req_id, codes::NOT_FOUND, &e.to_string()),
                 },
-                Message::TransferRequest(r) => {
-                    self.admit_downstream(&mut c, &peer)?;
-                    self.lock_events(vec![Event::DownstreamAdded {
-                        downstream: peer.clone(),
-                    }])?;
-                    self.serve_transfer(&mut c, &peer, &r)?;
-                }
+                Message::TransferRequest(r) => self.serve_transfer(&mut c, &peer, &r)?,
                 Message::Error { code, text, .. } => {
                     tracing::info!(%peer, code, %text, "peer sent an error");
                     return Ok(());
@@ -96,11 +102,11 @@ impl Replicator {
         }
     }
 
-    pub(super) fn on_lock_set(&self, c: &mut Conn, peer: &str, w: &WireLockSet) -> Result<()> {
-        if w.sender != peer {
+    pub(super) fn on_lock_set(&self, c: &mut Conn, peer: &str, set: LockSet) -> Result<()> {
+        if set.sender != peer {
             let text = format!(
                 "lock set names sender {:?} but the connection authenticated as {peer:?}",
-                w.sender
+                set.sender
             );
             c.send_error(0, codes::BAD_FRAME, &text);
             return Err(ReplError::Protocol {
@@ -108,42 +114,62 @@ impl Replicator {
                 detail: text,
             });
         }
-        let set = w.to_model()?;
-        self.admit_downstream(c, peer)?;
+        let key: DownKey = (peer.to_string(), set.relationship.clone());
+        let empty = set.locks.is_empty() && set.gone_acks.is_empty();
+        if !empty {
+            if let Err(e) = volume_info(&self.engine, &set.volume) {
+                let text = format!(
+                    "lock set of {peer}:{} names volume {:?}, which {} does not have ({e})",
+                    set.relationship, set.volume, self.cfg.node_name
+                );
+                c.send_error(0, codes::NOT_FOUND, &text);
+                return Err(ReplError::Protocol {
+                    peer: c.who(),
+                    detail: text,
+                });
+            }
+            self.admit_downstream(c, &key)?;
+        }
         let acts = {
             let mut st = lock(&self.st);
             let now = now_ms();
             let mut acts = Vec::new();
-            if set.locks.is_empty() && set.gone_acks.is_empty() {
-                // The downstream holds nothing here any more (its mirrors
-                // were deleted): it stops being a downstream.
-                st.down_shared.remove(peer);
+            if empty {
+                // The downstream relationship holds nothing here any more
+                // (deleted, or not yet based on anything of ours): it stops
+                // being a downstream.
+                st.down_shared.remove(&key);
                 acts.extend(st.locks.handle(
                     now,
                     Event::DownstreamRemoved {
-                        downstream: peer.to_string(),
+                        downstream: key.0.clone(),
+                        relationship: key.1.clone(),
                     },
                 ));
             } else {
                 acts.extend(st.locks.handle(
                     now,
                     Event::DownstreamAdded {
-                        downstream: peer.to_string(),
+                        downstream: key.0.clone(),
+                        relationship: key.1.clone(),
+                        volume: set.volume.clone(),
                     },
                 ));
-                let local: BTreeSet<Uuid> = st.locks.snapshots().iter().copied().collect();
                 let shared: BTreeSet<Uuid> = set
                     .locks
                     .iter()
-                    .filter(|l| l.origin_node == peer && local.contains(&l.snapshot))
+                    .filter(|l| {
+                        l.origin_node == peer && st.locks.has_snapshot(&set.volume, l.snapshot)
+                    })
                     .map(|l| l.snapshot)
                     .collect();
-                st.down_shared.insert(peer.to_string(), shared.clone());
+                st.down_shared.insert(key.clone(), shared.clone());
                 acts.extend(st.locks.handle(now, Event::LockSetReceived { set }));
                 acts.extend(st.locks.handle(
                     now,
                     Event::DownstreamShared {
-                        downstream: peer.to_string(),
+                        downstream: key.0.clone(),
+                        relationship: key.1.clone(),
                         shared: shared.into_iter().collect(),
                     },
                 ));
@@ -152,7 +178,7 @@ impl Replicator {
             acts
         };
         self.perform(acts, None);
-        let gone = lock(&self.st).locks.pending_gone(peer);
+        let gone = lock(&self.st).locks.pending_gone(&key.0, &key.1);
         for g in gone {
             c.send(
                 &Message::SnapshotGone {
@@ -464,19 +490,32 @@ impl Replicator {
             }
         }
         self.n.transfers_served.fetch_add(1, Ordering::Relaxed);
-        // Protect the target for this downstream until its after-set arrives.
+        // Protect the target for this downstream relationship until its
+        // after-set arrives.
+        let key: DownKey = (peer.to_string(), r.relationship.clone());
+        self.admit_downstream(c, &key)?;
         let acts = {
             let mut st = lock(&self.st);
-            let e = st.down_shared.entry(peer.to_string()).or_default();
-            e.insert(target.id);
-            let shared: Vec<Uuid> = e.iter().copied().collect();
-            let a = st.locks.handle(
-                now_ms(),
-                Event::DownstreamShared {
-                    downstream: peer.to_string(),
-                    shared,
+            let now = now_ms();
+            let mut a = st.locks.handle(
+                now,
+                Event::DownstreamAdded {
+                    downstream: key.0.clone(),
+                    relationship: key.1.clone(),
+                    volume: r.volume.clone(),
                 },
             );
+            let e = st.down_shared.entry(key.clone()).or_default();
+            e.insert(target.id);
+            let shared: Vec<Uuid> = e.iter().copied().collect();
+            a.extend(st.locks.handle(
+                now,
+                Event::DownstreamShared {
+                    downstream: key.0.clone(),
+                    relationship: key.1.clone(),
+                    shared,
+                },
+            ));
             self.persist_locks(&st)?;
             a
         };
