@@ -182,7 +182,7 @@ impl Replicator {
         if r.kind == MirrorKind::Volume {
             self.engine
                 .call(Request::SetReadOnly {
-                    volume: r.dst_volume.clone(),
+                    ns: NsName::volume(&r.dst_volume),
                     read_only: false,
                 })
                 .map_err(|e| ReplError::engine(format!("make {} writable", r.dst_volume), e))?;
@@ -259,7 +259,7 @@ impl Replicator {
         self.store_ckpt(&r.dst, None)?;
         if r.kind == MirrorKind::Volume {
             if let Err(e) = self.engine.call(Request::SetReadOnly {
-                volume: r.dst_volume.clone(),
+                ns: NsName::volume(&r.dst_volume),
                 read_only: false,
             }) {
                 tracing::warn!(volume = %r.dst_volume, error = %e, "could not make the former destination writable");
@@ -492,7 +492,7 @@ impl Replicator {
                         .map_err(ctx(format!("create volume {}", rel.dst_volume)))?;
                     self.engine
                         .call(Request::SetReadOnly {
-                            volume: rel.dst_volume.clone(),
+                            ns: NsName::volume(&rel.dst_volume),
                             read_only: true,
                         })
                         .map_err(ctx(format!("make {} read-only", rel.dst_volume)))?;
@@ -838,7 +838,7 @@ impl Replicator {
         if (mode == Mode::Resync || abandoned) && !up_to_date {
             if rel.kind == MirrorKind::Volume && dst_exists {
                 let _ = self.engine.call(Request::SetReadOnly {
-                    volume: rel.dst_volume.clone(),
+                    ns: NsName::volume(&rel.dst_volume),
                     read_only: true,
                 });
             }
