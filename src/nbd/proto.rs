@@ -285,7 +285,7 @@ pub struct Export {
     pub name: String,
     pub image: Image,
     pub size_bytes: u64,
-    /// Snapshots and read-only (mirror destination) volumes.
+    /// Snapshots, and read-only (mirror destination) volumes and qtrees.
     pub read_only: bool,
 }
 
