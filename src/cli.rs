@@ -67,7 +67,10 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
                 let q: Vec<String> = v
                     .qtrees
                     .iter()
-                    .map(|q| format!("{} ({})", q.name, fmt_bytes(q.size_bytes)))
+                    .map(|q| {
+                        let ro = if q.read_only { ", read-only" } else { "" };
+                        format!("{} ({}{ro})", q.name, fmt_bytes(q.size_bytes))
+                    })
                     .collect();
                 println!(
                     "{:<20} {:>10} {:>10} {:>9} {:>4} {:<3} {}",
@@ -111,7 +114,7 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
             print_transfer(&result)
         }
         ControlRequest::MirrorStatus => print_mirrors(&result),
-        ControlRequest::MirrorBreak { dst } => println!("mirror {dst} broken: the volume is writable; `mirror resync {dst}` makes it a mirror again"),
+        ControlRequest::MirrorBreak { dst } => println!("mirror {dst} broken: the destination is writable; `mirror resync {dst}` makes it a read-only mirror again"),
         ControlRequest::MirrorDelete { dst } => {
             if result["released_upstream"].as_bool() == Some(false) {
                 println!("mirror {dst} deleted; the upstream could not be reached, so its locks there were not released: they go stale when their lease runs out (or `lock release` there)");

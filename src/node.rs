@@ -52,6 +52,11 @@ pub struct Node {
 pub struct QtreeView {
     pub name: String,
     pub size_bytes: u64,
+    /// The qtree's own flag: a qtree mirror's destination, until `mirror
+    /// break` (a read-only volume, `VolumeView::read_only`, covers its
+    /// qtrees whatever this says).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +89,7 @@ impl From<&VolumeInfo> for VolumeView {
                 .map(|q| QtreeView {
                     name: q.name.clone(),
                     size_bytes: q.size_bytes,
+                    read_only: q.read_only,
                 })
                 .collect(),
             keep: None,

@@ -56,6 +56,10 @@ pub struct Image {
 pub struct QtreeInfo {
     pub name: String,
     pub size_bytes: u64,
+    /// The qtree's own read-only flag (a qtree mirror's destination): client
+    /// writes and trims to it are refused; replica writes go through. A
+    /// read-only volume refuses them in all its qtrees whatever this says.
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,8 +131,11 @@ pub enum Request {
         size_bytes: u64,
     },
     ListVolumes,
+    /// Make a namespace read-only to clients, or writable again: the
+    /// volume (`ns.qtree: None`, every namespace in it) or one qtree.
+    /// Persisted at once (a consistency point).
     SetReadOnly {
-        volume: String,
+        ns: NsName,
         read_only: bool,
     },
     /// Read `len_blocks` from an image (live or snapshot).

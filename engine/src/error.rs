@@ -50,8 +50,9 @@ pub enum Error {
     DataChecksum { vol: String, lba: u64, pba: u64 },
     #[error("pool refuses writes after an I/O failure: {reason}; reopen the pool to recover")]
     Poisoned { reason: String },
-    #[error("volume {volume} is read-only (a mirror destination)")]
-    ReadOnly { volume: String },
+    /// `what` is "volume" or "qtree"; `name` is `VOL` or `VOL/QTREE`.
+    #[error("{what} {name} is read-only (a mirror destination)")]
+    ReadOnly { what: &'static str, name: String },
     #[error("{ns}: blocks {lba}..+{len} are beyond the size of {size} blocks")]
     OutOfRange {
         ns: String,

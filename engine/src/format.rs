@@ -11,8 +11,17 @@ use crate::error::{Error, Result};
 
 pub const SB_MAGIC: &[u8; 8] = b"SLUICE01";
 /// Version 2 added `shard_index`/`shard_count`; a version-1 superblock
-/// decodes as shard 0 of 1 (the whole device is one region).
-pub const FORMAT_VERSION: u32 = 2;
+/// decodes as shard 0 of 1 (the whole device is one region). Version 3
+/// added a flags byte to each live namespace in the catalog
+/// ([`NS_FLAG_READ_ONLY`]); the catalog of a version 1 or 2 superblock has
+/// none (every qtree writable).
+pub const FORMAT_VERSION: u32 = 3;
+/// First format version whose catalog has a flags byte per live namespace.
+pub const NS_FLAGS_SINCE: u32 = 3;
+/// Namespace flag: clients may not write or trim it (a qtree mirror's
+/// destination). The other bits are zero; a catalog with one set is
+/// corrupt (or from a newer build).
+pub const NS_FLAG_READ_ONLY: u8 = 1;
 pub const MD_MAGIC: u32 = 0x534C_4D44; // "SLMD"
 pub const HDR_LEN: usize = 32;
 /// Bytes after the header of a metadata block.

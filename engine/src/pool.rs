@@ -57,6 +57,10 @@ struct Ns {
     size: u64,
     tree: Tree,
     digest: u128,
+    /// Clients may not write or trim this namespace (a qtree mirror's
+    /// destination); replica writes may. The volume's own space uses the
+    /// volume's flag instead ([`Vol::ro`]), so this stays false there.
+    ro: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +78,8 @@ struct Snap {
 struct Vol {
     id: u32,
     name: String,
+    /// Clients may not write or trim any namespace of the volume (a volume
+    /// mirror's destination).
     ro: bool,
     ns: Vec<Ns>,
     plane: Tree,
@@ -544,12 +550,15 @@ impl<D: BlockDevice> Pool<D> {
         );
         pool.gen = sb.gen;
         pool.meta_dirty = false;
-        pool.load_catalog(sb.catalog)?;
+        pool.load_catalog(sb.catalog, sb.version)?;
         pool.rebuild_free_map()?;
         Ok(pool)
     }
 
-    fn load_catalog(&mut self, first: Ptr) -> Result<()> {
+    /// Decode the catalog chain at `first`, written in format `version`
+    /// (the superblock's: the catalog and the superblock pointing at it are
+    /// written by the same CP).
+    fn load_catalog(&mut self, first: Ptr, version: u32) -> Result<()> {
         let mut blob = Vec::new();
         let mut ptr = first;
         let mut seen = HashSet::new();
@@ -592,11 +601,24 @@ impl<D: BlockDevice> Pool<D> {
                 let size = r.u64()?;
                 let root = r.ptr()?;
                 let digest = r.u128()?;
+                let flags = if version >= NS_FLAGS_SINCE {
+                    r.u8()?
+                } else {
+                    0
+                };
+                if flags & !NS_FLAG_READ_ONLY != 0 {
+                    return Err(Error::CorruptMetadata {
+                        pba,
+                        kind: "catalog",
+                        reason: format!("namespace {name}/{n}: unknown flags {flags:#04x}"),
+                    });
+                }
                 ns.push(Ns {
                     name: if n.is_empty() { None } else { Some(n) },
                     size,
                     tree: Tree::map(root),
                     digest,
+                    ro: flags & NS_FLAG_READ_ONLY != 0,
                 });
             }
             let nsnap = r.u32()?;
@@ -662,6 +684,7 @@ impl<D: BlockDevice> Pool<D> {
                 w.u64(n.size);
                 w.ptr(n.tree.root);
                 w.u128(n.digest);
+                w.u8(if n.ro { NS_FLAG_READ_ONLY } else { 0 });
             }
             w.u32(v.snaps.len() as u32);
             for s in &v.snaps {
@@ -999,6 +1022,34 @@ impl<D: BlockDevice> Pool<D> {
             })
     }
 
+    /// A client write or trim (`replica: false`) to a read-only volume, or
+    /// to a read-only qtree, is refused with an error naming which of the
+    /// two is read-only; the replicator's writes (`replica: true`) pass.
+    fn check_client_writable(
+        &self,
+        vi: usize,
+        ni: usize,
+        ns: &NsName,
+        replica: bool,
+    ) -> Result<()> {
+        if replica {
+            return Ok(());
+        }
+        if self.vols[vi].ro {
+            return Err(Error::ReadOnly {
+                what: "volume",
+                name: ns.volume.clone(),
+            });
+        }
+        if self.vols[vi].ns[ni].ro {
+            return Err(Error::ReadOnly {
+                what: "qtree",
+                name: ns.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn check_range(&self, vi: usize, ni: usize, ns: &NsName, lba: u64, len: u64) -> Result<()> {
         let size = self.vols[vi].ns[ni].size;
         if len == 0 || lba >= size || len > size - lba {
@@ -1024,6 +1075,7 @@ impl<D: BlockDevice> Pool<D> {
                 .map(|n| QtreeInfo {
                     name: n.name.clone().unwrap_or_default(),
                     size_bytes: n.size * BLOCK_SIZE as u64,
+                    read_only: n.ro,
                 })
                 .collect(),
             read_only: v.ro,
@@ -1152,6 +1204,7 @@ impl<D: BlockDevice> Pool<D> {
                         size,
                         tree: Tree::map(Ptr::default()),
                         digest: 0,
+                        ro: false,
                     }],
                     plane: Tree::plane(Ptr::default()),
                     live_count: 0,
@@ -1190,6 +1243,7 @@ impl<D: BlockDevice> Pool<D> {
                     size,
                     tree: Tree::map(Ptr::default()),
                     digest: 0,
+                    ro: false,
                 });
                 self.meta_dirty = true;
                 self.cp(None)?;
@@ -1198,10 +1252,14 @@ impl<D: BlockDevice> Pool<D> {
             Request::ListVolumes => Ok(Reply::Volumes(
                 self.vols.iter().map(|v| self.vol_info(v)).collect(),
             )),
-            Request::SetReadOnly { volume, read_only } => {
+            Request::SetReadOnly { ns, read_only } => {
                 self.check_writable()?;
-                let vi = self.vol_idx(&volume)?;
-                self.vols[vi].ro = read_only;
+                let (vi, ni) = self.ns_idx(&ns)?;
+                if ni == 0 {
+                    self.vols[vi].ro = read_only;
+                } else {
+                    self.vols[vi].ns[ni].ro = read_only;
+                }
                 self.meta_dirty = true;
                 self.cp(None)?;
                 Ok(Reply::Done)
@@ -1550,11 +1608,7 @@ impl<D: BlockDevice> Pool<D> {
     ) -> Result<(usize, usize, Vec<u64>)> {
         self.check_writable()?;
         let (vi, ni) = self.ns_idx(ns)?;
-        if self.vols[vi].ro && !replica {
-            return Err(Error::ReadOnly {
-                volume: ns.volume.clone(),
-            });
-        }
+        self.check_client_writable(vi, ni, ns, replica)?;
         if !data.len_bytes().is_multiple_of(BLOCK_SIZE) {
             return Err(Error::Invalid(format!(
                 "write of {} bytes is not whole blocks",
@@ -1720,11 +1774,7 @@ impl<D: BlockDevice> Pool<D> {
     fn trim(&mut self, ns: &NsName, lba: u64, len: u64, replica: bool) -> Result<()> {
         self.check_writable()?;
         let (vi, ni) = self.ns_idx(ns)?;
-        if self.vols[vi].ro && !replica {
-            return Err(Error::ReadOnly {
-                volume: ns.volume.clone(),
-            });
-        }
+        self.check_client_writable(vi, ni, ns, replica)?;
         self.check_range(vi, ni, ns, lba, len)?;
         let birth = self.gen + 1;
         let mut l = lba;

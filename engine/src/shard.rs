@@ -268,14 +268,14 @@ fn route(req: &Request, shards: usize) -> Route {
     match req {
         Request::CreateVolume { name, .. } => by(name),
         Request::CreateQtree { volume, .. }
-        | Request::SetReadOnly { volume, .. }
         | Request::CreateSnapshot { volume, .. }
         | Request::DeleteSnapshot { volume, .. }
         | Request::ListSnapshots { volume } => by(volume),
         Request::Read { image, .. } => by(&image.ns.volume),
-        Request::Write { ns, .. } | Request::Trim { ns, .. } | Request::Diff { ns, .. } => {
-            by(&ns.volume)
-        }
+        Request::Write { ns, .. }
+        | Request::Trim { ns, .. }
+        | Request::Diff { ns, .. }
+        | Request::SetReadOnly { ns, .. } => by(&ns.volume),
         Request::Flush => Route::All(FanOut::Flush),
         Request::ListVolumes => Route::All(FanOut::ListVolumes),
         Request::Space => Route::All(FanOut::Space),

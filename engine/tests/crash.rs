@@ -4,6 +4,9 @@
 //! all completed writes, and random torn/reordered subsets). Every image
 //! must mount, hold every acknowledged-durable write (Flush, FUA, snapshot
 //! create), read every snapshot as taken, and pass `check_invariants()`.
+//! The workload also turns the qtree's read-only flag on and off (writes
+//! to it are then the replicator's, `replica: true`); every image shows
+//! the flag of the state it matches.
 //! Seed printed; replay with `SLUICE_SEED=<n>`.
 
 use sluice_engine::api::*;
@@ -22,6 +25,8 @@ type Img = BTreeMap<u64, u64>;
 struct State {
     live: [Img; 2],
     snaps: BTreeMap<String, [Img; 2]>,
+    /// The qtree's read-only flag.
+    q_ro: bool,
 }
 
 fn block(v: u64) -> Vec<u8> {
@@ -41,9 +46,12 @@ fn workload(seed: u64) -> Vec<Request> {
     let mut reqs = Vec::new();
     let mut v = 1u64;
     let mut snaps: Vec<String> = Vec::new();
+    let mut q_ro = false;
     for _ in 0..14 {
         let n = rng.below(2) as usize;
-        match rng.below(10) {
+        // A read-only qtree takes only the replicator's writes.
+        let replica = n == 1 && q_ro;
+        match rng.below(11) {
             0..=4 => {
                 let len = 1 + rng.below(3);
                 let lba = rng.below(SIZE - len);
@@ -57,7 +65,7 @@ fn workload(seed: u64) -> Vec<Request> {
                     lba,
                     data: buf,
                     fua: rng.below(4) == 0,
-                    replica: false,
+                    replica,
                 });
             }
             5 => {
@@ -66,7 +74,7 @@ fn workload(seed: u64) -> Vec<Request> {
                     ns: ns(n),
                     lba,
                     len_blocks: 4,
-                    replica: false,
+                    replica,
                 });
             }
             6 => reqs.push(Request::Flush),
@@ -81,13 +89,20 @@ fn workload(seed: u64) -> Vec<Request> {
                     created_unix_ms: Some(1),
                 });
             }
-            _ => {
+            9 => {
                 if let Some(s) = snaps.pop() {
                     reqs.push(Request::DeleteSnapshot {
                         volume: "vol".into(),
                         name: s,
                     });
                 }
+            }
+            _ => {
+                q_ro = !q_ro;
+                reqs.push(Request::SetReadOnly {
+                    ns: ns(1),
+                    read_only: q_ro,
+                });
             }
         }
     }
@@ -136,6 +151,10 @@ fn clone_req(r: &Request) -> Request {
             volume: volume.clone(),
             name: name.clone(),
         },
+        Request::SetReadOnly { ns, read_only } => Request::SetReadOnly {
+            ns: ns.clone(),
+            read_only: *read_only,
+        },
         _ => unreachable!(),
     }
 }
@@ -172,6 +191,10 @@ fn apply(st: &mut State, r: &Request) -> bool {
         }
         Request::DeleteSnapshot { name, .. } => {
             st.snaps.remove(name);
+            true
+        }
+        Request::SetReadOnly { read_only, .. } => {
+            st.q_ro = *read_only;
             true
         }
         _ => false,
@@ -282,12 +305,17 @@ fn crash_every_op_boundary() {
                 };
                 let mut names: Vec<String> = list.into_iter().map(|s| s.name).collect();
                 names.sort();
+                let Ok(Reply::Volumes(vols)) = p.execute(Request::ListVolumes) else {
+                    panic!("seed {seed} op {n}: list volumes failed")
+                };
+                let q_ro = vols[0].qtrees[0].read_only;
                 let ok = (durable_idx..=hi).find(|&k| {
                     states[k].live == got
                         && states[k].snaps.keys().cloned().collect::<Vec<_>>() == names
+                        && states[k].q_ro == q_ro
                 });
                 let k = ok.unwrap_or_else(|| {
-                    panic!("seed {seed} op {n} {mode:?}: live image and snapshot list match no state in {durable_idx}..={hi}")
+                    panic!("seed {seed} op {n} {mode:?}: live image, snapshot list and qtree read-only flag ({q_ro}) match no state in {durable_idx}..={hi}")
                 });
                 for (name, imgs) in &states[k].snaps {
                     let s0 = read_img(&mut p, 0, Some(name.clone()));

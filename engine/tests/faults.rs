@@ -359,7 +359,7 @@ fn pool_full_is_no_space_and_consistent() {
 fn read_only_volume_refuses_client_writes() {
     let (mut pool, _h) = setup();
     pool.execute(Request::SetReadOnly {
-        volume: "vol".into(),
+        ns: NsName::volume("vol"),
         read_only: true,
     })
     .unwrap();

@@ -1,6 +1,7 @@
 //! Model-based test: random volumes, qtrees, writes, trims, flushes,
-//! snapshot create/delete, reads, diffs and reopens, checked against a plain
-//! in-memory model and `check_invariants()` after every step.
+//! snapshot create/delete, read-only flags (volume and qtree; client writes
+//! refused, replica writes taken), reads, diffs and reopens, checked against
+//! a plain in-memory model and `check_invariants()` after every step.
 //! Seed printed; replay with `SLUICE_SEED=<n>`.
 
 use sluice_engine::api::*;
@@ -31,6 +32,35 @@ struct MVol {
     ns: Vec<(Option<String>, u64)>, // name, size blocks
     live: Vec<Img>,
     snaps: Vec<(String, Vec<Img>)>,
+    /// Read-only flag per namespace: index 0 is the volume's (it covers
+    /// every namespace), the others the qtrees' own.
+    ro: Vec<bool>,
+}
+
+impl MVol {
+    /// Clients may not write namespace `i`.
+    fn read_only(&self, i: usize) -> bool {
+        self.ro[0] || self.ro[i]
+    }
+}
+
+/// The flags the pool reports equal the model's.
+fn check_flags(pool: &mut Pool<SimDevice>, vols: &[MVol], seed: u64) {
+    let Ok(Reply::Volumes(infos)) = pool.execute(Request::ListVolumes) else {
+        panic!("seed {seed}: list volumes failed")
+    };
+    for v in vols {
+        let info = infos.iter().find(|i| i.name == v.name).expect("volume");
+        assert_eq!(info.read_only, v.ro[0], "seed {seed}: {} read-only", v.name);
+        for (i, (q, _)) in v.ns.iter().enumerate().skip(1) {
+            let qi = info
+                .qtrees
+                .iter()
+                .find(|x| Some(&x.name) == q.as_ref())
+                .expect("qtree");
+            assert_eq!(qi.read_only, v.ro[i], "seed {seed}: {q:?} read-only");
+        }
+    }
 }
 
 fn ns_name(v: &MVol, i: usize) -> NsName {
@@ -85,6 +115,7 @@ fn run_case(seed: u64, steps: usize) {
                 ns: vec![(None, size)],
                 live: vec![Img::new()],
                 snaps: vec![],
+                ro: vec![false],
             });
             continue;
         }
@@ -104,6 +135,7 @@ fn run_case(seed: u64, steps: usize) {
                 .unwrap();
                 v.ns.push((Some(q), size));
                 v.live.push(Img::new());
+                v.ro.push(false);
             }
             5..=49 => {
                 // One write, or a batch of up to 4 (some possibly to other
@@ -147,11 +179,15 @@ fn run_case(seed: u64, steps: usize) {
                     expect_data.push(None);
                     let bad = k > 1 && rng.below(8) == 0;
                     let lba = if bad { size } else { rng.below(size - len + 1) };
+                    // A read-only namespace takes the replicator's writes
+                    // and refuses a client's.
+                    let replica = v.read_only(ni) && rng.below(2) == 0;
+                    let refused = v.read_only(ni) && !replica;
                     let mut buf = AlignedBuf::zeroed(len as usize);
                     for i in 0..len {
                         counter += 1;
                         buf.block_mut(i as usize).copy_from_slice(&block(counter));
-                        if !bad {
+                        if !bad && !refused {
                             v.live[ni].insert(lba + i, counter);
                         }
                     }
@@ -161,9 +197,9 @@ fn run_case(seed: u64, steps: usize) {
                         lba,
                         data: buf,
                         fua,
-                        replica: false,
+                        replica,
                     });
-                    expect_ok.push(!bad);
+                    expect_ok.push(!bad && !refused);
                 }
                 let res = if k == 1 {
                     vec![pool.execute(reqs.pop().unwrap())]
@@ -183,19 +219,36 @@ fn run_case(seed: u64, steps: usize) {
             50..=59 => {
                 let len = 1 + rng.below(size.min(40));
                 let lba = rng.below(size - len + 1);
-                for l in lba..lba + len {
-                    v.live[ni].remove(&l);
-                }
-                pool.execute(Request::Trim {
+                let replica = v.read_only(ni) && rng.below(2) == 0;
+                let r = pool.execute(Request::Trim {
                     ns: ns_name(v, ni),
                     lba,
                     len_blocks: len,
-                    replica: false,
+                    replica,
+                });
+                if v.read_only(ni) && !replica {
+                    assert!(
+                        matches!(r, Err(Error::ReadOnly { .. })),
+                        "seed {seed}: client trim of a read-only namespace: {r:?}"
+                    );
+                } else {
+                    r.unwrap();
+                    for l in lba..lba + len {
+                        v.live[ni].remove(&l);
+                    }
+                }
+            }
+            60..=62 => {
+                pool.execute(Request::Flush).unwrap();
+            }
+            63..=64 => {
+                let read_only = !v.ro[ni];
+                pool.execute(Request::SetReadOnly {
+                    ns: ns_name(v, ni),
+                    read_only,
                 })
                 .unwrap();
-            }
-            60..=64 => {
-                pool.execute(Request::Flush).unwrap();
+                v.ro[ni] = read_only;
             }
             65..=71 => {
                 counter += 1;
@@ -290,6 +343,7 @@ fn run_case(seed: u64, steps: usize) {
                 pool.execute(Request::Flush).unwrap();
                 let dev = pool.into_device();
                 pool = Pool::open(dev).unwrap();
+                check_flags(&mut pool, &vols, seed);
             }
             _ => {
                 // bad input: out of range must fail and change nothing
@@ -297,7 +351,7 @@ fn run_case(seed: u64, steps: usize) {
                     ns: ns_name(v, ni),
                     lba: size,
                     len_blocks: 1,
-                    replica: false,
+                    replica: true,
                 });
                 assert!(matches!(e, Err(Error::OutOfRange { .. })));
             }
@@ -309,6 +363,7 @@ fn run_case(seed: u64, steps: usize) {
     let dev = pool.into_device();
     let mut pool = Pool::open(dev).unwrap();
     pool.check_invariants().unwrap();
+    check_flags(&mut pool, &vols, seed);
     for v in &vols {
         for ni in 0..v.ns.len() {
             check_read(

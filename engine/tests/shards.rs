@@ -520,11 +520,10 @@ fn a_region_alone_is_not_a_pool() {
 /// Pools formatted before sharding have version-1 superblocks (no shard
 /// fields): they open unchanged as shard 0 of 1, through `Pool::open` and
 /// through the sharded path the daemon uses, and their next CP (the first
-/// after a change) writes version 2.
+/// after a change) writes the current version.
 #[test]
 fn version_1_pool_opens_as_one_shard() {
-    use sluice_engine::device::sim::run_one;
-    use sluice_engine::device::{IoKind, IoRequest};
+    use sluice_engine::format::FORMAT_VERSION;
     use sluice_engine::sharded::read_layout;
 
     let dev = SimDevice::new(REGION_BLOCKS);
@@ -544,28 +543,9 @@ fn version_1_pool_opens_as_one_shard() {
     })
     .expect("write");
     let mut dev = pool.into_device();
-    // Rewrite both slots as version 1 wrote them: version 1, nothing after
-    // volumes_max (bytes 68..), crc over bytes 0..4092.
-    for slot in 0..2u64 {
-        let mut b = sim.read_durable(slot);
-        b[8..12].copy_from_slice(&1u32.to_le_bytes());
-        b[68..4092].fill(0);
-        let crc = crc32c::crc32c(&b[..4092]);
-        b[4092..].copy_from_slice(&crc.to_le_bytes());
-        let mut buf = AlignedBuf::zeroed(1);
-        buf.as_mut_slice().copy_from_slice(&b);
-        let c = run_one(
-            &mut dev,
-            IoRequest {
-                tag: slot,
-                kind: IoKind::Write { fua: true },
-                pba: slot,
-                buf: Some(buf),
-            },
-        )
-        .expect("device");
-        c.result.expect("superblock write");
-    }
+    // As version 1 wrote it: version 1, nothing after volumes_max (bytes
+    // 68..), and a catalog without namespace flags.
+    common::downgrade(&mut dev, &sim, 1);
     let mut pool = Pool::open(dev).expect("a version-1 pool opens");
     assert_eq!(pool.shard(), (0, 1));
     let read = |p: &mut Pool<SimDevice>| match p.execute(Request::Read {
@@ -604,7 +584,7 @@ fn version_1_pool_opens_as_one_shard() {
     .expect("write");
     pool.checkpoint().expect("cp");
     let slot = pool.generation() % 2;
-    assert_eq!(sim.read_durable(slot)[8..12], 2u32.to_le_bytes());
+    assert_eq!(sim.read_durable(slot)[8..12], FORMAT_VERSION.to_le_bytes());
     assert_eq!(read(&mut pool), block(77).as_slice());
 }
 

@@ -5,7 +5,8 @@
 mod common;
 
 use common::*;
-use sluice_engine::api::NsName;
+use sluice_engine::api::{NsName, Request};
+use sluice_engine::device::AlignedBuf;
 use sluice_replicator::{MirrorSpec, ReplError};
 
 fn node_secret(name: &str, secret: Option<&[u8]>) -> Node {
@@ -292,6 +293,114 @@ fn break_then_resync_reverts_local_changes() {
     };
     assert_eq!(d(&a), d(&b));
     assert_eq!(b.repl.mirror_status()[0].state, "idle");
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
+/// A client write to `ns` on `n` (not the replicator's): Err if refused.
+fn client_write(n: &Node, ns: &NsName) -> Result<(), sluice_engine::Error> {
+    n.engine
+        .call(Request::Write {
+            ns: ns.clone(),
+            lba: 0,
+            data: AlignedBuf::from_slice(&[0xAB; 4096]),
+            fua: false,
+            replica: false,
+        })
+        .map(|_| ())
+}
+
+/// Story: `mirror resync` after a break skipped its whole first step when
+/// the source had no snapshot newer than the common one (nothing to
+/// transfer): the destination stayed writable and kept its local writes,
+/// yet counted as a mirror again, so the next update applied the source's
+/// changes on top of them and failed its digest check. Now a resync always
+/// makes the destination read-only and reverts it to the common snapshot.
+#[test]
+fn a_resync_with_nothing_new_at_the_source_reverts_and_is_read_only() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed(
+        "a_resync_with_nothing_new_at_the_source_reverts_and_is_read_only",
+    ));
+    let v = NsName::volume("v");
+    a.create_volume("v");
+    a.churn(&v, VOL_BLOCKS, 100, &mut r);
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    assert!(matches!(
+        client_write(&b, &v),
+        Err(sluice_engine::Error::ReadOnly { .. })
+    ));
+    b.repl.mirror_break("v").unwrap();
+    b.churn(&v, VOL_BLOCKS, 100, &mut r);
+    let rep = b.repl.mirror_resync("v", &noprog).unwrap();
+    assert_eq!(rep.kind, "none", "nothing new at the source: {rep:?}");
+    assert!(
+        a.read_all(&v, Some("s1"), VOL_BLOCKS) == b.read_all(&v, None, VOL_BLOCKS),
+        "the local writes were not reverted"
+    );
+    assert!(matches!(
+        client_write(&b, &v),
+        Err(sluice_engine::Error::ReadOnly { .. })
+    ));
+    a.churn(&v, VOL_BLOCKS, 30, &mut r);
+    a.snap("v", "s2");
+    let rep = b.repl.mirror_update("v", &noprog).unwrap();
+    assert_eq!(rep.kind, "incremental");
+    assert!(a.read_all(&v, Some("s2"), VOL_BLOCKS) == b.read_all(&v, Some("s2"), VOL_BLOCKS));
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
+/// A qtree mirror's destination qtree is read-only from its baseline on;
+/// break and delete make it writable, resync read-only again. One left
+/// writable (by a build before qtrees had the flag) becomes read-only at
+/// its next update.
+#[test]
+fn a_qtree_mirror_destination_is_read_only_until_break_or_delete() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed(
+        "a_qtree_mirror_destination_is_read_only_until_break_or_delete",
+    ));
+    a.create_volume("v");
+    a.create_qtree("v", "q", VOL_BYTES);
+    let (src, dst) = (NsName::qtree("v", "q"), NsName::qtree("w", "q"));
+    a.churn(&src, VOL_BLOCKS, 50, &mut r);
+    a.snap("v", "s1");
+    let qspec = MirrorSpec {
+        source_qtree: Some("q".into()),
+        ..spec("w", &a, "v")
+    };
+    assert_eq!(b.repl.mirror_create(qspec).unwrap().kind, "full");
+    let refused = |e: Result<(), sluice_engine::Error>| {
+        matches!(e, Err(sluice_engine::Error::ReadOnly { what: "qtree", .. }))
+    };
+    assert!(refused(client_write(&b, &dst)), "after create");
+    // The rest of the volume is not the mirror's: it stays writable.
+    client_write(&b, &NsName::volume("w")).expect("the volume's own space");
+    // As an older build left it: writable. The next update fixes that.
+    b.engine
+        .call(Request::SetReadOnly {
+            ns: dst.clone(),
+            read_only: false,
+        })
+        .unwrap();
+    a.churn(&src, VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s2");
+    assert_eq!(
+        b.repl.mirror_update("w/q", &noprog).unwrap().kind,
+        "incremental"
+    );
+    assert!(refused(client_write(&b, &dst)), "after an update");
+    b.repl.mirror_break("w/q").unwrap();
+    client_write(&b, &dst).expect("writable after break");
+    b.repl.mirror_resync("w/q", &noprog).unwrap();
+    assert!(refused(client_write(&b, &dst)), "after resync");
+    assert!(a.read_all(&src, Some("s2"), VOL_BLOCKS) == b.read_all(&dst, None, VOL_BLOCKS));
+    b.repl.mirror_delete("w/q").unwrap();
+    client_write(&b, &dst).expect("writable after delete");
     for n in [a, b] {
         n.shutdown();
     }

@@ -8,9 +8,12 @@
 //!   thread (send replies as completions arrive, out of order).
 //! - [`metrics`]: [`NbdMetrics`], Prometheus text.
 //!
-//! Exports: `VOL` and `VOL/QTREE` read-write (unless the volume is a
-//! read-only mirror destination), `VOL@SNAP` and `VOL/QTREE@SNAP`
-//! read-only. Export size = namespace size.
+//! Exports: `VOL` and `VOL/QTREE` read-write, unless they are a read-only
+//! mirror destination (a volume mirror's volume, with its qtrees; a qtree
+//! mirror's qtree): those are announced `NBD_FLAG_READ_ONLY` and refuse
+//! writes, trims and write-zeroes with EPERM, as the engine does for a
+//! client that writes after the flag was set. `VOL@SNAP` and
+//! `VOL/QTREE@SNAP` read-only. Export size = namespace size.
 
 pub mod metrics;
 pub mod proto;

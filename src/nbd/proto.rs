@@ -285,7 +285,7 @@ pub struct Export {
     pub name: String,
     pub image: Image,
     pub size_bytes: u64,
-    /// Snapshots and read-only (mirror destination) volumes.
+    /// Snapshots, and read-only (mirror destination) volumes and qtrees.
     pub read_only: bool,
 }
 
@@ -1311,7 +1311,13 @@ mod tests {
     #[test]
     fn engine_errors_map_to_errno() {
         use sluice_engine::Error as E;
-        assert_eq!(errno_for(&E::ReadOnly { volume: "v".into() }), EPERM);
+        assert_eq!(
+            errno_for(&E::ReadOnly {
+                what: "qtree",
+                name: "v/q".into()
+            }),
+            EPERM
+        );
         assert_eq!(
             errno_for(&E::OutOfRange {
                 ns: "v".into(),

@@ -482,14 +482,15 @@ impl Catalog for EngineCatalog<'_> {
             .iter()
             .find(|v| v.name == image.ns.volume)
             .ok_or_else(|| unknown(format!("no volume named {}", image.ns.volume)))?;
-        let size_bytes = match &image.ns.qtree {
-            None => vol.size_bytes,
+        // A read-only volume (a volume mirror's destination) covers its
+        // qtrees; a qtree can be read-only alone (a qtree mirror's).
+        let (size_bytes, ns_read_only) = match &image.ns.qtree {
+            None => (vol.size_bytes, vol.read_only),
             Some(q) => {
-                vol.qtrees
-                    .iter()
-                    .find(|x| &x.name == q)
-                    .ok_or_else(|| unknown(format!("volume {} has no qtree named {q}", vol.name)))?
-                    .size_bytes
+                let qt = vol.qtrees.iter().find(|x| &x.name == q).ok_or_else(|| {
+                    unknown(format!("volume {} has no qtree named {q}", vol.name))
+                })?;
+                (qt.size_bytes, vol.read_only || qt.read_only)
             }
         };
         if let Some(snap) = &image.snapshot {
@@ -502,7 +503,7 @@ impl Catalog for EngineCatalog<'_> {
         }
         Ok(Export {
             name: name.to_string(),
-            read_only: image.snapshot.is_some() || vol.read_only,
+            read_only: image.snapshot.is_some() || ns_read_only,
             image,
             size_bytes,
         })

@@ -4,8 +4,11 @@
 //! Metrics are read the way an operator reads them: `GET /metrics`.
 #![allow(dead_code)]
 
+/// The e2e harness (tests/common), for test files that need both it and
+/// the raw client (a second `mod common;` beside this one would compile
+/// it twice).
 #[path = "../common/mod.rs"]
-mod harness;
+pub mod harness;
 
 use harness::{init_pool, Daemon};
 use sluice_engine::api::{Image, NsName};

@@ -1,6 +1,8 @@
 //! What the randomized engine tests share: a small seeded generator and the
 //! seed, taken from `SLUICE_SEED` to replay a run, else from the clock, and
-//! printed either way.
+//! printed either way; and `downgrade`, which makes a pool look as an
+//! older format wrote it. Not every test file uses every item.
+#![allow(dead_code)]
 
 /// xorshift64: fast, and the same sequence for the same seed everywhere.
 pub struct Rng(pub u64);
@@ -32,4 +34,117 @@ pub fn seed() -> u64 {
         });
     println!("SLUICE_SEED={s}");
     s
+}
+
+/// Make the pool on `dev` look as a build of format `version` (1 or 2)
+/// left it: the newest catalog without the flags byte after each live
+/// namespace (format 3 added it) and both superblock slots with the old
+/// version (version 1: nothing after `volumes_max`). The older slot's
+/// catalog is left alone: the newer slot wins at mount, so it is not read.
+/// For pools whose catalog fits one block.
+pub fn downgrade(
+    dev: &mut sluice_engine::device::sim::SimDevice,
+    sim: &sluice_engine::device::sim::SimHandle,
+    version: u32,
+) {
+    use sluice_engine::format::*;
+    assert!(version == 1 || version == 2, "downgrade to {version}");
+    let slots: Vec<Option<Superblock>> = (0..2u64)
+        .map(|s| Superblock::decode(&sim.read_durable(s), s).expect("superblock"))
+        .collect();
+    let newest = slots
+        .iter()
+        .flatten()
+        .max_by_key(|sb| sb.gen)
+        .expect("a superblock")
+        .clone();
+    let at = newest.catalog;
+    let raw = sim.read_durable(at.pba);
+    let payload = decode_block(&raw, at, KIND_CATALOG, 0).expect("catalog block");
+    let mut r = Reader::new(payload, at.pba, "catalog");
+    assert_eq!(r.ptr().expect("next").pba, 0, "catalog of one block");
+    let len = r.u32().expect("len") as usize;
+    let blob = catalog_without_ns_flags(r.take(len).expect("blob"));
+    let mut w = Writer::default();
+    w.ptr(Ptr::default());
+    w.u32(blob.len() as u32);
+    w.bytes(&blob);
+    write_block(
+        dev,
+        at.pba,
+        encode_block(KIND_CATALOG, 0, at.pba, at.birth, &w.buf),
+    );
+    for (slot, sb) in slots.into_iter().enumerate() {
+        let Some(mut sb) = sb else { continue };
+        sb.version = version;
+        let mut b = sb.encode();
+        if version == 1 {
+            b[68..4092].fill(0);
+            let crc = crc32c::crc32c(&b[..4092]);
+            b[4092..].copy_from_slice(&crc.to_le_bytes());
+        }
+        write_block(dev, slot as u64, b);
+    }
+}
+
+/// A format-3 catalog blob (docs/FORMAT.md) as formats 1 and 2 encode it.
+fn catalog_without_ns_flags(blob: &[u8]) -> Vec<u8> {
+    use sluice_engine::format::{Reader, Writer};
+    let mut r = Reader::new(blob, 0, "catalog");
+    let mut w = Writer::default();
+    fn raw(r: &mut Reader, w: &mut Writer, n: usize) {
+        w.bytes(r.take(n).expect("catalog field"));
+    }
+    fn count(r: &mut Reader, w: &mut Writer) -> u32 {
+        let n = r.u32().expect("catalog count");
+        w.u32(n);
+        n
+    }
+    fn str(r: &mut Reader, w: &mut Writer) {
+        let n = count(r, w);
+        raw(r, w, n as usize);
+    }
+    raw(&mut r, &mut w, 4); // next_volume_id
+    for _ in 0..count(&mut r, &mut w) {
+        raw(&mut r, &mut w, 4); // id
+        str(&mut r, &mut w);
+        raw(&mut r, &mut w, 1 + 8 + 16); // read_only, live_used_blocks, plane
+        for _ in 0..count(&mut r, &mut w) {
+            str(&mut r, &mut w);
+            raw(&mut r, &mut w, 8 + 16 + 16); // size, map root, digest
+            r.u8().expect("namespace flags"); // not in formats 1 and 2
+        }
+        for _ in 0..count(&mut r, &mut w) {
+            raw(&mut r, &mut w, 16); // uuid
+            str(&mut r, &mut w);
+            raw(&mut r, &mut w, 8 * 3 + 16); // gen, created, referenced, plane
+            for _ in 0..count(&mut r, &mut w) {
+                str(&mut r, &mut w);
+                raw(&mut r, &mut w, 16 + 16); // map root, digest
+            }
+        }
+    }
+    for _ in 0..count(&mut r, &mut w) {
+        str(&mut r, &mut w); // key
+        str(&mut r, &mut w); // value
+    }
+    assert!(r.take(1).is_err(), "catalog has trailing bytes");
+    w.buf
+}
+
+fn write_block(dev: &mut sluice_engine::device::sim::SimDevice, pba: u64, b: Vec<u8>) {
+    use sluice_engine::device::{AlignedBuf, IoKind, IoRequest};
+    let mut buf = AlignedBuf::zeroed(1);
+    buf.as_mut_slice().copy_from_slice(&b);
+    let c = sluice_engine::device::sim::run_one(
+        dev,
+        IoRequest {
+            tag: pba,
+            kind: IoKind::Write { fua: true },
+            pba,
+            buf: Some(buf),
+        },
+    )
+    .expect("device");
+    c.result.expect("block write");
 }

@@ -6,7 +6,10 @@
 //! follow-up deletes, and write-behind into the engine. Invariants: a
 //! snapshot is created only after every item arrived and passed its checks,
 //! and removed at once if its digest differs; a checkpoint names only data
-//! that is durable.
+//! that is durable; a destination (the volume of a volume mirror, the qtree
+//! of a qtree mirror) is read-only to clients from its creation until
+//! `mirror break` or `mirror delete`, and again from `mirror resync` on
+//! (the replicator itself writes it with `replica: true`).
 
 use super::*;
 
@@ -250,14 +253,7 @@ impl Replicator {
     pub fn mirror_break(&self, dst: &str) -> Result<()> {
         let r = self.rel(dst)?;
         let _busy = self.busy_guard(&r.dst)?;
-        if r.kind == MirrorKind::Volume {
-            self.engine
-                .call(Request::SetReadOnly {
-                    volume: r.dst_volume.clone(),
-                    read_only: false,
-                })
-                .map_err(|e| ReplError::engine(format!("make {} writable", r.dst_volume), e))?;
-        }
+        self.set_dst_read_only(&r, false)?;
         self.update_rel(&r.dst, |x| x.broken = true)?;
         tracing::info!(dst = %r.dst, "mirror broken: destination writable");
         Ok(())
@@ -289,13 +285,8 @@ impl Replicator {
             self.persist_rels(&st)?;
         }
         self.store_ckpt(&r.dst, None)?;
-        if r.kind == MirrorKind::Volume {
-            if let Err(e) = self.engine.call(Request::SetReadOnly {
-                volume: r.dst_volume.clone(),
-                read_only: false,
-            }) {
-                tracing::warn!(volume = %r.dst_volume, error = %e, "could not make the former destination writable");
-            }
+        if let Err(e) = self.set_dst_read_only(&r, false) {
+            tracing::warn!(dst = %r.dst, error = %e, "could not make the former destination writable");
         }
         self.flush()?;
         if released {
@@ -521,7 +512,7 @@ impl Replicator {
                         .map_err(ctx(format!("create volume {}", rel.dst_volume)))?;
                     self.engine
                         .call(Request::SetReadOnly {
-                            volume: rel.dst_volume.clone(),
+                            ns: NsName::volume(&rel.dst_volume),
                             read_only: true,
                         })
                         .map_err(ctx(format!("make {} read-only", rel.dst_volume)))?;
@@ -557,7 +548,8 @@ impl Replicator {
                         })
                         .map_err(ctx(format!("create volume {}", rel.dst_volume)))?;
                 }
-                if !existing.is_some_and(|v| v.qtrees.iter().any(|x| x.name == q)) {
+                let have = existing.and_then(|v| v.qtrees.iter().find(|x| x.name == q));
+                if have.is_none() {
                     self.engine
                         .call(Request::CreateQtree {
                             volume: rel.dst_volume.clone(),
@@ -566,8 +558,47 @@ impl Replicator {
                         })
                         .map_err(ctx(format!("create qtree {}/{q}", rel.dst_volume)))?;
                 }
+                // A transfer runs only into an unbroken mirror, whose
+                // qtree is read-only; one made before qtrees had the flag
+                // gets it here.
+                if !have.is_some_and(|x| x.read_only) {
+                    self.engine
+                        .call(Request::SetReadOnly {
+                            ns: NsName::qtree(&rel.dst_volume, &q),
+                            read_only: true,
+                        })
+                        .map_err(ctx(format!("make {}/{q} read-only", rel.dst_volume)))?;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Make a relationship's destination read-only to clients (a mirror)
+    /// or writable (broken, deleted): the volume of a volume mirror, the
+    /// qtree of a qtree mirror. Nothing to do while the destination does
+    /// not exist yet: [`Self::ensure_dst`] creates it read-only.
+    pub(super) fn set_dst_read_only(&self, rel: &Relationship, read_only: bool) -> Result<()> {
+        let Some(v) = volumes(&self.engine)?
+            .into_iter()
+            .find(|v| v.name == rel.dst_volume)
+        else {
+            return Ok(());
+        };
+        let ns = match (rel.kind, &rel.dst_qtree) {
+            (MirrorKind::Volume, _) => NsName::volume(&rel.dst_volume),
+            (MirrorKind::Qtree, Some(q)) if v.qtrees.iter().any(|x| &x.name == q) => {
+                NsName::qtree(&rel.dst_volume, q)
+            }
+            (MirrorKind::Qtree, _) => return Ok(()),
+        };
+        let what = if read_only { "read-only" } else { "writable" };
+        self.engine
+            .call(Request::SetReadOnly {
+                ns: ns.clone(),
+                read_only,
+            })
+            .map_err(|e| ReplError::engine(format!("make {ns} {what}"), e))?;
         Ok(())
     }
 
@@ -862,13 +893,13 @@ impl Replicator {
             duration_ms: 0,
         };
         let up_to_date = base.as_ref().is_some_and(|b| b.id == target.id);
-        if (mode == Mode::Resync || abandoned) && !up_to_date {
-            if rel.kind == MirrorKind::Volume && dst_exists {
-                let _ = self.engine.call(Request::SetReadOnly {
-                    volume: rel.dst_volume.clone(),
-                    read_only: true,
-                });
-            }
+        // Also when the source has nothing newer: a resync after a break
+        // still undoes the local writes (back to the base, the newest
+        // common snapshot), or the next update would apply the source's
+        // changes on top of them and fail its digest check.
+        if mode == Mode::Resync || abandoned {
+            // Read-only before the revert, so no client writes during it.
+            self.set_dst_read_only(rel, true)?;
             if dst_exists {
                 let nss = if rel.kind == MirrorKind::Volume {
                     self.dst_ns(rel, &ns_sizes)
