@@ -17,6 +17,7 @@
 //! lease_grace_ms = 60000       # with "release": how long after going stale
 //! checkpoint_items = 8192      # transfers served here: a resume point every N items
 //! checkpoint_bytes = 67108864  # ... or every N payload bytes, whichever first
+//! max_transfers = 4            # scheduled (`--every`) transfers at once, 1..=64
 //! retention = { vol0 = 24 }    # keep the newest N snapshots of a volume
 //! ```
 
@@ -24,7 +25,7 @@ use crate::error::{NodeError, Result};
 use crate::units::parse_rate;
 use serde::Deserialize;
 use sluice_replicator::transfer::CheckpointPolicy;
-use sluice_replicator::LeasePolicy;
+use sluice_replicator::{LeasePolicy, TRANSFERS_MAX};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,6 +47,7 @@ pub struct ConfigFile {
     pub lease_grace_ms: Option<u64>,
     pub checkpoint_items: Option<u64>,
     pub checkpoint_bytes: Option<u64>,
+    pub max_transfers: Option<usize>,
     pub retention: Option<BTreeMap<String, usize>>,
 }
 
@@ -80,6 +82,8 @@ pub struct ServeConfig {
     pub propagate_locks: bool,
     /// Resume points of the transfers this node serves.
     pub checkpoint: CheckpointPolicy,
+    /// Scheduled transfers running at once.
+    pub max_transfers: usize,
     /// Retention by count per volume, set at start (over what the pool
     /// keeps from `vol retain`).
     pub retention: BTreeMap<String, usize>,
@@ -94,6 +98,7 @@ pub struct ServeFlags {
     pub name: Option<String>,
     pub peer_secret: Option<PathBuf>,
     pub throttle: Option<String>,
+    pub max_transfers: Option<usize>,
     pub no_lock_propagation: bool,
 }
 
@@ -107,8 +112,15 @@ impl ServeConfig {
             name,
             peer_secret,
             throttle,
+            max_transfers,
             no_lock_propagation,
         } = flags;
+        let max_transfers = max_transfers.or(file.max_transfers).unwrap_or(4);
+        if !(1..=TRANSFERS_MAX).contains(&max_transfers) {
+            return Err(NodeError::Invalid(format!(
+                "max_transfers {max_transfers} must be 1..={TRANSFERS_MAX}"
+            )));
+        }
         let throttle_bps = match throttle.or(file.throttle) {
             Some(t) => Some(parse_rate(&t)?),
             None => None,
@@ -173,6 +185,7 @@ impl ServeConfig {
             lease_policy,
             propagate_locks: !no_lock_propagation,
             checkpoint,
+            max_transfers,
             retention,
         })
     }
@@ -223,6 +236,27 @@ mod tests {
         );
         let f: ConfigFile = toml::from_str("checkpoint_bytes = 0\n").unwrap();
         assert!(ServeConfig::resolve(f, ServeFlags::default()).is_err());
+    }
+
+    #[test]
+    fn max_transfers_from_the_file_or_the_flag() {
+        let base = "data = \"/p\"\nlisten = \"x\"\n";
+        let f: ConfigFile = toml::from_str(base).unwrap();
+        let c = ServeConfig::resolve(f, ServeFlags::default()).unwrap();
+        assert_eq!(c.max_transfers, 4, "default");
+        let f: ConfigFile = toml::from_str(&format!("{base}max_transfers = 2\n")).unwrap();
+        let c = ServeConfig::resolve(f.clone(), ServeFlags::default()).unwrap();
+        assert_eq!(c.max_transfers, 2);
+        let flags = ServeFlags {
+            max_transfers: Some(7),
+            ..ServeFlags::default()
+        };
+        assert_eq!(ServeConfig::resolve(f, flags).unwrap().max_transfers, 7);
+        for bad in [0, TRANSFERS_MAX + 1] {
+            let f: ConfigFile = toml::from_str(&format!("{base}max_transfers = {bad}\n")).unwrap();
+            let e = ServeConfig::resolve(f, ServeFlags::default()).unwrap_err();
+            assert!(e.to_string().contains("max_transfers"), "{e}");
+        }
     }
 
     #[test]

@@ -130,6 +130,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     }
     rcfg.lease_policy = cfg.lease_policy;
     rcfg.checkpoint = cfg.checkpoint;
+    rcfg.max_transfers = cfg.max_transfers;
     rcfg.propagate_locks = cfg.propagate_locks;
     if !cfg.propagate_locks {
         tracing::warn!("soft-lock propagation is OFF (demonstration switch): upstreams will not protect this node's bases");

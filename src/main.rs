@@ -57,6 +57,9 @@ enum Cmd {
         /// Node-wide replication receive rate, bytes per second (e.g. 100M).
         #[arg(long)]
         throttle: Option<String>,
+        /// Scheduled (`--every`) transfers running at once, 1..=64 (default 4).
+        #[arg(long)]
+        max_transfers: Option<usize>,
         /// Demonstration switch: send empty lock sets, so upstreams protect
         /// nothing (shows the broken chains soft locks prevent).
         #[arg(long)]
@@ -301,6 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             peer_secret,
             throttle,
+            max_transfers,
             no_lock_propagation,
         } => {
             let file = match config {
@@ -314,6 +318,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 peer_secret,
                 throttle,
+                max_transfers,
                 no_lock_propagation,
             };
             return Ok(sluice::daemon::serve(ServeConfig::resolve(file, flags)?)?);

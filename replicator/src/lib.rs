@@ -22,7 +22,7 @@ pub use sluice_lockproto::LeasePolicy;
 pub use transfer::CheckpointPolicy;
 pub use types::{
     Checkpoint, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PrunePlan, PruneSkip,
-    Relationship, ReplicatorConfig, SnapRef, TransferReport,
+    Relationship, ReplicatorConfig, SnapRef, TransferReport, TRANSFERS_MAX,
 };
 
 /// The daemon shares one `Arc<Replicator>` between threads.

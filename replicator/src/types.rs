@@ -24,6 +24,9 @@ pub mod keys {
     pub const RETENTION: &str = "repl.v1.retention";
 }
 
+/// Most scheduled transfers one node runs at once (`max_transfers`).
+pub const TRANSFERS_MAX: usize = 64;
+
 /// How a node's replicator runs.
 #[derive(Debug, Clone)]
 pub struct ReplicatorConfig {
@@ -43,6 +46,9 @@ pub struct ReplicatorConfig {
     pub propagate_locks: bool,
     /// Scheduler tick (lease checks, renewals, `--every` updates).
     pub tick: Duration,
+    /// Scheduled transfers running at once (worker threads beside the
+    /// scheduler), `1..=`[`TRANSFERS_MAX`].
+    pub max_transfers: usize,
     /// Connect/read/write timeout on peer sockets.
     pub peer_timeout: Duration,
     /// How often transfers served by this node checkpoint (resume points).
@@ -50,7 +56,8 @@ pub struct ReplicatorConfig {
 }
 
 impl ReplicatorConfig {
-    /// Defaults: lease 60 s, renew every 20 s, keep stale locks, no throttle.
+    /// Defaults: lease 60 s, renew every 20 s, keep stale locks, no throttle,
+    /// 4 scheduled transfers at once.
     pub fn new(node_name: impl Into<String>) -> Self {
         ReplicatorConfig {
             node_name: node_name.into(),
@@ -61,6 +68,7 @@ impl ReplicatorConfig {
             node_throttle_bps: None,
             propagate_locks: true,
             tick: Duration::from_millis(500),
+            max_transfers: 4,
             peer_timeout: Duration::from_secs(30),
             checkpoint: Default::default(),
         }

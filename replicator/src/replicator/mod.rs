@@ -20,10 +20,11 @@
 //!   transfer's own connection, and whenever they change on a short
 //!   connection of their own; undeliverable sets are retried every tick.
 //!
-//! Here: the struct, start/shutdown, persistence, the lock-table plumbing
-//! (events in, actions performed, set delivery) and the scheduler. The
-//! source side is in `serve`, the destination side in `pull`, the
-//! operator's snapshot/prune/lock calls in `admin`, metrics in `metrics`.
+//! Here: the struct, start/shutdown, persistence and the lock-table
+//! plumbing (events in, actions performed, set delivery). The scheduler and
+//! its worker threads are in `sched`, the source side in `serve`, the
+//! destination side in `pull`, the operator's snapshot/prune/lock calls in
+//! `admin`, metrics in `metrics`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,6 +59,7 @@ mod admin;
 mod metrics;
 mod pull;
 mod retention;
+mod sched;
 mod serve;
 
 /// Most downstream nodes one node serves.
@@ -114,7 +116,8 @@ pub struct Replicator {
     rel_buckets: Mutex<BTreeMap<String, Arc<Bucket>>>,
     stop: AtomicBool,
     stop_tx: ChanTx<()>,
-    sched: Mutex<Option<JoinHandle<()>>>,
+    /// The scheduler, its worker threads and what they have in hand.
+    jobs: sched::Jobs,
     n: Counters,
     /// Open peer sockets, shut down by `shutdown` so nothing waits on a peer.
     live: Mutex<BTreeMap<u64, std::net::TcpStream>>,
@@ -316,7 +319,7 @@ impl Replicator {
             rel_buckets: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
             stop_tx,
-            sched: Mutex::new(None),
+            jobs: sched::Jobs::default(),
             n: Counters::default(),
             live: Mutex::new(BTreeMap::new()),
             next_live: AtomicU64::new(0),
@@ -339,17 +342,7 @@ impl Replicator {
             }
             r.persist_locks(&st)?;
         }
-        let weak = Arc::downgrade(&r);
-        let tick = r.cfg.tick;
-        let h = std::thread::Builder::new()
-            .name(format!("sluice-repl-{}", r.cfg.node_name))
-            .spawn(move || scheduler(weak, stop_rx, tick))
-            .map_err(|e| ReplError::Io {
-                peer: "local".into(),
-                op: "spawn the scheduler thread",
-                source: e,
-            })?;
-        *lock(&r.sched) = Some(h);
+        sched::start_threads(&r, stop_rx)?;
         Ok(r)
     }
 
@@ -358,8 +351,8 @@ impl Replicator {
         &self.cfg.node_name
     }
 
-    /// Stop the scheduler; running transfers stop at their next item (the
-    /// receiver's checkpoint lets the next update resume).
+    /// Stop the scheduler and its workers; running transfers stop at their
+    /// next item (the receiver's checkpoint lets the next update resume).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.stop_tx.try_send(());
@@ -368,12 +361,7 @@ impl Replicator {
         for s in lock(&self.live).values() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        let h = lock(&self.sched).take();
-        if let Some(h) = h {
-            if h.thread().id() != std::thread::current().id() && h.join().is_err() {
-                tracing::error!("replicator scheduler thread panicked");
-            }
-        }
+        self.join_threads();
         let st = lock(&self.st);
         if let Err(e) = self
             .persist_locks(&st)
@@ -676,80 +664,6 @@ impl Replicator {
             return Err(e);
         }
         Ok(c)
-    }
-
-    // ---------------------------------------------------------------- scheduler
-
-    fn tick(&self) {
-        match self.lock_events(vec![Event::Tick]) {
-            Ok(a) => self.perform(a, None),
-            Err(e) => tracing::error!(error = %e, "lock tick failed"),
-        }
-        let pending: Vec<((String, String), LockSet)> = {
-            let mut st = lock(&self.st);
-            let State {
-                pending_sets,
-                locks,
-                ..
-            } = &mut *st;
-            pending_sets.retain(|(rel, up), _| locks.upstream_of(rel) == Some(up.as_str()));
-            pending_sets
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        for ((rel, up), s) in pending {
-            if self.stopping() {
-                return;
-            }
-            self.deliver(&rel, &up, s);
-        }
-        let now = Instant::now();
-        let due: Vec<String> = {
-            let mut st = lock(&self.st);
-            let sched: Vec<(String, u64)> = st
-                .rels
-                .values()
-                .filter(|r| !r.broken)
-                .filter_map(|r| r.every_ms.map(|e| (r.dst.clone(), e)))
-                .collect();
-            let mut due = Vec::new();
-            for (k, every) in sched {
-                let next = *st
-                    .next_due
-                    .entry(k.clone())
-                    .or_insert_with(|| now + Duration::from_millis(every));
-                if next <= now {
-                    st.next_due
-                        .insert(k.clone(), now + Duration::from_millis(every));
-                    due.push(k);
-                }
-            }
-            due
-        };
-        for k in due {
-            if self.stopping() {
-                return;
-            }
-            if let Err(e) = self.transfer(&k, Mode::Update, &|_| {}) {
-                tracing::warn!(dst = %k, error = %e, "scheduled update failed");
-            }
-        }
-        self.apply_retention();
-    }
-}
-
-fn scheduler(r: Weak<Replicator>, stop: ChanRx<()>, tick: Duration) {
-    loop {
-        match stop.recv_timeout(tick) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-        let Some(r) = r.upgrade() else { return };
-        if r.stopping() {
-            return;
-        }
-        r.tick();
     }
 }
 

@@ -1,8 +1,8 @@
 //! Retention by count: a per-volume policy "keep the newest N snapshots",
-//! applied by the scheduler on every tick, on sources, middles and
-//! destinations alike (MISSION: scheduled updates and pruning by count on
-//! each node). The policy is persisted in a pool attribute
-//! ([`keys::RETENTION`]).
+//! applied on every tick (a pass the scheduler hands to a chore worker, see
+//! `sched`), on sources, middles and destinations alike (MISSION: scheduled
+//! updates and pruning by count on each node). The policy is persisted in a
+//! pool attribute ([`keys::RETENTION`]).
 //!
 //! Invariants kept:
 //! - Every delete goes through [`Replicator::prune`], so a snapshot a soft
@@ -52,7 +52,7 @@ impl Replicator {
         set_attr(&self.engine, keys::RETENTION, Some(b))
     }
 
-    /// One pass of every policy (from the scheduler).
+    /// One pass of every policy (a chore worker's job, one pass at a time).
     pub(super) fn apply_retention(&self) {
         let policy = self.retention();
         for (volume, keep) in policy {

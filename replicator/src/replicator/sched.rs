@@ -1,0 +1,376 @@
+//! The scheduler and its workers: what runs where.
+//!
+//! One scheduler thread only decides. Every tick it feeds `Tick` to the
+//! lock table (stale leases, renewals) and queues the sets that produces
+//! with the undelivered ones, hands every upstream with an undelivered set
+//! and a retention pass to the chore workers, and hands the relationships
+//! whose `--every` period is due to the transfer workers. It does no peer
+//! I/O and never waits for a transfer, a delivery or a retention pass, so a
+//! long transfer or a slow upstream cannot hold up renewals, retries,
+//! retention or the other relationships.
+//!
+//! - Transfer workers (`max_transfers` threads): one scheduled update each.
+//! - Chore workers ([`CHORE_WORKERS`] threads): lock-set deliveries on a
+//!   short connection of their own, and retention passes. An unreachable
+//!   upstream holds one of them for at most the peer timeout per attempt;
+//!   the others keep delivering to everyone else.
+//!
+//! Invariants kept:
+//! - A relationship is queued or running on the transfer workers at most
+//!   once (`Jobs::scheduled`), and is not handed over while another
+//!   transfer of it runs (`busy`, e.g. an operator's `mirror update`).
+//! - A due relationship that cannot be handed over (all workers taken, or
+//!   it is transferring) stays due: its next due time moves only when it is
+//!   handed over, and the longest due goes first on a later tick.
+//! - At most one delivery per upstream is queued or running
+//!   (`Jobs::delivering`); it sends the newest undelivered set when it runs.
+//! - At most one retention pass is queued or running (`Jobs::retaining`).
+//! - The thread count is fixed at start (1 + `max_transfers` +
+//!   [`CHORE_WORKERS`]); queues are bounded; nothing is spawned per tick.
+//! - Shutdown: the scheduler exits, dropping its ends of the queues; each
+//!   worker finishes (or, once stopping, skips) what it holds and exits;
+//!   `shutdown` joins them all before it persists the tables.
+
+use super::*;
+
+/// Threads for lock-set deliveries and retention passes.
+pub(super) const CHORE_WORKERS: usize = 4;
+/// Most chores queued at once (one per upstream plus a retention pass); a
+/// chore that does not fit waits for the next tick.
+const CHORES_QUEUED_MAX: usize = 1024;
+
+/// Work for the chore workers.
+pub(super) enum Chore {
+    /// Deliver the newest undelivered set of this upstream.
+    Deliver(String),
+    /// One pass of every retention policy.
+    Retention,
+}
+
+/// The scheduler thread, its workers and what they have in hand.
+#[derive(Default)]
+pub(super) struct Jobs {
+    /// Relationships queued or running on the transfer workers.
+    scheduled: Mutex<BTreeSet<String>>,
+    /// Upstreams with a delivery queued or running on the chore workers.
+    delivering: Mutex<BTreeSet<String>>,
+    /// A retention pass is queued or running.
+    retaining: AtomicBool,
+    scheduler: Mutex<Option<JoinHandle<()>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The scheduler's ends of the worker queues; dropping them ends the workers.
+struct Lanes {
+    transfers: ChanTx<String>,
+    chores: ChanTx<Chore>,
+}
+
+/// Removes a key from a set of claims when the job holding it ends.
+struct Claim<'a> {
+    set: &'a Mutex<BTreeSet<String>>,
+    key: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.key);
+    }
+}
+
+/// Clears a flag when the job holding it ends.
+struct Flag<'a>(&'a AtomicBool);
+
+impl Drop for Flag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|e| ReplError::Io {
+            peer: "local".into(),
+            op: "spawn a replicator thread",
+            source: e,
+        })
+}
+
+/// Start the workers, then the scheduler (which owns the queues' senders).
+pub(super) fn start_threads(r: &Arc<Replicator>, stop: ChanRx<()>) -> Result<()> {
+    let n = r.cfg.max_transfers;
+    if n == 0 || n > TRANSFERS_MAX {
+        return Err(ReplError::Invalid(format!(
+            "max_transfers {n} must be 1..={TRANSFERS_MAX}"
+        )));
+    }
+    let (transfers, transfer_rx) = bounded::<String>(n);
+    let (chores, chore_rx) = bounded::<Chore>(CHORES_QUEUED_MAX);
+    let node = &r.cfg.node_name;
+    let mut workers = Vec::with_capacity(n + CHORE_WORKERS);
+    for i in 0..n {
+        let (weak, rx) = (Arc::downgrade(r), transfer_rx.clone());
+        workers.push(spawn(format!("sluice-xfer-{node}-{i}"), move || {
+            while let Ok(key) = rx.recv() {
+                let Some(r) = weak.upgrade() else { return };
+                r.run_scheduled(key);
+            }
+        })?);
+    }
+    for i in 0..CHORE_WORKERS {
+        let (weak, rx) = (Arc::downgrade(r), chore_rx.clone());
+        workers.push(spawn(format!("sluice-chore-{node}-{i}"), move || {
+            while let Ok(chore) = rx.recv() {
+                let Some(r) = weak.upgrade() else { return };
+                r.run_chore(chore);
+            }
+        })?);
+    }
+    *lock(&r.jobs.workers) = workers;
+    let weak = Arc::downgrade(r);
+    let tick = r.cfg.tick;
+    let lanes = Lanes { transfers, chores };
+    let h = spawn(format!("sluice-repl-{node}"), move || {
+        scheduler(weak, stop, tick, lanes)
+    })?;
+    *lock(&r.jobs.scheduler) = Some(h);
+    Ok(())
+}
+
+fn scheduler(r: Weak<Replicator>, stop: ChanRx<()>, tick: Duration, lanes: Lanes) {
+    loop {
+        match stop.recv_timeout(tick) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let Some(r) = r.upgrade() else { return };
+        if r.stopping() {
+            return;
+        }
+        r.tick(&lanes);
+    }
+}
+
+/// Keep `set` as the one to deliver for `key` (relationship, upstream
+/// node) unless a newer one waits.
+fn queue_set(
+    pending: &mut BTreeMap<(String, String), LockSet>,
+    key: (String, String),
+    set: LockSet,
+) {
+    if pending
+        .get(&key)
+        .is_none_or(|p| p.generation <= set.generation)
+    {
+        pending.insert(key, set);
+    }
+}
+
+impl Replicator {
+    /// Join the scheduler, then the workers (once the scheduler is gone
+    /// their queues are closed). Called by `shutdown` after `stop` is set.
+    pub(super) fn join_threads(&self) {
+        let me = std::thread::current().id();
+        let h = lock(&self.jobs.scheduler).take();
+        if let Some(h) = h {
+            if h.thread().id() != me && h.join().is_err() {
+                tracing::error!("replicator scheduler thread panicked");
+            }
+        }
+        let workers = std::mem::take(&mut *lock(&self.jobs.workers));
+        for h in workers {
+            if h.thread().id() != me && h.join().is_err() {
+                tracing::error!("replicator worker thread panicked");
+            }
+        }
+    }
+
+    /// One scheduler tick: decide and hand out, never wait (module docs).
+    fn tick(&self, lanes: &Lanes) {
+        match self.lock_events(vec![Event::Tick]) {
+            Ok(acts) => {
+                // Renewals join the undelivered sets (delivered by the chore
+                // workers); what is left only logs and counts.
+                let mut rest = Vec::new();
+                {
+                    let mut st = lock(&self.st);
+                    for a in acts {
+                        match a {
+                            Action::SendLockSet {
+                                relationship,
+                                upstream,
+                                set,
+                            } => queue_set(&mut st.pending_sets, (relationship, upstream), set),
+                            other => rest.push(other),
+                        }
+                    }
+                }
+                self.perform(rest, None);
+            }
+            Err(e) => tracing::error!(error = %e, "lock tick failed"),
+        }
+        if self.stopping() {
+            return;
+        }
+        self.hand_out_sets(lanes);
+        if !self.jobs.retaining.swap(true, Ordering::SeqCst)
+            && lanes.chores.try_send(Chore::Retention).is_err()
+        {
+            self.jobs.retaining.store(false, Ordering::SeqCst);
+        }
+        self.hand_out_transfers(lanes);
+    }
+
+    /// Every upstream with an undelivered set and no delivery in hand.
+    fn hand_out_sets(&self, lanes: &Lanes) {
+        let ups: Vec<String> = {
+            let mut st = lock(&self.st);
+            let State {
+                pending_sets,
+                locks,
+                ..
+            } = &mut *st;
+            pending_sets.retain(|(rel, up), _| locks.upstream_of(rel) == Some(up.as_str()));
+            let ups: BTreeSet<String> = pending_sets.keys().map(|(_, up)| up.clone()).collect();
+            ups.into_iter().collect()
+        };
+        let mut delivering = lock(&self.jobs.delivering);
+        for u in ups {
+            if !delivering.insert(u.clone()) {
+                continue;
+            }
+            if lanes.chores.try_send(Chore::Deliver(u.clone())).is_err() {
+                // Queue full: this and the rest go on a later tick.
+                delivering.remove(&u);
+                break;
+            }
+        }
+    }
+
+    /// Due relationships, longest due first, while a transfer worker is free.
+    fn hand_out_transfers(&self, lanes: &Lanes) {
+        let now = Instant::now();
+        let mut due: Vec<(Instant, String, u64)> = {
+            let mut st = lock(&self.st);
+            let State { rels, next_due, .. } = &mut *st;
+            next_due.retain(|k, _| rels.contains_key(k));
+            rels.values()
+                .filter(|r| !r.broken)
+                .filter_map(|r| {
+                    let every = r.every_ms?;
+                    let next = *next_due
+                        .entry(r.dst.clone())
+                        .or_insert_with(|| now + Duration::from_millis(every));
+                    (next <= now).then(|| (next, r.dst.clone(), every))
+                })
+                .collect()
+        };
+        due.sort();
+        for (_, key, every) in due {
+            if self.stopping() {
+                return;
+            }
+            {
+                let mut scheduled = lock(&self.jobs.scheduled);
+                if scheduled.len() >= self.cfg.max_transfers {
+                    // Every worker is taken: the rest stay due.
+                    return;
+                }
+                if scheduled.contains(&key) || lock(&self.busy).contains(&key) {
+                    continue; // transferring: stays due
+                }
+                scheduled.insert(key.clone());
+            }
+            if lanes.transfers.try_send(key.clone()).is_err() {
+                lock(&self.jobs.scheduled).remove(&key);
+                return;
+            }
+            lock(&self.st)
+                .next_due
+                .insert(key, now + Duration::from_millis(every));
+        }
+    }
+
+    /// A transfer worker's job: one scheduled update of `key`.
+    fn run_scheduled(&self, key: String) {
+        let _claim = Claim {
+            set: &self.jobs.scheduled,
+            key: key.clone(),
+        };
+        if self.stopping() {
+            return;
+        }
+        match self.transfer(&key, Mode::Update, &|_| {}) {
+            Ok(_) => {}
+            Err(ReplError::Busy(_)) => {
+                tracing::info!(dst = %key, "scheduled update skipped: another transfer of it started first")
+            }
+            Err(e) => tracing::warn!(dst = %key, error = %e, "scheduled update failed"),
+        }
+    }
+
+    /// A chore worker's job.
+    fn run_chore(&self, chore: Chore) {
+        match chore {
+            Chore::Deliver(upstream) => {
+                let _claim = Claim {
+                    set: &self.jobs.delivering,
+                    key: upstream.clone(),
+                };
+                if self.stopping() {
+                    return;
+                }
+                // Every undelivered set of this upstream, one relationship
+                // after the other, on this worker.
+                let sets: Vec<((String, String), LockSet)> = lock(&self.st)
+                    .pending_sets
+                    .iter()
+                    .filter(|((_, up), _)| *up == upstream)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                for ((rel, up), set) in sets {
+                    if self.stopping() {
+                        return;
+                    }
+                    self.deliver(&rel, &up, set);
+                }
+            }
+            Chore::Retention => {
+                let _flag = Flag(&self.jobs.retaining);
+                if !self.stopping() {
+                    self.apply_retention();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(generation: u64) -> LockSet {
+        LockSet {
+            sender: "b".into(),
+            relationship: "v".into(),
+            volume: "v".into(),
+            generation,
+            lease_ms: 1000,
+            locks: Vec::new(),
+            gone_acks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_queued_set_never_replaces_a_newer_one() {
+        let mut pending = BTreeMap::new();
+        let k = || ("v".to_string(), "a".to_string());
+        queue_set(&mut pending, k(), set(5));
+        queue_set(&mut pending, k(), set(4));
+        assert_eq!(pending[&k()].generation, 5);
+        queue_set(&mut pending, k(), set(6));
+        assert_eq!(pending[&k()].generation, 6);
+    }
+}
