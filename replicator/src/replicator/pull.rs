@@ -464,7 +464,10 @@ impl Replicator {
         r.unwrap_or(0)
     }
 
-    pub(super) fn ensure_upstream(&self, rel: &Relationship, peer: &str) -> Result<()> {
+    /// Register the relationship's upstream node (checked against the one
+    /// it had); returns the lock-table actions, for the caller to perform
+    /// on its connection to that upstream.
+    pub(super) fn ensure_upstream(&self, rel: &Relationship, peer: &str) -> Result<Vec<Action>> {
         if let Some(n) = &rel.source_node {
             if n != peer {
                 return Err(ReplError::Invalid(format!(
@@ -483,8 +486,7 @@ impl Replicator {
             self.persist_locks(&st)?;
             acts
         };
-        self.perform(acts, None);
-        Ok(())
+        Ok(acts)
     }
 
     /// Create the destination namespaces (volume + qtrees, or the qtree).
@@ -749,7 +751,8 @@ impl Replicator {
         let key = rel.dst.clone();
         let mut c = self.connect(&rel.source_addr)?;
         let up = c.peer_node.clone();
-        self.ensure_upstream(rel, &up)?;
+        let acts = self.ensure_upstream(rel, &up)?;
+        self.send_sets(&mut c, acts)?;
         // Claims 10/20: our lock set before the transfer.
         let acts = self.lock_events(vec![Event::TransferStarting {
             relationship: key.clone(),
