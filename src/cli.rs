@@ -57,6 +57,16 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
             Some(k) => println!("volume {volume}: keeping the newest {k} snapshots (and any a soft lock holds)"),
             None => println!("volume {volume}: no retention policy; snapshots are kept until deleted"),
         },
+        ControlRequest::VolDelete { name, .. } => {
+            let n = result["deleted_snapshots"].as_array().map_or(0, Vec::len);
+            println!("deleted volume {name} with its {n} snapshots");
+            for l in result["forced_locks"].as_array().into_iter().flatten() {
+                println!("  forced: {}", s(l));
+            }
+            for d in result["ended_downstreams"].as_array().into_iter().flatten() {
+                println!("  ended downstream: {} (it needs a new source or a new baseline)", s(d));
+            }
+        }
         ControlRequest::VolList => {
             let vols: Vec<VolumeView> = parse(result)?;
             println!(
@@ -114,6 +124,7 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
             print_transfer(&result)
         }
         ControlRequest::MirrorStatus => print_mirrors(&result),
+        ControlRequest::MirrorRetarget { .. } => print_retarget(&result),
         ControlRequest::MirrorBreak { dst } => println!("mirror {dst} broken: the destination is writable; `mirror resync {dst}` makes it a read-only mirror again"),
         ControlRequest::MirrorDelete { dst } => {
             if result["released_upstream"].as_bool() == Some(false) {
@@ -179,6 +190,7 @@ fn progress_bar(req: &ControlRequest, json: bool) -> Option<indicatif::ProgressB
         ControlRequest::MirrorCreate { .. }
             | ControlRequest::MirrorUpdate { .. }
             | ControlRequest::MirrorResync { .. }
+            | ControlRequest::MirrorRetarget { .. }
     );
     if !long || json || !std::io::stderr().is_terminal() {
         return None;
@@ -230,6 +242,33 @@ fn print_transfer(r: &Value) {
     }
     for k in r["kept_locked"].as_array().into_iter().flatten() {
         println!("  kept {} (gone at the source, but locked here)", s(k));
+    }
+}
+
+fn print_retarget(r: &Value) {
+    println!(
+        "{}: source {} (node {}) -> {} (node {})",
+        s(&r["dst"]),
+        s(&r["old_source"]),
+        s(&r["old_source_node"]),
+        s(&r["new_source"]),
+        s(&r["new_source_node"]),
+    );
+    match r["full_copy_bytes"].as_u64() {
+        Some(b) => println!("  no snapshot in common: a full copy of {}", fmt_bytes(b)),
+        None => println!("  goes on from {}", snap_ref(&r["base"])),
+    }
+    if r["released_old_upstream"].as_bool() == Some(false) {
+        println!("  the former source was not reached: its locks for this mirror go stale there under their lease (or `lock release` there)");
+    }
+    if !r["transfer"].is_null() {
+        print_transfer(&r["transfer"]);
+    }
+    if let Some(e) = r["transfer_error"].as_str() {
+        println!(
+            "  the update after the switch failed: {e}; `mirror update {}` tries again",
+            s(&r["dst"])
+        );
     }
 }
 

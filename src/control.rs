@@ -32,6 +32,13 @@ pub enum ControlRequest {
         size_bytes: u64,
     },
     VolList,
+    /// Delete a volume with its qtrees and snapshots; refused while a
+    /// downstream pulls it or its snapshots are locked, unless `force`.
+    VolDelete {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
     /// Retention by count: keep the newest `keep` snapshots of `volume`,
     /// applied by the node continuously; `null` ends the policy.
     VolRetain {
@@ -100,6 +107,15 @@ pub enum ControlRequest {
     MirrorDelete {
         dst: String,
     },
+    /// Point mirror `dst` at a new source (`ADDR/VOL[/QTREE]`), e.g. the
+    /// node above a lost middle node, and update from it; refused without
+    /// `allow_full` when they share no snapshot.
+    MirrorRetarget {
+        dst: String,
+        source: String,
+        #[serde(default)]
+        allow_full: bool,
+    },
     LockList,
     LockAdd {
         volume: String,
@@ -121,6 +137,7 @@ impl ControlRequest {
         match self {
             ControlRequest::VolCreate { .. } => "vol_create",
             ControlRequest::VolList => "vol_list",
+            ControlRequest::VolDelete { .. } => "vol_delete",
             ControlRequest::VolRetain { .. } => "vol_retain",
             ControlRequest::QtreeCreate { .. } => "qtree_create",
             ControlRequest::SnapCreate { .. } => "snap_create",
@@ -135,6 +152,7 @@ impl ControlRequest {
             ControlRequest::MirrorBreak { .. } => "mirror_break",
             ControlRequest::MirrorResync { .. } => "mirror_resync",
             ControlRequest::MirrorDelete { .. } => "mirror_delete",
+            ControlRequest::MirrorRetarget { .. } => "mirror_retarget",
             ControlRequest::LockList => "lock_list",
             ControlRequest::LockAdd { .. } => "lock_add",
             ControlRequest::LockRelease { .. } => "lock_release",

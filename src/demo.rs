@@ -12,7 +12,10 @@
 //! to the newest one; B updates every round, D every second round, C every
 //! third, so C lags several snapshots behind A. The same scenario then runs
 //! again with lock propagation switched off (a demonstration switch of
-//! `serve`), to show the chains soft locks kept intact.
+//! `serve`), to show the chains soft locks kept intact. With soft locks on,
+//! a last act kills B for good: C re-attaches to A (`mirror retarget`) and
+//! goes on incrementally from the newest snapshot it shares with A, which A
+//! kept for the locks B had relayed.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -103,6 +106,14 @@ impl Node {
             .map_err(|e| e.to_string())
     }
 
+    /// SIGKILL and wait: the node is lost.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM and wait: the node takes its final consistency point.
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -140,6 +151,7 @@ struct RunResult {
     full_after_baseline: u64,
     broken: Vec<String>,
     identical: Vec<String>,
+    reattached: Vec<String>,
 }
 
 pub fn run() -> Result<()> {
@@ -172,7 +184,7 @@ pub fn run() -> Result<()> {
         with.full_after_baseline,
         with.broken.len()
     );
-    for i in &with.identical {
+    for i in with.reattached.iter().chain(&with.identical) {
         println!("                    {i}");
     }
     println!(
@@ -268,7 +280,12 @@ fn scenario(dir: &Path, locks: bool) -> Result<RunResult> {
     for name in ["A", "B", "C", "D"] {
         nodes.push(Node::start(dir, name, locks)?);
     }
-    let result = drive(&nodes);
+    let mut result = drive(&nodes);
+    if locks {
+        if let Ok(out) = &mut result {
+            reattach(&mut nodes, out)?;
+        }
+    }
     for n in &mut nodes {
         n.stop();
     }
@@ -381,8 +398,99 @@ fn drive(nodes: &[Node]) -> Result<RunResult> {
     }
     println!();
     print_locks(a)?;
-    check_identical(nodes, &mut out)?;
+    check_identical(a, &[b, c, d], c, &format!("r{ROUNDS}"), &mut out)?;
     Ok(out)
+}
+
+/// The last act: B is lost for good; C re-attaches to A past it and goes
+/// on incrementally, D (a mirror of A) notices nothing.
+fn reattach(nodes: &mut [Node], out: &mut RunResult) -> Result<()> {
+    println!();
+    println!("== 3. B is lost for good: C re-attaches to A ==");
+    let mut rng = Rng(0xdead_beef);
+    fn a_round(a: &Node, rng: &mut Rng, round: u64) -> Result<(u64, Vec<String>)> {
+        let written = write_round(a, rng, round)?;
+        a.call(ControlRequest::SnapCreate {
+            volume: "vol0".into(),
+            name: format!("r{round}"),
+        })?;
+        a.call(ControlRequest::Prune {
+            volume: "vol0".into(),
+            keep: 1,
+            dry_run: false,
+        })?;
+        let kept = a
+            .call(ControlRequest::SnapList {
+                volume: "vol0".into(),
+            })?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["name"].as_str().unwrap_or("?").to_string())
+            .collect();
+        Ok((written, kept))
+    }
+    // One more round that B and D follow and C does not: C's base r6 is
+    // then held on A only by the lock B relays for C.
+    let round = ROUNDS + 1;
+    a_round(&nodes[0], &mut rng, round)?;
+    let b_cell = cell(&update(&nodes[1], "vol0"), out, "B:vol0", round);
+    let d_cell = cell(&update(&nodes[3], "vol0"), out, "D:vol0", round);
+    println!("r{round}: B:vol0 {b_cell}, D:vol0 {d_cell}, C lags at r{ROUNDS}");
+    nodes[1].kill();
+    let (a, c, d) = (&nodes[0], &nodes[2], &nodes[3]);
+    let round = round + 1;
+    let (written, kept) = a_round(a, &mut rng, round)?;
+    println!(
+        "B killed (SIGKILL). A wrote {} more, took r{round}, pruned to keep 1 and keeps {}:\n\
+         r{ROUNDS} only for C's locks, which B relayed before it died.",
+        fmt_bytes(written),
+        kept.join(" ")
+    );
+    for (who, dst, source) in [
+        ("C:vol0", "vol0", format!("{}/vol0", a.control)),
+        ("C:dbcopy/db", "dbcopy", format!("{}/vol0/db", a.control)),
+    ] {
+        println!("  sluice mirror retarget {dst} --from {source}   (on C)");
+        let r = c.try_call(ControlRequest::MirrorRetarget {
+            dst: dst.into(),
+            source,
+            allow_full: false,
+        });
+        match &r {
+            Ok(v) => {
+                let t = &v["transfer"];
+                let kind = t["kind"].as_str().unwrap_or("?");
+                if kind == "full" {
+                    out.full_after_baseline += 1;
+                } else if kind == "incremental" {
+                    out.incremental += 1;
+                }
+                let line = format!(
+                    "{who}: re-attached to A, went on from {} with an {kind} transfer of {} to {}{}",
+                    v["base"]["name"].as_str().unwrap_or("?"),
+                    fmt_bytes(t["bytes"].as_u64().unwrap_or(0)),
+                    t["target"]["name"].as_str().unwrap_or("?"),
+                    if v["released_old_upstream"] == false {
+                        " (B unreachable: its locks on A go stale under their lease)"
+                    } else {
+                        ""
+                    }
+                );
+                println!("  {line}");
+                out.reattached.push(line);
+                if let Some(e) = v["transfer_error"].as_str() {
+                    out.broken.push(format!("{who}: after the retarget: {e}"));
+                }
+            }
+            Err(e) => out.broken.push(format!("{who}: retarget: {e}")),
+        }
+    }
+    let d_cell = cell(&update(d, "vol0"), out, "D:vol0", round);
+    println!("  D:vol0 (from A, untouched by the loss): {d_cell}");
+    println!();
+    print_locks(a)?;
+    check_identical(a, &[c, d], c, &format!("r{round}"), out)
 }
 
 fn print_locks(a: &Node) -> Result<()> {
@@ -421,11 +529,16 @@ fn print_locks(a: &Node) -> Result<()> {
     Ok(())
 }
 
-/// Compare every mirror with A at A's newest snapshot: content digests,
-/// and the bytes themselves read through NBD.
-fn check_identical(nodes: &[Node], out: &mut RunResult) -> Result<()> {
-    let a = &nodes[0];
-    let target = format!("r{ROUNDS}");
+/// Compare every mirror in `others` with A at A's snapshot `target`, and
+/// C's qtree mirror with A's qtree: content digests, and the bytes
+/// themselves read through NBD.
+fn check_identical(
+    a: &Node,
+    others: &[&Node],
+    c: &Node,
+    target: &str,
+    out: &mut RunResult,
+) -> Result<()> {
     let snaps = |n: &Node, vol: &str| -> Result<Vec<Value>> {
         Ok(n.call(ControlRequest::SnapList { volume: vol.into() })?
             .as_array()
@@ -434,11 +547,7 @@ fn check_identical(nodes: &[Node], out: &mut RunResult) -> Result<()> {
     };
     let find = |list: &[Value], id: &Value| list.iter().find(|s| &s["id"] == id).cloned();
     let a_snaps = snaps(a, "vol0")?;
-    let Some(a_last) = a_snaps
-        .iter()
-        .find(|s| s["name"] == target.as_str())
-        .cloned()
-    else {
+    let Some(a_last) = a_snaps.iter().find(|s| s["name"] == target).cloned() else {
         return Ok(());
     };
     let read_all = |n: &Node, export: &str, size: u64| -> Result<Vec<u8>> {
@@ -453,7 +562,7 @@ fn check_identical(nodes: &[Node], out: &mut RunResult) -> Result<()> {
     };
     let a_bytes = read_all(a, &format!("vol0@{target}"), VOL_BYTES)?;
     let a_db = read_all(a, &format!("vol0/db@{target}"), QTREE_BYTES)?;
-    for n in &nodes[1..] {
+    for n in others {
         let Some(s) = find(&snaps(n, "vol0")?, &a_last["id"]) else {
             continue;
         };
@@ -466,7 +575,7 @@ fn check_identical(nodes: &[Node], out: &mut RunResult) -> Result<()> {
             if same_bytes { "identical" } else { "DIFFERENT" }
         ));
     }
-    if let Ok(db) = read_all(&nodes[2], "dbcopy/db", QTREE_BYTES) {
+    if let Ok(db) = read_all(c, "dbcopy/db", QTREE_BYTES) {
         out.identical.push(format!(
             "C:dbcopy/db vs A:vol0/db@{target}: bytes read through NBD {}",
             if db == a_db { "identical" } else { "DIFFERENT" }

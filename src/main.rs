@@ -140,6 +140,17 @@ enum VolCmd {
         #[arg(long)]
         off: bool,
     },
+    /// Delete VOL with its qtrees and snapshots (refused while a downstream
+    /// pulls it or a lock holds one of its snapshots, naming them).
+    Delete {
+        volume: String,
+        /// Delete although downstreams or locks depend on it (each locked
+        /// snapshot is a forced delete; its holders are told).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -181,6 +192,20 @@ enum MirrorCmd {
     },
     /// End the relationship and release its locks upstream.
     Delete { dst: String },
+    /// Go on from a new source, e.g. the node above a lost middle node
+    /// (from the newest snapshot shared with it), then update.
+    Retarget {
+        dst: String,
+        /// The new source, ADDR/VOL[/QTREE].
+        #[arg(long)]
+        from: String,
+        /// Accept a full copy when the destination shares no snapshot with
+        /// the new source (refused otherwise, saying its size).
+        #[arg(long)]
+        allow_full: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -336,6 +361,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: VolCmd::List { json },
         } => (R::VolList, json),
         Cmd::Vol {
+            cmd:
+                VolCmd::Delete {
+                    volume,
+                    force,
+                    json,
+                },
+        } => (
+            R::VolDelete {
+                name: volume,
+                force,
+            },
+            json,
+        ),
+        Cmd::Vol {
             cmd: VolCmd::Retain { volume, keep, off },
         } => (
             R::VolRetain {
@@ -442,6 +481,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             MirrorCmd::Break { dst } => (R::MirrorBreak { dst }, false),
             MirrorCmd::Resync { dst, json } => (R::MirrorResync { dst }, json),
             MirrorCmd::Delete { dst } => (R::MirrorDelete { dst }, false),
+            MirrorCmd::Retarget {
+                dst,
+                from,
+                allow_full,
+                json,
+            } => (
+                R::MirrorRetarget {
+                    dst,
+                    source: from,
+                    allow_full,
+                },
+                json,
+            ),
         },
         Cmd::Lock { cmd } => match cmd {
             LockCmd::List { json } => (R::LockList, json),

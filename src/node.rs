@@ -222,6 +222,9 @@ impl Node {
                 to_value(&self.volume(&name)?)
             }
             ControlRequest::VolList => to_value(&self.views(&self.volumes()?)),
+            ControlRequest::VolDelete { name, force } => {
+                to_value(&self.repl.vol_delete(&name, force)?)
+            }
             ControlRequest::VolRetain { volume, keep } => {
                 self.repl.set_retention(&volume, keep)?;
                 to_value(&self.volume(&volume)?)
@@ -339,6 +342,21 @@ impl Node {
                 Ok(
                     serde_json::json!({ "dst": dst, "deleted": true, "released_upstream": released }),
                 )
+            }
+            ControlRequest::MirrorRetarget {
+                dst,
+                source,
+                allow_full,
+            } => {
+                let (addr, volume, qtree) = parse_source(&source)?;
+                to_value(&self.repl.mirror_retarget(
+                    &dst,
+                    &addr,
+                    &volume,
+                    qtree.as_deref(),
+                    allow_full,
+                    &on_progress,
+                )?)
             }
             ControlRequest::LockList => to_value(&self.repl.lock_list()),
             ControlRequest::LockAdd {

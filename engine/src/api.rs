@@ -174,6 +174,11 @@ pub enum Request {
         volume: String,
         name: String,
     },
+    /// Delete a volume with every qtree and snapshot; its blocks are free
+    /// after the consistency point that removes it.
+    DeleteVolume {
+        name: String,
+    },
     ListSnapshots {
         volume: String,
     },

@@ -88,6 +88,13 @@ struct Vol {
     snaps: Vec<Snap>,
 }
 
+impl Vol {
+    /// The roots of the live plane and of every snapshot's plane.
+    fn plane_roots(&self) -> impl Iterator<Item = Ptr> + '_ {
+        std::iter::once(self.plane.root).chain(self.snaps.iter().map(|s| s.plane))
+    }
+}
+
 /// A validated write of a batch: (volume, namespace, lba, data, pbas).
 /// A validated, allocated write of a batch: namespace (vi, ni), first lba,
 /// its data (taken when it goes to the device whole), fresh pbas and each
@@ -719,15 +726,20 @@ impl<D: BlockDevice> Pool<D> {
         for &c in &self.catalog_blocks {
             fm.set(c);
         }
+        let roots: Vec<Ptr> = self.vols.iter().flat_map(Vol::plane_roots).collect();
+        self.plane_blocks(&roots, &mut |p| fm.set(p))?;
+        self.fm = fm;
+        Ok(())
+    }
+
+    /// Every block the planes `roots` hold: their nodes (each distinct node
+    /// once) and the blocks their bits name. Only clean planes are read
+    /// (their dirty nodes are not on the device yet).
+    fn plane_blocks(&mut self, roots: &[Ptr], out: &mut dyn FnMut(u64)) -> Result<()> {
+        let total = self.fm.total;
         let mut seen = HashSet::new();
-        let roots: Vec<Ptr> = self
-            .vols
-            .iter()
-            .flat_map(|v| std::iter::once(v.plane.root).chain(v.snaps.iter().map(|s| s.plane)))
-            .collect();
-        for root in roots {
+        for &root in roots {
             let tree = Tree::plane(root);
-            let fmr = &mut fm;
             let mut nodes = Vec::new();
             let mut leaves: Vec<(u64, Vec<u8>)> = Vec::new();
             walk_tree(
@@ -744,7 +756,7 @@ impl<D: BlockDevice> Pool<D> {
                 &mut |k, pl| leaves.push((k, pl.to_vec())),
             )?;
             for p in nodes {
-                fmr.set(p);
+                out(p);
             }
             for (k, pl) in leaves {
                 for (byte, &b) in pl.iter().enumerate() {
@@ -752,20 +764,19 @@ impl<D: BlockDevice> Pool<D> {
                     while m != 0 {
                         let bit = m.trailing_zeros() as u64;
                         let pba = k * LEAF_BITS + byte as u64 * 8 + bit;
-                        if pba >= fmr.total {
+                        if pba >= total {
                             return Err(Error::CorruptMetadata {
                                 pba: 0,
                                 kind: "plane leaf",
                                 reason: format!("plane holds block {pba} beyond the device"),
                             });
                         }
-                        fmr.set(pba);
+                        out(pba);
                         m &= m - 1;
                     }
                 }
             }
         }
-        self.fm = fm;
         Ok(())
     }
 
@@ -1336,6 +1347,26 @@ impl<D: BlockDevice> Pool<D> {
                 }
                 self.pending.extend(freed);
                 self.vols[vi].snaps.remove(si);
+                self.meta_dirty = true;
+                self.cp(None)?;
+                Ok(Reply::Done)
+            }
+            Request::DeleteVolume { name } => {
+                self.check_writable()?;
+                let vi = self.vol_idx(&name)?;
+                self.ensure_space(4)?;
+                // Flushed first, every block of the volume is in one of its
+                // planes (no dirty map node holds one the planes lack).
+                self.cp(None)?;
+                let roots: Vec<Ptr> = self.vols[vi].plane_roots().collect();
+                let mut freed = Vec::new();
+                if let Err(e) = self.plane_blocks(&roots, &mut |p| freed.push(p)) {
+                    self.poison(&e);
+                    return Err(e);
+                }
+                // Free after the CP that drops the volume from the catalog.
+                self.pending.extend(freed);
+                self.vols.remove(vi);
                 self.meta_dirty = true;
                 self.cp(None)?;
                 Ok(Reply::Done)
@@ -2204,6 +2235,95 @@ mod tests {
             _ => panic!(),
         };
         assert_eq!(v[0].snapshot_count, 0);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn volume_delete_frees_everything_it_held_and_nothing_else() {
+        let mut p = pool();
+        let empty = space(&mut p).used_blocks;
+        p.execute(Request::CreateVolume {
+            name: "w".into(),
+            size_bytes: 1000 * 4096,
+        })
+        .unwrap();
+        p.execute(Request::CreateQtree {
+            volume: "w".into(),
+            name: "q".into(),
+            size_bytes: 100 * 4096,
+        })
+        .unwrap();
+        write(&mut p, 0, 30, 7);
+        snap(&mut p, "a");
+        let keep = |p: &mut Pool<SimDevice>| -> Vec<u8> {
+            match p
+                .execute(Request::Read {
+                    image: Image {
+                        ns: NsName::volume("v"),
+                        snapshot: Some("a".into()),
+                    },
+                    lba: 0,
+                    len_blocks: 30,
+                })
+                .unwrap()
+            {
+                Reply::Data(d) => d.as_slice().to_vec(),
+                _ => panic!(),
+            }
+        };
+        let v_only = space(&mut p).used_blocks;
+        for (ns, n) in [(NsName::volume("w"), 40), (NsName::qtree("w", "q"), 9)] {
+            let mut b = AlignedBuf::zeroed(n);
+            b.as_mut_slice().fill(3);
+            p.execute(Request::Write {
+                ns,
+                lba: 0,
+                data: b,
+                fua: false,
+                replica: false,
+            })
+            .unwrap();
+        }
+        p.execute(Request::CreateSnapshot {
+            volume: "w".into(),
+            name: "s".into(),
+            id: None,
+            created_unix_ms: None,
+        })
+        .unwrap();
+        let mut b = AlignedBuf::zeroed(10);
+        b.as_mut_slice().fill(4);
+        p.execute(Request::Write {
+            ns: NsName::volume("w"),
+            lba: 0,
+            data: b,
+            fua: false,
+            replica: false,
+        })
+        .unwrap();
+        // Dirty (unflushed) writes of w are freed too.
+        p.execute(Request::DeleteVolume { name: "w".into() })
+            .unwrap();
+        p.check_invariants().unwrap();
+        assert_eq!(space(&mut p).used_blocks, v_only, "blocks of w left behind");
+        assert!(v_only > empty);
+        let before = keep(&mut p);
+        assert!(before.iter().all(|&x| x == 7));
+        let e = p
+            .execute(Request::ListSnapshots { volume: "w".into() })
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
+        // Durable: the reopened pool has no w and the same free space, and
+        // w can be created again.
+        let mut p = Pool::open(p.into_device()).unwrap();
+        p.check_invariants().unwrap();
+        assert_eq!(space(&mut p).used_blocks, v_only);
+        assert_eq!(keep(&mut p), before);
+        p.execute(Request::CreateVolume {
+            name: "w".into(),
+            size_bytes: 1000 * 4096,
+        })
+        .unwrap();
         p.check_invariants().unwrap();
     }
 

@@ -266,7 +266,7 @@ fn route(req: &Request, shards: usize) -> Route {
     }
     let by = |volume: &str| Route::One(shard_of(volume, shards));
     match req {
-        Request::CreateVolume { name, .. } => by(name),
+        Request::CreateVolume { name, .. } | Request::DeleteVolume { name } => by(name),
         Request::CreateQtree { volume, .. }
         | Request::CreateSnapshot { volume, .. }
         | Request::DeleteSnapshot { volume, .. }

@@ -100,10 +100,12 @@ fn run_case(seed: u64, steps: usize) {
     let mut pool = Pool::format(dev, FormatOptions { volumes_max: 4 }).unwrap();
     let mut vols: Vec<MVol> = Vec::new();
     let mut counter = 1u64;
+    let mut vol_seq = 0u64;
     for _step in 0..steps {
         let op = rng.below(100);
         if vols.is_empty() || (op < 3 && vols.len() < 3) {
-            let name = format!("v{}", vols.len());
+            let name = format!("v{vol_seq}");
+            vol_seq += 1;
             let size = 1 + rng.below(400);
             pool.execute(Request::CreateVolume {
                 name: name.clone(),
@@ -338,6 +340,19 @@ fn run_case(seed: u64, steps: usize) {
                     }
                 }
                 assert_eq!(copy, target, "diff applied to base != target");
+            }
+            96 => {
+                // The volume goes with everything it held; the others stay
+                // as they were (checked by the reads and invariants after).
+                let name = v.name.clone();
+                pool.execute(Request::DeleteVolume { name: name.clone() })
+                    .unwrap();
+                vols.remove(vi);
+                let e = pool.execute(Request::ListSnapshots { volume: name });
+                assert!(
+                    matches!(e, Err(Error::NoSuchVolume(_))),
+                    "seed {seed}: deleted volume still listed: {e:?}"
+                );
             }
             93..=95 => {
                 pool.execute(Request::Flush).unwrap();

@@ -304,10 +304,16 @@ impl Conn {
             }
         };
         if peer.node_id.is_empty() || peer.node_id.len() > NODE_NAME_MAX || peer.node_id == node {
-            let text = format!(
-                "peer node id {:?} is empty, longer than {NODE_NAME_MAX} bytes, or equal to ours",
-                peer.node_id
-            );
+            let text = if peer.node_id == node {
+                format!(
+                    "peer node id {node:?} is this node's own name: the address is this node (a mirror's source is another node), or two nodes share a name"
+                )
+            } else {
+                format!(
+                    "peer node id {:?} is empty or longer than {NODE_NAME_MAX} bytes",
+                    peer.node_id
+                )
+            };
             self.send_error(0, codes::BAD_FRAME, &text);
             return Err(ReplError::Protocol {
                 peer: self.who(),

@@ -88,6 +88,9 @@ pub enum ReplError {
         snapshot: String,
         holders: String,
     },
+    /// A volume delete was refused: downstreams or locks depend on it.
+    #[error("volume {volume} is in use: {detail}; `mirror delete` those relationships downstream or release the locks, or use --force (every downstream then needs a full copy)")]
+    VolumeInUse { volume: String, detail: String },
     /// A snapshot is in use by a running transfer.
     #[error("snapshot {volume}@{snapshot} is in use by a running transfer; retry when it ends")]
     InTransfer { volume: String, snapshot: String },

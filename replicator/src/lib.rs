@@ -22,7 +22,8 @@ pub use sluice_lockproto::LeasePolicy;
 pub use transfer::CheckpointPolicy;
 pub use types::{
     Checkpoint, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PrunePlan, PruneSkip,
-    Relationship, ReplicatorConfig, SnapRef, TransferReport, TRANSFERS_MAX,
+    Relationship, ReplicatorConfig, RetargetReport, SnapRef, TransferReport, VolDeleteReport,
+    TRANSFERS_MAX,
 };
 
 /// The daemon shares one `Arc<Replicator>` between threads.

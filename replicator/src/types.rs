@@ -148,6 +148,36 @@ pub struct TransferReport {
     pub duration_ms: u64,
 }
 
+/// What `mirror retarget` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetargetReport {
+    /// Destination path.
+    pub dst: String,
+    /// The former source, `addr/vol[/qtree]`.
+    pub old_source: String,
+    /// The former source's node id (if it was ever reached).
+    pub old_source_node: Option<String>,
+    /// The new source, `addr/vol[/qtree]`.
+    pub new_source: String,
+    /// The new source's node id.
+    pub new_source_node: String,
+    /// Newest snapshot the destination shares with the new source: the base
+    /// of the next update (`None`: the next update is a full copy).
+    pub base: Option<SnapRef>,
+    /// Bytes a full copy sends (reported when there is no base).
+    pub full_copy_bytes: Option<u64>,
+    /// Whether the former upstream acknowledged the release of this
+    /// relationship's locks (`false`: unreachable; they go stale there
+    /// under their lease).
+    pub released_old_upstream: bool,
+    /// The update run right after the switch (`None` when the relationship
+    /// is broken, or when the update failed: see `transfer_error`).
+    pub transfer: Option<TransferReport>,
+    /// Why the update after the switch failed (the switch stands; the next
+    /// `mirror update` or scheduled update tries again).
+    pub transfer_error: Option<String>,
+}
+
 /// Progress of a running transfer (callbacks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Progress {
@@ -296,6 +326,21 @@ pub struct LockView {
     pub resource_id: Uuid,
     /// Second form: the downstream dataset that needs it.
     pub locking_dataset_id: String,
+}
+
+/// What `vol delete` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolDeleteReport {
+    /// The volume.
+    pub volume: String,
+    /// Its snapshots, deleted with it.
+    pub deleted_snapshots: Vec<String>,
+    /// With `--force`: the locks it overrode, one line each (the holders
+    /// are told their snapshots are gone).
+    pub forced_locks: Vec<String>,
+    /// With `--force`: downstream relationships that pulled it (they need
+    /// a new source, or a new baseline).
+    pub ended_downstreams: Vec<String>,
 }
 
 /// Why prune kept a snapshot it would otherwise delete.

@@ -77,6 +77,128 @@ impl Replicator {
         Ok(())
     }
 
+    /// Delete `volume` with its qtrees and snapshots. Refused while it is a
+    /// mirror destination here, while a transfer reads it, and (unless
+    /// `force`) while a downstream pulls it or any of its snapshots is
+    /// locked, naming each. Forced, every locked snapshot is a forced
+    /// delete (logged, counted, holders told) and the downstream
+    /// relationships on it end here.
+    pub fn vol_delete(&self, volume: &str, force: bool) -> Result<VolDeleteReport> {
+        volume_info(&self.engine, volume)?;
+        if let Some(r) = lock(&self.st)
+            .rels
+            .values()
+            .find(|r| r.dst_volume == volume)
+        {
+            return Err(ReplError::Invalid(format!(
+                "volume {volume} is the destination of mirror {} (from {}); `mirror delete {}` first",
+                r.dst,
+                r.source_path(),
+                r.dst
+            )));
+        }
+        let snaps = snapshots(&self.engine, volume)?;
+        if let Some(s) = snaps.iter().find(|s| self.in_transfer(s.id)) {
+            return Err(ReplError::InTransfer {
+                volume: volume.into(),
+                snapshot: s.name.clone(),
+            });
+        }
+        let (locked, downs) = {
+            let st = lock(&self.st);
+            let locked: Vec<(&SnapshotInfo, Vec<Held>)> = snaps
+                .iter()
+                .map(|s| (s, st.locks.holders(volume, s.id)))
+                .filter(|(_, h)| !h.is_empty())
+                .collect();
+            let stale = st.locks.stale_downstreams();
+            let downs: Vec<(DownKey, bool)> = st
+                .locks
+                .downstreams()
+                .into_iter()
+                .filter(|(_, v)| v.as_deref() == Some(volume))
+                .map(|(k, _)| {
+                    let s = stale.contains(&k);
+                    (k, s)
+                })
+                .collect();
+            (locked, downs)
+        };
+        let lines: Vec<String> = locked
+            .iter()
+            .map(|(s, h)| {
+                let locks: Vec<SoftLock> = h.iter().map(|x| x.lock.clone()).collect();
+                format!("{}@{} locked by {}", volume, s.name, holders_text(&locks))
+            })
+            .collect();
+        let down_lines: Vec<String> = downs
+            .iter()
+            .map(|((node, rel), stale)| {
+                format!(
+                    "{node}:{rel} pulls it{}",
+                    if *stale { " (stale)" } else { "" }
+                )
+            })
+            .collect();
+        let live_down = downs.iter().any(|(_, stale)| !stale);
+        if !force && (live_down || !lines.is_empty()) {
+            let detail: Vec<&str> = down_lines
+                .iter()
+                .chain(&lines)
+                .map(String::as_str)
+                .collect();
+            return Err(ReplError::VolumeInUse {
+                volume: volume.into(),
+                detail: detail.join("; "),
+            });
+        }
+        // Forced: each locked snapshot goes as a forced delete (the
+        // holders are told), then the volume with the rest.
+        let forced_acts = self.lock_events(
+            locked
+                .iter()
+                .map(|(s, _)| Event::DeleteRequested {
+                    volume: volume.to_string(),
+                    snapshot: s.id,
+                    force: true,
+                })
+                .collect(),
+        )?;
+        self.engine
+            .call(Request::DeleteVolume {
+                name: volume.to_string(),
+            })
+            .map_err(|e| ReplError::engine(format!("delete volume {volume}"), e))?;
+        self.perform(forced_acts, None);
+        let mut evs = vec![Event::VolumeRemoved {
+            volume: volume.to_string(),
+        }];
+        for ((node, rel), _) in &downs {
+            evs.push(Event::DownstreamRemoved {
+                downstream: node.clone(),
+                relationship: rel.clone(),
+            });
+        }
+        let acts = self.lock_events(evs)?;
+        self.perform(acts, None);
+        {
+            let mut st = lock(&self.st);
+            st.down_shared
+                .retain(|k, _| !downs.iter().any(|(d, _)| d == k));
+        }
+        if self.retention().contains_key(volume) {
+            self.store_retention(volume, None)?;
+        }
+        self.flush()?;
+        tracing::warn!(%volume, snapshots = snaps.len(), forced = lines.len(), downstreams = down_lines.len(), "volume deleted");
+        Ok(VolDeleteReport {
+            volume: volume.into(),
+            deleted_snapshots: snaps.into_iter().map(|s| s.name).collect(),
+            forced_locks: lines,
+            ended_downstreams: down_lines,
+        })
+    }
+
     /// Keep the newest `keep` snapshots of `volume`; delete older ones
     /// unless locked or in a transfer (each skip says why).
     pub fn prune(&self, volume: &str, keep: usize, dry_run: bool) -> Result<PrunePlan> {

@@ -58,6 +58,7 @@ use crate::types::*;
 mod admin;
 mod metrics;
 mod pull;
+mod retarget;
 mod retention;
 mod sched;
 mod serve;
