@@ -237,6 +237,9 @@ fn print_transfer(r: &Value) {
             r["resumed_from"], r["total_items"]
         );
     }
+    if let Some(why) = r["full_reason"].as_str().filter(|_| kind == "full") {
+        println!("  full because: {why}");
+    }
     for d in r["deleted_snapshots"].as_array().into_iter().flatten() {
         println!("  deleted {} (gone at the source)", s(d));
     }
@@ -304,8 +307,17 @@ fn print_mirrors(v: &Value) {
             m["incremental_transfers"].as_u64().unwrap_or(0),
             last
         );
+        if !m["notice"].is_null() {
+            println!("  notice: {}", s(&m["notice"]));
+        }
         if !m["last_error"].is_null() {
             println!("  last error: {}", s(&m["last_error"]));
+        }
+        if let Some(n) = m["next_update"]
+            .as_str()
+            .filter(|n| !n.starts_with("incremental"))
+        {
+            println!("  next update: {n}");
         }
     }
 }
@@ -367,15 +379,28 @@ fn print_prune(p: &Value) {
                 )
             })
             .collect();
-        println!(
-            "keep {vol}@{}: {}{}",
-            s(&k["snapshot"]),
-            s(&k["reason"]),
-            if holders.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", holders.join("; "))
+        let effects: Vec<String> = k["effects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        if effects.is_empty() {
+            println!(
+                "keep {vol}@{}: {}{}",
+                s(&k["snapshot"]),
+                s(&k["reason"]),
+                if holders.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", holders.join("; "))
+                }
+            );
+        } else {
+            println!("keep {vol}@{}: locked", s(&k["snapshot"]));
+            for e in effects {
+                println!("  {e}");
             }
-        );
+        }
     }
 }

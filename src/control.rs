@@ -103,6 +103,9 @@ pub enum ControlRequest {
     },
     MirrorResync {
         dst: String,
+        /// Discard snapshots taken on the destination while broken.
+        #[serde(default)]
+        force: bool,
     },
     MirrorDelete {
         dst: String,

@@ -187,6 +187,10 @@ enum MirrorCmd {
     /// Become a mirror again (from the newest common snapshot, or a full copy).
     Resync {
         dst: String,
+        /// Discard the snapshots taken here while broken (refused without,
+        /// naming them).
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -479,7 +483,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             MirrorCmd::Update { dst, json } => (R::MirrorUpdate { dst }, json),
             MirrorCmd::Status { json } => (R::MirrorStatus, json),
             MirrorCmd::Break { dst } => (R::MirrorBreak { dst }, false),
-            MirrorCmd::Resync { dst, json } => (R::MirrorResync { dst }, json),
+            MirrorCmd::Resync { dst, force, json } => (R::MirrorResync { dst, force }, json),
             MirrorCmd::Delete { dst } => (R::MirrorDelete { dst }, false),
             MirrorCmd::Retarget {
                 dst,

@@ -334,8 +334,8 @@ impl Node {
                 self.repl.mirror_break(&dst)?;
                 Ok(serde_json::json!({ "dst": dst, "state": "broken" }))
             }
-            ControlRequest::MirrorResync { dst } => {
-                to_value(&self.repl.mirror_resync(&dst, &on_progress)?)
+            ControlRequest::MirrorResync { dst, force } => {
+                to_value(&self.repl.mirror_resync(&dst, force, &on_progress)?)
             }
             ControlRequest::MirrorDelete { dst } => {
                 let released = self.repl.mirror_delete(&dst)?;

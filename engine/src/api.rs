@@ -118,6 +118,19 @@ pub struct DiffExtent {
     pub kind: DiffKind,
 }
 
+/// What a diff between two images holds, counted (metadata only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiffStats {
+    /// Blocks the target holds at an lba where the base holds another
+    /// block (or none).
+    pub data_blocks: u64,
+    /// Of those, blocks whose content equals the base's block at the same
+    /// lba (rewritten with the same bytes: a re-sent, not a changed, block).
+    pub unchanged_blocks: u64,
+    /// Blocks the base holds and the target does not.
+    pub trim_blocks: u64,
+}
+
 /// Every operation the engine offers, as a message.
 #[derive(Debug)]
 pub enum Request {
@@ -189,6 +202,13 @@ pub enum Request {
         base: Option<String>,
         target: String,
     },
+    /// The same walk as `Diff`, counted, with the blocks whose content did
+    /// not change (equal content hashes) told apart.
+    DiffStats {
+        ns: NsName,
+        base: Option<String>,
+        target: String,
+    },
     Space,
     /// Store a small named blob in the pool; durable at the next CP.
     SetAttr {
@@ -209,6 +229,7 @@ pub enum Reply {
     Snapshot(SnapshotInfo),
     Snapshots(Vec<SnapshotInfo>),
     Diff(Vec<DiffExtent>),
+    DiffStats(DiffStats),
     Space(SpaceInfo),
     Attr(Option<Vec<u8>>),
 }

@@ -381,7 +381,7 @@ fn diff_walk<D: BlockDevice>(
     key: u64,
     base: Ptr,
     target: Ptr,
-    out: &mut Vec<DiffExtent>,
+    out: &mut dyn FnMut(u64, DiffKind, bool),
 ) -> Result<()> {
     if target.pba == 0 || target.pba == base.pba {
         return Ok(());
@@ -398,9 +398,9 @@ fn diff_walk<D: BlockDevice>(
         let ck = key * FANOUT as u64 + i as u64;
         if level == 0 {
             if t.pba != 0 && t.pba != b.pba {
-                push_extent(out, ck, DiffKind::Data);
+                out(ck, DiffKind::Data, b.pba != 0 && t.hash == b.hash);
             } else if t.pba == 0 && b.pba != 0 {
-                push_extent(out, ck, DiffKind::Trim);
+                out(ck, DiffKind::Trim, false);
             }
         } else {
             diff_walk(
@@ -1382,6 +1382,9 @@ impl<D: BlockDevice> Pool<D> {
             Request::Diff { ns, base, target } => {
                 self.diff(&ns, base.as_deref(), &target).map(Reply::Diff)
             }
+            Request::DiffStats { ns, base, target } => self
+                .diff_stats(&ns, base.as_deref(), &target)
+                .map(Reply::DiffStats),
             Request::Space => Ok(Reply::Space(SpaceInfo {
                 total_blocks: self.fm.total,
                 used_blocks: self.fm.used - self.pending.len() as u64,
@@ -1860,6 +1863,42 @@ impl<D: BlockDevice> Pool<D> {
         base: Option<&str>,
         target: &str,
     ) -> Result<Vec<DiffExtent>> {
+        let (b, t) = self.diff_roots(ns, base, target)?;
+        let mut out = Vec::new();
+        diff_walk(&mut self.store, MAP_DEPTH - 1, 0, b, t, &mut |lba, k, _| {
+            push_extent(&mut out, lba, k)
+        })?;
+        Ok(out)
+    }
+
+    /// [`Pool::diff`] counted, unchanged content told apart.
+    pub fn diff_stats(
+        &mut self,
+        ns: &NsName,
+        base: Option<&str>,
+        target: &str,
+    ) -> Result<DiffStats> {
+        let (b, t) = self.diff_roots(ns, base, target)?;
+        let mut st = DiffStats::default();
+        diff_walk(
+            &mut self.store,
+            MAP_DEPTH - 1,
+            0,
+            b,
+            t,
+            &mut |_, k, same| match k {
+                DiffKind::Data => {
+                    st.data_blocks += 1;
+                    st.unchanged_blocks += u64::from(same);
+                }
+                DiffKind::Trim => st.trim_blocks += 1,
+            },
+        )?;
+        Ok(st)
+    }
+
+    /// The map roots of `ns` in snapshots `base` (or nothing) and `target`.
+    fn diff_roots(&self, ns: &NsName, base: Option<&str>, target: &str) -> Result<(Ptr, Ptr)> {
         let (vi, _) = self.ns_idx(ns)?;
         let root_of = |pool: &Self, name: &str| -> Result<Ptr> {
             let si = pool.snap_idx(vi, name)?;
@@ -1893,9 +1932,7 @@ impl<D: BlockDevice> Pool<D> {
             },
             None => Ptr::default(),
         };
-        let mut out = Vec::new();
-        diff_walk(&mut self.store, MAP_DEPTH - 1, 0, b, t, &mut out)?;
-        Ok(out)
+        Ok((b, t))
     }
 
     /// Expensive consistency check (tests): planes agree with the map
@@ -2236,6 +2273,43 @@ mod tests {
         };
         assert_eq!(v[0].snapshot_count, 0);
         p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn diff_stats_tell_rewritten_from_changed_blocks() {
+        let mut p = pool();
+        write(&mut p, 0, 10, 1);
+        snap(&mut p, "a");
+        write(&mut p, 0, 4, 1); // the same bytes again
+        write(&mut p, 4, 2, 9); // new bytes
+        write(&mut p, 20, 3, 5); // new blocks
+        p.execute(Request::Trim {
+            ns: NsName::volume("v"),
+            lba: 8,
+            len_blocks: 2,
+            replica: false,
+        })
+        .unwrap();
+        snap(&mut p, "b");
+        let st = p.diff_stats(&NsName::volume("v"), Some("a"), "b").unwrap();
+        assert_eq!(
+            st,
+            DiffStats {
+                data_blocks: 9,
+                unchanged_blocks: 4,
+                trim_blocks: 2
+            }
+        );
+        let ext = p.diff(&NsName::volume("v"), Some("a"), "b").unwrap();
+        let sum = |k| -> u64 {
+            ext.iter()
+                .filter(|e| e.kind == k)
+                .map(|e| e.len_blocks)
+                .sum()
+        };
+        assert_eq!((sum(DiffKind::Data), sum(DiffKind::Trim)), (9, 2));
+        let full = p.diff_stats(&NsName::volume("v"), None, "b").unwrap();
+        assert_eq!((full.data_blocks, full.unchanged_blocks), (11, 0));
     }
 
     #[test]

@@ -275,6 +275,7 @@ fn route(req: &Request, shards: usize) -> Route {
         Request::Write { ns, .. }
         | Request::Trim { ns, .. }
         | Request::Diff { ns, .. }
+        | Request::DiffStats { ns, .. }
         | Request::SetReadOnly { ns, .. } => by(&ns.volume),
         Request::Flush => Route::All(FanOut::Flush),
         Request::ListVolumes => Route::All(FanOut::ListVolumes),

@@ -142,6 +142,10 @@ pub struct TransferReport {
     pub deleted_snapshots: Vec<String>,
     /// Snapshots kept although the source deleted them (locked here).
     pub kept_locked: Vec<String>,
+    /// Why a transfer is `full`: a baseline, no common snapshot, or every
+    /// block differing from the base (the source was re-baselined).
+    #[serde(default)]
+    pub full_reason: Option<String>,
     /// End time (ms since the epoch).
     pub finished_unix_ms: u64,
     /// Duration (ms).
@@ -238,6 +242,15 @@ pub struct Relationship {
     /// Newest snapshot both sides hold.
     #[serde(default)]
     pub common: Option<SnapRef>,
+    /// When `mirror break` made the destination writable (snapshots taken
+    /// here since are the ones a resync would discard).
+    #[serde(default)]
+    pub broken_unix_ms: Option<u64>,
+    /// What the source did to this relationship since its last transfer
+    /// (a forced delete of a snapshot it shares with us), for `mirror
+    /// status`; cleared by the next successful transfer.
+    #[serde(default)]
+    pub source_notice: Option<String>,
 }
 
 impl Relationship {
@@ -276,6 +289,13 @@ pub struct MirrorStatus {
     pub state: String,
     /// Newest common snapshot.
     pub newest_common_snapshot: Option<SnapRef>,
+    /// What the next update will do: `incremental from NAME`, a baseline,
+    /// or a full copy (with an estimate of its size) when no snapshot is
+    /// shared with the source any more.
+    pub next_update: String,
+    /// What the source did since the last transfer (a forced delete of a
+    /// shared snapshot), if anything.
+    pub notice: Option<String>,
     /// Now minus the creation time of the newest common snapshot (ms).
     pub lag_ms: Option<u64>,
     /// Full transfers done.
@@ -352,6 +372,10 @@ pub struct PruneSkip {
     pub reason: String,
     /// The locks holding it.
     pub holders: Vec<LockView>,
+    /// What deleting it would cost, once per holder: which relationship
+    /// would need a full copy (`deleting s3 would force a full copy of
+    /// d/vol0`), or why none would; stale holders marked.
+    pub effects: Vec<String>,
 }
 
 /// What prune did (or would do with `dry_run`).

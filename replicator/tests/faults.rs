@@ -84,7 +84,7 @@ fn no_common_snapshot_fails_until_resync() {
         .as_deref()
         .unwrap_or("")
         .contains("no common snapshot"));
-    let rep = b.repl.mirror_resync("v", &noprog).unwrap();
+    let rep = b.repl.mirror_resync("v", true, &noprog).unwrap();
     assert_eq!(rep.kind, "full");
     let x = a.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
     let y = b.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
@@ -279,7 +279,7 @@ fn break_then_resync_reverts_local_changes() {
     b.churn(&NsName::volume("v"), VOL_BLOCKS, 300, &mut r);
     a.churn(&NsName::volume("v"), VOL_BLOCKS, 30, &mut r);
     a.snap("v", "s2");
-    let rep = b.repl.mirror_resync("v", &noprog).unwrap();
+    let rep = b.repl.mirror_resync("v", true, &noprog).unwrap();
     assert_eq!(rep.kind, "incremental");
     let x = a.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
     let y = b.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
@@ -334,7 +334,7 @@ fn a_resync_with_nothing_new_at_the_source_reverts_and_is_read_only() {
     ));
     b.repl.mirror_break("v").unwrap();
     b.churn(&v, VOL_BLOCKS, 100, &mut r);
-    let rep = b.repl.mirror_resync("v", &noprog).unwrap();
+    let rep = b.repl.mirror_resync("v", true, &noprog).unwrap();
     assert_eq!(rep.kind, "none", "nothing new at the source: {rep:?}");
     assert!(
         a.read_all(&v, Some("s1"), VOL_BLOCKS) == b.read_all(&v, None, VOL_BLOCKS),
@@ -396,7 +396,7 @@ fn a_qtree_mirror_destination_is_read_only_until_break_or_delete() {
     assert!(refused(client_write(&b, &dst)), "after an update");
     b.repl.mirror_break("w/q").unwrap();
     client_write(&b, &dst).expect("writable after break");
-    b.repl.mirror_resync("w/q", &noprog).unwrap();
+    b.repl.mirror_resync("w/q", false, &noprog).unwrap();
     assert!(refused(client_write(&b, &dst)), "after resync");
     assert!(a.read_all(&src, Some("s2"), VOL_BLOCKS) == b.read_all(&dst, None, VOL_BLOCKS));
     b.repl.mirror_delete("w/q").unwrap();

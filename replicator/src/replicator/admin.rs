@@ -215,23 +215,51 @@ impl Replicator {
             skipped: Vec::new(),
         };
         let names = self.snapshot_names()?;
-        for s in old {
+        let held: Vec<Vec<(Held, LockView)>> = {
+            let st = lock(&self.st);
+            snaps
+                .iter()
+                .map(|s| {
+                    st.locks
+                        .holders(volume, s.id)
+                        .into_iter()
+                        .map(|h| {
+                            let v = self.view_with(&h, &names, &st);
+                            (h, v)
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let mut shares = Shares::default();
+        for (s, hs) in snaps.iter().zip(&held) {
+            shares.add(&s.name, hs);
+        }
+        let views: Vec<Vec<LockView>> = held
+            .iter()
+            .map(|hs| hs.iter().map(|(_, v)| v.clone()).collect())
+            .collect();
+        for ((s, holders), hs) in old.iter().zip(&views).zip(&held) {
             if self.in_transfer(s.id) {
                 plan.skipped.push(PruneSkip {
                     snapshot: s.name.clone(),
                     reason: "in use by a running transfer".into(),
                     holders: Vec::new(),
+                    effects: Vec::new(),
                 });
                 continue;
             }
-            let holders = lock(&self.st).locks.holders(volume, s.id);
             if !holders.is_empty() {
-                let views: Vec<LockView> = holders.iter().map(|h| self.view(h, &names)).collect();
-                let locks: Vec<SoftLock> = holders.into_iter().map(|h| h.lock).collect();
+                let mut who: Vec<String> = holders
+                    .iter()
+                    .map(|v| format!("{} {:?} from {}", v.kind, v.text, v.origin_node))
+                    .collect();
+                who.dedup();
                 plan.skipped.push(PruneSkip {
                     snapshot: s.name.clone(),
-                    reason: format!("locked by {}", holders_text(&locks)),
-                    holders: views,
+                    reason: format!("locked by {}", who.join("; ")),
+                    holders: holders.clone(),
+                    effects: shares.delete_effects(&s.name, hs),
                 });
                 continue;
             }
@@ -245,6 +273,7 @@ impl Replicator {
                     snapshot: s.name.clone(),
                     reason: e.to_string(),
                     holders: Vec::new(),
+                    effects: Vec::new(),
                 }),
             }
         }
@@ -419,5 +448,91 @@ impl Replicator {
             resource_id: dv.resource_id,
             locking_dataset_id: dv.locking_dataset_id,
         }
+    }
+}
+
+/// Which snapshots of one volume each downstream holds here, for what a
+/// delete would cost: per downstream relationship (every lock that came
+/// through it, its own and those it relays, names a snapshot it has), and
+/// per downstream dataset further down (its locks, relayed).
+#[derive(Default)]
+struct Shares<'a> {
+    by_rel: BTreeMap<DownKey, BTreeSet<&'a str>>,
+    by_dataset: BTreeMap<String, BTreeSet<&'a str>>,
+}
+
+impl<'a> Shares<'a> {
+    fn add(&mut self, snap: &'a str, holders: &[(Held, LockView)]) {
+        for (h, v) in holders {
+            if let Some(via) = &h.via {
+                self.by_rel.entry(via.clone()).or_default().insert(snap);
+            }
+            if v.kind != LockKind::OwnerName.to_string() {
+                self.by_dataset
+                    .entry(v.locking_dataset_id.clone())
+                    .or_default()
+                    .insert(snap);
+            }
+        }
+    }
+
+    /// What deleting `snap` would cost each of its holders, one line per
+    /// holder: an application lock is named; a downstream relationship
+    /// that holds no other snapshot of the volume here would need a full
+    /// copy; a dataset further down that locks no other one would need one
+    /// should it re-attach here past the node it comes through.
+    fn delete_effects(&self, snap: &str, holders: &[(Held, LockView)]) -> Vec<String> {
+        fn others<'s>(set: Option<&BTreeSet<&'s str>>, snap: &str) -> Vec<&'s str> {
+            set.into_iter()
+                .flatten()
+                .copied()
+                .filter(|s| *s != snap)
+                .collect()
+        }
+        let mut out: Vec<String> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (h, v) in holders {
+            let app = v.kind == LockKind::OwnerName.to_string();
+            let key = if app {
+                format!("app {}", v.text)
+            } else {
+                v.locking_dataset_id.clone()
+            };
+            if !seen.insert(key) {
+                continue;
+            }
+            let stale = if v.state == "stale" {
+                " [stale: not renewed within its lease]"
+            } else {
+                ""
+            };
+            let ds = v.locking_dataset_id.as_str();
+            let direct = h
+                .via
+                .as_ref()
+                .is_some_and(|(node, _)| *node == v.origin_node);
+            let rest = if direct {
+                others(h.via.as_ref().and_then(|k| self.by_rel.get(k)), snap)
+            } else {
+                others(self.by_dataset.get(ds), snap)
+            };
+            let line = if app {
+                format!("{snap} is held by the application lock {:?}{stale}", v.text)
+            } else if !rest.is_empty() {
+                format!(
+                    "{ds} also holds {}: deleting {snap} would cost it no full copy{stale}",
+                    rest.join(", ")
+                )
+            } else if direct {
+                format!("deleting {snap} would force a full copy of {ds}{stale}")
+            } else {
+                format!(
+                    "deleting {snap} would force a full copy of {ds} should it re-attach here past {}{stale}",
+                    v.holder
+                )
+            };
+            out.push(line);
+        }
+        out
     }
 }

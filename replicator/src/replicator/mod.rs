@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver as ChanRx, RecvTimeoutError, Sender as ChanTx};
 use sluice_engine::api::{
-    DiffExtent, DiffKind, Image, NsName, Reply, Request, SnapshotInfo, VolumeInfo,
+    DiffExtent, DiffKind, DiffStats, Image, NsName, Reply, Request, SnapshotInfo, VolumeInfo,
 };
 use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
 use sluice_engine::shard::EngineHandle;
@@ -197,7 +197,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 enum Mode {
     Create,
     Update,
-    Resync,
+    /// `force`: discard the snapshots taken here while broken.
+    Resync {
+        force: bool,
+    },
 }
 
 fn snap_ref(s: &SnapshotInfo) -> SnapRef {
@@ -631,6 +634,9 @@ impl Replicator {
         if gone.is_empty() {
             return;
         }
+        if let Err(e) = self.note_source_gone(relationship, &gone) {
+            tracing::error!(%relationship, error = %e, "recording a forced delete upstream failed");
+        }
         let evs = gone
             .into_iter()
             .map(|s| Event::UpstreamSnapshotGone {
@@ -642,6 +648,62 @@ impl Replicator {
             Ok(a) => self.perform(a, conn),
             Err(e) => tracing::error!(error = %e, "lock table update failed"),
         }
+    }
+
+    /// The source of `relationship` force-deleted `gone`: its view of the
+    /// source (snapshots, newest common one) follows at once, and the
+    /// operator reads in the log and in `mirror status` what it costs.
+    fn note_source_gone(&self, relationship: &str, gone: &[Uuid]) -> Result<()> {
+        let Some(dst_volume) = lock(&self.st)
+            .rels
+            .get(relationship)
+            .map(|r| r.dst_volume.clone())
+        else {
+            return Ok(());
+        };
+        let local = snapshots(&self.engine, &dst_volume)?;
+        let mut st = lock(&self.st);
+        let Some(r) = st.rels.get_mut(relationship) else {
+            return Ok(());
+        };
+        r.source_snaps.retain(|s| !gone.contains(s));
+        let lost_common = r.common.as_ref().is_some_and(|c| gone.contains(&c.id));
+        r.common = r
+            .source_snaps
+            .iter()
+            .rev()
+            .find_map(|id| local.iter().find(|l| l.id == *id))
+            .map(snap_ref);
+        let names: Vec<String> = gone
+            .iter()
+            .map(|id| {
+                local
+                    .iter()
+                    .find(|l| l.id == *id)
+                    .map(|l| l.name.clone())
+                    .unwrap_or_else(|| id.to_string())
+            })
+            .collect();
+        let next = match &r.common {
+            Some(c) => format!("the next update goes on from {}", c.name),
+            None => format!(
+                "no snapshot in common is left: the next update is a full copy (`mirror resync {}`)",
+                r.dst
+            ),
+        };
+        let text = format!(
+            "{} force-deleted {}{}; {next}",
+            r.source_node.as_deref().unwrap_or(&r.source_addr),
+            names.join(", "),
+            if lost_common {
+                " (the newest snapshot in common)"
+            } else {
+                ""
+            }
+        );
+        tracing::warn!(dst = %r.dst, source = %r.source_path(), "{text}");
+        r.source_notice = Some(text);
+        self.persist_rels(&st)
     }
 
     /// Register a connection so `shutdown` can cut it.

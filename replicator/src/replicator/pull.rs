@@ -129,6 +129,8 @@ impl Replicator {
                     last_transfer: None,
                     last_error: None,
                     common: None,
+                    broken_unix_ms: None,
+                    source_notice: None,
                 },
             );
             self.persist_rels(&st)?;
@@ -240,13 +242,16 @@ impl Replicator {
 
     /// Re-establish a broken or chainless mirror: from the newest common
     /// snapshot (reverting local changes), or a full re-baseline.
+    /// Refused while it would discard snapshots taken here while broken
+    /// (the source never had them), unless `force`.
     pub fn mirror_resync(
         &self,
         dst: &str,
+        force: bool,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<TransferReport> {
         let key = self.rel(dst)?.dst;
-        self.transfer(&key, Mode::Resync, progress)
+        self.transfer(&key, Mode::Resync { force }, progress)
     }
 
     /// Make the destination writable and stop updates until a resync.
@@ -254,7 +259,10 @@ impl Replicator {
         let r = self.rel(dst)?;
         let _busy = self.busy_guard(&r.dst)?;
         self.set_dst_read_only(&r, false)?;
-        self.update_rel(&r.dst, |x| x.broken = true)?;
+        self.update_rel(&r.dst, |x| {
+            x.broken = true;
+            x.broken_unix_ms = Some(now_ms());
+        })?;
         tracing::info!(dst = %r.dst, "mirror broken: destination writable");
         Ok(())
     }
@@ -319,6 +327,8 @@ impl Replicator {
                     .as_ref()
                     .map(|c| now.saturating_sub(c.created_unix_ms)),
                 newest_common_snapshot: r.common.clone(),
+                next_update: self.next_update(&r),
+                notice: r.source_notice.clone(),
                 full_transfers: r.full_transfers,
                 incremental_transfers: r.incremental_transfers,
                 last_transfer: r.last_transfer.clone(),
@@ -329,6 +339,36 @@ impl Replicator {
                 dst: r.dst,
             })
             .collect()
+    }
+
+    /// What the next update of `r` will do, for `mirror status`.
+    fn next_update(&self, r: &Relationship) -> String {
+        if r.broken {
+            return format!(
+                "none: broken; `mirror resync {}` makes it a mirror again",
+                r.dst
+            );
+        }
+        if let Some(c) = &r.common {
+            return format!("incremental from {}", c.name);
+        }
+        if r.last_transfer.is_none() {
+            return "the baseline (a full copy)".into();
+        }
+        let estimate = snapshots(&self.engine, &r.dst_volume)
+            .ok()
+            .and_then(|s| s.into_iter().max_by_key(|s| (s.created_unix_ms, s.gen)))
+            .map(|s| {
+                format!(
+                    " of about {} bytes (the newest snapshot here)",
+                    s.referenced_blocks * BLOCK_SIZE as u64
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "a full copy{estimate}: no snapshot in common with the source; `mirror resync {}` runs it",
+            r.dst
+        )
     }
 
     pub(super) fn busy_guard(&self, key: &str) -> Result<BusyGuard<'_>> {
@@ -849,14 +889,24 @@ impl Replicator {
                     }
                 }
             }
-            Mode::Resync => {}
+            Mode::Resync { force } => {
+                let discard = self.discarded_by_resync(rel, &local, &src_ids);
+                if !discard.is_empty() && !force {
+                    return Err(ReplError::Invalid(format!(
+                        "resync of {key} would discard {} snapshot(s) taken here while it was broken, which {} never had: {}; rerun with --force to discard them",
+                        discard.len(),
+                        rel.source_path(),
+                        discard.join(", ")
+                    )));
+                }
+            }
         }
         // Resume an interrupted transfer of the same base if its target is
         // still there; otherwise start over to the newest snapshot.
         let ckpt = self.load_ckpt(&key)?;
         let (target, resume_from) = match &ckpt {
             Some(ck)
-                if mode != Mode::Resync
+                if !matches!(mode, Mode::Resync { .. })
                     && ck.base == base.as_ref().map(|b| Uuid::from_bytes(b.id))
                     && src_ids.contains(&ck.target) =>
             {
@@ -892,6 +942,10 @@ impl Replicator {
             total_items: 0,
             deleted_snapshots: Vec::new(),
             kept_locked: Vec::new(),
+            full_reason: base.is_none().then(|| match mode {
+                Mode::Create => "baseline".to_string(),
+                _ => "no snapshot in common with the source".to_string(),
+            }),
             finished_unix_ms: 0,
             duration_ms: 0,
         };
@@ -900,7 +954,7 @@ impl Replicator {
         // still undoes the local writes (back to the base, the newest
         // common snapshot), or the next update would apply the source's
         // changes on top of them and fail its digest check.
-        if mode == Mode::Resync || abandoned {
+        if matches!(mode, Mode::Resync { .. }) || abandoned {
             // Read-only before the revert, so no client writes during it.
             self.set_dst_read_only(rel, true)?;
             if dst_exists {
@@ -1000,13 +1054,136 @@ impl Replicator {
                 r.last_transfer = Some(rep.clone());
             }
             r.last_error = None;
+            r.source_notice = None;
             r.common = common;
-            if mode == Mode::Resync {
+            if matches!(mode, Mode::Resync { .. }) {
                 r.broken = false;
+                r.broken_unix_ms = None;
             }
         })?;
         self.flush()?;
         Ok(report)
+    }
+
+    /// The snapshots a resync of `rel` deletes that were taken here while
+    /// it was broken (volume mirrors only: a qtree mirror's destination
+    /// volume keeps its snapshots): not on the source, not locked here,
+    /// created since the break.
+    fn discarded_by_resync(
+        &self,
+        rel: &Relationship,
+        local: &[SnapshotInfo],
+        src_ids: &[Uuid],
+    ) -> Vec<String> {
+        if rel.kind != MirrorKind::Volume || !rel.broken {
+            return Vec::new();
+        }
+        let since = rel.broken_unix_ms.unwrap_or(0);
+        let st = lock(&self.st);
+        local
+            .iter()
+            .filter(|s| {
+                !src_ids.contains(&s.id)
+                    && s.created_unix_ms >= since
+                    && st.locks.holders(&rel.dst_volume, s.id).is_empty()
+            })
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Whether an incremental from `base` that sent `bytes` of data into
+    /// `nss` (committed as snapshot `name`, `info`) was in truth a full
+    /// copy: it sent every block of the target, and most of what it sent
+    /// the base already held unchanged at the same place (the source
+    /// re-wrote its data since the base, as a re-baseline does). Such a
+    /// transfer is reported and counted as `full`; the reason is returned.
+    /// A diff of the base and the target (O(changed), content hashes
+    /// compared) decides first; the costlier count of the whole target
+    /// runs only when it says most blocks were re-sent.
+    fn resent_whole(
+        &self,
+        nss: &[NsName],
+        local: &[SnapshotInfo],
+        base: &SnapInfo,
+        name: &str,
+        info: &SnapshotInfo,
+        bytes: u64,
+    ) -> Result<Option<String>> {
+        let Some(base_name) = local
+            .iter()
+            .find(|l| l.id.as_bytes() == &base.id)
+            .map(|l| l.name.clone())
+        else {
+            return Ok(None);
+        };
+        let mut st = DiffStats::default();
+        for ns in nss {
+            match self.engine.call(Request::DiffStats {
+                ns: ns.clone(),
+                base: Some(base_name.clone()),
+                target: name.to_string(),
+            }) {
+                Ok(Reply::DiffStats(d)) => {
+                    st.data_blocks += d.data_blocks;
+                    st.unchanged_blocks += d.unchanged_blocks;
+                }
+                Ok(_) => {
+                    return Err(ReplError::EngineReply {
+                        request: "DiffStats",
+                    })
+                }
+                Err(e) => return Err(ReplError::engine(format!("diff of {ns}@{name}"), e)),
+            }
+        }
+        if st.data_blocks == 0 || st.unchanged_blocks * 2 <= st.data_blocks {
+            return Ok(None);
+        }
+        if !self.sent_everything(nss, name, info, bytes)? {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "it sent every block of {}, and {} of its {} blocks held what the base {} already had: the source re-wrote its data since the base (a re-baseline)",
+            name, st.unchanged_blocks, st.data_blocks, base.name
+        )))
+    }
+
+    /// Whether `bytes` of data sent into `nss` are all of snapshot `name`.
+    /// The exact count (a diff from nothing, a walk of the target's maps)
+    /// runs only when `bytes` is at least half the snapshot's referenced
+    /// blocks (a cheap bound below which it cannot be everything).
+    fn sent_everything(
+        &self,
+        nss: &[NsName],
+        name: &str,
+        info: &SnapshotInfo,
+        bytes: u64,
+    ) -> Result<bool> {
+        // Referenced blocks are data and map nodes; a map leaf holds at
+        // least one data block and the inner levels are few, so the data
+        // is at least about half of them: below that, not everything.
+        let referenced = info.referenced_blocks * BLOCK_SIZE as u64;
+        let slack = 8 * BLOCK_SIZE as u64;
+        if bytes == 0 || bytes.saturating_mul(2) + slack < referenced {
+            return Ok(false);
+        }
+        let mut whole = 0u64;
+        for ns in nss {
+            let ext = match self.engine.call(Request::Diff {
+                ns: ns.clone(),
+                base: None,
+                target: name.to_string(),
+            }) {
+                Ok(Reply::Diff(d)) => d,
+                Ok(_) => return Err(ReplError::EngineReply { request: "Diff" }),
+                Err(e) => return Err(ReplError::engine(format!("diff of {ns}@{name}"), e)),
+            };
+            whole += ext
+                .iter()
+                .filter(|e| e.kind == DiffKind::Data)
+                .map(|e| e.len_blocks * BLOCK_SIZE as u64)
+                .sum::<u64>();
+        }
+        Ok(whole > 0 && bytes >= whole)
     }
 
     pub(super) fn resume_owner(&self, key: &str) -> String {
@@ -1271,6 +1448,12 @@ impl Replicator {
         }
         self.store_ckpt(&key, None)?;
         self.flush()?;
+        if let Some(b) = base.as_ref().filter(|_| resume_from == 0) {
+            if let Some(why) = self.resent_whole(&nss, &local, b, &name, &info, report.bytes)? {
+                report.kind = "full".into();
+                report.full_reason = Some(why);
+            }
+        }
         let owner = self.resume_owner(&key);
         // The base lock first, then the resume lock goes: the set the
         // source sees never lacks the target (an empty set in between would

@@ -183,7 +183,7 @@ impl Replicator {
             let mode = if base.is_some() {
                 Mode::Update
             } else {
-                Mode::Resync
+                Mode::Resync { force: false }
             };
             match self.transfer(&key, mode, progress) {
                 Ok(t) => report.transfer = Some(t),
