@@ -301,3 +301,38 @@ fn retarget_to_a_downstream_is_refused_as_a_cycle() {
     assert_eq!(status_of(&b, "v")["source"], src(&a, "v"));
     assert_eq!(update(&b, "v")["kind"], "none");
 }
+
+#[test]
+fn a_retarget_survives_a_crash_of_the_retargeted_node() {
+    if !have("qemu-io") {
+        println!("skipped: qemu-io not found");
+        return;
+    }
+    let mut rng = Rng::from_env("retarget_restart");
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        node(dir.path(), "a"),
+        node(dir.path(), "b"),
+        node(dir.path(), "c"),
+    );
+    a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
+    write_round(&a, "v", &mut rng, 0);
+    a.ok(&["snap", "create", "v", "s0"]);
+    b.ok(&["mirror", "create", "v", "--from", &src(&a, "v")]);
+    c.ok(&["mirror", "create", "v", "--from", &src(&b, "v")]);
+    b.kill();
+    let r = c.json(&["mirror", "retarget", "v", "--from", &src(&a, "v")]);
+    assert_eq!(r["transfer"]["kind"], "none", "{r}");
+    // SIGKILL right after: the switch was durable when the command returned.
+    let pool = c.data.clone();
+    c.kill();
+    let c = Daemon::try_start(&pool, &["--name", "c"]).unwrap();
+    let m = status_of(&c, "v");
+    assert_eq!(m["source"], src(&a, "v"), "{m}");
+    assert_eq!(m["source_node"], "a", "{m}");
+    write_round(&a, "v", &mut rng, 1);
+    a.ok(&["snap", "create", "v", "s1"]);
+    a.ok(&["prune", "v", "--keep", "1"]);
+    assert_eq!(update(&c, "v")["kind"], "incremental");
+    same_as(&a, &[("c", &c)], "v", "s1", dir.path());
+}
