@@ -331,64 +331,67 @@ fn crash_every_op_boundary() {
     println!("crash images checked: {images}");
 }
 
+/// `n` one-block writes of values `first..` at random lbas of `ns`.
+fn fill(pool: &mut Pool<SimDevice>, rng: &mut Rng, ns: NsName, first: u64, n: u64) {
+    for v in first..first + n {
+        let mut buf = AlignedBuf::zeroed(1);
+        buf.block_mut(0).copy_from_slice(&block(v));
+        let lba = rng.below(SIZE);
+        pool.execute(Request::Write {
+            ns: ns.clone(),
+            lba,
+            data: buf,
+            fua: false,
+            replica: false,
+        })
+        .unwrap();
+    }
+}
+
+/// The steps before the volume delete: `vol` written, `w` created,
+/// written, snapshotted, written again, all flushed.
+fn before_volume_delete(pool: &mut Pool<SimDevice>, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    fill(pool, &mut rng, ns(0), 100, 12);
+    pool.execute(Request::CreateVolume {
+        name: "w".into(),
+        size_bytes: SIZE * 4096,
+    })
+    .unwrap();
+    fill(pool, &mut rng, NsName::volume("w"), 200, 20);
+    pool.execute(Request::CreateSnapshot {
+        volume: "w".into(),
+        name: "ws".into(),
+        id: None,
+        created_unix_ms: Some(1),
+    })
+    .unwrap();
+    fill(pool, &mut rng, NsName::volume("w"), 300, 10);
+    pool.execute(Request::Flush).unwrap();
+}
+
+fn read_w(p: &mut Pool<SimDevice>, snap: Option<&str>) -> Vec<u8> {
+    match p.execute(Request::Read {
+        image: Image {
+            ns: NsName::volume("w"),
+            snapshot: snap.map(str::to_string),
+        },
+        lba: 0,
+        len_blocks: SIZE as u32,
+    }) {
+        Ok(Reply::Data(b)) => b.as_slice().to_vec(),
+        other => panic!("read w: {other:?}"),
+    }
+}
+
 /// A volume delete cut at every device op: each image mounts, passes its
 /// invariants, keeps the other volume whole, and holds the deleted volume
 /// either whole (the delete's CP did not land) or not at all.
 #[test]
 fn crash_inside_volume_delete() {
     let seed = common::seed();
-    let mut rng = Rng(seed | 1);
     let (mut pool, h) = setup();
-    let mut fill = |pool: &mut Pool<SimDevice>, ns: NsName, first: u64, n: u64| {
-        for l in 0..n {
-            let v = first + l;
-            let mut buf = AlignedBuf::zeroed(1);
-            buf.block_mut(0).copy_from_slice(&block(v));
-            let lba = rng.below(SIZE);
-            pool.execute(Request::Write {
-                ns: ns.clone(),
-                lba,
-                data: buf,
-                fua: false,
-                replica: false,
-            })
-            .unwrap();
-        }
-    };
-    // Steps before the delete, run once to learn the images to expect.
-    let prepare = |pool: &mut Pool<SimDevice>,
-                   fill: &mut dyn FnMut(&mut Pool<SimDevice>, NsName, u64, u64)| {
-        fill(pool, ns(0), 100, 12);
-        pool.execute(Request::CreateVolume {
-            name: "w".into(),
-            size_bytes: SIZE * 4096,
-        })
-        .unwrap();
-        fill(pool, NsName::volume("w"), 200, 20);
-        pool.execute(Request::CreateSnapshot {
-            volume: "w".into(),
-            name: "ws".into(),
-            id: None,
-            created_unix_ms: Some(1),
-        })
-        .unwrap();
-        fill(pool, NsName::volume("w"), 300, 10);
-        pool.execute(Request::Flush).unwrap();
-    };
-    prepare(&mut pool, &mut fill);
-    let read_w = |p: &mut Pool<SimDevice>, snap: Option<&str>| -> Vec<u8> {
-        match p.execute(Request::Read {
-            image: Image {
-                ns: NsName::volume("w"),
-                snapshot: snap.map(str::to_string),
-            },
-            lba: 0,
-            len_blocks: SIZE as u32,
-        }) {
-            Ok(Reply::Data(b)) => b.as_slice().to_vec(),
-            other => panic!("seed {seed}: read w: {other:?}"),
-        }
-    };
+    before_volume_delete(&mut pool, seed);
     let want_vol = read_img(&mut pool, 0, None);
     let want_w = (read_w(&mut pool, None), read_w(&mut pool, Some("ws")));
     let ops0 = h.ops_total();
@@ -398,25 +401,8 @@ fn crash_inside_volume_delete() {
     drop(pool);
     let mut images = 0;
     for n in 0..=total {
-        // The same steps replayed (same seed), then the delete cut at op n.
-        let mut rng = Rng(seed | 1);
-        let mut fill = |pool: &mut Pool<SimDevice>, ns: NsName, first: u64, k: u64| {
-            for l in 0..k {
-                let mut buf = AlignedBuf::zeroed(1);
-                buf.block_mut(0).copy_from_slice(&block(first + l));
-                let lba = rng.below(SIZE);
-                pool.execute(Request::Write {
-                    ns: ns.clone(),
-                    lba,
-                    data: buf,
-                    fua: false,
-                    replica: false,
-                })
-                .unwrap();
-            }
-        };
         let (mut pool, h) = setup();
-        prepare(&mut pool, &mut fill);
+        before_volume_delete(&mut pool, seed);
         h.crash_after_ops(n);
         let _ = pool.execute(Request::DeleteVolume { name: "w".into() });
         for (mode, s) in [

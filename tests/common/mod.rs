@@ -184,14 +184,20 @@ fn rand_u32() -> u32 {
     h.finish() as u32
 }
 
-/// Is `prog` on PATH? Tests that need it print "skipped: ..." without it.
+/// Is `prog` on PATH? Tests that need it print "skipped: ..." without it,
+/// except where `SLUICE_REQUIRE_TOOLS` is set (CI): there a missing tool
+/// fails the test, so nothing passes without having run.
 pub fn have(prog: &str) -> bool {
-    Command::new(prog)
+    let found = Command::new(prog)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok()
+        .is_ok();
+    if !found && std::env::var_os("SLUICE_REQUIRE_TOOLS").is_some() {
+        panic!("{prog} is not installed, and SLUICE_REQUIRE_TOOLS says every test must run");
+    }
+    found
 }
 
 /// `qemu-io -f raw nbd://NBD/EXPORT -c CMD...`; panics with the output if

@@ -33,7 +33,8 @@ pub fn seed() -> u64 {
     s
 }
 
-/// The path of a qemu tool, or `None` after printing that the test skips.
+/// The path of a qemu tool, or `None` after printing that the test skips
+/// (a failure where `SLUICE_REQUIRE_TOOLS` is set, as in CI).
 pub fn tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -41,6 +42,9 @@ pub fn tool(name: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
+        if std::env::var_os("SLUICE_REQUIRE_TOOLS").is_some() {
+            panic!("{name} not found, and SLUICE_REQUIRE_TOOLS says every test must run");
+        }
         eprintln!("skipped: {name} not found");
     }
     found
