@@ -19,6 +19,8 @@
 //! checkpoint_bytes = 67108864  # ... or every N payload bytes, whichever first
 //! max_transfers = 4            # scheduled (`--every`) transfers at once, 1..=64
 //! retention = { vol0 = 24 }    # keep the newest N snapshots of a volume
+//! control_timeout_ms = 300000  # a control connection's wait for one request line
+//! peer_timeout_ms = 30000      # peer sockets: per read/write, and the whole handshake
 //! ```
 
 use crate::error::{NodeError, Result};
@@ -49,6 +51,8 @@ pub struct ConfigFile {
     pub checkpoint_bytes: Option<u64>,
     pub max_transfers: Option<usize>,
     pub retention: Option<BTreeMap<String, usize>>,
+    pub control_timeout_ms: Option<u64>,
+    pub peer_timeout_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -87,6 +91,11 @@ pub struct ServeConfig {
     /// Retention by count per volume, set at start (over what the pool
     /// keeps from `vol retain`).
     pub retention: BTreeMap<String, usize>,
+    /// How long a control connection may take to send one request line
+    /// (idle time between requests included) before it is closed.
+    pub control_timeout: Duration,
+    /// Peer sockets: each read and write, and a whole handshake.
+    pub peer_timeout: Duration,
 }
 
 /// Flags of `serve` that override the file.
@@ -165,6 +174,13 @@ impl ServeConfig {
                 "retention for volume {v:?} must keep at least 1 snapshot"
             )));
         }
+        let control_ms = file.control_timeout_ms.unwrap_or(300_000);
+        let peer_ms = file.peer_timeout_ms.unwrap_or(30_000);
+        if control_ms == 0 || peer_ms == 0 {
+            return Err(NodeError::Invalid(
+                "control_timeout_ms and peer_timeout_ms must be greater than zero".into(),
+            ));
+        }
         let cp_ms = file.checkpoint_interval_ms.unwrap_or(5000);
         if cp_ms == 0 {
             return Err(NodeError::Invalid(
@@ -187,6 +203,8 @@ impl ServeConfig {
             checkpoint,
             max_transfers,
             retention,
+            control_timeout: Duration::from_millis(control_ms),
+            peer_timeout: Duration::from_millis(peer_ms),
         })
     }
 }

@@ -124,6 +124,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         None => None,
     };
     rcfg.node_throttle_bps = cfg.throttle_bps;
+    rcfg.peer_timeout = cfg.peer_timeout;
     if let Some(ms) = cfg.lease_ms {
         rcfg.lease_ms = ms;
         rcfg.renew_every_ms = (ms / 3).max(1);
@@ -173,9 +174,10 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     let acceptor = {
         let node = node.clone();
         let stop = stop.clone();
+        let control_timeout = cfg.control_timeout;
         std::thread::Builder::new()
             .name("sluice-accept".into())
-            .spawn(move || accept_loop(control, node, stop))
+            .spawn(move || accept_loop(control, node, stop, control_timeout))
             .map_err(NodeError::io("spawning the accept thread"))?
     };
 
@@ -214,7 +216,12 @@ fn wake(addr: SocketAddr) {
     let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
 }
 
-fn accept_loop(listener: TcpListener, node: Arc<Node>, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    node: Arc<Node>,
+    stop: Arc<AtomicBool>,
+    control_timeout: Duration,
+) {
     let live = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
@@ -241,7 +248,7 @@ fn accept_loop(listener: TcpListener, node: Arc<Node>, stop: Arc<AtomicBool>) {
         let spawned = std::thread::Builder::new()
             .name("sluice-conn".into())
             .spawn(move || {
-                if let Err(e) = dispatch(stream, &node) {
+                if let Err(e) = dispatch(stream, &node, control_timeout) {
                     tracing::warn!(%peer, error = %e, "connection closed");
                 }
                 live.fetch_sub(1, Ordering::SeqCst);
@@ -252,26 +259,57 @@ fn accept_loop(listener: TcpListener, node: Arc<Node>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// Peek at the first bytes of `stream` until `first` is full (or starts
+/// with `{`), within [`FIRST_BYTES_TIMEOUT`] in all. A client that sent a
+/// few bytes and closed, or sends nothing more, is dropped at once or at
+/// the deadline: peeking returns the buffered bytes without waiting, so
+/// the wait between peeks backs off and the peer's close is checked.
+fn peek_first(stream: &TcpStream, first: &mut [u8; 4]) -> std::io::Result<usize> {
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + FIRST_BYTES_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "only {} bytes in {} s: not a client",
+                    stream.peek(first).unwrap_or(0),
+                    FIRST_BYTES_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = stream.peek(first)?;
+        if n == 0 || n == first.len() || first[0] == b'{' {
+            return Ok(n);
+        }
+        // Some bytes, not enough: has the peer closed (no more will come)?
+        let hup =
+            nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP) | nix::poll::PollFlags::POLLHUP;
+        let mut fds = [nix::poll::PollFd::new(stream.as_fd(), hup)];
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok()
+            && fds[0].revents().is_some_and(|r| r.intersects(hup))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed after {n} bytes"),
+            ));
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
 /// Route a connection on its first bytes.
-fn dispatch(stream: TcpStream, node: &Arc<Node>) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(FIRST_BYTES_TIMEOUT))?;
+fn dispatch(stream: TcpStream, node: &Arc<Node>, control_timeout: Duration) -> std::io::Result<()> {
     let mut first = [0u8; 4];
-    let mut n = 0;
-    while n < first.len() {
-        n = stream.peek(&mut first)?;
-        if n == 0 {
-            return Ok(()); // closed before saying anything
-        }
-        if first[0] == b'{' {
-            break;
-        }
-        if n < first.len() {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+    if peek_first(&stream, &mut first)? == 0 {
+        return Ok(()); // closed before saying anything
     }
     if first[0] == b'{' {
-        stream.set_read_timeout(None)?;
-        control_conn(stream, node)
+        control_conn(stream, node, control_timeout)
     } else if &first == b"GET " {
         http_conn(stream, node)
     } else if first[..] == sluice_lockproto::wire::MAGIC.to_le_bytes() {
@@ -348,10 +386,38 @@ fn read_secret(path: &std::path::Path) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-fn control_conn(stream: TcpStream, node: &Node) -> std::io::Result<()> {
+/// A socket whose reads all end by one deadline (the control API sets it
+/// per request line): a client that sends part of a line, or nothing,
+/// cannot hold its connection slot past it, however it paces its bytes.
+struct Timed {
+    s: TcpStream,
+    deadline: std::time::Instant,
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "deadline passed before the client finished sending; connection closed",
+            ));
+        }
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
+}
+
+fn control_conn(stream: TcpStream, node: &Node, timeout: Duration) -> std::io::Result<()> {
     let writer = std::sync::Mutex::new(stream.try_clone()?);
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(Timed {
+        s: stream,
+        deadline: std::time::Instant::now() + timeout,
+    });
     loop {
+        reader.get_mut().deadline = std::time::Instant::now() + timeout;
         let line = match read_line(&mut reader) {
             Ok(Some(l)) => l,
             Ok(None) => return Ok(()),
@@ -388,8 +454,13 @@ fn control_conn(stream: TcpStream, node: &Node) -> std::io::Result<()> {
 fn http_conn(mut stream: TcpStream, node: &Node) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
+    // The whole head within the first-bytes timeout, however it is paced.
+    let mut timed = Timed {
+        s: stream.try_clone()?,
+        deadline: std::time::Instant::now() + FIRST_BYTES_TIMEOUT,
+    };
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf)?;
+        let n = timed.read(&mut buf)?;
         if n == 0 {
             break;
         }

@@ -30,6 +30,10 @@ const IO_BUF_BYTES: usize = 256 << 10;
 
 /// Longest node name we accept from a peer.
 pub const NODE_NAME_MAX: usize = 256;
+/// Longest frame accepted before the handshake is done (a Hello, or an
+/// error): nothing larger is buffered for a peer that has not proved
+/// anything yet.
+pub const PRE_AUTH_FRAME_MAX: usize = 16 << 10;
 
 /// One framed connection to a peer.
 pub struct Conn {
@@ -45,6 +49,13 @@ pub struct Conn {
     payload_at: (usize, usize),
     secret: bool,
     my_node: String,
+    /// The handshake finished: frames up to the protocol's bounds.
+    authenticated: bool,
+    /// Per-read timeout after the handshake.
+    timeout: Duration,
+    /// While the handshake runs: when it must be done (a peer dripping a
+    /// byte per read timeout cannot hold it open longer).
+    deadline: Option<std::time::Instant>,
 }
 
 impl Conn {
@@ -85,6 +96,9 @@ impl Conn {
             payload_at: (0, 0),
             secret: false,
             my_node: String::new(),
+            authenticated: false,
+            timeout,
+            deadline: None,
         })
     }
 
@@ -196,6 +210,7 @@ impl Conn {
         self.buf.resize(HEADER_LEN, 0);
         let mut got = 0;
         while got < HEADER_LEN {
+            self.arm_deadline()?;
             match self.reader.read(&mut self.buf[got..HEADER_LEN]) {
                 Ok(0) if got == 0 => return Ok(None),
                 Ok(0) => {
@@ -224,9 +239,34 @@ impl Conn {
             }
         };
         let need = hd.frame_len();
+        if !self.authenticated && need > PRE_AUTH_FRAME_MAX {
+            let text = format!(
+                "a frame of {need} bytes before the handshake finished (at most {PRE_AUTH_FRAME_MAX})"
+            );
+            self.send_error(0, codes::BAD_FRAME, &text);
+            return Err(ReplError::Protocol {
+                peer: self.who(),
+                detail: text,
+            });
+        }
         self.buf.resize(need, 0);
-        if let Err(e) = self.reader.read_exact(&mut self.buf[HEADER_LEN..need]) {
-            return Err(self.io("receive frame body", e));
+        let mut at = HEADER_LEN;
+        while at < need {
+            self.arm_deadline()?;
+            match self.reader.read(&mut self.buf[at..need]) {
+                Ok(0) => {
+                    return Err(self.io(
+                        "receive frame body",
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "connection closed inside a frame",
+                        ),
+                    ))
+                }
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io("receive frame body", e)),
+            }
         }
         match decode(&self.buf) {
             Ok(Some(d)) => {
@@ -268,7 +308,42 @@ impl Conn {
     /// The handshake (both sides run the same steps): exchange `Hello`s,
     /// then, with a secret, prove it and check the peer's proof. Returns
     /// the peer's node id.
+    /// Exchange Hellos (and prove the secret, if one is set) within one
+    /// peer timeout in all, however the peer paces its bytes.
     pub fn handshake(&mut self, node: &str, secret: Option<&[u8]>) -> Result<String> {
+        self.deadline = Some(std::time::Instant::now() + self.timeout);
+        let r = self.handshake_inner(node, secret);
+        self.deadline = None;
+        let _ = self.stream.set_read_timeout(Some(self.timeout));
+        self.authenticated = r.is_ok();
+        r
+    }
+
+    /// Before a read during the handshake: the socket times out when the
+    /// handshake's deadline passes.
+    fn arm_deadline(&mut self) -> Result<()> {
+        let Some(d) = self.deadline else {
+            return Ok(());
+        };
+        let left = d.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(self.io(
+                "handshake",
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the handshake did not finish within {} s",
+                        self.timeout.as_secs_f64()
+                    ),
+                ),
+            ));
+        }
+        self.stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| self.io("set read timeout", e))
+    }
+
+    fn handshake_inner(&mut self, node: &str, secret: Option<&[u8]>) -> Result<String> {
         self.my_node = node.to_string();
         self.secret = secret.is_some();
         let nonce: [u8; NONCE_LEN] = rand::random();

@@ -1,0 +1,157 @@
+//! Issue 13, denial of service on the `--listen` port, tried as an attacker
+//! would, on a real `sluice serve` over real TCP. Each test fails on the
+//! code before the fix: the node then stopped answering for good (or held
+//! the attacker's connection as long as it liked).
+//! - 256 connections that send 1 to 3 bytes and close used to leave 256
+//!   threads peeking in a loop forever: the connection cap was reached and
+//!   the operator locked out until a restart.
+//! - A control connection that sends `{` and nothing more is closed at the
+//!   configured control timeout.
+//! - A peer frame header that announces a 1 MiB body before the handshake
+//!   is refused at once instead of buffering for it.
+//! - A peer that drips its Hello a byte at a time is cut at the handshake
+//!   deadline, not kept while each byte arrives within a read timeout.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+fn node(dir: &Path, extra: &[&str]) -> Daemon {
+    let pool = init_pool(dir, "a.img", "64M");
+    let mut args = vec!["--name", "a"];
+    args.extend_from_slice(extra);
+    Daemon::try_start(&pool, &args).unwrap()
+}
+
+/// True once the node answers a control request again.
+fn answers(d: &Daemon) -> bool {
+    d.cli(&["status"]).status.success()
+}
+
+/// Read until the server closes (true) or `wait` passes (false).
+fn closed_by_server(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // an error frame or line first
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn stray_bytes_then_close_do_not_lock_out_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = node(dir.path(), &[]);
+    for i in 0..256usize {
+        let mut s = TcpStream::connect(&d.control).unwrap();
+        let junk = [b'S', b'L', b'C'];
+        s.write_all(&junk[..1 + i % 3]).unwrap();
+        drop(s);
+    }
+    wait_until("the node to answer after 256 stray connections", || {
+        answers(&d)
+    });
+    // Again: the slots were given back, not just some of them.
+    for _ in 0..256 {
+        let mut s = TcpStream::connect(&d.control).unwrap();
+        s.write_all(b"GE").unwrap();
+    }
+    wait_until("the node to answer after 512 stray connections", || {
+        answers(&d)
+    });
+}
+
+#[test]
+fn a_silent_control_connection_is_closed_at_the_control_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "control_timeout_ms = 1000\n").unwrap();
+    let d = node(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut s = TcpStream::connect(&d.control).unwrap();
+    s.write_all(b"{").unwrap();
+    assert!(
+        closed_by_server(&mut s, Duration::from_secs(30)),
+        "a control connection that sent `{{` stayed open"
+    );
+    // A client that dribbles a byte at a time is cut all the same.
+    let mut s = TcpStream::connect(&d.control).unwrap();
+    let mut cut = false;
+    for b in b"{\"op\":\"status\"".iter().cycle().take(200) {
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        cut || closed_by_server(&mut s, Duration::from_secs(30)),
+        "a dribbling control client was never cut"
+    );
+    assert!(answers(&d));
+}
+
+#[test]
+fn a_peer_header_announcing_a_big_body_before_the_handshake_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = node(dir.path(), &[]);
+    let mut h = Vec::new();
+    h.extend_from_slice(&sluice_lockproto::wire::MAGIC.to_le_bytes());
+    h.extend_from_slice(&sluice_lockproto::wire::VERSION_MAJOR.to_le_bytes());
+    h.extend_from_slice(&sluice_lockproto::wire::VERSION_MINOR.to_le_bytes());
+    h.extend_from_slice(&7u16.to_le_bytes()); // Extent (may carry a payload)
+    h.extend_from_slice(&0u16.to_le_bytes()); // flags
+    h.extend_from_slice(&(1u32 << 20).to_le_bytes()); // body
+    h.extend_from_slice(&(8u32 << 20).to_le_bytes()); // payload
+    h.extend_from_slice(&0u32.to_le_bytes()); // crc
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(&d.control).unwrap();
+        s.write_all(&h).unwrap();
+        s.write_all(&[0u8; 64]).unwrap();
+        conns.push(s);
+    }
+    for s in &mut conns {
+        assert!(
+            closed_by_server(s, Duration::from_secs(20)),
+            "the node waited for a 9 MiB frame from an unauthenticated peer"
+        );
+    }
+    assert!(answers(&d));
+    wait_until("the refusal in the node's log", || {
+        d.log_text().contains("before the handshake finished")
+    });
+}
+
+#[test]
+fn a_peer_dripping_its_hello_is_cut_at_the_handshake_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, "peer_timeout_ms = 2000\n").unwrap();
+    let d = node(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut s = TcpStream::connect(&d.control).unwrap();
+    // The magic (so it is a peer), then one byte every half second: each
+    // within the 2 s read timeout, never a whole 24-byte header.
+    s.write_all(&sluice_lockproto::wire::MAGIC.to_le_bytes())
+        .unwrap();
+    let mut dripped = 0;
+    let mut cut = false;
+    while dripped < 19 {
+        std::thread::sleep(Duration::from_millis(500));
+        if s.write_all(&[0]).is_err() || closed_by_server(&mut s, Duration::from_millis(10)) {
+            cut = true;
+            break;
+        }
+        dripped += 1;
+    }
+    assert!(
+        cut,
+        "a peer dripping its header a byte per 0.5 s was kept for {dripped} bytes with a 2 s peer timeout"
+    );
+}
