@@ -68,7 +68,8 @@ const SUBMIT_BATCH_MAX: usize = 64;
 /// Tunables; [`Default`] is what the daemon uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdOptions {
-    /// Longest wait for the client's next byte during the handshake.
+    /// Longest a whole handshake may take (however the client paces its
+    /// bytes, so a client feeding a byte at a time cannot hold a slot).
     pub handshake_timeout: Duration,
     /// A client that accepts no reply bytes for this long is dropped.
     pub send_timeout: Duration,
@@ -368,21 +369,46 @@ fn read_all(r: &mut impl Read, buf: &mut [u8], during: &'static str) -> Result<(
     }
 }
 
-/// The fixed-newstyle negotiation. `Ok(None)`: the client left (ABORT,
-/// EOF) without choosing an export.
+/// Reads that all end by one deadline: each sets the socket's timeout to
+/// what is left of it.
+struct ByDeadline<'a> {
+    s: &'a TcpStream,
+    deadline: std::time::Instant,
+}
+
+impl Read for ByDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the handshake took longer than its timeout",
+            ));
+        }
+        self.s.set_read_timeout(Some(left))?;
+        let mut s = self.s;
+        s.read(buf)
+    }
+}
+
+/// The fixed-newstyle negotiation, within `handshake_timeout` in all.
+/// `Ok(None)`: the client left (ABORT, EOF) without choosing an export.
 fn handshake(shared: &Shared, stream: &TcpStream) -> Result<Option<Export>, End> {
     let io = |during| move |e| End::Io(during, e);
-    stream
-        .set_read_timeout(Some(shared.opts.handshake_timeout))
-        .map_err(io("setting the handshake timeout"))?;
     stream
         .set_write_timeout(Some(shared.opts.send_timeout))
         .map_err(io("setting the send timeout"))?;
     let mut s = stream;
+    let mut r = ByDeadline {
+        s: stream,
+        deadline: std::time::Instant::now() + shared.opts.handshake_timeout,
+    };
     s.write_all(&greeting())
         .map_err(io("sending the greeting"))?;
     let mut cf = [0u8; 4];
-    if !read_full(&mut s, &mut cf, "the client flags")? {
+    if !read_full(&mut r, &mut cf, "the client flags")? {
         return Ok(None);
     }
     let flags = parse_client_flags(cf)?;
@@ -391,12 +417,12 @@ fn handshake(shared: &Shared, stream: &TcpStream) -> Result<Option<Export>, End>
     };
     for _ in 0..OPTIONS_MAX {
         let mut hb = [0u8; OPTION_HEADER_BYTES];
-        if !read_full(&mut s, &mut hb, "an option header")? {
+        if !read_full(&mut r, &mut hb, "an option header")? {
             return Ok(None);
         }
         let h = parse_option_header(&hb)?;
         let mut data = vec![0u8; h.len as usize];
-        read_all(&mut s, &mut data, "option data")?;
+        read_all(&mut r, &mut data, "option data")?;
         let mut out = Vec::new();
         let step = if shared.stopping.load(Ordering::SeqCst) && h.option != OPT_ABORT {
             encode_option_error(
@@ -1323,6 +1349,50 @@ mod tests {
         drop(good);
         srv.shutdown();
         assert_eq!(metrics.connections_open(), 0);
+        e.shutdown().unwrap();
+    }
+
+    /// A client feeding its handshake a byte at a time, each byte well
+    /// within the timeout, is cut when the whole handshake's time is up
+    /// (it used to be kept as long as bytes kept coming).
+    #[test]
+    fn a_dripping_handshake_is_cut_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let metrics = Arc::new(NbdMetrics::new());
+        let opts = NbdOptions {
+            handshake_timeout: Duration::from_millis(1000),
+            ..NbdOptions::default()
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let srv = NbdServer::start_with_options(l, e.clone(), metrics, opts).unwrap();
+        let mut s = TcpStream::connect(srv.local_addr()).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        // An option header is 16 bytes: drip them 250 ms apart.
+        let header = IHAVEOPT.to_be_bytes();
+        let mut dripped = 0;
+        let mut cut = false;
+        s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        for b in header.iter().cycle().take(16) {
+            std::thread::sleep(Duration::from_millis(250));
+            let mut x = [0u8; 64];
+            let closed = match s.read(&mut x) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == ErrorKind::ConnectionReset,
+            };
+            if closed || s.write_all(&[*b]).is_err() {
+                cut = true;
+                break;
+            }
+            dripped += 1;
+        }
+        assert!(
+            cut,
+            "a handshake fed a byte per 250 ms was kept for {dripped} bytes past a 1 s timeout"
+        );
+        srv.shutdown();
         e.shutdown().unwrap();
     }
 
