@@ -135,6 +135,23 @@ pub enum ControlRequest {
 }
 
 impl ControlRequest {
+    /// Whether the op destroys or gives up something (data, snapshots,
+    /// locks, a relationship's protection): each is audited (logged with
+    /// who asked, counted in metrics).
+    pub fn destructive(&self) -> bool {
+        match self {
+            ControlRequest::SnapDelete { .. }
+            | ControlRequest::VolDelete { .. }
+            | ControlRequest::MirrorBreak { .. }
+            | ControlRequest::MirrorDelete { .. }
+            | ControlRequest::MirrorRetarget { .. }
+            | ControlRequest::LockRelease { .. } => true,
+            ControlRequest::Prune { dry_run, .. } => !dry_run,
+            ControlRequest::MirrorResync { force, .. } => *force,
+            _ => false,
+        }
+    }
+
     /// The op's wire name, for logs and metrics.
     pub fn op(&self) -> &'static str {
         match self {

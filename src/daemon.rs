@@ -411,6 +411,10 @@ impl Read for Timed {
 }
 
 fn control_conn(stream: TcpStream, node: &Node, timeout: Duration) -> std::io::Result<()> {
+    let client = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
     let writer = std::sync::Mutex::new(stream.try_clone()?);
     let mut reader = BufReader::new(Timed {
         s: stream,
@@ -440,7 +444,11 @@ fn control_conn(stream: TcpStream, node: &Node, timeout: Duration) -> std::io::R
                 // A client that went away only loses its progress lines.
                 let _ = lock(&writer).write_all(progress_line(&p).as_bytes());
             };
+            let audited = req.destructive().then(|| req.clone());
             let r = node.execute(req, &progress);
+            if let Some(req) = &audited {
+                node.audit(req, &client, &r);
+            }
             match &r {
                 Ok(_) => tracing::debug!(op, "control request done"),
                 Err(e) => tracing::info!(op, error = %e, "control request failed"),

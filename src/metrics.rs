@@ -37,6 +37,24 @@ pub fn render(node: &Node) -> String {
         node.control_requests.load(Ordering::Relaxed) - node.control_errors.load(Ordering::Relaxed).min(node.control_requests.load(Ordering::Relaxed)),
         node.control_errors.load(Ordering::Relaxed)
     );
+    help(
+        &mut out,
+        "sluice_destructive_ops_total",
+        "counter",
+        "Destructive control operations (deletes, breaks, lock releases, forced resyncs, retargets), audited in the log.",
+    );
+    for ((op, ok), n) in node
+        .destructive
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        let result = if *ok { "ok" } else { "error" };
+        let _ = writeln!(
+            out,
+            "sluice_destructive_ops_total{{op=\"{op}\",result=\"{result}\"}} {n}"
+        );
+    }
     match node.space() {
         Ok(s) => {
             help(

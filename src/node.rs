@@ -46,6 +46,8 @@ pub struct Node {
     started: Instant,
     pub control_requests: AtomicU64,
     pub control_errors: AtomicU64,
+    /// Destructive operations by (op, succeeded): the audit's counters.
+    pub destructive: std::sync::Mutex<std::collections::BTreeMap<(&'static str, bool), u64>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +188,7 @@ impl Node {
             started: Instant::now(),
             control_requests: AtomicU64::new(0),
             control_errors: AtomicU64::new(0),
+            destructive: Default::default(),
         }
     }
 
@@ -197,6 +200,22 @@ impl Node {
             self.control_errors.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Audit a destructive request: who asked (the control client's
+    /// address), what exactly, and how it ended; counted per op.
+    pub fn audit(&self, req: &ControlRequest, who: &str, result: &Result<Value>) {
+        let what = serde_json::to_string(req).unwrap_or_default();
+        match result {
+            Ok(_) => {
+                tracing::warn!(target: "audit", op = req.op(), client = %who, request = %what, "destructive operation done")
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", op = req.op(), client = %who, request = %what, error = %e, "destructive operation refused or failed")
+            }
+        }
+        let mut d = self.destructive.lock().unwrap_or_else(|p| p.into_inner());
+        *d.entry((req.op(), result.is_ok())).or_default() += 1;
     }
 
     /// Count a request that could not even be parsed.

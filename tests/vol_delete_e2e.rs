@@ -23,6 +23,16 @@ fn vol_names(d: &Daemon) -> Vec<String> {
         .collect()
 }
 
+/// `GET /metrics` on the node's listen address.
+fn metrics(d: &Daemon) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&d.control).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn used(d: &Daemon) -> u64 {
     d.json(&["status"])["space"]["used_bytes"].as_u64().unwrap()
 }
@@ -79,6 +89,22 @@ fn vol_delete_refuses_while_depended_on_and_frees_the_space() {
         before - after,
     );
     assert!(!vol_names(&a).contains(&"w".to_string()));
+    // Audited: who asked and what, in the log and the metrics; refusals
+    // too.
+    wait_until("the audit line of vol delete w", || {
+        a.log_text().lines().any(|l| {
+            l.contains("destructive operation done")
+                && l.contains("op=\"vol_delete\"")
+                && l.contains("client=127.0.0.1:")
+                && l.contains("\"name\":\"w\"")
+        })
+    });
+    let m = metrics(&a);
+    assert!(
+        m.contains("sluice_destructive_ops_total{op=\"vol_delete\",result=\"ok\"} 1")
+            && m.contains("sluice_destructive_ops_total{op=\"vol_delete\",result=\"error\"} 2"),
+        "{m}"
+    );
     // Forced: goes, and says what it overrode; the downstream's update
     // fails with an error that names the missing volume.
     let r = a.json(&["vol", "delete", "v", "--force"]);
