@@ -12,18 +12,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::path::Path;
-
-/// A node named `name` on a fresh pool in `dir`.
-fn node(dir: &Path, name: &str) -> Daemon {
-    let pool = init_pool(dir, &format!("{name}.img"), "256M");
-    Daemon::try_start(&pool, &["--name", name]).unwrap()
-}
-
-/// `ADDR/PATH` of `d` (a mirror source).
-fn src(d: &Daemon, path: &str) -> String {
-    format!("{}/{path}", d.control)
-}
 
 /// `mirror create DST --from FROM`: the baseline, a full transfer.
 fn create(d: &Daemon, dst: &str, from: &str) {
@@ -95,9 +83,9 @@ fn three_volume_chain(rng: &mut Rng, a_prunes_first: bool) -> Vec<String> {
     };
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = (
-        node(dir.path(), "a"),
-        node(dir.path(), "b"),
-        node(dir.path(), "c"),
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+        Daemon::named(dir.path(), "c", &[]),
     );
     let vols = ["v1", "v2", "v3"];
     for v in vols {
@@ -106,10 +94,10 @@ fn three_volume_chain(rng: &mut Rng, a_prunes_first: bool) -> Vec<String> {
         a.ok(&["snap", "create", v, "s0"]);
     }
     for v in vols {
-        create(&b, v, &src(&a, v));
+        create(&b, v, &a.source(v));
     }
     for v in vols {
-        create(&c, v, &src(&b, v));
+        create(&c, v, &b.source(v));
     }
     let mut problems = Vec::new();
     let mut run = |d: &Daemon, who: &str, v: &str, round: u32| match try_update(d, v) {
@@ -214,7 +202,10 @@ fn qtree_and_volume_mirrors_between_the_same_nodes_never_need_a_full_copy() {
     const ROUNDS: u32 = 4;
     let mut rng = Rng::from_env("qtree_and_volume_mirrors");
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (node(dir.path(), "a"), node(dir.path(), "b"));
+    let (a, b) = (
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+    );
     a.ok(&["vol", "create", "vol0", "--size", "16M"]);
     a.ok(&["qtree", "create", "vol0", "db", "--size", "8M"]);
     a.ok(&["vol", "create", "v2", "--size", "16M"]);
@@ -226,9 +217,9 @@ fn qtree_and_volume_mirrors_between_the_same_nodes_never_need_a_full_copy() {
     write_round(&mut rng);
     a.ok(&["snap", "create", "vol0", "s0"]);
     a.ok(&["snap", "create", "v2", "s0"]);
-    create(&b, "vol0", &src(&a, "vol0"));
-    create(&b, "v2", &src(&a, "v2"));
-    create(&b, "qv", &src(&a, "vol0/db"));
+    create(&b, "vol0", &a.source("vol0"));
+    create(&b, "v2", &a.source("v2"));
+    create(&b, "qv", &a.source("vol0/db"));
     let dsts: Vec<String> = mirrors(&b)
         .iter()
         .map(|m| m["dst"].as_str().unwrap().to_string())
@@ -311,16 +302,16 @@ fn a_failed_mirror_create_leaves_the_lock_state_as_it_was() {
     let mut rng = Rng::from_env("failed_mirror_create");
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = (
-        node(dir.path(), "a"),
-        node(dir.path(), "b"),
-        node(dir.path(), "c"),
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+        Daemon::named(dir.path(), "c", &[]),
     );
     a.ok(&["vol", "create", "vol0", "--size", "16M"]);
     a.ok(&["qtree", "create", "vol0", "db", "--size", "8M"]);
     write_random_blocks(&a, "vol0", 8, &mut rng);
     write_random_blocks(&a, "vol0/db", 8, &mut rng);
     a.ok(&["snap", "create", "vol0", "s1"]);
-    create(&b, "vol0", &src(&a, "vol0"));
+    create(&b, "vol0", &a.source("vol0"));
     write_random_blocks(&a, "vol0/db", 8, &mut rng);
     a.ok(&["snap", "create", "vol0", "s2"]);
     assert_eq!(try_update(&b, "vol0").unwrap()["kind"], "incremental");
@@ -334,9 +325,9 @@ fn a_failed_mirror_create_leaves_the_lock_state_as_it_was() {
     // The create that fails after its transfer started comes last, so
     // nothing done after it can hide what it left behind.
     let cases: [(&str, String, &str); 3] = [
-        ("w", src(&b, "nosuch"), "nosuch"),
+        ("w", b.source("nosuch"), "nosuch"),
         ("w", format!("{dead}/vol0"), &dead),
-        ("qv/db", src(&b, "vol0/db"), "qv/db"),
+        ("qv/db", b.source("vol0/db"), "qv/db"),
     ];
     let mut problems = Vec::new();
     for (dst, from, names) in &cases {
@@ -412,18 +403,18 @@ fn lock_list_names_the_volume_each_lock_protects() {
     let mut rng = Rng::from_env("lock_list_volumes");
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = (
-        node(dir.path(), "a"),
-        node(dir.path(), "b"),
-        node(dir.path(), "c"),
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+        Daemon::named(dir.path(), "c", &[]),
     );
     a.ok(&["vol", "create", "vol0", "--size", "16M"]);
     a.ok(&["qtree", "create", "vol0", "db", "--size", "8M"]);
     write_random_blocks(&a, "vol0", 8, &mut rng);
     write_random_blocks(&a, "vol0/db", 8, &mut rng);
     a.ok(&["snap", "create", "vol0", "s1"]);
-    create(&b, "vol0", &src(&a, "vol0"));
-    create(&b, "qv", &src(&a, "vol0/db"));
-    create(&c, "vol0", &src(&b, "vol0"));
+    create(&b, "vol0", &a.source("vol0"));
+    create(&b, "qv", &a.source("vol0/db"));
+    create(&c, "vol0", &b.source("vol0"));
 
     let on_a = locks(&a);
     let on_b = locks(&b);
@@ -495,18 +486,18 @@ fn locking_dataset_id_names_the_downstream_resource() {
     let mut rng = Rng::from_env("locking_dataset_id");
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = (
-        node(dir.path(), "a"),
-        node(dir.path(), "b"),
-        node(dir.path(), "c"),
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+        Daemon::named(dir.path(), "c", &[]),
     );
     a.ok(&["vol", "create", "vol0", "--size", "16M"]);
     a.ok(&["qtree", "create", "vol0", "db", "--size", "8M"]);
     write_random_blocks(&a, "vol0", 8, &mut rng);
     write_random_blocks(&a, "vol0/db", 8, &mut rng);
     a.ok(&["snap", "create", "vol0", "s1"]);
-    create(&b, "vol0", &src(&a, "vol0"));
-    create(&b, "qv", &src(&a, "vol0/db"));
-    create(&c, "vol0", &src(&b, "vol0"));
+    create(&b, "vol0", &a.source("vol0"));
+    create(&b, "qv", &a.source("vol0/db"));
+    create(&c, "vol0", &b.source("vol0"));
     c.ok(&["lock", "add", "vol0", "s1", "--owner", "backup"]);
     wait_until("C's application lock to reach A", || {
         locks(&a)
@@ -599,14 +590,17 @@ fn twenty_thousand_application_locks_all_reach_the_upstream() {
     let many = many_locks();
     let mut rng = Rng::from_env("many_locks");
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (node(dir.path(), "a"), node(dir.path(), "b"));
+    let (a, b) = (
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+    );
     a.ok(&["vol", "create", "vol0", "--size", "16M"]);
     let snaps = ["s1", "s2", "s3", "s4"];
     for (i, s) in snaps.iter().enumerate() {
         write_random_blocks(&a, "vol0", 4, &mut rng);
         a.ok(&["snap", "create", "vol0", s]);
         if i == 0 {
-            create(&b, "vol0", &src(&a, "vol0"));
+            create(&b, "vol0", &a.source("vol0"));
         } else {
             assert_eq!(try_update(&b, "vol0").unwrap()["kind"], "incremental");
         }

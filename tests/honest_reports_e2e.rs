@@ -15,36 +15,6 @@ use common::*;
 use serde_json::Value;
 use std::path::Path;
 
-fn node(dir: &Path, name: &str, extra: &[&str]) -> Daemon {
-    let pool = init_pool(dir, &format!("{name}.img"), "256M");
-    let mut args = vec!["--name", name];
-    args.extend_from_slice(extra);
-    Daemon::try_start(&pool, &args).unwrap()
-}
-
-fn src(d: &Daemon, path: &str) -> String {
-    format!("{}/{path}", d.control)
-}
-
-fn status_of(d: &Daemon, dst: &str) -> Value {
-    d.json(&["mirror", "status"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["dst"] == dst)
-        .cloned()
-        .unwrap_or_else(|| panic!("no relationship {dst}"))
-}
-
-fn snap_names(d: &Daemon, vol: &str) -> Vec<String> {
-    d.json(&["snap", "list", vol])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn an_update_that_sends_everything_is_reported_and_counted_as_full() {
     if !have("qemu-io") {
@@ -54,15 +24,15 @@ fn an_update_that_sends_everything_is_reported_and_counted_as_full() {
     let mut rng = Rng::from_env("honest_full");
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = (
-        node(dir.path(), "a", &[]),
-        node(dir.path(), "b", &[]),
-        node(dir.path(), "c", &[]),
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+        Daemon::named(dir.path(), "c", &[]),
     );
     a.ok(&["vol", "create", "v", "--size", "16M"]);
     write_random_blocks(&a, "v", 64, &mut rng);
     a.ok(&["snap", "create", "v", "s0"]);
-    b.ok(&["mirror", "create", "v", "--from", &src(&a, "v")]);
-    c.ok(&["mirror", "create", "v", "--from", &src(&b, "v")]);
+    b.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
+    c.ok(&["mirror", "create", "v", "--from", &b.source("v")]);
     // B loses its chain to A (a forced delete there) and is re-baselined;
     // C's base s0 stays on B, locked by C.
     write_random_blocks(&a, "v", 8, &mut rng);
@@ -70,7 +40,7 @@ fn an_update_that_sends_everything_is_reported_and_counted_as_full() {
     a.ok(&["snap", "delete", "v", "s0", "--force"]);
     let r = b.json(&["mirror", "resync", "v"]);
     assert_eq!(r["kind"], "full", "{r}");
-    assert!(snap_names(&b, "v").contains(&"s0".to_string()));
+    assert!(b.snap_names("v").contains(&"s0".to_string()));
     // C's update has a base, but every block of s1 on B is new since it.
     let r = c.json(&["mirror", "update", "v"]);
     println!("C's update after B's re-baseline: {r}");
@@ -82,7 +52,7 @@ fn an_update_that_sends_everything_is_reported_and_counted_as_full() {
             .is_some_and(|t| t.contains("re-baseline")),
         "{r}"
     );
-    let m = status_of(&c, "v");
+    let m = c.mirror("v");
     assert_eq!(m["full_transfers"], 2, "{m}");
     assert_eq!(m["incremental_transfers"], 0, "{m}");
     // The next one is a true incremental again.
@@ -107,14 +77,14 @@ fn a_forced_delete_upstream_shows_downstream_with_the_cost_of_the_next_update() 
     std::fs::write(&cfg, "lease_ms = 1500\n").unwrap();
     let cfg = cfg.to_str().unwrap();
     let (a, b) = (
-        node(dir.path(), "a", &[]),
-        node(dir.path(), "b", &["--config", cfg]),
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &["--config", cfg]),
     );
     a.ok(&["vol", "create", "v", "--size", "16M"]);
     write_random_blocks(&a, "v", 32, &mut rng);
     a.ok(&["snap", "create", "v", "s1"]);
-    b.ok(&["mirror", "create", "v", "--from", &src(&a, "v")]);
-    assert!(status_of(&b, "v")["next_update"]
+    b.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
+    assert!(b.mirror("v")["next_update"]
         .as_str()
         .unwrap()
         .contains("incremental from s1"));
@@ -123,9 +93,9 @@ fn a_forced_delete_upstream_shows_downstream_with_the_cost_of_the_next_update() 
     a.ok(&["snap", "delete", "v", "s1", "--force"]);
     // B hears of it at its next renewal, without any update.
     wait_until("B's mirror status to show the forced delete", || {
-        status_of(&b, "v")["notice"].is_string()
+        b.mirror("v")["notice"].is_string()
     });
-    let m = status_of(&b, "v");
+    let m = b.mirror("v");
     println!("B after the forced delete: {m}");
     let notice = m["notice"].as_str().unwrap();
     assert!(
@@ -152,11 +122,14 @@ fn resync_names_the_snapshots_it_would_discard_and_needs_force() {
     }
     let mut rng = Rng::from_env("honest_resync");
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (node(dir.path(), "a", &[]), node(dir.path(), "b", &[]));
+    let (a, b) = (
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+    );
     a.ok(&["vol", "create", "v", "--size", "16M"]);
     write_random_blocks(&a, "v", 16, &mut rng);
     a.ok(&["snap", "create", "v", "s1"]);
-    b.ok(&["mirror", "create", "v", "--from", &src(&a, "v")]);
+    b.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
     b.ok(&["mirror", "break", "v"]);
     write_random_blocks(&b, "v", 4, &mut rng);
     b.ok(&["snap", "create", "v", "local1"]);
@@ -171,14 +144,14 @@ fn resync_names_the_snapshots_it_would_discard_and_needs_force() {
         e.contains("local1") && e.contains("local2") && e.contains("--force"),
         "{e}"
     );
-    assert_eq!(snap_names(&b, "v"), ["s1", "local1", "local2"]);
-    assert_eq!(status_of(&b, "v")["state"], "broken");
+    assert_eq!(b.snap_names("v"), ["s1", "local1", "local2"]);
+    assert_eq!(b.mirror("v")["state"], "broken");
     // A lock on one keeps it (and the resync says nothing of it).
     b.ok(&["lock", "add", "v", "local2", "--owner", "app"]);
     let r = b.json(&["mirror", "resync", "v", "--force"]);
     assert_eq!(r["deleted_snapshots"], serde_json::json!(["local1"]), "{r}");
-    assert_eq!(snap_names(&b, "v"), ["s1", "local2"]);
-    assert_eq!(status_of(&b, "v")["state"], "idle");
+    assert_eq!(b.snap_names("v"), ["s1", "local2"]);
+    assert_eq!(b.mirror("v")["state"], "idle");
 }
 
 #[test]
@@ -193,17 +166,17 @@ fn prune_dry_run_says_which_relationship_would_need_a_full_copy() {
     let cfg = dir.path().join("short.toml");
     std::fs::write(&cfg, "lease_ms = 1500\n").unwrap();
     let (a, b, c, d) = (
-        node(dir.path(), "a", &[]),
-        node(dir.path(), "b", &[]),
-        node(dir.path(), "c", &[]),
-        node(dir.path(), "d", &["--config", cfg.to_str().unwrap()]),
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+        Daemon::named(dir.path(), "c", &[]),
+        Daemon::named(dir.path(), "d", &["--config", cfg.to_str().unwrap()]),
     );
     a.ok(&["vol", "create", "v", "--size", "16M"]);
     write_random_blocks(&a, "v", 16, &mut rng);
     a.ok(&["snap", "create", "v", "s0"]);
-    b.ok(&["mirror", "create", "v", "--from", &src(&a, "v")]);
-    d.ok(&["mirror", "create", "v", "--from", &src(&a, "v")]);
-    c.ok(&["mirror", "create", "v", "--from", &src(&b, "v")]);
+    b.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
+    d.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
+    c.ok(&["mirror", "create", "v", "--from", &b.source("v")]);
     write_random_blocks(&a, "v", 4, &mut rng);
     a.ok(&["snap", "create", "v", "s1"]);
     b.ok(&["mirror", "update", "v"]);
@@ -256,7 +229,7 @@ fn prune_dry_run_says_which_relationship_would_need_a_full_copy() {
     let text = a.ok(&["prune", "v", "--keep", "1", "--dry-run"]);
     assert!(text.contains("would force a full copy of d/v"), "{text}");
     // Nothing was deleted by the dry run.
-    assert_eq!(snap_names(&a, "v"), ["s0", "s1", "s2"]);
+    assert_eq!(a.snap_names("v"), ["s0", "s1", "s2"]);
     // D dies and its lease runs out: its holder is marked stale.
     d.kill();
     wait_until("D's locks on A to go stale", || {

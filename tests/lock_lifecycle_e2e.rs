@@ -58,15 +58,6 @@ fn snap_id(d: &Daemon, snap: &str) -> String {
         .to_string()
 }
 
-fn snap_names(d: &Daemon, vol: &str) -> Vec<String> {
-    d.json(&["snap", "list", vol])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn update(d: &Daemon, vol: &str) -> Value {
     d.json(&["mirror", "update", vol])
 }
@@ -133,7 +124,7 @@ fn soft_locks_live_and_die_through_a_cascade() {
     for want in ["v@s1", "locked", "from c via c>b", "--force"] {
         assert!(e.contains(want), "refusal lacks {want:?}: {e}");
     }
-    assert!(snap_names(&a, "v").contains(&"s1".to_string()));
+    assert!(a.snap_names("v").contains(&"s1".to_string()));
     let plan = a.json(&["prune", "v", "--keep", "1", "--dry-run"]);
     assert!(
         plan["skipped"]
@@ -146,7 +137,7 @@ fn soft_locks_live_and_die_through_a_cascade() {
 
     // --force deletes it, logs the holders, and the downstream is told.
     a.ok(&["snap", "delete", "v", "s1", "--force"]);
-    assert!(!snap_names(&a, "v").contains(&"s1".to_string()));
+    assert!(!a.snap_names("v").contains(&"s1".to_string()));
     let log = a.log_text();
     assert!(
         log.lines()

@@ -47,15 +47,6 @@ fn write_round(a: &Daemon, rng: &mut Rng, round: u64) {
     qemu_io(&a.nbd, "v", &v);
 }
 
-fn snap_names(d: &Daemon, vol: &str) -> Vec<String> {
-    d.json(&["snap", "list", vol])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// The digest of namespace `ns` ("" = the volume's own space) in `vol@snap`.
 fn digest(d: &Daemon, vol: &str, snap: &str, ns: &str) -> String {
     let s = d
@@ -159,7 +150,7 @@ fn qtree_cascade_and_fan_out_keep_every_base() {
     }
     // Now B is at s5, C at s4 (through B), D at s3. A keeps exactly the
     // three bases (the newest is also B's).
-    assert_eq!(snap_names(a, "v"), ["s3", "s4", "s5"], "A's snapshots");
+    assert_eq!(a.snap_names("v"), ["s3", "s4", "s5"], "A's snapshots");
     let locks = a.json(&["lock", "list"]);
     let holds = |origin: &str, snap: &str, kind: &str, hops: &[&str]| {
         locks.as_array().unwrap().iter().any(|l| {
@@ -204,7 +195,7 @@ fn qtree_cascade_and_fan_out_keep_every_base() {
     assert_eq!(digest(d, "v", "s5", ""), digest(a, "v", "s5", ""));
     // After the catch-up A's prune frees what nobody needs any more.
     a.json(&["prune", "v", "--keep", "1"]);
-    assert_eq!(snap_names(a, "v"), ["s5"], "A after the catch-up");
+    assert_eq!(a.snap_names("v"), ["s5"], "A after the catch-up");
     for (n, dst) in [(b, "w/q"), (c, "x/q"), (d, "v")] {
         let st = n.json(&["mirror", "status"]);
         let r = st

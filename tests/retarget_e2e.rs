@@ -17,13 +17,19 @@ use std::path::Path;
 
 const VOL_MB: u64 = 16;
 
-fn node(dir: &Path, name: &str) -> Daemon {
-    let pool = init_pool(dir, &format!("{name}.img"), "256M");
-    Daemon::try_start(&pool, &["--name", name]).unwrap()
-}
-
-fn src(d: &Daemon, path: &str) -> String {
-    format!("{}/{path}", d.control)
+/// A -> B -> C mirroring `v` (snapshot s0), baselines done.
+fn chain(dir: &Path, rng: &mut Rng) -> (Daemon, Daemon, Daemon) {
+    let (a, b, c) = (
+        Daemon::named(dir, "a", &[]),
+        Daemon::named(dir, "b", &[]),
+        Daemon::named(dir, "c", &[]),
+    );
+    a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
+    write_round(&a, "v", rng, 0);
+    a.ok(&["snap", "create", "v", "s0"]);
+    b.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
+    c.ok(&["mirror", "create", "v", "--from", &b.source("v")]);
+    (a, b, c)
 }
 
 fn write_round(d: &Daemon, vol: &str, rng: &mut Rng, round: u64) {
@@ -39,16 +45,6 @@ fn write_round(d: &Daemon, vol: &str, rng: &mut Rng, round: u64) {
 
 fn update(d: &Daemon, dst: &str) -> Value {
     d.json(&["mirror", "update", dst])
-}
-
-fn status_of(d: &Daemon, dst: &str) -> Value {
-    d.json(&["mirror", "status"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["dst"] == dst)
-        .cloned()
-        .unwrap_or_else(|| panic!("no relationship {dst}"))
 }
 
 /// The digests of `vol@snap` on `d`.
@@ -90,10 +86,10 @@ fn lost_middle_node_retarget_goes_on_incrementally() {
     let mut rng = Rng::from_env("lost_middle_node_retarget");
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c, d) = (
-        node(dir.path(), "a"),
-        node(dir.path(), "b"),
-        node(dir.path(), "c"),
-        node(dir.path(), "d"),
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+        Daemon::named(dir.path(), "c", &[]),
+        Daemon::named(dir.path(), "d", &[]),
     );
     // Two volumes between every pair: the retarget of one leaves the other
     // as it was.
@@ -102,9 +98,9 @@ fn lost_middle_node_retarget_goes_on_incrementally() {
         a.ok(&["vol", "create", v, "--size", &format!("{VOL_MB}M")]);
         write_round(&a, v, &mut rng, 0);
         a.ok(&["snap", "create", v, "s0"]);
-        b.ok(&["mirror", "create", v, "--from", &src(&a, v)]);
-        c.ok(&["mirror", "create", v, "--from", &src(&b, v)]);
-        d.ok(&["mirror", "create", v, "--from", &src(&c, v)]);
+        b.ok(&["mirror", "create", v, "--from", &a.source(v)]);
+        c.ok(&["mirror", "create", v, "--from", &b.source(v)]);
+        d.ok(&["mirror", "create", v, "--from", &c.source(v)]);
     }
     // B follows every round, C and D only at round 2: after round 3 C's
     // newest snapshot is s2, which A keeps only for the locks B relays.
@@ -143,7 +139,7 @@ fn lost_middle_node_retarget_goes_on_incrementally() {
     // Re-attach C to A: from s2, incrementally; B's locks are left to its
     // lease (it cannot be reached).
     for v in vols {
-        let r = c.json(&["mirror", "retarget", v, "--from", &src(&a, v)]);
+        let r = c.json(&["mirror", "retarget", v, "--from", &a.source(v)]);
         println!("retarget {v}: {r}");
         assert_eq!(r["new_source_node"], "a", "{r}");
         assert_eq!(r["old_source_node"], "b", "{r}");
@@ -153,8 +149,8 @@ fn lost_middle_node_retarget_goes_on_incrementally() {
         assert!(r["transfer_error"].is_null(), "{r}");
         assert_eq!(r["transfer"]["kind"], "incremental", "{r}");
         assert_eq!(r["transfer"]["target"]["name"], "s4", "{r}");
-        let m = status_of(&c, v);
-        assert_eq!(m["source"], src(&a, v), "{m}");
+        let m = c.mirror(v);
+        assert_eq!(m["source"], a.source(v), "{m}");
         assert_eq!(m["source_node"], "a", "{m}");
         assert_eq!(m["newest_common_snapshot"]["name"], "s4", "{m}");
         // C's own lock now lives on A, beside B's stale relayed ones.
@@ -187,7 +183,7 @@ fn lost_middle_node_retarget_goes_on_incrementally() {
     // Baselines only: one full transfer per relationship.
     for (name, n) in [("c", &c), ("d", &d)] {
         for v in vols {
-            let m = status_of(n, v);
+            let m = n.mirror(v);
             assert_eq!(m["full_transfers"], 1, "{name}:{v}: {m}");
         }
     }
@@ -205,16 +201,16 @@ fn retarget_without_a_common_snapshot_needs_allow_full_and_releases_the_old_sour
     let mut rng = Rng::from_env("retarget_allow_full");
     let dir = tempfile::tempdir().unwrap();
     let (b, c, e) = (
-        node(dir.path(), "b"),
-        node(dir.path(), "c"),
-        node(dir.path(), "e"),
+        Daemon::named(dir.path(), "b", &[]),
+        Daemon::named(dir.path(), "c", &[]),
+        Daemon::named(dir.path(), "e", &[]),
     );
     for (n, snap) in [(&b, "t0"), (&e, "e0")] {
         n.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
         write_round(n, "v", &mut rng, 0);
         n.ok(&["snap", "create", "v", snap]);
     }
-    c.ok(&["mirror", "create", "v", "--from", &src(&b, "v")]);
+    c.ok(&["mirror", "create", "v", "--from", &b.source("v")]);
     let held_on_b = |who: &str| {
         b.json(&["lock", "list"])
             .as_array()
@@ -228,31 +224,31 @@ fn retarget_without_a_common_snapshot_needs_allow_full_and_releases_the_old_sour
         "C holds no lock on B after its baseline"
     );
     // E's v shares nothing with C's: refused, saying the cost; nothing moved.
-    let o = c.cli(&["mirror", "retarget", "v", "--from", &src(&e, "v")]);
+    let o = c.cli(&["mirror", "retarget", "v", "--from", &e.source("v")]);
     assert!(!o.status.success(), "a full-copy retarget went ahead");
     let err = stderr(&o);
     assert!(
         err.contains("full copy") && err.contains("--allow-full") && err.contains("bytes"),
         "{err}"
     );
-    assert_eq!(status_of(&c, "v")["source"], src(&b, "v"));
+    assert_eq!(c.mirror("v")["source"], b.source("v"));
     assert!(
         held_on_b("c") > 0,
         "a refused retarget released C's locks on B"
     );
     // Refused: a volume mirror to a qtree, this node itself.
-    let o = c.cli(&["mirror", "retarget", "v", "--from", &src(&e, "v/q")]);
+    let o = c.cli(&["mirror", "retarget", "v", "--from", &e.source("v/q")]);
     assert!(stderr(&o).contains("volume mirror"), "{}", stderr(&o));
-    let o = c.cli(&["mirror", "retarget", "v", "--from", &src(&c, "v")]);
+    let o = c.cli(&["mirror", "retarget", "v", "--from", &c.source("v")]);
     assert!(stderr(&o).contains("this node"), "{}", stderr(&o));
-    assert_eq!(status_of(&c, "v")["source"], src(&b, "v"));
+    assert_eq!(c.mirror("v")["source"], b.source("v"));
     // Accepted: a full copy; B, reachable, releases what C held there.
     let r = c.json(&[
         "mirror",
         "retarget",
         "v",
         "--from",
-        &src(&e, "v"),
+        &e.source("v"),
         "--allow-full",
     ]);
     println!("retarget: {r}");
@@ -285,20 +281,11 @@ fn retarget_to_a_downstream_is_refused_as_a_cycle() {
     }
     let mut rng = Rng::from_env("retarget_cycle");
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        node(dir.path(), "a"),
-        node(dir.path(), "b"),
-        node(dir.path(), "c"),
-    );
-    a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
-    write_round(&a, "v", &mut rng, 0);
-    a.ok(&["snap", "create", "v", "s0"]);
-    b.ok(&["mirror", "create", "v", "--from", &src(&a, "v")]);
-    c.ok(&["mirror", "create", "v", "--from", &src(&b, "v")]);
-    let o = b.cli(&["mirror", "retarget", "v", "--from", &src(&c, "v")]);
+    let (a, b, c) = chain(dir.path(), &mut rng);
+    let o = b.cli(&["mirror", "retarget", "v", "--from", &c.source("v")]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("cycle"), "{}", stderr(&o));
-    assert_eq!(status_of(&b, "v")["source"], src(&a, "v"));
+    assert_eq!(b.mirror("v")["source"], a.source("v"));
     assert_eq!(update(&b, "v")["kind"], "none");
 }
 
@@ -310,25 +297,16 @@ fn a_retarget_survives_a_crash_of_the_retargeted_node() {
     }
     let mut rng = Rng::from_env("retarget_restart");
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        node(dir.path(), "a"),
-        node(dir.path(), "b"),
-        node(dir.path(), "c"),
-    );
-    a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
-    write_round(&a, "v", &mut rng, 0);
-    a.ok(&["snap", "create", "v", "s0"]);
-    b.ok(&["mirror", "create", "v", "--from", &src(&a, "v")]);
-    c.ok(&["mirror", "create", "v", "--from", &src(&b, "v")]);
+    let (a, b, c) = chain(dir.path(), &mut rng);
     b.kill();
-    let r = c.json(&["mirror", "retarget", "v", "--from", &src(&a, "v")]);
+    let r = c.json(&["mirror", "retarget", "v", "--from", &a.source("v")]);
     assert_eq!(r["transfer"]["kind"], "none", "{r}");
     // SIGKILL right after: the switch was durable when the command returned.
     let pool = c.data.clone();
     c.kill();
     let c = Daemon::try_start(&pool, &["--name", "c"]).unwrap();
-    let m = status_of(&c, "v");
-    assert_eq!(m["source"], src(&a, "v"), "{m}");
+    let m = c.mirror("v");
+    assert_eq!(m["source"], a.source("v"), "{m}");
     assert_eq!(m["source_node"], "a", "{m}");
     write_round(&a, "v", &mut rng, 1);
     a.ok(&["snap", "create", "v", "s1"]);

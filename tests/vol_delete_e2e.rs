@@ -9,11 +9,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn node(dir: &Path, name: &str) -> Daemon {
-    let pool = init_pool(dir, &format!("{name}.img"), "256M");
-    Daemon::try_start(&pool, &["--name", name]).unwrap()
-}
-
 fn vol_names(d: &Daemon) -> Vec<String> {
     d.json(&["vol", "list"])
         .as_array()
@@ -45,7 +40,10 @@ fn vol_delete_refuses_while_depended_on_and_frees_the_space() {
     }
     let mut rng = Rng::from_env("vol_delete");
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (node(dir.path(), "a"), node(dir.path(), "b"));
+    let (a, b) = (
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+    );
     for v in ["v", "w", "keep"] {
         a.ok(&["vol", "create", v, "--size", "16M"]);
     }
@@ -133,7 +131,10 @@ fn mirror_delete_with_the_upstream_down_says_its_locks_were_not_released() {
     }
     let mut rng = Rng::from_env("mirror_delete_upstream_down");
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (node(dir.path(), "a"), node(dir.path(), "b"));
+    let (a, b) = (
+        Daemon::named(dir.path(), "a", &[]),
+        Daemon::named(dir.path(), "b", &[]),
+    );
     a.ok(&["vol", "create", "v", "--size", "16M"]);
     write_random_blocks(&a, "v", 16, &mut rng);
     a.ok(&["snap", "create", "v", "s1"]);

@@ -104,6 +104,41 @@ impl Daemon {
         }
     }
 
+    /// A node named `name` on a fresh 256 MiB pool `dir/NAME.img`, with
+    /// extra `serve` arguments.
+    pub fn named(dir: &Path, name: &str, extra: &[&str]) -> Daemon {
+        let pool = init_pool(dir, &format!("{name}.img"), "256M");
+        let mut args = vec!["--name", name];
+        args.extend_from_slice(extra);
+        Daemon::try_start(&pool, &args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `ADDR/PATH` of this node: a mirror source.
+    pub fn source(&self, path: &str) -> String {
+        format!("{}/{path}", self.control)
+    }
+
+    /// `mirror status` of the relationship with destination `dst`.
+    pub fn mirror(&self, dst: &str) -> serde_json::Value {
+        self.json(&["mirror", "status"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["dst"] == dst)
+            .cloned()
+            .unwrap_or_else(|| panic!("no relationship {dst}"))
+    }
+
+    /// The names of `vol`'s snapshots, oldest first.
+    pub fn snap_names(&self, vol: &str) -> Vec<String> {
+        self.json(&["snap", "list", vol])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// `sluice --node <this> ARGS`.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut all = vec!["--node", self.control.as_str()];
