@@ -13,7 +13,6 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::path::Path;
 
 #[test]
 fn an_update_that_sends_everything_is_reported_and_counted_as_full() {

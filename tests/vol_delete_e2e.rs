@@ -7,7 +7,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
 
 fn vol_names(d: &Daemon) -> Vec<String> {
     d.json(&["vol", "list"])

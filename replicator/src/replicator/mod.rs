@@ -211,6 +211,14 @@ fn snap_ref(s: &SnapshotInfo) -> SnapRef {
     }
 }
 
+/// The newest snapshot of a source's list (oldest first) that `local`
+/// holds too: the base of the next transfer.
+fn newest_common<'a>(src: &'a [SnapInfo], local: &[SnapshotInfo]) -> Option<&'a SnapInfo> {
+    src.iter()
+        .rev()
+        .find(|s| local.iter().any(|l| l.id.as_bytes() == &s.id))
+}
+
 fn wire_ref(s: &SnapInfo) -> SnapRef {
     SnapRef {
         name: s.name.clone(),

@@ -859,12 +859,7 @@ impl Replicator {
         } else {
             Vec::new()
         };
-        let base_info = src
-            .iter()
-            .rev()
-            .find(|s| local.iter().any(|l| l.id.as_bytes() == &s.id))
-            .cloned();
-        let mut base = base_info.clone();
+        let mut base = newest_common(&src, &local).cloned();
         match mode {
             Mode::Create => {
                 if base.is_some() {
@@ -1036,10 +1031,7 @@ impl Replicator {
         self.apply_gone(&key, gone, Some(&mut c));
         let common = {
             let local = snapshots(&self.engine, &rel.dst_volume)?;
-            src.iter()
-                .rev()
-                .find(|s| local.iter().any(|l| l.id.as_bytes() == &s.id))
-                .map(wire_ref)
+            newest_common(&src, &local).map(wire_ref)
         };
         report.finished_unix_ms = now_ms();
         report.duration_ms = started.elapsed().as_millis() as u64;

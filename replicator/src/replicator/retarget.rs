@@ -68,11 +68,7 @@ impl Replicator {
                 true => snapshots(&self.engine, &old.dst_volume)?,
                 false => Vec::new(),
             };
-            let base = src
-                .iter()
-                .rev()
-                .find(|s| local.iter().any(|l| l.id.as_bytes() == &s.id))
-                .map(wire_ref);
+            let base = newest_common(&src, &local).map(wire_ref);
             let mut full_copy_bytes = None;
             if base.is_none() {
                 let Some(newest) = src.last() else {
