@@ -218,6 +218,10 @@ pub enum Request {
     GetAttr {
         key: String,
     },
+    /// The expensive consistency check of every pool (`Pool::check_invariants`):
+    /// planes, maps, free map and counts agree exactly. `Done`, or
+    /// `Error::Invalid` naming the first violation.
+    CheckInvariants,
 }
 
 #[derive(Debug)]

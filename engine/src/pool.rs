@@ -1385,6 +1385,7 @@ impl<D: BlockDevice> Pool<D> {
             Request::DiffStats { ns, base, target } => self
                 .diff_stats(&ns, base.as_deref(), &target)
                 .map(Reply::DiffStats),
+            Request::CheckInvariants => self.check_invariants().map(|()| Reply::Done),
             Request::Space => Ok(Reply::Space(SpaceInfo {
                 total_blocks: self.fm.total,
                 used_blocks: self.fm.used - self.pending.len() as u64,

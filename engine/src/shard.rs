@@ -135,6 +135,7 @@ enum FanOut {
     Flush,
     ListVolumes,
     Space,
+    CheckInvariants,
 }
 
 impl FanOut {
@@ -143,6 +144,7 @@ impl FanOut {
             FanOut::Flush => Request::Flush,
             FanOut::ListVolumes => Request::ListVolumes,
             FanOut::Space => Request::Space,
+            FanOut::CheckInvariants => Request::CheckInvariants,
         }
     }
 
@@ -157,7 +159,7 @@ impl FanOut {
         };
         for (i, part) in parts.into_iter().enumerate() {
             match (self, part?) {
-                (FanOut::Flush, Reply::Done) => {}
+                (FanOut::Flush | FanOut::CheckInvariants, Reply::Done) => {}
                 (FanOut::ListVolumes, Reply::Volumes(v)) => volumes.extend(v),
                 (FanOut::Space, Reply::Space(s)) => {
                     space.total_blocks += s.total_blocks;
@@ -173,7 +175,7 @@ impl FanOut {
             }
         }
         Ok(match self {
-            FanOut::Flush => Reply::Done,
+            FanOut::Flush | FanOut::CheckInvariants => Reply::Done,
             FanOut::ListVolumes => {
                 volumes.sort_by(|a, b| a.name.cmp(&b.name));
                 Reply::Volumes(volumes)
@@ -280,6 +282,7 @@ fn route(req: &Request, shards: usize) -> Route {
         Request::Flush => Route::All(FanOut::Flush),
         Request::ListVolumes => Route::All(FanOut::ListVolumes),
         Request::Space => Route::All(FanOut::Space),
+        Request::CheckInvariants => Route::All(FanOut::CheckInvariants),
         Request::SetAttr { .. } | Request::GetAttr { .. } => Route::One(0),
     }
 }

@@ -1,6 +1,7 @@
 //! Blocking framed peer connections and the hello / authentication handshake.
 //!
-//! Owns: reading and writing lockproto frames on a `TcpStream` (the header is
+//! Owns: reading and writing lockproto frames on a [`PeerStream`] (TCP, or
+//! a simulated connection; the header is
 //! bound-checked by `wire::parse_header` before the body and payload are
 //! read, so a peer can never make us allocate more than
 //! `MAX_BODY_LEN + MAX_PAYLOAD_LEN`), and the handshake of
@@ -14,7 +15,6 @@
 //! one, then the connection ends). Every socket has read/write timeouts.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use sluice_lockproto::wire::{
@@ -23,6 +23,7 @@ use sluice_lockproto::wire::{
 };
 use sluice_lockproto::Message;
 
+use crate::env::{Env, PeerStream};
 use crate::error::{ReplError, Result};
 
 /// Socket buffer sizes: small frames are batched into few syscalls.
@@ -37,9 +38,9 @@ pub const PRE_AUTH_FRAME_MAX: usize = 16 << 10;
 
 /// One framed connection to a peer.
 pub struct Conn {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
+    stream: Box<dyn PeerStream>,
+    reader: BufReader<Box<dyn PeerStream>>,
+    writer: BufWriter<Box<dyn PeerStream>>,
     /// Address (for messages).
     pub peer: String,
     /// The peer's node id once the handshake is done.
@@ -60,11 +61,8 @@ pub struct Conn {
 
 impl Conn {
     /// Wrap a connected stream; `timeout` applies to every read and write.
-    pub fn new(stream: TcpStream, timeout: Duration) -> Result<Self> {
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "unknown peer".into());
+    pub fn new(stream: Box<dyn PeerStream>, timeout: Duration) -> Result<Self> {
+        let peer = stream.peer_label();
         let io = |op, source| ReplError::Io {
             peer: peer.clone(),
             op,
@@ -76,14 +74,17 @@ impl Conn {
         stream
             .set_write_timeout(Some(timeout))
             .map_err(|e| io("set write timeout", e))?;
-        let _ = stream.set_nodelay(true);
         let reader = BufReader::with_capacity(
             IO_BUF_BYTES,
-            stream.try_clone().map_err(|e| io("clone socket", e))?,
+            stream
+                .try_clone_stream()
+                .map_err(|e| io("clone socket", e))?,
         );
         let writer = BufWriter::with_capacity(
             IO_BUF_BYTES,
-            stream.try_clone().map_err(|e| io("clone socket", e))?,
+            stream
+                .try_clone_stream()
+                .map_err(|e| io("clone socket", e))?,
         );
         Ok(Conn {
             stream,
@@ -102,20 +103,13 @@ impl Conn {
         })
     }
 
-    /// Connect to `addr` (host:port) with a connect timeout.
-    pub fn connect(addr: &str, timeout: Duration) -> Result<Self> {
-        use std::net::ToSocketAddrs;
-        let io = |op, source| ReplError::Io {
+    /// Connect to `addr` through `env` with a connect timeout.
+    pub fn connect(env: &dyn Env, addr: &str, timeout: Duration) -> Result<Self> {
+        let s = env.connect(addr, timeout).map_err(|source| ReplError::Io {
             peer: addr.to_string(),
-            op,
+            op: "connect",
             source,
-        };
-        let sa = addr
-            .to_socket_addrs()
-            .map_err(|e| io("resolve address", e))?
-            .next()
-            .ok_or_else(|| ReplError::Invalid(format!("address {addr:?} resolves to nothing")))?;
-        let s = TcpStream::connect_timeout(&sa, timeout).map_err(|e| io("connect", e))?;
+        })?;
         Conn::new(s, timeout)
     }
 
@@ -444,13 +438,13 @@ impl Conn {
     }
 
     /// A second handle on the socket (to shut it down from another thread).
-    pub fn socket(&self) -> Option<TcpStream> {
-        self.stream.try_clone().ok()
+    pub fn socket(&self) -> Option<Box<dyn PeerStream>> {
+        self.stream.try_clone_stream().ok()
     }
 
     /// Shut the socket down both ways (unblocks a reader on another thread).
     pub fn close(&mut self) {
         let _ = self.flush();
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.stream.shutdown_both();
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`transfer`]: sans-IO transfer state machines (sender item walk with
 //!   checkpoints, receiver validation), wire-lba namespace tags, digests.
+//! - [`env`]: the clock and the network as inputs (real, or a simulation's).
 //! - [`conn`]: blocking framed peer connections and the hello/auth handshake.
 //! - [`throttle`]: token buckets (per relationship, per node).
 //! - [`types`]: config, specs, status and lock views, persisted records.
@@ -10,6 +11,7 @@
 //! - [`error`]: [`ReplError`], the crate's one error enum.
 
 pub mod conn;
+pub mod env;
 pub mod error;
 pub mod replicator;
 pub mod throttle;

@@ -53,6 +53,13 @@ pub struct ReplicatorConfig {
     pub peer_timeout: Duration,
     /// How often transfers served by this node checkpoint (resume points).
     pub checkpoint: crate::transfer::CheckpointPolicy,
+    /// The clock and the network ([`crate::env::RealEnv`] but in a
+    /// simulation).
+    pub env: std::sync::Arc<dyn crate::env::Env>,
+    /// Run the scheduler and its workers on threads of their own. A
+    /// simulation sets false and drives every tick itself with
+    /// [`crate::Replicator::tick_now`].
+    pub background: bool,
 }
 
 impl ReplicatorConfig {
@@ -71,6 +78,8 @@ impl ReplicatorConfig {
             max_transfers: 4,
             peer_timeout: Duration::from_secs(30),
             checkpoint: Default::default(),
+            env: std::sync::Arc::new(crate::env::RealEnv::default()),
+            background: true,
         }
     }
 }

@@ -519,7 +519,7 @@ fn digest_mismatch_commits_nothing() {
     };
     let h = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
-        let mut c = Conn::new(s, std::time::Duration::from_secs(10)).unwrap();
+        let mut c = Conn::new(Box::new(s), std::time::Duration::from_secs(10)).unwrap();
         c.handshake("LIAR", None).unwrap();
         while let Ok(Some(m)) = c.recv() {
             match m {

@@ -171,7 +171,7 @@ fn hostile_downstreams_cannot_crash_a_source() {
             let _ = s.write_all(&junk);
             let _ = s.shutdown(std::net::Shutdown::Write);
         } else {
-            let mut c = Conn::new(s, Duration::from_secs(5)).unwrap();
+            let mut c = Conn::new(Box::new(s), Duration::from_secs(5)).unwrap();
             c.handshake("X", None).unwrap();
             for _ in 0..r.gen_range(1..6) {
                 let (m, p) = random_message(&mut r);
@@ -214,7 +214,7 @@ fn hostile_source_cannot_crash_a_destination() {
             // and random contents, then random frames.
             let mut r = rng(evil_seed);
             let (s, _) = l.accept().unwrap();
-            let mut c = Conn::new(s, Duration::from_secs(5)).unwrap();
+            let mut c = Conn::new(Box::new(s), Duration::from_secs(5)).unwrap();
             if c.handshake("EVIL", None).is_err() {
                 return;
             }

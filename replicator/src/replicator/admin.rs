@@ -418,7 +418,7 @@ impl Replicator {
         let from_down = &l.origin_node != me;
         // By the lock's own lease (its origin's renewal time, as relayed)
         // and by the set it came in: stale is visible at every hop.
-        let stale = st.locks.is_stale(h, now_ms());
+        let stale = st.locks.is_stale(h, self.now_ms());
         let holder = if !from_down && l.kind == LockKind::OwnerName {
             l.text.split(": ").next().unwrap_or(&l.text).to_string()
         } else if from_down {

@@ -73,13 +73,6 @@ const WRITE_BEHIND: usize = 32;
 /// batch, so a deep queue of large writes could fail a small pool).
 const WRITE_BEHIND_BYTES: u64 = 256 << 10;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[derive(Default)]
 struct Counters {
     bytes_sent: AtomicU64,
@@ -98,8 +91,9 @@ struct State {
     pending_sets: BTreeMap<(String, String), LockSet>,
     /// Per downstream relationship: snapshots we know it holds as its bases.
     down_shared: BTreeMap<DownKey, BTreeSet<Uuid>>,
-    /// Per relationship: when the next scheduled update is due.
-    next_due: BTreeMap<String, Instant>,
+    /// Per relationship: when the next scheduled update is due
+    /// ([`crate::env::Env::mono_ms`]).
+    next_due: BTreeMap<String, u64>,
     /// Retention by count: volume -> snapshots to keep.
     retention: BTreeMap<String, usize>,
     /// Per volume: the snapshots retention last kept beyond its count.
@@ -121,7 +115,7 @@ pub struct Replicator {
     jobs: sched::Jobs,
     n: Counters,
     /// Open peer sockets, shut down by `shutdown` so nothing waits on a peer.
-    live: Mutex<BTreeMap<u64, std::net::TcpStream>>,
+    live: Mutex<BTreeMap<u64, Box<dyn crate::env::PeerStream>>>,
     next_live: AtomicU64,
 }
 
@@ -303,7 +297,7 @@ impl Replicator {
         }
         let mut early = Vec::new();
         for ev in reconcile {
-            early.extend(locks.handle(now_ms(), ev));
+            early.extend(locks.handle(cfg.env.wall_ms(), ev));
         }
         if cfg.peer_secret.is_none() {
             tracing::warn!(
@@ -354,8 +348,15 @@ impl Replicator {
             }
             r.persist_locks(&st)?;
         }
-        sched::start_threads(&r, stop_rx)?;
+        if r.cfg.background {
+            sched::start_threads(&r, stop_rx)?;
+        }
         Ok(r)
+    }
+
+    /// Wall-clock ms from the environment (leases, timestamps).
+    fn now_ms(&self) -> u64 {
+        self.cfg.env.wall_ms()
     }
 
     /// This node's name.
@@ -371,7 +372,7 @@ impl Replicator {
         // Cut every peer connection: transfers stop at once (the receiver's
         // checkpoint lets the next update resume).
         for s in lock(&self.live).values() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            s.shutdown_both();
         }
         self.join_threads();
         let st = lock(&self.st);
@@ -444,8 +445,9 @@ impl Replicator {
         let mut out = Vec::new();
         // A quiet tick changes nothing worth a pool write.
         let quiet_tick = evs.iter().all(|e| matches!(e, Event::Tick));
+        let now = self.now_ms();
         for ev in evs {
-            out.extend(st.locks.handle(now_ms(), ev));
+            out.extend(st.locks.handle(now, ev));
         }
         if !(quiet_tick && out.is_empty()) {
             self.persist_locks(&st)?;
@@ -727,7 +729,7 @@ impl Replicator {
     }
 
     fn connect(&self, addr: &str) -> Result<Tracked<'_>> {
-        let mut c = self.track(Conn::connect(addr, self.cfg.peer_timeout)?)?;
+        let mut c = self.track(Conn::connect(&*self.cfg.env, addr, self.cfg.peer_timeout)?)?;
         if let Err(e) = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref()) {
             if matches!(e, ReplError::AuthRefused { .. }) {
                 self.n.auth_failures.fetch_add(1, Ordering::Relaxed);

@@ -261,7 +261,7 @@ impl Replicator {
         self.set_dst_read_only(&r, false)?;
         self.update_rel(&r.dst, |x| {
             x.broken = true;
-            x.broken_unix_ms = Some(now_ms());
+            x.broken_unix_ms = Some(self.now_ms());
         })?;
         tracing::info!(dst = %r.dst, "mirror broken: destination writable");
         Ok(())
@@ -309,7 +309,7 @@ impl Replicator {
     pub fn mirror_status(&self) -> Vec<MirrorStatus> {
         let rels: Vec<Relationship> = lock(&self.st).rels.values().cloned().collect();
         let busy = lock(&self.busy).clone();
-        let now = now_ms();
+        let now = self.now_ms();
         rels.into_iter()
             .map(|r| MirrorStatus {
                 source: r.source_path(),
@@ -521,7 +521,7 @@ impl Replicator {
             if let Some(r) = st.rels.get_mut(&rel.dst) {
                 r.source_node = Some(peer.to_string());
             }
-            let acts = st.locks.handle(now_ms(), upstream_event(rel, peer));
+            let acts = st.locks.handle(self.now_ms(), upstream_event(rel, peer));
             self.persist_rels(&st)?;
             self.persist_locks(&st)?;
             acts
@@ -811,7 +811,7 @@ impl Replicator {
                 r.source_snaps = src_ids.clone();
             }
             let a = st.locks.handle(
-                now_ms(),
+                self.now_ms(),
                 Event::UpstreamSnapshots {
                     relationship: key.clone(),
                     snapshots: src_ids.clone(),
@@ -1033,7 +1033,7 @@ impl Replicator {
             let local = snapshots(&self.engine, &rel.dst_volume)?;
             newest_common(&src, &local).map(wire_ref)
         };
-        report.finished_unix_ms = now_ms();
+        report.finished_unix_ms = self.now_ms();
         report.duration_ms = started.elapsed().as_millis() as u64;
         let rep = report.clone();
         self.update_rel(&key, |r| {

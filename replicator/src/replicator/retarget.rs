@@ -110,16 +110,16 @@ impl Replicator {
                     r.common = base.clone();
                     r.last_error = None;
                 }
-                let mut acts = st.locks.handle(now_ms(), upstream_event(&new, &peer));
+                let mut acts = st.locks.handle(self.now_ms(), upstream_event(&new, &peer));
                 acts.extend(st.locks.handle(
-                    now_ms(),
+                    self.now_ms(),
                     Event::UpstreamSnapshots {
                         relationship: key.clone(),
                         snapshots: src_ids,
                     },
                 ));
                 acts.extend(st.locks.handle(
-                    now_ms(),
+                    self.now_ms(),
                     Event::TransferStarting {
                         relationship: key.clone(),
                     },

@@ -149,7 +149,7 @@ fn scheduler(r: Weak<Replicator>, stop: ChanRx<()>, tick: Duration, lanes: Lanes
         if r.stopping() {
             return;
         }
-        r.tick(&lanes);
+        r.tick(Some(&lanes));
     }
 }
 
@@ -187,8 +187,18 @@ impl Replicator {
         }
     }
 
+    /// One whole scheduler tick in the caller's thread, for a replicator
+    /// started with `background: false` (a simulation): the same decisions
+    /// as the scheduler thread's tick, and every job it hands out (set
+    /// deliveries, the retention pass, due updates, in that order) run to
+    /// the end before this returns.
+    pub fn tick_now(&self) {
+        self.tick(None);
+    }
+
     /// One scheduler tick: decide and hand out, never wait (module docs).
-    fn tick(&self, lanes: &Lanes) {
+    /// Without lanes every job runs here, in order.
+    fn tick(&self, lanes: Option<&Lanes>) {
         match self.lock_events(vec![Event::Tick]) {
             Ok(acts) => {
                 // Renewals join the undelivered sets (delivered by the chore
@@ -215,16 +225,21 @@ impl Replicator {
             return;
         }
         self.hand_out_sets(lanes);
-        if !self.jobs.retaining.swap(true, Ordering::SeqCst)
-            && lanes.chores.try_send(Chore::Retention).is_err()
-        {
-            self.jobs.retaining.store(false, Ordering::SeqCst);
+        if !self.jobs.retaining.swap(true, Ordering::SeqCst) {
+            match lanes {
+                None => self.run_chore(Chore::Retention),
+                Some(l) => {
+                    if l.chores.try_send(Chore::Retention).is_err() {
+                        self.jobs.retaining.store(false, Ordering::SeqCst);
+                    }
+                }
+            }
         }
         self.hand_out_transfers(lanes);
     }
 
     /// Every upstream with an undelivered set and no delivery in hand.
-    fn hand_out_sets(&self, lanes: &Lanes) {
+    fn hand_out_sets(&self, lanes: Option<&Lanes>) {
         let ups: Vec<String> = {
             let mut st = lock(&self.st);
             let State {
@@ -236,23 +251,26 @@ impl Replicator {
             let ups: BTreeSet<String> = pending_sets.keys().map(|(_, up)| up.clone()).collect();
             ups.into_iter().collect()
         };
-        let mut delivering = lock(&self.jobs.delivering);
         for u in ups {
-            if !delivering.insert(u.clone()) {
+            if !lock(&self.jobs.delivering).insert(u.clone()) {
                 continue;
             }
+            let Some(lanes) = lanes else {
+                self.run_chore(Chore::Deliver(u));
+                continue;
+            };
             if lanes.chores.try_send(Chore::Deliver(u.clone())).is_err() {
                 // Queue full: this and the rest go on a later tick.
-                delivering.remove(&u);
+                lock(&self.jobs.delivering).remove(&u);
                 break;
             }
         }
     }
 
     /// Due relationships, longest due first, while a transfer worker is free.
-    fn hand_out_transfers(&self, lanes: &Lanes) {
-        let now = Instant::now();
-        let mut due: Vec<(Instant, String, u64)> = {
+    fn hand_out_transfers(&self, lanes: Option<&Lanes>) {
+        let now = self.cfg.env.mono_ms();
+        let mut due: Vec<(u64, String, u64)> = {
             let mut st = lock(&self.st);
             let State { rels, next_due, .. } = &mut *st;
             next_due.retain(|k, _| rels.contains_key(k));
@@ -262,7 +280,7 @@ impl Replicator {
                     let every = r.every_ms?;
                     let next = *next_due
                         .entry(r.dst.clone())
-                        .or_insert_with(|| now + Duration::from_millis(every));
+                        .or_insert_with(|| now.saturating_add(every));
                     (next <= now).then(|| (next, r.dst.clone(), every))
                 })
                 .collect()
@@ -283,13 +301,18 @@ impl Replicator {
                 }
                 scheduled.insert(key.clone());
             }
-            if lanes.transfers.try_send(key.clone()).is_err() {
-                lock(&self.jobs.scheduled).remove(&key);
-                return;
+            if let Some(l) = lanes {
+                if l.transfers.try_send(key.clone()).is_err() {
+                    lock(&self.jobs.scheduled).remove(&key);
+                    return;
+                }
             }
             lock(&self.st)
                 .next_due
-                .insert(key, now + Duration::from_millis(every));
+                .insert(key.clone(), now.saturating_add(every));
+            if lanes.is_none() {
+                self.run_scheduled(key);
+            }
         }
     }
 

@@ -34,10 +34,13 @@ impl Replicator {
     /// Serve one peer connection (its first bytes are the lockproto MAGIC).
     /// Returns when the peer closes, on a protocol error or on shutdown.
     pub fn handle_peer(self: &Arc<Self>, stream: std::net::TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let _ = stream.set_nodelay(true);
+        self.handle_stream(Box::new(stream));
+    }
+
+    /// [`Replicator::handle_peer`] on any stream (a simulated connection).
+    pub fn handle_stream(&self, stream: Box<dyn crate::env::PeerStream>) {
+        let peer = stream.peer_label();
         if let Err(e) = self.serve(stream) {
             if matches!(e, ReplError::AuthRefused { .. }) {
                 self.n.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -48,7 +51,7 @@ impl Replicator {
         }
     }
 
-    pub(super) fn serve(&self, stream: std::net::TcpStream) -> Result<()> {
+    pub(super) fn serve(&self, stream: Box<dyn crate::env::PeerStream>) -> Result<()> {
         let mut c = self.track(Conn::new(stream, self.cfg.peer_timeout)?)?;
         let peer = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref())?;
         let mut parts = SetAssembler::default();
@@ -132,7 +135,7 @@ impl Replicator {
         }
         let acts = {
             let mut st = lock(&self.st);
-            let now = now_ms();
+            let now = self.now_ms();
             let mut acts = Vec::new();
             if empty {
                 // The downstream relationship holds nothing here any more
@@ -496,7 +499,7 @@ impl Replicator {
         self.admit_downstream(c, &key)?;
         let acts = {
             let mut st = lock(&self.st);
-            let now = now_ms();
+            let now = self.now_ms();
             let mut a = st.locks.handle(
                 now,
                 Event::DownstreamAdded {
