@@ -5,7 +5,9 @@
 //! read-ahead. Invariants: nothing is served before the handshake; a
 //! transfer's base and target are guarded against deletion while it runs;
 //! a served target is recorded as shared with that downstream (protected
-//! until its after-transfer set arrives).
+//! until its after-transfer set arrives); a lock set received is durable
+//! (pool flushed) before the next frame to that downstream, so a lock the
+//! downstream saw acknowledged survives a crash here.
 
 use super::*;
 
@@ -180,6 +182,10 @@ impl Replicator {
             self.persist_locks(&st)?;
             acts
         };
+        // Durable before anything answers it (the downstream's barrier
+        // waits for our next frame): an acknowledged lock survives a crash
+        // of this node.
+        self.flush()?;
         self.perform(acts, None);
         let gone = lock(&self.st).locks.pending_gone(&key.0, &key.1);
         for g in gone {

@@ -1,0 +1,345 @@
+//! The simulated world the nodes of one scenario share: a clock that only
+//! the simulator moves, and a network of in-memory connections between the
+//! nodes' replicators.
+//!
+//! A connection is two byte queues. Writes never block (the volumes are
+//! small), so the outcome of a protocol exchange does not depend on thread
+//! timing: it depends only on the bytes and on the faults the scenario
+//! placed (a partition refuses the connection; a cut resets it after a
+//! given number of bytes in one direction). Each accepted connection runs
+//! the target's `handle_stream` on a thread of its own; the simulator joins
+//! every such thread at the end of each step, so no step leaks work into
+//! the next.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::{Error, ErrorKind, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sluice_replicator::env::{Env, PeerStream};
+use sluice_replicator::Replicator;
+
+/// Wall-clock origin of simulated time (2026-01-01).
+pub const WALL_BASE_MS: u64 = 1_767_225_600_000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connection fault armed for the next connection from one node to
+/// another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Reset after this many bytes.
+    pub after: u64,
+    /// Count the bytes the server (upstream) sends; else the client's.
+    pub server_side: bool,
+}
+
+#[derive(Default)]
+struct Net {
+    /// Reachable nodes: address -> (name, replicator).
+    up: BTreeMap<String, (String, Arc<Replicator>)>,
+    /// Pairs of node names that cannot reach each other (sorted pair).
+    parted: BTreeSet<(String, String)>,
+    /// Armed cuts: (from, to) -> fault for the next connection.
+    cuts: BTreeMap<(String, String), Cut>,
+}
+
+/// What the nodes of one scenario share.
+#[derive(Default)]
+pub struct World {
+    clock_ms: AtomicU64,
+    net: Mutex<Net>,
+    servers: Mutex<Vec<JoinHandle<()>>>,
+    /// Connections opened, refused, and cut (for the trace).
+    pub connects: AtomicU64,
+    pub refused: AtomicU64,
+    pub cuts_fired: AtomicU64,
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.into(), b.into())
+    } else {
+        (b.into(), a.into())
+    }
+}
+
+impl World {
+    pub fn new() -> Arc<World> {
+        Arc::new(World::default())
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock_ms.load(Ordering::SeqCst)
+    }
+
+    pub fn advance(&self, ms: u64) {
+        self.clock_ms.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    pub fn attach(&self, addr: &str, name: &str, r: Arc<Replicator>) {
+        lock(&self.net).up.insert(addr.into(), (name.into(), r));
+    }
+
+    pub fn detach(&self, addr: &str) {
+        lock(&self.net).up.remove(addr);
+    }
+
+    pub fn partition(&self, a: &str, b: &str) {
+        lock(&self.net).parted.insert(pair(a, b));
+    }
+
+    pub fn heal(&self) {
+        lock(&self.net).parted.clear();
+    }
+
+    pub fn parted(&self) -> Vec<(String, String)> {
+        lock(&self.net).parted.iter().cloned().collect()
+    }
+
+    pub fn arm_cut(&self, from: &str, to: &str, cut: Cut) {
+        lock(&self.net).cuts.insert((from.into(), to.into()), cut);
+    }
+
+    /// Join every server thread started so far (and those they started).
+    /// Returns how many of them panicked.
+    pub fn settle(&self) -> usize {
+        let mut panics = 0;
+        loop {
+            let hs = std::mem::take(&mut *lock(&self.servers));
+            if hs.is_empty() {
+                return panics;
+            }
+            for h in hs {
+                if h.join().is_err() {
+                    panics += 1;
+                }
+            }
+        }
+    }
+
+    /// Drop every replicator reference (ends the scenario's cycles).
+    pub fn clear(&self) {
+        let mut n = lock(&self.net);
+        n.up.clear();
+        n.cuts.clear();
+    }
+}
+
+/// One node's view of the world: its [`Env`].
+pub struct NodeEnv {
+    pub world: Arc<World>,
+    pub name: String,
+}
+
+impl std::fmt::Debug for NodeEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeEnv({})", self.name)
+    }
+}
+
+impl Env for NodeEnv {
+    fn wall_ms(&self) -> u64 {
+        WALL_BASE_MS + self.world.now_ms()
+    }
+
+    fn mono_ms(&self) -> u64 {
+        self.world.now_ms()
+    }
+
+    fn connect(&self, addr: &str, _timeout: Duration) -> std::io::Result<Box<dyn PeerStream>> {
+        let w = &self.world;
+        let (target, repl, cut) = {
+            let mut n = lock(&w.net);
+            let Some((target, repl)) = n.up.get(addr).cloned() else {
+                w.refused.fetch_add(1, Ordering::SeqCst);
+                return Err(Error::new(
+                    ErrorKind::ConnectionRefused,
+                    format!("{addr}: node down"),
+                ));
+            };
+            if n.parted.contains(&pair(&self.name, &target)) {
+                w.refused.fetch_add(1, Ordering::SeqCst);
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!("{addr}: partitioned from {}", self.name),
+                ));
+            }
+            let cut = n.cuts.remove(&(self.name.clone(), target.clone()));
+            (target, repl, cut)
+        };
+        w.connects.fetch_add(1, Ordering::SeqCst);
+        let (client, server) = pipe(&self.name, &target, cut, w.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("sim-serve-{target}"))
+            .spawn(move || repl.handle_stream(Box::new(server)))?;
+        lock(&w.servers).push(h);
+        Ok(Box::new(client))
+    }
+}
+
+#[derive(Default)]
+struct DirState {
+    data: VecDeque<u8>,
+    closed: bool,
+    reset: bool,
+    /// Bytes this direction may still carry before the cut fires.
+    budget: Option<u64>,
+}
+
+#[derive(Default)]
+struct Dir {
+    st: Mutex<DirState>,
+    cv: Condvar,
+}
+
+impl Dir {
+    fn close(&self, reset: bool) {
+        let mut s = lock(&self.st);
+        s.closed = true;
+        s.reset |= reset;
+        self.cv.notify_all();
+    }
+}
+
+/// One end of a connection; its clones share it, and the last one dropped
+/// closes the connection (as the last descriptor of a socket does).
+struct Side {
+    rx: Arc<Dir>,
+    tx: Arc<Dir>,
+    read_timeout: Mutex<Option<Duration>>,
+    label: String,
+    world: Arc<World>,
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        self.rx.close(false);
+        self.tx.close(false);
+    }
+}
+
+pub struct End(Arc<Side>);
+
+fn pipe(client: &str, server: &str, cut: Option<Cut>, world: Arc<World>) -> (End, End) {
+    let up = Arc::new(Dir::default()); // client -> server
+    let down = Arc::new(Dir::default()); // server -> client
+    if let Some(c) = cut {
+        let d = if c.server_side { &down } else { &up };
+        lock(&d.st).budget = Some(c.after);
+    }
+    let c = Side {
+        rx: down.clone(),
+        tx: up.clone(),
+        read_timeout: Mutex::new(None),
+        label: format!("sim:{server}"),
+        world: world.clone(),
+    };
+    let s = Side {
+        rx: up,
+        tx: down,
+        read_timeout: Mutex::new(None),
+        label: format!("sim:{client}"),
+        world,
+    };
+    (End(Arc::new(c)), End(Arc::new(s)))
+}
+
+impl Read for End {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timeout = *lock(&self.0.read_timeout);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let rx = &self.0.rx;
+        let mut s = lock(&rx.st);
+        loop {
+            if !s.data.is_empty() {
+                let n = buf.len().min(s.data.len());
+                for (b, x) in buf.iter_mut().zip(s.data.drain(..n)) {
+                    *b = x;
+                }
+                return Ok(n);
+            }
+            if s.reset {
+                return Err(Error::new(ErrorKind::ConnectionReset, "connection cut"));
+            }
+            if s.closed {
+                return Ok(0);
+            }
+            match deadline {
+                None => s = rx.cv.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::new(ErrorKind::WouldBlock, "read timed out"));
+                    }
+                    s = rx
+                        .cv
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+impl Write for End {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let tx = &self.0.tx;
+        let mut s = lock(&tx.st);
+        if s.closed {
+            let kind = if s.reset {
+                ErrorKind::ConnectionReset
+            } else {
+                ErrorKind::BrokenPipe
+            };
+            return Err(Error::new(kind, "connection closed"));
+        }
+        if let Some(b) = s.budget {
+            if buf.len() as u64 > b {
+                s.data.extend(&buf[..b as usize]);
+                drop(s);
+                self.0.world.cuts_fired.fetch_add(1, Ordering::SeqCst);
+                tx.close(true);
+                self.0.rx.close(true);
+                return Err(Error::new(ErrorKind::ConnectionReset, "connection cut"));
+            }
+            s.budget = Some(b - buf.len() as u64);
+        }
+        s.data.extend(buf);
+        tx.cv.notify_all();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl PeerStream for End {
+    fn try_clone_stream(&self) -> std::io::Result<Box<dyn PeerStream>> {
+        Ok(Box::new(End(self.0.clone())))
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        *lock(&self.0.read_timeout) = t;
+        Ok(())
+    }
+
+    fn set_write_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn shutdown_both(&self) {
+        self.0.rx.close(false);
+        self.0.tx.close(false);
+    }
+
+    fn peer_label(&self) -> String {
+        self.0.label.clone()
+    }
+}
