@@ -95,4 +95,8 @@ pub enum Error {
     DeviceTooSmall { blocks: u64, min: u64 },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A rule the engine keeps was about to break (a bug, not bad input):
+    /// the request fails instead of corrupting the pool.
+    #[error("internal invariant broken: {0}; the pool was left as it was, please report this")]
+    Invariant(String),
 }

@@ -452,8 +452,11 @@ impl<D: BlockDevice> Pool<D> {
     fn empty(dev: D, uuid: [u8; 16], volumes_max: u32, shard: (u32, u32)) -> Self {
         let total = dev.info().block_count;
         let mut fm = FreeMap::new(total);
-        fm.set(0);
-        fm.set(1);
+        // The superblock slots (in range: a device this small is refused
+        // before a pool is made on it).
+        for p in 0..total.min(2) {
+            let _in_range = fm.set(p).is_ok();
+        }
         Pool {
             store: Store::new(dev),
             fm,
@@ -721,13 +724,21 @@ impl<D: BlockDevice> Pool<D> {
     /// node once) and plane bits.
     fn rebuild_free_map(&mut self) -> Result<()> {
         let mut fm = FreeMap::new(self.fm.total);
-        fm.set(0);
-        fm.set(1);
+        fm.set(0)?;
+        fm.set(1)?;
         for &c in &self.catalog_blocks {
-            fm.set(c);
+            fm.set(c)?;
         }
         let roots: Vec<Ptr> = self.vols.iter().flat_map(Vol::plane_roots).collect();
-        self.plane_blocks(&roots, &mut |p| fm.set(p))?;
+        let mut bad = None;
+        self.plane_blocks(&roots, &mut |p| {
+            if let Err(e) = fm.set(p) {
+                bad.get_or_insert(e);
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
         self.fm = fm;
         Ok(())
     }
@@ -949,7 +960,7 @@ impl<D: BlockDevice> Pool<D> {
         self.gen = g;
         self.catalog_blocks = pbas;
         for p in std::mem::take(&mut self.pending) {
-            self.fm.clear(p);
+            self.fm.clear(p)?;
         }
         self.meta_dirty = false;
         self.store.stats.checkpoints += 1;
@@ -1661,7 +1672,7 @@ impl<D: BlockDevice> Pool<D> {
                 Ok(p) => pbas.push(p),
                 Err(e) => {
                     for &p in &pbas {
-                        self.fm.clear(p);
+                        self.fm.clear(p)?;
                     }
                     return Err(e);
                 }
@@ -1684,7 +1695,7 @@ impl<D: BlockDevice> Pool<D> {
         let n = pbas.len() as u64;
         if let Err(e) = self.store.write_mixed(whole, writes, false) {
             for &p in pbas {
-                self.fm.clear(p);
+                self.fm.clear(p)?;
             }
             self.poison(&e);
             return Err(e);

@@ -522,9 +522,14 @@ impl FreeMap {
             .get(&(p / CHUNK_BITS))
             .is_some_and(|c| c[((p % CHUNK_BITS) / 64) as usize] & (1 << (p % 64)) != 0)
     }
-    pub fn set(&mut self, p: u64) {
+    /// Mark `p` used. A block beyond the device is a bug (every pba read
+    /// from the device is range-checked before it gets here).
+    pub fn set(&mut self, p: u64) -> Result<()> {
         if p >= self.total {
-            return;
+            return Err(Error::Invariant(format!(
+                "free map: block {p} marked used on a device of {} blocks",
+                self.total
+            )));
         }
         let c = self
             .chunks
@@ -535,15 +540,19 @@ impl FreeMap {
             *w |= 1 << (p % 64);
             self.used += 1;
         }
+        Ok(())
     }
-    pub fn clear(&mut self, p: u64) {
-        if let Some(c) = self.chunks.get_mut(&(p / CHUNK_BITS)) {
-            let w = &mut c[((p % CHUNK_BITS) / 64) as usize];
-            if *w & (1 << (p % 64)) != 0 {
-                *w &= !(1 << (p % 64));
-                self.used -= 1;
-            }
-        }
+    /// Mark `p` free. Freeing a free block (a double free) is a bug.
+    pub fn clear(&mut self, p: u64) -> Result<()> {
+        let w = self
+            .chunks
+            .get_mut(&(p / CHUNK_BITS))
+            .and_then(|c| c.get_mut(((p % CHUNK_BITS) / 64) as usize))
+            .filter(|w| **w & (1 << (p % 64)) != 0)
+            .ok_or_else(|| Error::Invariant(format!("free map: block {p} freed twice")))?;
+        *w &= !(1 << (p % 64));
+        self.used -= 1;
+        Ok(())
     }
     pub fn free(&self) -> u64 {
         self.total - self.used
@@ -559,7 +568,7 @@ impl FreeMap {
             let ci = p / CHUNK_BITS;
             match self.chunks.get(&ci) {
                 None => {
-                    self.set(p);
+                    self.set(p)?;
                     self.cursor = p + 1;
                     return Ok(p);
                 }
@@ -571,7 +580,7 @@ impl FreeMap {
                         if free != 0 {
                             let q = ci * CHUNK_BITS + wi as u64 * 64 + free.trailing_zeros() as u64;
                             if q < self.total {
-                                self.set(q);
+                                self.set(q)?;
                                 self.cursor = q + 1;
                                 return Ok(q);
                             }
@@ -633,7 +642,9 @@ mod tests {
         for i in 0..10 {
             assert_eq!(f.alloc().unwrap(), i);
         }
-        f.clear(3);
+        f.clear(3).unwrap();
+        assert!(f.clear(3).is_err(), "a double free is refused");
+        assert!(f.set(100_000).is_err(), "a block beyond the device");
         assert_eq!(f.alloc().unwrap(), 10, "next fit, not first fit");
         assert_eq!(f.free(), 100_000 - 10);
         let mut f = FreeMap::new(70);
@@ -641,11 +652,11 @@ mod tests {
             f.alloc().unwrap();
         }
         assert!(f.alloc().is_err());
-        f.clear(5);
+        f.clear(5).unwrap();
         assert_eq!(f.alloc().unwrap(), 5);
         // huge thin map is cheap
         let mut f = FreeMap::new(1 << 34);
-        f.set((1 << 34) - 1);
+        f.set((1 << 34) - 1).unwrap();
         assert!(f.test((1 << 34) - 1));
         assert_eq!(f.chunks.len(), 1);
     }

@@ -190,7 +190,10 @@ impl Replicator {
                 self.persist_rels(&st)?;
             }
             self.store_ckpt(key, None)?;
-            Ok(())
+            // Durable now: a crash must not bring back a relationship (and
+            // its resume lock, re-sent upstream at start) the operator was
+            // told had failed.
+            self.flush()
         })();
         if let Err(e) = r {
             tracing::warn!(dst = %key, error = %e, "cleaning up after a failed mirror create failed");
@@ -860,6 +863,9 @@ impl Replicator {
             Vec::new()
         };
         let mut base = newest_common(&src, &local).cloned();
+        // An update of a baseline that never finished and left no usable
+        // checkpoint starts the baseline again on a wiped destination.
+        let mut restart_baseline = false;
         match mode {
             Mode::Create => {
                 if base.is_some() {
@@ -870,10 +876,16 @@ impl Replicator {
             }
             Mode::Update => {
                 if base.is_none() {
+                    // An unfinished baseline goes on (resumed from its
+                    // checkpoint, or started again when its target is gone):
+                    // a relationship that never completed a transfer has no
+                    // chain to lose.
                     let has_ckpt_baseline = self
                         .load_ckpt(&key)?
                         .is_some_and(|ck| ck.base.is_none() && src_ids.contains(&ck.target));
-                    if !has_ckpt_baseline {
+                    let never_completed = rel.last_transfer.is_none() && local.is_empty();
+                    restart_baseline = !has_ckpt_baseline && never_completed;
+                    if !has_ckpt_baseline && !never_completed {
                         drop(c);
                         let bytes = self.probe_full_bytes(rel, &newest);
                         return Err(ReplError::NoCommonSnapshot {
@@ -923,7 +935,7 @@ impl Replicator {
                 self.resume_lock(rel, ck.target, false, Some(&mut c))?;
                 true
             }
-            _ => false,
+            _ => restart_baseline,
         };
         let mut report = TransferReport {
             dst: key.clone(),
@@ -1232,8 +1244,18 @@ impl Replicator {
         let req_id = rand::random::<u64>();
         let base_id = base.as_ref().map(|b| b.id);
         // Keep the target alive upstream until it is committed here, so a
-        // cut transfer can resume on the next update.
+        // cut transfer can resume on the next update. The checkpoint is
+        // durable with the resume lock before anything is asked: a transfer
+        // that fails from here on leaves a checkpoint, so the next update
+        // resumes it, or drops checkpoint and lock together.
+        let ckpt = Checkpoint {
+            base: base_id.map(Uuid::from_bytes),
+            target: Uuid::from_bytes(target.id),
+            position: resume_from,
+        };
+        self.store_ckpt(&key, Some(&ckpt))?;
         self.resume_lock(rel, Uuid::from_bytes(target.id), true, Some(c))?;
+        self.flush()?;
         c.send(
             &Message::TransferRequest(TransferRequest {
                 req_id,
@@ -1284,13 +1306,6 @@ impl Replicator {
             &key,
             &rel.source_path(),
         )?;
-        let ckpt = Checkpoint {
-            base: base_id.map(Uuid::from_bytes),
-            target: Uuid::from_bytes(target.id),
-            position: resume_from,
-        };
-        self.store_ckpt(&key, Some(&ckpt))?;
-        self.flush()?;
         let rel_bucket = self.bucket(&key, rel.throttle_bps);
         report.kind = if base.is_some() {
             "incremental"
