@@ -21,6 +21,7 @@
 
 pub mod buf;
 pub mod region;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod uring;
 

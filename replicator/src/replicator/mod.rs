@@ -295,6 +295,32 @@ impl Replicator {
                 reconcile.push(Event::UpstreamRemoved { relationship: rel });
             }
         }
+        // A resume lock lives exactly as long as its transfer's checkpoint;
+        // one without (left by an older build, or a table written before a
+        // crash) goes, or it would hold its snapshot upstream for ever.
+        let resume_prefix = format!("transfer to {}:", cfg.node_name);
+        for h in locks.all_locks() {
+            if h.via.is_some() || h.lock.kind != LockKind::OwnerName {
+                continue;
+            }
+            let Some(key) = h
+                .lock
+                .text
+                .strip_prefix(&resume_prefix)
+                .and_then(|k| k.strip_suffix(" in progress"))
+            else {
+                continue;
+            };
+            let ckpt = format!("{}{key}", keys::CHECKPOINT_PREFIX);
+            if !rels.contains_key(key) || get_attr(&engine, &ckpt)?.is_none() {
+                tracing::info!(dst = %key, snapshot = %h.lock.snapshot, "resume lock without a checkpoint released");
+                reconcile.push(Event::AppLockReleased {
+                    volume: h.volume.clone(),
+                    snapshot: h.lock.snapshot,
+                    owner: h.lock.text.clone(),
+                });
+            }
+        }
         let mut early = Vec::new();
         for ev in reconcile {
             early.extend(locks.handle(cfg.env.wall_ms(), ev));

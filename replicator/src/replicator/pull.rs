@@ -1453,18 +1453,12 @@ impl Replicator {
                 ),
             });
         }
-        self.store_ckpt(&key, None)?;
-        self.flush()?;
-        if let Some(b) = base.as_ref().filter(|_| resume_from == 0) {
-            if let Some(why) = self.resent_whole(&nss, &local, b, &name, &info, report.bytes)? {
-                report.kind = "full".into();
-                report.full_reason = Some(why);
-            }
-        }
         let owner = self.resume_owner(&key);
         // The base lock first, then the resume lock goes: the set the
         // source sees never lacks the target (an empty set in between would
-        // end this downstream relationship there for a moment).
+        // end this downstream relationship there for a moment). The lock
+        // table and the dropped checkpoint become durable in one flush, so
+        // a crash cannot keep a resume lock whose checkpoint is gone.
         let acts = self.lock_events(vec![
             Event::TransferFinished {
                 relationship: key.clone(),
@@ -1476,6 +1470,14 @@ impl Replicator {
                 owner,
             },
         ])?;
+        self.store_ckpt(&key, None)?;
+        self.flush()?;
+        if let Some(b) = base.as_ref().filter(|_| resume_from == 0) {
+            if let Some(why) = self.resent_whole(&nss, &local, b, &name, &info, report.bytes)? {
+                report.kind = "full".into();
+                report.full_reason = Some(why);
+            }
+        }
         self.send_sets(c, acts)?;
         report.target = Some(snap_ref(&info));
         Ok((report.clone(), Some(target.clone())))
