@@ -8,6 +8,7 @@
 //! `*_bytes` counts bytes, `*_unix_ms` is milliseconds since the Unix epoch.
 
 use crate::device::AlignedBuf;
+use crate::error::Result;
 use uuid::Uuid;
 
 /// Longest volume, qtree or snapshot name, in bytes.
@@ -236,4 +237,12 @@ pub enum Reply {
     DiffStats(DiffStats),
     Space(SpaceInfo),
     Attr(Option<Vec<u8>>),
+}
+
+/// What an engine thread needs from the pool it owns: `Pool` implements it
+/// (pool.rs), the shard layer (shard.rs) runs any implementation, so the
+/// thread loop depends on neither the pool nor its device type.
+pub trait Executor: Send + 'static {
+    fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>>;
+    fn checkpoint(&mut self) -> Result<()>;
 }

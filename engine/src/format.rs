@@ -320,6 +320,40 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The valid superblock with the highest generation among the raw blocks
+/// of slots 0 and 1 (in slot order): `NotAPool` when neither has the magic,
+/// the corruption when only corrupt ones have it.
+pub fn newest_superblock(slots: &[impl AsRef<[u8]>]) -> Result<Superblock> {
+    let mut best: Option<Superblock> = None;
+    let mut corrupt = None;
+    for (slot, b) in slots.iter().enumerate() {
+        match Superblock::decode(b.as_ref(), slot as u64) {
+            Ok(Some(sb)) => {
+                if best.as_ref().is_none_or(|x| sb.gen > x.gen) {
+                    best = Some(sb);
+                }
+            }
+            Ok(None) => {}
+            Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
+            Err(e) => corrupt = Some(e),
+        }
+    }
+    match (best, corrupt) {
+        (Some(sb), _) => Ok(sb),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(Error::NotAPool),
+    }
+}
+
+/// The shard that owns the volume `name` in a pool of `shard_count` shards:
+/// `xxh3_64(name as UTF-8 bytes) mod shard_count` (0 for one shard).
+pub fn shard_of(name: &str, shard_count: usize) -> usize {
+    if shard_count <= 1 {
+        return 0;
+    }
+    (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % shard_count as u64) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -422,32 +422,6 @@ fn diff_walk<D: BlockDevice>(
     Ok(())
 }
 
-/// The valid superblock with the highest generation in slots 0 and 1 of
-/// `store`'s device: `NotAPool` when neither has the magic, the corruption
-/// when only corrupt ones have it.
-pub(crate) fn newest_superblock<D: BlockDevice>(store: &mut Store<D>) -> Result<Superblock> {
-    let raw = store.read_raw(&[0, 1])?;
-    let mut best: Option<Superblock> = None;
-    let mut corrupt = None;
-    for (slot, b) in raw.iter().enumerate() {
-        match Superblock::decode(b, slot as u64) {
-            Ok(Some(sb)) => {
-                if best.as_ref().is_none_or(|x| sb.gen > x.gen) {
-                    best = Some(sb);
-                }
-            }
-            Ok(None) => {}
-            Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
-            Err(e) => corrupt = Some(e),
-        }
-    }
-    match (best, corrupt) {
-        (Some(sb), _) => Ok(sb),
-        (None, Some(e)) => Err(e),
-        (None, None) => Err(Error::NotAPool),
-    }
-}
-
 impl<D: BlockDevice> Pool<D> {
     fn empty(dev: D, uuid: [u8; 16], volumes_max: u32, shard: (u32, u32)) -> Self {
         let total = dev.info().block_count;
@@ -538,7 +512,7 @@ impl<D: BlockDevice> Pool<D> {
             return Err(Error::NotAPool);
         }
         let mut store = Store::new(dev);
-        let sb = newest_superblock(&mut store)?;
+        let sb = newest_superblock(&store.read_raw(&[0, 1])?)?;
         if !region && sb.shard_count != 1 {
             return Err(Error::Invalid(format!(
                 "{} holds a pool of {} shards; open it as a sharded pool (sluice_engine::sharded)",
@@ -2107,7 +2081,7 @@ impl<D: BlockDevice> Pool<D> {
     }
 }
 
-impl<D: BlockDevice + 'static> crate::shard::Executor for Pool<D> {
+impl<D: BlockDevice + 'static> crate::api::Executor for Pool<D> {
     fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
         Pool::execute_batch(self, reqs)
     }

@@ -29,7 +29,7 @@
 //! same loop on its own channel.
 //! The [`EngineHandle`] holds one sender per shard and routes:
 //! - requests naming a volume (create, qtree, read-only, read, write, trim,
-//!   snapshots, diff) go to shard `sharded::shard_of(volume, N)` only: a
+//!   snapshots, diff) go to shard `format::shard_of(volume, N)` only: a
 //!   hash of the name, no lock and no table lookup on the I/O path;
 //!   duplicate names meet on that one shard, which refuses them;
 //! - `Flush`, `ListVolumes` and `Space` go to every shard; the last shard
@@ -47,11 +47,12 @@
 //! is `start` (thread `sluice-engine`, not pinned), and the handle sends
 //! every request to it without hashing or merging.
 
+pub use crate::api::Executor;
 use crate::api::{Reply, Request, SpaceInfo, VolumeInfo};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
+use crate::format::shard_of;
 use crate::pool::Pool;
-use crate::sharded::shard_of;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -83,13 +84,6 @@ impl Default for EngineOptions {
             pin_threads: true,
         }
     }
-}
-
-/// What the engine thread needs from the pool it owns. [`Pool`] implements
-/// it (in pool.rs); the trait only keeps the thread loop independent of the device type.
-pub trait Executor: Send + 'static {
-    fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>>;
-    fn checkpoint(&mut self) -> Result<()>;
 }
 
 type Done = Sender<(u64, Result<Reply>)>;

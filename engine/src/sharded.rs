@@ -28,7 +28,9 @@
 use crate::device::uring::{UringDevice, UringOptions};
 use crate::device::{BlockDevice, Region};
 use crate::error::{Error, Result};
-use crate::pool::{newest_superblock, FormatOptions, Pool, MAX_BLOCKS, MIN_BLOCKS};
+use crate::format::newest_superblock;
+pub use crate::format::shard_of;
+use crate::pool::{FormatOptions, Pool, MAX_BLOCKS, MIN_BLOCKS};
 use crate::tree::Store;
 use uuid::Uuid;
 
@@ -75,15 +77,6 @@ impl Layout {
     }
 }
 
-/// The shard that owns the volume `name` in a pool of `shard_count` shards:
-/// `xxh3_64(name as UTF-8 bytes) mod shard_count` (0 for one shard).
-pub fn shard_of(name: &str, shard_count: usize) -> usize {
-    if shard_count <= 1 {
-        return 0;
-    }
-    (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % shard_count as u64) as usize
-}
-
 /// Read the layout of the pool on a whole device from region 0's
 /// superblock (a version-1 pool: one region, the whole device). The device
 /// comes back for the caller to split.
@@ -93,7 +86,7 @@ pub fn read_layout<D: BlockDevice>(dev: D) -> Result<(Layout, D)> {
         return Err(Error::NotAPool);
     }
     let mut store = Store::new(dev);
-    let sb = newest_superblock(&mut store)?;
+    let sb = newest_superblock(&store.read_raw(&[0, 1])?)?;
     if sb.shard_index != 0 {
         return Err(Error::RegionMismatch {
             index: 0,

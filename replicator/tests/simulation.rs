@@ -1373,7 +1373,12 @@ impl Run {
         }
         for _ in 0..1 {
             self.retarget_pending();
-            self.run_step(&Step::Tick { ms: 1_000 });
+            // Long enough for every node to renew its sets: a set sent on a
+            // connection that broke before its barrier is corrected by the
+            // next renewal, not before.
+            self.run_step(&Step::Tick {
+                ms: RENEW_MS + 1_000,
+            });
             for i in 0..self.rels.len() {
                 let r = self.rels[i].clone();
                 if r.deleted || r.orphan || r.retarget_due {
@@ -1852,6 +1857,52 @@ fn regressions_found_by_the_simulation() {
                 },
                 Step::Update {
                     node: 1,
+                    vol: "L0".into(),
+                },
+            ],
+        ),
+        (
+            // Checker case: a set sent on a connection that broke before
+            // its barrier reaches the upstream at the next renewal.
+            "a set lost with its connection is renewed",
+            Shape {
+                policy: LeasePolicy::ReleaseAfter { grace_ms: 10_000 },
+                ..keep(4, vec![(3, false)])
+            },
+            vec![
+                Step::Snap { l: 0 },
+                Step::Mirror {
+                    l: 0,
+                    dst: 2,
+                    src: 3,
+                    qtree: false,
+                    every_s: None,
+                },
+                Step::Write {
+                    l: 0,
+                    qtree: false,
+                    lba: 21,
+                    blocks: 1,
+                    fill: 118,
+                },
+                Step::Crash {
+                    node: 3,
+                    after_ops: 23,
+                },
+                Step::Snap { l: 0 },
+                Step::Write {
+                    l: 0,
+                    qtree: false,
+                    lba: 9,
+                    blocks: 4,
+                    fill: 56,
+                },
+                Step::Break {
+                    node: 2,
+                    vol: "L0".into(),
+                },
+                Step::Resync {
+                    node: 2,
                     vol: "L0".into(),
                 },
             ],
