@@ -1,5 +1,7 @@
 //! Criterion benchmarks: encode / validate+decode a 1,000-lock set and an
 //! extent header (the extent payload is borrowed, see tests/wire.rs).
+// Tests and benchmarks may panic (the crate denies it elsewhere).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use sluice_lockproto::wire::{

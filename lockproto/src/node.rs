@@ -1557,16 +1557,17 @@ impl LockNode {
     /// node sends per-relationship sets; snapshots and application locks wait
     /// in volume "" for [`Event::VolumeSnapshots`].
     pub fn from_bytes(cfg: NodeConfig, bytes: &[u8]) -> Result<Self> {
-        let head = bytes.get(..8).ok_or(LockError::Truncated {
+        let (head, rest) = bytes.split_first_chunk::<8>().ok_or(LockError::Truncated {
             need: 8,
             have: bytes.len(),
         })?;
-        if &head[..4] != PERSIST_MAGIC {
+        let [m0, m1, m2, m3, v0, v1, _, _] = *head;
+        if &[m0, m1, m2, m3] != PERSIST_MAGIC {
             return Err(LockError::BadPersisted("missing SLKT magic".into()));
         }
-        let ver = u16::from_le_bytes([head[4], head[5]]);
-        let mut al = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len() - 8);
-        al.extend_from_slice(&bytes[8..]);
+        let ver = u16::from_le_bytes([v0, v1]);
+        let mut al = rkyv::util::AlignedVec::<16>::with_capacity(rest.len());
+        al.extend_from_slice(rest);
         let old = |v: u16, e: rkyv::rancor::Error| {
             LockError::BadPersisted(format!("version {v} table: {e}"))
         };

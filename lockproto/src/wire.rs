@@ -837,22 +837,29 @@ impl Header {
     }
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
+fn le16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(
+        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 /// Parse and bound-check a header from the first [`HEADER_LEN`] bytes of
 /// `buf`. Checks magic, major version, type code, flags and both lengths
 /// (before the caller allocates anything for body or payload).
 pub fn parse_header(buf: &[u8]) -> Result<Header> {
-    let h = buf.get(..HEADER_LEN).ok_or(LockError::Truncated {
+    let truncated = || LockError::Truncated {
         need: HEADER_LEN,
         have: buf.len(),
-    })?;
-    let magic = le32(h, 0);
+    };
+    let h = buf.get(..HEADER_LEN).ok_or_else(truncated)?;
+    let f16 = |at| le16(h, at).ok_or_else(truncated);
+    let f32 = |at| le32(h, at).ok_or_else(truncated);
+    let magic = f32(0)?;
     if magic != MAGIC {
         return Err(LockError::BadMagic {
             found: magic,
@@ -860,13 +867,13 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
         });
     }
     let hd = Header {
-        major: le16(h, 4),
-        minor: le16(h, 6),
-        msg_type: le16(h, 8),
-        flags: le16(h, 10),
-        body_len: le32(h, 12),
-        payload_len: le32(h, 16),
-        crc: le32(h, 20),
+        major: f16(4)?,
+        minor: f16(6)?,
+        msg_type: f16(8)?,
+        flags: f16(10)?,
+        body_len: f32(12)?,
+        payload_len: f32(16)?,
+        crc: f32(20)?,
     };
     if hd.major != VERSION_MAJOR {
         return Err(LockError::UnsupportedVersion {
@@ -946,7 +953,9 @@ pub fn encode_into(msg: &Message, payload_len: u32, out: &mut Vec<u8>) -> Result
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&body_len.to_le_bytes());
     out.extend_from_slice(&payload_len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..20]), &body);
+    // `out` holds exactly the 20 header bytes the crc covers.
+    debug_assert_eq!(out.len(), 20);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(out), &body);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&body);
     Ok(())
@@ -991,8 +1000,14 @@ pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>> {
         return Ok(None);
     }
     let body_end = HEADER_LEN + header.body_len as usize;
-    let body = &buf[HEADER_LEN..body_end];
-    let computed = crc32c::crc32c_append(crc32c::crc32c(&buf[..20]), body);
+    let truncated = || LockError::Truncated {
+        need,
+        have: buf.len(),
+    };
+    let body = buf.get(HEADER_LEN..body_end).ok_or_else(truncated)?;
+    let covered = buf.get(..20).ok_or_else(truncated)?;
+    let payload = buf.get(body_end..need).ok_or_else(truncated)?;
+    let computed = crc32c::crc32c_append(crc32c::crc32c(covered), body);
     if computed != header.crc {
         return Err(LockError::Checksum {
             expected: header.crc,
@@ -1015,7 +1030,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>> {
     Ok(Some(Decoded {
         header,
         msg,
-        payload: &buf[body_end..need],
+        payload,
         consumed: need,
     }))
 }

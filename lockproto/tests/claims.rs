@@ -4,6 +4,8 @@
 //! Everything is keyed by relationship: the usual shape here is node B
 //! pulling its volume `v1` as relationship `v1` from A's volume `v1`, and
 //! serving `v1` to C, which pulls it as its relationship `v1`.
+// Tests and benchmarks may panic (the crate denies it elsewhere).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use sluice_lockproto::{
     Action, Bounds, Event, Held, LeasePolicy, LockError, LockKind, LockNode, LockSet, NodeConfig,
