@@ -695,8 +695,8 @@ impl Run {
         self.away_since.entry(node).or_insert(now);
     }
 
-    fn ns(&self, l: usize, vol: &str, qtree: bool) -> (NsName, u64) {
-        let _ = l;
+    /// The namespace a lineage's copy lives in, and its size in blocks.
+    fn ns(vol: &str, qtree: bool) -> (NsName, u64) {
         if qtree {
             (NsName::qtree(vol, "q"), QTREE_BLOCKS)
         } else {
@@ -710,7 +710,7 @@ impl Run {
             return "no qtree".into();
         }
         let vol = lineage_vol(l, false);
-        let (ns, _) = self.ns(l, &vol, qtree);
+        let (ns, _) = Run::ns(&vol, qtree);
         let mut b = AlignedBuf::zeroed(blocks as usize);
         for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
             *x = fill.wrapping_add((i / 97) as u8);
@@ -1292,8 +1292,8 @@ impl Run {
             if !self.nodes[r.dst].is_up() || !self.nodes[r.src].is_up() {
                 continue;
             }
-            let (src_ns, blocks) = self.ns(r.l, &r.src_vol, r.qtree);
-            let (dst_ns, _) = self.ns(r.l, &r.vol, r.qtree);
+            let (src_ns, blocks) = Run::ns(&r.src_vol, r.qtree);
+            let (dst_ns, _) = Run::ns(&r.vol, r.qtree);
             let (Some(a), Some(b)) = (
                 p.snaps.get(&(r.src, r.src_vol.clone())),
                 p.snaps.get(&(r.dst, r.vol.clone())),
@@ -1424,20 +1424,22 @@ impl Run {
                 if !self.nodes[n].is_up() {
                     continue;
                 }
-                // Relayed through a relationship deleted while this node was
-                // out of reach: it waits for its lease (`mirror delete` said
-                // so).
+                // Relayed through a relationship deleted while the node above
+                // it was out of reach: the set stuck there waits for its lease
+                // (`mirror delete` said so), and so does what that node
+                // relays further up.
+                let relayed_by = |name: &str| l.hop_path.iter().any(|h| h == name);
                 let via_deleted = self.rels.iter().any(|r| {
                     r.deleted
-                        && r.src == i
-                        && node_name(r.dst) == l.holder
-                        && l.origin_node != l.holder
+                        && relayed_by(&node_name(r.dst))
+                        && l.volume
+                            .as_deref()
+                            .is_some_and(|v| lineage_vol(r.l, false) == v)
                 });
                 // Or relayed by a node lost for good: that node's whole set
                 // waits for its lease (checked in `check_locks`).
-                let via_lost = l.origin_node != l.holder
-                    && (0..self.nodes.len())
-                        .any(|x| self.nodes[x].is_lost() && node_name(x) == l.holder);
+                let via_lost = (0..self.nodes.len())
+                    .any(|x| self.nodes[x].is_lost() && relayed_by(&node_name(x)));
                 if via_deleted || via_lost {
                     continue;
                 }
@@ -1562,13 +1564,16 @@ fn report(seed: u64, shape: &Shape, steps: &[Step], o: &Outcome) -> String {
     s
 }
 
+/// The first scenario's seed, and whether one scenario is replayed:
+/// `SLUICE_SEED=S` replays scenario S; `SLUICE_SIM_FIRST=S` runs the
+/// scenarios from S on (CI pins its range, so a run there is repeatable);
+/// else a random start, to look where no run looked before.
 fn base_seed() -> (u64, bool) {
-    match std::env::var("SLUICE_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(s) => (s, true),
-        None => (rand::random::<u32>() as u64, false),
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+    match (var("SLUICE_SEED"), var("SLUICE_SIM_FIRST")) {
+        (Some(s), _) => (s, true),
+        (None, Some(s)) => (s, false),
+        (None, None) => (rand::random::<u32>() as u64, false),
     }
 }
 

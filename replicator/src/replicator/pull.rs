@@ -950,7 +950,10 @@ impl Replicator {
             deleted_snapshots: Vec::new(),
             kept_locked: Vec::new(),
             full_reason: base.is_none().then(|| match mode {
-                Mode::Create => "baseline".to_string(),
+                // A create, or an update that finishes an unfinished baseline.
+                Mode::Create | Mode::Update if rel.last_transfer.is_none() => {
+                    "baseline".to_string()
+                }
                 _ => "no snapshot in common with the source".to_string(),
             }),
             finished_unix_ms: 0,
