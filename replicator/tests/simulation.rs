@@ -1634,13 +1634,21 @@ fn scenarios(replay: bool, dflt: u64) -> u64 {
         .unwrap_or(if replay { 1 } else { dflt })
 }
 
+/// A line on the real stderr, past the test harness's capture: the CI log
+/// shows every run's figures and seed, passing or not.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 #[test]
 fn cascade_simulation() {
     let (seed, replay) = base_seed();
     let count = scenarios(replay, 10_000);
     let (n, steps, failure) = run_many(seed, count, true, 2);
-    println!("cascade simulation: {n} scenarios, {steps} steps, seed {seed}");
-    eprintln!("cascade simulation: {n} scenarios, {steps} steps, seed {seed}");
+    say(&format!(
+        "cascade simulation: {n} scenarios, {steps} steps, seed {seed}"
+    ));
     if let Some(f) = failure {
         panic!("{f}");
     }
@@ -1652,7 +1660,10 @@ fn cascade_simulation() {
 fn canary_without_propagation_finds_a_broken_chain() {
     let (seed, _) = base_seed();
     let (n, steps, failure) = run_many(seed, 3_000, false, 2);
-    println!("canary: {n} scenarios, {steps} steps, seed {seed}: {failure:?}");
+    say(&format!(
+        "canary: {n} scenarios, {steps} steps, seed {seed}: {}",
+        failure.as_deref().unwrap_or("no broken chain")
+    ));
     let f = failure.expect("with propagation off, no scenario broke a chain: the checks are blind");
     assert!(f.contains("invariant 1"), "{f}");
 }
