@@ -128,7 +128,6 @@ impl SimNode {
         sim.crash_after_ops(0);
         // Nothing reaches the medium from here on: the shutdown's writes
         // fail on the frozen device.
-        let _ = sim.is_frozen();
         repl.shutdown();
         let _ = engine.shutdown();
         drop(repl);
