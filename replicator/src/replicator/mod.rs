@@ -298,17 +298,11 @@ impl Replicator {
         // A resume lock lives exactly as long as its transfer's checkpoint;
         // one without (left by an older build, or a table written before a
         // crash) goes, or it would hold its snapshot upstream for ever.
-        let resume_prefix = format!("transfer to {}:", cfg.node_name);
         for h in locks.all_locks() {
             if h.via.is_some() || h.lock.kind != LockKind::OwnerName {
                 continue;
             }
-            let Some(key) = h
-                .lock
-                .text
-                .strip_prefix(&resume_prefix)
-                .and_then(|k| k.strip_suffix(" in progress"))
-            else {
+            let Some(key) = pull::resume_key(&cfg.node_name, &h.lock.text) else {
                 continue;
             };
             let ckpt = format!("{}{key}", keys::CHECKPOINT_PREFIX);

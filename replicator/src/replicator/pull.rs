@@ -1194,7 +1194,7 @@ impl Replicator {
     }
 
     pub(super) fn resume_owner(&self, key: &str) -> String {
-        format!("transfer to {}:{key} in progress", self.cfg.node_name)
+        resume_owner(&self.cfg.node_name, key)
     }
 
     /// Lock (or release) the target of an interrupted-able transfer (held
@@ -1487,6 +1487,21 @@ impl Replicator {
     }
 }
 
+/// The owner text of the resume lock that relationship `key` of node
+/// `node` holds while a transfer of it is interrupted-able.
+pub(super) fn resume_owner(node: &str, key: &str) -> String {
+    format!("transfer to {node}:{key} in progress")
+}
+
+/// The relationship of node `node` whose resume lock has owner text `text`
+/// (the inverse of [`resume_owner`]).
+pub(super) fn resume_key<'a>(node: &str, text: &'a str) -> Option<&'a str> {
+    text.strip_prefix("transfer to ")?
+        .strip_prefix(node)?
+        .strip_prefix(':')?
+        .strip_suffix(" in progress")
+}
+
 /// Destination writes queued in the engine without waiting for each one:
 /// at most [`WRITE_BEHIND`] outstanding; `drain` before anything that must
 /// see them (a checkpoint, the commit). The engine runs requests in order.
@@ -1596,6 +1611,14 @@ pub(crate) fn revert_extents(changed: &[DiffExtent], mapped: &[(u64, u64)]) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_owner_text_reads_back_as_its_relationship() {
+        let t = resume_owner("b", "qv/db");
+        assert_eq!(resume_key("b", &t), Some("qv/db"));
+        assert_eq!(resume_key("c", &t), None, "another node's resume lock");
+        assert_eq!(resume_key("b", "app: transfer to b:x"), None);
+    }
 
     #[test]
     fn revert_restores_mapped_and_trims_new_blocks() {
