@@ -86,7 +86,7 @@ impl Replicator {
     pub fn vol_delete(&self, volume: &str, force: bool) -> Result<VolDeleteReport> {
         volume_info(&self.engine, volume)?;
         if let Some(r) = lock(&self.st)
-            .rels
+            .rels()
             .values()
             .find(|r| r.dst_volume == volume)
         {
@@ -108,12 +108,12 @@ impl Replicator {
             let st = lock(&self.st);
             let locked: Vec<(&SnapshotInfo, Vec<Held>)> = snaps
                 .iter()
-                .map(|s| (s, st.locks.holders(volume, s.id)))
+                .map(|s| (s, st.locks().holders(volume, s.id)))
                 .filter(|(_, h)| !h.is_empty())
                 .collect();
-            let stale = st.locks.stale_downstreams();
+            let stale = st.locks().stale_downstreams();
             let downs: Vec<(DownKey, bool)> = st
-                .locks
+                .locks()
                 .downstreams()
                 .into_iter()
                 .filter(|(_, v)| v.as_deref() == Some(volume))
@@ -220,7 +220,7 @@ impl Replicator {
             snaps
                 .iter()
                 .map(|s| {
-                    st.locks
+                    st.locks()
                         .holders(volume, s.id)
                         .into_iter()
                         .map(|h| {
@@ -308,7 +308,7 @@ impl Replicator {
             )));
         }
         lock(&self.st)
-            .locks
+            .locks()
             .app_lock_room(volume)
             .map_err(|e| ReplError::Invalid(format!("lock on {volume}@{snap} refused: {e}")))?;
         let acts = self.lock_events(vec![Event::AppLockAdded {
@@ -319,7 +319,7 @@ impl Replicator {
         self.perform(acts, None);
         let names = self.snapshot_names()?;
         let l = lock(&self.st)
-            .locks
+            .locks()
             .holders(volume, s.id)
             .into_iter()
             .find(|h| h.lock.text == full && h.lock.kind == LockKind::OwnerName && h.via.is_none())
@@ -330,7 +330,7 @@ impl Replicator {
     /// Every lock effective on this node.
     pub fn lock_list(&self) -> Vec<LockView> {
         let names = self.snapshot_names().unwrap_or_default();
-        let locks = lock(&self.st).locks.all_locks();
+        let locks = lock(&self.st).locks().all_locks();
         locks.iter().map(|l| self.view(l, &names)).collect()
     }
 
@@ -340,7 +340,7 @@ impl Replicator {
     /// the downstream's next set if it is still alive).
     pub fn lock_release(&self, volume: &str, snap: &str, holder: &str) -> Result<()> {
         let s = self.find_snap(volume, snap)?;
-        let locks = lock(&self.st).locks.holders(volume, s.id);
+        let locks = lock(&self.st).locks().holders(volume, s.id);
         let me = &self.cfg.node_name;
         let app = locks.iter().map(|h| &h.lock).find(|l| {
             l.kind == LockKind::OwnerName
@@ -384,7 +384,7 @@ impl Replicator {
             .into_iter()
             .map(|s| {
                 let v = st
-                    .locks
+                    .locks()
                     .holders(volume, s.id)
                     .iter()
                     .map(|l| self.view_with(l, &names, &st))
@@ -418,7 +418,7 @@ impl Replicator {
         let from_down = &l.origin_node != me;
         // By the lock's own lease (its origin's renewal time, as relayed)
         // and by the set it came in: stale is visible at every hop.
-        let stale = st.locks.is_stale(h, self.now_ms());
+        let stale = st.locks().is_stale(h, self.now_ms());
         let holder = if !from_down && l.kind == LockKind::OwnerName {
             l.text.split(": ").next().unwrap_or(&l.text).to_string()
         } else if from_down {

@@ -105,7 +105,7 @@ impl Replicator {
                 ("{state=\"stale\"}".into(), stale),
             ],
         );
-        let sd = lock(&self.st).locks.stale_downstreams().len() as u64;
+        let sd = lock(&self.st).locks().stale_downstreams().len() as u64;
         w(
             "sluice_repl_stale_downstreams",
             "Downstreams whose lock set lease ran out.",

@@ -7,8 +7,10 @@
 //! in-flight guards of outgoing transfers, throttles and metrics.
 //!
 //! Invariants kept:
-//! - The state mutex is never held across network I/O; lock-table changes
-//!   are persisted before their actions are performed.
+//! - The state mutex is never held across network I/O. The state changes
+//!   only through [`Replicator::change`] ([`state::commit`]): the lock table
+//!   takes its events there and nowhere else, and the tables a change
+//!   touched are written before its actions are performed.
 //! - A snapshot is deleted (prune, `snap delete`, volume-mirror follow-up)
 //!   only after `LockNode` answered `Deleted` or `ForcedDelete`, and never
 //!   while an outgoing transfer uses it.
@@ -20,11 +22,12 @@
 //!   transfer's own connection, and whenever they change on a short
 //!   connection of their own; undeliverable sets are retried every tick.
 //!
-//! Here: the struct, start/shutdown, persistence and the lock-table
+//! Here: the struct, start/shutdown, and the lock-table
 //! plumbing (events in, actions performed, set delivery). The scheduler and
 //! its worker threads are in `sched`, the source side in `serve`, the
 //! destination side in `pull`, the operator's snapshot/prune/lock calls in
-//! `admin`, metrics in `metrics`.
+//! `admin`, metrics in `metrics`, the state and its one way of changing in
+//! `state`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,6 +65,9 @@ mod retarget;
 mod retention;
 mod sched;
 mod serve;
+mod state;
+
+use state::{commit, Parts, State, Txn};
 
 /// Most downstream nodes one node serves.
 const DOWNSTREAMS_MAX: usize = 1024;
@@ -82,22 +88,6 @@ struct Counters {
     deletes_refused: AtomicU64,
     forced_deletes: AtomicU64,
     auth_failures: AtomicU64,
-}
-
-struct State {
-    rels: BTreeMap<String, Relationship>,
-    locks: LockNode,
-    /// Latest undelivered set per (relationship, upstream node).
-    pending_sets: BTreeMap<(String, String), LockSet>,
-    /// Per downstream relationship: snapshots we know it holds as its bases.
-    down_shared: BTreeMap<DownKey, BTreeSet<Uuid>>,
-    /// Per relationship: when the next scheduled update is due
-    /// ([`crate::env::Env::mono_ms`]).
-    next_due: BTreeMap<String, u64>,
-    /// Retention by count: volume -> snapshots to keep.
-    retention: BTreeMap<String, usize>,
-    /// Per volume: the snapshots retention last kept beyond its count.
-    retention_kept: BTreeMap<String, Vec<String>>,
 }
 
 /// One node's replicator. See the module docs.
@@ -253,7 +243,7 @@ impl Replicator {
             None => BTreeMap::new(),
         };
         let retention = retention::load_retention(&engine)?;
-        let (mut locks, restored) = match get_attr(&engine, keys::LOCKS)? {
+        let (locks, restored) = match get_attr(&engine, keys::LOCKS)? {
             Some(b) => (LockNode::from_bytes(ncfg, &b)?, true),
             None => (LockNode::new(ncfg), false),
         };
@@ -315,9 +305,23 @@ impl Replicator {
                 });
             }
         }
-        let mut early = Vec::new();
-        for ev in reconcile {
-            early.extend(locks.handle(cfg.env.wall_ms(), ev));
+        // Every set is re-sent (a restart bumps the generation epoch).
+        reconcile.push(Event::Restarted);
+        let mut state = State::new(rels, locks, retention);
+        let ((), acts) = commit(&engine, &mut state, cfg.env.wall_ms(), |t| {
+            t.lock_all(reconcile);
+            t.touch_tables();
+            Ok(())
+        })?;
+        for a in acts {
+            if let Action::SendLockSet {
+                relationship,
+                upstream,
+                set,
+            } = a
+            {
+                state.pending_sets.insert((relationship, upstream), set);
+            }
         }
         if cfg.peer_secret.is_none() {
             tracing::warn!(
@@ -331,15 +335,7 @@ impl Replicator {
         let r = Arc::new(Replicator {
             node_bucket: Bucket::new(cfg.node_throttle_bps),
             engine,
-            st: Mutex::new(State {
-                rels,
-                locks,
-                pending_sets: BTreeMap::new(),
-                down_shared: BTreeMap::new(),
-                next_due: BTreeMap::new(),
-                retention,
-                retention_kept: BTreeMap::new(),
-            }),
+            st: Mutex::new(state),
             busy: Mutex::new(BTreeSet::new()),
             serving: Mutex::new(BTreeMap::new()),
             rel_buckets: Mutex::new(BTreeMap::new()),
@@ -351,23 +347,6 @@ impl Replicator {
             next_live: AtomicU64::new(0),
             cfg,
         });
-        // Re-send every set (a restart bumps the generation epoch).
-        let mut acts = early;
-        acts.extend(r.lock_events(vec![Event::Restarted])?);
-        {
-            let mut st = lock(&r.st);
-            for a in acts {
-                if let Action::SendLockSet {
-                    relationship,
-                    upstream,
-                    set,
-                } = a
-                {
-                    st.pending_sets.insert((relationship, upstream), set);
-                }
-            }
-            r.persist_locks(&st)?;
-        }
         if r.cfg.background {
             sched::start_threads(&r, stop_rx)?;
         }
@@ -395,11 +374,11 @@ impl Replicator {
             s.shutdown_both();
         }
         self.join_threads();
-        let st = lock(&self.st);
-        if let Err(e) = self
-            .persist_locks(&st)
-            .and_then(|()| self.persist_rels(&st))
-        {
+        let saved = self.change(|t| {
+            t.touch_tables();
+            Ok(())
+        });
+        if let Err(e) = saved {
             tracing::error!(error = %e, "persisting replicator state at shutdown failed");
         }
         let _ = self.engine.call(Request::Flush);
@@ -411,17 +390,12 @@ impl Replicator {
 
     // ---------------------------------------------------------------- persistence
 
-    fn persist_rels(&self, st: &State) -> Result<()> {
-        let v: Vec<&Relationship> = st.rels.values().collect();
-        let b = serde_json::to_vec(&v).map_err(|e| ReplError::Persisted {
-            key: keys::RELATIONSHIPS.into(),
-            detail: e.to_string(),
-        })?;
-        set_attr(&self.engine, keys::RELATIONSHIPS, Some(b))
-    }
-
-    fn persist_locks(&self, st: &State) -> Result<()> {
-        set_attr(&self.engine, keys::LOCKS, Some(st.locks.to_bytes()?))
+    /// One change of the state ([`state::commit`]): the tables it touched
+    /// are written before the lock table's actions are returned.
+    #[must_use = "the lock table's actions must be performed"]
+    fn change<R>(&self, f: impl FnOnce(&mut Txn<'_>) -> Result<R>) -> Result<(R, Vec<Action>)> {
+        let now = self.now_ms();
+        commit(&self.engine, &mut lock(&self.st), now, f)
     }
 
     fn flush(&self) -> Result<()> {
@@ -460,19 +434,13 @@ impl Replicator {
     // ---------------------------------------------------------------- locks plumbing
 
     /// Feed events to the lock table, persist it, return the actions.
+    #[must_use = "the lock table's actions must be performed"]
     fn lock_events(&self, evs: Vec<Event>) -> Result<Vec<Action>> {
-        let mut st = lock(&self.st);
-        let mut out = Vec::new();
-        // A quiet tick changes nothing worth a pool write.
-        let quiet_tick = evs.iter().all(|e| matches!(e, Event::Tick));
-        let now = self.now_ms();
-        for ev in evs {
-            out.extend(st.locks.handle(now, ev));
-        }
-        if !(quiet_tick && out.is_empty()) {
-            self.persist_locks(&st)?;
-        }
-        Ok(out)
+        self.change(|t| {
+            t.lock_all(evs);
+            Ok(())
+        })
+        .map(|((), acts)| acts)
     }
 
     /// Perform actions that need no caller decision: deliver sets (on `conn`
@@ -590,7 +558,7 @@ impl Replicator {
                     .pending_sets
                     .get(&key)
                     .is_some_and(|p| p.generation > set.generation);
-                if !newer && st.locks.upstream_of(relationship) == Some(upstream) {
+                if !newer && st.locks().upstream_of(relationship) == Some(upstream) {
                     st.pending_sets.insert(key, set);
                 }
             }
@@ -603,10 +571,10 @@ impl Replicator {
     fn upstream_addr(&self, relationship: &str, upstream: &str) -> Option<String> {
         let st = lock(&self.st);
         let from = |r: &&Relationship| r.source_node.as_deref() == Some(upstream);
-        st.rels
+        st.rels()
             .get(relationship)
             .filter(from)
-            .or_else(|| st.rels.values().find(from))
+            .or_else(|| st.rels().values().find(from))
             .map(|r| r.source_addr.clone())
     }
 
@@ -685,17 +653,14 @@ impl Replicator {
     /// operator reads in the log and in `mirror status` what it costs.
     fn note_source_gone(&self, relationship: &str, gone: &[Uuid]) -> Result<()> {
         let Some(dst_volume) = lock(&self.st)
-            .rels
+            .rels()
             .get(relationship)
             .map(|r| r.dst_volume.clone())
         else {
             return Ok(());
         };
         let local = snapshots(&self.engine, &dst_volume)?;
-        let mut st = lock(&self.st);
-        let Some(r) = st.rels.get_mut(relationship) else {
-            return Ok(());
-        };
+        self.update_rel(relationship, |r| {
         r.source_snaps.retain(|s| !gone.contains(s));
         let lost_common = r.common.as_ref().is_some_and(|c| gone.contains(&c.id));
         r.common = r
@@ -733,7 +698,7 @@ impl Replicator {
         );
         tracing::warn!(dst = %r.dst, source = %r.source_path(), "{text}");
         r.source_notice = Some(text);
-        self.persist_rels(&st)
+        })
     }
 
     /// Register a connection so `shutdown` can cut it.

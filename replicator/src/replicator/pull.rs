@@ -16,12 +16,12 @@ use super::*;
 impl Replicator {
     pub(super) fn rel(&self, dst: &str) -> Result<Relationship> {
         let st = lock(&self.st);
-        st.rels
+        st.rels()
             .get(dst)
             .or_else(|| {
                 // A destination volume names its relationship when only one
                 // relationship writes into it (e.g. one qtree mirror).
-                let mut it = st.rels.values().filter(|r| r.dst_volume == dst);
+                let mut it = st.rels().values().filter(|r| r.dst_volume == dst);
                 match (it.next(), it.next()) {
                     (Some(r), None) => Some(r),
                     _ => None,
@@ -34,11 +34,14 @@ impl Replicator {
     }
 
     pub(super) fn update_rel(&self, key: &str, f: impl FnOnce(&mut Relationship)) -> Result<()> {
-        let mut st = lock(&self.st);
-        if let Some(r) = st.rels.get_mut(key) {
-            f(r);
-        }
-        self.persist_rels(&st)
+        let ((), acts) = self.change(|t| {
+            if let Some(r) = t.rel_mut(key) {
+                f(r);
+            }
+            Ok(())
+        })?;
+        self.perform(acts, None);
+        Ok(())
     }
 
     pub(super) fn bucket(&self, key: &str, rate: Option<u64>) -> Arc<Bucket> {
@@ -104,12 +107,11 @@ impl Replicator {
             }
             _ => {}
         }
-        {
-            let mut st = lock(&self.st);
-            if st.rels.contains_key(&key) {
-                return Err(ReplError::RelationshipExists(key));
+        let ((), acts) = self.change(|t| {
+            if t.rels().contains_key(&key) {
+                return Err(ReplError::RelationshipExists(key.clone()));
             }
-            st.rels.insert(
+            t.rels_mut().insert(
                 key.clone(),
                 Relationship {
                     dst: key.clone(),
@@ -133,12 +135,13 @@ impl Replicator {
                     source_notice: None,
                 },
             );
-            self.persist_rels(&st)?;
-        }
+            Ok(())
+        })?;
+        self.perform(acts, None);
         let res = self.transfer(&key, Mode::Create, &|_| {});
         // The policy holds for the relationship's life, also when its
         // baseline has to be resumed.
-        if spec.keep.is_some() && lock(&self.st).rels.contains_key(&key) {
+        if spec.keep.is_some() && lock(&self.st).rels().contains_key(&key) {
             self.store_retention(&spec.dst_volume, spec.keep)?;
         }
         match res {
@@ -164,7 +167,7 @@ impl Replicator {
         let r = (|| -> Result<()> {
             let owner = self.resume_owner(key);
             let mut evs: Vec<Event> = lock(&self.st)
-                .locks
+                .locks()
                 .all_locks()
                 .into_iter()
                 .filter(|h| h.lock.kind == LockKind::OwnerName && h.lock.text == owner)
@@ -184,11 +187,11 @@ impl Replicator {
             if let Some(Err(e)) = self.perform_final(key, acts) {
                 tracing::warn!(dst = %key, error = %e, "final lock set after a failed create not delivered; the upstream drops it when its lease ends");
             }
-            {
-                let mut st = lock(&self.st);
-                st.rels.remove(key);
-                self.persist_rels(&st)?;
-            }
+            let ((), acts) = self.change(|t| {
+                t.rels_mut().remove(key);
+                Ok(())
+            })?;
+            self.perform(acts, None);
             self.store_ckpt(key, None)?;
             // Durable now: a crash must not bring back a relationship (and
             // its resume lock, re-sent upstream at start) the operator was
@@ -220,7 +223,7 @@ impl Replicator {
         self.perform(rest, None);
         let (up, set) = final_set?;
         let own = lock(&self.st)
-            .rels
+            .rels()
             .get(relationship)
             .map(|r| r.source_addr.clone());
         let addr = own.or_else(|| self.upstream_addr(relationship, &up));
@@ -289,12 +292,12 @@ impl Replicator {
                 false
             }
         };
-        {
-            let mut st = lock(&self.st);
-            st.rels.remove(&r.dst);
-            st.pending_sets.retain(|(rel, _), _| rel != &r.dst);
-            self.persist_rels(&st)?;
-        }
+        let ((), acts) = self.change(|t| {
+            t.rels_mut().remove(&r.dst);
+            t.mem().pending_sets.retain(|(rel, _), _| rel != &r.dst);
+            Ok(())
+        })?;
+        self.perform(acts, None);
         self.store_ckpt(&r.dst, None)?;
         if let Err(e) = self.set_dst_read_only(&r, false) {
             tracing::warn!(dst = %r.dst, error = %e, "could not make the former destination writable");
@@ -310,7 +313,7 @@ impl Replicator {
 
     /// Every relationship's status.
     pub fn mirror_status(&self) -> Vec<MirrorStatus> {
-        let rels: Vec<Relationship> = lock(&self.st).rels.values().cloned().collect();
+        let rels: Vec<Relationship> = lock(&self.st).rels().values().cloned().collect();
         let busy = lock(&self.busy).clone();
         let now = self.now_ms();
         rels.into_iter()
@@ -519,16 +522,13 @@ impl Replicator {
                 )));
             }
         }
-        let acts = {
-            let mut st = lock(&self.st);
-            if let Some(r) = st.rels.get_mut(&rel.dst) {
+        let ((), acts) = self.change(|t| {
+            if let Some(r) = t.rel_mut(&rel.dst) {
                 r.source_node = Some(peer.to_string());
             }
-            let acts = st.locks.handle(self.now_ms(), upstream_event(rel, peer));
-            self.persist_rels(&st)?;
-            self.persist_locks(&st)?;
-            acts
-        };
+            t.lock(upstream_event(rel, peer));
+            Ok(())
+        })?;
         Ok(acts)
     }
 
@@ -808,23 +808,17 @@ impl Replicator {
             rel.source_qtree.as_deref(),
         )?;
         let src_ids: Vec<Uuid> = src.iter().map(|s| Uuid::from_bytes(s.id)).collect();
-        {
-            let mut st = lock(&self.st);
-            if let Some(r) = st.rels.get_mut(&key) {
+        let ((), a) = self.change(|t| {
+            if let Some(r) = t.rel_mut(&key) {
                 r.source_snaps = src_ids.clone();
             }
-            let a = st.locks.handle(
-                self.now_ms(),
-                Event::UpstreamSnapshots {
-                    relationship: key.clone(),
-                    snapshots: src_ids.clone(),
-                },
-            );
-            self.persist_rels(&st)?;
-            self.persist_locks(&st)?;
-            drop(st);
-            self.send_sets(&mut c, a)?;
-        }
+            t.lock(Event::UpstreamSnapshots {
+                relationship: key.clone(),
+                snapshots: src_ids.clone(),
+            });
+            Ok(())
+        })?;
+        self.send_sets(&mut c, a)?;
         let Some(newest) = src.last().cloned() else {
             return Err(ReplError::NotFound(format!(
                 "any snapshot of {} (take one there with `snap create`)",
@@ -1092,7 +1086,7 @@ impl Replicator {
             .filter(|s| {
                 !src_ids.contains(&s.id)
                     && s.created_unix_ms >= since
-                    && st.locks.holders(&rel.dst_volume, s.id).is_empty()
+                    && st.locks().holders(&rel.dst_volume, s.id).is_empty()
             })
             .map(|s| s.name.clone())
             .collect()

@@ -99,9 +99,8 @@ impl Replicator {
                 self.store_ckpt(&key, Some(&Checkpoint { position: 0, ..ck }))?;
             }
             let src_ids: Vec<Uuid> = src.iter().map(|s| Uuid::from_bytes(s.id)).collect();
-            let acts = {
-                let mut st = lock(&self.st);
-                if let Some(r) = st.rels.get_mut(&key) {
+            let ((), acts) = self.change(|t| {
+                if let Some(r) = t.rel_mut(&key) {
                     r.source_addr = new.source_addr.clone();
                     r.source_volume = new.source_volume.clone();
                     r.source_qtree = new.source_qtree.clone();
@@ -110,26 +109,19 @@ impl Replicator {
                     r.common = base.clone();
                     r.last_error = None;
                 }
-                let mut acts = st.locks.handle(self.now_ms(), upstream_event(&new, &peer));
-                acts.extend(st.locks.handle(
-                    self.now_ms(),
-                    Event::UpstreamSnapshots {
-                        relationship: key.clone(),
-                        snapshots: src_ids,
-                    },
-                ));
-                acts.extend(st.locks.handle(
-                    self.now_ms(),
-                    Event::TransferStarting {
-                        relationship: key.clone(),
-                    },
-                ));
-                self.persist_rels(&st)?;
-                self.persist_locks(&st)?;
-                st.pending_sets
+                t.lock(upstream_event(&new, &peer));
+                t.lock(Event::UpstreamSnapshots {
+                    relationship: key.clone(),
+                    snapshots: src_ids,
+                });
+                t.lock(Event::TransferStarting {
+                    relationship: key.clone(),
+                });
+                t.mem()
+                    .pending_sets
                     .retain(|(rel, up), _| rel != &key || up == &peer);
-                acts
-            };
+                Ok(())
+            })?;
             self.flush()?;
             // The final set for the former upstream goes to its address;
             // the rest (ours, for the new upstream) on this connection.
@@ -199,7 +191,7 @@ impl Replicator {
         }
         let st = lock(&self.st);
         let downstream = st
-            .locks
+            .locks()
             .downstreams()
             .into_iter()
             .any(|((node, _), vol)| node == peer && vol.as_deref() == Some(&rel.dst_volume));

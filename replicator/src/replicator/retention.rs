@@ -29,27 +29,26 @@ impl Replicator {
 
     /// The retention policy of every volume that has one.
     pub fn retention(&self) -> BTreeMap<String, usize> {
-        lock(&self.st).retention.clone()
+        lock(&self.st).retention().clone()
     }
 
     /// Set a policy without checking that the volume exists yet (a mirror's
     /// destination appears with its baseline; a config file may name a
     /// volume created later). `keep` must be at least 1.
     pub fn store_retention(&self, volume: &str, keep: Option<usize>) -> Result<()> {
-        let mut st = lock(&self.st);
-        let before = match keep {
-            Some(k) => st.retention.insert(volume.to_string(), k),
-            None => st.retention.remove(volume),
-        };
-        st.retention_kept.remove(volume);
-        if before != keep {
-            tracing::info!(volume, keep = ?keep, before = ?before, "retention policy set");
-        }
-        let b = serde_json::to_vec(&st.retention).map_err(|e| ReplError::Persisted {
-            key: keys::RETENTION.into(),
-            detail: e.to_string(),
+        let ((), acts) = self.change(|t| {
+            let before = match keep {
+                Some(k) => t.retention_mut().insert(volume.to_string(), k),
+                None => t.retention_mut().remove(volume),
+            };
+            t.mem().retention_kept.remove(volume);
+            if before != keep {
+                tracing::info!(volume, keep = ?keep, before = ?before, "retention policy set");
+            }
+            Ok(())
         })?;
-        set_attr(&self.engine, keys::RETENTION, Some(b))
+        self.perform(acts, None);
+        Ok(())
     }
 
     /// One pass of every policy (a chore worker's job, one pass at a time).

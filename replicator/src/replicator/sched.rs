@@ -242,11 +242,11 @@ impl Replicator {
     fn hand_out_sets(&self, lanes: Option<&Lanes>) {
         let ups: Vec<String> = {
             let mut st = lock(&self.st);
-            let State {
+            let Parts {
                 pending_sets,
                 locks,
                 ..
-            } = &mut *st;
+            } = st.parts();
             pending_sets.retain(|(rel, up), _| locks.upstream_of(rel) == Some(up.as_str()));
             let ups: BTreeSet<String> = pending_sets.keys().map(|(_, up)| up.clone()).collect();
             ups.into_iter().collect()
@@ -272,7 +272,7 @@ impl Replicator {
         let now = self.cfg.env.mono_ms();
         let mut due: Vec<(u64, String, u64)> = {
             let mut st = lock(&self.st);
-            let State { rels, next_due, .. } = &mut *st;
+            let Parts { rels, next_due, .. } = st.parts();
             next_due.retain(|k, _| rels.contains_key(k));
             rels.values()
                 .filter(|r| !r.broken)

@@ -135,59 +135,46 @@ impl Replicator {
             }
             self.admit_downstream(c, &key)?;
         }
-        let acts = {
-            let mut st = lock(&self.st);
-            let now = self.now_ms();
-            let mut acts = Vec::new();
+        let ((), acts) = self.change(|t| {
             if empty {
                 // The downstream relationship holds nothing here any more
                 // (deleted, or not yet based on anything of ours): it stops
                 // being a downstream.
-                st.down_shared.remove(&key);
-                acts.extend(st.locks.handle(
-                    now,
-                    Event::DownstreamRemoved {
-                        downstream: key.0.clone(),
-                        relationship: key.1.clone(),
-                    },
-                ));
+                t.mem().down_shared.remove(&key);
+                t.lock(Event::DownstreamRemoved {
+                    downstream: key.0.clone(),
+                    relationship: key.1.clone(),
+                });
             } else {
-                acts.extend(st.locks.handle(
-                    now,
-                    Event::DownstreamAdded {
-                        downstream: key.0.clone(),
-                        relationship: key.1.clone(),
-                        volume: set.volume.clone(),
-                    },
-                ));
+                t.lock(Event::DownstreamAdded {
+                    downstream: key.0.clone(),
+                    relationship: key.1.clone(),
+                    volume: set.volume.clone(),
+                });
                 let shared: BTreeSet<Uuid> = set
                     .locks
                     .iter()
                     .filter(|l| {
-                        l.origin_node == peer && st.locks.has_snapshot(&set.volume, l.snapshot)
+                        l.origin_node == peer && t.locks().has_snapshot(&set.volume, l.snapshot)
                     })
                     .map(|l| l.snapshot)
                     .collect();
-                st.down_shared.insert(key.clone(), shared.clone());
-                acts.extend(st.locks.handle(now, Event::LockSetReceived { set }));
-                acts.extend(st.locks.handle(
-                    now,
-                    Event::DownstreamShared {
-                        downstream: key.0.clone(),
-                        relationship: key.1.clone(),
-                        shared: shared.into_iter().collect(),
-                    },
-                ));
+                t.mem().down_shared.insert(key.clone(), shared.clone());
+                t.lock(Event::LockSetReceived { set });
+                t.lock(Event::DownstreamShared {
+                    downstream: key.0.clone(),
+                    relationship: key.1.clone(),
+                    shared: shared.into_iter().collect(),
+                });
             }
-            self.persist_locks(&st)?;
-            acts
-        };
+            Ok(())
+        })?;
         // Durable before anything answers it (the downstream's barrier
         // waits for our next frame): an acknowledged lock survives a crash
         // of this node.
         self.flush()?;
         self.perform(acts, None);
-        let gone = lock(&self.st).locks.pending_gone(&key.0, &key.1);
+        let gone = lock(&self.st).locks().pending_gone(&key.0, &key.1);
         for g in gone {
             c.send(
                 &Message::SnapshotGone {
@@ -503,31 +490,22 @@ impl Replicator {
         // after-set arrives.
         let key: DownKey = (peer.to_string(), r.relationship.clone());
         self.admit_downstream(c, &key)?;
-        let acts = {
-            let mut st = lock(&self.st);
-            let now = self.now_ms();
-            let mut a = st.locks.handle(
-                now,
-                Event::DownstreamAdded {
-                    downstream: key.0.clone(),
-                    relationship: key.1.clone(),
-                    volume: r.volume.clone(),
-                },
-            );
-            let e = st.down_shared.entry(key.clone()).or_default();
+        let ((), acts) = self.change(|t| {
+            t.lock(Event::DownstreamAdded {
+                downstream: key.0.clone(),
+                relationship: key.1.clone(),
+                volume: r.volume.clone(),
+            });
+            let e = t.mem().down_shared.entry(key.clone()).or_default();
             e.insert(target.id);
             let shared: Vec<Uuid> = e.iter().copied().collect();
-            a.extend(st.locks.handle(
-                now,
-                Event::DownstreamShared {
-                    downstream: key.0.clone(),
-                    relationship: key.1.clone(),
-                    shared,
-                },
-            ));
-            self.persist_locks(&st)?;
-            a
-        };
+            t.lock(Event::DownstreamShared {
+                downstream: key.0.clone(),
+                relationship: key.1.clone(),
+                shared,
+            });
+            Ok(())
+        })?;
         self.perform(acts, None);
         Ok(())
     }
