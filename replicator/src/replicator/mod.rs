@@ -60,6 +60,7 @@ use crate::types::*;
 
 mod admin;
 mod metrics;
+mod plan;
 mod pull;
 mod retarget;
 mod retention;

@@ -11,6 +11,7 @@
 //! `mirror break` or `mirror delete`, and again from `mirror resync` on
 //! (the replicator itself writes it with `replica: true`).
 
+use super::plan::{self, Refusal, Undo};
 use super::*;
 
 impl Replicator {
@@ -819,12 +820,12 @@ impl Replicator {
             Ok(())
         })?;
         self.send_sets(&mut c, a)?;
-        let Some(newest) = src.last().cloned() else {
+        if src.is_empty() {
             return Err(ReplError::NotFound(format!(
                 "any snapshot of {} (take one there with `snap create`)",
                 rel.source_path()
             )));
-        };
+        }
         let ns_sizes: Vec<(Option<String>, u64)> = match rel.kind {
             MirrorKind::Volume => self
                 .request_list(&mut c, &key, &rel.source_volume, Some(NS_LIST_TAG))?
@@ -856,110 +857,80 @@ impl Replicator {
         } else {
             Vec::new()
         };
-        let mut base = newest_common(&src, &local).cloned();
-        // An update of a baseline that never finished and left no usable
-        // checkpoint starts the baseline again on a wiped destination.
-        let mut restart_baseline = false;
-        match mode {
-            Mode::Create => {
-                if base.is_some() {
-                    return Err(ReplError::Invalid(format!(
-                        "destination {key} already holds source snapshots"
-                    )));
-                }
-            }
-            Mode::Update => {
-                if base.is_none() {
-                    // An unfinished baseline goes on (resumed from its
-                    // checkpoint, or started again when its target is gone):
-                    // a relationship that never completed a transfer has no
-                    // chain to lose.
-                    let has_ckpt_baseline = self
-                        .load_ckpt(&key)?
-                        .is_some_and(|ck| ck.base.is_none() && src_ids.contains(&ck.target));
-                    let never_completed = rel.last_transfer.is_none() && local.is_empty();
-                    restart_baseline = !has_ckpt_baseline && never_completed;
-                    if !has_ckpt_baseline && !never_completed {
-                        drop(c);
-                        let bytes = self.probe_full_bytes(rel, &newest);
-                        return Err(ReplError::NoCommonSnapshot {
-                            dst: key.clone(),
-                            source_path: rel.source_path(),
-                            bytes,
-                        });
-                    }
-                }
-            }
-            Mode::Resync { force } => {
-                let discard = self.discarded_by_resync(rel, &local, &src_ids);
-                if !discard.is_empty() && !force {
-                    return Err(ReplError::Invalid(format!(
-                        "resync of {key} would discard {} snapshot(s) taken here while it was broken, which {} never had: {}; rerun with --force to discard them",
-                        discard.len(),
-                        rel.source_path(),
-                        discard.join(", ")
-                    )));
-                }
-            }
-        }
-        // Resume an interrupted transfer of the same base if its target is
-        // still there; otherwise start over to the newest snapshot.
         let ckpt = self.load_ckpt(&key)?;
-        let (target, resume_from) = match &ckpt {
-            Some(ck)
-                if !matches!(mode, Mode::Resync { .. })
-                    && ck.base == base.as_ref().map(|b| Uuid::from_bytes(b.id))
-                    && src_ids.contains(&ck.target) =>
-            {
-                let t = src
-                    .iter()
-                    .find(|s| Uuid::from_bytes(s.id) == ck.target)
-                    .cloned()
-                    .unwrap_or_else(|| newest.clone());
-                (t, ck.position)
-            }
-            _ => (newest.clone(), 0),
+        let local_ids: Vec<Uuid> = local.iter().map(|l| l.id).collect();
+        let discards = match mode {
+            Mode::Resync { .. } => self.discarded_by_resync(rel, &local, &src_ids),
+            _ => Vec::new(),
         };
-        let abandoned = match &ckpt {
-            Some(ck) if resume_from == 0 => {
-                // The interrupted target is gone (or a resync was asked):
-                // drop its checkpoint and its resume lock; the partial data
-                // it left is undone below before the new transfer.
-                self.store_ckpt(&key, None)?;
-                self.resume_lock(rel, ck.target, false, Some(&mut c))?;
-                true
+        let decided = plan::plan(&plan::Inputs {
+            mode,
+            src: &src,
+            local: &local_ids,
+            ckpt: ckpt.as_ref(),
+            completed_before: rel.last_transfer.is_some(),
+            resync_discards: &discards,
+        });
+        let p = match decided {
+            Ok(p) => p,
+            Err(Refusal::NoSourceSnapshot) => {
+                return Err(ReplError::NotFound(format!(
+                    "any snapshot of {} (take one there with `snap create`)",
+                    rel.source_path()
+                )))
             }
-            _ => restart_baseline,
+            Err(Refusal::HoldsSourceSnapshots) => {
+                return Err(ReplError::Invalid(format!(
+                    "destination {key} already holds source snapshots"
+                )))
+            }
+            Err(Refusal::NoCommonSnapshot { newest }) => {
+                drop(c);
+                let bytes = self.probe_full_bytes(rel, &newest);
+                return Err(ReplError::NoCommonSnapshot {
+                    dst: key.clone(),
+                    source_path: rel.source_path(),
+                    bytes,
+                });
+            }
+            Err(Refusal::WouldDiscard(discard)) => {
+                return Err(ReplError::Invalid(format!(
+                    "resync of {key} would discard {} snapshot(s) taken here while it was broken, which {} never had: {}; rerun with --force to discard them",
+                    discard.len(),
+                    rel.source_path(),
+                    discard.join(", ")
+                )))
+            }
         };
+        if let Some(t) = p.abandon {
+            // The interrupted transfer does not go on: its checkpoint and
+            // its resume lock go; the partial data it left is undone below
+            // before the new transfer.
+            self.store_ckpt(&key, None)?;
+            self.resume_lock(rel, t, false, Some(&mut c))?;
+        }
         let mut report = TransferReport {
             dst: key.clone(),
             kind: "none".into(),
-            base: base.as_ref().map(wire_ref),
-            target: Some(wire_ref(&target)),
+            base: p.base.as_ref().map(wire_ref),
+            target: Some(wire_ref(&p.target)),
             bytes: 0,
             extents: 0,
             trims: 0,
-            resumed_from: resume_from,
+            resumed_from: p.resume_from,
             total_items: 0,
             deleted_snapshots: Vec::new(),
             kept_locked: Vec::new(),
-            full_reason: base.is_none().then(|| match mode {
-                // A create, or an update that finishes an unfinished baseline.
-                Mode::Create | Mode::Update if rel.last_transfer.is_none() => {
-                    "baseline".to_string()
-                }
-                _ => "no snapshot in common with the source".to_string(),
-            }),
+            full_reason: p.full_reason.map(str::to_string),
             finished_unix_ms: 0,
             duration_ms: 0,
         };
-        let up_to_date = base.as_ref().is_some_and(|b| b.id == target.id);
-        // Also when the source has nothing newer: a resync after a break
-        // still undoes the local writes (back to the base, the newest
-        // common snapshot), or the next update would apply the source's
-        // changes on top of them and fail its digest check.
-        if matches!(mode, Mode::Resync { .. }) || abandoned {
-            // Read-only before the revert, so no client writes during it.
+        if p.undo != Undo::Nothing {
+            // Read-only before the undo, so no client writes during it.
+            // Also when the source has nothing newer: a resync after a break
+            // still undoes the local writes (back to the base), or the next
+            // update would apply the source's changes on top of them and
+            // fail its digest check.
             self.set_dst_read_only(rel, true)?;
             if dst_exists {
                 let nss = if rel.kind == MirrorKind::Volume {
@@ -970,7 +941,7 @@ impl Replicator {
                 } else {
                     self.dst_ns(rel, &ns_sizes)
                 };
-                match &base {
+                match &p.base {
                     Some(b) => {
                         let bi = local
                             .iter()
@@ -982,28 +953,25 @@ impl Replicator {
                         self.revert_to(rel, &nss, &bi)?;
                     }
                     None => {
-                        tracing::info!(dst = %key, "resync without a common snapshot: full re-baseline");
+                        tracing::info!(dst = %key, "full re-baseline: the destination is wiped first");
                         self.wipe(&nss)?;
                     }
                 }
             }
         }
-        if !up_to_date {
-            let (r, b) = self.pull(
+        if !p.up_to_date {
+            report = self.pull(
                 &mut c,
                 rel,
                 &up,
-                base.take(),
-                &target,
-                resume_from,
+                p.base,
+                &p.target,
+                p.resume_from,
                 &ns_sizes,
                 progress,
                 &mut report,
             )?;
-            report = r;
-            base = b;
         }
-        let _ = base;
         // Volume mirrors drop the snapshots their source no longer has,
         // except those locked here (own downstreams, applications).
         if rel.kind == MirrorKind::Volume {
@@ -1236,7 +1204,7 @@ impl Replicator {
         ns_sizes: &[(Option<String>, u64)],
         progress: &(dyn Fn(Progress) + Sync),
         report: &mut TransferReport,
-    ) -> Result<(TransferReport, Option<SnapInfo>)> {
+    ) -> Result<TransferReport> {
         let key = rel.dst.clone();
         let req_id = rand::random::<u64>();
         let base_id = base.as_ref().map(|b| b.id);
@@ -1477,7 +1445,7 @@ impl Replicator {
         }
         self.send_sets(c, acts)?;
         report.target = Some(snap_ref(&info));
-        Ok((report.clone(), Some(target.clone())))
+        Ok(report.clone())
     }
 }
 
