@@ -133,3 +133,22 @@ pub struct SnapModel {
     pub t_secs: f64,
     pub images: BTreeMap<u32, Vec<u64>>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pattern_decodes_to_its_generation_and_a_flip_is_caught() {
+        let b = pattern(7, 2, 41, 9);
+        assert_eq!(decode(7, 2, 41, &b), Ok(9));
+        assert_eq!(decode(7, 2, 41, &vec![0u8; BLOCK_BYTES]), Ok(0));
+        // A block written for another lba (a misdirected write) is named.
+        assert!(decode(7, 2, 40, &b).unwrap_err().contains("misdirected"));
+        let mut torn = b.clone();
+        torn[4000] ^= 1;
+        assert!(decode(7, 2, 41, &torn).unwrap_err().contains("torn"));
+        // Another run's seed does not decode.
+        assert!(decode(8, 2, 41, &b).is_err());
+    }
+}
