@@ -60,11 +60,12 @@ impl Soak {
 
     /// The source's live images against the model; writers must be held off
     /// (after a restart) or stopped (at the end: `label` "final", exact).
-    pub(super) fn check_live_images(&mut self, label: &str) {
+    /// `gates_held`: the caller holds every namespace's gate already.
+    pub(super) fn check_live_images(&mut self, label: &str, gates_held: bool) {
         let exact = label == "final";
         let nbd = self.nodes[0].nbd.clone();
         for ns in self.namespaces.clone() {
-            let gate = ns.gate.write().unwrap_or_else(|p| p.into_inner());
+            let gate = (!gates_held).then(|| ns.gate.write().unwrap_or_else(|p| p.into_inner()));
             let blocks = match read_blocks(&nbd, &ns.export, ns.span_blocks) {
                 Ok(b) => b,
                 Err(e) => {

@@ -527,7 +527,7 @@ impl Soak {
         for w in self.writers.drain(..) {
             let _ = w.join();
         }
-        self.check_live_images("final");
+        self.check_live_images("final", false);
         for l in std::mem::take(&mut self.app_locks) {
             self.release_app_lock(&l);
         }
