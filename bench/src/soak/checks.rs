@@ -498,7 +498,11 @@ impl Soak {
         let hold = Duration::from_secs(self.rng.gen_range(10..60));
         match self.ctl.lock_add(&self.addr(node), vol, &snap, APP_OWNER) {
             Ok(()) => {
-                // The nodes above that hold it now must keep it.
+                // The nodes above that have the snapshot and the lock now
+                // must keep it. One that has the snapshot but not the lock
+                // (the set is undelivered: a partition, a stopped node) is
+                // counted, not held to it: it protects the snapshot only
+                // once the retried set arrives.
                 let mut above = Vec::new();
                 for u in self.chain_above(node, vol) {
                     if self.up(u) {
@@ -507,8 +511,27 @@ impl Soak {
                             .snap_list(&self.addr(u), vol)
                             .map(|l| l.iter().any(|x| x["id"] == id.as_str()))
                             .unwrap_or(false);
-                        if has {
+                        let locked = self
+                            .ctl
+                            .lock_list(&self.addr(u))
+                            .map(|l| {
+                                l.iter().any(|x| {
+                                    x["snapshot_id"] == id.as_str()
+                                        && x["state"] == "active"
+                                        && (x["kind"] == "owner"
+                                            || x["text"].as_str().unwrap_or("").contains(APP_OWNER))
+                                })
+                            })
+                            .unwrap_or(false);
+                        if has && locked {
                             above.push(u);
+                        } else if has {
+                            self.tally.add("locks.app_add_returned_undelivered", 1);
+                            self.tally.event(format!(
+                                "lock add on {} returned before its lock reached {} (which has {vol}@{snap})",
+                                Self::name(node),
+                                Self::name(u)
+                            ));
                         }
                     }
                 }
