@@ -548,8 +548,14 @@ impl Soak {
         Report {
             seed: self.tally.seed,
             command: format!(
-                "sluice-bench soak --seed {} --minutes {} --nodes {}",
-                self.tally.seed, self.args.minutes, self.args.nodes
+                "sluice-bench soak --seed {} --minutes {} --nodes {} --fault-gap-min-secs {} --fault-gap-max-secs {} --lease-ms {} --writers {}",
+                self.tally.seed,
+                self.args.minutes,
+                self.args.nodes,
+                self.args.fault_gap_min_secs,
+                self.args.fault_gap_max_secs,
+                self.args.lease_ms,
+                self.args.writers
             ),
             minutes_asked: self.args.minutes,
             duration_secs: self.tally.secs(),
