@@ -6,7 +6,8 @@
 //! thin volumes; with `--shards N`, also N volumes driven at once on an
 //! N-shard and on a 1-shard pool, against fio with N jobs. `nbd`: against
 //! qemu-nbd. `replicate`: mirrors against btrfs send/receive and raw TCP
-//! (see `replicate.rs`).
+//! (see `replicate.rs`). `soak`: a soak run with fault injection on real
+//! nodes (`soak/`, docs/SOAK.md); unlike the benchmarks it passes or fails.
 //!
 //! Benchmarks report numbers; they never pass or fail on a time.
 
@@ -17,6 +18,7 @@ mod loopdev;
 mod nbd;
 mod replicate;
 mod report;
+mod soak;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -40,6 +42,8 @@ enum Cmd {
     Nbd(nbd::NbdArgs),
     /// Replication: Sluice mirrors vs btrfs send/receive vs raw TCP (needs root).
     Replicate(replicate::ReplicateArgs),
+    /// Soak: real nodes, a workload, faults from a seed, checks; non-zero on a violation.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -97,5 +101,11 @@ fn main() -> Result<()> {
         Cmd::Engine(args) => enginecase::run(&args),
         Cmd::Nbd(args) => nbd::run(&args),
         Cmd::Replicate(args) => replicate::run(&args),
+        Cmd::Soak(args) => {
+            if !soak::run(&args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }

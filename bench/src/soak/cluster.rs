@@ -1,0 +1,278 @@
+//! The nodes: one `sluice serve` process each, on a loop device when root
+//! (a plain file otherwise), with fixed loopback ports kept across restarts,
+//! a config file, a log; and the signals the faults send (SIGKILL, SIGSTOP,
+//! SIGCONT). Owns each node's process state: the checks ask it which nodes
+//! are up, stopped, down or lost for good.
+//!
+//! Invariants: a node's ports, name and pool never change over the run, so
+//! a restart is the same node; every loop device attached is detached on drop.
+
+use super::control::Ctl;
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    Up,
+    Stopped,
+    Down,
+    Lost,
+}
+
+pub struct Node {
+    pub name: String,
+    pub listen: String,
+    pub nbd: String,
+    pub log: PathBuf,
+    config: PathBuf,
+    pub device: String,
+    loop_dev: Option<String>,
+    child: Option<Child>,
+    pub state: NodeState,
+    /// When the node last changed state (stopped, killed, lost).
+    pub since: Instant,
+    pub rss_max_kib: u64,
+    pub starts: u64,
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl Node {
+    /// Make a pool for node `name` in `dir` (loop device when root) and
+    /// write its config; not started yet.
+    pub fn create(
+        ctl: &Ctl,
+        dir: &Path,
+        name: &str,
+        pool_bytes: u64,
+        lease_ms: u64,
+    ) -> Result<Node> {
+        let img = dir.join(format!("{name}.img"));
+        let f = std::fs::File::create(&img)?;
+        f.set_len(pool_bytes)?;
+        drop(f);
+        let mut loop_dev = None;
+        let mut device = img.to_string_lossy().to_string();
+        if is_root() {
+            let out = Command::new("losetup")
+                .args(["--direct-io=on", "-f", "--show"])
+                .arg(&img)
+                .output()
+                .context("losetup")?;
+            if out.status.success() {
+                device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                loop_dev = Some(device.clone());
+            } else {
+                eprintln!(
+                    "soak: losetup failed ({}); node {name} runs on a file",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        ctl.init(Path::new(&device), None)
+            .with_context(|| format!("init {device}"))?;
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let nbd = format!("127.0.0.1:{}", free_port()?);
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "data = {device:?}\nlisten = {listen:?}\nnbd = {nbd:?}\nname = {name:?}\n\
+                 checkpoint_interval_ms = 1000\npin_shards = false\nlease_ms = {lease_ms}\n\
+                 lease_policy = \"keep\"\npeer_timeout_ms = 10000\nmax_transfers = 2\n\
+                 checkpoint_items = 256\n"
+            ),
+        )?;
+        Ok(Node {
+            name: name.to_string(),
+            listen,
+            nbd,
+            log: dir.join(format!("{name}.log")),
+            config,
+            device,
+            loop_dev,
+            child: None,
+            state: NodeState::Down,
+            since: Instant::now(),
+            rss_max_kib: 0,
+            starts: 0,
+        })
+    }
+
+    /// Start (or restart) the process; waits for its `ready` line.
+    pub fn start(&mut self, ctl: &Ctl) -> Result<()> {
+        assert!(
+            self.child.is_none(),
+            "node {} already has a process",
+            self.name
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = ctl
+            .serve_command(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawn sluice serve")?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if line.starts_with("ready") {
+                    let _ = tx.send(());
+                }
+                line.clear();
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(120)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "node {} did not become ready (see {})",
+                self.name,
+                self.log.display()
+            );
+        }
+        self.child = Some(child);
+        self.state = NodeState::Up;
+        self.since = Instant::now();
+        self.starts += 1;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid; no memory is touched.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        self.state = NodeState::Down;
+        self.since = Instant::now();
+    }
+
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGSTOP);
+        self.state = NodeState::Stopped;
+        self.since = Instant::now();
+    }
+
+    pub fn cont(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.state = NodeState::Up;
+        self.since = Instant::now();
+    }
+
+    /// Killed for good: never restarted.
+    pub fn lose(&mut self) {
+        self.kill();
+        self.state = NodeState::Lost;
+    }
+
+    /// SIGTERM at the end of the run; the exit status (None: had to kill).
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        if self.state == NodeState::Stopped {
+            self.cont();
+        }
+        self.signal(libc::SIGTERM);
+        let mut c = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                self.state = NodeState::Down;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                self.state = NodeState::Down;
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process exited by itself (not by a signal we sent)?
+    pub fn exited_unexpectedly(&mut self) -> Option<String> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(s)) => {
+                self.child = None;
+                self.state = NodeState::Down;
+                self.since = Instant::now();
+                Some(format!("node {} exited by itself: {s}", self.name))
+            }
+            _ => None,
+        }
+    }
+
+    /// Resident set size now, in KiB (None: no process).
+    pub fn rss_kib(&mut self) -> Option<u64> {
+        let pid = self.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        self.rss_max_kib = self.rss_max_kib.max(kib);
+        Some(kib)
+    }
+
+    /// Lines of the log that report a panic.
+    pub fn panics(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("panicked"))
+            .map(|l| l.to_string())
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: as in `signal`.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGCONT);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(dev) = &self.loop_dev {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The faults: which kind, on which node or link, and for how long, all
+//! drawn from the run's seed; each kind counted (`fault.*`). Kinds: SIGKILL
+//! of any node (restart after a random pause; after the source's restart
+//! the flushed-write check runs before the writers go on), SIGSTOP/SIGCONT
+//! longer than the lease, a link's connections cut, stalled or delayed, a
+//! node partitioned from every peer until it heals, and once per run the
+//! middle node B lost for good with C retargeted to A.
+//!
+//! Invariants: a fault only picks a node that is up; every stop and kill
+//! has its end scheduled (`Pending`), and `run_pending(true)` ends them all.
+
+use super::cluster::NodeState;
+use super::{Pending, Soak, VOLUMES};
+use anyhow::Result;
+use rand::Rng;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What this harness cannot inject on this machine (docs/SOAK.md).
+pub const NOT_INJECTED: &[&str] = &[
+    "disk I/O errors and latency below the process: no device-mapper here, no kernel NBD to put nbdkit's error/delay filters under a block device, and O_DIRECT io_uring on a FUSE file is not what production runs on",
+    "power loss: SIGKILL loses the process, not the kernel's page cache under the loop device",
+    "packet loss and reordering inside a TCP stream (no netem): the proxy cuts, stalls and delays whole streams",
+];
+
+impl Soak {
+    /// Carry out what is due (with `all`: everything, now).
+    pub(super) fn run_pending(&mut self, all: bool) -> Result<()> {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(t, _)| all || *t <= now);
+        self.pending = later;
+        for (_, p) in due {
+            match p {
+                Pending::Cont(i) => {
+                    self.nodes[i].cont();
+                    self.tally.event(format!("SIGCONT {}", Self::name(i)));
+                }
+                Pending::Restart(i) => self.restart(i)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, i: usize) -> Result<()> {
+        // The source: hold the writers off until its image is checked.
+        let gates: Vec<_> = if i == 0 {
+            self.namespaces.clone()
+        } else {
+            Vec::new()
+        };
+        let held: Vec<_> = gates
+            .iter()
+            .map(|n| n.gate.write().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let t = Instant::now();
+        self.nodes[i].start(&self.ctl)?;
+        self.tally.event(format!(
+            "restarted {} (ready in {} ms)",
+            Self::name(i),
+            t.elapsed().as_millis()
+        ));
+        if i == 0 {
+            // Still holding every gate: no writer can reach the new process first.
+            self.check_live_images("after restart of a", true);
+            self.source_up.store(true, Ordering::SeqCst);
+        }
+        drop(held);
+        Ok(())
+    }
+
+    /// Inject one fault, chosen from the seed.
+    pub(super) fn inject(&mut self) -> Result<()> {
+        let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.up(i)).collect();
+        if up.is_empty() {
+            return Ok(());
+        }
+        let roll = self.rng.gen_range(0..100u32);
+        let node = up[self.rng.gen_range(0..up.len())];
+        let links: Vec<(usize, usize)> = self
+            .rels
+            .iter()
+            .filter(|r| self.nodes[r.node].state != NodeState::Lost)
+            .map(|r| (r.node, r.upstream))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let link = links[self.rng.gen_range(0..links.len())];
+        let lname = format!("{}->{}", Self::name(link.0), Self::name(link.1));
+        match roll {
+            0..=34 => {
+                let pause = Duration::from_millis(self.rng.gen_range(500..10_000));
+                if node == 0 {
+                    self.source_up.store(false, Ordering::SeqCst);
+                }
+                self.nodes[node].kill();
+                self.tally.add("fault.kill", 1);
+                self.tally.event(format!(
+                    "SIGKILL {} (restart in {} ms)",
+                    Self::name(node),
+                    pause.as_millis()
+                ));
+                self.pending
+                    .push((Instant::now() + pause, Pending::Restart(node)));
+            }
+            35..=49 => {
+                let lease = self.args.lease_ms;
+                let d = Duration::from_millis(self.rng.gen_range(lease + lease / 4..lease * 5 / 2));
+                self.nodes[node].stop();
+                self.tally.add("fault.stop", 1);
+                self.tally.event(format!(
+                    "SIGSTOP {} for {} ms (lease {lease} ms)",
+                    Self::name(node),
+                    d.as_millis()
+                ));
+                self.pending.push((Instant::now() + d, Pending::Cont(node)));
+            }
+            50..=64 => {
+                self.proxies[&link].cut();
+                self.tally.add("fault.net_cut", 1);
+                self.tally.event(format!("cut every connection {lname}"));
+            }
+            65..=74 => {
+                let d = Duration::from_millis(self.rng.gen_range(2000..15_000));
+                self.proxies[&link].stall(d);
+                self.tally.add("fault.net_stall", 1);
+                self.tally
+                    .event(format!("stall {lname} for {} ms", d.as_millis()));
+            }
+            75..=84 => {
+                let d = Duration::from_millis(self.rng.gen_range(5000..20_000));
+                let ms = self.rng.gen_range(5..200);
+                self.proxies[&link].delay(d, ms);
+                self.tally.add("fault.net_delay", 1);
+                self.tally.event(format!(
+                    "delay {lname} by {ms} ms a chunk for {} ms",
+                    d.as_millis()
+                ));
+            }
+            _ => {
+                let d = Duration::from_millis(self.rng.gen_range(3000..20_000));
+                for ((a, b), p) in &self.proxies {
+                    if *a == node || *b == node {
+                        p.partition(d);
+                    }
+                }
+                self.tally.add("fault.net_partition", 1);
+                self.tally.event(format!(
+                    "partition {} from every peer for {} ms",
+                    Self::name(node),
+                    d.as_millis()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// B is lost for good; C's volume mirrors go on from A (`mirror retarget`).
+    pub(super) fn lose_middle(&mut self) -> Result<()> {
+        self.middle_lost = true;
+        self.nodes[1].lose();
+        self.pending
+            .retain(|(_, p)| !matches!(p, Pending::Restart(1) | Pending::Cont(1)));
+        self.tally.add("fault.middle_lost", 1);
+        self.tally.event("b lost for good; c retargets to a".into());
+        let source = self.proxies[&(2, 0)].addr.clone();
+        // The operator's retarget runs on a healthy link (faults elsewhere go on).
+        self.proxies[&(2, 0)].heal();
+        for v in VOLUMES {
+            let mut r = self
+                .ctl
+                .mirror_retarget(&self.addr(2), v, &format!("{source}/{v}"));
+            for _ in 0..3 {
+                if r.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(3));
+                r = self
+                    .ctl
+                    .mirror_retarget(&self.addr(2), v, &format!("{source}/{v}"));
+            }
+            match r {
+                Ok(rep) => {
+                    self.tally.add("retargets", 1);
+                    let kind = rep["transfer"]["kind"]
+                        .as_str()
+                        .unwrap_or("none")
+                        .to_string();
+                    self.tally.event(format!(
+                        "c: retarget {v} to a: base {} transfer {kind} {}",
+                        rep["base"]["name"], rep["transfer_error"]
+                    ));
+                    if kind == "full" {
+                        self.tally.violation(
+                            "no-full-copy",
+                            format!("c:{v} retargeted to a needed a full copy: {rep}"),
+                        );
+                    }
+                }
+                Err(e) => self
+                    .tally
+                    .violation("retarget", format!("c: retarget {v} to a: {e:#}")),
+            }
+            for r in self.rels.iter_mut() {
+                if r.node == 2 && r.dst == v {
+                    r.upstream = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
