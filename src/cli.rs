@@ -136,6 +136,16 @@ pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
         ControlRequest::LockList => print_locks(&result),
         ControlRequest::LockAdd { volume, snapshot, .. } => {
             println!("locked {volume}@{snapshot} (holder {})", s(&result["holder"]));
+            if result["delivered"].as_bool() == Some(false) {
+                let ups: Vec<String> = result["undelivered_upstreams"]
+                    .as_array()
+                    .map(|a| a.iter().map(s).collect())
+                    .unwrap_or_default();
+                eprintln!(
+                    "warning: held on this node only for now: upstream {} could not be reached; the lock is sent again every tick, and until it arrives the snapshot is not protected there or above",
+                    ups.join(", ")
+                );
+            }
         }
         ControlRequest::LockRelease { volume, snapshot, holder } => println!("released {holder}'s lock on {volume}@{snapshot}"),
         ControlRequest::SnapDelete { volume, name, .. } => println!("deleted snapshot {volume}@{name}"),

@@ -226,6 +226,9 @@ enum LockCmd {
         owner: String,
         #[arg(long)]
         text: Option<String>,
+        /// Print the node's JSON reply (with `delivered`).
+        #[arg(long)]
+        json: bool,
     },
     Release {
         volume: String,
@@ -506,6 +509,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 snapshot,
                 owner,
                 text,
+                json,
             } => (
                 R::LockAdd {
                     volume,
@@ -513,7 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     owner,
                     text,
                 },
-                false,
+                json,
             ),
             LockCmd::Release {
                 volume,

@@ -358,3 +358,50 @@ fn every_listed_lock_has_real_created_and_renewed_times() {
         }
     }
 }
+
+/// `lock add` says whether the lock reached the upstream before it
+/// returned: with the upstream up, `delivered`; with it down, the lock is
+/// held here, the reply names the upstream that does not know of it yet,
+/// and the CLI warns that the snapshot is not protected there.
+#[test]
+fn lock_add_says_when_the_upstream_did_not_get_the_lock() {
+    let _rng = Rng::from_env("lock_add_undelivered");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let a = Daemon::named(p, "a", &[]);
+    let b = Daemon::named(p, "b", &[]);
+    a.ok(&["vol", "create", "v", "--size", "4M"]);
+    a.ok(&["snap", "create", "v", "s1"]);
+    a.ok(&["snap", "create", "v", "s2"]);
+    b.ok(&[
+        "mirror",
+        "create",
+        "v",
+        "--from",
+        &format!("{}/v", a.control),
+    ]);
+    let r = b.json(&["lock", "add", "v", "s2", "--owner", "app1"]);
+    assert_eq!(r["delivered"], true, "{r}");
+    assert_eq!(r["undelivered_upstreams"], serde_json::json!([]), "{r}");
+    assert_eq!(r["holder"], "app1", "the lock's own fields stay: {r}");
+    assert!(
+        locks(&a).iter().any(|l| l["text"] == "app1"),
+        "A holds app1's lock when lock add returned"
+    );
+    a.kill();
+    let r = b.json(&["lock", "add", "v", "s2", "--owner", "app2"]);
+    assert_eq!(r["delivered"], false, "{r}");
+    assert_eq!(r["undelivered_upstreams"], serde_json::json!(["a"]), "{r}");
+    let o = b.cli(&["lock", "add", "v", "s2", "--owner", "app3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("upstream a could not be reached")
+            && stderr(&o).contains("not protected"),
+        "the CLI warns: {}",
+        stderr(&o)
+    );
+    assert!(
+        locks(&b).iter().any(|l| l["text"] == "app2"),
+        "the lock is held here all the same"
+    );
+}

@@ -23,9 +23,9 @@ pub use replicator::Replicator;
 pub use sluice_lockproto::LeasePolicy;
 pub use transfer::CheckpointPolicy;
 pub use types::{
-    Checkpoint, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PrunePlan, PruneSkip,
-    Relationship, ReplicatorConfig, RetargetReport, SnapRef, TransferReport, VolDeleteReport,
-    TRANSFERS_MAX,
+    Checkpoint, LockAdded, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PrunePlan,
+    PruneSkip, Relationship, ReplicatorConfig, RetargetReport, SnapRef, TransferReport,
+    VolDeleteReport, TRANSFERS_MAX,
 };
 
 /// The daemon shares one `Arc<Replicator>` between threads.

@@ -323,6 +323,20 @@ pub struct MirrorStatus {
     pub throttle_bps: Option<u64>,
 }
 
+/// `lock add --json`: the lock, and whether it reached the upstreams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LockAdded {
+    #[serde(flatten)]
+    pub lock: LockView,
+    /// Every upstream node took the new lock set before the call returned
+    /// (each relays it on before it answers). `false`: the nodes in
+    /// `undelivered_upstreams` could not be reached; the set is retried
+    /// every tick, and until it arrives they (and the nodes above them)
+    /// do not know of the lock and may delete the snapshot.
+    pub delivered: bool,
+    pub undelivered_upstreams: Vec<String>,
+}
+
 /// `lock list --json`: one lock, both forms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LockView {

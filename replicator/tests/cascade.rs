@@ -145,6 +145,8 @@ fn app_lock_on_c_protects_upstream() {
         .repl
         .lock_add("v", "s1", "backup", Some("nightly copy"))
         .unwrap();
+    assert!(v.delivered, "B was up: {v:?}");
+    let v = v.lock;
     assert_eq!(v.origin_node, "C");
     assert_eq!(v.kind, "owner");
     let on_a = |a: &Node| {

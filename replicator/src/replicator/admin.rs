@@ -288,7 +288,7 @@ impl Replicator {
         snap: &str,
         owner: &str,
         text: Option<&str>,
-    ) -> Result<LockView> {
+    ) -> Result<LockAdded> {
         if owner.is_empty() || owner.contains(": ") {
             return Err(ReplError::Invalid(format!(
                 "owner {owner:?} must be non-empty without \": \""
@@ -316,7 +316,10 @@ impl Replicator {
             snapshot: s.id,
             owner: full.clone(),
         }])?;
-        self.perform(acts, None);
+        let undelivered = self.perform(acts, None);
+        if !undelivered.is_empty() {
+            tracing::warn!(%volume, snapshot = %snap, upstreams = %undelivered.join(", "), "application lock held here, but not yet on the upstream (unreachable): retried every tick");
+        }
         let names = self.snapshot_names()?;
         let l = lock(&self.st)
             .locks()
@@ -324,7 +327,11 @@ impl Replicator {
             .into_iter()
             .find(|h| h.lock.text == full && h.lock.kind == LockKind::OwnerName && h.via.is_none())
             .ok_or_else(|| ReplError::NotFound("the lock just added".into()))?;
-        Ok(self.view(&l, &names))
+        Ok(LockAdded {
+            lock: self.view(&l, &names),
+            delivered: undelivered.is_empty(),
+            undelivered_upstreams: undelivered,
+        })
     }
 
     /// Every lock effective on this node.

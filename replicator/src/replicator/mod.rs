@@ -445,8 +445,10 @@ impl Replicator {
     }
 
     /// Perform actions that need no caller decision: deliver sets (on `conn`
-    /// when it goes to that upstream), log the rest.
-    fn perform(&self, acts: Vec<Action>, mut conn: Option<&mut Conn>) {
+    /// when it goes to that upstream), log the rest. Returns the upstream
+    /// nodes a set could not be delivered to (kept for the next tick).
+    fn perform(&self, acts: Vec<Action>, mut conn: Option<&mut Conn>) -> Vec<String> {
+        let mut undelivered = Vec::new();
         for a in acts {
             match a {
                 Action::SendLockSet {
@@ -458,6 +460,7 @@ impl Replicator {
                         if c.peer_node == upstream {
                             if let Err(e) = send_set(c, &set) {
                                 tracing::warn!(%upstream, %relationship, error = %e, "lock set not sent; retried next tick");
+                                undelivered.push(upstream.clone());
                                 lock(&self.st)
                                     .pending_sets
                                     .insert((relationship, upstream), set);
@@ -465,7 +468,9 @@ impl Replicator {
                             continue;
                         }
                     }
-                    self.deliver(&relationship, &upstream, set);
+                    if !self.deliver(&relationship, &upstream, set) {
+                        undelivered.push(upstream);
+                    }
                 }
                 Action::Stale {
                     downstream,
@@ -531,13 +536,17 @@ impl Replicator {
                 | Action::Unprotected { .. } => {}
             }
         }
+        undelivered.sort();
+        undelivered.dedup();
+        undelivered
     }
 
     /// Deliver one set of `relationship` to node `upstream` on a
     /// connection of its own; an undeliverable one is kept for the next
     /// tick (the latest per relationship and upstream), unless the
-    /// relationship no longer pulls from that upstream.
-    fn deliver(&self, relationship: &str, upstream: &str, set: LockSet) {
+    /// relationship no longer pulls from that upstream. Returns whether it
+    /// was delivered.
+    fn deliver(&self, relationship: &str, upstream: &str, set: LockSet) -> bool {
         let key = (relationship.to_string(), upstream.to_string());
         match self.deliver_now(relationship, upstream, &set) {
             Ok(gone) => {
@@ -551,6 +560,7 @@ impl Replicator {
                 }
                 drop(st);
                 self.apply_gone(relationship, gone, None);
+                true
             }
             Err(e) => {
                 tracing::warn!(%upstream, %relationship, error = %e, "lock set not delivered; retried next tick");
@@ -562,6 +572,7 @@ impl Replicator {
                 if !newer && st.locks().upstream_of(relationship) == Some(upstream) {
                     st.pending_sets.insert(key, set);
                 }
+                false
             }
         }
     }
@@ -644,7 +655,9 @@ impl Replicator {
             })
             .collect();
         match self.lock_events(evs) {
-            Ok(a) => self.perform(a, conn),
+            Ok(a) => {
+                self.perform(a, conn);
+            }
             Err(e) => tracing::error!(error = %e, "lock table update failed"),
         }
     }
