@@ -654,6 +654,40 @@ impl Run {
         after
     }
 
+    /// A `lock add` on `node` that answered `delivered`: every live
+    /// upstream of the volume that holds the snapshot holds the lock too.
+    fn check_lock_arrived(&mut self, node: usize, vol: &str, snapshot: Uuid) {
+        let ups: Vec<(usize, String)> = self
+            .rels
+            .iter()
+            .filter(|r| r.dst == node && r.vol == vol && !r.deleted && !r.orphan)
+            .map(|r| (r.src, r.src_vol.clone()))
+            .collect();
+        for (up, up_vol) in ups {
+            let Some(repl) = self.nodes[up].repl().cloned() else {
+                continue;
+            };
+            if !self.nodes[up]
+                .snaps(&up_vol)
+                .iter()
+                .any(|x| x.id == snapshot)
+            {
+                continue;
+            }
+            let origin = node_name(node);
+            let held = repl
+                .lock_list()
+                .iter()
+                .any(|l| l.snapshot_id == snapshot && l.text == "app" && l.origin_node == origin);
+            if !held {
+                self.fail(format!(
+                    "lock add on {origin}:{vol} answered delivered, but {} does not hold the lock on {snapshot}",
+                    node_name(up)
+                ));
+            }
+        }
+    }
+
     /// One action on the cluster with invariant 2 around it.
     fn act<T>(
         &mut self,
@@ -801,9 +835,15 @@ impl Run {
                     return "no snapshot".into();
                 }
                 let s = snaps[nth % snaps.len()].name.clone();
-                self.act("lock add", None, |_| {
-                    Run::result(repl.lock_add(&vol, &s, "app", None))
-                })
+                let r = self.act("lock add", None, |_| repl.lock_add(&vol, &s, "app", None));
+                match r {
+                    Ok(added) if added.delivered => {
+                        self.check_lock_arrived(node, &vol, added.lock.snapshot_id);
+                        "ok delivered".into()
+                    }
+                    Ok(added) => format!("ok, not on {}", added.undelivered_upstreams.join(",")),
+                    Err(e) => Run::result::<()>(Err(e)),
+                }
             }
             Step::LockRelease { node, vol } => {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
