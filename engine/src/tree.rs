@@ -7,7 +7,10 @@
 //! - Dirty nodes (live image only) have no pba until the CP writes them;
 //!   the dirty set is closed upwards (a dirty node's parent is dirty).
 //! - Clean nodes are immutable and cached by pba; each load checks the
-//!   header (kind, level, crc, self_pba, birth).
+//!   header (kind, level, crc, self_pba, birth). The cache holds at most
+//!   [`CACHE_NODES`] nodes (about 128 MiB) and evicts one node at a time,
+//!   the first not used since the clock hand last passed it (CLOCK), so
+//!   memory stays bounded and a full cache never empties at once.
 //! - The free map is a lazily allocated chunked bitmap: a pba is
 //!   allocatable iff its bit is clear.
 
@@ -132,12 +135,74 @@ pub struct PoolStats {
     pub checkpoints: u64,
 }
 
-const CACHE_MAX: usize = 200_000;
+/// Most clean nodes the cache holds (each about 4 KiB of payload).
+pub const CACHE_NODES: usize = 32_768;
+
+/// Clean metadata nodes by pba, bounded, with CLOCK eviction: a hit marks
+/// its node used; an insert into a full cache moves the hand over the ring,
+/// giving each used node a second chance (its mark cleared), and evicts the
+/// first unmarked one.
+pub struct NodeCache {
+    map: HashMap<u64, (Arc<Vec<u8>>, bool)>,
+    /// Every cached pba once, in insertion order from the hand on.
+    ring: std::collections::VecDeque<u64>,
+    max: usize,
+}
+
+impl NodeCache {
+    pub fn new(max: usize) -> NodeCache {
+        NodeCache {
+            map: HashMap::new(),
+            ring: std::collections::VecDeque::new(),
+            max: max.max(1),
+        }
+    }
+
+    pub fn get(&mut self, pba: u64) -> Option<Arc<Vec<u8>>> {
+        let (p, used) = self.map.get_mut(&pba)?;
+        *used = true;
+        Some(p.clone())
+    }
+
+    /// Cache `payload` as the node at `pba` (replacing what was there: a
+    /// pba freed and written again holds a new node).
+    pub fn insert(&mut self, pba: u64, payload: Arc<Vec<u8>>) {
+        if let Some(e) = self.map.get_mut(&pba) {
+            *e = (payload, false);
+            return;
+        }
+        while self.map.len() >= self.max {
+            let Some(k) = self.ring.pop_front() else {
+                break;
+            };
+            match self.map.get_mut(&k) {
+                Some((_, used)) if *used => {
+                    *used = false;
+                    self.ring.push_back(k);
+                }
+                Some(_) => {
+                    self.map.remove(&k);
+                }
+                None => {}
+            }
+        }
+        self.map.insert(pba, (payload, false));
+        self.ring.push_back(pba);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
 
 /// The device plus the clean-node cache.
 pub struct Store<D: BlockDevice> {
     pub dev: D,
-    pub cache: HashMap<u64, Arc<Vec<u8>>>,
+    pub cache: NodeCache,
     pub stats: PoolStats,
     next_tag: u64,
 }
@@ -146,7 +211,7 @@ impl<D: BlockDevice> Store<D> {
     pub fn new(dev: D) -> Self {
         Store {
             dev,
-            cache: HashMap::new(),
+            cache: NodeCache::new(CACHE_NODES),
             stats: PoolStats::default(),
             next_tag: 1,
         }
@@ -295,17 +360,14 @@ impl<D: BlockDevice> Store<D> {
     /// Load a clean metadata node's payload (checked) through the cache.
     pub fn load(&mut self, ptr: Ptr, kind: u16, level: u8) -> Result<Arc<Vec<u8>>> {
         self.stats.metadata_blocks_visited += 1;
-        if let Some(p) = self.cache.get(&ptr.pba) {
-            return Ok(p.clone());
+        if let Some(p) = self.cache.get(ptr.pba) {
+            return Ok(p);
         }
         let raw = self.read_raw(&[ptr.pba])?;
         self.stats.metadata_blocks_read += 1;
         let block = raw.into_iter().next().unwrap_or_default();
         let payload = decode_block(&block, ptr, kind, level)?.to_vec();
         let a = Arc::new(payload);
-        if self.cache.len() >= CACHE_MAX {
-            self.cache.clear();
-        }
         self.cache.insert(ptr.pba, a.clone());
         Ok(a)
     }
@@ -621,6 +683,30 @@ impl FreeMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_cache_stays_bounded_and_keeps_what_is_used() {
+        let node = |n: u64| Arc::new(vec![n as u8; 8]);
+        let mut c = NodeCache::new(4);
+        for pba in 0..4 {
+            c.insert(pba, node(pba));
+        }
+        // 0 and 2 are used again; 1 and 3 are not.
+        assert!(c.get(0).is_some() && c.get(2).is_some());
+        c.insert(10, node(10));
+        c.insert(11, node(11));
+        assert_eq!(c.len(), 4, "bounded");
+        assert!(c.get(0).is_some() && c.get(2).is_some(), "used ones kept");
+        assert!(c.get(1).is_none() && c.get(3).is_none(), "unused ones evicted");
+        // A pba written again holds its new node.
+        c.insert(10, node(99));
+        assert_eq!(c.get(10).as_deref(), Some(&vec![99u8; 8]));
+        assert_eq!(c.len(), 4);
+        for pba in 100..10_000 {
+            c.insert(pba, node(pba));
+            assert!(c.len() <= 4);
+        }
+    }
 
     #[test]
     fn slot_round_trip() {
