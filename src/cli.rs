@@ -16,9 +16,15 @@ fn parse<T: DeserializeOwned>(v: Value) -> Result<T> {
     })
 }
 
-/// Send `req` to the node at `node` and print the result to stdout.
-pub fn run(node: &str, req: ControlRequest, json: bool) -> Result<()> {
-    let mut client = Client::connect(node)?;
+/// Send `req` to the node at `node` (presenting `token` on TCP) and print
+/// the result to stdout.
+pub fn run(
+    node: &str,
+    token: Option<&crate::auth::Token>,
+    req: ControlRequest,
+    json: bool,
+) -> Result<()> {
+    let mut client = Client::connect_as(node, token)?;
     let bar = progress_bar(&req, json);
     let result = client.call_with_progress(&req, &mut |p| {
         if let Some(b) = &bar {

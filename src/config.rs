@@ -4,7 +4,10 @@
 //!
 //! ```toml
 //! data = "/dev/loop0"          # pool device or file (sluice init first)
-//! listen = "127.0.0.1:7000"    # control API, /metrics, peers
+//! listen = "127.0.0.1:7000"    # peers and /metrics (never the control API)
+//! control_socket = "/run/sluice/a.sock"  # control API (Unix, 0600); default DATA.sock
+//! control_listen = "10.0.0.1:7001"        # control API on TCP too (off by default) ...
+//! control_tokens = ["/etc/sluice/ops.token"]  # ... for clients presenting one of these
 //! nbd = "127.0.0.1:10809"      # NBD exports (optional)
 //! name = "node-a"              # node name, stored in the pool at first start
 //! checkpoint_interval_ms = 5000
@@ -37,6 +40,9 @@ use std::time::Duration;
 pub struct ConfigFile {
     pub data: Option<PathBuf>,
     pub listen: Option<String>,
+    pub control_socket: Option<PathBuf>,
+    pub control_listen: Option<String>,
+    pub control_tokens: Option<Vec<PathBuf>>,
     pub nbd: Option<String>,
     pub name: Option<String>,
     pub checkpoint_interval_ms: Option<u64>,
@@ -70,7 +76,14 @@ impl ConfigFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
     pub data: PathBuf,
+    /// Peers (and /metrics); the control API is never served here.
     pub listen: String,
+    /// The control API's Unix socket (root-only).
+    pub control_socket: PathBuf,
+    /// The control API on TCP, for clients with a token; off when `None`.
+    pub control_listen: Option<String>,
+    /// Token files whose tokens the TCP control API accepts.
+    pub control_tokens: Vec<PathBuf>,
     pub nbd: Option<String>,
     /// Node name; `None`: the one stored in the pool (or a new random one).
     pub name: Option<String>,
@@ -103,6 +116,7 @@ pub struct ServeConfig {
 pub struct ServeFlags {
     pub data: Option<PathBuf>,
     pub listen: Option<String>,
+    pub control_socket: Option<PathBuf>,
     pub nbd: Option<String>,
     pub name: Option<String>,
     pub peer_secret: Option<PathBuf>,
@@ -117,6 +131,7 @@ impl ServeConfig {
         let ServeFlags {
             data,
             listen,
+            control_socket,
             nbd,
             name,
             peer_secret,
@@ -187,10 +202,22 @@ impl ServeConfig {
                 "checkpoint_interval_ms must be greater than zero".into(),
             ));
         }
+        let control_socket = control_socket
+            .or(file.control_socket)
+            .unwrap_or_else(|| crate::auth::default_socket(&data));
+        let control_tokens = file.control_tokens.unwrap_or_default();
+        if file.control_listen.is_some() && control_tokens.is_empty() {
+            return Err(NodeError::Invalid(
+                "control_listen needs control_tokens (files made by `sluice token create NAME --out FILE`): the TCP control API never runs without a credential".into(),
+            ));
+        }
         Ok(ServeConfig {
             name: name.or(file.name),
             data,
             listen,
+            control_socket,
+            control_listen: file.control_listen,
+            control_tokens,
             nbd: nbd.or(file.nbd),
             checkpoint_interval: Duration::from_millis(cp_ms),
             direct_io: file.direct_io.unwrap_or(true),

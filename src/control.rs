@@ -1,4 +1,5 @@
-//! The control API: JSON lines over TCP on the node's `--listen` address.
+//! The control API: JSON lines over the node's control socket (a Unix
+//! socket, root-only; see [`crate::auth`]), never over the peer port.
 //!
 //! One request object per line, answered by zero or more progress lines
 //! (`{"progress": {...}}`, for long operations) and then exactly one final
@@ -240,17 +241,55 @@ pub fn read_line<R: BufRead>(r: &mut R) -> std::io::Result<Option<String>> {
 /// A client connection to a node's control API.
 pub struct Client {
     addr: String,
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    reader: BufReader<Box<dyn Read + Send>>,
+    writer: Box<dyn Write + Send>,
 }
 
 impl Client {
-    /// Connect to `addr` (`host:port`), failing within a few seconds.
+    /// Connect to `addr`, failing within a few seconds: a Unix socket
+    /// (`/path`, `./path` or `unix:/path`) or `HOST:PORT` (names resolve).
     pub fn connect(addr: &str) -> Result<Client> {
+        Client::connect_as(addr, None)
+    }
+
+    /// Like [`Client::connect`], presenting `token` first (a TCP control
+    /// API refuses every request without one; a Unix socket needs none).
+    pub fn connect_as(addr: &str, token: Option<&crate::auth::Token>) -> Result<Client> {
+        let mut c = Client::open(addr)?;
+        if let Some(t) = token {
+            if crate::auth::socket_path(addr).is_none() {
+                c.present(t)?;
+            }
+        }
+        Ok(c)
+    }
+
+    fn present(&mut self, token: &crate::auth::Token) -> Result<()> {
+        let line = format!("{}\n", serde_json::json!({ "token": token.to_line() }));
+        let addr = self.addr.clone();
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|source| NodeError::Unreachable {
+                addr: addr.clone(),
+                source,
+            })?;
+        self.final_line(&mut |_| {}).map(|_| ())
+    }
+
+    fn open(addr: &str) -> Result<Client> {
         let unreachable = |source| NodeError::Unreachable {
             addr: addr.to_string(),
             source,
         };
+        if let Some(path) = crate::auth::socket_path(addr) {
+            let stream = std::os::unix::net::UnixStream::connect(path).map_err(unreachable)?;
+            let writer = stream.try_clone().map_err(unreachable)?;
+            return Ok(Client {
+                addr: addr.to_string(),
+                reader: BufReader::new(Box::new(stream)),
+                writer: Box::new(writer),
+            });
+        }
         let sockaddr = addr
             .to_socket_addrs()
             .map_err(unreachable)?
@@ -267,8 +306,8 @@ impl Client {
         let writer = stream.try_clone().map_err(unreachable)?;
         Ok(Client {
             addr: addr.to_string(),
-            reader: BufReader::new(stream),
-            writer,
+            reader: BufReader::new(Box::new(stream)),
+            writer: Box::new(writer),
         })
     }
 
@@ -289,6 +328,11 @@ impl Client {
                 addr: addr.clone(),
                 source,
             })?;
+        self.final_line(on_progress)
+    }
+
+    fn final_line(&mut self, on_progress: &mut dyn FnMut(&Value)) -> Result<Value> {
+        let addr = self.addr.clone();
         loop {
             let got = read_line(&mut self.reader).map_err(|source| NodeError::Unreachable {
                 addr: addr.clone(),

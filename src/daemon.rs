@@ -3,15 +3,19 @@
 //! Owns the process lifecycle: open the pool exclusively (a second daemon
 //! on the same device is refused by the device layer), start one engine
 //! shard per region of the pool (each with its own io_uring ring),
-//! bind the `--listen` address (control API, HTTP `/metrics`, peers) and the
-//! optional NBD address, print one `ready` line on stdout, then wait for
-//! SIGTERM/SIGINT. Shutdown order: stop accepting, let the NBD server finish
-//! in-flight requests, take the final consistency point, exit 0.
+//! bind the control socket (Unix, root-only, [`crate::auth`]), the
+//! `--listen` address (peers, HTTP `/metrics`) and the optional NBD
+//! address, print one `ready` line on stdout, then wait for SIGTERM/SIGINT.
+//! Shutdown order: stop accepting, let the NBD server finish in-flight
+//! requests, take the final consistency point, remove the control socket,
+//! exit 0.
 //!
 //! Every accepted `--listen` connection gets its own thread, which looks at
-//! the first bytes without consuming them (`peek`): `{` is the control API
-//! (JSON lines), `GET ` is HTTP, the lockproto magic `SLCE` is a peer. The
-//! number of such threads is bounded ([`CONN_MAX`]).
+//! the first bytes without consuming them (`peek`): `GET ` is HTTP, the
+//! lockproto magic `SLCE` is a peer, and `{` (a control request sent to the
+//! wrong place) gets one error line and is closed: no control operation
+//! ever runs on the peer port. Control socket connections are served on
+//! their own threads. Each listener's threads are bounded ([`CONN_MAX`]).
 
 use crate::config::ServeConfig;
 use crate::control::{parse_request, progress_line, read_line, response_line};
@@ -24,6 +28,7 @@ use sluice_engine::sharded;
 use sluice_replicator::{Replicator, ReplicatorConfig};
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,10 +107,27 @@ fn bind(addr: &str, what: &str) -> Result<TcpListener> {
 }
 
 fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<()> {
-    let control = bind(&cfg.listen, "the control API")?;
+    let control_sock = crate::auth::bind_control_socket(&cfg.control_socket)?;
+    let tokens = cfg
+        .control_tokens
+        .iter()
+        .map(|p| crate::auth::Token::read_file(p))
+        .collect::<Result<Vec<_>>>()?;
+    let tcp_control = match &cfg.control_listen {
+        Some(a) => Some(bind(a, "the control API (TCP, with tokens)")?),
+        None => None,
+    };
+    let tcp_control_addr = match &tcp_control {
+        Some(l) => Some(
+            l.local_addr()
+                .map_err(NodeError::io("TCP control listener address"))?,
+        ),
+        None => None,
+    };
+    let control = bind(&cfg.listen, "peers")?;
     let control_addr = control
         .local_addr()
-        .map_err(NodeError::io("control listener address"))?;
+        .map_err(NodeError::io("peer listener address"))?;
     let nbd_listener = match &cfg.nbd {
         Some(a) => Some(bind(a, "NBD")?),
         None => None,
@@ -180,10 +202,58 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
             .spawn(move || accept_loop(control, node, stop, control_timeout))
             .map_err(NodeError::io("spawning the accept thread"))?
     };
+    let unix_acceptor = {
+        let node = node.clone();
+        let stop = stop.clone();
+        let control_timeout = cfg.control_timeout;
+        std::thread::Builder::new()
+            .name("sluice-accept-ctl".into())
+            .spawn(move || {
+                control_accept_loop(
+                    || control_sock.accept().map(|(s, _)| s),
+                    crate::auth::unix_peer,
+                    None,
+                    node,
+                    stop,
+                    control_timeout,
+                )
+            })
+            .map_err(NodeError::io("spawning the control accept thread"))?
+    };
+    let tcp_acceptor = match tcp_control {
+        Some(l) => {
+            let node = node.clone();
+            let stop = stop.clone();
+            let control_timeout = cfg.control_timeout;
+            let tokens = Arc::new(tokens);
+            Some(
+                std::thread::Builder::new()
+                    .name("sluice-accept-tcpctl".into())
+                    .spawn(move || {
+                        control_accept_loop(
+                            || l.accept().map(|(s, _)| s),
+                            |s: &TcpStream| {
+                                s.peer_addr()
+                                    .map(|a| format!("addr={a}"))
+                                    .unwrap_or_else(|_| "addr=?".into())
+                            },
+                            Some(tokens),
+                            node,
+                            stop,
+                            control_timeout,
+                        )
+                    })
+                    .map_err(NodeError::io("spawning the TCP control accept thread"))?,
+            )
+        }
+        None => None,
+    };
 
     tracing::info!(
         node = %name,
-        control = %control_addr,
+        control = %cfg.control_socket.display(),
+        control_tcp = ?tcp_control_addr,
+        listen = %control_addr,
         nbd = ?nbd_addr,
         shards = engine.shard_count(),
         "serving"
@@ -191,7 +261,11 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     let mut out = std::io::stdout();
     let _ = writeln!(
         out,
-        "ready control={control_addr} nbd={}",
+        "ready control={} listen={control_addr} control_tcp={} nbd={}",
+        cfg.control_socket.display(),
+        tcp_control_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
         nbd_addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into())
@@ -203,6 +277,13 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     stop.store(true, Ordering::SeqCst);
     wake(control_addr);
     let _ = acceptor.join();
+    let _ = UnixStream::connect(&cfg.control_socket);
+    let _ = unix_acceptor.join();
+    if let (Some(a), Some(t)) = (tcp_control_addr, tcp_acceptor) {
+        wake(a);
+        let _ = t.join();
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
     repl.shutdown();
     if let Some(nbd) = nbd {
         nbd.shutdown();
@@ -259,6 +340,58 @@ fn accept_loop(
     }
 }
 
+/// Serve a control listener (the Unix socket, or TCP with `tokens`): one
+/// thread per connection, at most [`CONN_MAX`]; `who` names the client
+/// for the audit log (SO_PEERCRED, or the address and then the token).
+fn control_accept_loop<S: CtlStream + 'static>(
+    mut accept: impl FnMut() -> std::io::Result<S>,
+    who: impl Fn(&S) -> String,
+    tokens: Option<Arc<Vec<crate::auth::Token>>>,
+    node: Arc<Node>,
+    stop: Arc<AtomicBool>,
+    control_timeout: Duration,
+) {
+    let live = Arc::new(AtomicUsize::new(0));
+    loop {
+        let conn = accept();
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "control accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let who = who(&stream);
+        if live.load(Ordering::SeqCst) >= CONN_MAX {
+            tracing::warn!(client = %who, "too many control connections ({CONN_MAX}); closing this one");
+            continue;
+        }
+        live.fetch_add(1, Ordering::SeqCst);
+        let (node, live, tokens) = (node.clone(), live.clone(), tokens.clone());
+        let spawned = std::thread::Builder::new()
+            .name("sluice-ctl".into())
+            .spawn(move || {
+                if let Err(e) = control_conn(
+                    stream,
+                    &node,
+                    control_timeout,
+                    &who,
+                    tokens.as_deref().map(Vec::as_slice),
+                ) {
+                    tracing::warn!(client = %who, error = %e, "control connection closed");
+                }
+                live.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot spawn a control connection thread");
+        }
+    }
+}
+
 /// Peek at the first bytes of `stream` until `first` is full (or starts
 /// with `{`), within [`FIRST_BYTES_TIMEOUT`] in all. A client that sent a
 /// few bytes and closed, or sends nothing more, is dropped at once or at
@@ -309,7 +442,7 @@ fn dispatch(stream: TcpStream, node: &Arc<Node>, control_timeout: Duration) -> s
         return Ok(()); // closed before saying anything
     }
     if first[0] == b'{' {
-        control_conn(stream, node, control_timeout)
+        refuse_control(stream, control_timeout)
     } else if &first == b"GET " {
         http_conn(stream, node)
     } else if first[..] == sluice_lockproto::wire::MAGIC.to_le_bytes() {
@@ -389,12 +522,12 @@ fn read_secret(path: &std::path::Path) -> Result<Vec<u8>> {
 /// A socket whose reads all end by one deadline (the control API sets it
 /// per request line): a client that sends part of a line, or nothing,
 /// cannot hold its connection slot past it, however it paces its bytes.
-struct Timed {
-    s: TcpStream,
+struct Timed<S> {
+    s: S,
     deadline: std::time::Instant,
 }
 
-impl Read for Timed {
+impl<S: CtlStream> Read for Timed<S> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let left = self
             .deadline
@@ -405,21 +538,122 @@ impl Read for Timed {
                 "deadline passed before the client finished sending; connection closed",
             ));
         }
-        self.s.set_read_timeout(Some(left))?;
+        self.s.set_deadline(left)?;
         self.s.read(buf)
     }
 }
 
-fn control_conn(stream: TcpStream, node: &Node, timeout: Duration) -> std::io::Result<()> {
-    let client = stream
+/// A control request on the peer port: one error line, then close. The
+/// first line is read (bounded, by the deadline) so the reply is not lost
+/// to a reset for unread bytes.
+fn refuse_control(stream: TcpStream, timeout: Duration) -> std::io::Result<()> {
+    let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    let writer = std::sync::Mutex::new(stream.try_clone()?);
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(Timed {
+        s: stream,
+        deadline: std::time::Instant::now() + timeout.min(FIRST_BYTES_TIMEOUT),
+    });
+    let _ = read_line(&mut reader);
+    node_refusal(&peer);
+    let resp = response_line(&Err(NodeError::BadRequest(
+        "the control API is not served on the peer port: use the node's control socket (sluice --node /path/to/DATA.sock)".into(),
+    )));
+    writer.write_all(resp.as_bytes())
+}
+
+fn node_refusal(peer: &str) {
+    tracing::warn!(target: "audit", client = %peer, "control request on the peer port refused");
+}
+
+/// A stream the control API can run on: TCP or a Unix socket.
+trait CtlStream: Read + Write + Send + Sized {
+    fn clone_stream(&self) -> std::io::Result<Self>;
+    fn set_deadline(&self, left: Duration) -> std::io::Result<()>;
+}
+
+impl CtlStream for TcpStream {
+    fn clone_stream(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn set_deadline(&self, left: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(left))
+    }
+}
+
+impl CtlStream for UnixStream {
+    fn clone_stream(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn set_deadline(&self, left: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(left))
+    }
+}
+
+/// The first line of a TCP control connection: `{"token":"NAME:HEX"}`.
+/// Returns the token's name, or answers with an error (and the caller
+/// closes the connection).
+fn authenticate(
+    reader: &mut impl std::io::BufRead,
+    writer: &std::sync::Mutex<impl Write>,
+    tokens: &[crate::auth::Token],
+    client: &str,
+) -> std::io::Result<String> {
+    let refuse = |why: &str| -> std::io::Result<String> {
+        tracing::warn!(target: "audit", client = %client, reason = why, "control connection refused: no valid token");
+        let resp = response_line(&Err(NodeError::BadRequest(format!(
+            "{why}: this TCP control API needs a token first (a line {{\"token\":\"NAME:HEX\"}}; sluice --token-file FILE); no operation ran"
+        ))));
+        let _ = lock(writer).write_all(resp.as_bytes());
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why.to_string(),
+        ))
+    };
+    let line = match read_line(reader) {
+        Ok(Some(l)) => l,
+        Ok(None) => return refuse("closed before presenting a token"),
+        Err(e) => return refuse(&format!("no token line ({e})")),
+    };
+    let presented = serde_json::from_str::<serde_json::Value>(&line)
+        .ok()
+        .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_string));
+    let Some(presented) = presented else {
+        return refuse("the first line is not a token");
+    };
+    match crate::auth::check_token(tokens, &presented) {
+        Some(name) => {
+            let ok = response_line(&Ok(serde_json::json!({ "token": name })));
+            lock(writer).write_all(ok.as_bytes())?;
+            Ok(name.to_string())
+        }
+        None => refuse("token not accepted"),
+    }
+}
+
+fn control_conn<S: CtlStream>(
+    stream: S,
+    node: &Node,
+    timeout: Duration,
+    client: &str,
+    tokens: Option<&[crate::auth::Token]>,
+) -> std::io::Result<()> {
+    let writer = std::sync::Mutex::new(stream.clone_stream()?);
     let mut reader = BufReader::new(Timed {
         s: stream,
         deadline: std::time::Instant::now() + timeout,
     });
+    let named;
+    let client = match tokens {
+        Some(tokens) => {
+            let name = authenticate(&mut reader, &writer, tokens, client)?;
+            named = format!("token={name} {client}");
+            named.as_str()
+        }
+        None => client,
+    };
     loop {
         reader.get_mut().deadline = std::time::Instant::now() + timeout;
         let line = match read_line(&mut reader) {
@@ -447,7 +681,7 @@ fn control_conn(stream: TcpStream, node: &Node, timeout: Duration) -> std::io::R
             let audited = req.destructive().then(|| req.clone());
             let r = node.execute(req, &progress);
             if let Some(req) = &audited {
-                node.audit(req, &client, &r);
+                node.audit(req, client, &r);
             }
             match &r {
                 Ok(_) => tracing::debug!(op, "control request done"),

@@ -37,7 +37,10 @@ const BLOCK: usize = 4096;
 struct Node {
     name: &'static str,
     child: Option<Child>,
+    /// The control socket.
     control: String,
+    /// The peer address: mirror sources name it.
+    listen: String,
     nbd: String,
 }
 
@@ -81,7 +84,9 @@ impl Node {
                 .find_map(|w| w.strip_prefix(k))
                 .map(str::to_string)
         };
-        let (Some(control), Some(nbd)) = (field("control="), field("nbd=")) else {
+        let (Some(control), Some(listen), Some(nbd)) =
+            (field("control="), field("listen="), field("nbd="))
+        else {
             let _ = child.kill();
             bail!(
                 "node {name} did not start; see {}",
@@ -92,6 +97,7 @@ impl Node {
             name,
             child: Some(child),
             control,
+            listen,
             nbd,
         })
     }
@@ -327,13 +333,13 @@ fn drive(nodes: &[Node]) -> Result<RunResult> {
         name: "r0".into(),
     })?;
     let base = [
-        ("B:vol0", mirror(b, "vol0", format!("{}/vol0", a.control))?),
-        ("C:vol0", mirror(c, "vol0", format!("{}/vol0", b.control))?),
+        ("B:vol0", mirror(b, "vol0", format!("{}/vol0", a.listen))?),
+        ("C:vol0", mirror(c, "vol0", format!("{}/vol0", b.listen))?),
         (
             "C:dbcopy/db",
-            mirror(c, "dbcopy", format!("{}/vol0/db", b.control))?,
+            mirror(c, "dbcopy", format!("{}/vol0/db", b.listen))?,
         ),
-        ("D:vol0", mirror(d, "vol0", format!("{}/vol0", a.control))?),
+        ("D:vol0", mirror(d, "vol0", format!("{}/vol0", a.listen))?),
     ];
     println!(
         "baseline r0: {}",
@@ -448,8 +454,8 @@ fn reattach(nodes: &mut [Node], out: &mut RunResult) -> Result<()> {
         kept.join(" ")
     );
     for (who, dst, source) in [
-        ("C:vol0", "vol0", format!("{}/vol0", a.control)),
-        ("C:dbcopy/db", "dbcopy", format!("{}/vol0/db", a.control)),
+        ("C:vol0", "vol0", format!("{}/vol0", a.listen)),
+        ("C:dbcopy/db", "dbcopy", format!("{}/vol0/db", a.listen)),
     ] {
         println!("  sluice mirror retarget {dst} --from {source}   (on C)");
         let r = c.try_call(ControlRequest::MirrorRetarget {

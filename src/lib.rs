@@ -13,6 +13,7 @@
 //! - [`units`]: sizes and times as operators write and read them.
 //! - [`error`]: [`NodeError`], the crate's one error enum.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod control;

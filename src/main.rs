@@ -14,17 +14,36 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Snapshot-replication block storage")]
 struct Cli {
-    /// The node to talk to: the address its `serve --listen` was given.
+    /// The node to talk to: its control socket (`/path` or `unix:/path`;
+    /// default: the only socket in /run/sluice), or HOST:PORT.
     #[arg(long, global = true, env = "SLUICE_NODE")]
     node: Option<String>,
+    /// A token file (`sluice token create`) to present to a TCP control API.
+    #[arg(long, global = true, env = "SLUICE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Write a new token NAME to FILE (mode 0600; refused if FILE exists).
+    /// Name FILE in the node's `control_tokens`; give it to clients with
+    /// `--token-file FILE`.
+    Create {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the demonstration on files in a temporary folder.
     Demo,
+    /// Control API credentials for a node's TCP control address.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Format a device, or a file (created at --size).
     Init {
         path: PathBuf,
@@ -42,8 +61,13 @@ enum Cmd {
     Serve {
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Peers (and /metrics) connect here; never the control API.
         #[arg(long)]
         listen: Option<String>,
+        /// The control API's Unix socket (mode 0600); default DATA.sock next
+        /// to a pool file, /run/sluice/DEV.sock for a device.
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
         #[arg(long)]
         nbd: Option<String>,
         #[arg(long)]
@@ -313,6 +337,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // durations are checked here, before connecting.
     let (req, json) = match cli.cmd {
         Cmd::Demo => return demo::run(),
+        Cmd::Token(TokenCmd::Create { name, out }) => {
+            let t = sluice::auth::Token::create(&name, &out)?;
+            println!(
+                "token {} written to {} (mode 0600); add it to the node's control_tokens",
+                t.name,
+                out.display()
+            );
+            return Ok(());
+        }
         Cmd::Init {
             path,
             size,
@@ -331,6 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Serve {
             data,
             listen,
+            control_socket,
             nbd,
             name,
             config,
@@ -346,6 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let flags = ServeFlags {
                 data,
                 listen,
+                control_socket,
                 nbd,
                 name,
                 peer_secret,
@@ -533,10 +568,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ),
         },
     };
-    let node = cli.node.as_deref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "this command talks to a node: give --node <ADDR> (the node's --listen address) or set SLUICE_NODE"
-        )
-    })?;
-    Ok(cli::run(node, req, json)?)
+    let node = match cli.node {
+        Some(n) => n,
+        None => sluice::auth::find_default_socket()?.display().to_string(),
+    };
+    let token = match &cli.token_file {
+        Some(p) => Some(sluice::auth::Token::read_file(p)?),
+        None => None,
+    };
+    Ok(cli::run(&node, token.as_ref(), req, json)?)
 }

@@ -24,7 +24,7 @@ fn secret_file(dir: &Path, name: &str, text: &str) -> String {
 }
 
 fn metrics(d: &Daemon) -> String {
-    let mut s = std::net::TcpStream::connect(&d.control).expect("connect for /metrics");
+    let mut s = std::net::TcpStream::connect(&d.listen).expect("connect for /metrics");
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
         .unwrap();
     let mut out = String::new();
@@ -118,7 +118,7 @@ fn peers_prove_the_shared_secret_or_are_refused_on_both_sides() {
 
     // Same secret: B mirrors through a recording proxy; the secret never
     // crosses the wire; B's lock reaches A.
-    let proxy = Proxy::start(&a.control);
+    let proxy = Proxy::start(&a.listen);
     proxy.record(true);
     let r = b.json(&[
         "mirror",
@@ -149,7 +149,7 @@ fn peers_prove_the_shared_secret_or_are_refused_on_both_sides() {
     );
 
     // A different secret: refused on both sides, nothing left behind.
-    let from_a = format!("{}/v", a.control);
+    let from_a = format!("{}/v", a.listen);
     let o = c.cli(&["mirror", "create", "v", "--from", &from_a]);
     let e = refused(
         &o,
@@ -192,7 +192,7 @@ fn peers_prove_the_shared_secret_or_are_refused_on_both_sides() {
         "create",
         "u",
         "--from",
-        &format!("{}/u", d.control),
+        &format!("{}/u", d.listen),
     ]);
     let e = refused(
         &o,
@@ -250,14 +250,14 @@ fn a_refused_mirror_create_leaves_no_upstream_behind() {
         "create",
         "u",
         "--from",
-        &format!("{}/u", f.control),
+        &format!("{}/u", f.listen),
     ]);
     let o = d.cli(&[
         "mirror",
         "create",
         "v",
         "--from",
-        &format!("{}/v", a.control),
+        &format!("{}/v", a.listen),
     ]);
     refused(&o, "D (no secret)", &["requires a shared peer secret"]);
     assert!(no_relationships_but(&d, "u"));

@@ -56,7 +56,7 @@ fn run_chain(locks: bool, rng: &mut Rng, check_content: bool) -> Outcome {
             "create",
             "v",
             "--from",
-            &format!("{}/v", up.control),
+            &format!("{}/v", up.listen),
         ]);
     }
     let mut out = Outcome {

@@ -1,5 +1,5 @@
-//! The `--listen` port speaks three things, told apart by their first
-//! bytes: control JSON lines, HTTP (`/metrics`), and peers. Malformed
+//! The control socket speaks JSON lines; the `--listen` port speaks HTTP
+//! (`/metrics`) and peers, told apart by their first bytes. Malformed
 //! requests get an error response naming the problem and the connection
 //! (and the daemon) carry on; garbage gets its connection closed.
 
@@ -7,8 +7,9 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 
-fn line(r: &mut BufReader<TcpStream>) -> serde_json::Value {
+fn line(r: &mut BufReader<UnixStream>) -> serde_json::Value {
     let mut s = String::new();
     r.read_line(&mut s).unwrap();
     serde_json::from_str(&s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
@@ -20,7 +21,7 @@ fn json_lines_http_and_garbage() {
     let pool = init_pool(dir.path(), "pool.img", "256M");
     let mut d = Daemon::start(&pool);
 
-    let s = TcpStream::connect(&d.control).unwrap();
+    let s = d.control_conn();
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
     let cases: &[(&str, &str)] = &[
@@ -51,7 +52,7 @@ fn json_lines_http_and_garbage() {
 
     // HTTP metrics.
     let http = |path: &str| {
-        let mut s = TcpStream::connect(&d.control).unwrap();
+        let mut s = TcpStream::connect(&d.listen).unwrap();
         write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
@@ -72,13 +73,13 @@ fn json_lines_http_and_garbage() {
     assert!(http("/nope").starts_with("HTTP/1.1 404"));
 
     // Garbage first bytes: closed, logged, daemon fine.
-    let mut g = TcpStream::connect(&d.control).unwrap();
+    let mut g = TcpStream::connect(&d.listen).unwrap();
     g.write_all(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
     let mut buf = Vec::new();
     let _ = g.read_to_end(&mut buf);
     assert!(buf.is_empty());
     // An over-long line: error response, then closed.
-    let mut big = TcpStream::connect(&d.control).unwrap();
+    let mut big = d.control_conn();
     let mut payload = b"{\"op\":\"status\",\"pad\":\"".to_vec();
     payload.resize((1 << 20) + 100, b'a');
     let _ = big.write_all(&payload);

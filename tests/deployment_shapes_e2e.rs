@@ -574,7 +574,7 @@ fn many_locks() -> usize {
 /// fails beyond a few thousand locks; here we count what A holds).
 fn control_locks(d: &Daemon) -> Vec<Value> {
     use std::io::{BufRead, BufReader, Write};
-    let mut s = std::net::TcpStream::connect(&d.control).unwrap();
+    let mut s = d.control_conn();
     s.write_all(b"{\"op\":\"lock_list\"}\n").unwrap();
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).unwrap();
@@ -610,7 +610,7 @@ fn twenty_thousand_application_locks_all_reach_the_upstream() {
     // All requests on one control connection: a writer thread sends them,
     // this thread reads the replies in order.
     let started = std::time::Instant::now();
-    let s = std::net::TcpStream::connect(&b.control).unwrap();
+    let s = b.control_conn();
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let mut buf = Vec::new();

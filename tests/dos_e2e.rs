@@ -1,11 +1,12 @@
-//! Issue 13, denial of service on the `--listen` port, tried as an attacker
-//! would, on a real `sluice serve` over real TCP. Each test fails on the
+//! Issue 13, denial of service on the `--listen` (peer) port and on the
+//! control socket, tried as an attacker would, on a real `sluice serve`. Each test fails on the
 //! code before the fix: the node then stopped answering for good (or held
 //! the attacker's connection as long as it liked).
 //! - 256 connections that send 1 to 3 bytes and close used to leave 256
 //!   threads peeking in a loop forever: the connection cap was reached and
 //!   the operator locked out until a restart.
-//! - A control connection that sends `{` and nothing more is closed at the
+//! - A control connection (on the control socket, and a stray one on the
+//!   peer port) that sends `{` and nothing more is closed at the
 //!   configured control timeout.
 //! - A peer frame header that announces a 1 MiB body before the handshake
 //!   is refused at once instead of buffering for it.
@@ -16,6 +17,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,9 +33,24 @@ fn answers(d: &Daemon) -> bool {
     d.cli(&["status"]).status.success()
 }
 
+/// A socket a test can put a read timeout on.
+trait Timeout: Read + Write {
+    fn timeout(&self, wait: Duration);
+}
+impl Timeout for TcpStream {
+    fn timeout(&self, wait: Duration) {
+        self.set_read_timeout(Some(wait)).unwrap();
+    }
+}
+impl Timeout for UnixStream {
+    fn timeout(&self, wait: Duration) {
+        self.set_read_timeout(Some(wait)).unwrap();
+    }
+}
+
 /// Read until the server closes (true) or `wait` passes (false).
-fn closed_by_server(s: &mut TcpStream, wait: Duration) -> bool {
-    s.set_read_timeout(Some(wait)).unwrap();
+fn closed_by_server(s: &mut impl Timeout, wait: Duration) -> bool {
+    s.timeout(wait);
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
@@ -50,7 +67,7 @@ fn stray_bytes_then_close_do_not_lock_out_the_operator() {
     let dir = tempfile::tempdir().unwrap();
     let d = node(dir.path(), &[]);
     for i in 0..256usize {
-        let mut s = TcpStream::connect(&d.control).unwrap();
+        let mut s = TcpStream::connect(&d.listen).unwrap();
         let junk = [b'S', b'L', b'C'];
         s.write_all(&junk[..1 + i % 3]).unwrap();
         drop(s);
@@ -60,7 +77,7 @@ fn stray_bytes_then_close_do_not_lock_out_the_operator() {
     });
     // Again: the slots were given back, not just some of them.
     for _ in 0..256 {
-        let mut s = TcpStream::connect(&d.control).unwrap();
+        let mut s = TcpStream::connect(&d.listen).unwrap();
         s.write_all(b"GE").unwrap();
     }
     wait_until("the node to answer after 512 stray connections", || {
@@ -74,27 +91,34 @@ fn a_silent_control_connection_is_closed_at_the_control_timeout() {
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "control_timeout_ms = 1000\n").unwrap();
     let d = node(dir.path(), &["--config", cfg.to_str().unwrap()]);
-    let mut s = TcpStream::connect(&d.control).unwrap();
+    silent_and_dribbling_are_cut(d.control_conn(), d.control_conn());
+    // The same on the peer port, where `{` is refused, never served.
+    silent_and_dribbling_are_cut(
+        TcpStream::connect(&d.listen).unwrap(),
+        TcpStream::connect(&d.listen).unwrap(),
+    );
+    assert!(answers(&d));
+}
+
+fn silent_and_dribbling_are_cut(mut s: impl Timeout, mut t: impl Timeout) {
     s.write_all(b"{").unwrap();
     assert!(
         closed_by_server(&mut s, Duration::from_secs(30)),
         "a control connection that sent `{{` stayed open"
     );
     // A client that dribbles a byte at a time is cut all the same.
-    let mut s = TcpStream::connect(&d.control).unwrap();
     let mut cut = false;
     for b in b"{\"op\":\"status\"".iter().cycle().take(200) {
-        if s.write_all(&[*b]).is_err() {
+        if t.write_all(&[*b]).is_err() {
             cut = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        cut || closed_by_server(&mut s, Duration::from_secs(30)),
+        cut || closed_by_server(&mut t, Duration::from_secs(30)),
         "a dribbling control client was never cut"
     );
-    assert!(answers(&d));
 }
 
 #[test]
@@ -112,7 +136,7 @@ fn a_peer_header_announcing_a_big_body_before_the_handshake_is_refused() {
     h.extend_from_slice(&0u32.to_le_bytes()); // crc
     let mut conns = Vec::new();
     for _ in 0..8 {
-        let mut s = TcpStream::connect(&d.control).unwrap();
+        let mut s = TcpStream::connect(&d.listen).unwrap();
         s.write_all(&h).unwrap();
         s.write_all(&[0u8; 64]).unwrap();
         conns.push(s);
@@ -135,7 +159,7 @@ fn a_peer_dripping_its_hello_is_cut_at_the_handshake_deadline() {
     let cfg = dir.path().join("p.toml");
     std::fs::write(&cfg, "peer_timeout_ms = 2000\n").unwrap();
     let d = node(dir.path(), &["--config", cfg.to_str().unwrap()]);
-    let mut s = TcpStream::connect(&d.control).unwrap();
+    let mut s = TcpStream::connect(&d.listen).unwrap();
     // The magic (so it is a peer), then one byte every half second: each
     // within the 2 s read timeout, never a whole 24-byte header.
     s.write_all(&sluice_lockproto::wire::MAGIC.to_le_bytes())

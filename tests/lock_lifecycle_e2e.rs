@@ -92,14 +92,14 @@ fn soft_locks_live_and_die_through_a_cascade() {
         "create",
         "v",
         "--from",
-        &format!("{}/v", a.control),
+        &format!("{}/v", a.listen),
     ]);
     c.ok(&[
         "mirror",
         "create",
         "v",
         "--from",
-        &format!("{}/v", b.control),
+        &format!("{}/v", b.listen),
     ]);
     let s1 = snap_id(&a, "s1");
 
@@ -227,7 +227,7 @@ fn soft_locks_live_and_die_through_a_cascade() {
         "create",
         "w",
         "--from",
-        &format!("{}/v", b.control),
+        &format!("{}/v", b.listen),
     ]);
     assert!(
         !c_locks_on(&b).is_empty(),
@@ -281,14 +281,14 @@ fn a_silent_downstreams_locks_do_not_look_alive_further_up() {
         "create",
         "v",
         "--from",
-        &format!("{}/v", a.control),
+        &format!("{}/v", a.listen),
     ]);
     c.ok(&[
         "mirror",
         "create",
         "v",
         "--from",
-        &format!("{}/v", b.control),
+        &format!("{}/v", b.listen),
     ]);
     let c_on =
         |d: &Daemon| -> Vec<Value> { from_origin(&locks(d), "c").into_iter().cloned().collect() };
@@ -343,7 +343,7 @@ fn every_listed_lock_has_real_created_and_renewed_times() {
         "create",
         "v",
         "--from",
-        &format!("{}/v", a.control),
+        &format!("{}/v", a.listen),
     ]);
     for (d, name) in [(&a, "A"), (&b, "B")] {
         let ls = locks(d);

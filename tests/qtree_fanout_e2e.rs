@@ -111,9 +111,9 @@ fn qtree_cascade_and_fan_out_keep_every_base() {
         let r = n.json(&["mirror", "create", dst, "--from", &from]);
         assert_eq!(r["kind"], "full", "{r}");
     };
-    create(b, "w", format!("{}/v/q", a.control));
-    create(c, "x", format!("{}/w/q", b.control));
-    create(d, "v", format!("{}/v", a.control));
+    create(b, "w", format!("{}/v/q", a.listen));
+    create(c, "x", format!("{}/w/q", b.listen));
+    create(d, "v", format!("{}/v", a.listen));
     let kinds: Vec<(String, String)> = [b, c, d]
         .iter()
         .flat_map(|n| n.json(&["mirror", "status"]).as_array().unwrap().clone())

@@ -143,7 +143,7 @@ fn a_qtree_mirror_destination_is_read_only_until_break() {
         "create",
         "qv",
         "--from",
-        &format!("{}/vol0/db", a.control),
+        &format!("{}/vol0/db", a.listen),
     ]);
     assert_eq!(r["kind"], "full", "baseline: {r}");
     assert_read_only(&b, "after mirror create");

@@ -102,7 +102,7 @@ fn damaged_extents_are_detected_and_nothing_is_committed() {
     )
     .unwrap();
     let b = Daemon::try_start(&init_pool(scratch, "b.img", "256M"), &["--name", "b"]).unwrap();
-    let proxy = Proxy::start(&a.control);
+    let proxy = Proxy::start(&a.listen);
     a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
     round(&a, &mut rng, "s0");
     let from = format!("{}/v", proxy.addr());

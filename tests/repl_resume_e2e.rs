@@ -60,7 +60,7 @@ impl Pair {
             .into();
         let a = Pair::start_a(&a_pool, &a_args);
         let b = Daemon::try_start(&b_pool, &["--name", "b"]).unwrap();
-        let proxy = Proxy::start(&a.control);
+        let proxy = Proxy::start(&a.listen);
         proxy.set_rate(PROXY_RATE);
         a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
         Pair {
@@ -279,7 +279,7 @@ fn source_killed_mid_transfer_resumes_after_restart() {
     assert!(rel_status(p.b())["last_error"].is_string());
     // Same pool, same name, new port: the proxy points at it.
     let a = Pair::start_a(&p.a_pool, &p.a_args);
-    p.proxy.set_upstream(&a.control);
+    p.proxy.set_upstream(&a.listen);
     p.a = Some(a);
     let r = p.update();
     assert_resumed(&r, pos, "incremental");
@@ -369,7 +369,7 @@ fn stopped_daemons_mid_transfer_resume_after_restart() {
     let pos = ckpt_position(p.b()).expect("checkpoint kept");
     assert!(pos >= seen, "checkpoint went back: {pos} < {seen}");
     let a = Pair::start_a(&p.a_pool, &p.a_args);
-    p.proxy.set_upstream(&a.control);
+    p.proxy.set_upstream(&a.listen);
     p.a = Some(a);
     assert_resumed(&p.update(), pos, "incremental");
     p.check_content("s2");

@@ -81,7 +81,7 @@ fn every_node_prunes_by_count_without_breaking_a_chain() {
         "create",
         "v",
         "--from",
-        &format!("{}/v", a.control),
+        &format!("{}/v", a.listen),
         "--every",
         "1s",
         "--keep",
@@ -93,7 +93,7 @@ fn every_node_prunes_by_count_without_breaking_a_chain() {
         "create",
         "v",
         "--from",
-        &format!("{}/v", b.control),
+        &format!("{}/v", b.listen),
     ]);
 
     for round in 2..=9 {

@@ -140,7 +140,7 @@ fn a_lease_shorter_than_a_throttled_scheduled_transfer_survives_it() {
         "create",
         "big",
         "--from",
-        &format!("{}/big", a.control),
+        &format!("{}/big", a.listen),
         "--every",
         "1s",
         "--throttle",
@@ -151,7 +151,7 @@ fn a_lease_shorter_than_a_throttled_scheduled_transfer_survives_it() {
         "create",
         "small",
         "--from",
-        &format!("{}/small", a.control),
+        &format!("{}/small", a.listen),
         "--every",
         "1s",
     ]);

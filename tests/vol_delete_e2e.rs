@@ -20,7 +20,7 @@ fn vol_names(d: &Daemon) -> Vec<String> {
 /// `GET /metrics` on the node's listen address.
 fn metrics(d: &Daemon) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(&d.control).unwrap();
+    let mut s = std::net::TcpStream::connect(&d.listen).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -53,7 +53,7 @@ fn vol_delete_refuses_while_depended_on_and_frees_the_space() {
         "create",
         "v",
         "--from",
-        &format!("{}/v", a.control),
+        &format!("{}/v", a.listen),
     ]);
     // A mirror source with a live downstream: refused, naming it.
     let o = a.cli(&["vol", "delete", "v"]);
@@ -142,7 +142,7 @@ fn mirror_delete_with_the_upstream_down_says_its_locks_were_not_released() {
         "create",
         "v",
         "--from",
-        &format!("{}/v", a.control),
+        &format!("{}/v", a.listen),
     ]);
     a.kill();
     let out = b.ok(&["mirror", "delete", "v"]);

@@ -384,7 +384,10 @@ fn tcp_limit(size: u64) -> Result<Timed> {
 struct Node {
     name: &'static str,
     child: Option<Child>,
+    /// The control socket.
     control: String,
+    /// The peer address: mirror sources name it.
+    listen: String,
     nbd: String,
     log: PathBuf,
     // Dropped after `child` is stopped (Drop below runs first).
@@ -423,6 +426,7 @@ impl Node {
             name,
             child: None,
             control: String::new(),
+            listen: String::new(),
             nbd: String::new(),
             log,
             _dev: dev,
@@ -442,7 +446,9 @@ impl Node {
                 .find_map(|w| w.strip_prefix(k))
                 .map(str::to_string)
         };
-        let (Some(control), Some(nbd)) = (field("control="), field("nbd=")) else {
+        let (Some(control), Some(listen), Some(nbd)) =
+            (field("control="), field("listen="), field("nbd="))
+        else {
             bail!(
                 "node {name} did not start (stdout {:?}); its log: {}",
                 line.trim(),
@@ -450,6 +456,7 @@ impl Node {
             );
         };
         node.control = control;
+        node.listen = listen;
         node.nbd = nbd;
         // Keep draining stdout so a later line never meets a closed pipe.
         std::thread::spawn(move || {
@@ -571,7 +578,7 @@ fn sluice_phase(
         ControlRequest::MirrorCreate {
             keep: None,
             dst_volume: VOLUME.into(),
-            source: format!("{}/{VOLUME}", a.control),
+            source: format!("{}/{VOLUME}", a.listen),
             dst_qtree: None,
             every_secs: None,
             throttle_bps: None,
@@ -587,7 +594,7 @@ fn sluice_phase(
         ControlRequest::MirrorCreate {
             keep: None,
             dst_volume: VOLUME.into(),
-            source: format!("{}/{VOLUME}", b.control),
+            source: format!("{}/{VOLUME}", b.listen),
             dst_qtree: None,
             every_secs: None,
             throttle_bps: None,

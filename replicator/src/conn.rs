@@ -13,6 +13,8 @@
 //! a node without a secret that meets a peer requiring one fails clearly
 //! too (the peer's authenticated `Hello` is answered with an unauthenticated
 //! one, then the connection ends). Every socket has read/write timeouts.
+//! With a secret, every byte after the proof is encrypted and authenticated
+//! ([`crate::secure`]: a Noise session keyed by the secret and both Hellos).
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::time::Duration;
@@ -39,8 +41,8 @@ pub const PRE_AUTH_FRAME_MAX: usize = 16 << 10;
 /// One framed connection to a peer.
 pub struct Conn {
     stream: Box<dyn PeerStream>,
-    reader: BufReader<Box<dyn PeerStream>>,
-    writer: BufWriter<Box<dyn PeerStream>>,
+    reader: BufReader<Box<dyn Read + Send>>,
+    writer: BufWriter<Box<dyn Write + Send>>,
     /// Address (for messages).
     pub peer: String,
     /// The peer's node id once the handshake is done.
@@ -74,17 +76,21 @@ impl Conn {
         stream
             .set_write_timeout(Some(timeout))
             .map_err(|e| io("set write timeout", e))?;
-        let reader = BufReader::with_capacity(
+        let reader: BufReader<Box<dyn Read + Send>> = BufReader::with_capacity(
             IO_BUF_BYTES,
-            stream
-                .try_clone_stream()
-                .map_err(|e| io("clone socket", e))?,
+            Box::new(
+                stream
+                    .try_clone_stream()
+                    .map_err(|e| io("clone socket", e))?,
+            ),
         );
-        let writer = BufWriter::with_capacity(
+        let writer: BufWriter<Box<dyn Write + Send>> = BufWriter::with_capacity(
             IO_BUF_BYTES,
-            stream
-                .try_clone_stream()
-                .map_err(|e| io("clone socket", e))?,
+            Box::new(
+                stream
+                    .try_clone_stream()
+                    .map_err(|e| io("clone socket", e))?,
+            ),
         );
         Ok(Conn {
             stream,
@@ -411,6 +417,7 @@ impl Conn {
                 if verify_auth(secret, &nonce, node, &peer.node_id, &a).is_err() {
                     return refuse(self, "secrets differ (its answer to our challenge is wrong)".into());
                 }
+                self.encrypt(secret, node, &nonce, &peer.node_id, &peer.nonce)?;
                 Ok(peer.node_id)
             }
             Some(Message::Hello(Hello { auth: None, .. })) => refuse(
@@ -435,6 +442,59 @@ impl Conn {
                 detail: "connection closed during authentication (secrets differ, or the peer has none)".into(),
             }),
         }
+    }
+
+    /// Switch to the encrypted session ([`crate::secure`]) right after both
+    /// proofs: the Noise handshake runs through the buffered halves (a
+    /// record the peer already sent may sit in the read buffer), then
+    /// both halves are wrapped.
+    fn encrypt(
+        &mut self,
+        secret: &[u8],
+        node: &str,
+        nonce: &[u8; NONCE_LEN],
+        peer_node: &str,
+        peer_nonce: &[u8; NONCE_LEN],
+    ) -> Result<()> {
+        let initiator = node < peer_node;
+        let mut prologue = Vec::new();
+        let (first, second) = if initiator {
+            ((node, nonce), (peer_node, peer_nonce))
+        } else {
+            ((peer_node, peer_nonce), (node, nonce))
+        };
+        for (name, n) in [first, second] {
+            prologue.extend_from_slice(n);
+            prologue.extend_from_slice(name.as_bytes());
+            prologue.push(0);
+        }
+        self.flush()?;
+        let who = self.who();
+        self.arm_deadline()?;
+        let st = crate::secure::establish(
+            &who,
+            secret,
+            initiator,
+            &prologue,
+            &mut self.reader,
+            &mut self.writer,
+        )?;
+        let old_reader =
+            std::mem::replace(&mut self.reader, BufReader::new(Box::new(std::io::empty())));
+        let old_writer =
+            std::mem::replace(&mut self.writer, BufWriter::new(Box::new(std::io::sink())));
+        let raw_writer = old_writer
+            .into_inner()
+            .map_err(|e| self.io("send", e.into_error()))?;
+        self.reader = BufReader::with_capacity(
+            IO_BUF_BYTES,
+            Box::new(crate::secure::SealedReader::new(old_reader, st.clone())),
+        );
+        self.writer = BufWriter::with_capacity(
+            IO_BUF_BYTES,
+            Box::new(crate::secure::SealedWriter::new(raw_writer, st)),
+        );
+        Ok(())
     }
 
     /// A second handle on the socket (to shut it down from another thread).

@@ -14,6 +14,7 @@ pub mod conn;
 pub mod env;
 pub mod error;
 pub mod replicator;
+pub mod secure;
 pub mod throttle;
 pub mod transfer;
 pub mod types;

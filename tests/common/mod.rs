@@ -1,6 +1,7 @@
 //! End-to-end harness: real `sluice` processes on files in a temp folder,
-//! real TCP on 127.0.0.1 (ports chosen by the kernel: the daemon is started
-//! with `:0` and prints the bound addresses on its `ready` line).
+//! real TCP on 127.0.0.1 for peers and NBD (ports chosen by the kernel: the
+//! daemon is started with `:0` and prints the bound addresses on its
+//! `ready` line), the control API on each node's Unix socket (`DATA.sock`).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -42,7 +43,12 @@ pub fn stderr(o: &Output) -> String {
 pub struct Daemon {
     child: Option<Child>,
     pub data: PathBuf,
+    /// The control socket's path (what `--node` is given).
     pub control: String,
+    /// The peer address (`--listen`): mirror sources name it.
+    pub listen: String,
+    /// The TCP control address (`control_listen`), if configured.
+    pub control_tcp: Option<String>,
     pub nbd: String,
     pub log: PathBuf,
 }
@@ -85,11 +91,13 @@ impl Daemon {
                 .find_map(|w| w.strip_prefix(k))
                 .map(str::to_string)
         };
-        match (field("control="), field("nbd=")) {
-            (Some(control), Some(nbd)) if line.starts_with("ready") => Ok(Daemon {
+        match (field("control="), field("listen="), field("nbd=")) {
+            (Some(control), Some(listen), Some(nbd)) if line.starts_with("ready") => Ok(Daemon {
                 child: Some(child),
                 data: data.to_path_buf(),
                 control,
+                listen,
+                control_tcp: field("control_tcp=").filter(|a| a != "-"),
                 nbd,
                 log,
             }),
@@ -115,7 +123,7 @@ impl Daemon {
 
     /// `ADDR/PATH` of this node: a mirror source.
     pub fn source(&self, path: &str) -> String {
-        format!("{}/{path}", self.control)
+        format!("{}/{path}", self.listen)
     }
 
     /// `mirror status` of the relationship with destination `dst`.
@@ -127,6 +135,12 @@ impl Daemon {
             .find(|m| m["dst"] == dst)
             .cloned()
             .unwrap_or_else(|| panic!("no relationship {dst}"))
+    }
+
+    /// A raw connection to the control API (the Unix socket).
+    pub fn control_conn(&self) -> std::os::unix::net::UnixStream {
+        std::os::unix::net::UnixStream::connect(&self.control)
+            .unwrap_or_else(|e| panic!("connect to control socket {}: {e}", self.control))
     }
 
     /// The names of `vol`'s snapshots, oldest first.

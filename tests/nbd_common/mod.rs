@@ -1,5 +1,5 @@
 //! Shared setup of the NBD end-to-end tests: a real `sluice serve` process
-//! (pool file in a temp folder, control and NBD on 127.0.0.1 ports chosen
+//! (pool file in a temp folder, peers and NBD on 127.0.0.1 ports chosen
 //! by the kernel), set up through the real CLI; and a tiny raw NBD client.
 //! Metrics are read the way an operator reads them: `GET /metrics`.
 #![allow(dead_code)]
@@ -52,13 +52,14 @@ pub fn tool(name: &str) -> Option<PathBuf> {
 
 /// The daemon's metrics, scraped over HTTP.
 pub struct Metrics {
-    control: String,
+    /// The peer address, where `/metrics` is served.
+    listen: String,
 }
 
 impl Metrics {
     /// The whole `/metrics` body.
     pub fn scrape(&self) -> String {
-        let mut s = TcpStream::connect(&self.control).expect("connect for /metrics");
+        let mut s = TcpStream::connect(&self.listen).expect("connect for /metrics");
         write!(s, "GET /metrics HTTP/1.1\r\nHost: sluice\r\n\r\n").expect("send GET");
         let mut out = String::new();
         s.read_to_string(&mut out).expect("read /metrics");
@@ -111,7 +112,7 @@ impl Node {
         let node = Node {
             nbd_addr: daemon.nbd.parse().expect("NBD address"),
             metrics: Metrics {
-                control: daemon.control.clone(),
+                listen: daemon.listen.clone(),
             },
             daemon: Some(daemon),
             _dir: dir,
