@@ -378,7 +378,7 @@ fn lock_add_says_when_the_upstream_did_not_get_the_lock() {
         "create",
         "v",
         "--from",
-        &format!("{}/v", a.control),
+        &format!("{}/v", a.listen),
     ]);
     let r = b.json(&["lock", "add", "v", "s2", "--owner", "app1"]);
     assert_eq!(r["delivered"], true, "{r}");

@@ -697,7 +697,10 @@ mod tests {
         c.insert(11, node(11));
         assert_eq!(c.len(), 4, "bounded");
         assert!(c.get(0).is_some() && c.get(2).is_some(), "used ones kept");
-        assert!(c.get(1).is_none() && c.get(3).is_none(), "unused ones evicted");
+        assert!(
+            c.get(1).is_none() && c.get(3).is_none(),
+            "unused ones evicted"
+        );
         // A pba written again holds its new node.
         c.insert(10, node(99));
         assert_eq!(c.get(10).as_deref(), Some(&vec![99u8; 8]));

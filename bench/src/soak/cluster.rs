@@ -25,6 +25,8 @@ pub enum NodeState {
 pub struct Node {
     pub name: String,
     pub listen: String,
+    /// The control API's Unix socket (what `--node` names).
+    pub control: String,
     pub nbd: String,
     pub log: PathBuf,
     config: PathBuf,
@@ -84,11 +86,16 @@ impl Node {
             .with_context(|| format!("init {device}"))?;
         let listen = format!("127.0.0.1:{}", free_port()?);
         let nbd = format!("127.0.0.1:{}", free_port()?);
+        let control = dir
+            .join(format!("{name}.sock"))
+            .to_string_lossy()
+            .to_string();
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "data = {device:?}\nlisten = {listen:?}\nnbd = {nbd:?}\nname = {name:?}\n\
+                "data = {device:?}\nlisten = {listen:?}\ncontrol_socket = {control:?}\n\
+                 nbd = {nbd:?}\nname = {name:?}\n\
                  checkpoint_interval_ms = 1000\npin_shards = false\nlease_ms = {lease_ms}\n\
                  lease_policy = \"keep\"\npeer_timeout_ms = 10000\nmax_transfers = 2\n\
                  checkpoint_items = 256\n"
@@ -97,6 +104,7 @@ impl Node {
         Ok(Node {
             name: name.to_string(),
             listen,
+            control,
             nbd,
             log: dir.join(format!("{name}.log")),
             config,

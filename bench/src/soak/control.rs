@@ -1,6 +1,6 @@
 //! Every call the soak makes to a node's control API, and every run of the
 //! `sluice` CLI (init included), in this one module: today each is
-//! `sluice --node ADDR ... [--json]`, with a deadline. When the way the
+//! `sluice --node SOCKET ... [--json]` (the node's control socket), with a deadline. When the way the
 //! CLI reaches a node changes (a Unix socket, a token for TCP), this is the
 //! only file to adapt.
 //!

@@ -286,8 +286,9 @@ impl Soak {
         }
     }
 
+    /// What `--node` takes to reach node `i`'s control API.
     fn addr(&self, i: usize) -> String {
-        self.nodes[i].listen.clone()
+        self.nodes[i].control.clone()
     }
 
     fn up(&self, i: usize) -> bool {
