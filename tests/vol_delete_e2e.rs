@@ -86,13 +86,13 @@ fn vol_delete_refuses_while_depended_on_and_frees_the_space() {
         before - after,
     );
     assert!(!vol_names(&a).contains(&"w".to_string()));
-    // Audited: who asked and what, in the log and the metrics; refusals
-    // too.
+    // Audited: who asked (the socket peer's uid and pid) and what, in the
+    // log and the metrics; refusals too.
     wait_until("the audit line of vol delete w", || {
         a.log_text().lines().any(|l| {
             l.contains("destructive operation done")
                 && l.contains("op=\"vol_delete\"")
-                && l.contains("client=127.0.0.1:")
+                && l.contains("client=uid=")
                 && l.contains("\"name\":\"w\"")
         })
     });
