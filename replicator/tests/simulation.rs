@@ -1732,6 +1732,39 @@ fn regressions_found_by_the_simulation() {
     };
     let cases: Vec<(&str, Shape, Vec<Step>)> = vec![
         (
+            // A lock added while the upstream was down, added again once it
+            // was back: the re-add changed nothing, sent nothing, and
+            // answered delivered while the first set still waited (seed
+            // 1000160).
+            "a re-added lock is delivered before lock add says so",
+            keep(2, vec![(0, false), (0, true)]),
+            vec![
+                Step::Snap { l: 1 },
+                Step::Mirror {
+                    l: 1,
+                    dst: 1,
+                    src: 0,
+                    qtree: false,
+                    every_s: Some(62),
+                },
+                Step::Crash {
+                    node: 0,
+                    after_ops: 0,
+                },
+                Step::LockAdd {
+                    node: 1,
+                    vol: "L1".into(),
+                    nth: 1,
+                },
+                Step::Restart { node: 0 },
+                Step::LockAdd {
+                    node: 1,
+                    vol: "L1".into(),
+                    nth: 0,
+                },
+            ],
+        ),
+        (
             // The upstream answered a lock set before it was durable; its
             // crash lost the downstream's new base lock.
             "an acknowledged lock set survives a crash of the upstream",
