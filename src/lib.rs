@@ -9,7 +9,7 @@
 //! - [`config`]: `serve` settings from flags and TOML.
 //! - [`metrics`]: Prometheus text for `GET /metrics`.
 //! - [`nbd`]: the NBD server (exports of volumes, qtrees and snapshots).
-//! - [`nbd_client`]: a minimal NBD client (the demo's workload).
+//! - [`nbd_client`]: a minimal NBD client (the demo's and the soak's workload).
 //! - [`units`]: sizes and times as operators write and read them.
 //! - [`error`]: [`NodeError`], the crate's one error enum.
 

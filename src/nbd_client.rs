@@ -1,7 +1,8 @@
 //! A minimal blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple
-//! replies, one request at a time): what `sluice demo` writes and reads
-//! with, so the demo needs nothing but this binary. Real clients
-//! (`qemu-io`, `qemu-img`, `fio`) are what the tests use.
+//! replies, one request at a time, FUA writes, optional socket timeouts):
+//! what `sluice demo` and the soak harness's writers use, so they need
+//! nothing but this binary. Real clients (`qemu-io`, `qemu-img`, `fio`) are
+//! what the tests use.
 //!
 //! Invariants: every length read from the server is bounded before
 //! allocating; a reply whose handle is not the request's is an error.
@@ -9,6 +10,7 @@
 use crate::error::{NodeError, Result};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::time::Duration;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -23,6 +25,7 @@ const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
+const CMD_FLAG_FUA: u16 = 1;
 const OPTION_REPLY_MAX: u32 = 64 << 10;
 
 /// One open export.
@@ -45,6 +48,27 @@ impl NbdClient {
             addr: addr.to_string(),
             source,
         })?;
+        Self::on(s, export)
+    }
+
+    /// Connect to `addr` and open `export`; the connect and every socket
+    /// read and write time out after `timeout` (a stopped or killed server
+    /// fails the caller instead of hanging it).
+    pub fn open_with_timeout(addr: &str, export: &str, timeout: Duration) -> Result<NbdClient> {
+        let unreachable = |source| NodeError::Unreachable {
+            addr: addr.to_string(),
+            source,
+        };
+        let sock: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|e| unreachable(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        let s = TcpStream::connect_timeout(&sock, timeout).map_err(unreachable)?;
+        s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
+        s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+        Self::on(s, export)
+    }
+
+    fn on(s: TcpStream, export: &str) -> Result<NbdClient> {
         let _ = s.set_nodelay(true);
         let mut c = NbdClient {
             s,
@@ -126,12 +150,12 @@ impl NbdClient {
         }
     }
 
-    fn request(&mut self, cmd: u16, offset: u64, len: u32, data: &[u8]) -> Result<u64> {
+    fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Result<u64> {
         let handle = self.next_handle;
         self.next_handle += 1;
         let mut h = Vec::with_capacity(28 + data.len());
         h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&flags.to_be_bytes());
         h.extend_from_slice(&cmd.to_be_bytes());
         h.extend_from_slice(&handle.to_be_bytes());
         h.extend_from_slice(&offset.to_be_bytes());
@@ -160,13 +184,22 @@ impl NbdClient {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_flags(offset, data, 0)
+    }
+
+    /// Write `data` at `offset`, durable when this returns (FUA).
+    pub fn write_fua(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_flags(offset, data, CMD_FLAG_FUA)
+    }
+
+    fn write_flags(&mut self, offset: u64, data: &[u8], flags: u16) -> Result<()> {
         let len = u32::try_from(data.len()).map_err(|_| proto(&self.export, "write too large"))?;
-        let h = self.request(CMD_WRITE, offset, len, data)?;
+        let h = self.request(CMD_WRITE, flags, offset, len, data)?;
         self.reply(h, "write")
     }
 
     pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let h = self.request(CMD_READ, offset, len, &[])?;
+        let h = self.request(CMD_READ, 0, offset, len, &[])?;
         self.reply(h, "read")?;
         let mut buf = vec![0u8; len as usize];
         let r = self.s.read_exact(&mut buf);
@@ -175,13 +208,13 @@ impl NbdClient {
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        let h = self.request(CMD_FLUSH, 0, 0, &[])?;
+        let h = self.request(CMD_FLUSH, 0, 0, 0, &[])?;
         self.reply(h, "flush")
     }
 }
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        let _ = self.request(CMD_DISC, 0, 0, &[]);
+        let _ = self.request(CMD_DISC, 0, 0, 0, &[]);
     }
 }

@@ -26,11 +26,11 @@
 
 use super::cluster::NodeState;
 use super::model::{decode, BLOCK_BYTES};
-use super::nbd::Nbd;
 use super::workload::NBD_TIMEOUT;
 use super::{AppLock, Soak, APP_OWNER, VOLUMES};
 use rand::Rng;
 use serde_json::Value;
+use sluice::nbd_client::NbdClient as Nbd;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ const CHUNK_BLOCKS: u64 = 64;
 type NsView = (u32, String, String);
 
 fn read_blocks(nbd: &str, export: &str, span_blocks: u64) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut c = Nbd::open(nbd, export, NBD_TIMEOUT)?;
+    let mut c = Nbd::open_with_timeout(nbd, export, NBD_TIMEOUT)?;
     let mut out = Vec::with_capacity(span_blocks as usize);
     let mut lba = 0;
     while lba < span_blocks {

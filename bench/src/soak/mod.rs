@@ -21,7 +21,6 @@ mod cluster;
 mod control;
 mod faults;
 mod model;
-mod nbd;
 mod proxy;
 mod report;
 mod workload;

@@ -11,10 +11,10 @@
 //! the model takes what the node really holds (it must lie in that range).
 
 use super::model::{decode, pattern, Namespace, BLOCK_BYTES};
-use super::nbd::Nbd;
 use super::report::Tally;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use sluice::nbd_client::NbdClient as Nbd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +48,7 @@ impl Writer {
                     std::thread::sleep(Duration::from_millis(200));
                     continue;
                 }
-                match Nbd::open(&self.nbd_addr, &self.ns.export, NBD_TIMEOUT) {
+                match Nbd::open_with_timeout(&self.nbd_addr, &self.ns.export, NBD_TIMEOUT) {
                     Ok(c) => {
                         self.tally.add("nbd.connects", 1);
                         conn = Some(c);
@@ -75,7 +75,12 @@ impl Writer {
                 e.next
             };
             let data = pattern(self.seed, self.ns.id, lba, gen);
-            let r = c.write(lba * BLOCK_BYTES as u64, &data, fua);
+            let at = lba * BLOCK_BYTES as u64;
+            let r = if fua {
+                c.write_fua(at, &data)
+            } else {
+                c.write(at, &data)
+            };
             match r {
                 Ok(()) => {
                     self.tally.add("writes", 1);
