@@ -266,14 +266,16 @@ impl Client {
 
     fn present(&mut self, token: &crate::auth::Token) -> Result<()> {
         let line = format!("{}\n", serde_json::json!({ "token": token.to_line() }));
+        self.exchange(&line, &mut |_| {}).map(|_| ())
+    }
+
+    /// Write one line and wait for its final answer.
+    fn exchange(&mut self, line: &str, on_progress: &mut dyn FnMut(&Value)) -> Result<Value> {
         let addr = self.addr.clone();
         self.writer
             .write_all(line.as_bytes())
-            .map_err(|source| NodeError::Unreachable {
-                addr: addr.clone(),
-                source,
-            })?;
-        self.final_line(&mut |_| {}).map(|_| ())
+            .map_err(|source| NodeError::Unreachable { addr, source })?;
+        self.final_line(on_progress)
     }
 
     fn open(addr: &str) -> Result<Client> {
@@ -321,14 +323,7 @@ impl Client {
         let mut line = serde_json::to_string(req)
             .map_err(|e| NodeError::BadRequest(format!("cannot encode request: {e}")))?;
         line.push('\n');
-        let addr = self.addr.clone();
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|source| NodeError::Unreachable {
-                addr: addr.clone(),
-                source,
-            })?;
-        self.final_line(on_progress)
+        self.exchange(&line, on_progress)
     }
 
     fn final_line(&mut self, on_progress: &mut dyn FnMut(&Value)) -> Result<Value> {

@@ -106,6 +106,20 @@ fn bind(addr: &str, what: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).map_err(NodeError::io(format!("cannot listen for {what} on {addr}")))
 }
 
+/// Listen for `what` on `addr`; returns the listener and its bound address.
+fn bind_addr(addr: &str, what: &str) -> Result<(TcpListener, std::net::SocketAddr)> {
+    let l = bind(addr, what)?;
+    let a = l
+        .local_addr()
+        .map_err(NodeError::io(format!("address of the {what} listener")))?;
+    Ok((l, a))
+}
+
+/// [`bind_addr`] when `addr` is configured.
+fn bind_opt(addr: Option<&str>, what: &str) -> Result<Option<(TcpListener, std::net::SocketAddr)>> {
+    addr.map(|a| bind_addr(a, what)).transpose()
+}
+
 fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<()> {
     let control_sock = crate::auth::bind_control_socket(&cfg.control_socket)?;
     let tokens = cfg
@@ -113,32 +127,14 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         .iter()
         .map(|p| crate::auth::Token::read_file(p))
         .collect::<Result<Vec<_>>>()?;
-    let tcp_control = match &cfg.control_listen {
-        Some(a) => Some(bind(a, "the control API (TCP, with tokens)")?),
-        None => None,
-    };
-    let tcp_control_addr = match &tcp_control {
-        Some(l) => Some(
-            l.local_addr()
-                .map_err(NodeError::io("TCP control listener address"))?,
-        ),
-        None => None,
-    };
-    let control = bind(&cfg.listen, "peers")?;
-    let control_addr = control
-        .local_addr()
-        .map_err(NodeError::io("peer listener address"))?;
-    let nbd_listener = match &cfg.nbd {
-        Some(a) => Some(bind(a, "NBD")?),
-        None => None,
-    };
-    let nbd_addr = match &nbd_listener {
-        Some(l) => Some(
-            l.local_addr()
-                .map_err(NodeError::io("NBD listener address"))?,
-        ),
-        None => None,
-    };
+    let tcp_control = bind_opt(
+        cfg.control_listen.as_deref(),
+        "the control API (TCP, with tokens)",
+    )?;
+    let tcp_control_addr = tcp_control.as_ref().map(|(_, a)| *a);
+    let (peers, peers_addr) = bind_addr(&cfg.listen, "peers")?;
+    let nbd_listener = bind_opt(cfg.nbd.as_deref(), "NBD")?;
+    let nbd_addr = nbd_listener.as_ref().map(|(_, a)| *a);
     let name = node_name(&engine, cfg.name.as_deref())?;
     let mut rcfg = ReplicatorConfig::new(name.clone());
     rcfg.peer_secret = match &cfg.peer_secret {
@@ -165,7 +161,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         NodeInfo {
             name: name.clone(),
             data: cfg.data.display().to_string(),
-            listen: control_addr.to_string(),
+            listen: peers_addr.to_string(),
             nbd: nbd_addr.map(|a| a.to_string()),
         },
     ));
@@ -185,7 +181,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     .map_err(NodeError::io("installing signal handlers"))?;
 
     let nbd = match nbd_listener {
-        Some(l) => Some(
+        Some((l, _)) => Some(
             crate::nbd::NbdServer::start(l, engine.clone(), node.nbd_metrics.clone())
                 .map_err(NodeError::io("starting the NBD server"))?,
         ),
@@ -199,7 +195,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         let control_timeout = cfg.control_timeout;
         std::thread::Builder::new()
             .name("sluice-accept".into())
-            .spawn(move || accept_loop(control, node, stop, control_timeout))
+            .spawn(move || accept_loop(peers, node, stop, control_timeout))
             .map_err(NodeError::io("spawning the accept thread"))?
     };
     let unix_acceptor = {
@@ -221,7 +217,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
             .map_err(NodeError::io("spawning the control accept thread"))?
     };
     let tcp_acceptor = match tcp_control {
-        Some(l) => {
+        Some((l, _)) => {
             let node = node.clone();
             let stop = stop.clone();
             let control_timeout = cfg.control_timeout;
@@ -253,7 +249,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         node = %name,
         control = %cfg.control_socket.display(),
         control_tcp = ?tcp_control_addr,
-        listen = %control_addr,
+        listen = %peers_addr,
         nbd = ?nbd_addr,
         shards = engine.shard_count(),
         "serving"
@@ -261,7 +257,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     let mut out = std::io::stdout();
     let _ = writeln!(
         out,
-        "ready control={} listen={control_addr} control_tcp={} nbd={}",
+        "ready control={} listen={peers_addr} control_tcp={} nbd={}",
         cfg.control_socket.display(),
         tcp_control_addr
             .map(|a| a.to_string())
@@ -275,7 +271,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     let sig = signals.forever().next();
     tracing::info!(signal = ?sig, "stopping: no new connections, finishing in-flight I/O");
     stop.store(true, Ordering::SeqCst);
-    wake(control_addr);
+    wake(peers_addr);
     let _ = acceptor.join();
     let _ = UnixStream::connect(&cfg.control_socket);
     let _ = unix_acceptor.join();
@@ -297,60 +293,60 @@ fn wake(addr: SocketAddr) {
     let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
 }
 
+/// The peer port: one thread per connection, at most [`CONN_MAX`].
 fn accept_loop(
     listener: TcpListener,
     node: Arc<Node>,
     stop: Arc<AtomicBool>,
     control_timeout: Duration,
 ) {
-    let live = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
+    serve_connections(
+        "",
+        || listener.accept().map(|(s, _)| s),
+        |s: &TcpStream| {
+            s.peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into())
+        },
+        &stop,
+        move |stream, peer| {
+            if let Err(e) = dispatch(stream, &node, control_timeout) {
+                tracing::warn!(%peer, error = %e, "connection closed");
             }
-        };
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
-        if live.load(Ordering::SeqCst) >= CONN_MAX {
-            tracing::warn!(%peer, "too many connections ({CONN_MAX}); closing this one");
-            continue;
-        }
-        live.fetch_add(1, Ordering::SeqCst);
-        let (node, live) = (node.clone(), live.clone());
-        let spawned = std::thread::Builder::new()
-            .name("sluice-conn".into())
-            .spawn(move || {
-                if let Err(e) = dispatch(stream, &node, control_timeout) {
-                    tracing::warn!(%peer, error = %e, "connection closed");
-                }
-                live.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot spawn a connection thread");
-        }
-    }
+        },
+    );
 }
 
 /// Serve a control listener (the Unix socket, or TCP with `tokens`): one
 /// thread per connection, at most [`CONN_MAX`]; `who` names the client
 /// for the audit log (SO_PEERCRED, or the address and then the token).
 fn control_accept_loop<S: CtlStream + 'static>(
-    mut accept: impl FnMut() -> std::io::Result<S>,
+    accept: impl FnMut() -> std::io::Result<S>,
     who: impl Fn(&S) -> String,
     tokens: Option<Arc<Vec<crate::auth::Token>>>,
     node: Arc<Node>,
     stop: Arc<AtomicBool>,
     control_timeout: Duration,
 ) {
+    serve_connections("control ", accept, who, &stop, move |stream, who| {
+        let tokens = tokens.as_deref().map(Vec::as_slice);
+        if let Err(e) = control_conn(stream, &node, control_timeout, who, tokens) {
+            tracing::warn!(client = %who, error = %e, "control connection closed");
+        }
+    });
+}
+
+/// Accept until `stop`, each connection on a thread of its own running
+/// `handle(stream, who)`, at most [`CONN_MAX`] at once (more are closed at
+/// accept). `what` prefixes the log lines ("control " or nothing).
+fn serve_connections<S: Send + 'static>(
+    what: &'static str,
+    mut accept: impl FnMut() -> std::io::Result<S>,
+    who: impl Fn(&S) -> String,
+    stop: &AtomicBool,
+    handle: impl Fn(S, &str) + Send + Sync + 'static,
+) {
+    let handle = Arc::new(handle);
     let live = Arc::new(AtomicUsize::new(0));
     loop {
         let conn = accept();
@@ -360,34 +356,33 @@ fn control_accept_loop<S: CtlStream + 'static>(
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "control accept failed");
+                tracing::warn!(error = %e, "{what}accept failed");
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
         let who = who(&stream);
         if live.load(Ordering::SeqCst) >= CONN_MAX {
-            tracing::warn!(client = %who, "too many control connections ({CONN_MAX}); closing this one");
+            tracing::warn!(client = %who, "too many {what}connections ({CONN_MAX}); closing this one");
             continue;
         }
         live.fetch_add(1, Ordering::SeqCst);
-        let (node, live, tokens) = (node.clone(), live.clone(), tokens.clone());
+        let (handle, live) = (handle.clone(), live.clone());
         let spawned = std::thread::Builder::new()
-            .name("sluice-ctl".into())
-            .spawn(move || {
-                if let Err(e) = control_conn(
-                    stream,
-                    &node,
-                    control_timeout,
-                    &who,
-                    tokens.as_deref().map(Vec::as_slice),
-                ) {
-                    tracing::warn!(client = %who, error = %e, "control connection closed");
+            .name(
+                if what.is_empty() {
+                    "sluice-conn"
+                } else {
+                    "sluice-ctl"
                 }
+                .into(),
+            )
+            .spawn(move || {
+                handle(stream, &who);
                 live.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot spawn a control connection thread");
+            tracing::error!(error = %e, "cannot spawn a {what}connection thread");
         }
     }
 }
