@@ -320,19 +320,9 @@ impl Replicator {
         // The set of an earlier change may still wait for its upstream (a
         // re-add of a lock changes nothing, so sends nothing): it is sent
         // now, and what still waits is undelivered too.
-        let waiting: Vec<((String, String), LockSet)> = {
-            let st = lock(&self.st);
-            st.pending_sets
-                .iter()
-                .filter(|((rel, _), _)| st.rels().get(rel).is_some_and(|r| r.dst_volume == volume))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        for ((rel, up), set) in waiting {
-            if !self.deliver(&rel, &up, set) {
-                undelivered.push(up);
-            }
-        }
+        undelivered.extend(self.deliver_pending(|st, rel, _| {
+            st.rels().get(rel).is_some_and(|r| r.dst_volume == volume)
+        }));
         undelivered.sort();
         undelivered.dedup();
         if !undelivered.is_empty() {

@@ -577,6 +577,27 @@ impl Replicator {
         }
     }
 
+    /// Deliver every undelivered set whose (relationship, upstream) `which`
+    /// picks, one after the other (none once stopping); returns the
+    /// upstreams whose set still waits.
+    fn deliver_pending(&self, which: impl Fn(&State, &str, &str) -> bool) -> Vec<String> {
+        let sets: Vec<((String, String), LockSet)> = {
+            let st = lock(&self.st);
+            st.pending_sets
+                .iter()
+                .filter(|((rel, up), _)| which(&st, rel, up))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let mut waiting = Vec::new();
+        for ((rel, up), set) in sets {
+            if self.stopping() || !self.deliver(&rel, &up, set) {
+                waiting.push(up);
+            }
+        }
+        waiting
+    }
+
     /// The address of node `upstream`: the source address of
     /// `relationship` when it pulls from that node, else of any
     /// relationship that does.

@@ -347,18 +347,7 @@ impl Replicator {
                 }
                 // Every undelivered set of this upstream, one relationship
                 // after the other, on this worker.
-                let sets: Vec<((String, String), LockSet)> = lock(&self.st)
-                    .pending_sets
-                    .iter()
-                    .filter(|((_, up), _)| *up == upstream)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                for ((rel, up), set) in sets {
-                    if self.stopping() {
-                        return;
-                    }
-                    self.deliver(&rel, &up, set);
-                }
+                self.deliver_pending(|_, _, up| up == upstream);
             }
             Chore::Retention => {
                 let _flag = Flag(&self.jobs.retaining);
