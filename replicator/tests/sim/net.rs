@@ -10,6 +10,17 @@
 //! the target's `handle_stream` on a thread of its own; the simulator joins
 //! every such thread at the end of each step, so no step leaks work into
 //! the next.
+//!
+//! A stall holds back what the client sends past a given byte, as a
+//! middlebox that stops forwarding does: the client's read of an answer
+//! that cannot come times out (at once, once the server waits for the held
+//! bytes: nothing else can happen), the client gives up, and the held bytes
+//! reach the server later, when the simulator releases them, after the
+//! client moved on (a late, stale request), unless more simulated time
+//! passed than the server's read timeout: then its read times out, as a
+//! real server's would. Until then the server's thread waits in its read,
+//! doing nothing, and a step's settling leaves it there; a crash of the
+//! server resets it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Error, ErrorKind, Read, Write};
@@ -46,6 +57,16 @@ struct Net {
     parted: BTreeSet<(String, String)>,
     /// Armed cuts: (from, to) -> fault for the next connection.
     cuts: BTreeMap<(String, String), Cut>,
+    /// Armed stalls: (from, to) -> client bytes that pass before the hold.
+    stalls: BTreeMap<(String, String), u64>,
+}
+
+/// A connection armed with a stall, and its server's thread.
+struct Held {
+    /// The server's address.
+    to: String,
+    up: Arc<Dir>,
+    thread: JoinHandle<()>,
 }
 
 /// What the nodes of one scenario share.
@@ -54,10 +75,14 @@ pub struct World {
     clock_ms: AtomicU64,
     net: Mutex<Net>,
     servers: Mutex<Vec<JoinHandle<()>>>,
-    /// Connections opened, refused, and cut (for the trace).
+    held: Mutex<Vec<Held>>,
+    /// Connections opened, refused, cut, stalled, and delivered late (for
+    /// the trace).
     pub connects: AtomicU64,
     pub refused: AtomicU64,
     pub cuts_fired: AtomicU64,
+    pub stalls_fired: AtomicU64,
+    pub late: AtomicU64,
 }
 
 fn pair(a: &str, b: &str) -> (String, String) {
@@ -85,8 +110,52 @@ impl World {
         lock(&self.net).up.insert(addr.into(), (name.into(), r));
     }
 
+    /// The node at `addr` goes away; connections held on their way to it
+    /// are reset (its process is gone).
     pub fn detach(&self, addr: &str) {
         lock(&self.net).up.remove(addr);
+        let mut held = lock(&self.held);
+        let (gone, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut *held)
+            .into_iter()
+            .partition(|h| h.to == addr);
+        *held = keep;
+        drop(held);
+        for h in gone {
+            h.up.close(true);
+            lock(&self.servers).push(h.thread);
+        }
+    }
+
+    pub fn arm_stall(&self, from: &str, to: &str, after: u64) {
+        lock(&self.net)
+            .stalls
+            .insert((from.into(), to.into()), after);
+    }
+
+    /// Let every held connection's bytes through to its server, late: a
+    /// server that waited longer (in simulated time) than its read timeout
+    /// has timed out instead, as a real one would have. Returns how many
+    /// connections delivered held bytes.
+    pub fn release_stalls(&self) -> usize {
+        let held = std::mem::take(&mut *lock(&self.held));
+        let now = self.now_ms();
+        let mut late = 0;
+        for h in held {
+            {
+                let mut s = lock(&h.up.st);
+                let waited = Duration::from_millis(now.saturating_sub(s.parked_at_ms));
+                if s.parked && s.park_timeout.is_some_and(|t| waited > t) {
+                    s.timed_out = true;
+                } else if s.pass == Some(0) && !s.data.is_empty() {
+                    late += 1;
+                }
+                s.pass = None;
+                h.up.cv.notify_all();
+            }
+            lock(&self.servers).push(h.thread);
+        }
+        self.late.fetch_add(late as u64, Ordering::SeqCst);
+        late
     }
 
     pub fn partition(&self, a: &str, b: &str) {
@@ -105,28 +174,58 @@ impl World {
         lock(&self.net).cuts.insert((from.into(), to.into()), cut);
     }
 
-    /// Join every server thread started so far (and those they started).
-    /// Returns how many of them panicked.
+    /// Join every server thread started so far (and those they started),
+    /// except those waiting for held bytes: they stay parked until the
+    /// bytes are released or their server goes. Returns how many of them
+    /// panicked.
     pub fn settle(&self) -> usize {
         let mut panics = 0;
         loop {
             let hs = std::mem::take(&mut *lock(&self.servers));
-            if hs.is_empty() {
-                return panics;
-            }
             for h in hs {
                 if h.join().is_err() {
                     panics += 1;
                 }
             }
+            // A held connection's server either finished (the client sent
+            // nothing past the stall point), or waits for the held bytes, or
+            // is still working on what came before them.
+            let mut held = lock(&self.held);
+            let mut busy = false;
+            let mut done = Vec::new();
+            for (i, h) in held.iter().enumerate() {
+                if h.thread.is_finished() {
+                    done.push(i);
+                } else if !lock(&h.up.st).parked {
+                    busy = true;
+                }
+            }
+            for i in done.into_iter().rev() {
+                let h = held.remove(i);
+                lock(&self.servers).push(h.thread);
+            }
+            drop(held);
+            if lock(&self.servers).is_empty() {
+                if !busy {
+                    return panics;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 
-    /// Drop every replicator reference (ends the scenario's cycles).
+    /// Drop every replicator reference (ends the scenario's cycles), and
+    /// reset the connections still held.
     pub fn clear(&self) {
         let mut n = lock(&self.net);
         n.up.clear();
         n.cuts.clear();
+        n.stalls.clear();
+        drop(n);
+        for h in std::mem::take(&mut *lock(&self.held)) {
+            h.up.close(true);
+            let _ = h.thread.join();
+        }
     }
 }
 
@@ -153,7 +252,7 @@ impl Env for NodeEnv {
 
     fn connect(&self, addr: &str, _timeout: Duration) -> std::io::Result<Box<dyn PeerStream>> {
         let w = &self.world;
-        let (target, repl, cut) = {
+        let (target, repl, cut, stall) = {
             let mut n = lock(&w.net);
             let Some((target, repl)) = n.up.get(addr).cloned() else {
                 w.refused.fetch_add(1, Ordering::SeqCst);
@@ -169,15 +268,29 @@ impl Env for NodeEnv {
                     format!("{addr}: partitioned from {}", self.name),
                 ));
             }
-            let cut = n.cuts.remove(&(self.name.clone(), target.clone()));
-            (target, repl, cut)
+            let key = (self.name.clone(), target.clone());
+            let cut = n.cuts.remove(&key);
+            let stall = n.stalls.remove(&key);
+            (target, repl, cut, stall)
         };
         w.connects.fetch_add(1, Ordering::SeqCst);
         let (client, server) = pipe(&self.name, &target, cut, w.clone());
+        let up = client.0.tx.clone();
+        if let Some(after) = stall {
+            lock(&up.st).pass = Some(after);
+        }
         let h = std::thread::Builder::new()
             .name(format!("sim-serve-{target}"))
             .spawn(move || repl.handle_stream(Box::new(server)))?;
-        lock(&w.servers).push(h);
+        if stall.is_some() {
+            lock(&w.held).push(Held {
+                to: addr.to_string(),
+                up,
+                thread: h,
+            });
+        } else {
+            lock(&w.servers).push(h);
+        }
         Ok(Box::new(client))
     }
 }
@@ -189,6 +302,23 @@ struct DirState {
     reset: bool,
     /// Bytes this direction may still carry before the cut fires.
     budget: Option<u64>,
+    /// Bytes the reader may still take before the stall holds the rest
+    /// (`None`: no stall, or released).
+    pass: Option<u64>,
+    /// The reader waits for held bytes: since when (simulated ms), and
+    /// the read timeout it waits under.
+    parked: bool,
+    parked_at_ms: u64,
+    park_timeout: Option<Duration>,
+    /// The release came after the reader's timeout: its read fails.
+    timed_out: bool,
+}
+
+impl DirState {
+    /// The reader must wait for bytes the stall holds (or may yet hold).
+    fn holding(&self) -> bool {
+        self.pass == Some(0) && !self.reset && !(self.data.is_empty() && self.closed)
+    }
 }
 
 #[derive(Default)]
@@ -256,8 +386,39 @@ impl Read for End {
         let rx = &self.0.rx;
         let mut s = lock(&rx.st);
         loop {
-            if !s.data.is_empty() {
-                let n = buf.len().min(s.data.len());
+            if s.holding() {
+                // Only a release or a reset ends this wait; the peer's read
+                // of an answer now times out.
+                if !s.parked {
+                    s.parked = true;
+                    s.parked_at_ms = self.0.world.now_ms();
+                    s.park_timeout = timeout;
+                    drop(s);
+                    let peer = lock(&self.0.tx.st);
+                    self.0.tx.cv.notify_all();
+                    drop(peer);
+                    s = lock(&rx.st);
+                    continue;
+                }
+                s = rx.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            s.parked = false;
+            if std::mem::take(&mut s.timed_out) {
+                return Err(Error::new(
+                    ErrorKind::WouldBlock,
+                    "read timed out (the peer's bytes were stalled on their way)",
+                ));
+            }
+            let avail = match s.pass {
+                Some(p) => s.data.len().min(usize::try_from(p).unwrap_or(usize::MAX)),
+                None => s.data.len(),
+            };
+            if avail > 0 {
+                let n = buf.len().min(avail);
+                if let Some(p) = s.pass.as_mut() {
+                    *p -= n as u64;
+                }
                 for (b, x) in buf.iter_mut().zip(s.data.drain(..n)) {
                     *b = x;
                 }
@@ -268,6 +429,15 @@ impl Read for End {
             }
             if s.closed {
                 return Ok(0);
+            }
+            // Our bytes are held on their way and the peer waits for them:
+            // no answer can come before our timeout.
+            if lock(&self.0.tx.st).parked {
+                self.0.world.stalls_fired.fetch_add(1, Ordering::SeqCst);
+                return Err(Error::new(
+                    ErrorKind::WouldBlock,
+                    "read timed out (our bytes are stalled on their way)",
+                ));
             }
             match deadline {
                 None => s = rx.cv.wait(s).unwrap_or_else(|p| p.into_inner()),
