@@ -9,7 +9,8 @@
 //! volumes between one pair of nodes) and qtree mirrors, then writes,
 //! snapshots, updates, scheduler ticks (renewals, retention, `--every`
 //! updates), prunes, retention, application locks, forced deletes, breaks
-//! and resyncs, deletes, crashes (now, or after N more device writes),
+//! and resyncs (some with `--force`), mirror and volume deletes (some
+//! forced), crashes (now, or after N more device writes),
 //! restarts, a node lost for good (its downstreams re-attached to the node
 //! above), partitions, connections cut after N bytes, and connections
 //! stalled after N bytes whose held bytes reach the server later (a stale
@@ -144,6 +145,14 @@ enum Step {
     Resync {
         node: usize,
         vol: String,
+        /// `--force`: discard snapshots taken while broken.
+        force: bool,
+    },
+    /// `vol delete` (`--force`: locked snapshots go as forced deletes).
+    VolDelete {
+        node: usize,
+        vol: String,
+        force: bool,
     },
     MirrorDelete {
         node: usize,
@@ -446,11 +455,23 @@ fn generate(seed: u64, shape: &Shape) -> Vec<Step> {
             }
             95..=97 if !mirrors.is_empty() => {
                 let (node, vol) = pick(&mut r, &mirrors);
-                Step::Resync { node, vol }
+                Step::Resync {
+                    node,
+                    vol,
+                    force: r.gen_bool(0.25),
+                }
             }
             98 if !mirrors.is_empty() => {
                 let (node, vol) = pick(&mut r, &mirrors);
                 Step::MirrorDelete { node, vol }
+            }
+            99 => {
+                let (node, vol) = pick(&mut r, &copies);
+                Step::VolDelete {
+                    node,
+                    vol,
+                    force: r.gen_bool(0.3),
+                }
             }
             _ => Step::Tick {
                 ms: r.gen_range(1_000..25_000),
@@ -462,6 +483,26 @@ fn generate(seed: u64, shape: &Shape) -> Vec<Step> {
 }
 
 // ------------------------------------------------------------------ running
+
+/// What an action may delete although it is locked (invariant 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Forced {
+    Nothing,
+    /// A forced delete of this snapshot of this node.
+    Snap(usize, Uuid),
+    /// A forced delete of this volume of this node, with its snapshots.
+    Vol(usize, String),
+}
+
+impl Forced {
+    fn covers(&self, node: usize, vol: &str, id: Uuid) -> bool {
+        match self {
+            Forced::Nothing => false,
+            Forced::Snap(n, s) => *n == node && *s == id,
+            Forced::Vol(n, v) => *n == node && v == vol,
+        }
+    }
+}
 
 /// A relationship as the simulator follows it.
 #[derive(Debug, Clone)]
@@ -660,7 +701,7 @@ impl Run {
 
     /// Invariant 2 over one action: `forced` = (node, snapshot) a forced
     /// delete may remove.
-    fn compare(&mut self, before: &Picture, what: &str, forced: Option<(usize, Uuid)>) -> Picture {
+    fn compare(&mut self, before: &Picture, what: &str, forced: Forced) -> Picture {
         let after = self.picture();
         for ((node, vol), snaps) in &before.snaps {
             let Some(now) = after.snaps.get(&(*node, vol.clone())) else {
@@ -670,7 +711,7 @@ impl Run {
                 continue;
             }
             for (id, name) in snaps {
-                if now.contains_key(id) || forced == Some((*node, *id)) {
+                if now.contains_key(id) || forced.covers(*node, vol, *id) {
                     continue;
                 }
                 if let Some(h) = before
@@ -723,12 +764,7 @@ impl Run {
     }
 
     /// One action on the cluster with invariant 2 around it.
-    fn act<T>(
-        &mut self,
-        what: &str,
-        forced: Option<(usize, Uuid)>,
-        f: impl FnOnce(&mut Run) -> T,
-    ) -> T {
+    fn act<T>(&mut self, what: &str, forced: Forced, f: impl FnOnce(&mut Run) -> T) -> T {
         let before = match self.last.take() {
             Some(p) => p,
             None => self.picture(),
@@ -813,7 +849,9 @@ impl Run {
                 lba,
                 blocks,
                 fill,
-            } => self.act("write", None, |r| r.write(l, qtree, lba, blocks, fill)),
+            } => self.act("write", Forced::Nothing, |r| {
+                r.write(l, qtree, lba, blocks, fill)
+            }),
             Step::Snap { l } => {
                 let origin = self.shape.lineages[l].0;
                 let Some(repl) = self.nodes[origin].repl().cloned() else {
@@ -822,7 +860,7 @@ impl Run {
                 self.snaps_taken += 1;
                 let name = format!("s{}", self.snaps_taken);
                 let vol = lineage_vol(l, false);
-                self.act("snap create", None, |_| {
+                self.act("snap create", Forced::Nothing, |_| {
                     Run::result(repl.snap_create(&vol, &name))
                 })
             }
@@ -840,7 +878,7 @@ impl Run {
                 if self.rel_idx(node, &vol).is_none() {
                     return "no relationship".into();
                 }
-                self.act("mirror update", None, |_| {
+                self.act("mirror update", Forced::Nothing, |_| {
                     Run::result(repl.mirror_update(&vol, &noprog))
                 })
             }
@@ -848,7 +886,7 @@ impl Run {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
                     return "down".into();
                 };
-                self.act("prune", None, |_| {
+                self.act("prune", Forced::Nothing, |_| {
                     Run::result(repl.prune(&vol, keep, false))
                 })
             }
@@ -856,7 +894,7 @@ impl Run {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
                     return "down".into();
                 };
-                self.act("vol retain", None, |_| {
+                self.act("vol retain", Forced::Nothing, |_| {
                     Run::result(repl.set_retention(&vol, Some(keep)))
                 })
             }
@@ -869,7 +907,9 @@ impl Run {
                     return "no snapshot".into();
                 }
                 let s = snaps[nth % snaps.len()].name.clone();
-                let r = self.act("lock add", None, |_| repl.lock_add(&vol, &s, "app", None));
+                let r = self.act("lock add", Forced::Nothing, |_| {
+                    repl.lock_add(&vol, &s, "app", None)
+                });
                 match r {
                     Ok(added) if added.delivered => {
                         self.check_lock_arrived(node, &vol, added.lock.snapshot_id);
@@ -892,7 +932,7 @@ impl Run {
                 let Some(s) = names.first().cloned() else {
                     return "no lock".into();
                 };
-                self.act("lock release", None, |_| {
+                self.act("lock release", Forced::Nothing, |_| {
                     Run::result(repl.lock_release(&vol, &s, "app"))
                 })
             }
@@ -913,7 +953,7 @@ impl Run {
                     .map(|r| r.l)
                     .collect();
                 self.excused.extend(ls);
-                self.act("snap delete --force", Some((node, s.id)), |_| {
+                self.act("snap delete --force", Forced::Snap(node, s.id), |_| {
                     Run::result(repl.snap_delete(&vol, &s.name, true))
                 })
             }
@@ -926,7 +966,7 @@ impl Run {
                     let Some(repl) = self.nodes[i].repl().cloned() else {
                         continue;
                     };
-                    self.act("tick", None, |_| repl.tick_now());
+                    self.act("tick", Forced::Nothing, |_| repl.tick_now());
                     out.push(i.to_string());
                 }
                 format!("ticked {}", out.join(","))
@@ -974,7 +1014,9 @@ impl Run {
                 "armed".into()
             }
             Step::Late => {
-                let n = self.act("late delivery", None, |r| r.world.release_stalls());
+                let n = self.act("late delivery", Forced::Nothing, |r| {
+                    r.world.release_stalls()
+                });
                 format!("{n} connection(s) delivered late")
             }
             Step::Cut {
@@ -991,19 +1033,19 @@ impl Run {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
                     return "down".into();
                 };
-                self.act("mirror break", None, |_| {
+                self.act("mirror break", Forced::Nothing, |_| {
                     Run::result(repl.mirror_break(&vol))
                 })
             }
-            Step::Resync { node, vol } => {
+            Step::Resync { node, vol, force } => {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
                     return "down".into();
                 };
                 let Some(i) = self.rel_idx(node, &vol) else {
                     return "no relationship".into();
                 };
-                let out = self.act("mirror resync", None, |_| {
-                    Run::result(repl.mirror_resync(&vol, false, &noprog))
+                let out = self.act("mirror resync", Forced::Nothing, |_| {
+                    Run::result(repl.mirror_resync(&vol, force, &noprog))
                 });
                 // An operator's resync may copy in full: count what it did.
                 if let Some(st) = self.status(i) {
@@ -1011,6 +1053,7 @@ impl Run {
                 }
                 out
             }
+            Step::VolDelete { node, vol, force } => self.vol_delete(node, vol, force),
             Step::MirrorDelete { node, vol } => {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
                     return "down".into();
@@ -1018,7 +1061,7 @@ impl Run {
                 let Some(i) = self.rel_idx(node, &vol) else {
                     return "no relationship".into();
                 };
-                let out = self.act("mirror delete", None, |_| {
+                let out = self.act("mirror delete", Forced::Nothing, |_| {
                     Run::result(repl.mirror_delete(&vol))
                 });
                 if self.status(i).is_none() {
@@ -1027,6 +1070,46 @@ impl Run {
                 out
             }
         }
+    }
+
+    /// `vol delete`: refused while the volume is a mirror destination here,
+    /// pulled by a live downstream or locked, unless forced (then the
+    /// lineages through this node are excused, as for a forced delete).
+    /// Relationships that pulled it are left without a source.
+    fn vol_delete(&mut self, node: usize, vol: String, force: bool) -> String {
+        let Some(repl) = self.nodes[node].repl().cloned() else {
+            return "down".into();
+        };
+        if force {
+            let ls: Vec<usize> = self
+                .rels
+                .iter()
+                .filter(|r| r.src == node || r.dst == node)
+                .map(|r| r.l)
+                .collect();
+            self.excused.extend(ls);
+        }
+        let what = if force {
+            "vol delete --force"
+        } else {
+            "vol delete"
+        };
+        let forced = if force {
+            Forced::Vol(node, vol.clone())
+        } else {
+            Forced::Nothing
+        };
+        let r = self.act(what, forced, |_| repl.vol_delete(&vol, force));
+        if r.is_ok() {
+            self.last = None;
+            for x in self.rels.iter_mut() {
+                if x.src == node && x.src_vol == vol && !x.deleted {
+                    x.orphan = true;
+                    self.excused.insert(x.l);
+                }
+            }
+        }
+        Run::result(r)
     }
 
     fn mirror(
@@ -1063,7 +1146,7 @@ impl Run {
             throttle_bps: None,
             keep: None,
         };
-        let out = self.act("mirror create", None, |_| {
+        let out = self.act("mirror create", Forced::Nothing, |_| {
             Run::result(repl.mirror_create(spec))
         });
         let exists = repl.mirror_status().iter().any(|s| s.dst == vol);
@@ -1225,7 +1308,7 @@ impl Run {
             };
             let addr = self.addr(up.src);
             let q = r.qtree.then_some("q");
-            let res = self.act("mirror retarget", None, |_| {
+            let res = self.act("mirror retarget", Forced::Nothing, |_| {
                 repl.mirror_retarget(&r.vol, &addr, &up.src_vol, q, false, &noprog)
             });
             match res {
@@ -2070,6 +2153,7 @@ fn regressions_found_by_the_simulation() {
                 Step::Resync {
                     node: 2,
                     vol: "L0".into(),
+                    force: false,
                 },
             ],
         ),
