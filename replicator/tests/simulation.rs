@@ -6,7 +6,8 @@
 //! A scenario is a list of [`Step`]s generated from its seed: several
 //! *lineages* (a volume, maybe with a qtree, on an origin node) copied
 //! through random trees of volume mirrors (chains, fan-out, fan-in, several
-//! volumes between one pair of nodes) and qtree mirrors, then writes,
+//! volumes between one pair of nodes) and qtree mirrors (some cascaded: a
+//! qtree mirror of a qtree mirror), then writes,
 //! snapshots, updates, scheduler ticks (renewals, retention, `--every`
 //! updates), prunes, retention, application locks, forced deletes, breaks
 //! and resyncs (some with `--force`), mirror and volume deletes (some
@@ -187,6 +188,16 @@ fn lineage_vol(l: usize, qtree: bool) -> String {
     }
 }
 
+/// A relationship's destination path, as `mirror status` names it: the
+/// volume, or `volume/qtree` for a qtree mirror.
+fn dst_path(vol: &str, qtree: bool) -> String {
+    if qtree {
+        format!("{vol}/q")
+    } else {
+        vol.to_string()
+    }
+}
+
 fn node_name(i: usize) -> String {
     format!("N{i}")
 }
@@ -302,6 +313,19 @@ fn generate(seed: u64, shape: &Shape) -> Vec<Step> {
                 });
                 g.copies
                     .insert((dst, lineage_vol(l, true)), (l, true, Some(src)));
+                // A qtree mirror of that qtree mirror (a qtree cascade).
+                let dst2 = r.gen_range(0..n);
+                if r.gen_bool(0.4) && dst2 != dst && dst2 != src {
+                    steps.push(Step::Mirror {
+                        l,
+                        dst: dst2,
+                        src: dst,
+                        qtree: true,
+                        every_s: None,
+                    });
+                    g.copies
+                        .insert((dst2, lineage_vol(l, true)), (l, true, Some(dst)));
+                }
             }
         }
     }
@@ -1121,16 +1145,23 @@ impl Run {
         every_s: Option<u64>,
     ) -> String {
         let vol = lineage_vol(l, qtree);
-        let src_vol = lineage_vol(l, false);
         if dst == src || self.rels.iter().any(|r| r.dst == dst && r.vol == vol) {
             return "exists".into();
         }
-        let src_holds = self.shape.lineages[l].0 == src
-            || self
-                .rels
+        let holds = |v: &str| {
+            self.rels
                 .iter()
-                .any(|r| r.dst == src && r.vol == src_vol && !r.deleted);
-        if !src_holds {
+                .any(|r| r.dst == src && r.vol == v && !r.deleted)
+        };
+        // A qtree mirror pulls the qtree copy of its source when that node
+        // has one (a qtree cascade), else the qtree in its volume copy.
+        let src_vol = if qtree && holds(&lineage_vol(l, true)) {
+            lineage_vol(l, true)
+        } else {
+            lineage_vol(l, false)
+        };
+        if !(holds(&src_vol) || self.shape.lineages[l].0 == src && src_vol == lineage_vol(l, false))
+        {
             return "no source".into();
         }
         let Some(repl) = self.nodes[dst].repl().cloned() else {
@@ -1149,7 +1180,8 @@ impl Run {
         let out = self.act("mirror create", Forced::Nothing, |_| {
             Run::result(repl.mirror_create(spec))
         });
-        let exists = repl.mirror_status().iter().any(|s| s.dst == vol);
+        let path = dst_path(&vol, qtree);
+        let exists = repl.mirror_status().iter().any(|s| s.dst == path);
         if exists {
             self.rels.push(Rel {
                 l,
@@ -1190,7 +1222,7 @@ impl Run {
             .repl()?
             .mirror_status()
             .into_iter()
-            .find(|s| s.dst == r.vol)
+            .find(|s| s.dst == dst_path(&r.vol, r.qtree))
     }
 
     /// Invariant 1 for relationship `i` (`baseline_ok`: a full copy now is
@@ -1407,7 +1439,7 @@ impl Run {
             else {
                 continue;
             };
-            let Some(st) = sts.get(&(r.dst, r.vol.clone())) else {
+            let Some(st) = sts.get(&(r.dst, dst_path(&r.vol, r.qtree))) else {
                 continue;
             };
             if st.state == "broken" {
