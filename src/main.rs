@@ -34,6 +34,8 @@ enum TokenCmd {
         name: String,
         #[arg(long)]
         out: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -56,6 +58,8 @@ enum Cmd {
         /// region of the device); default: one per GiB, at most one per core but one.
         #[arg(long)]
         shards: Option<u32>,
+        #[arg(long)]
+        json: bool,
     },
     /// Run a node: the engine, the control API and NBD.
     Serve {
@@ -148,6 +152,8 @@ enum VolCmd {
         volume: String,
         #[arg(long)]
         size: String,
+        #[arg(long)]
+        json: bool,
     },
     List {
         #[arg(long)]
@@ -163,6 +169,8 @@ enum VolCmd {
         /// End the policy.
         #[arg(long)]
         off: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Delete VOL with its qtrees and snapshots (refused while a downstream
     /// pulls it or a lock holds one of its snapshots, naming them).
@@ -207,7 +215,11 @@ enum MirrorCmd {
         json: bool,
     },
     /// Make the destination writable; updates stop until a resync.
-    Break { dst: String },
+    Break {
+        dst: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Become a mirror again (from the newest common snapshot, or a full copy).
     Resync {
         dst: String,
@@ -219,7 +231,11 @@ enum MirrorCmd {
         json: bool,
     },
     /// End the relationship and release its locks upstream.
-    Delete { dst: String },
+    Delete {
+        dst: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Go on from a new source, e.g. the node above a lost middle node
     /// (from the newest snapshot shared with it), then update.
     Retarget {
@@ -259,6 +275,8 @@ enum LockCmd {
         snapshot: String,
         #[arg(long)]
         holder: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -269,6 +287,8 @@ enum QtreeCmd {
         qtree: String,
         #[arg(long)]
         size: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -290,6 +310,8 @@ enum SnapCmd {
         snapshot: String,
         #[arg(long)]
         force: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -337,8 +359,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // durations are checked here, before connecting.
     let (req, json) = match cli.cmd {
         Cmd::Demo => return demo::run(),
-        Cmd::Token(TokenCmd::Create { name, out }) => {
+        Cmd::Token(TokenCmd::Create { name, out, json }) => {
             let t = sluice::auth::Token::create(&name, &out)?;
+            if json {
+                let v = serde_json::json!({ "token": t.name, "path": out, "mode": "0600" });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             println!(
                 "token {} written to {} (mode 0600); add it to the node's control_tokens",
                 t.name,
@@ -351,9 +378,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             size,
             force,
             shards,
+            json,
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
             let (bytes, shards) = sluice::daemon::init(&path, size, force, shards)?;
+            if json {
+                let v = serde_json::json!({ "path": path, "size_bytes": bytes, "shards": shards });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             println!(
                 "formatted {} as a sluice pool ({}, shards={shards})",
                 path.display(),
@@ -391,13 +424,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(sluice::daemon::serve(ServeConfig::resolve(file, flags)?)?);
         }
         Cmd::Vol {
-            cmd: VolCmd::Create { volume, size },
+            cmd: VolCmd::Create { volume, size, json },
         } => (
             R::VolCreate {
                 name: volume,
                 size_bytes: parse_size(&size)?,
             },
-            false,
+            json,
         ),
         Cmd::Vol {
             cmd: VolCmd::List { json },
@@ -417,13 +450,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         ),
         Cmd::Vol {
-            cmd: VolCmd::Retain { volume, keep, off },
+            cmd:
+                VolCmd::Retain {
+                    volume,
+                    keep,
+                    off,
+                    json,
+                },
         } => (
             R::VolRetain {
                 volume,
                 keep: if off { None } else { keep },
             },
-            false,
+            json,
         ),
         Cmd::Qtree {
             cmd:
@@ -431,6 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     volume,
                     qtree,
                     size,
+                    json,
                 },
         } => (
             R::QtreeCreate {
@@ -438,7 +478,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name: qtree,
                 size_bytes: parse_size(&size)?,
             },
-            false,
+            json,
         ),
         Cmd::Snap { cmd } => match cmd {
             SnapCmd::Create {
@@ -457,13 +497,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 volume,
                 snapshot,
                 force,
+                json,
             } => (
                 R::SnapDelete {
                     volume,
                     name: snapshot,
                     force,
                 },
-                false,
+                json,
             ),
         },
         Cmd::Prune {
@@ -520,9 +561,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             MirrorCmd::Update { dst, json } => (R::MirrorUpdate { dst }, json),
             MirrorCmd::Status { json } => (R::MirrorStatus, json),
-            MirrorCmd::Break { dst } => (R::MirrorBreak { dst }, false),
+            MirrorCmd::Break { dst, json } => (R::MirrorBreak { dst }, json),
             MirrorCmd::Resync { dst, force, json } => (R::MirrorResync { dst, force }, json),
-            MirrorCmd::Delete { dst } => (R::MirrorDelete { dst }, false),
+            MirrorCmd::Delete { dst, json } => (R::MirrorDelete { dst }, json),
             MirrorCmd::Retarget {
                 dst,
                 from,
@@ -558,13 +599,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 volume,
                 snapshot,
                 holder,
+                json,
             } => (
                 R::LockRelease {
                     volume,
                     snapshot,
                     holder,
                 },
-                false,
+                json,
             ),
         },
     };
