@@ -38,7 +38,7 @@ pub fn run(
     }
     let result = result?;
     if json {
-        println!(
+        crate::out!(
             "{}",
             serde_json::to_string_pretty(&result).unwrap_or_else(|_| result.to_string())
         );
@@ -47,7 +47,7 @@ pub fn run(
     match req {
         ControlRequest::VolCreate { .. } => {
             let v: VolumeView = parse(result)?;
-            println!("created volume {} ({})", v.name, fmt_bytes(v.size_bytes));
+            crate::out!("created volume {} ({})", v.name, fmt_bytes(v.size_bytes));
         }
         ControlRequest::QtreeCreate { volume, name, .. } => {
             let v: VolumeView = parse(result)?;
@@ -57,25 +57,25 @@ pub fn run(
                 .find(|q| q.name == name)
                 .map(|q| q.size_bytes)
                 .unwrap_or(0);
-            println!("created qtree {volume}/{name} ({})", fmt_bytes(size));
+            crate::out!("created qtree {volume}/{name} ({})", fmt_bytes(size));
         }
         ControlRequest::VolRetain { volume, keep } => match keep {
-            Some(k) => println!("volume {volume}: keeping the newest {k} snapshots (and any a soft lock holds)"),
-            None => println!("volume {volume}: no retention policy; snapshots are kept until deleted"),
+            Some(k) => crate::out!("volume {volume}: keeping the newest {k} snapshots (and any a soft lock holds)"),
+            None => crate::out!("volume {volume}: no retention policy; snapshots are kept until deleted"),
         },
         ControlRequest::VolDelete { name, .. } => {
             let n = result["deleted_snapshots"].as_array().map_or(0, Vec::len);
-            println!("deleted volume {name} with its {n} snapshots");
+            crate::out!("deleted volume {name} with its {n} snapshots");
             for l in result["forced_locks"].as_array().into_iter().flatten() {
-                println!("  forced: {}", s(l));
+                crate::out!("  forced: {}", s(l));
             }
             for d in result["ended_downstreams"].as_array().into_iter().flatten() {
-                println!("  ended downstream: {} (it needs a new source or a new baseline)", s(d));
+                crate::out!("  ended downstream: {} (it needs a new source or a new baseline)", s(d));
             }
         }
         ControlRequest::VolList => {
             let vols: Vec<VolumeView> = parse(result)?;
-            println!(
+            crate::out!(
                 "{:<20} {:>10} {:>10} {:>9} {:>4} {:<3} QTREES",
                 "VOLUME", "SIZE", "USED", "SNAPSHOTS", "KEEP", "RO"
             );
@@ -88,7 +88,7 @@ pub fn run(
                         format!("{} ({}{ro})", q.name, fmt_bytes(q.size_bytes))
                     })
                     .collect();
-                println!(
+                crate::out!(
                     "{:<20} {:>10} {:>10} {:>9} {:>4} {:<3} {}",
                     v.name,
                     fmt_bytes(v.size_bytes),
@@ -106,16 +106,16 @@ pub fn run(
         }
         ControlRequest::SnapCreate { volume, .. } => {
             let s: SnapshotView = parse(result)?;
-            println!("created snapshot {volume}@{} (id {})", s.name, s.id);
+            crate::out!("created snapshot {volume}@{} (id {})", s.name, s.id);
         }
         ControlRequest::SnapList { .. } => {
             let snaps: Vec<SnapshotView> = parse(result)?;
-            println!(
+            crate::out!(
                 "{:<20} {:<36} {:<20} {:>10} {:>10} LOCKS",
                 "SNAPSHOT", "ID", "CREATED", "REFERENCED", "UNIQUE"
             );
             for s in snaps {
-                println!(
+                crate::out!(
                     "{:<20} {:<36} {:<20} {:>10} {:>10} {}",
                     s.name,
                     s.id,
@@ -131,17 +131,17 @@ pub fn run(
         }
         ControlRequest::MirrorStatus => print_mirrors(&result),
         ControlRequest::MirrorRetarget { .. } => print_retarget(&result),
-        ControlRequest::MirrorBreak { dst } => println!("mirror {dst} broken: the destination is writable; `mirror resync {dst}` makes it a read-only mirror again"),
+        ControlRequest::MirrorBreak { dst } => crate::out!("mirror {dst} broken: the destination is writable; `mirror resync {dst}` makes it a read-only mirror again"),
         ControlRequest::MirrorDelete { dst } => {
             if result["released_upstream"].as_bool() == Some(false) {
-                println!("mirror {dst} deleted; the upstream could not be reached, so its locks there were not released: they go stale when their lease runs out (or `lock release` there)");
+                crate::out!("mirror {dst} deleted; the upstream could not be reached, so its locks there were not released: they go stale when their lease runs out (or `lock release` there)");
             } else {
-                println!("mirror {dst} deleted; its locks upstream are released");
+                crate::out!("mirror {dst} deleted; its locks upstream are released");
             }
         }
         ControlRequest::LockList => print_locks(&result),
         ControlRequest::LockAdd { volume, snapshot, .. } => {
-            println!("locked {volume}@{snapshot} (holder {})", s(&result["holder"]));
+            crate::out!("locked {volume}@{snapshot} (holder {})", s(&result["holder"]));
             if result["delivered"].as_bool() == Some(false) {
                 let ups: Vec<String> = result["undelivered_upstreams"]
                     .as_array()
@@ -153,12 +153,12 @@ pub fn run(
                 );
             }
         }
-        ControlRequest::LockRelease { volume, snapshot, holder } => println!("released {holder}'s lock on {volume}@{snapshot}"),
-        ControlRequest::SnapDelete { volume, name, .. } => println!("deleted snapshot {volume}@{name}"),
+        ControlRequest::LockRelease { volume, snapshot, holder } => crate::out!("released {holder}'s lock on {volume}@{snapshot}"),
+        ControlRequest::SnapDelete { volume, name, .. } => crate::out!("deleted snapshot {volume}@{name}"),
         ControlRequest::Prune { .. } => print_prune(&result),
         ControlRequest::Diff { .. } => {
             let d: DiffView = parse(result)?;
-            println!(
+            crate::out!(
                 "{}{} {}..{}: {} extents, {} of data, {} trimmed",
                 d.volume,
                 d.qtree.map(|q| format!("/{q}")).unwrap_or_default(),
@@ -171,21 +171,21 @@ pub fn run(
         }
         ControlRequest::Status => {
             let s: StatusView = parse(result)?;
-            println!("node        {} (sluice {})", s.node, s.version);
-            println!("data        {}", s.data);
-            println!("listen      {}", s.listen);
-            println!("nbd         {}", s.nbd.as_deref().unwrap_or("-"));
-            println!("uptime      {} s", s.uptime_s);
-            println!("shards      {}", s.shards);
-            println!(
+            crate::out!("node        {} (sluice {})", s.node, s.version);
+            crate::out!("data        {}", s.data);
+            crate::out!("listen      {}", s.listen);
+            crate::out!("nbd         {}", s.nbd.as_deref().unwrap_or("-"));
+            crate::out!("uptime      {} s", s.uptime_s);
+            crate::out!("shards      {}", s.shards);
+            crate::out!(
                 "space       {} used, {} free of {} ({} waiting for the next checkpoint)",
                 fmt_bytes(s.space.used_bytes),
                 fmt_bytes(s.space.free_bytes),
                 fmt_bytes(s.space.total_bytes),
                 fmt_bytes(s.space.pending_free_bytes)
             );
-            println!("volumes     {}", s.volumes);
-            println!("snapshots   {}", s.snapshots);
+            crate::out!("volumes     {}", s.volumes);
+            crate::out!("snapshots   {}", s.snapshots);
         }
     }
     Ok(())
@@ -230,14 +230,14 @@ fn snap_ref(v: &Value) -> String {
 fn print_transfer(r: &Value) {
     let kind = s(&r["kind"]);
     if kind == "none" {
-        println!(
+        crate::out!(
             "{}: already up to date at {}",
             s(&r["dst"]),
             snap_ref(&r["target"])
         );
         return;
     }
-    println!(
+    crate::out!(
         "{}: {kind} transfer to {} from base {}: {} in {} extents, {} trims, {} ms",
         s(&r["dst"]),
         snap_ref(&r["target"]),
@@ -248,24 +248,25 @@ fn print_transfer(r: &Value) {
         r["duration_ms"].as_u64().unwrap_or(0),
     );
     if r["resumed_from"].as_u64().unwrap_or(0) > 0 {
-        println!(
+        crate::out!(
             "  resumed from item {} of {}",
-            r["resumed_from"], r["total_items"]
+            r["resumed_from"],
+            r["total_items"]
         );
     }
     if let Some(why) = r["full_reason"].as_str().filter(|_| kind == "full") {
-        println!("  full because: {why}");
+        crate::out!("  full because: {why}");
     }
     for d in r["deleted_snapshots"].as_array().into_iter().flatten() {
-        println!("  deleted {} (gone at the source)", s(d));
+        crate::out!("  deleted {} (gone at the source)", s(d));
     }
     for k in r["kept_locked"].as_array().into_iter().flatten() {
-        println!("  kept {} (gone at the source, but locked here)", s(k));
+        crate::out!("  kept {} (gone at the source, but locked here)", s(k));
     }
 }
 
 fn print_retarget(r: &Value) {
-    println!(
+    crate::out!(
         "{}: source {} (node {}) -> {} (node {})",
         s(&r["dst"]),
         s(&r["old_source"]),
@@ -274,17 +275,17 @@ fn print_retarget(r: &Value) {
         s(&r["new_source_node"]),
     );
     match r["full_copy_bytes"].as_u64() {
-        Some(b) => println!("  no snapshot in common: a full copy of {}", fmt_bytes(b)),
-        None => println!("  goes on from {}", snap_ref(&r["base"])),
+        Some(b) => crate::out!("  no snapshot in common: a full copy of {}", fmt_bytes(b)),
+        None => crate::out!("  goes on from {}", snap_ref(&r["base"])),
     }
     if r["released_old_upstream"].as_bool() == Some(false) {
-        println!("  the former source was not reached: its locks for this mirror go stale there under their lease (or `lock release` there)");
+        crate::out!("  the former source was not reached: its locks for this mirror go stale there under their lease (or `lock release` there)");
     }
     if !r["transfer"].is_null() {
         print_transfer(&r["transfer"]);
     }
     if let Some(e) = r["transfer_error"].as_str() {
-        println!(
+        crate::out!(
             "  the update after the switch failed: {e}; `mirror update {}` tries again",
             s(&r["dst"])
         );
@@ -292,9 +293,16 @@ fn print_retarget(r: &Value) {
 }
 
 fn print_mirrors(v: &Value) {
-    println!(
+    crate::out!(
         "{:<16} {:<32} {:<6} {:<12} {:<20} {:>8} {:>5} {:>5} LAST",
-        "DESTINATION", "SOURCE", "KIND", "STATE", "COMMON", "LAG", "FULL", "INCR"
+        "DESTINATION",
+        "SOURCE",
+        "KIND",
+        "STATE",
+        "COMMON",
+        "LAG",
+        "FULL",
+        "INCR"
     );
     for m in v.as_array().into_iter().flatten() {
         let lag = m["lag_ms"]
@@ -311,7 +319,7 @@ fn print_mirrors(v: &Value) {
                 fmt_bytes(last["bytes"].as_u64().unwrap_or(0))
             )
         };
-        println!(
+        crate::out!(
             "{:<16} {:<32} {:<6} {:<12} {:<20} {:>8} {:>5} {:>5} {}",
             s(&m["dst"]),
             s(&m["source"]),
@@ -324,24 +332,29 @@ fn print_mirrors(v: &Value) {
             last
         );
         if !m["notice"].is_null() {
-            println!("  notice: {}", s(&m["notice"]));
+            crate::out!("  notice: {}", s(&m["notice"]));
         }
         if !m["last_error"].is_null() {
-            println!("  last error: {}", s(&m["last_error"]));
+            crate::out!("  last error: {}", s(&m["last_error"]));
         }
         if let Some(n) = m["next_update"]
             .as_str()
             .filter(|n| !n.starts_with("incremental"))
         {
-            println!("  next update: {n}");
+            crate::out!("  next update: {n}");
         }
     }
 }
 
 fn print_locks(v: &Value) {
-    println!(
+    crate::out!(
         "{:<24} {:<17} {:<24} {:<12} {:<7} {:<20} HOPS",
-        "SNAPSHOT", "TYPE", "STRING", "ORIGIN", "STATE", "RENEWED"
+        "SNAPSHOT",
+        "TYPE",
+        "STRING",
+        "ORIGIN",
+        "STATE",
+        "RENEWED"
     );
     for l in v.as_array().into_iter().flatten() {
         let snap = match (l["volume"].as_str(), l["snapshot"].as_str()) {
@@ -354,7 +367,7 @@ fn print_locks(v: &Value) {
             .flatten()
             .map(s)
             .collect();
-        println!(
+        crate::out!(
             "{:<24} {:<17} {:<24} {:<12} {:<7} {:<20} {}",
             snap,
             s(&l["kind"]),
@@ -373,13 +386,13 @@ fn print_prune(p: &Value) {
     let verb = if dry { "would delete" } else { "deleted" };
     let deleted = p["deleted"].as_array().cloned().unwrap_or_default();
     if deleted.is_empty() {
-        println!("{vol}: nothing to delete (keep {})", p["keep"]);
+        crate::out!("{vol}: nothing to delete (keep {})", p["keep"]);
     }
     for d in &deleted {
-        println!("{verb} {vol}@{}: older than the newest {}", s(d), p["keep"]);
+        crate::out!("{verb} {vol}@{}: older than the newest {}", s(d), p["keep"]);
     }
     for k in p["kept_recent"].as_array().into_iter().flatten() {
-        println!("keep {vol}@{}: one of the newest {}", s(k), p["keep"]);
+        crate::out!("keep {vol}@{}: one of the newest {}", s(k), p["keep"]);
     }
     for k in p["skipped"].as_array().into_iter().flatten() {
         let holders: Vec<String> = k["holders"]
@@ -402,7 +415,7 @@ fn print_prune(p: &Value) {
             .map(s)
             .collect();
         if effects.is_empty() {
-            println!(
+            crate::out!(
                 "keep {vol}@{}: {}{}",
                 s(&k["snapshot"]),
                 s(&k["reason"]),
@@ -413,9 +426,9 @@ fn print_prune(p: &Value) {
                 }
             );
         } else {
-            println!("keep {vol}@{}: locked", s(&k["snapshot"]));
+            crate::out!("keep {vol}@{}: locked", s(&k["snapshot"]));
             for e in effects {
-                println!("  {e}");
+                crate::out!("  {e}");
             }
         }
     }

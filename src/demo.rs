@@ -163,45 +163,45 @@ struct RunResult {
 pub fn run() -> Result<()> {
     let start = Instant::now();
     let dir = tempfile::tempdir().context("creating a temporary folder")?;
-    println!(
+    sluice::out!(
         "sluice demo: a cascade of four nodes in {}",
         dir.path().display()
     );
-    println!();
-    println!("           ┌──▶ B:vol0 ──▶ C:vol0          volume mirrors (a chain)");
-    println!("  A:vol0 ──┤          └──▶ C:dbcopy/db     qtree mirror of vol0/db");
-    println!("           └──▶ D:vol0                     fan-out");
-    println!();
-    println!(
+    sluice::out!();
+    sluice::out!("           ┌──▶ B:vol0 ──▶ C:vol0          volume mirrors (a chain)");
+    sluice::out!("  A:vol0 ──┤          └──▶ C:dbcopy/db     qtree mirror of vol0/db");
+    sluice::out!("           └──▶ D:vol0                     fan-out");
+    sluice::out!();
+    sluice::out!(
         "Each round writes ~1 % of vol0 and some of its qtree db on A through NBD, snapshots A\n\
          and prunes A to its newest snapshot (keep 1). B updates every round, D every 2nd,\n\
          C every 3rd: C lags behind snapshots that A's retention would delete.\n"
     );
-    println!("== 1. with soft locks ==");
+    sluice::out!("== 1. with soft locks ==");
     let with = scenario(&dir.path().join("on"), true)?;
-    println!();
-    println!("== 2. the same with lock propagation switched off ==");
+    sluice::out!();
+    sluice::out!("== 2. the same with lock propagation switched off ==");
     let without = scenario(&dir.path().join("off"), false)?;
-    println!();
-    println!("== summary ==");
-    println!(
+    sluice::out!();
+    sluice::out!("== summary ==");
+    sluice::out!(
         "with soft locks:    {} incremental updates, {} full copies after the baseline, {} broken chains",
         with.incremental,
         with.full_after_baseline,
         with.broken.len()
     );
     for i in with.reattached.iter().chain(&with.identical) {
-        println!("                    {i}");
+        sluice::out!("                    {i}");
     }
-    println!(
+    sluice::out!(
         "without soft locks: {} incremental updates, {} broken chains:",
         without.incremental,
         without.broken.len()
     );
     for b in &without.broken {
-        println!("                    {b}");
+        sluice::out!("                    {b}");
     }
-    println!(
+    sluice::out!(
         "\ndone in {:.1} s; the temporary folder is removed.",
         start.elapsed().as_secs_f64()
     );
@@ -341,7 +341,7 @@ fn drive(nodes: &[Node]) -> Result<RunResult> {
         ),
         ("D:vol0", mirror(d, "vol0", format!("{}/vol0", a.listen))?),
     ];
-    println!(
+    sluice::out!(
         "baseline r0: {}",
         base.iter()
             .map(|(w, v)| format!(
@@ -352,10 +352,16 @@ fn drive(nodes: &[Node]) -> Result<RunResult> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!();
-    println!(
+    sluice::out!();
+    sluice::out!(
         "{:<6} {:>9} {:<22} {:<14} {:<14} {:<14} {:<14}",
-        "round", "written", "A keeps", "B:vol0", "C:vol0", "C:dbcopy/db", "D:vol0"
+        "round",
+        "written",
+        "A keeps",
+        "B:vol0",
+        "C:vol0",
+        "C:dbcopy/db",
+        "D:vol0"
     );
     for round in 1..=ROUNDS {
         let written = write_round(a, &mut rng, round)?;
@@ -391,7 +397,7 @@ fn drive(nodes: &[Node]) -> Result<RunResult> {
                 row.push("-".into());
             }
         }
-        println!(
+        sluice::out!(
             "r{:<5} {:>9} {:<22} {:<14} {:<14} {:<14} {:<14}",
             round,
             fmt_bytes(written),
@@ -402,7 +408,7 @@ fn drive(nodes: &[Node]) -> Result<RunResult> {
             row[3]
         );
     }
-    println!();
+    sluice::out!();
     print_locks(a)?;
     check_identical(a, &[b, c, d], c, &format!("r{ROUNDS}"), &mut out)?;
     Ok(out)
@@ -411,8 +417,8 @@ fn drive(nodes: &[Node]) -> Result<RunResult> {
 /// The last act: B is lost for good; C re-attaches to A past it and goes
 /// on incrementally, D (a mirror of A) notices nothing.
 fn reattach(nodes: &mut [Node], out: &mut RunResult) -> Result<()> {
-    println!();
-    println!("== 3. B is lost for good: C re-attaches to A ==");
+    sluice::out!();
+    sluice::out!("== 3. B is lost for good: C re-attaches to A ==");
     let mut rng = Rng(0xdead_beef);
     fn a_round(a: &Node, rng: &mut Rng, round: u64) -> Result<(u64, Vec<String>)> {
         let written = write_round(a, rng, round)?;
@@ -442,12 +448,12 @@ fn reattach(nodes: &mut [Node], out: &mut RunResult) -> Result<()> {
     a_round(&nodes[0], &mut rng, round)?;
     let b_cell = cell(&update(&nodes[1], "vol0"), out, "B:vol0", round);
     let d_cell = cell(&update(&nodes[3], "vol0"), out, "D:vol0", round);
-    println!("r{round}: B:vol0 {b_cell}, D:vol0 {d_cell}, C lags at r{ROUNDS}");
+    sluice::out!("r{round}: B:vol0 {b_cell}, D:vol0 {d_cell}, C lags at r{ROUNDS}");
     nodes[1].kill();
     let (a, c, d) = (&nodes[0], &nodes[2], &nodes[3]);
     let round = round + 1;
     let (written, kept) = a_round(a, &mut rng, round)?;
-    println!(
+    sluice::out!(
         "B killed (SIGKILL). A wrote {} more, took r{round}, pruned to keep 1 and keeps {}:\n\
          r{ROUNDS} only for C's locks, which B relayed before it died.",
         fmt_bytes(written),
@@ -457,7 +463,7 @@ fn reattach(nodes: &mut [Node], out: &mut RunResult) -> Result<()> {
         ("C:vol0", "vol0", format!("{}/vol0", a.listen)),
         ("C:dbcopy/db", "dbcopy", format!("{}/vol0/db", a.listen)),
     ] {
-        println!("  sluice mirror retarget {dst} --from {source}   (on C)");
+        sluice::out!("  sluice mirror retarget {dst} --from {source}   (on C)");
         let r = c.try_call(ControlRequest::MirrorRetarget {
             dst: dst.into(),
             source,
@@ -483,7 +489,7 @@ fn reattach(nodes: &mut [Node], out: &mut RunResult) -> Result<()> {
                         ""
                     }
                 );
-                println!("  {line}");
+                sluice::out!("  {line}");
                 out.reattached.push(line);
                 if let Some(e) = v["transfer_error"].as_str() {
                     out.broken.push(format!("{who}: after the retarget: {e}"));
@@ -493,8 +499,8 @@ fn reattach(nodes: &mut [Node], out: &mut RunResult) -> Result<()> {
         }
     }
     let d_cell = cell(&update(d, "vol0"), out, "D:vol0", round);
-    println!("  D:vol0 (from A, untouched by the loss): {d_cell}");
-    println!();
+    sluice::out!("  D:vol0 (from A, untouched by the loss): {d_cell}");
+    sluice::out!();
     print_locks(a)?;
     check_identical(a, &[c, d], c, &format!("r{round}"), out)
 }
@@ -503,10 +509,10 @@ fn print_locks(a: &Node) -> Result<()> {
     let locks = a.call(ControlRequest::LockList)?;
     let locks = locks.as_array().cloned().unwrap_or_default();
     if locks.is_empty() {
-        println!("locks on A: none");
+        sluice::out!("locks on A: none");
         return Ok(());
     }
-    println!("locks on A (why A keeps the snapshots it keeps):");
+    sluice::out!("locks on A (why A keeps the snapshots it keeps):");
     for l in locks {
         let snap = match (l["volume"].as_str(), l["snapshot"].as_str()) {
             (Some(v), Some(s)) => format!("{v}@{s}"),
@@ -518,7 +524,7 @@ fn print_locks(a: &Node) -> Result<()> {
             .flatten()
             .filter_map(Value::as_str)
             .collect();
-        println!(
+        sluice::out!(
             "  {:<10} held for {:<22} ({}, from node {}, via {})",
             snap,
             l["text"].as_str().unwrap_or("?"),
@@ -531,7 +537,7 @@ fn print_locks(a: &Node) -> Result<()> {
             }
         );
     }
-    println!();
+    sluice::out!();
     Ok(())
 }
 

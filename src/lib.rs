@@ -26,3 +26,29 @@ pub mod node;
 pub mod units;
 
 pub use error::{NodeError, Result};
+
+/// Print one line on stdout, as `println!` does, but a reader that went away
+/// (`sluice vol list | head`) ends the command quietly (status 0) instead of
+/// a panic; any other write error ends it with a one-line error.
+#[macro_export]
+macro_rules! out {
+    () => {
+        $crate::print_line(format_args!(""))
+    };
+    ($($t:tt)*) => {
+        $crate::print_line(format_args!($($t)*))
+    };
+}
+
+/// The body of [`out!`].
+pub fn print_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}

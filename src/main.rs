@@ -363,10 +363,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let t = sluice::auth::Token::create(&name, &out)?;
             if json {
                 let v = serde_json::json!({ "token": t.name, "path": out, "mode": "0600" });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                sluice::out!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            println!(
+            sluice::out!(
                 "token {} written to {} (mode 0600); add it to the node's control_tokens",
                 t.name,
                 out.display()
@@ -384,10 +384,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (bytes, shards) = sluice::daemon::init(&path, size, force, shards)?;
             if json {
                 let v = serde_json::json!({ "path": path, "size_bytes": bytes, "shards": shards });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                sluice::out!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            println!(
+            sluice::out!(
                 "formatted {} as a sluice pool ({}, shards={shards})",
                 path.display(),
                 fmt_bytes(bytes)

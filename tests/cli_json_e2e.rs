@@ -3,7 +3,8 @@
 //! `sluice serve` processes: a volume, a qtree, snapshots, retention, a
 //! mirror A -> B broken, resynced and deleted, locks added and released,
 //! deletes, `init` and `token create`. Each document is parsed and the
-//! field that says what happened is checked.
+//! field that says what happened is checked. And a reader that goes away
+//! (`sluice vol list | head`) ends a command quietly, without a panic.
 
 mod common;
 use common::*;
@@ -70,4 +71,35 @@ fn every_command_prints_json_with_dash_dash_json() {
     assert_eq!(v["released_upstream"], true, "{v}");
     let v = b.json(&["vol", "delete", "v"]);
     assert_eq!(v["volume"], "v", "{v}");
+}
+
+/// `sluice vol list | head -0`: the reader is gone before the first line;
+/// the command ends at once, status 0, nothing on stderr.
+#[test]
+fn a_closed_pipe_on_stdout_ends_a_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Daemon::named(dir.path(), "A", &[]);
+    for i in 0..3 {
+        a.ok(&["vol", "create", &format!("v{i}"), "--size", "1M"]);
+    }
+    for args in [
+        vec!["vol", "list"],
+        vec!["vol", "list", "--json"],
+        vec!["status"],
+    ] {
+        let mut all = vec!["--node", a.control.as_str()];
+        all.extend_from_slice(&args);
+        let mut child = std::process::Command::new(BIN)
+            .args(&all)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader goes away
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "sluice {args:?}: {err}");
+        assert!(o.status.success(), "sluice {args:?}: {:?} {err}", o.status);
+        assert!(err.is_empty(), "sluice {args:?} printed on stderr: {err}");
+    }
 }
