@@ -146,6 +146,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The one rule for volume, qtree and snapshot names (checked when one is
+/// created; see docs/CONTROL.md): 1 to 64 bytes of UTF-8; not `.` or `..`;
+/// not only white space; not starting with `-` (it would read as an
+/// option) or white space; no `/` or `@` (they separate the parts of a
+/// path), no control characters and no bidirectional formatting
+/// characters (they make a name print as another).
 fn check_name(name: &str) -> Result<()> {
     let bad = |reason| {
         Err(Error::BadName {
@@ -159,10 +165,31 @@ fn check_name(name: &str) -> Result<()> {
     if name.len() > NAME_LEN_MAX {
         return bad("longer than 64 bytes");
     }
+    if name == "." || name == ".." {
+        return bad("`.` and `..` are not names");
+    }
+    if name.chars().all(char::is_whitespace) {
+        return bad("only white space");
+    }
+    if name.starts_with('-') {
+        return bad("starts with '-' (it would read as an option)");
+    }
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        return bad("starts or ends with white space");
+    }
     if name.chars().any(|c| c == '/' || c == '@' || c.is_control()) {
         return bad("contains '/', '@' or a control character");
     }
+    if name.chars().any(is_bidi_format) {
+        return bad("contains a bidirectional formatting character");
+    }
     Ok(())
+}
+
+/// Unicode's bidirectional formatting characters (marks, embeddings,
+/// overrides, isolates).
+fn is_bidi_format(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn check_size(what: &str, size_bytes: u64) -> Result<u64> {
@@ -2124,6 +2151,41 @@ fn read_ios(slots: &[Slot]) -> impl Iterator<Item = (IoKind, u64, Option<Aligned
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn names_follow_one_rule() {
+        for good in [
+            "v",
+            "vol-0",
+            "db_1.snap",
+            "a b",
+            "nightly:2026-12-02",
+            "ünïcode",
+            &"x".repeat(64),
+        ] {
+            assert!(check_name(good).is_ok(), "{good:?} refused");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            " ",
+            "\t",
+            "-v",
+            " v",
+            "v ",
+            "a/b",
+            "a@b",
+            "a\nb",
+            "a\u{202E}b",
+            "a\u{2066}b",
+            "a\u{200F}",
+            &"x".repeat(65),
+        ] {
+            let e = check_name(bad).expect_err(bad);
+            assert!(e.to_string().contains("bad name"), "{e}");
+        }
+    }
     use super::*;
     use crate::device::sim::SimDevice;
 
