@@ -48,6 +48,9 @@ pub fn run(
         ControlRequest::VolCreate { .. } => {
             let v: VolumeView = parse(result)?;
             crate::out!("created volume {} ({})", v.name, fmt_bytes(v.size_bytes));
+            for w in &v.warnings {
+                eprintln!("warning: {w}");
+            }
         }
         ControlRequest::QtreeCreate { volume, name, .. } => {
             let v: VolumeView = parse(result)?;

@@ -14,7 +14,7 @@
 use crate::control::ControlRequest;
 use crate::error::{NodeError, Result};
 use crate::nbd::NbdMetrics;
-use crate::units::fmt_unix_ms;
+use crate::units::{fmt_bytes, fmt_unix_ms};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_engine::api::{DiffKind, NsName, Reply, Request, SnapshotInfo, VolumeInfo};
@@ -74,6 +74,11 @@ pub struct VolumeView {
     /// (beyond them only what soft locks hold); absent: no policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<usize>,
+    /// What the operator should know about the request that returned this
+    /// view (e.g. a thin volume larger than the pool); the CLI prints each
+    /// on stderr.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl From<&VolumeInfo> for VolumeView {
@@ -95,6 +100,7 @@ impl From<&VolumeInfo> for VolumeView {
                 })
                 .collect(),
             keep: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -238,7 +244,16 @@ impl Node {
                     name: name.clone(),
                     size_bytes,
                 })?;
-                to_value(&self.volume(&name)?)
+                let mut v = self.volume(&name)?;
+                let pool = self.space()?.total_bytes;
+                if size_bytes > pool {
+                    v.warnings.push(format!(
+                        "volume {name} ({}) is larger than the pool ({}): it is thin, and writes to it fail with ENOSPC once the pool is full",
+                        fmt_bytes(size_bytes),
+                        fmt_bytes(pool)
+                    ));
+                }
+                to_value(&v)
             }
             ControlRequest::VolList => to_value(&self.views(&self.volumes()?)),
             ControlRequest::VolDelete { name, force } => {

@@ -39,6 +39,18 @@ fn every_command_prints_json_with_dash_dash_json() {
 
     let v = a.json(&["vol", "create", "v", "--size", "8M"]);
     assert_eq!(v["name"], "v", "{v}");
+    assert!(v.get("warnings").is_none(), "{v}");
+    // A thin volume larger than the pool: created, with a warning.
+    let v = a.json(&["vol", "create", "big", "--size", "1G"]);
+    let w = v["warnings"][0].as_str().unwrap_or_default();
+    assert!(w.contains("larger than the pool"), "{v}");
+    let o = a.cli(&["vol", "create", "big2", "--size", "1G"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: volume big2 (1 GiB) is larger than the pool"),
+        "{}",
+        stderr(&o)
+    );
     let v = a.json(&["qtree", "create", "v", "q", "--size", "1M"]);
     assert!(
         v["qtrees"]
