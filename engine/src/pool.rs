@@ -216,6 +216,34 @@ fn check_size(what: &str, size_bytes: u64) -> Result<u64> {
 /// Set or clear `pba` in a live plane. Plane nodes replaced by the copy on
 /// write are released unless the newest snapshot's plane tree has the same
 /// pba at that position (then that snapshot still holds them).
+/// Nodes of a complete plane tree over `total` pbas: the most nodes one
+/// CP can dirty (and write) in one volume's live plane.
+fn plane_nodes_max(total: u64) -> u64 {
+    let mut level = total.div_ceil(LEAF_BITS).max(1);
+    let mut sum = level;
+    for _ in 1..PLANE_DEPTH {
+        level = level.div_ceil(FANOUT as u64);
+        sum += level;
+    }
+    sum
+}
+
+/// Map nodes on the paths of lbas `lba..lba + n` (every level, root
+/// included): the most map nodes a write of those lbas can dirty.
+fn map_span_nodes(lba: u64, n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    let (mut first, mut last) = (lba, lba.saturating_add(n - 1));
+    let mut sum = 0;
+    for _ in 0..MAP_DEPTH {
+        first /= FANOUT as u64;
+        last /= FANOUT as u64;
+        sum += last - first + 1;
+    }
+    sum
+}
+
 fn plane_update<D: BlockDevice>(
     store: &mut Store<D>,
     plane: &mut Tree,
@@ -799,19 +827,37 @@ impl<D: BlockDevice> Pool<D> {
             .sum()
     }
 
-    fn dirty_map_nodes(&self) -> usize {
-        self.vols
+    /// Blocks a CP may need right now (upper bound; docs/FORMAT.md, "Space
+    /// reserve"). Per volume: a block for each dirty map node, and the plane
+    /// nodes the CP may dirty and write -- each dirty map node's new pba may
+    /// dirty a plane path, each dirty plane node is written -- but never
+    /// more than a whole live plane, since a CP writes each plane node at
+    /// most once. Plus the catalog.
+    fn cp_reserve(&self) -> u64 {
+        let plane_max = plane_nodes_max(self.fm.total);
+        let vols: u64 = self
+            .vols
             .iter()
-            .map(|v| v.ns.iter().map(|n| n.tree.dirty.len()).sum::<usize>())
-            .sum()
+            .map(|v| {
+                let map: u64 = v.ns.iter().map(|n| n.tree.dirty.len() as u64).sum();
+                let plane = v.plane.dirty.len() as u64;
+                map + (map * PLANE_DEPTH as u64 + plane).min(plane_max)
+            })
+            .sum();
+        vols + 2 * self.catalog_blocks.len() as u64 + 8
     }
 
-    /// Blocks a CP may need right now (upper bound): each dirty map node
-    /// needs a block and may dirty a whole plane path; plus the catalog.
-    fn cp_reserve(&self) -> u64 {
-        let map = self.dirty_map_nodes() as u64;
-        let plane = self.dirty_nodes() as u64 - map;
-        map * (1 + PLANE_DEPTH as u64) + plane + 2 * self.catalog_blocks.len() as u64 + 8
+    /// Blocks a write of `n` blocks at `lba` may add to what the pool needs
+    /// beyond its data: the map nodes on its lbas' paths (each may become
+    /// dirty, and the CP writes each), and the plane nodes that dirtying
+    /// them (old versions released, new ones allocated by the CP), setting
+    /// its `n` new pbas and clearing the `n` pbas it replaces may dirty --
+    /// at most a whole live plane. See [`Pool::cp_reserve`]: this is how
+    /// much the write can raise it.
+    fn write_meta_need(&self, lba: u64, n: u64) -> u64 {
+        let map = map_span_nodes(lba, n);
+        let plane = 2 * (map + n) * PLANE_DEPTH as u64;
+        map + plane.min(plane_nodes_max(self.fm.total))
     }
 
     /// Make sure `extra` blocks plus the CP reserve are free, taking a CP
@@ -1633,26 +1679,25 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     fn write(&mut self, ns: &NsName, lba: u64, data: &AlignedBuf, replica: bool) -> Result<()> {
-        let (vi, ni, pbas) = self.write_prepare(ns, lba, data, replica, 0)?;
+        let (vi, ni, pbas, _) = self.write_prepare(ns, lba, data, replica, 0)?;
         let writes = pbas.iter().enumerate().map(|(i, &p)| (p, data.block(i)));
         self.write_data(Vec::new(), writes, &pbas)?;
         self.write_apply(vi, ni, lba, &block_hashes(data), &pbas)
     }
 
-    /// Blocks one written block may need by the next CP (its map path and
-    /// plane paths), besides itself.
-    const PER_BLOCK: u64 = 1 + MAP_DEPTH as u64 * (1 + PLANE_DEPTH as u64) + PLANE_DEPTH as u64;
-
-    /// Validate a write and allocate its data blocks. `pending_blocks`:
-    /// blocks of earlier writes in the same batch not applied yet.
+    /// Validate a write and allocate its data blocks. `pending_meta`: the
+    /// metadata need ([`Pool::write_meta_need`]) of earlier writes in the
+    /// same batch, allocated but not applied yet (so not yet counted by
+    /// [`Pool::cp_reserve`]). Returns the volume and namespace index, the
+    /// fresh pbas and this write's own metadata need.
     fn write_prepare(
         &mut self,
         ns: &NsName,
         lba: u64,
         data: &AlignedBuf,
         replica: bool,
-        pending_blocks: u64,
-    ) -> Result<(usize, usize, Vec<u64>)> {
+        pending_meta: u64,
+    ) -> Result<(usize, usize, Vec<u64>, u64)> {
         self.check_writable()?;
         let (vi, ni) = self.ns_idx(ns)?;
         self.check_client_writable(vi, ni, ns, replica)?;
@@ -1666,7 +1711,8 @@ impl<D: BlockDevice> Pool<D> {
         self.check_range(vi, ni, ns, lba, n)?;
         // Writes leave TRIM_HEADROOM free so that a full pool can still
         // trim (and delete snapshots) to make room.
-        self.ensure_space((n + pending_blocks) * Self::PER_BLOCK + TRIM_HEADROOM)?;
+        let meta = self.write_meta_need(lba, n);
+        self.ensure_space(n + meta + pending_meta + TRIM_HEADROOM)?;
         let mut pbas = Vec::with_capacity(n as usize);
         for _ in 0..n {
             match self.fm.alloc() {
@@ -1679,7 +1725,7 @@ impl<D: BlockDevice> Pool<D> {
                 }
             }
         }
-        Ok((vi, ni, pbas))
+        Ok((vi, ni, pbas, meta))
     }
 
     /// Write data to fresh pbas in one batch: `whole` buffers as they are
@@ -1737,7 +1783,7 @@ impl<D: BlockDevice> Pool<D> {
     /// write all their data in one device batch, then apply them in order.
     fn write_run(&mut self, run: Vec<Request>) -> Vec<Result<Reply>> {
         let mut prepared: Vec<Result<PreparedWrite>> = Vec::new();
-        let mut pending_blocks = 0u64;
+        let mut pending_meta = 0u64;
         for r in run {
             if let Request::Write {
                 ns,
@@ -1747,9 +1793,9 @@ impl<D: BlockDevice> Pool<D> {
                 ..
             } = r
             {
-                match self.write_prepare(&ns, lba, &data, replica, pending_blocks) {
-                    Ok((vi, ni, pbas)) => {
-                        pending_blocks += pbas.len() as u64;
+                match self.write_prepare(&ns, lba, &data, replica, pending_meta) {
+                    Ok((vi, ni, pbas, meta)) => {
+                        pending_meta += meta;
                         prepared.push(Ok(PreparedWrite {
                             vi,
                             ni,

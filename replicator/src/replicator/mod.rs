@@ -76,9 +76,13 @@ const DOWNSTREAMS_MAX: usize = 1024;
 const READ_AHEAD: usize = 32;
 /// Writes a destination keeps queued before it waits for one.
 const WRITE_BEHIND: usize = 32;
-/// Bytes a destination keeps queued (the engine reserves space for a whole
-/// batch, so a deep queue of large writes could fail a small pool).
-const WRITE_BEHIND_BYTES: u64 = 256 << 10;
+/// Bytes a destination keeps queued: 16 full-transfer extents of 1 MiB, so
+/// the device sees queue depth while the next extents arrive (at 256 KiB
+/// each 1 MiB extent was written at queue depth 1, with the socket idle
+/// meanwhile). The engine reserves only a queued write's data plus its
+/// metadata bound (docs/FORMAT.md, "Space reserve"), so a deep queue needs
+/// no more free space than its bytes. Bounds a transfer's buffered memory.
+const WRITE_BEHIND_BYTES: u64 = 16 << 20;
 
 #[derive(Default)]
 struct Counters {
