@@ -231,12 +231,17 @@ fn prune_dry_run_says_which_relationship_would_need_a_full_copy() {
     assert_eq!(a.snap_names("v"), ["s0", "s1", "s2"]);
     // D dies and its lease runs out: its holder is marked stale.
     d.kill();
+    // Each of its locks' leases ends on its own (they were renewed at
+    // slightly different times): wait for all of them.
     wait_until("D's locks on A to go stale", || {
-        a.json(&["lock", "list"])
+        let ls = a.json(&["lock", "list"]);
+        let d: Vec<&Value> = ls
             .as_array()
             .unwrap()
             .iter()
-            .any(|l| l["origin_node"] == "d" && l["state"] == "stale")
+            .filter(|l| l["origin_node"] == "d")
+            .collect();
+        !d.is_empty() && d.iter().all(|l| l["state"] == "stale")
     });
     let plan = a.json(&["prune", "v", "--keep", "1", "--dry-run"]);
     let s0 = effects_in(&plan, "s0");

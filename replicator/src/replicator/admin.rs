@@ -504,19 +504,32 @@ impl<'a> Shares<'a> {
                 .filter(|s| *s != snap)
                 .collect()
         }
+        let key_of = |v: &LockView| {
+            if v.kind == LockKind::OwnerName.to_string() {
+                format!("app {}", v.text)
+            } else {
+                v.locking_dataset_id.clone()
+            }
+        };
+        // One line per holder; it is stale only when every lock of it here
+        // is (its locks' leases end at slightly different times, and one
+        // live lock says the holder lives).
+        let mut live: BTreeSet<String> = BTreeSet::new();
+        for (_, v) in holders {
+            if v.state != "stale" {
+                live.insert(key_of(v));
+            }
+        }
         let mut out: Vec<String> = Vec::new();
         let mut seen = BTreeSet::new();
         for (h, v) in holders {
             let app = v.kind == LockKind::OwnerName.to_string();
-            let key = if app {
-                format!("app {}", v.text)
-            } else {
-                v.locking_dataset_id.clone()
-            };
+            let key = key_of(v);
+            let all_stale = !live.contains(&key);
             if !seen.insert(key) {
                 continue;
             }
-            let stale = if v.state == "stale" {
+            let stale = if all_stale {
                 " [stale: not renewed within its lease]"
             } else {
                 ""
