@@ -78,10 +78,7 @@ pub fn run(
         }
         ControlRequest::VolList => {
             let vols: Vec<VolumeView> = parse(result)?;
-            crate::out!(
-                "{:<20} {:>10} {:>10} {:>9} {:>4} {:<3} QTREES",
-                "VOLUME", "SIZE", "USED", "SNAPSHOTS", "KEEP", "RO"
-            );
+            let mut t = Table::new(&["VOLUME", ">SIZE", ">USED", ">SNAPSHOTS", ">KEEP", "RO", "QTREES"]);
             for v in vols {
                 let q: Vec<String> = v
                     .qtrees
@@ -91,21 +88,21 @@ pub fn run(
                         format!("{} ({}{ro})", q.name, fmt_bytes(q.size_bytes))
                     })
                     .collect();
-                crate::out!(
-                    "{:<20} {:>10} {:>10} {:>9} {:>4} {:<3} {}",
+                t.row(vec![
                     v.name,
                     fmt_bytes(v.size_bytes),
                     fmt_bytes(v.used_bytes),
-                    v.snapshots,
+                    v.snapshots.to_string(),
                     v.keep.map_or("-".into(), |k| k.to_string()),
-                    if v.read_only { "yes" } else { "no" },
+                    if v.read_only { "yes" } else { "no" }.into(),
                     if q.is_empty() {
                         "-".into()
                     } else {
                         q.join(", ")
-                    }
-                );
+                    },
+                ]);
             }
+            t.print();
         }
         ControlRequest::SnapCreate { volume, .. } => {
             let s: SnapshotView = parse(result)?;
@@ -113,21 +110,18 @@ pub fn run(
         }
         ControlRequest::SnapList { .. } => {
             let snaps: Vec<SnapshotView> = parse(result)?;
-            crate::out!(
-                "{:<20} {:<36} {:<20} {:>10} {:>10} LOCKS",
-                "SNAPSHOT", "ID", "CREATED", "REFERENCED", "UNIQUE"
-            );
+            let mut t = Table::new(&["SNAPSHOT", "ID", "CREATED", ">REFERENCED", ">UNIQUE", "LOCKS"]);
             for s in snaps {
-                crate::out!(
-                    "{:<20} {:<36} {:<20} {:>10} {:>10} {}",
+                t.row(vec![
                     s.name,
-                    s.id,
+                    s.id.to_string(),
                     s.created,
                     fmt_bytes(s.referenced_bytes),
                     fmt_bytes(s.unique_bytes),
-                    s.locks.len()
-                );
+                    s.locks.len().to_string(),
+                ]);
             }
+            t.print();
         }
         ControlRequest::MirrorCreate { .. } | ControlRequest::MirrorUpdate { .. } | ControlRequest::MirrorResync { .. } => {
             print_transfer(&result)
@@ -296,17 +290,17 @@ fn print_retarget(r: &Value) {
 }
 
 fn print_mirrors(v: &Value) {
-    crate::out!(
-        "{:<16} {:<32} {:<6} {:<12} {:<20} {:>8} {:>5} {:>5} LAST",
+    let mut t = Table::new(&[
         "DESTINATION",
         "SOURCE",
         "KIND",
         "STATE",
         "COMMON",
-        "LAG",
-        "FULL",
-        "INCR"
-    );
+        ">LAG",
+        ">FULL",
+        ">INCR",
+        "LAST",
+    ]);
     for m in v.as_array().into_iter().flatten() {
         let lag = m["lag_ms"]
             .as_u64()
@@ -322,43 +316,37 @@ fn print_mirrors(v: &Value) {
                 fmt_bytes(last["bytes"].as_u64().unwrap_or(0))
             )
         };
-        crate::out!(
-            "{:<16} {:<32} {:<6} {:<12} {:<20} {:>8} {:>5} {:>5} {}",
+        t.row(vec![
             s(&m["dst"]),
             s(&m["source"]),
             s(&m["kind"]),
             s(&m["state"]),
             s(&m["newest_common_snapshot"]["name"]),
             lag,
-            m["full_transfers"].as_u64().unwrap_or(0),
-            m["incremental_transfers"].as_u64().unwrap_or(0),
-            last
-        );
+            m["full_transfers"].as_u64().unwrap_or(0).to_string(),
+            m["incremental_transfers"].as_u64().unwrap_or(0).to_string(),
+            last,
+        ]);
         if !m["notice"].is_null() {
-            crate::out!("  notice: {}", s(&m["notice"]));
+            t.note(format!("  notice: {}", s(&m["notice"])));
         }
         if !m["last_error"].is_null() {
-            crate::out!("  last error: {}", s(&m["last_error"]));
+            t.note(format!("  last error: {}", s(&m["last_error"])));
         }
         if let Some(n) = m["next_update"]
             .as_str()
             .filter(|n| !n.starts_with("incremental"))
         {
-            crate::out!("  next update: {n}");
+            t.note(format!("  next update: {n}"));
         }
     }
+    t.print();
 }
 
 fn print_locks(v: &Value) {
-    crate::out!(
-        "{:<24} {:<17} {:<24} {:<12} {:<7} {:<20} HOPS",
-        "SNAPSHOT",
-        "TYPE",
-        "STRING",
-        "ORIGIN",
-        "STATE",
-        "RENEWED"
-    );
+    let mut t = Table::new(&[
+        "SNAPSHOT", "TYPE", "STRING", "ORIGIN", "STATE", "RENEWED", "HOPS",
+    ]);
     for l in v.as_array().into_iter().flatten() {
         let snap = match (l["volume"].as_str(), l["snapshot"].as_str()) {
             (Some(v), Some(n)) => format!("{v}@{n}"),
@@ -370,16 +358,91 @@ fn print_locks(v: &Value) {
             .flatten()
             .map(s)
             .collect();
-        crate::out!(
-            "{:<24} {:<17} {:<24} {:<12} {:<7} {:<20} {}",
+        t.row(vec![
             snap,
             s(&l["kind"]),
             s(&l["text"]),
             s(&l["origin_node"]),
             s(&l["state"]),
             fmt_unix_ms(l["renewed_unix_ms"].as_u64().unwrap_or(0)),
-            hops.join(" > ")
-        );
+            hops.join(" > "),
+        ]);
+    }
+    t.print();
+}
+
+/// A text table whose columns are as wide as their longest cell (a long
+/// name widens its column instead of shifting the rest of its row). A
+/// header starting with `>` is right-aligned; the last column is not
+/// padded. Notes are lines printed under the row before them.
+struct Table {
+    heads: Vec<(String, bool)>,
+    rows: Vec<(Vec<String>, Vec<String>)>,
+}
+
+impl Table {
+    fn new(heads: &[&str]) -> Table {
+        Table {
+            heads: heads
+                .iter()
+                .map(|h| match h.strip_prefix('>') {
+                    Some(h) => (h.to_string(), true),
+                    None => (h.to_string(), false),
+                })
+                .collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push((cells, Vec::new()));
+    }
+
+    fn note(&mut self, line: String) {
+        if let Some((_, notes)) = self.rows.last_mut() {
+            notes.push(line);
+        }
+    }
+
+    fn print(&self) {
+        let width = |i: usize| {
+            self.rows
+                .iter()
+                .filter_map(|(r, _)| r.get(i))
+                .map(|c| c.chars().count())
+                .chain([self.heads[i].0.chars().count()])
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..self.heads.len()).map(width).collect();
+        let line = |cells: &[String]| {
+            let mut out = String::new();
+            for (i, c) in cells.iter().enumerate() {
+                let (w, right) = (
+                    widths.get(i).copied().unwrap_or(0),
+                    self.heads.get(i).is_some_and(|h| h.1),
+                );
+                if i > 0 {
+                    out.push(' ');
+                }
+                if i + 1 == cells.len() && !right {
+                    out.push_str(c);
+                } else if right {
+                    out.push_str(&format!("{c:>w$}"));
+                } else {
+                    out.push_str(&format!("{c:<w$}"));
+                }
+            }
+            out
+        };
+        let heads: Vec<String> = self.heads.iter().map(|h| h.0.clone()).collect();
+        crate::out!("{}", line(&heads));
+        for (r, notes) in &self.rows {
+            crate::out!("{}", line(r));
+            for n in notes {
+                crate::out!("{n}");
+            }
+        }
     }
 }
 

@@ -115,3 +115,25 @@ fn a_closed_pipe_on_stdout_ends_a_command_quietly() {
         assert!(err.is_empty(), "sluice {args:?} printed on stderr: {err}");
     }
 }
+
+/// A long name widens its column: every row's next column starts where the
+/// header's does.
+#[test]
+fn tables_fit_long_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Daemon::named(dir.path(), "A", &[]);
+    let long = "a-volume-name-of-fifty-seven-characters-for-the-accounts";
+    a.ok(&["vol", "create", "v", "--size", "1M"]);
+    a.ok(&["vol", "create", long, "--size", "8M"]);
+    let text = a.ok(&["vol", "list"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    // SIZE is right-aligned: its column ends at the same place on each line.
+    let end = lines[0].find("SIZE").unwrap() + "SIZE".len();
+    for l in &lines[1..] {
+        let cell = &l[..end];
+        assert!(cell.ends_with("MiB"), "size column misaligned:\n{text}");
+        assert_eq!(l.as_bytes()[end], b' ', "size column misaligned:\n{text}");
+    }
+    assert!(lines[2].starts_with(long), "{text}");
+}
