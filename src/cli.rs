@@ -37,13 +37,28 @@ pub fn run(
         b.finish_and_clear();
     }
     let result = result?;
+    let unhealthy = matches!(req, ControlRequest::Status) && result["healthy"] == false;
+    let problems = result_problems(&result);
     if json {
         crate::out!(
             "{}",
             serde_json::to_string_pretty(&result).unwrap_or_else(|_| result.to_string())
         );
-        return Ok(());
+    } else {
+        print_text(req, result)?;
     }
+    if unhealthy {
+        return Err(NodeError::Unhealthy { problems });
+    }
+    Ok(())
+}
+
+fn result_problems(result: &Value) -> usize {
+    result["problems"].as_array().map_or(0, Vec::len)
+}
+
+/// The text form of `req`'s result.
+fn print_text(req: ControlRequest, result: Value) -> Result<()> {
     match req {
         ControlRequest::VolCreate { .. } => {
             let v: VolumeView = parse(result)?;
@@ -183,6 +198,14 @@ pub fn run(
             );
             crate::out!("volumes     {}", s.volumes);
             crate::out!("snapshots   {}", s.snapshots);
+            if s.healthy {
+                crate::out!("health      ok");
+            } else {
+                crate::out!("health      {} problem(s)", s.problems.len());
+                for p in &s.problems {
+                    crate::out!("  {p}");
+                }
+            }
         }
     }
     Ok(())

@@ -8,6 +8,10 @@ pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 
 #[derive(Debug, Error)]
 pub enum NodeError {
+    /// `status` found problems (listed in its output): monitoring reads
+    /// the exit status.
+    #[error("the node is not healthy: {problems} problem(s), listed above")]
+    Unhealthy { problems: usize },
     #[error(transparent)]
     Engine(#[from] sluice_engine::error::Error),
     #[error(transparent)]

@@ -163,7 +163,21 @@ pub struct StatusView {
     pub space: SpaceView,
     pub volumes: usize,
     pub snapshots: usize,
+    /// No problem below (`sluice status` exits non-zero when false).
+    #[serde(default = "yes")]
+    pub healthy: bool,
+    /// What needs the operator: mirrors whose last transfer failed or that
+    /// lag past twice their schedule, stale locks, space low.
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// Free space below this share of the pool is a problem (percent).
+pub const SPACE_LOW_PERCENT: u64 = 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiffView {
@@ -473,6 +487,8 @@ impl Node {
 
     pub fn status(&self) -> Result<StatusView> {
         let vols = self.volumes()?;
+        let space = self.space()?;
+        let problems = self.problems(&space);
         Ok(StatusView {
             node: self.info.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -481,10 +497,57 @@ impl Node {
             nbd: self.info.nbd.clone(),
             uptime_s: self.started.elapsed().as_secs(),
             shards: self.engine.shard_count(),
-            space: self.space()?,
+            space,
             volumes: vols.len(),
             snapshots: vols.iter().map(|v| v.snapshot_count).sum(),
+            healthy: problems.is_empty(),
+            problems,
         })
+    }
+
+    /// What `status` reports as needing the operator.
+    fn problems(&self, space: &SpaceView) -> Vec<String> {
+        let mut out = Vec::new();
+        for m in self.repl.mirror_status() {
+            if let Some(e) = &m.last_error {
+                out.push(format!("mirror {}: its last transfer failed: {e}", m.dst));
+            }
+            if let (Some(every), Some(lag)) = (m.every_secs, m.lag_ms) {
+                if m.state != "broken" && lag / 1000 > 2 * every {
+                    out.push(format!(
+                        "mirror {}: {} s behind its source, past twice its schedule (every {every} s)",
+                        m.dst,
+                        lag / 1000
+                    ));
+                }
+            }
+        }
+        let stale: Vec<String> = self
+            .repl
+            .lock_list()
+            .into_iter()
+            .filter(|l| l.state == "stale")
+            .map(|l| format!("{} ({})", l.origin_node, l.text))
+            .collect();
+        if !stale.is_empty() {
+            let mut who = stale.clone();
+            who.sort();
+            who.dedup();
+            out.push(format!(
+                "{} stale lock(s), not renewed within their lease: {}; `lock list` shows them, `lock release` ends them",
+                stale.len(),
+                who.join(", ")
+            ));
+        }
+        let free = space.free_bytes + space.pending_free_bytes;
+        if space.total_bytes > 0 && free * 100 < space.total_bytes * SPACE_LOW_PERCENT {
+            out.push(format!(
+                "space low: {} free of {} (below {SPACE_LOW_PERCENT} %)",
+                fmt_bytes(free),
+                fmt_bytes(space.total_bytes)
+            ));
+        }
+        out
     }
 }
 

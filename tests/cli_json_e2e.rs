@@ -137,3 +137,32 @@ fn tables_fit_long_names() {
     }
     assert!(lines[2].starts_with(long), "{text}");
 }
+
+/// `status` says whether the node is healthy, and exits non-zero when it
+/// is not (for monitoring): here, a mirror whose last transfer failed.
+#[test]
+fn status_says_whether_the_node_is_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Daemon::named(dir.path(), "A", &[]);
+    let b = Daemon::named(dir.path(), "B", &[]);
+    a.ok(&["vol", "create", "v", "--size", "4M"]);
+    a.ok(&["snap", "create", "v", "s1"]);
+    b.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
+    let text = b.ok(&["status"]);
+    assert!(text.contains("health      ok"), "{text}");
+    assert_eq!(b.json(&["status"])["healthy"], true);
+
+    a.kill();
+    assert!(!b.cli(&["mirror", "update", "v"]).status.success());
+    let o = b.cli(&["status"]);
+    assert!(!o.status.success(), "status of an unhealthy node exited 0");
+    let out = stdout(&o);
+    assert!(out.contains("health      1 problem(s)"), "{out}");
+    assert!(out.contains("mirror v: its last transfer failed"), "{out}");
+    assert!(stderr(&o).contains("not healthy"), "{}", stderr(&o));
+    let o = b.cli(&["status", "--json"]);
+    assert!(!o.status.success());
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["healthy"], false, "{v}");
+    assert_eq!(v["problems"].as_array().unwrap().len(), 1, "{v}");
+}
