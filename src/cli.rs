@@ -142,6 +142,7 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
             print_transfer(&result)
         }
         ControlRequest::MirrorStatus => print_mirrors(&result),
+        ControlRequest::MirrorDestinations => print_destinations(&result),
         ControlRequest::MirrorRetarget { .. } => print_retarget(&result),
         ControlRequest::MirrorBreak { dst } => crate::out!("mirror {dst} broken: the destination is writable; `mirror resync {dst}` makes it a read-only mirror again"),
         ControlRequest::MirrorDelete { dst } => {
@@ -362,6 +363,59 @@ fn print_mirrors(v: &Value) {
         {
             t.note(format!("  next update: {n}"));
         }
+    }
+    t.print();
+}
+
+fn print_destinations(v: &Value) {
+    let mut t = Table::new(&[
+        "DOWNSTREAM",
+        "VOLUME",
+        "STATE",
+        ">LOCKS",
+        ">LAG",
+        "LAST",
+        "HOLDS",
+    ]);
+    for d in v.as_array().into_iter().flatten() {
+        let last = &d["last_served"];
+        let last = if last.is_null() {
+            "- (none since start)".to_string()
+        } else {
+            format!(
+                "{} {} of {}, {}",
+                s(&last["kind"]),
+                fmt_bytes(last["bytes"].as_u64().unwrap_or(0)),
+                s(&last["snapshot"]),
+                fmt_unix_ms(last["unix_ms"].as_u64().unwrap_or(0))
+            )
+        };
+        let held: Vec<String> = d["locked_snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        t.row(vec![
+            format!("{}:{}", s(&d["node"]), s(&d["relationship"])),
+            s(&d["volume"]),
+            if d["stale"] == true {
+                "stale"
+            } else {
+                "active"
+            }
+            .into(),
+            d["locks"].as_u64().unwrap_or(0).to_string(),
+            d["lag_ms"]
+                .as_u64()
+                .map_or("-".into(), |l| format!("{}s", l / 1000)),
+            last,
+            if held.is_empty() {
+                "-".into()
+            } else {
+                held.join(", ")
+            },
+        ]);
     }
     t.print();
 }

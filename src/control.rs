@@ -99,6 +99,8 @@ pub enum ControlRequest {
         dst: String,
     },
     MirrorStatus,
+    /// The downstream relationships that pull from this node.
+    MirrorDestinations,
     MirrorBreak {
         dst: String,
     },
@@ -170,6 +172,7 @@ impl ControlRequest {
             ControlRequest::MirrorCreate { .. } => "mirror_create",
             ControlRequest::MirrorUpdate { .. } => "mirror_update",
             ControlRequest::MirrorStatus => "mirror_status",
+            ControlRequest::MirrorDestinations => "mirror_destinations",
             ControlRequest::MirrorBreak { .. } => "mirror_break",
             ControlRequest::MirrorResync { .. } => "mirror_resync",
             ControlRequest::MirrorDelete { .. } => "mirror_delete",

@@ -214,6 +214,13 @@ enum MirrorCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The downstreams that pull from this node (it is their source): the
+    /// locks each holds here, whether they are stale, its last transfer
+    /// from here and its lag.
+    Destinations {
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the destination writable; updates stop until a resync.
     Break {
         dst: String,
@@ -561,6 +568,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             MirrorCmd::Update { dst, json } => (R::MirrorUpdate { dst }, json),
             MirrorCmd::Status { json } => (R::MirrorStatus, json),
+            MirrorCmd::Destinations { json } => (R::MirrorDestinations, json),
             MirrorCmd::Break { dst, json } => (R::MirrorBreak { dst }, json),
             MirrorCmd::Resync { dst, force, json } => (R::MirrorResync { dst, force }, json),
             MirrorCmd::Delete { dst, json } => (R::MirrorDelete { dst }, json),

@@ -378,6 +378,7 @@ impl Node {
                 to_value(&self.repl.mirror_update(&dst, &on_progress)?)
             }
             ControlRequest::MirrorStatus => to_value(&self.repl.mirror_status()),
+            ControlRequest::MirrorDestinations => to_value(&self.repl.mirror_destinations()?),
             ControlRequest::MirrorBreak { dst } => {
                 self.repl.mirror_break(&dst)?;
                 Ok(serde_json::json!({ "dst": dst, "state": "broken" }))

@@ -166,3 +166,46 @@ fn status_says_whether_the_node_is_healthy() {
     assert_eq!(v["healthy"], false, "{v}");
     assert_eq!(v["problems"].as_array().unwrap().len(), 1, "{v}");
 }
+
+/// `mirror destinations` on a source lists each downstream that pulls from
+/// it, with its locks there and the last transfer served to it.
+#[test]
+fn mirror_destinations_lists_each_downstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Daemon::named(dir.path(), "A", &[]);
+    let b = Daemon::named(dir.path(), "B", &[]);
+    let c = Daemon::named(dir.path(), "C", &[]);
+    a.ok(&["vol", "create", "v", "--size", "4M"]);
+    a.ok(&["vol", "create", "w", "--size", "4M"]);
+    a.ok(&["snap", "create", "v", "s1"]);
+    a.ok(&["snap", "create", "w", "t1"]);
+    b.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
+    b.ok(&["mirror", "create", "w", "--from", &a.source("w")]);
+    c.ok(&["mirror", "create", "v", "--from", &a.source("v")]);
+    a.ok(&["snap", "create", "v", "s2"]);
+    b.ok(&["mirror", "update", "v"]);
+    let d = a.json(&["mirror", "destinations"]);
+    let list = d.as_array().unwrap();
+    assert_eq!(list.len(), 3, "{d}");
+    let find = |node: &str, rel: &str| {
+        list.iter()
+            .find(|x| x["node"] == node && x["relationship"] == rel)
+            .unwrap_or_else(|| panic!("{node}:{rel} missing: {d}"))
+    };
+    let bv = find("B", "v");
+    assert_eq!(bv["volume"], "v");
+    assert_eq!(bv["stale"], false);
+    assert!(bv["locks"].as_u64().unwrap() >= 1, "{bv}");
+    assert_eq!(bv["locked_snapshots"], serde_json::json!(["s2"]), "{bv}");
+    assert_eq!(bv["last_served"]["kind"], "incremental", "{bv}");
+    assert_eq!(bv["last_served"]["snapshot"], "s2", "{bv}");
+    let cv = find("C", "v");
+    assert_eq!(cv["locked_snapshots"], serde_json::json!(["s1"]), "{cv}");
+    assert_eq!(cv["last_served"]["kind"], "full", "{cv}");
+    assert_eq!(find("B", "w")["volume"], "w");
+    let text = a.ok(&["mirror", "destinations"]);
+    assert!(
+        text.contains("B:v") && text.contains("C:v") && text.contains("B:w"),
+        "{text}"
+    );
+}

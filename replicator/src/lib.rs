@@ -24,9 +24,9 @@ pub use replicator::Replicator;
 pub use sluice_lockproto::LeasePolicy;
 pub use transfer::CheckpointPolicy;
 pub use types::{
-    Checkpoint, LockAdded, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress, PrunePlan,
-    PruneSkip, Relationship, ReplicatorConfig, RetargetReport, SnapRef, TransferReport,
-    VolDeleteReport, TRANSFERS_MAX,
+    Checkpoint, Destination, LockAdded, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress,
+    PrunePlan, PruneSkip, Relationship, ReplicatorConfig, RetargetReport, Served, SnapRef,
+    TransferReport, VolDeleteReport, TRANSFERS_MAX,
 };
 
 /// The daemon shares one `Arc<Replicator>` between threads.

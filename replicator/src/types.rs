@@ -323,6 +323,44 @@ pub struct MirrorStatus {
     pub throttle_bps: Option<u64>,
 }
 
+/// A transfer this node served to a downstream (kept in memory: a restart
+/// forgets it until the next one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Served {
+    /// When it ended (ms since the epoch).
+    pub unix_ms: u64,
+    /// The snapshot sent.
+    pub snapshot: String,
+    /// `full` or `incremental`.
+    pub kind: String,
+    /// Data bytes sent.
+    pub bytes: u64,
+}
+
+/// `mirror destinations`: one downstream relationship that pulls from this
+/// node (ONTAP's `snapmirror list-destinations`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Destination {
+    /// The downstream node.
+    pub node: String,
+    /// Its relationship (its destination path).
+    pub relationship: String,
+    /// Our volume it pulls.
+    pub volume: Option<String>,
+    /// Its set here is stale (not renewed within its lease).
+    pub stale: bool,
+    /// Snapshots of `volume` its locks hold here (its own and those it
+    /// relays), oldest first.
+    pub locked_snapshots: Vec<String>,
+    /// Locks it holds here.
+    pub locks: usize,
+    /// The last transfer served to it since this node started.
+    pub last_served: Option<Served>,
+    /// Time since the newest snapshot it holds here was taken (ms), if it
+    /// holds one.
+    pub lag_ms: Option<u64>,
+}
+
 /// `lock add --json`: the lock, and whether it reached the upstreams.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LockAdded {

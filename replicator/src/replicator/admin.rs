@@ -342,6 +342,55 @@ impl Replicator {
         })
     }
 
+    /// Every downstream relationship that pulls from this node: its locks
+    /// here, whether they are stale, the last transfer served to it, and
+    /// how old the newest snapshot it holds here is.
+    pub fn mirror_destinations(&self) -> Result<Vec<crate::types::Destination>> {
+        let names = self.snapshot_names()?;
+        let created: BTreeMap<Uuid, u64> = volumes(&self.engine)?
+            .iter()
+            .filter_map(|v| snapshots(&self.engine, &v.name).ok())
+            .flatten()
+            .map(|s| (s.id, s.created_unix_ms))
+            .collect();
+        let now = self.now_ms();
+        let st = lock(&self.st);
+        let stale = st.locks().stale_downstreams();
+        let all = st.locks().all_locks();
+        let mut out = Vec::new();
+        for (key, volume) in st.locks().downstreams() {
+            let mine: Vec<&Held> = all
+                .iter()
+                .filter(|h| h.via.as_ref() == Some(&key))
+                .collect();
+            let mut snaps: Vec<(u64, String)> = mine
+                .iter()
+                .map(|h| {
+                    let at = created.get(&h.lock.snapshot).copied().unwrap_or(0);
+                    let name = names
+                        .get(&(h.volume.clone(), h.lock.snapshot))
+                        .cloned()
+                        .unwrap_or_else(|| h.lock.snapshot.to_string());
+                    (at, name)
+                })
+                .collect();
+            snaps.sort();
+            snaps.dedup();
+            let lag_ms = snaps.last().map(|(at, _)| now.saturating_sub(*at));
+            out.push(crate::types::Destination {
+                node: key.0.clone(),
+                relationship: key.1.clone(),
+                volume,
+                stale: stale.contains(&key),
+                locks: mine.len(),
+                locked_snapshots: snaps.into_iter().map(|(_, n)| n).collect(),
+                last_served: st.served.get(&key).cloned(),
+                lag_ms,
+            });
+        }
+        Ok(out)
+    }
+
     /// Every lock effective on this node.
     pub fn lock_list(&self) -> Vec<LockView> {
         let names = self.snapshot_names().unwrap_or_default();

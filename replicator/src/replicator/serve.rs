@@ -314,6 +314,7 @@ impl Replicator {
         };
         let mut diffs = Vec::with_capacity(nss.len());
         let mut ns_bytes = 0;
+        let mut sent = 0u64;
         for (i, ns) in nss.iter().enumerate() {
             let present = match &ns.qtree {
                 None => true,
@@ -462,6 +463,7 @@ impl Replicator {
                         self.n
                             .bytes_sent
                             .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                        sent += payload.len() as u64;
                     }
                     ItemKind::Trim => c.send(
                         &Message::Trim {
@@ -496,6 +498,20 @@ impl Replicator {
                 relationship: key.1.clone(),
                 volume: r.volume.clone(),
             });
+            t.mem().served.insert(
+                key.clone(),
+                crate::types::Served {
+                    unix_ms: self.now_ms(),
+                    snapshot: target.name.clone(),
+                    kind: if r.base.is_some() {
+                        "incremental"
+                    } else {
+                        "full"
+                    }
+                    .into(),
+                    bytes: sent,
+                },
+            );
             let e = t.mem().down_shared.entry(key.clone()).or_default();
             e.insert(target.id);
             let shared: Vec<Uuid> = e.iter().copied().collect();

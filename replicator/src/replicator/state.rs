@@ -36,6 +36,8 @@ pub(super) struct State {
     pub(super) pending_sets: BTreeMap<(String, String), LockSet>,
     /// Per downstream relationship: snapshots we know it holds as its bases.
     pub(super) down_shared: BTreeMap<DownKey, BTreeSet<Uuid>>,
+    /// Per downstream relationship: the last transfer served to it.
+    pub(super) served: BTreeMap<DownKey, crate::types::Served>,
     /// Per relationship: when the next scheduled update is due
     /// ([`crate::env::Env::mono_ms`]).
     pub(super) next_due: BTreeMap<String, u64>,
@@ -55,6 +57,7 @@ impl State {
             retention,
             pending_sets: BTreeMap::new(),
             down_shared: BTreeMap::new(),
+            served: BTreeMap::new(),
             next_due: BTreeMap::new(),
             retention_kept: BTreeMap::new(),
         }
