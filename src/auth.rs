@@ -7,7 +7,9 @@
 //! a TCP address ([`socket_path`]), and naming who asked ([`unix_peer`]: the
 //! kernel's SO_PEERCRED uid and pid, for the audit log), and the tokens a
 //! TCP control client must present ([`Token`]: `sluice token create`
-//! writes one, the node's `control_tokens` names the files it accepts).
+//! writes one, the node's `control_tokens` names the files it accepts),
+//! and the peer secret files `sluice secret create` writes
+//! ([`create_peer_secret`]).
 //!
 //! Invariants: the control API is never served on the peer port; on TCP
 //! no request runs before the connection's first line presented a token
@@ -232,6 +234,48 @@ impl Token {
     }
 }
 
+/// Bytes of randomness in a peer secret [`create_peer_secret`] writes.
+pub const PEER_SECRET_BYTES: usize = 32;
+
+/// Write a new peer secret to `out`: [`PEER_SECRET_BYTES`] from
+/// /dev/urandom as hex on one line, mode 0600, refused if `out` exists
+/// (its folder is created, mode 0700, if missing).
+pub fn create_peer_secret(out: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut secret = [0u8; PEER_SECRET_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut secret))
+        .map_err(NodeError::io("reading /dev/urandom"))?;
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(NodeError::io(format!(
+                "creating the folder of peer secret file {}",
+                out.display()
+            )))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(NodeError::io(format!(
+            "creating peer secret file {}",
+            out.display()
+        )))?;
+    writeln!(f, "{hex}")
+        .and_then(|_| f.sync_all())
+        .map_err(NodeError::io(format!(
+            "writing peer secret file {}",
+            out.display()
+        )))
+}
+
 /// Equal in time independent of where `a` and `b` differ.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -290,6 +334,23 @@ mod tests {
         assert_eq!(check_token(&accepted, "ops:00"), None);
         assert_eq!(check_token(&accepted, "garbage"), None);
         assert!(Token::create("bad name", &dir.path().join("x")).is_err());
+    }
+
+    #[test]
+    fn a_peer_secret_file_is_private_random_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, g) = (dir.path().join("a.secret"), dir.path().join("b.secret"));
+        create_peer_secret(&f).unwrap();
+        create_peer_secret(&g).unwrap();
+        assert!(create_peer_secret(&f).is_err(), "overwrote a secret file");
+        let meta = std::fs::metadata(&f).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let (a, b) = (
+            std::fs::read_to_string(&f).unwrap(),
+            std::fs::read_to_string(&g).unwrap(),
+        );
+        assert_eq!(a.trim().len(), 2 * PEER_SECRET_BYTES);
+        assert_ne!(a, b, "two secrets are the same");
     }
 
     #[test]

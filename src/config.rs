@@ -13,7 +13,8 @@
 //! checkpoint_interval_ms = 5000
 //! direct_io = true
 //! pin_shards = true            # pin engine shard i to core i (pools of several shards)
-//! peer_secret = "/etc/sluice/secret"  # peers must prove it (HMAC); else any peer
+//! peer_secret = "/etc/sluice/secret"  # peers prove it (HMAC), then Noise-encrypted
+//! insecure_peers = false       # true: no secret, any peer, clear text (trusted networks)
 //! throttle = "100M"            # node-wide replication receive rate, bytes/s
 //! lease_ms = 60000             # lease on the lock sets this node sends
 //! lease_policy = "keep"        # stale locks: "keep" (report) or "release"
@@ -49,6 +50,7 @@ pub struct ConfigFile {
     pub direct_io: Option<bool>,
     pub pin_shards: Option<bool>,
     pub peer_secret: Option<PathBuf>,
+    pub insecure_peers: Option<bool>,
     pub throttle: Option<String>,
     pub lease_ms: Option<u64>,
     pub lease_policy: Option<String>,
@@ -91,7 +93,11 @@ pub struct ServeConfig {
     pub direct_io: bool,
     /// Pin engine shard `i` to core `i % ncpus` (pools of several shards).
     pub pin_shards: bool,
+    /// The file of the secret peers prove; without it (and without
+    /// `insecure_peers`) the node refuses every peer.
     pub peer_secret: Option<PathBuf>,
+    /// The operator's explicit insecure mode: no secret, any peer, clear text.
+    pub insecure_peers: bool,
     pub throttle_bps: Option<u64>,
     pub lease_ms: Option<u64>,
     pub lease_policy: LeasePolicy,
@@ -120,6 +126,7 @@ pub struct ServeFlags {
     pub nbd: Option<String>,
     pub name: Option<String>,
     pub peer_secret: Option<PathBuf>,
+    pub insecure_peers: bool,
     pub throttle: Option<String>,
     pub max_transfers: Option<usize>,
     pub no_lock_propagation: bool,
@@ -135,10 +142,19 @@ impl ServeConfig {
             nbd,
             name,
             peer_secret,
+            insecure_peers,
             throttle,
             max_transfers,
             no_lock_propagation,
         } = flags;
+        let peer_secret = peer_secret.or(file.peer_secret);
+        let insecure_peers = insecure_peers || file.insecure_peers.unwrap_or(false);
+        if let (Some(p), true) = (&peer_secret, insecure_peers) {
+            return Err(NodeError::Invalid(format!(
+                "both peer_secret ({}) and insecure_peers are set: choose one (a secret authenticates and encrypts peers; insecure_peers accepts any peer in clear text)",
+                p.display()
+            )));
+        }
         let max_transfers = max_transfers.or(file.max_transfers).unwrap_or(4);
         if !(1..=TRANSFERS_MAX).contains(&max_transfers) {
             return Err(NodeError::Invalid(format!(
@@ -222,7 +238,8 @@ impl ServeConfig {
             checkpoint_interval: Duration::from_millis(cp_ms),
             direct_io: file.direct_io.unwrap_or(true),
             pin_shards: file.pin_shards.unwrap_or(true),
-            peer_secret: peer_secret.or(file.peer_secret),
+            peer_secret,
+            insecure_peers,
             throttle_bps,
             lease_ms: file.lease_ms,
             lease_policy,
@@ -267,6 +284,32 @@ mod tests {
         assert!(toml::from_str::<ConfigFile>("lisen = \"x\"").is_err());
         let e = ServeConfig::resolve(ConfigFile::default(), ServeFlags::default()).unwrap_err();
         assert!(e.to_string().contains("--data"));
+    }
+
+    #[test]
+    fn peers_need_a_secret_or_the_explicit_insecure_mode_not_both() {
+        let base = "data = \"/p\"\nlisten = \"x\"\n";
+        let f: ConfigFile = toml::from_str(base).unwrap();
+        let c = ServeConfig::resolve(f, ServeFlags::default()).unwrap();
+        assert_eq!((c.peer_secret.as_deref(), c.insecure_peers), (None, false));
+        let f: ConfigFile = toml::from_str(&format!("{base}insecure_peers = true\n")).unwrap();
+        assert!(
+            ServeConfig::resolve(f.clone(), ServeFlags::default())
+                .unwrap()
+                .insecure_peers
+        );
+        let flags = ServeFlags {
+            peer_secret: Some("/s".into()),
+            ..ServeFlags::default()
+        };
+        let e = ServeConfig::resolve(f, flags.clone()).unwrap_err();
+        assert!(e.to_string().contains("choose one"), "{e}");
+        let f: ConfigFile = toml::from_str(base).unwrap();
+        let flags = ServeFlags {
+            insecure_peers: true,
+            ..flags
+        };
+        assert!(ServeConfig::resolve(f, flags).is_err());
     }
 
     #[test]

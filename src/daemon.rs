@@ -141,6 +141,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         Some(p) => Some(read_secret(p)?),
         None => None,
     };
+    rcfg.insecure_peers = cfg.insecure_peers;
     rcfg.node_throttle_bps = cfg.throttle_bps;
     rcfg.peer_timeout = cfg.peer_timeout;
     if let Some(ms) = cfg.lease_ms {

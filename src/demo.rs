@@ -15,7 +15,9 @@
 //! `serve`), to show the chains soft locks kept intact. With soft locks on,
 //! a last act kills B for good: C re-attaches to A (`mirror retarget`) and
 //! goes on incrementally from the newest snapshot it shares with A, which A
-//! kept for the locks B had relayed.
+//! kept for the locks B had relayed. The nodes of a scenario share a peer
+//! secret made in its folder (`sluice secret create`'s function), so the
+//! demo replicates authenticated and encrypted, as a real cascade would.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -45,7 +47,13 @@ struct Node {
 }
 
 impl Node {
+    /// Start node `name` on a new pool in `dir`; the nodes of one `dir`
+    /// share the peer secret `dir/peer.secret` (created by the first).
     fn start(dir: &Path, name: &'static str, locks: bool) -> Result<Node> {
+        let secret = dir.join("peer.secret");
+        if !secret.exists() {
+            sluice::auth::create_peer_secret(&secret)?;
+        }
         let exe = std::env::current_exe().context("finding the sluice binary")?;
         let pool = dir.join(format!("{name}.img"));
         let out = Command::new(&exe)
@@ -69,6 +77,8 @@ impl Node {
                 "--name",
                 name,
             ])
+            .arg("--peer-secret")
+            .arg(&secret)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(log);

@@ -40,12 +40,26 @@ enum TokenCmd {
 }
 
 #[derive(Subcommand)]
+enum SecretCmd {
+    /// Write a new peer secret to FILE (32 random bytes as hex, mode 0600;
+    /// refused if FILE exists). Copy it to every node that replicates with
+    /// this one and start each with `--peer-secret FILE`.
+    Create {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run the demonstration on files in a temporary folder.
     Demo,
     /// Control API credentials for a node's TCP control address.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// The peer secret nodes prove to each other (and encrypt with).
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// Format a device, or a file (created at --size).
     Init {
         path: PathBuf,
@@ -78,10 +92,15 @@ enum Cmd {
         name: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
-        /// A file holding the secret peers must prove (HMAC challenge); without
-        /// it any peer may pull and set locks.
+        /// A file holding the secret peers must prove (HMAC challenge); the
+        /// session is then encrypted. Without it (or --insecure-peers) the
+        /// node refuses every peer and replicates with none.
         #[arg(long)]
         peer_secret: Option<PathBuf>,
+        /// No peer secret: accept any peer and replicate in clear text. Only
+        /// on a trusted network.
+        #[arg(long)]
+        insecure_peers: bool,
         /// Node-wide replication receive rate, bytes per second (e.g. 100M).
         #[arg(long)]
         throttle: Option<String>,
@@ -380,6 +399,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        Cmd::Secret(SecretCmd::Create { out }) => {
+            sluice::auth::create_peer_secret(&out)?;
+            println!(
+                "peer secret written to {} (mode 0600); give the same file to every node that replicates with this one: serve --peer-secret {}",
+                out.display(),
+                out.display()
+            );
+            return Ok(());
+        }
         Cmd::Init {
             path,
             size,
@@ -409,6 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             config,
             peer_secret,
+            insecure_peers,
             throttle,
             max_transfers,
             no_lock_propagation,
@@ -424,6 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 nbd,
                 name,
                 peer_secret,
+                insecure_peers,
                 throttle,
                 max_transfers,
                 no_lock_propagation,

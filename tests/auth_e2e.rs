@@ -101,7 +101,8 @@ fn peers_prove_the_shared_secret_or_are_refused_on_both_sides() {
     let a = start("a", &["--peer-secret", &sa]);
     let b = start("b", &["--peer-secret", &sb]);
     let c = start("c", &["--peer-secret", &sc]);
-    let d = start("d", &[]);
+    // D runs without a secret in the explicit insecure mode.
+    let d = start("d", &["--insecure-peers"]);
     assert!(
         a.log_text()
             .contains("peers must prove the shared peer secret"),
@@ -109,8 +110,8 @@ fn peers_prove_the_shared_secret_or_are_refused_on_both_sides() {
         a.log_text()
     );
     assert!(
-        d.log_text().contains("running without a peer secret"),
-        "a node without a secret says so at start: {}",
+        d.log_text().contains("INSECURE peers"),
+        "a node in insecure mode says so at start: {}",
         d.log_text()
     );
     a.ok(&["vol", "create", "v", "--size", "4M"]);
@@ -238,8 +239,11 @@ fn a_refused_mirror_create_leaves_no_upstream_behind() {
         Daemon::try_start(&pool, &args).unwrap()
     };
     let a = start("a", &["--peer-secret", &sa]);
-    let d = start("d", &["--config", cfg.to_str().unwrap()]);
-    let f = start("f", &[]);
+    let d = start(
+        "d",
+        &["--config", cfg.to_str().unwrap(), "--insecure-peers"],
+    );
+    let f = start("f", &["--insecure-peers"]);
     a.ok(&["vol", "create", "v", "--size", "4M"]);
     a.ok(&["snap", "create", "v", "s1"]);
     f.ok(&["vol", "create", "u", "--size", "4M"]);

@@ -3,8 +3,8 @@
 //! shared secret. Now, with a peer secret, everything after the proof runs
 //! in a Noise session; a recording proxy between two nodes captures the
 //! bytes of a full copy, and the volume's known pattern is not in them.
-//! The same transfer without a secret shows the pattern (so the grep can
-//! find it when it is there).
+//! The same transfer without a secret (the explicit `--insecure-peers`)
+//! shows the pattern (so the grep can find it when it is there).
 
 mod common;
 mod e2e_proxy;
@@ -67,7 +67,7 @@ fn a_transfer_between_nodes_with_a_secret_is_not_readable_on_the_wire() {
     );
 
     let clear_dir = tempfile::tempdir().unwrap();
-    let clear = capture(clear_dir.path(), &[]);
+    let clear = capture(clear_dir.path(), &["--insecure-peers"]);
     assert!(
         holds_pattern(&clear),
         "the clear-text capture misses the pattern: the grep is broken"

@@ -11,6 +11,11 @@
 //! what and where, the destination's snapshot list and committed content
 //! are unchanged, and the next update through a clean path succeeds (from
 //! the last checkpoint where there is one) and matches the source.
+//!
+//! The proxy must read and rewrite frames, so both nodes run in the
+//! explicit insecure mode (`--insecure-peers`, clear text); with a peer
+//! secret any altered byte fails the encrypted record's authentication
+//! before a frame is even decoded (`replicator/src/secure.rs`).
 
 mod common;
 mod e2e_proxy;
@@ -98,10 +103,20 @@ fn damaged_extents_are_detected_and_nothing_is_committed() {
     std::fs::write(&cfg, format!("checkpoint_items = {CKPT_ITEMS}\n")).unwrap();
     let a = Daemon::try_start(
         &init_pool(scratch, "a.img", "256M"),
-        &["--name", "a", "--config", cfg.to_str().unwrap()],
+        &[
+            "--name",
+            "a",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--insecure-peers",
+        ],
     )
     .unwrap();
-    let b = Daemon::try_start(&init_pool(scratch, "b.img", "256M"), &["--name", "b"]).unwrap();
+    let b = Daemon::try_start(
+        &init_pool(scratch, "b.img", "256M"),
+        &["--name", "b", "--insecure-peers"],
+    )
+    .unwrap();
     let proxy = Proxy::start(&a.listen);
     a.ok(&["vol", "create", "v", "--size", &format!("{VOL_MB}M")]);
     round(&a, &mut rng, "s0");

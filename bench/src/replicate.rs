@@ -18,6 +18,12 @@
 //! 3. TCP: `--size` bytes through one 127.0.0.1 socket, a thread writing and
 //!    a thread reading, 1 MiB buffers.
 //!
+//! `--secure` says how the Sluice nodes' peer sessions run: `on` (default:
+//! a shared peer secret, so authenticated and Noise-encrypted), `off`
+//! (`--insecure-peers`, clear text) or `both`: step 1 runs twice on fresh
+//! devices, encrypted then in clear, and the report gives both throughputs
+//! of every case and their ratio (the cost of encryption, same run).
+//!
 //! Before every timed transfer the page cache is written back and dropped
 //! (`sync; echo 3 > /proc/sys/vm/drop_caches`), so both tools read their
 //! source from the device.
@@ -73,9 +79,31 @@ pub struct ReplicateArgs {
     /// else random; printed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Peer sessions: `on` (shared secret, encrypted), `off` (clear text)
+    /// or `both` (the Sluice phase once each way, with the ratio).
+    #[arg(long, value_enum, default_value = "on")]
+    pub secure: Secure,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How the Sluice nodes' peer sessions run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secure {
+    On,
+    Off,
+    Both,
+}
+
+/// One case encrypted against the same case in clear text.
+#[derive(Debug, Clone, Serialize)]
+struct SecureRow {
+    case: &'static str,
+    encrypted_mb_s: f64,
+    clear_mb_s: f64,
+    /// Encrypted throughput / clear throughput (1: encryption costs nothing).
+    ratio: f64,
 }
 
 /// One timed transfer.
@@ -97,7 +125,7 @@ impl Timed {
 
 #[derive(Debug, Clone, Serialize)]
 struct CaseRow {
-    case: &'static str,
+    case: String,
     sluice: Timed,
     sluice_mb_s: f64,
     btrfs: Timed,
@@ -115,6 +143,8 @@ struct ReplicateReport {
     seed: u64,
     tcp: Timed,
     rows: Vec<CaseRow>,
+    /// With `--secure both`: encrypted against clear, per case.
+    secure: Vec<SecureRow>,
     notes: Vec<String>,
 }
 
@@ -256,7 +286,16 @@ pub fn run(args: &ReplicateArgs) -> Result<()> {
     progress(args, "tcp: raw loopback limit");
     let tcp = tcp_limit(args.size)?;
 
-    let s = sluice_phase(args, &sluice_bin, seed, &offsets, &mut notes)?;
+    let modes: &[(bool, &str)] = match args.secure {
+        Secure::On => &[(true, "")],
+        Secure::Off => &[(false, "")],
+        Secure::Both => &[(true, " [encrypted]"), (false, " [clear]")],
+    };
+    let mut runs = Vec::new();
+    for &(encrypted, tag) in modes {
+        let s = sluice_phase(args, &sluice_bin, seed, &offsets, encrypted, &mut notes)?;
+        runs.push((tag, s));
+    }
     let b = btrfs_phase(args, seed, &offsets)?;
 
     let names = [
@@ -265,19 +304,42 @@ pub fn run(args: &ReplicateArgs) -> Result<()> {
         "incremental A->B",
         "incremental B->C (2nd hop)",
     ];
-    let rows = names
-        .iter()
-        .zip(s.iter().zip(b.iter()))
-        .map(|(case, (s, b))| CaseRow {
-            case,
-            sluice: *s,
-            sluice_mb_s: s.mb_s(),
-            btrfs: *b,
-            btrfs_mb_s: b.mb_s(),
-            ratio_time: if b.secs > 0.0 { s.secs / b.secs } else { 0.0 },
-            tcp_mb_s: tcp.mb_s(),
-        })
-        .collect();
+    let mut rows = Vec::new();
+    for (tag, s) in &runs {
+        for (case, (s, b)) in names.iter().zip(s.iter().zip(b.iter())) {
+            rows.push(CaseRow {
+                case: format!("{case}{tag}"),
+                sluice: *s,
+                sluice_mb_s: s.mb_s(),
+                btrfs: *b,
+                btrfs_mb_s: b.mb_s(),
+                ratio_time: if b.secs > 0.0 { s.secs / b.secs } else { 0.0 },
+                tcp_mb_s: tcp.mb_s(),
+            });
+        }
+    }
+    let secure = match runs.as_slice() {
+        [(_, enc), (_, clear)] => names
+            .iter()
+            .zip(enc.iter().zip(clear.iter()))
+            .map(|(case, (e, c))| SecureRow {
+                case,
+                encrypted_mb_s: e.mb_s(),
+                clear_mb_s: c.mb_s(),
+                ratio: if c.mb_s() > 0.0 {
+                    e.mb_s() / c.mb_s()
+                } else {
+                    0.0
+                },
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    notes.push(match args.secure {
+        Secure::On => "sluice peers: shared peer secret (authenticated, Noise-encrypted)".into(),
+        Secure::Off => "sluice peers: --insecure-peers (clear text)".into(),
+        Secure::Both => "sluice peers: the Sluice phase ran encrypted, then in clear (--insecure-peers), each on fresh devices".into(),
+    });
     let report = ReplicateReport {
         size_bytes: args.size,
         change_pct: args.change_pct,
@@ -285,6 +347,7 @@ pub fn run(args: &ReplicateArgs) -> Result<()> {
         seed,
         tcp,
         rows,
+        secure,
         notes,
     };
     if args.json {
@@ -333,6 +396,20 @@ fn print_table(r: &ReplicateReport) {
             row.ratio_time,
             row.tcp_mb_s
         );
+    }
+    if !r.secure.is_empty() {
+        println!();
+        println!(
+            "| {:<26} | {:>14} | {:>10} | {:>15} |",
+            "case", "encrypted MB/s", "clear MB/s", "encrypted/clear"
+        );
+        println!("|{:-<28}|{:->16}|{:->12}|{:->17}|", "", "", "", "");
+        for row in &r.secure {
+            println!(
+                "| {:<26} | {:>14.1} | {:>10.1} | {:>15.3} |",
+                row.case, row.encrypted_mb_s, row.clear_mb_s, row.ratio
+            );
+        }
     }
     for n in &r.notes {
         println!("note: {n}");
@@ -395,7 +472,15 @@ struct Node {
 }
 
 impl Node {
-    fn start(bin: &Path, dir: &Path, name: &'static str, dev_bytes: u64) -> Result<Node> {
+    /// Start node `name`; `peers` are its peer-mode arguments
+    /// (`--peer-secret FILE` or `--insecure-peers`).
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        name: &'static str,
+        dev_bytes: u64,
+        peers: &[&std::ffi::OsStr],
+    ) -> Result<Node> {
         let dev = BenchDevice::temporary(dev_bytes, Some(dir))?;
         run_cmd(
             Command::new(bin)
@@ -418,6 +503,7 @@ impl Node {
                 "--name",
                 name,
             ])
+            .args(peers)
             .stdout(Stdio::piped())
             .stderr(logf)
             .spawn()
@@ -531,6 +617,7 @@ fn sluice_phase(
     bin: &Path,
     seed: u64,
     offsets: &[u64],
+    encrypted: bool,
     notes: &mut Vec<String>,
 ) -> Result<[Timed; 4]> {
     let tmp = match &args.dir {
@@ -539,10 +626,18 @@ fn sluice_phase(
     }
     .context("cannot create a temp folder")?;
     let dev_bytes = device_bytes(args.size);
-    progress(args, "sluice: starting nodes A, B, C");
-    let a = Node::start(bin, tmp.path(), "a", dev_bytes)?;
-    let b = Node::start(bin, tmp.path(), "b", dev_bytes)?;
-    let c = Node::start(bin, tmp.path(), "c", dev_bytes)?;
+    let secret = tmp.path().join("peer.secret");
+    let peers: Vec<&std::ffi::OsStr> = if encrypted {
+        sluice::auth::create_peer_secret(&secret).context("creating the peer secret")?;
+        vec!["--peer-secret".as_ref(), secret.as_os_str()]
+    } else {
+        vec!["--insecure-peers".as_ref()]
+    };
+    let mode = if encrypted { "encrypted" } else { "clear text" };
+    progress(args, &format!("sluice: starting nodes A, B, C ({mode})"));
+    let a = Node::start(bin, tmp.path(), "a", dev_bytes, &peers)?;
+    let b = Node::start(bin, tmp.path(), "b", dev_bytes, &peers)?;
+    let c = Node::start(bin, tmp.path(), "c", dev_bytes, &peers)?;
     a.call(ControlRequest::VolCreate {
         name: VOLUME.into(),
         size_bytes: args.size,
@@ -564,7 +659,7 @@ fn sluice_phase(
     }
     nbd.flush().context("NBD flush")?;
     notes.push(format!(
-        "fill of A through NBD (4 MiB writes, one in flight, untimed in the table): {:.1} MB/s",
+        "fill of A through NBD ({mode} run; 4 MiB writes, one in flight, untimed in the table): {:.1} MB/s",
         args.size as f64 / start.elapsed().as_secs_f64() / 1e6
     ));
     a.call(ControlRequest::SnapCreate {
@@ -647,7 +742,7 @@ fn sluice_phase(
         }
     }
     notes.push(format!(
-        "sluice: {} changed blocks read back from C through NBD match A's writes",
+        "sluice ({mode}): {} changed blocks read back from C through NBD match A's writes",
         offsets.len().min(VERIFY_SAMPLES)
     ));
     progress(args, "sluice: stopping nodes");

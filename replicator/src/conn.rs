@@ -12,7 +12,9 @@
 //! with an `Error{code AUTH}` frame and an [`ReplError::AuthRefused`] here;
 //! a node without a secret that meets a peer requiring one fails clearly
 //! too (the peer's authenticated `Hello` is answered with an unauthenticated
-//! one, then the connection ends). Every socket has read/write timeouts.
+//! one, then the connection ends); a node with neither a secret nor the
+//! insecure mode answers a peer's Hello with `Error{code AUTH}` saying so
+//! ([`Conn::refuse_unauthenticated`]). Every socket has read/write timeouts.
 //! With a secret, every byte after the proof is encrypted and authenticated
 //! ([`crate::secure`]: a Noise session keyed by the secret and both Hellos).
 
@@ -441,6 +443,32 @@ impl Conn {
                 peer: self.who(),
                 detail: "connection closed during authentication (secrets differ, or the peer has none)".into(),
             }),
+        }
+    }
+
+    /// Refuse this peer because this node has no peer secret and is not in
+    /// insecure mode: read its Hello (within the handshake deadline, so the
+    /// reply is not lost to a reset for unread bytes, and to learn the name
+    /// it claims), answer with an `Error{code AUTH}` that tells its
+    /// operator what this node requires, and return the refusal.
+    pub fn refuse_unauthenticated(&mut self, node: &str) -> ReplError {
+        self.deadline = Some(std::time::Instant::now() + self.timeout);
+        if let Ok(Some(Message::Hello(h))) = self.recv_raw() {
+            if !h.node_id.is_empty() && h.node_id.len() <= NODE_NAME_MAX {
+                self.peer_node = h.node_id;
+            }
+        }
+        self.deadline = None;
+        self.send_error(
+            0,
+            codes::AUTH,
+            &format!(
+                "node {node} requires a peer secret and has none configured, so it refuses every peer: its operator must set peer_secret (the same file as this node's), or insecure_peers = true on both nodes on a trusted network"
+            ),
+        );
+        ReplError::AuthRefused {
+            peer: self.who(),
+            detail: "this node has no peer secret and insecure mode is off, so it accepts no peers; set peer_secret (serve --peer-secret FILE, the same on both nodes) or insecure_peers = true (serve --insecure-peers) on a trusted network".into(),
         }
     }
 

@@ -35,6 +35,10 @@ pub enum ReplError {
     /// Authentication failed (either side refused).
     #[error("peer {peer} refused authentication: {detail}")]
     AuthRefused { peer: String, detail: String },
+    /// This node has neither a peer secret nor the insecure mode: it talks
+    /// to no peer.
+    #[error("node {node} has no peer secret and insecure mode is off, so it neither accepts nor connects to peers: set peer_secret (a file of 16+ random bytes, the same on both nodes; e.g. `head -c 32 /dev/urandom | base64 > /etc/sluice/peer.secret`, then serve --peer-secret FILE), or on a trusted network only insecure_peers = true (serve --insecure-peers) on both")]
+    PeersDisabled { node: String },
     /// The peer answered with an error frame.
     #[error("peer {peer} answered with error (code {code}): {text}")]
     Remote {

@@ -5,6 +5,8 @@
 //!   checkpoints, receiver validation), wire-lba namespace tags, digests.
 //! - [`env`]: the clock and the network as inputs (real, or a simulation's).
 //! - [`conn`]: blocking framed peer connections and the hello/auth handshake.
+//! - [`secure`]: the Noise session that encrypts a connection after the proof.
+//! - [`refusals`]: refused peers logged once per source and interval.
 //! - [`throttle`]: token buckets (per relationship, per node).
 //! - [`types`]: config, specs, status and lock views, persisted records.
 //! - [`replicator`]: [`Replicator`], the node-level owner of it all.
@@ -13,6 +15,7 @@
 pub mod conn;
 pub mod env;
 pub mod error;
+pub mod refusals;
 pub mod replicator;
 pub mod secure;
 pub mod throttle;

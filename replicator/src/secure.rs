@@ -26,6 +26,8 @@ pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 /// Longest record on the wire (Noise's message bound), length prefix apart.
 pub const RECORD_MAX: usize = 65535;
 const TAG_LEN: usize = 16;
+/// The record's length prefix (big-endian u16).
+const LEN_BYTES: usize = 2;
 /// Most plaintext in one record.
 pub const RECORD_PLAIN_MAX: usize = RECORD_MAX - TAG_LEN;
 
@@ -220,26 +222,48 @@ impl<W: Write> SealedWriter<W> {
             st,
             nonce: 0,
             plain: Vec::with_capacity(RECORD_PLAIN_MAX),
-            rec: vec![0u8; RECORD_MAX],
+            rec: vec![0u8; LEN_BYTES + RECORD_MAX],
         }
+    }
+
+    /// Seal `plain` (at most [`RECORD_PLAIN_MAX`] bytes) into one record
+    /// and write it, its length prefix and ciphertext in one write.
+    fn seal_slice(&mut self, plain: &[u8]) -> std::io::Result<()> {
+        debug_assert!(plain.len() <= RECORD_PLAIN_MAX);
+        let (len, body) = self.rec.split_at_mut(LEN_BYTES);
+        let n = self
+            .st
+            .write_message(self.nonce, plain, body)
+            .map_err(|e| std::io::Error::other(format!("sealing a record: {e}")))?;
+        self.nonce += 1;
+        let n16 = u16::try_from(n).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "record too long")
+        })?;
+        len.copy_from_slice(&n16.to_be_bytes());
+        self.inner
+            .write_all(self.rec.get(..LEN_BYTES + n).unwrap_or(&[]))
     }
 
     fn seal(&mut self) -> std::io::Result<()> {
         if self.plain.is_empty() {
             return Ok(());
         }
-        let n = self
-            .st
-            .write_message(self.nonce, &self.plain, &mut self.rec)
-            .map_err(|e| std::io::Error::other(format!("sealing a record: {e}")))?;
-        self.nonce += 1;
+        let plain = std::mem::take(&mut self.plain);
+        let r = self.seal_slice(&plain);
+        self.plain = plain;
         self.plain.clear();
-        write_record(&mut self.inner, self.rec.get(..n).unwrap_or(&[]))
+        r
     }
 }
 
 impl<W: Write> Write for SealedWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // A whole record's worth with nothing pending: sealed straight from
+        // the caller's buffer, without a copy into `plain`.
+        if self.plain.is_empty() && buf.len() >= RECORD_PLAIN_MAX {
+            self.seal_slice(buf.get(..RECORD_PLAIN_MAX).unwrap_or(&[]))?;
+            return Ok(RECORD_PLAIN_MAX);
+        }
         let room = RECORD_PLAIN_MAX - self.plain.len();
         let n = room.min(buf.len());
         self.plain.extend_from_slice(buf.get(..n).unwrap_or(&[]));

@@ -32,8 +32,13 @@ pub const TRANSFERS_MAX: usize = 64;
 pub struct ReplicatorConfig {
     /// This node's name (unique in the cascade; peers see it in `Hello`).
     pub node_name: String,
-    /// Shared secret for peer authentication; `None` accepts any peer.
+    /// Shared secret for peer authentication (and the key of the encrypted
+    /// session). Without one, peers are refused unless `insecure_peers`.
     pub peer_secret: Option<Vec<u8>>,
+    /// The operator's explicit insecure mode: without a secret, accept any
+    /// peer and talk to peers in clear text. Off (the default), a node
+    /// without a secret refuses every peer and connects to none.
+    pub insecure_peers: bool,
     /// Lease put on the lock sets we send (ms).
     pub lease_ms: u64,
     /// Re-send every upstream its lock set at least this often (ms).
@@ -69,6 +74,7 @@ impl ReplicatorConfig {
         ReplicatorConfig {
             node_name: node_name.into(),
             peer_secret: None,
+            insecure_peers: false,
             lease_ms: 60_000,
             renew_every_ms: 20_000,
             lease_policy: LeasePolicy::Keep,

@@ -55,6 +55,56 @@ fn auth_refused_with_wrong_or_missing_secret() {
     }
 }
 
+/// A node with neither a secret nor the insecure mode (the default of
+/// `ReplicatorConfig::new`) talks to no peer: a puller in insecure mode is
+/// told the source requires a peer secret (not a silent end of stream),
+/// and the node itself refuses to connect out in clear text.
+#[test]
+fn without_a_secret_or_insecure_mode_no_peer_is_accepted_or_connected() {
+    let mut cfg = config("A", None);
+    cfg.insecure_peers = false;
+    let a = Node::with_config(cfg);
+    a.create_volume("v");
+    a.snap("v", "s1");
+    let b = node_secret("B", None); // insecure mode
+    for _ in 0..3 {
+        match b.repl.mirror_create(spec("v", &a, "v")) {
+            Err(e @ ReplError::AuthRefused { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("requires a peer secret"), "{text}");
+                assert!(text.contains("insecure_peers"), "{text}");
+            }
+            other => panic!("an insecure puller was not refused: {other:?}"),
+        }
+    }
+    assert!(a.repl.lock_list().is_empty(), "a refused peer set locks");
+    let mut m = String::new();
+    a.repl.render_metrics(&mut m);
+    assert!(m.contains("sluice_repl_peers_refused_total 3"), "{m}");
+    // Outgoing: refused before any connection, naming both ways out.
+    b.create_volume("w");
+    b.snap("w", "s1");
+    match a.repl.mirror_create(spec("w", &b, "w")) {
+        Err(e @ ReplError::PeersDisabled { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("peer_secret") && text.contains("--insecure-peers"),
+                "{text}"
+            );
+        }
+        other => panic!("a node without a secret connected out: {other:?}"),
+    }
+    let mut m = String::new();
+    b.repl.render_metrics(&mut m);
+    assert!(
+        m.contains("sluice_repl_peers_refused_total 0"),
+        "B was contacted: {m}"
+    );
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
 #[test]
 fn no_common_snapshot_fails_until_resync() {
     let (a, b) = (Node::start("A"), Node::start("B"));

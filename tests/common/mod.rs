@@ -2,6 +2,10 @@
 //! real TCP on 127.0.0.1 for peers and NBD (ports chosen by the kernel: the
 //! daemon is started with `:0` and prints the bound addresses on its
 //! `ready` line), the control API on each node's Unix socket (`DATA.sock`).
+//! Every daemon gets the shared test peer secret ([`test_secret`]) unless
+//! its test chooses (`--peer-secret`, `--insecure-peers`, a `--config` that
+//! sets either, or [`Daemon::try_start_exact`]), so the suite runs the
+//! authenticated, encrypted peer path by default.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -59,9 +63,20 @@ impl Daemon {
         Self::try_start(data, &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Start with extra `serve` arguments; `Err` with the daemon's stderr if
-    /// it exits before it is ready.
+    /// Start with extra `serve` arguments (and the test peer secret unless
+    /// they choose otherwise, see the module docs); `Err` with the daemon's
+    /// stderr if it exits before it is ready.
     pub fn try_start(data: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        let secret = test_secret(data.parent().unwrap_or(Path::new(".")));
+        let mut args = extra.to_vec();
+        if !chooses_peer_mode(extra) {
+            args.extend(["--peer-secret", secret.to_str().unwrap()]);
+        }
+        Self::try_start_exact(data, &args)
+    }
+
+    /// [`Self::try_start`] with exactly `extra`: no peer secret is added.
+    pub fn try_start_exact(data: &Path, extra: &[&str]) -> Result<Daemon, String> {
         let log = data.with_extension(format!("log{}", std::process::id() ^ rand_u32()));
         let mut child = Command::new(BIN)
             .args(["serve", "--data", data.to_str().unwrap()])
@@ -224,6 +239,34 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// What every test node proves to its peers unless its test chooses.
+pub const TEST_PEER_SECRET: &str = "the sluice e2e tests' shared peer secret";
+
+/// `dir/test-peer.secret`, holding [`TEST_PEER_SECRET`] (written once,
+/// atomically, so daemons starting at once never read half a file).
+pub fn test_secret(dir: &Path) -> PathBuf {
+    let path = dir.join("test-peer.secret");
+    if !path.exists() {
+        let tmp = dir.join(format!("test-peer.secret.{}", rand_u32()));
+        std::fs::write(&tmp, format!("{TEST_PEER_SECRET}\n")).expect("write the test peer secret");
+        std::fs::rename(&tmp, &path).expect("rename the test peer secret");
+    }
+    path
+}
+
+/// `serve` arguments that say how peers authenticate: a secret, the
+/// insecure mode, or a config file naming one of them.
+fn chooses_peer_mode(extra: &[&str]) -> bool {
+    let config_chooses = extra.windows(2).filter(|w| w[0] == "--config").any(|w| {
+        let text = std::fs::read_to_string(w[1]).unwrap_or_default();
+        text.contains("peer_secret") || text.contains("insecure_peers")
+    });
+    config_chooses
+        || extra
+            .iter()
+            .any(|a| *a == "--peer-secret" || *a == "--insecure-peers")
 }
 
 fn rand_u32() -> u32 {

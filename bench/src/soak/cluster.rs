@@ -1,6 +1,6 @@
 //! The nodes: one `sluice serve` process each, on a loop device when root
 //! (a plain file otherwise), with fixed loopback ports kept across restarts,
-//! a config file, a log; and the signals the faults send (SIGKILL, SIGSTOP,
+//! a config file (naming the soak's shared peer secret), a log; and the signals the faults send (SIGKILL, SIGSTOP,
 //! SIGCONT). Owns each node's process state: the checks ask it which nodes
 //! are up, stopped, down or lost for good.
 //!
@@ -90,6 +90,12 @@ impl Node {
             .join(format!("{name}.sock"))
             .to_string_lossy()
             .to_string();
+        // The nodes of one soak share a peer secret: they replicate
+        // authenticated and encrypted, as a deployment should.
+        let secret = dir.join("peer.secret");
+        if !secret.exists() {
+            sluice::auth::create_peer_secret(&secret).context("creating the soak's peer secret")?;
+        }
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
@@ -98,7 +104,7 @@ impl Node {
                  nbd = {nbd:?}\nname = {name:?}\n\
                  checkpoint_interval_ms = 1000\npin_shards = false\nlease_ms = {lease_ms}\n\
                  lease_policy = \"keep\"\npeer_timeout_ms = 10000\nmax_transfers = 2\n\
-                 checkpoint_items = 256\n"
+                 checkpoint_items = 256\npeer_secret = {secret:?}\n"
             ),
         )?;
         Ok(Node {

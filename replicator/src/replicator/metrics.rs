@@ -60,6 +60,12 @@ impl Replicator {
             "counter",
             vec![(String::new(), c(&self.n.auth_failures))],
         );
+        w(
+            "sluice_repl_peers_refused_total",
+            "Incoming peer connections refused: a missing or wrong proof of the peer secret, or this node has no secret and accepts no peers (logged once per source and minute).",
+            "counter",
+            vec![(String::new(), c(&self.n.peers_refused))],
+        );
         let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
         let mut transfers = Vec::new();
         let mut lag = Vec::new();

@@ -93,6 +93,9 @@ struct Counters {
     deletes_refused: AtomicU64,
     forced_deletes: AtomicU64,
     auth_failures: AtomicU64,
+    /// Incoming peer connections refused (bad or missing proof, or this
+    /// node accepts no peers).
+    peers_refused: AtomicU64,
 }
 
 /// One node's replicator. See the module docs.
@@ -112,6 +115,9 @@ pub struct Replicator {
     /// Open peer sockets, shut down by `shutdown` so nothing waits on a peer.
     live: Mutex<BTreeMap<u64, Box<dyn crate::env::PeerStream>>>,
     next_live: AtomicU64,
+    /// Which refusals of incoming peers are logged (one line per source
+    /// and interval).
+    refusals: Mutex<crate::refusals::RefusalLog>,
 }
 
 /// A peer connection registered with its replicator (shut down with it).
@@ -328,13 +334,18 @@ impl Replicator {
                 state.pending_sets.insert((relationship, upstream), set);
             }
         }
-        if cfg.peer_secret.is_none() {
-            tracing::warn!(
+        match (&cfg.peer_secret, cfg.insecure_peers) {
+            (Some(_), _) => {
+                tracing::info!(node = %cfg.node_name, "peers must prove the shared peer secret; peer traffic is encrypted")
+            }
+            (None, true) => tracing::warn!(
                 node = %cfg.node_name,
-                "running without a peer secret: any peer can pull snapshots and set locks; start with --peer-secret to require authentication"
-            );
-        } else {
-            tracing::info!(node = %cfg.node_name, "peers must prove the shared peer secret");
+                "INSECURE peers (insecure_peers): any peer can pull snapshots and set locks, and peer traffic is clear text; set peer_secret to require authentication and encryption"
+            ),
+            (None, false) => tracing::warn!(
+                node = %cfg.node_name,
+                "no peer secret: this node refuses every peer and replicates with none (local volumes and NBD work); set peer_secret (serve --peer-secret FILE, the same file on both nodes) to replicate, or insecure_peers = true (serve --insecure-peers) on a trusted network"
+            ),
         }
         let (stop_tx, stop_rx) = bounded::<()>(1);
         let r = Arc::new(Replicator {
@@ -350,6 +361,9 @@ impl Replicator {
             n: Counters::default(),
             live: Mutex::new(BTreeMap::new()),
             next_live: AtomicU64::new(0),
+            refusals: Mutex::new(crate::refusals::RefusalLog::new(
+                crate::refusals::INTERVAL_MS_DEFAULT,
+            )),
             cfg,
         });
         if r.cfg.background {
@@ -752,7 +766,19 @@ impl Replicator {
         Ok(Tracked { conn, r: self, id })
     }
 
+    /// Peers are refused, and none is connected to, on a node with neither
+    /// a secret nor the insecure mode.
+    fn peers_allowed(&self) -> Result<()> {
+        if self.cfg.peer_secret.is_none() && !self.cfg.insecure_peers {
+            return Err(ReplError::PeersDisabled {
+                node: self.cfg.node_name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn connect(&self, addr: &str) -> Result<Tracked<'_>> {
+        self.peers_allowed()?;
         let mut c = self.track(Conn::connect(&*self.cfg.env, addr, self.cfg.peer_timeout)?)?;
         if let Err(e) = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref()) {
             if matches!(e, ReplError::AuthRefused { .. }) {

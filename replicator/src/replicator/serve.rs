@@ -43,18 +43,44 @@ impl Replicator {
     /// [`Replicator::handle_peer`] on any stream (a simulated connection).
     pub fn handle_stream(&self, stream: Box<dyn crate::env::PeerStream>) {
         let peer = stream.peer_label();
-        if let Err(e) = self.serve(stream) {
-            if matches!(e, ReplError::AuthRefused { .. }) {
-                self.n.auth_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, error = %e, "peer refused");
-            } else {
-                tracing::info!(%peer, error = %e, "peer connection ended with an error");
-            }
+        match self.serve(stream) {
+            // Counted and logged (rate-limited) where it was refused.
+            Ok(()) | Err(ReplError::AuthRefused { .. }) => {}
+            Err(e) => tracing::info!(%peer, error = %e, "peer connection ended with an error"),
+        }
+    }
+
+    /// Count a refused incoming peer, and log it unless its source was
+    /// logged within the interval ([`crate::refusals`]).
+    fn refused(&self, c: &Conn, e: &ReplError) {
+        self.n.auth_failures.fetch_add(1, Ordering::Relaxed);
+        self.n.peers_refused.fetch_add(1, Ordering::Relaxed);
+        let source = crate::refusals::RefusalLog::source(&c.peer, &c.peer_node);
+        let now = self.cfg.env.mono_ms();
+        let Some(line) = lock(&self.refusals).note(&source, now) else {
+            return;
+        };
+        let every_s = crate::refusals::INTERVAL_MS_DEFAULT / 1000;
+        if line.overflow {
+            tracing::warn!(peer = %c.who(), error = %e, suppressed = line.suppressed, "peer refused (refusals from too many sources: logged once per {every_s} s for all of them; sluice_repl_peers_refused_total counts each)");
+        } else {
+            tracing::warn!(peer = %c.who(), error = %e, suppressed = line.suppressed, "peer refused (further refusals from this source within {every_s} s are counted in sluice_repl_peers_refused_total, not logged)");
         }
     }
 
     pub(super) fn serve(&self, stream: Box<dyn crate::env::PeerStream>) -> Result<()> {
         let mut c = self.track(Conn::new(stream, self.cfg.peer_timeout)?)?;
+        let r = self.serve_conn(&mut c);
+        if let Err(e @ ReplError::AuthRefused { .. }) = &r {
+            self.refused(&c, e);
+        }
+        r
+    }
+
+    fn serve_conn(&self, c: &mut Conn) -> Result<()> {
+        if self.peers_allowed().is_err() {
+            return Err(c.refuse_unauthenticated(&self.cfg.node_name));
+        }
         let peer = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref())?;
         let mut parts = SetAssembler::default();
         loop {
@@ -69,7 +95,7 @@ impl Replicator {
                 Message::LockSet(w) => {
                     let max = sluice_lockproto::Bounds::default().max_locks_per_set;
                     match parts.push(w, max) {
-                        Ok(Some(set)) => self.on_lock_set(&mut c, &peer, set)?,
+                        Ok(Some(set)) => self.on_lock_set(c, &peer, set)?,
                         Ok(None) => {}
                         Err(e) => {
                             c.send_error(0, codes::BAD_FRAME, &e.to_string());
@@ -87,7 +113,7 @@ impl Replicator {
                     Ok(snapshots) => c.send(&Message::SnapshotList { req_id, snapshots }, &[])?,
                     Err(e) => c.send_error(req_id, codes::NOT_FOUND, &e.to_string()),
                 },
-                Message::TransferRequest(r) => self.serve_transfer(&mut c, &peer, &r)?,
+                Message::TransferRequest(r) => self.serve_transfer(c, &peer, &r)?,
                 Message::Error { code, text, .. } => {
                     tracing::info!(%peer, code, %text, "peer sent an error");
                     return Ok(());

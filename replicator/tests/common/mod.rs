@@ -54,6 +54,9 @@ pub struct Node {
 pub fn config(name: &str, secret: Option<&[u8]>) -> ReplicatorConfig {
     let mut c = ReplicatorConfig::new(name);
     c.peer_secret = secret.map(<[u8]>::to_vec);
+    // Without a secret these nodes run in the explicit insecure mode (the
+    // tests of the refusal without either build their own config).
+    c.insecure_peers = secret.is_none();
     c.tick = Duration::from_millis(100);
     c.peer_timeout = Duration::from_secs(10);
     // Dense checkpoints so small test transfers have resume points.
