@@ -200,36 +200,16 @@ impl Token {
     /// A new token named `name` from the kernel's randomness, written to
     /// `out` with mode 0600 (refused if `out` exists).
     pub fn create(name: &str, out: &Path) -> Result<Token> {
-        use std::io::{Read, Write};
         if !valid_token_name(name) {
             return Err(NodeError::Invalid(format!(
                 "token name {name:?}: 1 to 64 of A-Z a-z 0-9 - _ . @"
             )));
         }
-        let mut secret = vec![0u8; TOKEN_SECRET_BYTES];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut secret))
-            .map_err(NodeError::io("reading /dev/urandom"))?;
         let token = Token {
             name: name.to_string(),
-            secret,
+            secret: random_bytes(TOKEN_SECRET_BYTES)?,
         };
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(out)
-            .map_err(NodeError::io(format!(
-                "creating token file {}",
-                out.display()
-            )))?;
-        writeln!(f, "{}", token.to_line())
-            .and_then(|_| f.sync_all())
-            .map_err(NodeError::io(format!(
-                "writing token file {}",
-                out.display()
-            )))?;
+        write_new_secret_file(out, "token file", &token.to_line())?;
         Ok(token)
     }
 }
@@ -241,12 +221,7 @@ pub const PEER_SECRET_BYTES: usize = 32;
 /// /dev/urandom as hex on one line, mode 0600, refused if `out` exists
 /// (its folder is created, mode 0700, if missing).
 pub fn create_peer_secret(out: &Path) -> Result<()> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut secret = [0u8; PEER_SECRET_BYTES];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut secret))
-        .map_err(NodeError::io("reading /dev/urandom"))?;
+    let secret = random_bytes(PEER_SECRET_BYTES)?;
     let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         use std::os::unix::fs::DirBuilderExt;
@@ -259,21 +234,33 @@ pub fn create_peer_secret(out: &Path) -> Result<()> {
                 out.display()
             )))?;
     }
+    write_new_secret_file(out, "peer secret file", &hex)
+}
+
+/// `n` bytes from the kernel's randomness.
+fn random_bytes(n: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut b = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(NodeError::io("reading /dev/urandom"))?;
+    Ok(b)
+}
+
+/// Write `line` to a new file `out` (mode 0600, refused if it exists),
+/// synced before this returns; `what` names it in errors.
+fn write_new_secret_file(out: &Path, what: &str, line: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(out)
-        .map_err(NodeError::io(format!(
-            "creating peer secret file {}",
-            out.display()
-        )))?;
-    writeln!(f, "{hex}")
+        .map_err(NodeError::io(format!("creating {what} {}", out.display())))?;
+    writeln!(f, "{line}")
         .and_then(|_| f.sync_all())
-        .map_err(NodeError::io(format!(
-            "writing peer secret file {}",
-            out.display()
-        )))
+        .map_err(NodeError::io(format!("writing {what} {}", out.display())))
 }
 
 /// Equal in time independent of where `a` and `b` differ.

@@ -286,6 +286,20 @@ impl Replicator {
                 reconcile.push(Event::VolumeRemoved { volume: v });
             }
         }
+        // A downstream set on a volume that is gone (a `vol delete` whose
+        // engine delete reached the disk before the crash, its lock-table
+        // update not) goes too: nothing here can be held for it any more,
+        // and its next set is refused (no such volume), so it would stay
+        // for ever.
+        for ((downstream, relationship), v) in locks.downstreams() {
+            if v.is_some_and(|v| !pool_vols.iter().any(|p| p.name == v)) {
+                tracing::info!(%downstream, %relationship, "downstream set on a volume that no longer exists dropped");
+                reconcile.push(Event::DownstreamRemoved {
+                    downstream,
+                    relationship,
+                });
+            }
+        }
         for r in rels.values() {
             if let Some(up) = &r.source_node {
                 reconcile.push(upstream_event(r, up));

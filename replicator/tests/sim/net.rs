@@ -126,6 +126,11 @@ impl World {
         }
     }
 
+    /// Stalls armed for connections not opened yet will not fire.
+    pub fn disarm_stalls(&self) {
+        lock(&self.net).stalls.clear();
+    }
+
     pub fn arm_stall(&self, from: &str, to: &str, after: u64) {
         lock(&self.net)
             .stalls
