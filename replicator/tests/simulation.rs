@@ -24,7 +24,10 @@
 //!    lineage, an operator resync, or, under the `release` lease policy, a
 //!    node of its lineage out of reach for longer than half a lease);
 //! 2. a snapshot protected by a lock (active, or stale under `keep`) is
-//!    never deleted except by a forced delete of it;
+//!    never deleted except by a forced delete of it (or, once it was
+//!    force-deleted on some node, on the nodes above: the chain through
+//!    that node stops carrying its locks; see the issue note of
+//!    2026-12-02 on relaying locks past a node that lacks the snapshot);
 //! 3. a relationship whose two nodes are up holds a lock at its source on a
 //!    snapshot it has; a lock whose holder node is lost is stale (or gone
 //!    under `release`) once its lease ran out;
@@ -554,6 +557,11 @@ struct Run {
     rels: Vec<Rel>,
     /// Lineages excused from invariant 1 (see the module docs).
     excused: BTreeSet<usize>,
+    /// Snapshots force-deleted on some node: the locks the chain through
+    /// that node carried on them end (the holders below stop asking for a
+    /// snapshot their source no longer has), so their copies further up
+    /// may go (excused from invariant 2).
+    forced_ids: BTreeSet<Uuid>,
     /// Node -> simulated time it went out of reach (down, lost).
     away_since: BTreeMap<usize, u64>,
     /// Node -> time it was lost for good.
@@ -615,6 +623,7 @@ impl Run {
             nodes,
             rels: Vec::new(),
             excused: BTreeSet::new(),
+            forced_ids: BTreeSet::new(),
             away_since: BTreeMap::new(),
             lost_at: BTreeMap::new(),
             parted_since: BTreeMap::new(),
@@ -738,7 +747,10 @@ impl Run {
                 continue;
             }
             for (id, name) in snaps {
-                if now.contains_key(id) || forced.covers(*node, vol, *id) {
+                if now.contains_key(id)
+                    || forced.covers(*node, vol, *id)
+                    || self.forced_ids.contains(id)
+                {
                     continue;
                 }
                 if let Some(h) = before
@@ -826,7 +838,15 @@ impl Run {
     fn restart(&mut self, node: usize) {
         self.nodes[node].restart();
         self.last = None;
-        self.away_since.remove(&node);
+        // Back up while a partition already cuts it from a peer: to that
+        // peer it has been out of reach since it went down.
+        if let Some(t) = self.away_since.remove(&node) {
+            for ((a, b), since) in self.parted_since.iter_mut() {
+                if *a == node || *b == node {
+                    *since = (*since).min(t);
+                }
+            }
+        }
         if let Some(repl) = self.nodes[node].repl().cloned() {
             self.act("first tick after a restart", Forced::Nothing, |_| {
                 repl.tick_now()
@@ -989,6 +1009,7 @@ impl Run {
                 }
                 let s = snaps[nth % snaps.len()].clone();
                 self.excuse_through(node);
+                self.forced_ids.insert(s.id);
                 self.act("snap delete --force", Forced::Snap(node, s.id), |_| {
                     Run::result(repl.snap_delete(&vol, &s.name, true))
                 })
@@ -1139,7 +1160,11 @@ impl Run {
         } else {
             Forced::Nothing
         };
+        let ids: Vec<Uuid> = self.nodes[node].snaps(&vol).iter().map(|s| s.id).collect();
         let r = self.act(what, forced, |_| repl.vol_delete(&vol, force));
+        if r.is_ok() && force {
+            self.forced_ids.extend(ids);
+        }
         if r.is_ok() {
             self.last = None;
             for x in self.rels.iter_mut() {
