@@ -326,10 +326,7 @@ fn print_mirrors(v: &Value) {
         "LAST",
     ]);
     for m in v.as_array().into_iter().flatten() {
-        let lag = m["lag_ms"]
-            .as_u64()
-            .map(|l| format!("{}s", l / 1000))
-            .unwrap_or("-".into());
+        let lag = secs_cell(&m["lag_ms"]);
         let last = &m["last_transfer"];
         let last = if last.is_null() {
             "-".to_string()
@@ -365,6 +362,11 @@ fn print_mirrors(v: &Value) {
         }
     }
     t.print();
+}
+
+/// A duration in ms as a table cell in whole seconds (`-` when absent).
+fn secs_cell(ms: &Value) -> String {
+    ms.as_u64().map_or("-".into(), |l| format!("{}s", l / 1000))
 }
 
 fn print_destinations(v: &Value) {
@@ -406,9 +408,7 @@ fn print_destinations(v: &Value) {
             }
             .into(),
             d["locks"].as_u64().unwrap_or(0).to_string(),
-            d["lag_ms"]
-                .as_u64()
-                .map_or("-".into(), |l| format!("{}s", l / 1000)),
+            secs_cell(&d["lag_ms"]),
             last,
             if held.is_empty() {
                 "-".into()

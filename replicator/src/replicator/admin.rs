@@ -346,13 +346,15 @@ impl Replicator {
     /// here, whether they are stale, the last transfer served to it, and
     /// how old the newest snapshot it holds here is.
     pub fn mirror_destinations(&self) -> Result<Vec<crate::types::Destination>> {
-        let names = self.snapshot_names()?;
-        let created: BTreeMap<Uuid, u64> = volumes(&self.engine)?
-            .iter()
-            .filter_map(|v| snapshots(&self.engine, &v.name).ok())
-            .flatten()
-            .map(|s| (s.id, s.created_unix_ms))
-            .collect();
+        // Names and creation times from one listing of every volume.
+        let mut names: SnapNames = BTreeMap::new();
+        let mut created: BTreeMap<Uuid, u64> = BTreeMap::new();
+        for v in volumes(&self.engine)? {
+            for s in snapshots(&self.engine, &v.name)? {
+                created.insert(s.id, s.created_unix_ms);
+                names.insert((v.name.clone(), s.id), s.name);
+            }
+        }
         let now = self.now_ms();
         let st = lock(&self.st);
         let stale = st.locks().stale_downstreams();
