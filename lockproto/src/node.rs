@@ -26,6 +26,9 @@
 //!   (the last snapshot committed through R). The upstream knows it shares
 //!   the anchor from the transfer itself, so the pair always keeps a common
 //!   snapshot without relying on a set in flight.
+//! - A lock on a snapshot this node has travels up even when the upstream
+//!   force-deleted that snapshot: the nodes above it keep it, so a
+//!   re-attach past that upstream stays incremental.
 //! - A local snapshot named by any effective lock on its volume is never
 //!   removed by [`Event::DeleteRequested`] without `force`; a forced delete
 //!   reports every holder and tells every affected downstream relationship.
@@ -483,8 +486,9 @@ impl LockNode {
     }
 
     /// The anchor of `relationship`: the last snapshot committed through it
-    /// by a transfer ([`Event::TransferFinished`]), cleared only by the next
-    /// transfer or by [`Event::UpstreamSnapshotGone`].
+    /// by a transfer ([`Event::TransferFinished`]), replaced only by the
+    /// next transfer; a forced delete of it upstream
+    /// ([`Event::UpstreamSnapshotGone`]) does not clear it.
     ///
     /// Both sides know the anchor without any lock set in flight: the
     /// upstream learns it shares it with us from the transfer itself
@@ -763,7 +767,13 @@ impl LockNode {
     }
 
     /// The set for `relationship`: our own locks, every downstream lock and
-    /// application lock on its local volume, limited to what its source has.
+    /// application lock on its local volume, limited to the snapshots its
+    /// source has, or force-deleted while this volume still has them.
+    ///
+    /// A lock travels past a source that force-deleted its snapshot as long
+    /// as we have it: the nodes above may still have it, and it is what a
+    /// re-attach past that source would start from. Snapshots that came
+    /// from another upstream (fan-in) never go to this one.
     fn outgoing(&self, relationship: &str) -> Vec<SoftLock> {
         let Some(up) = self.ups.get(relationship) else {
             return Vec::new();
@@ -786,7 +796,12 @@ impl LockNode {
         if let Some(app) = self.app.get(&up.volume) {
             v.extend(app.iter().cloned());
         }
-        v.retain(|l| up.has.contains(&l.snapshot) && l.hop_path.len() <= self.cfg.bounds.max_hops);
+        v.retain(|l| {
+            let lost_above = up.gone_acks.contains(&l.snapshot)
+                && self.has_snapshot(&up.volume, l.snapshot);
+            (up.has.contains(&l.snapshot) || lost_above)
+                && l.hop_path.len() <= self.cfg.bounds.max_hops
+        });
         v.sort();
         v.dedup_by(|a, b| a.key() == b.key());
         v
@@ -974,6 +989,12 @@ impl LockNode {
             }
             Event::VolumeSnapshots { volume, snapshots } => {
                 self.adopt_upgraded(&volume, &snapshots);
+                // An acknowledgement of a forced delete upstream matters
+                // while we hold that snapshot; if the upstream missed it,
+                // it tells us again.
+                for up in self.ups.values_mut().filter(|u| u.volume == volume) {
+                    up.gone_acks.retain(|g| snapshots.contains(g));
+                }
                 self.local.insert(volume, snapshots);
             }
             Event::VolumeRemoved { volume } => {
@@ -1051,10 +1072,11 @@ impl LockNode {
                 snapshot,
             } => {
                 if let Some(up) = self.ups.get_mut(&relationship) {
+                    // The anchor stays: the pair no longer shares it, but
+                    // it is still what we hold in common with every node
+                    // above the upstream, so its lock keeps travelling past
+                    // it (a re-attach there stays incremental).
                     up.has.remove(&snapshot);
-                    if up.anchor == Some(snapshot) {
-                        up.anchor = None;
-                    }
                     up.gone_acks.insert(snapshot);
                     self.send(&relationship, now_ms, true, &mut out);
                 }

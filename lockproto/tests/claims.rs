@@ -498,15 +498,20 @@ fn claims_1_50_52_fan_in_keeps_the_anchor_with_each_upstream() {
     let r = LockNode::from_bytes(NodeConfig::new("C"), &c.to_bytes().expect("persist"))
         .expect("restore");
     assert_eq!(r.anchor("vol/B"), Some(sid(2)));
-    // B force-deleted the anchor: it stops pinning C's copy.
-    let _ = c.handle(
+    // B force-deleted the anchor. C keeps it, locked: it is what C shares
+    // with the nodes above B, and the lock on it still goes to B (with the
+    // acknowledgement), which relays it to the nodes above that have it.
+    let acts = c.handle(
         5,
         Event::UpstreamSnapshotGone {
             relationship: "vol/B".into(),
             snapshot: sid(2),
         },
     );
-    assert_eq!(c.anchor("vol/B"), None);
+    assert_eq!(c.anchor("vol/B"), Some(sid(2)));
+    let to_b = set_to(&acts, "B");
+    assert_eq!(to_b.gone_acks, vec![sid(2)]);
+    assert!(to_b.locks.iter().any(|l| l.snapshot == sid(2)), "{to_b:?}");
     let acts = c.handle(
         6,
         Event::DeleteRequested {
@@ -515,7 +520,7 @@ fn claims_1_50_52_fan_in_keeps_the_anchor_with_each_upstream() {
             force: false,
         },
     );
-    assert!(matches!(&acts[0], Action::Deleted { .. }), "{acts:?}");
+    assert!(matches!(&acts[0], Action::DeleteRefused { .. }), "{acts:?}");
     // The next transfer from B sets the anchor again.
     let _ = c.handle(
         7,
@@ -525,6 +530,18 @@ fn claims_1_50_52_fan_in_keeps_the_anchor_with_each_upstream() {
         },
     );
     assert_eq!(c.anchor("vol/B"), Some(sid(3)));
+    let acts = c.handle(
+        8,
+        Event::DeleteRequested {
+            volume: "vol".into(),
+            snapshot: sid(2),
+            force: false,
+        },
+    );
+    assert!(
+        matches!(&acts[0], Action::Deleted { .. }),
+        "a new anchor lets the old one go: {acts:?}"
+    );
 }
 
 #[test]

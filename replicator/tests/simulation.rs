@@ -24,10 +24,8 @@
 //!    lineage, an operator resync, or, under the `release` lease policy, a
 //!    node of its lineage out of reach for longer than half a lease);
 //! 2. a snapshot protected by a lock (active, or stale under `keep`) is
-//!    never deleted except by a forced delete of it (or, once it was
-//!    force-deleted on some node, on the nodes above: the chain through
-//!    that node stops carrying its locks; see the issue note of
-//!    2026-12-02 on relaying locks past a node that lacks the snapshot);
+//!    never deleted except by a forced delete of it (a lock keeps
+//!    travelling past a node that force-deleted its snapshot);
 //! 3. a relationship whose two nodes are up holds a lock at its source on a
 //!    snapshot it has; a lock whose holder node is lost is stale (or gone
 //!    under `release`) once its lease ran out;
@@ -557,11 +555,9 @@ struct Run {
     rels: Vec<Rel>,
     /// Lineages excused from invariant 1 (see the module docs).
     excused: BTreeSet<usize>,
-    /// Snapshots force-deleted on some node: the locks the chain through
-    /// that node carried on them end (the holders below stop asking for a
-    /// snapshot their source no longer has), so their copies further up
-    /// may go (excused from invariant 2).
-    forced_ids: BTreeSet<Uuid>,
+    /// (node name, snapshot id) of every forced delete: the locks made on
+    /// that node on that snapshot ended with it.
+    forced_on: BTreeSet<(String, Uuid)>,
     /// Node -> simulated time it went out of reach (down, lost).
     away_since: BTreeMap<usize, u64>,
     /// Node -> time it was lost for good.
@@ -605,8 +601,9 @@ fn noprog(_: sluice_replicator::Progress) {}
 #[derive(Default)]
 struct Picture {
     snaps: BTreeMap<(usize, String), BTreeMap<Uuid, String>>,
-    /// Per node: (volume, snapshot) -> who holds it.
-    protected: BTreeMap<usize, BTreeMap<(String, Uuid), String>>,
+    /// Per node: (volume, snapshot) -> who holds it, and the node where
+    /// each of those locks was made.
+    protected: BTreeMap<usize, BTreeMap<(String, Uuid), Vec<(String, String)>>>,
     /// Per node: every lock, as `lock list` shows it.
     locks: BTreeMap<usize, Vec<sluice_replicator::LockView>>,
 }
@@ -623,7 +620,7 @@ impl Run {
             nodes,
             rels: Vec::new(),
             excused: BTreeSet::new(),
-            forced_ids: BTreeSet::new(),
+            forced_on: BTreeSet::new(),
             away_since: BTreeMap::new(),
             lost_at: BTreeMap::new(),
             parted_since: BTreeMap::new(),
@@ -727,7 +724,9 @@ impl Run {
                 }
                 if keep_stale || l.state == "active" {
                     let who = format!("{} {} ({})", l.kind, l.holder, l.state);
-                    prot.insert((vol.clone(), l.snapshot_id), who);
+                    prot.entry((vol.clone(), l.snapshot_id))
+                        .or_default()
+                        .push((who, l.origin_node.clone()));
                 }
             }
             p.locks.insert(i, all);
@@ -747,20 +746,27 @@ impl Run {
                 continue;
             }
             for (id, name) in snaps {
-                if now.contains_key(id)
-                    || forced.covers(*node, vol, *id)
-                    || self.forced_ids.contains(id)
-                {
+                if now.contains_key(id) || forced.covers(*node, vol, *id) {
                     continue;
                 }
-                if let Some(h) = before
+                let Some(held) = before
                     .protected
                     .get(node)
                     .and_then(|p| p.get(&(vol.clone(), *id)))
-                {
+                else {
+                    continue;
+                };
+                // A lock ends where it was made when the snapshot it held
+                // there is force-deleted: its copies elsewhere go with it.
+                let ended = |(_, origin): &(String, String)| {
+                    self.forced_on.contains(&(origin.clone(), *id))
+                };
+                if !held.iter().all(ended) {
+                    let who: Vec<&str> = held.iter().map(|(w, _)| w.as_str()).collect();
                     self.fail(format!(
-                        "invariant 2: {}:{vol}@{name} was deleted by `{what}` while locked by {h}",
-                        node_name(*node)
+                        "invariant 2: {}:{vol}@{name} was deleted by `{what}` while locked by {}",
+                        node_name(*node),
+                        who.join(", ")
                     ));
                 }
             }
@@ -1009,10 +1015,15 @@ impl Run {
                 }
                 let s = snaps[nth % snaps.len()].clone();
                 self.excuse_through(node);
-                self.forced_ids.insert(s.id);
-                self.act("snap delete --force", Forced::Snap(node, s.id), |_| {
+                let key = (node_name(node), s.id);
+                self.forced_on.insert(key.clone());
+                let r = self.act("snap delete --force", Forced::Snap(node, s.id), |_| {
                     Run::result(repl.snap_delete(&vol, &s.name, true))
-                })
+                });
+                if !r.starts_with("ok") {
+                    self.forced_on.remove(&key);
+                }
+                r
             }
             Step::Tick { ms } => {
                 self.world.advance(ms);
@@ -1160,10 +1171,20 @@ impl Run {
         } else {
             Forced::Nothing
         };
-        let ids: Vec<Uuid> = self.nodes[node].snaps(&vol).iter().map(|s| s.id).collect();
+        let ids: Vec<(String, Uuid)> = self.nodes[node]
+            .snaps(&vol)
+            .iter()
+            .map(|s| (node_name(node), s.id))
+            .collect();
+        let new: Vec<_> = ids
+            .into_iter()
+            .filter(|k| force && self.forced_on.insert(k.clone()))
+            .collect();
         let r = self.act(what, forced, |_| repl.vol_delete(&vol, force));
-        if r.is_ok() && force {
-            self.forced_ids.extend(ids);
+        if r.is_err() {
+            for k in &new {
+                self.forced_on.remove(k);
+            }
         }
         if r.is_ok() {
             self.last = None;
@@ -2109,6 +2130,97 @@ fn regressions_found_by_the_simulation() {
                     node: 1,
                     after_ops: 26,
                 },
+            ],
+        ),
+        (
+            // N1:L0 -> N0:L0 -> N1:L0q (a qtree mirror back), an application
+            // lock on N1:L0q@s1, s1 force-deleted on N0: the lock went on
+            // holding N1:L0@s1 only while N0 had s1, so retention deleted
+            // it (seed 1005746). Locks now travel past a source that
+            // force-deleted their snapshot.
+            "a lock travels past a source that force-deleted its snapshot",
+            keep(2, vec![(1, true), (0, true)]),
+            vec![
+                Step::Snap { l: 0 },
+                Step::Mirror {
+                    l: 0,
+                    dst: 0,
+                    src: 1,
+                    qtree: false,
+                    every_s: Some(37),
+                },
+                Step::Mirror {
+                    l: 0,
+                    dst: 1,
+                    src: 0,
+                    qtree: true,
+                    every_s: None,
+                },
+                Step::Retain {
+                    node: 1,
+                    vol: "L0".into(),
+                    keep: 2,
+                },
+                Step::LockAdd {
+                    node: 1,
+                    vol: "L0q".into(),
+                    nth: 3,
+                },
+                Step::Snap { l: 0 },
+                Step::Partition { a: 0, b: 1 },
+                Step::ForceDelete {
+                    node: 0,
+                    vol: "L0".into(),
+                    nth: 0,
+                },
+                Step::Snap { l: 0 },
+            ],
+        ),
+        (
+            // Checker case (not a bug): the same, and s1 force-deleted on
+            // N1:L0q too, where the application lock was made. The lock
+            // ended there, so its relayed copy stops holding N1:L0@s1.
+            "a lock ends with a forced delete where it was made",
+            keep(2, vec![(1, true), (0, true)]),
+            vec![
+                Step::Snap { l: 0 },
+                Step::Mirror {
+                    l: 0,
+                    dst: 0,
+                    src: 1,
+                    qtree: false,
+                    every_s: Some(37),
+                },
+                Step::Mirror {
+                    l: 0,
+                    dst: 1,
+                    src: 0,
+                    qtree: true,
+                    every_s: None,
+                },
+                Step::Retain {
+                    node: 1,
+                    vol: "L0".into(),
+                    keep: 2,
+                },
+                Step::LockAdd {
+                    node: 1,
+                    vol: "L0q".into(),
+                    nth: 3,
+                },
+                Step::Snap { l: 0 },
+                Step::Partition { a: 0, b: 1 },
+                Step::ForceDelete {
+                    node: 0,
+                    vol: "L0".into(),
+                    nth: 0,
+                },
+                Step::ForceDelete {
+                    node: 1,
+                    vol: "L0q".into(),
+                    nth: 0,
+                },
+                Step::Snap { l: 0 },
             ],
         ),
         (
