@@ -15,7 +15,11 @@
 //! restarts, a node lost for good (its downstreams re-attached to the node
 //! above), partitions, connections cut after N bytes, and connections
 //! stalled after N bytes whose held bytes reach the server later (a stale
-//! request arriving after its sender gave up and moved on).
+//! request arriving after its sender gave up and moved on), and updates
+//! over a slow link: a transfer many leases long, paused every N bytes
+//! while the clock moves on and every node ticks (renewals, lease expiry,
+//! retention and scheduled updates run while it is half done; invariant 2
+//! is checked at each pause and each of those ticks).
 //!
 //! Invariants checked after every step (see `Run::check`):
 //! 1. no update of a relationship that has completed a transfer is a full
@@ -51,7 +55,12 @@ use sluice_engine::device::AlignedBuf;
 use sluice_replicator::{LeasePolicy, MirrorSpec, ReplError, ReplicatorConfig};
 use uuid::Uuid;
 
-use sim::{Cut, SimNode, World};
+use sim::{Cut, Pause, SimNode, Slow, World};
+
+thread_local! {
+    /// The seed of the scenario this thread runs (for a deadlock's message).
+    static SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
 
 const VOL_BLOCKS: u64 = 64;
 const QTREE_BLOCKS: u64 = 16;
@@ -87,6 +96,15 @@ enum Step {
     Update {
         node: usize,
         vol: String,
+    },
+    /// `mirror update` over a slow link: after every `every` bytes the
+    /// client reads, `ms` pass and every node ticks (leases run out,
+    /// renewals and retention run while the transfer is half done).
+    SlowUpdate {
+        node: usize,
+        vol: String,
+        every: u64,
+        ms: u64,
     },
     Prune {
         node: usize,
@@ -359,7 +377,18 @@ fn generate(seed: u64, shape: &Shape) -> Vec<Step> {
             20..=31 => Step::Snap { l },
             32..=46 if !mirrors.is_empty() => {
                 let (node, vol) = pick(&mut r, &mirrors);
-                Step::Update { node, vol }
+                if r.gen_bool(0.25) {
+                    Step::SlowUpdate {
+                        node,
+                        vol,
+                        every: [512, 2_048, 8_192][r.gen_range(0..3)],
+                        // Below the peer timeout (20 s): a slow link, not a
+                        // dead one.
+                        ms: r.gen_range(2_000..15_000),
+                    }
+                } else {
+                    Step::Update { node, vol }
+                }
             }
             47..=58 => Step::Tick {
                 ms: r.gen_range(1_000..25_000),
@@ -597,13 +626,16 @@ fn config(name: &str, shape: &Shape) -> ReplicatorConfig {
 
 fn noprog(_: sluice_replicator::Progress) {}
 
+/// Who holds a snapshot: (description, node the lock was made on) each.
+type Holders = Vec<(String, String)>;
+
 /// Snapshot ids per volume and the protected ones, of every up node.
 #[derive(Default)]
 struct Picture {
     snaps: BTreeMap<(usize, String), BTreeMap<Uuid, String>>,
     /// Per node: (volume, snapshot) -> who holds it, and the node where
     /// each of those locks was made.
-    protected: BTreeMap<usize, BTreeMap<(String, Uuid), Vec<(String, String)>>>,
+    protected: BTreeMap<usize, BTreeMap<(String, Uuid), Holders>>,
     /// Per node: every lock, as `lock list` shows it.
     locks: BTreeMap<usize, Vec<sluice_replicator::LockView>>,
 }
@@ -772,6 +804,62 @@ impl Run {
             }
         }
         after
+    }
+
+    /// `mirror update` of `vol` on `node` over a slow link from `src`: the
+    /// update runs on a thread of its own; at each pause of the link this
+    /// thread checks what the transfer did so far (invariant 2), moves the
+    /// clock and ticks every up node, each tick checked as a `Tick` step's
+    /// are, then lets the transfer go on.
+    fn slow_update(
+        &mut self,
+        repl: Arc<sluice_replicator::Replicator>,
+        node: usize,
+        src: usize,
+        vol: String,
+        slow: Slow,
+    ) -> String {
+        let (gate, pauses) = std::sync::mpsc::channel::<Pause>();
+        self.world.set_gate(Some(gate));
+        self.world.arm_slow(&node_name(node), &node_name(src), slow);
+        let start = self.world.now_ms();
+        let update = std::thread::Builder::new()
+            .name("sim-slow-update".into())
+            .spawn(move || Run::result(repl.mirror_update(&vol, &noprog)))
+            .expect("spawn");
+        let mut n = 0;
+        loop {
+            match pauses.recv_timeout(Duration::from_millis(2)) {
+                Ok(p) => {
+                    n += 1;
+                    self.act("slow mirror update", Forced::Nothing, |_| ());
+                    self.world.set_pausing(true);
+                    self.world.advance(p.ms);
+                    self.last = None;
+                    self.excuse_long_absences();
+                    for i in 0..self.nodes.len() {
+                        let Some(r) = self.nodes[i].repl().cloned() else {
+                            continue;
+                        };
+                        self.act("tick during a slow transfer", Forced::Nothing, |_| {
+                            r.tick_now()
+                        });
+                    }
+                    self.world.set_pausing(false);
+                    let _ = p.resume.send(());
+                }
+                Err(_) if update.is_finished() => break,
+                Err(_) => {}
+            }
+        }
+        let r = update
+            .join()
+            .unwrap_or_else(|_| "err the update panicked".into());
+        self.world.set_gate(None);
+        self.world.disarm_slow();
+        self.world.finish_slow();
+        self.act("slow mirror update", Forced::Nothing, |_| ());
+        format!("{r} ({n} pauses, {} ms)", self.world.now_ms() - start)
     }
 
     /// A `lock add` on `node` that answered `delivered`: every live
@@ -950,6 +1038,21 @@ impl Run {
                 self.act("mirror update", Forced::Nothing, |_| {
                     Run::result(repl.mirror_update(&vol, &noprog))
                 })
+            }
+            Step::SlowUpdate {
+                node,
+                vol,
+                every,
+                ms,
+            } => {
+                let Some(repl) = self.nodes[node].repl().cloned() else {
+                    return "down".into();
+                };
+                let Some(i) = self.rel_idx(node, &vol) else {
+                    return "no relationship".into();
+                };
+                let src = self.rels[i].src;
+                self.slow_update(repl, node, src, vol, Slow { every, ms })
             }
             Step::Prune { node, vol, keep } => {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
@@ -1753,9 +1856,9 @@ fn short(s: &str) -> String {
 /// What one scenario did.
 struct Outcome {
     /// Network faults that fired: cuts, reads timed out on a stall, stalled
-    /// connections delivered late (a fault kind that never fires tests
-    /// nothing, so the summary line shows them).
-    faults: [u64; 3],
+    /// connections delivered late, pauses of slow links (a fault kind that
+    /// never fires tests nothing, so the summary line shows them).
+    faults: [u64; 4],
     steps: u64,
     violation: Option<String>,
     trace: Vec<String>,
@@ -1763,6 +1866,10 @@ struct Outcome {
 
 fn run_steps(shape: &Shape, steps: &[Step]) -> Outcome {
     let mut run = Run::new(shape.clone());
+    *run.world.label.lock().unwrap() = match SEED.get() {
+        Some(s) => format!("SLUICE_SEED={s}"),
+        None => "(explicit steps)".into(),
+    };
     let verbose = std::env::var("SLUICE_SIM_VERBOSE").is_ok();
     for s in steps {
         let out = run.run_step(s);
@@ -1783,7 +1890,8 @@ fn run_steps(shape: &Shape, steps: &[Step]) -> Outcome {
     }
     run.stop();
     let w = &run.world;
-    let faults = [&w.cuts_fired, &w.stalls_fired, &w.late].map(|n| n.load(Ordering::SeqCst));
+    let faults =
+        [&w.cuts_fired, &w.stalls_fired, &w.late, &w.pauses].map(|n| n.load(Ordering::SeqCst));
     Outcome {
         faults,
         steps: run.steps_run,
@@ -1862,7 +1970,7 @@ fn base_seed() -> (u64, bool) {
 /// failure, reported.
 fn run_many(first: u64, count: u64, propagate: bool, threads: usize) -> Many {
     let next = Arc::new(AtomicU64::new(first));
-    let faults: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+    let faults: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
     let steps = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let failure: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
@@ -1884,6 +1992,7 @@ fn run_many(first: u64, count: u64, propagate: bool, threads: usize) -> Many {
                     return;
                 }
                 let (shape, list) = scenario(seed, propagate);
+                SEED.set(Some(seed));
                 let o = run_steps(&shape, &list);
                 steps.fetch_add(o.steps, Ordering::SeqCst);
                 for (t, n) in faults.iter().zip(o.faults) {
@@ -1922,7 +2031,7 @@ struct Many {
     scenarios: u64,
     steps: u64,
     /// Summed [`Outcome::faults`].
-    faults: [u64; 3],
+    faults: [u64; 4],
     /// The first failure, reported.
     failure: Option<String>,
 }
@@ -1947,9 +2056,9 @@ fn cascade_simulation() {
     let (seed, replay) = base_seed();
     let count = scenarios(replay, 10_000);
     let m = run_many(seed, count, true, 2);
-    let [cuts, stalled, late] = m.faults;
+    let [cuts, stalled, late, pauses] = m.faults;
     say(&format!(
-        "cascade simulation: {} scenarios, {} steps, seed {seed} ({cuts} connections cut, {stalled} reads timed out on a stall, {late} stalled connections delivered late)",
+        "cascade simulation: {} scenarios, {} steps, seed {seed} ({cuts} connections cut, {stalled} reads timed out on a stall, {late} stalled connections delivered late, {pauses} pauses of slow transfers)",
         m.scenarios, m.steps
     ));
     if let Some(f) = m.failure {
@@ -2548,5 +2657,93 @@ fn a_stale_lock_set_delivered_late_changes_nothing() {
     assert!(
         late > 0,
         "no stall point held any bytes back: the test tests nothing"
+    );
+}
+
+/// A transfer that takes many leases (a slow link, every node ticking while
+/// it is half done), under the `release` policy: the chain holds.
+#[test]
+fn a_transfer_longer_than_many_leases_keeps_its_chain() {
+    let shape = Shape {
+        nodes: 3,
+        lineages: vec![(0, false)],
+        policy: LeasePolicy::ReleaseAfter { grace_ms: 10_000 },
+        propagate: true,
+    };
+    let write = |fill| Step::Write {
+        l: 0,
+        qtree: false,
+        lba: 0,
+        blocks: 8,
+        fill,
+    };
+    let mut steps = vec![
+        write(1),
+        Step::Snap { l: 0 },
+        Step::Mirror {
+            l: 0,
+            dst: 1,
+            src: 0,
+            qtree: false,
+            every_s: None,
+        },
+        Step::Mirror {
+            l: 0,
+            dst: 2,
+            src: 1,
+            qtree: false,
+            every_s: None,
+        },
+        Step::Retain {
+            node: 0,
+            vol: "L0".into(),
+            keep: 1,
+        },
+        Step::Retain {
+            node: 1,
+            vol: "L0".into(),
+            keep: 1,
+        },
+    ];
+    for fill in 2..6 {
+        steps.extend([
+            write(fill),
+            Step::Snap { l: 0 },
+            Step::SlowUpdate {
+                node: 1,
+                vol: "L0".into(),
+                every: 512,
+                ms: 14_000,
+            },
+            Step::SlowUpdate {
+                node: 2,
+                vol: "L0".into(),
+                every: 512,
+                ms: 14_000,
+            },
+        ]);
+    }
+    let o = run_steps(&shape, &steps);
+    assert!(
+        o.violation.is_none(),
+        "{}\ntrace:\n{}",
+        o.violation.unwrap_or_default(),
+        o.trace.join("\n")
+    );
+    // 8 changed blocks (32 KiB) a pause every 512 bytes: many leases long.
+    assert!(
+        o.faults[3] >= 250,
+        "pauses: {}\n{}",
+        o.faults[3],
+        o.trace.join("\n")
+    );
+    let slow: Vec<&String> = o
+        .trace
+        .iter()
+        .filter(|t| t.starts_with("SlowUpdate"))
+        .collect();
+    assert!(
+        slow.iter().all(|t| t.contains(": ok (")),
+        "every slow update completes: {slow:#?}"
     );
 }

@@ -15,7 +15,7 @@ use sluice_engine::shard::{Engine, EngineHandle, EngineOptions};
 use sluice_engine::{FormatOptions, Pool};
 use sluice_replicator::{Replicator, ReplicatorConfig};
 
-pub use net::{Cut, NodeEnv, World};
+pub use net::{Cut, NodeEnv, Pause, Slow, World};
 
 /// Blocks of every node's pool (sparse: only what is written costs memory).
 pub const POOL_BLOCKS: u64 = 16 << 10;

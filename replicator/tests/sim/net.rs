@@ -21,10 +21,20 @@
 //! real server's would. Until then the server's thread waits in its read,
 //! doing nothing, and a step's settling leaves it there; a crash of the
 //! server resets it.
+//!
+//! A slow link makes a transfer long in simulated time: each time the
+//! client has read another `every` bytes, the link pauses. Once the server
+//! waits for the client (or is gone), the clock moves on by `ms` and every
+//! up node runs one scheduler tick, in address order, each tick's own
+//! connections settled before the next: leases run out, renewals and
+//! retention run, while the transfer is half done, at points that depend
+//! only on the bytes. A tick that cannot finish (it waits for something the
+//! paused transfer holds) ends the whole test, loudly: that is a deadlock
+//! of the product.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Error, ErrorKind, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,6 +47,21 @@ pub const WALL_BASE_MS: u64 = 1_767_225_600_000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A pause of a slow link, sent to the gate ([`World::set_gate`]): `ms`
+/// pass, every node ticks, then `resume` lets the transfer go on.
+pub struct Pause {
+    pub ms: u64,
+    pub resume: std::sync::mpsc::Sender<()>,
+}
+
+/// A slow link: a pause after every `every` bytes the client reads, in
+/// which `ms` of simulated time pass and every node ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slow {
+    pub every: u64,
+    pub ms: u64,
 }
 
 /// A connection fault armed for the next connection from one node to
@@ -59,6 +84,8 @@ struct Net {
     cuts: BTreeMap<(String, String), Cut>,
     /// Armed stalls: (from, to) -> client bytes that pass before the hold.
     stalls: BTreeMap<(String, String), u64>,
+    /// Slow links: (from, to) -> every connection opened while armed.
+    slow: BTreeMap<(String, String), Slow>,
 }
 
 /// A connection armed with a stall, and its server's thread.
@@ -83,6 +110,15 @@ pub struct World {
     pub cuts_fired: AtomicU64,
     pub stalls_fired: AtomicU64,
     pub late: AtomicU64,
+    /// Pauses of slow links in which the nodes ticked.
+    pub pauses: AtomicU64,
+    /// A pause is running: connections its ticks open are not slow.
+    pausing: AtomicBool,
+    gate: Mutex<Option<std::sync::mpsc::Sender<Pause>>>,
+    /// Server threads of slow connections (settled after their step).
+    slow_servers: Mutex<Vec<JoinHandle<()>>>,
+    /// What the scenario is, for a deadlock's message.
+    pub label: Mutex<String>,
 }
 
 fn pair(a: &str, b: &str) -> (String, String) {
@@ -129,6 +165,79 @@ impl World {
     /// Stalls armed for connections not opened yet will not fire.
     pub fn disarm_stalls(&self) {
         lock(&self.net).stalls.clear();
+    }
+
+    /// Connections `from` -> `to` opened from now on are slow, until
+    /// [`World::disarm_slow`].
+    pub fn arm_slow(&self, from: &str, to: &str, slow: Slow) {
+        lock(&self.net).slow.insert((from.into(), to.into()), slow);
+    }
+
+    pub fn disarm_slow(&self) {
+        lock(&self.net).slow.clear();
+    }
+
+    /// Who handles the pauses of slow links (the simulator's step), until
+    /// `None`: without one a slow link does not pause.
+    pub fn set_gate(&self, gate: Option<std::sync::mpsc::Sender<Pause>>) {
+        *lock(&self.gate) = gate;
+    }
+
+    /// While on, connections opened are never slow (a pause's ticks).
+    pub fn set_pausing(&self, on: bool) {
+        self.pausing.store(on, Ordering::SeqCst);
+    }
+
+    /// The servers of slow connections join the others (their clients are
+    /// done): the next settle waits for them.
+    pub fn finish_slow(&self) {
+        let slow = std::mem::take(&mut *lock(&self.slow_servers));
+        lock(&self.servers).extend(slow);
+    }
+
+    /// A slow link's pause (module docs): `server_rx` carries the client's
+    /// bytes to the server, `client_rx` the server's to the client. Once
+    /// the server waits for the client, the gate gets the pause and this
+    /// client waits until it is over.
+    fn pause(&self, server_rx: &Dir, client_rx: &Dir, ms: u64) {
+        let Some(gate) = lock(&self.gate).clone() else {
+            return;
+        };
+        let limit = Duration::from_secs(60);
+        let start = Instant::now();
+        loop {
+            let waits = {
+                let st = lock(&server_rx.st);
+                st.waiting || st.parked
+            };
+            if waits || lock(&client_rx.st).closed {
+                break;
+            }
+            if start.elapsed() > limit {
+                self.deadlock("the server of a slow transfer never waited for its client");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        if gate.send(Pause { ms, resume: tx }).is_err() {
+            return;
+        }
+        self.pauses.fetch_add(1, Ordering::SeqCst);
+        if rx.recv_timeout(limit).is_err() {
+            self.deadlock("the nodes could not tick while a slow transfer was paused");
+        }
+    }
+
+    /// A deadlock cannot be reported by returning: the stuck threads would
+    /// hang the run. Say it on the real stderr and end the process.
+    fn deadlock(&self, what: &str) -> ! {
+        use std::io::Write;
+        let label = lock(&self.label).clone();
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "cascade simulation: DEADLOCK in scenario {label}: {what}"
+        );
+        std::process::exit(101);
     }
 
     pub fn arm_stall(&self, from: &str, to: &str, after: u64) {
@@ -226,6 +335,7 @@ impl World {
         n.up.clear();
         n.cuts.clear();
         n.stalls.clear();
+        n.slow.clear();
         drop(n);
         for h in std::mem::take(&mut *lock(&self.held)) {
             h.up.close(true);
@@ -257,7 +367,7 @@ impl Env for NodeEnv {
 
     fn connect(&self, addr: &str, _timeout: Duration) -> std::io::Result<Box<dyn PeerStream>> {
         let w = &self.world;
-        let (target, repl, cut, stall) = {
+        let (target, repl, cut, stall, slow) = {
             let mut n = lock(&w.net);
             let Some((target, repl)) = n.up.get(addr).cloned() else {
                 w.refused.fetch_add(1, Ordering::SeqCst);
@@ -276,13 +386,20 @@ impl Env for NodeEnv {
             let key = (self.name.clone(), target.clone());
             let cut = n.cuts.remove(&key);
             let stall = n.stalls.remove(&key);
-            (target, repl, cut, stall)
+            let slow = match w.pausing.load(Ordering::SeqCst) {
+                true => None,
+                false => n.slow.get(&key).copied(),
+            };
+            (target, repl, cut, stall, slow)
         };
         w.connects.fetch_add(1, Ordering::SeqCst);
         let (client, server) = pipe(&self.name, &target, cut, w.clone());
         let up = client.0.tx.clone();
         if let Some(after) = stall {
             lock(&up.st).pass = Some(after);
+        }
+        if let Some(sl) = slow {
+            lock(&client.0.rx.st).slow = Some((sl, sl.every));
         }
         let h = std::thread::Builder::new()
             .name(format!("sim-serve-{target}"))
@@ -293,6 +410,8 @@ impl Env for NodeEnv {
                 up,
                 thread: h,
             });
+        } else if slow.is_some() {
+            lock(&w.slow_servers).push(h);
         } else {
             lock(&w.servers).push(h);
         }
@@ -317,6 +436,10 @@ struct DirState {
     park_timeout: Option<Duration>,
     /// The release came after the reader's timeout: its read fails.
     timed_out: bool,
+    /// The reader waits for bytes that are not there (none held).
+    waiting: bool,
+    /// A slow link, and the bytes the reader may take before its pause.
+    slow: Option<(Slow, u64)>,
 }
 
 impl DirState {
@@ -420,12 +543,25 @@ impl Read for End {
                 None => s.data.len(),
             };
             if avail > 0 {
-                let n = buf.len().min(avail);
+                // A slow link's reads end at its next pause.
+                let to_pause = s.slow.map_or(usize::MAX, |(_, left)| {
+                    usize::try_from(left).unwrap_or(usize::MAX)
+                });
+                let n = buf.len().min(avail).min(to_pause);
                 if let Some(p) = s.pass.as_mut() {
                     *p -= n as u64;
                 }
                 for (b, x) in buf.iter_mut().zip(s.data.drain(..n)) {
                     *b = x;
+                }
+                if let Some((sl, left)) = s.slow.as_mut() {
+                    *left = left.saturating_sub(n as u64);
+                    if *left == 0 {
+                        *left = sl.every;
+                        let ms = sl.ms;
+                        drop(s);
+                        self.0.world.pause(&self.0.tx, rx, ms);
+                    }
                 }
                 return Ok(n);
             }
@@ -444,11 +580,13 @@ impl Read for End {
                     "read timed out (our bytes are stalled on their way)",
                 ));
             }
+            s.waiting = true;
             match deadline {
                 None => s = rx.cv.wait(s).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
+                        s.waiting = false;
                         return Err(Error::new(ErrorKind::WouldBlock, "read timed out"));
                     }
                     s = rx
@@ -458,6 +596,7 @@ impl Read for End {
                         .0;
                 }
             }
+            s.waiting = false;
         }
     }
 }
@@ -486,6 +625,8 @@ impl Write for End {
             s.budget = Some(b - buf.len() as u64);
         }
         s.data.extend(buf);
+        // The reader has bytes now: it no longer waits, even before it wakes.
+        s.waiting = false;
         tx.cv.notify_all();
         Ok(buf.len())
     }
