@@ -150,10 +150,16 @@ fn soft_locks_live_and_die_through_a_cascade() {
         serde_json::json!(["s1"]),
         "B keeps s1 (gone at the source, locked by C): {r}"
     );
+    // C's lock on s1 still travels up past A (the nodes above A would keep
+    // s1 for a re-attach of C past A): A lists it as passing through, with
+    // no snapshot of its own that it holds.
+    let on_s1: Vec<serde_json::Value> = locks(&a)
+        .into_iter()
+        .filter(|l| l["snapshot_id"] == s1.as_str())
+        .collect();
     assert!(
-        !locks(&a).iter().any(|l| l["snapshot_id"] == s1.as_str()),
-        "A still lists locks on the deleted s1: {:#?}",
-        locks(&a)
+        !on_s1.is_empty() && on_s1.iter().all(|l| l["snapshot"].is_null()),
+        "A lists a lock on the deleted s1 as holding something here: {on_s1:#?}"
     );
     let r = update(&c, "v");
     assert_eq!(r["kind"], "incremental", "C's chain survived: {r}");

@@ -58,6 +58,16 @@ pub trait Env: Send + Sync + std::fmt::Debug {
     fn mono_ms(&self) -> u64;
     /// Open a stream to `addr` (host:port for TCP), within `timeout`.
     fn connect(&self, addr: &str, timeout: Duration) -> std::io::Result<Box<dyn PeerStream>>;
+    /// A random value that need not be secret (request ids, ping nonces,
+    /// names of temporary snapshots): a simulation derives it from its seed
+    /// so that a run replays exactly. Secrets never come from here.
+    fn random_u64(&self) -> u64 {
+        rand::random()
+    }
+    /// The id of a snapshot this node takes (see [`Env::random_u64`]).
+    fn new_snapshot_id(&self) -> uuid::Uuid {
+        uuid::Uuid::new_v4()
+    }
 }
 
 /// The machine's clock and TCP.

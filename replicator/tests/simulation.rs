@@ -1888,6 +1888,10 @@ fn run_steps(shape: &Shape, steps: &[Step]) -> Outcome {
     if run.violation.is_none() {
         run.settle_all();
     }
+    // Ids and all: they come from the seed too (the nodes' `Env`).
+    let p = run.picture();
+    run.trace
+        .push(format!("snapshots at the end: {:?}", p.snaps));
     run.stop();
     let w = &run.world;
     let faults =

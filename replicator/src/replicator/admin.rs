@@ -15,8 +15,8 @@ impl Replicator {
         let info = match self.engine.call(Request::CreateSnapshot {
             volume: volume.to_string(),
             name: name.to_string(),
-            id: None,
-            created_unix_ms: None,
+            id: Some(self.cfg.env.new_snapshot_id()),
+            created_unix_ms: Some(self.now_ms()),
         }) {
             Ok(Reply::Snapshot(s)) => s,
             Ok(_) => {

@@ -666,7 +666,7 @@ impl Replicator {
     /// Ping and wait for the Pong: the peer has processed everything sent
     /// before. Returns the snapshots it said are gone.
     fn barrier(&self, c: &mut Conn) -> Result<Vec<Uuid>> {
-        let nonce = rand::random::<u64>();
+        let nonce = self.cfg.env.random_u64();
         c.send(&Message::Ping { nonce }, &[])?;
         let mut gone = Vec::new();
         loop {

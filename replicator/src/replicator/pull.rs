@@ -452,7 +452,7 @@ impl Replicator {
         volume: &str,
         qtree: Option<&str>,
     ) -> Result<Vec<SnapInfo>> {
-        let req_id = rand::random::<u64>();
+        let req_id = self.cfg.env.random_u64();
         c.send(
             &Message::SnapshotListRequest {
                 req_id,
@@ -676,14 +676,14 @@ impl Replicator {
         nss: &[NsName],
         base: &SnapshotInfo,
     ) -> Result<()> {
-        let tmp = format!("resync-{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let tmp = format!("resync-{:012x}", self.cfg.env.random_u64() >> 16);
         let e = |c: String| move |x| ReplError::engine(c, x);
         self.engine
             .call(Request::CreateSnapshot {
                 volume: rel.dst_volume.clone(),
                 name: tmp.clone(),
-                id: None,
-                created_unix_ms: None,
+                id: Some(self.cfg.env.new_snapshot_id()),
+                created_unix_ms: Some(self.now_ms()),
             })
             .map_err(e(format!("snapshot {}@{tmp}", rel.dst_volume)))?;
         let r = (|| -> Result<()> {
@@ -1206,7 +1206,7 @@ impl Replicator {
         report: &mut TransferReport,
     ) -> Result<TransferReport> {
         let key = rel.dst.clone();
-        let req_id = rand::random::<u64>();
+        let req_id = self.cfg.env.random_u64();
         let base_id = base.as_ref().map(|b| b.id);
         // Keep the target alive upstream until it is committed here, so a
         // cut transfer can resume on the next update. The checkpoint is

@@ -54,10 +54,7 @@ fn engine_options() -> EngineOptions {
 impl SimNode {
     /// A node with a freshly formatted pool, attached to the network.
     pub fn new(world: &Arc<World>, name: &str, mut cfg: ReplicatorConfig) -> SimNode {
-        cfg.env = Arc::new(NodeEnv {
-            world: world.clone(),
-            name: name.into(),
-        });
+        cfg.env = Arc::new(NodeEnv::new(world.clone(), name));
         cfg.background = false;
         let dev = SimDevice::new(POOL_BLOCKS);
         let sim = dev.handle();

@@ -348,6 +348,26 @@ impl World {
 pub struct NodeEnv {
     pub world: Arc<World>,
     pub name: String,
+    /// Random values drawn so far (they derive from the name and this).
+    drawn: AtomicU64,
+}
+
+impl NodeEnv {
+    pub fn new(world: Arc<World>, name: &str) -> NodeEnv {
+        NodeEnv {
+            world,
+            name: name.into(),
+            drawn: AtomicU64::new(0),
+        }
+    }
+}
+
+/// splitmix64: a well-mixed function of its input.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl std::fmt::Debug for NodeEnv {
@@ -363,6 +383,19 @@ impl Env for NodeEnv {
 
     fn mono_ms(&self) -> u64 {
         self.world.now_ms()
+    }
+
+    /// A function of the node and of how many it drew before: the same in
+    /// every run of a scenario, whatever the threads do in between.
+    fn random_u64(&self) -> u64 {
+        let n = self.drawn.fetch_add(1, Ordering::SeqCst);
+        let node = self.name.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)));
+        mix(node ^ mix(n))
+    }
+
+    fn new_snapshot_id(&self) -> uuid::Uuid {
+        let hi = u128::from(self.random_u64()) << 64;
+        uuid::Uuid::from_u128(hi | u128::from(self.random_u64()))
     }
 
     fn connect(&self, addr: &str, _timeout: Duration) -> std::io::Result<Box<dyn PeerStream>> {
