@@ -191,6 +191,16 @@ enum VolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Grow VOL to SIZE, or shrink it when nothing (live or in a snapshot)
+    /// is mapped past SIZE; refused on a mirror destination (it follows its
+    /// source). Open NBD clients see the new size when they reconnect.
+    Resize {
+        volume: String,
+        /// The new size, e.g. 10G, 512M.
+        size: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete VOL with its qtrees and snapshots (refused while a downstream
     /// pulls it or a lock holds one of its snapshots, naming them).
     Delete {
@@ -339,6 +349,21 @@ enum SnapCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make VOL's live image SNAP's again (metadata only, no data copied);
+    /// refused on a mirror destination.
+    Rollback {
+        volume: String,
+        snapshot: String,
+        /// Delete the snapshots newer than SNAP (each obeys its soft locks:
+        /// a locked one refuses the rollback, naming its holders).
+        #[arg(short = 'r')]
+        recursive: bool,
+        /// Roll back although NBD clients have VOL open for writing.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -473,6 +498,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: VolCmd::List { json },
         } => (R::VolList, json),
         Cmd::Vol {
+            cmd: VolCmd::Resize { volume, size, json },
+        } => (
+            R::VolResize {
+                name: volume,
+                size_bytes: parse_size(&size)?,
+            },
+            json,
+        ),
+        Cmd::Vol {
             cmd:
                 VolCmd::Delete {
                     volume,
@@ -539,6 +573,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 R::SnapDelete {
                     volume,
                     name: snapshot,
+                    force,
+                },
+                json,
+            ),
+            SnapCmd::Rollback {
+                volume,
+                snapshot,
+                recursive,
+                force,
+                json,
+            } => (
+                R::SnapRollback {
+                    volume,
+                    name: snapshot,
+                    destroy_newer: recursive,
                     force,
                 },
                 json,
