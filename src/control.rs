@@ -409,7 +409,26 @@ mod tests {
                 force: false
             }
         );
+        assert_eq!(
+            parse_request(r#"{"op":"vol_resize","name":"v","size_bytes":8192}"#).unwrap(),
+            ControlRequest::VolResize {
+                name: "v".into(),
+                size_bytes: 8192
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"snap_rollback","volume":"v","name":"s","destroy_newer":true}"#)
+                .unwrap(),
+            ControlRequest::SnapRollback {
+                volume: "v".into(),
+                name: "s".into(),
+                destroy_newer: true,
+                force: false
+            }
+        );
         let cases = [
+            (r#"{"op":"vol_resize","name":"v"}"#, "size_bytes"),
+            (r#"{"op":"snap_rollback","volume":"v"}"#, "name"),
             ("nope", "not a JSON object"),
             ("[1]", "not a JSON object"),
             (r#"{"name":"v"}"#, "missing \"op\""),
