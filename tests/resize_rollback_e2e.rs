@@ -76,8 +76,21 @@ fn vol_resize_grows_shrinks_only_when_nothing_is_mapped_past_the_end() {
     let e = refused(&a, &["vol", "resize", "v", "20M"]);
     assert!(e.contains("(in snapshot s2"), "{e}");
     a.ok(&["snap", "delete", "v", "s2"]);
+    // A client connected before the shrink keeps its 32M export size (NBD
+    // fixes it at the handshake); past the new end its writes fail.
+    let mut before = NbdClient::open(&a.nbd, "v").unwrap();
+    assert_eq!(before.size, 32 * MIB);
     let r = a.json(&["vol", "resize", "v", "20M"]);
     assert_eq!(r["size_bytes"], 20 * MIB, "{r}");
+    assert!(
+        r["warnings"]
+            .to_string()
+            .contains("see the new size when they reconnect"),
+        "{r}"
+    );
+    assert!(before.write_fua(24 * MIB, &pattern(3)).is_err());
+    assert_eq!(before.read(12 * MIB, 4096).unwrap(), pattern(1));
+    drop(before);
     // 12M is mapped (live and s1): no shrink to 8M.
     let e = refused(&a, &["vol", "resize", "v", "8M"]);
     assert!(e.contains("past 8 MiB"), "{e}");
