@@ -81,12 +81,19 @@ impl Replicator {
     }
 
     /// The mirror relationship whose destination is `volume`, as an error
-    /// for an operator's `what` (resize, roll back) on it.
-    fn refuse_on_mirror_destination(&self, volume: &str, what: &'static str) -> Result<()> {
+    /// for an operator's `what` (resize, roll back) on it. `qtrees`: a
+    /// qtree mirror into the volume counts too (a rollback would change
+    /// its qtree; a resize of the volume's own space does not touch it).
+    fn refuse_on_mirror_destination(
+        &self,
+        volume: &str,
+        what: &'static str,
+        qtrees: bool,
+    ) -> Result<()> {
         match lock(&self.st)
             .rels()
             .values()
-            .find(|r| r.dst_volume == volume)
+            .find(|r| r.dst_volume == volume && (qtrees || r.kind == MirrorKind::Volume))
         {
             Some(r) => Err(ReplError::MirrorDestination {
                 volume: volume.into(),
@@ -100,11 +107,12 @@ impl Replicator {
 
     /// Resize `volume` (its own space): grow always, shrink only when no
     /// image maps a block past the new end (the engine names the image).
-    /// Refused on a mirror destination: it follows its source at the next
-    /// transfer ([`Replicator::ensure_dst`]).
+    /// Refused on a volume mirror's destination: it follows its source at
+    /// the next transfer ([`Replicator::ensure_dst`]). A volume that holds
+    /// a qtree mirror's destination may resize its own space.
     pub fn vol_resize(&self, volume: &str, size_bytes: u64) -> Result<VolumeInfo> {
         volume_info(&self.engine, volume)?;
-        self.refuse_on_mirror_destination(volume, "resize")?;
+        self.refuse_on_mirror_destination(volume, "resize", false)?;
         match self.engine.call(Request::ResizeVolume {
             name: volume.into(),
             size_bytes,
@@ -134,7 +142,7 @@ impl Replicator {
         snapshot: &str,
         destroy_newer: bool,
     ) -> Result<RollbackReport> {
-        self.refuse_on_mirror_destination(volume, "roll back")?;
+        self.refuse_on_mirror_destination(volume, "roll back", true)?;
         let mut snaps = snapshots(&self.engine, volume)?;
         snaps.sort_by_key(|s| s.gen);
         let at = snaps
