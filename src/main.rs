@@ -192,12 +192,15 @@ enum VolCmd {
         json: bool,
     },
     /// Grow VOL to SIZE, or shrink it when nothing (live or in a snapshot)
-    /// is mapped past SIZE; refused on a mirror destination (it follows its
-    /// source). Open NBD clients see the new size when they reconnect.
+    /// is mapped past SIZE; refused on a volume mirror's destination (it
+    /// follows its source). Open NBD clients see the new size when they
+    /// reconnect.
     Resize {
+        /// The volume to resize.
         volume: String,
         /// The new size, e.g. 10G, 512M.
         size: String,
+        /// Print the node's JSON result (the volume) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -352,15 +355,19 @@ enum SnapCmd {
     /// Make VOL's live image SNAP's again (metadata only, no data copied);
     /// refused on a mirror destination.
     Rollback {
+        /// The volume to roll back.
         volume: String,
+        /// The snapshot its live image becomes.
         snapshot: String,
         /// Delete the snapshots newer than SNAP (each obeys its soft locks:
         /// a locked one refuses the rollback, naming its holders).
         #[arg(short = 'r')]
         recursive: bool,
-        /// Roll back although NBD clients have VOL open for writing.
+        /// Roll back although NBD clients have VOL open for writing (their
+        /// caches then no longer match it). Does not override soft locks.
         #[arg(long)]
         force: bool,
+        /// Print the node's JSON result (the rollback report) instead of text.
         #[arg(long)]
         json: bool,
     },
