@@ -67,6 +67,23 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                 eprintln!("warning: {w}");
             }
         }
+        ControlRequest::VolResize { .. } => {
+            let v: VolumeView = parse(result)?;
+            crate::out!("resized volume {} to {}", v.name, fmt_bytes(v.size_bytes));
+            for w in &v.warnings {
+                eprintln!("warning: {w}");
+            }
+        }
+        ControlRequest::SnapRollback { volume, name, .. } => {
+            crate::out!("rolled back {volume} to {volume}@{name}");
+            for d in result["deleted_snapshots"].as_array().into_iter().flatten() {
+                crate::out!("  deleted newer snapshot {volume}@{}", s(d));
+            }
+            let writers = result["nbd_writers"].as_u64().unwrap_or(0);
+            if writers > 0 {
+                eprintln!("warning: {writers} NBD client(s) had {volume} open for writing (forced): their caches no longer match it; reconnect them");
+            }
+        }
         ControlRequest::QtreeCreate { volume, name, .. } => {
             let v: VolumeView = parse(result)?;
             let size = v

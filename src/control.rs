@@ -33,6 +33,13 @@ pub enum ControlRequest {
         size_bytes: u64,
     },
     VolList,
+    /// Resize a volume's own space: grow always; shrink only when no image
+    /// (live or snapshot) maps a block past the new end; refused on a
+    /// mirror destination.
+    VolResize {
+        name: String,
+        size_bytes: u64,
+    },
     /// Delete a volume with its qtrees and snapshots; refused while a
     /// downstream pulls it or its snapshots are locked, unless `force`.
     VolDelete {
@@ -61,6 +68,18 @@ pub enum ControlRequest {
     SnapDelete {
         volume: String,
         name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// The live image of `volume` becomes snapshot `name`'s. Newer
+    /// snapshots refuse it unless `destroy_newer` (they are deleted, each
+    /// obeying its soft locks); NBD clients with the volume open for
+    /// writing refuse it unless `force`; refused on a mirror destination.
+    SnapRollback {
+        volume: String,
+        name: String,
+        #[serde(default)]
+        destroy_newer: bool,
         #[serde(default)]
         force: bool,
     },
@@ -144,6 +163,7 @@ impl ControlRequest {
     pub fn destructive(&self) -> bool {
         match self {
             ControlRequest::SnapDelete { .. }
+            | ControlRequest::SnapRollback { .. }
             | ControlRequest::VolDelete { .. }
             | ControlRequest::MirrorBreak { .. }
             | ControlRequest::MirrorDelete { .. }
@@ -160,12 +180,14 @@ impl ControlRequest {
         match self {
             ControlRequest::VolCreate { .. } => "vol_create",
             ControlRequest::VolList => "vol_list",
+            ControlRequest::VolResize { .. } => "vol_resize",
             ControlRequest::VolDelete { .. } => "vol_delete",
             ControlRequest::VolRetain { .. } => "vol_retain",
             ControlRequest::QtreeCreate { .. } => "qtree_create",
             ControlRequest::SnapCreate { .. } => "snap_create",
             ControlRequest::SnapList { .. } => "snap_list",
             ControlRequest::SnapDelete { .. } => "snap_delete",
+            ControlRequest::SnapRollback { .. } => "snap_rollback",
             ControlRequest::Prune { .. } => "prune",
             ControlRequest::Diff { .. } => "diff",
             ControlRequest::Status => "status",
@@ -387,7 +409,26 @@ mod tests {
                 force: false
             }
         );
+        assert_eq!(
+            parse_request(r#"{"op":"vol_resize","name":"v","size_bytes":8192}"#).unwrap(),
+            ControlRequest::VolResize {
+                name: "v".into(),
+                size_bytes: 8192
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"snap_rollback","volume":"v","name":"s","destroy_newer":true}"#)
+                .unwrap(),
+            ControlRequest::SnapRollback {
+                volume: "v".into(),
+                name: "s".into(),
+                destroy_newer: true,
+                force: false
+            }
+        );
         let cases = [
+            (r#"{"op":"vol_resize","name":"v"}"#, "size_bytes"),
+            (r#"{"op":"snap_rollback","volume":"v"}"#, "name"),
             ("nope", "not a JSON object"),
             ("[1]", "not a JSON object"),
             (r#"{"name":"v"}"#, "missing \"op\""),

@@ -49,6 +49,8 @@ pub enum NodeError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("volume {volume} is open for writing by {writers} NBD client(s); disconnect them first, or use --force (a client's cache then no longer matches the volume)")]
+    OpenForWriting { volume: String, writers: u64 },
     // --- NBD protocol violations: each ends that client's connection ---
     #[error("client flags {flags:#x} set unknown bits or lack FIXED_NEWSTYLE (old client?)")]
     NbdBadClientFlags { flags: u32 },

@@ -191,6 +191,19 @@ enum VolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Grow VOL to SIZE, or shrink it when nothing (live or in a snapshot)
+    /// is mapped past SIZE; refused on a volume mirror's destination (it
+    /// follows its source). Open NBD clients see the new size when they
+    /// reconnect.
+    Resize {
+        /// The volume to resize.
+        volume: String,
+        /// The new size, e.g. 10G, 512M.
+        size: String,
+        /// Print the node's JSON result (the volume) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete VOL with its qtrees and snapshots (refused while a downstream
     /// pulls it or a lock holds one of its snapshots, naming them).
     Delete {
@@ -339,6 +352,25 @@ enum SnapCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make VOL's live image SNAP's again (metadata only, no data copied);
+    /// refused on a mirror destination.
+    Rollback {
+        /// The volume to roll back.
+        volume: String,
+        /// The snapshot its live image becomes.
+        snapshot: String,
+        /// Delete the snapshots newer than SNAP (each obeys its soft locks:
+        /// a locked one refuses the rollback, naming its holders).
+        #[arg(short = 'r')]
+        recursive: bool,
+        /// Roll back although NBD clients have VOL open for writing (their
+        /// caches then no longer match it). Does not override soft locks.
+        #[arg(long)]
+        force: bool,
+        /// Print the node's JSON result (the rollback report) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -473,6 +505,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: VolCmd::List { json },
         } => (R::VolList, json),
         Cmd::Vol {
+            cmd: VolCmd::Resize { volume, size, json },
+        } => (
+            R::VolResize {
+                name: volume,
+                size_bytes: parse_size(&size)?,
+            },
+            json,
+        ),
+        Cmd::Vol {
             cmd:
                 VolCmd::Delete {
                     volume,
@@ -539,6 +580,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 R::SnapDelete {
                     volume,
                     name: snapshot,
+                    force,
+                },
+                json,
+            ),
+            SnapCmd::Rollback {
+                volume,
+                snapshot,
+                recursive,
+                force,
+                json,
+            } => (
+                R::SnapRollback {
+                    volume,
+                    name: snapshot,
+                    destroy_newer: recursive,
                     force,
                 },
                 json,

@@ -270,6 +270,26 @@ impl Node {
                 to_value(&v)
             }
             ControlRequest::VolList => to_value(&self.views(&self.volumes()?)),
+            ControlRequest::VolResize { name, size_bytes } => {
+                self.repl.vol_resize(&name, size_bytes)?;
+                let mut v = self.volume(&name)?;
+                let pool = self.space()?.total_bytes;
+                if size_bytes > pool {
+                    v.warnings.push(format!(
+                        "volume {name} ({}) is larger than the pool ({}): it is thin, and writes to it fail with ENOSPC once the pool is full",
+                        fmt_bytes(size_bytes),
+                        fmt_bytes(pool)
+                    ));
+                }
+                let writers = self.nbd_metrics.writers_of(&name);
+                if writers > 0 {
+                    // NBD fixes an export's size at the handshake.
+                    v.warnings.push(format!(
+                        "{writers} NBD client(s) have {name} open: they see the new size when they reconnect"
+                    ));
+                }
+                to_value(&v)
+            }
             ControlRequest::VolDelete { name, force } => {
                 to_value(&self.repl.vol_delete(&name, force)?)
             }
@@ -310,6 +330,21 @@ impl Node {
             } => {
                 self.repl.snap_delete(&volume, &name, force)?;
                 Ok(serde_json::json!({ "volume": volume, "deleted": name, "forced": force }))
+            }
+            ControlRequest::SnapRollback {
+                volume,
+                name,
+                destroy_newer,
+                force,
+            } => {
+                let writers = self.nbd_metrics.writers_of(&volume);
+                if writers > 0 && !force {
+                    return Err(NodeError::OpenForWriting { volume, writers });
+                }
+                let report = self.repl.snap_rollback(&volume, &name, destroy_newer)?;
+                let mut v = to_value(&report)?;
+                v["nbd_writers"] = serde_json::json!(writers);
+                Ok(v)
             }
             ControlRequest::Prune {
                 volume,

@@ -188,6 +188,30 @@ pub enum Request {
         volume: String,
         name: String,
     },
+    /// Change the size of a volume's own space (not its qtrees'). Growing
+    /// always works; shrinking only when no block of the live image and
+    /// none of any snapshot is mapped at or past the new end
+    /// (`Error::MappedPastEnd` names which image maps one). Refused on a
+    /// read-only volume unless `replica` (the replicator making a mirror's
+    /// destination follow its source). Persisted at once (a consistency
+    /// point); replies with the volume.
+    ResizeVolume {
+        name: String,
+        size_bytes: u64,
+        replica: bool,
+    },
+    /// Every live namespace of `volume` becomes its image in `snapshot`
+    /// (metadata only: the live maps and plane become the snapshot's, no
+    /// data is copied); a qtree the snapshot lacks becomes empty. Refused on
+    /// a read-only volume or qtree. Snapshots newer than `snapshot` are
+    /// refused (`Error::NewerSnapshots`) unless `destroy_newer`, which
+    /// deletes them in the same consistency point (the caller checked their
+    /// locks). The size stays what it is now. Replies with the volume.
+    Rollback {
+        volume: String,
+        snapshot: String,
+        destroy_newer: bool,
+    },
     /// Delete a volume with every qtree and snapshot; its blocks are free
     /// after the consistency point that removes it.
     DeleteVolume {

@@ -76,6 +76,21 @@ pub enum Error {
         size: u64,
         reason: &'static str,
     },
+    /// `size` is the new size, printed for people (`64 MiB`); `image` is
+    /// `the live image` or `snapshot NAME`.
+    #[error("volume {volume} has blocks mapped past {size} (in {image}, first at lba {lba}): cannot shrink; trim them, or delete the snapshot, first")]
+    MappedPastEnd {
+        volume: String,
+        size: String,
+        image: String,
+        lba: u64,
+    },
+    #[error("volume {volume} has snapshots newer than {snapshot}: {newer}; roll back with -r to delete them")]
+    NewerSnapshots {
+        volume: String,
+        snapshot: String,
+        newer: String,
+    },
     #[error("pool is full: {needed} blocks needed, {free} free; delete snapshots or volumes")]
     NoSpace { needed: u64, free: u64 },
     #[error("volume {volume} already has {limit} snapshots; delete some first")]

@@ -416,6 +416,51 @@ fn unique_walk<D: BlockDevice>(
     Ok(())
 }
 
+/// The first lba at or past `from` that map tree `root` (clean: on disk)
+/// maps to a block, if any. Visits only the nodes that reach past `from`.
+fn first_mapped_from<D: BlockDevice>(
+    store: &mut Store<D>,
+    root: Ptr,
+    from: u64,
+) -> Result<Option<u64>> {
+    fn go<D: BlockDevice>(
+        store: &mut Store<D>,
+        level: u8,
+        key: u64,
+        ptr: Ptr,
+        from: u64,
+    ) -> Result<Option<u64>> {
+        // The node at (level, key) covers lbas [key * F^(level+1), (key + 1) * F^(level+1)).
+        let span = pow_fanout(level + 1);
+        if ptr.pba == 0 || (key + 1).saturating_mul(span) <= from {
+            return Ok(None);
+        }
+        let node = store.load(ptr, KIND_MAP, level)?;
+        for i in 0..FANOUT {
+            let ck = key * FANOUT as u64 + i as u64;
+            if level == 0 {
+                if ck >= from && slot_get(&node, i).pba != 0 {
+                    return Ok(Some(ck));
+                }
+            } else if let Some(l) = go(store, level - 1, ck, slot_ptr(&node, i), from)? {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
+    }
+    go(store, MAP_DEPTH - 1, 0, root, from)
+}
+
+/// A size for people: whole GiB, MiB or KiB when it is one, else bytes.
+fn human_size(bytes: u64) -> String {
+    for (unit, name) in [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
+            return format!("{} {name}", bytes / unit);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
 fn push_extent(out: &mut Vec<DiffExtent>, lba: u64, kind: DiffKind) {
     if let Some(last) = out.last_mut() {
         if last.kind == kind && last.lba + last.len_blocks == lba {
@@ -1409,6 +1454,18 @@ impl<D: BlockDevice> Pool<D> {
                 self.cp(None)?;
                 Ok(Reply::Done)
             }
+            Request::ResizeVolume {
+                name,
+                size_bytes,
+                replica,
+            } => self.resize(&name, size_bytes, replica).map(Reply::Volume),
+            Request::Rollback {
+                volume,
+                snapshot,
+                destroy_newer,
+            } => self
+                .rollback(&volume, &snapshot, destroy_newer)
+                .map(Reply::Volume),
             Request::DeleteVolume { name } => {
                 self.check_writable()?;
                 let vi = self.vol_idx(&name)?;
@@ -1471,6 +1528,161 @@ impl<D: BlockDevice> Pool<D> {
             }
             Request::GetAttr { key } => Ok(Reply::Attr(self.attrs.get(&key).cloned())),
         }
+    }
+
+    /// [`Request::ResizeVolume`]. A shrink takes a CP first, so every tree
+    /// it checks is clean (on disk), then looks for a mapped lba at or past
+    /// the new end in the live image and in every snapshot; the new size
+    /// is durable at the CP that ends the request (crash before it: the old
+    /// size, after it: the new one).
+    fn resize(&mut self, name: &str, size_bytes: u64, replica: bool) -> Result<VolumeInfo> {
+        self.check_writable()?;
+        let vi = self.vol_idx(name)?;
+        if self.vols[vi].ro && !replica {
+            return Err(Error::ReadOnly {
+                what: "volume",
+                name: name.to_string(),
+            });
+        }
+        let size = check_size(name, size_bytes)?;
+        let old = self.vols[vi].ns[0].size;
+        if size == old {
+            return Ok(self.vol_info(&self.vols[vi]));
+        }
+        self.ensure_space(4)?;
+        if size < old {
+            self.cp(None)?;
+            let v = &self.vols[vi];
+            debug_assert!(v.ns[0].name.is_none(), "namespace 0 is the volume's own");
+            debug_assert!(v.ns[0].tree.dirty.is_empty(), "clean after the CP");
+            let mut images: Vec<(String, Ptr)> = vec![("the live image".into(), v.ns[0].tree.root)];
+            for s in &v.snaps {
+                if let Some((_, root, _)) = s.ns.iter().find(|(n, _, _)| n.is_none()) {
+                    images.push((format!("snapshot {}", s.name), *root));
+                }
+            }
+            for (image, root) in images {
+                if let Some(lba) = first_mapped_from(&mut self.store, root, size)? {
+                    return Err(Error::MappedPastEnd {
+                        volume: name.to_string(),
+                        size: human_size(size_bytes),
+                        image,
+                        lba,
+                    });
+                }
+            }
+        }
+        self.vols[vi].ns[0].size = size;
+        self.meta_dirty = true;
+        self.cp(None)?;
+        debug_assert_eq!(self.vols[vi].ns[0].size, size);
+        Ok(self.vol_info(&self.vols[vi]))
+    }
+
+    /// [`Request::Rollback`]. A CP first, so the live maps and plane are
+    /// clean and every block the live image holds is a bit of its plane.
+    /// Then, in memory: each newer snapshot goes as a delete would (its
+    /// unique blocks against its neighbours, newest first), the blocks
+    /// only the live plane holds (live & !target, and its plane nodes the
+    /// target does not share) are released, and the live maps and plane
+    /// become the target's roots -- the state right after the target was
+    /// taken. One CP makes all of it durable at once: a crash before its
+    /// superblock leaves the volume as it was, after it as rolled back;
+    /// the released blocks are free only after that CP.
+    fn rollback(
+        &mut self,
+        volume: &str,
+        snapshot: &str,
+        destroy_newer: bool,
+    ) -> Result<VolumeInfo> {
+        self.check_writable()?;
+        let vi = self.vol_idx(volume)?;
+        let si = self.snap_idx(vi, snapshot)?;
+        let v = &self.vols[vi];
+        if v.ro {
+            return Err(Error::ReadOnly {
+                what: "volume",
+                name: volume.to_string(),
+            });
+        }
+        if let Some(q) = v.ns.iter().find(|n| n.ro) {
+            return Err(Error::ReadOnly {
+                what: "qtree",
+                name: format!("{volume}/{}", q.name.clone().unwrap_or_default()),
+            });
+        }
+        if si + 1 < v.snaps.len() && !destroy_newer {
+            let newer: Vec<&str> = v.snaps[si + 1..].iter().map(|s| s.name.as_str()).collect();
+            return Err(Error::NewerSnapshots {
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+                newer: newer.join(", "),
+            });
+        }
+        self.ensure_space(4)?;
+        self.cp(None)?;
+        let r = self.rollback_apply(vi, si);
+        if let Err(e) = &r {
+            // The in-memory volume may be half changed; nothing of it is
+            // durable. Refuse writes until a reopen reloads the last CP.
+            self.poison(e);
+        }
+        r?;
+        self.meta_dirty = true;
+        self.cp(None)?;
+        Ok(self.vol_info(&self.vols[vi]))
+    }
+
+    /// The in-memory part of a rollback of volume `vi` to snapshot `si`
+    /// (see [`Pool::rollback`]); the caller took a CP before and takes one
+    /// after.
+    fn rollback_apply(&mut self, vi: usize, si: usize) -> Result<()> {
+        let mut freed = Vec::new();
+        while self.vols[vi].snaps.len() > si + 1 {
+            let newest = self.vols[vi].snaps.len() - 1;
+            self.unique_blocks(vi, newest, &mut |p| freed.push(p))?;
+            self.vols[vi].snaps.pop();
+        }
+        let v = &self.vols[vi];
+        if !v.plane.dirty.is_empty() || v.ns.iter().any(|n| !n.tree.dirty.is_empty()) {
+            return Err(Error::Invariant(format!(
+                "volume {}: dirty nodes after the CP before a rollback",
+                v.name
+            )));
+        }
+        let live = Tree::plane(v.plane.root);
+        let target = Tree::plane(v.snaps[si].plane);
+        unique_walk(
+            &mut self.store,
+            live.top(),
+            0,
+            Side {
+                tree: &live,
+                ptr: live.root,
+            },
+            Some(Side {
+                tree: &target,
+                ptr: target.root,
+            }),
+            None,
+            &mut |p| freed.push(p),
+        )?;
+        let v = &mut self.vols[vi];
+        let s = v.snaps[si].clone();
+        v.plane = Tree::plane(s.plane);
+        v.live_count = s.referenced;
+        for n in v.ns.iter_mut() {
+            let (root, digest) =
+                s.ns.iter()
+                    .find(|(name, _, _)| *name == n.name)
+                    .map(|(_, r, d)| (*r, *d))
+                    // A qtree created after the snapshot: empty in its image.
+                    .unwrap_or((Ptr::default(), 0));
+            n.tree = Tree::map(root);
+            n.digest = digest;
+        }
+        self.pending.extend(freed);
+        Ok(())
     }
 
     fn snap_info(&mut self, vi: usize, si: usize) -> Result<SnapshotInfo> {

@@ -262,10 +262,13 @@ fn route(req: &Request, shards: usize) -> Route {
     }
     let by = |volume: &str| Route::One(shard_of(volume, shards));
     match req {
-        Request::CreateVolume { name, .. } | Request::DeleteVolume { name } => by(name),
+        Request::CreateVolume { name, .. }
+        | Request::DeleteVolume { name }
+        | Request::ResizeVolume { name, .. } => by(name),
         Request::CreateQtree { volume, .. }
         | Request::CreateSnapshot { volume, .. }
         | Request::DeleteSnapshot { volume, .. }
+        | Request::Rollback { volume, .. }
         | Request::ListSnapshots { volume } => by(volume),
         Request::Read { image, .. } => by(&image.ns.volume),
         Request::Write { ns, .. }

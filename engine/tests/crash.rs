@@ -6,7 +6,11 @@
 //! create), read every snapshot as taken, and pass `check_invariants()`.
 //! The workload also turns the qtree's read-only flag on and off (writes
 //! to it are then the replicator's, `replica: true`); every image shows
-//! the flag of the state it matches.
+//! the flag of the state it matches. Rollbacks (to the newest snapshot, or
+//! past newer ones with `destroy_newer`) are part of the workload; a resize
+//! and a rollback are also cut at every device op on their own
+//! (`crash_inside_resize`, `crash_inside_rollback`): the image after
+//! recovery is the one before or the one after, never between.
 //! Seed printed; replay with `SLUICE_SEED=<n>`.
 
 use sluice_engine::api::*;
@@ -25,6 +29,8 @@ type Img = BTreeMap<u64, u64>;
 struct State {
     live: [Img; 2],
     snaps: BTreeMap<String, [Img; 2]>,
+    /// Snapshot names, oldest first.
+    order: Vec<String>,
     /// The qtree's read-only flag.
     q_ro: bool,
 }
@@ -87,6 +93,18 @@ fn workload(seed: u64) -> Vec<Request> {
                     name,
                     id: None,
                     created_unix_ms: Some(1),
+                });
+            }
+            9 if !q_ro && !snaps.is_empty() && rng.below(2) == 0 => {
+                // Roll back to the newest, or past newer ones (which go).
+                let si = rng.below(snaps.len() as u64) as usize;
+                let destroy_newer = si + 1 < snaps.len();
+                let name = snaps[si].clone();
+                snaps.truncate(si + 1);
+                reqs.push(Request::Rollback {
+                    volume: "vol".into(),
+                    snapshot: name,
+                    destroy_newer,
                 });
             }
             9 => {
@@ -155,6 +173,15 @@ fn clone_req(r: &Request) -> Request {
             ns: ns.clone(),
             read_only: *read_only,
         },
+        Request::Rollback {
+            volume,
+            snapshot,
+            destroy_newer,
+        } => Request::Rollback {
+            volume: volume.clone(),
+            snapshot: snapshot.clone(),
+            destroy_newer: *destroy_newer,
+        },
         _ => unreachable!(),
     }
 }
@@ -187,10 +214,22 @@ fn apply(st: &mut State, r: &Request) -> bool {
         Request::Flush => true,
         Request::CreateSnapshot { name, .. } => {
             st.snaps.insert(name.clone(), st.live.clone());
+            st.order.push(name.clone());
             true
         }
         Request::DeleteSnapshot { name, .. } => {
             st.snaps.remove(name);
+            st.order.retain(|n| n != name);
+            true
+        }
+        Request::Rollback { snapshot, .. } => {
+            // (Also called on an empty state, only to ask about durability.)
+            if let Some(at) = st.order.iter().position(|n| n == snapshot) {
+                for n in st.order.split_off(at + 1) {
+                    st.snaps.remove(&n);
+                }
+                st.live = st.snaps[snapshot].clone();
+            }
             true
         }
         Request::SetReadOnly { read_only, .. } => {
@@ -432,4 +471,240 @@ fn crash_inside_volume_delete() {
     }
     assert!(total > 0);
     println!("volume delete: {total} device ops, {images} crash images checked");
+}
+
+fn vol_size_blocks(p: &mut Pool<SimDevice>) -> u64 {
+    let Ok(Reply::Volumes(vols)) = p.execute(Request::ListVolumes) else {
+        panic!("list volumes failed")
+    };
+    vols.iter().find(|v| v.name == "vol").unwrap().size_bytes / 4096
+}
+
+fn read_vol_n(p: &mut Pool<SimDevice>, snap: Option<&str>, n: u64) -> Vec<u8> {
+    match p.execute(Request::Read {
+        image: Image {
+            ns: ns(0),
+            snapshot: snap.map(str::to_string),
+        },
+        lba: 0,
+        len_blocks: n as u32,
+    }) {
+        Ok(Reply::Data(b)) => b.as_slice().to_vec(),
+        other => panic!("read vol: {other:?}"),
+    }
+}
+
+/// Blocks 0..24 of `vol` written, snapshot `r` taken, more writes there
+/// (nothing at or past lba 24), not flushed: a shrink to 24 blocks is
+/// allowed and takes its own CP first.
+fn before_resize(pool: &mut Pool<SimDevice>, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    for v in 0..16u64 {
+        let mut buf = AlignedBuf::zeroed(1);
+        buf.block_mut(0).copy_from_slice(&block(500 + v));
+        pool.execute(Request::Write {
+            ns: ns(0),
+            lba: rng.below(24),
+            data: buf,
+            fua: false,
+            replica: false,
+        })
+        .unwrap();
+        if v == 8 {
+            pool.execute(Request::CreateSnapshot {
+                volume: "vol".into(),
+                name: "r".into(),
+                id: None,
+                created_unix_ms: Some(1),
+            })
+            .unwrap();
+        }
+    }
+}
+
+/// A shrink (48 -> 24 blocks) then a grow (24 -> 96) cut at every device
+/// op: every image mounts, passes its invariants, has one of the three
+/// sizes in order (never one before an acknowledged resize), and the same
+/// data in the first 24 blocks of the live image and of snapshot `r`.
+#[test]
+fn crash_inside_resize() {
+    let seed = common::seed();
+    let sizes = [24u64, 96];
+    let resize = |p: &mut Pool<SimDevice>, blocks: u64| {
+        p.execute(Request::ResizeVolume {
+            name: "vol".into(),
+            size_bytes: blocks * 4096,
+            replica: false,
+        })
+    };
+    let (mut pool, h) = setup();
+    before_resize(&mut pool, seed);
+    let want = (
+        read_vol_n(&mut pool, None, 24),
+        read_vol_n(&mut pool, Some("r"), 24),
+    );
+    let ops0 = h.ops_total();
+    for b in sizes {
+        resize(&mut pool, b).unwrap();
+    }
+    let total = h.ops_total() - ops0;
+    drop(pool);
+    let mut images = 0;
+    for n in 0..=total {
+        let (mut pool, h) = setup();
+        before_resize(&mut pool, seed);
+        h.crash_after_ops(n);
+        // Sizes allowed after the crash: from the last acknowledged one on.
+        let mut allowed = vec![SIZE, sizes[0], sizes[1]];
+        for b in sizes {
+            match resize(&mut pool, b) {
+                Ok(_) => {
+                    let at = allowed.iter().position(|&x| x == b).unwrap();
+                    allowed.drain(..at);
+                }
+                Err(_) => break,
+            }
+        }
+        for (mode, s) in [
+            (CrashMode::DropAll, 0),
+            (CrashMode::KeepAll, 0),
+            (CrashMode::Random, seed ^ n),
+            (CrashMode::Random, seed ^ (n << 16)),
+        ] {
+            images += 1;
+            let mut p = Pool::open(h.crash_image(mode, s))
+                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
+            p.check_invariants()
+                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
+            let size = vol_size_blocks(&mut p);
+            assert!(
+                allowed.contains(&size),
+                "seed {seed} op {n} {mode:?}: size {size} blocks, expected one of {allowed:?}"
+            );
+            // The writes before were not flushed: an image from before the
+            // shrink's first CP may lack some; one at a new size has all.
+            if size != SIZE {
+                let got = (
+                    read_vol_n(&mut p, None, 24),
+                    read_vol_n(&mut p, Some("r"), 24),
+                );
+                assert!(
+                    got == want,
+                    "seed {seed} op {n} {mode:?}: data changed by a resize"
+                );
+            }
+        }
+    }
+    assert!(total > 0);
+    println!("resize: {total} device ops, {images} crash images checked");
+}
+
+/// Snapshots `a` and `b` with different contents, the live image changed
+/// again and not flushed (the rollback's first CP writes it).
+fn before_rollback(pool: &mut Pool<SimDevice>, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    fill(pool, &mut rng, ns(0), 100, 10);
+    fill(pool, &mut rng, ns(1), 150, 4);
+    pool.execute(Request::CreateSnapshot {
+        volume: "vol".into(),
+        name: "a".into(),
+        id: None,
+        created_unix_ms: Some(1),
+    })
+    .unwrap();
+    fill(pool, &mut rng, ns(0), 200, 10);
+    pool.execute(Request::CreateSnapshot {
+        volume: "vol".into(),
+        name: "b".into(),
+        id: None,
+        created_unix_ms: Some(2),
+    })
+    .unwrap();
+    fill(pool, &mut rng, ns(0), 300, 10);
+    fill(pool, &mut rng, ns(1), 350, 4);
+}
+
+/// A rollback to `a` past `b` (deleted with it) cut at every device op:
+/// every image mounts, passes its invariants and is either the state
+/// before (live changed, snapshots a and b) or after (live = a, only a),
+/// never a mix, with every remaining snapshot unchanged.
+#[test]
+fn crash_inside_rollback() {
+    let seed = common::seed();
+    let rollback = |p: &mut Pool<SimDevice>| {
+        p.execute(Request::Rollback {
+            volume: "vol".into(),
+            snapshot: "a".into(),
+            destroy_newer: true,
+        })
+    };
+    let read_all = |p: &mut Pool<SimDevice>, snap: Option<&str>| {
+        let s = snap.map(str::to_string);
+        [read_img(p, 0, s.clone()), read_img(p, 1, s)]
+    };
+    let (mut pool, h) = setup();
+    before_rollback(&mut pool, seed);
+    let live_before = read_all(&mut pool, None);
+    let a = read_all(&mut pool, Some("a"));
+    let b = read_all(&mut pool, Some("b"));
+    assert!(live_before != a && b != a);
+    let ops0 = h.ops_total();
+    rollback(&mut pool).unwrap();
+    assert!(read_all(&mut pool, None) == a);
+    let total = h.ops_total() - ops0;
+    drop(pool);
+    let mut images = 0;
+    for n in 0..=total {
+        let (mut pool, h) = setup();
+        before_rollback(&mut pool, seed);
+        h.crash_after_ops(n);
+        let acked = rollback(&mut pool).is_ok();
+        for (mode, s) in [
+            (CrashMode::DropAll, 0),
+            (CrashMode::KeepAll, 0),
+            (CrashMode::Random, seed ^ n),
+            (CrashMode::Random, seed ^ (n << 16)),
+        ] {
+            images += 1;
+            let mut p = Pool::open(h.crash_image(mode, s))
+                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
+            p.check_invariants()
+                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
+            let Ok(Reply::Snapshots(list)) = p.execute(Request::ListSnapshots {
+                volume: "vol".into(),
+            }) else {
+                panic!("seed {seed} op {n}: list snapshots failed")
+            };
+            let names: Vec<String> = list.into_iter().map(|s| s.name).collect();
+            let live = read_all(&mut p, None);
+            assert!(
+                read_all(&mut p, Some("a")) == a,
+                "seed {seed} op {n}: a changed"
+            );
+            if names == ["a", "b"] {
+                assert!(
+                    !acked,
+                    "seed {seed} op {n} {mode:?}: an acknowledged rollback was lost"
+                );
+                // The live writes after b were durable only from the
+                // rollback's first CP on.
+                assert!(
+                    live == live_before || live == b,
+                    "seed {seed} op {n} {mode:?}: live half rolled back"
+                );
+                assert!(
+                    read_all(&mut p, Some("b")) == b,
+                    "seed {seed} op {n}: b changed"
+                );
+            } else {
+                assert_eq!(names, ["a"], "seed {seed} op {n} {mode:?}: snapshots");
+                assert!(
+                    live == a,
+                    "seed {seed} op {n} {mode:?}: b gone but live is not a's"
+                );
+            }
+        }
+    }
+    assert!(total > 0);
+    println!("rollback: {total} device ops, {images} crash images checked");
 }

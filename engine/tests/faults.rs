@@ -1,5 +1,5 @@
 //! Fault injection: EIO on reads, writes and flushes at each point of a
-//! small workload (clear errors; failed writes/CPs poison writes, reads keep
+//! small workload (writes, trims, snapshots, a resize and a rollback; clear errors; failed writes/CPs poison writes, reads keep
 //! working, reopen recovers), and bit flips in every kind of block (clear
 //! errors naming the block, never wrong data returned as good).
 
@@ -87,6 +87,21 @@ fn workload(pool: &mut Pool<SimDevice>) -> sluice_engine::Result<()> {
     for l in 0..10 {
         read(pool, l, Some("base"))?;
     }
+    // A grow and a shrink back (its map walk reads), then a rollback past
+    // s2 (its delete walk reads, one CP writes).
+    for blocks in [SIZE + 100, SIZE] {
+        pool.execute(Request::ResizeVolume {
+            name: "vol".into(),
+            size_bytes: blocks * 4096,
+            replica: false,
+        })?;
+    }
+    write(pool, 3, 6000)?;
+    pool.execute(Request::Rollback {
+        volume: "vol".into(),
+        snapshot: "base".into(),
+        destroy_newer: true,
+    })?;
     pool.execute(Request::DeleteSnapshot {
         volume: "vol".into(),
         name: "base".into(),
@@ -99,7 +114,7 @@ fn workload(pool: &mut Pool<SimDevice>) -> sluice_engine::Result<()> {
 fn eio_at_every_point() {
     let mut cases = 0;
     for kind in 0..3 {
-        for after in 0..60u64 {
+        for after in 0..80u64 {
             let (pool, h) = setup();
             // Fresh cache so metadata reads reach the device too.
             let dev = pool.into_device();
@@ -293,6 +308,42 @@ fn bad_input_is_refused_and_changes_nothing() {
         Request::DeleteSnapshot {
             volume: "vol".into(),
             name: "zz".into(),
+        },
+        Request::ResizeVolume {
+            name: "vol".into(),
+            size_bytes: 0,
+            replica: false,
+        },
+        Request::ResizeVolume {
+            name: "vol".into(),
+            size_bytes: 4097,
+            replica: false,
+        },
+        Request::ResizeVolume {
+            name: "nope".into(),
+            size_bytes: 4096,
+            replica: false,
+        },
+        // Blocks 0..200 are mapped: no shrink to 100.
+        Request::ResizeVolume {
+            name: "vol".into(),
+            size_bytes: 100 * 4096,
+            replica: false,
+        },
+        Request::ResizeVolume {
+            name: "vol".into(),
+            size_bytes: u64::MAX - 4095,
+            replica: false,
+        },
+        Request::Rollback {
+            volume: "vol".into(),
+            snapshot: "zz".into(),
+            destroy_newer: true,
+        },
+        Request::Rollback {
+            volume: "nope".into(),
+            snapshot: "base".into(),
+            destroy_newer: false,
         },
         Request::CreateSnapshot {
             volume: "vol".into(),

@@ -1,6 +1,9 @@
 //! Model-based test: random volumes, qtrees, writes, trims, flushes,
 //! snapshot create/delete, read-only flags (volume and qtree; client writes
-//! refused, replica writes taken), reads, diffs and reopens, checked against
+//! refused, replica writes taken), volume resizes (grow; shrink refused
+//! while any image maps a block past the new end), rollbacks (to the
+//! newest snapshot, or past newer ones that go with it), reads, diffs and
+//! reopens, checked against
 //! a plain in-memory model and `check_invariants()` after every step.
 //! Seed printed; replay with `SLUICE_SEED=<n>`.
 
@@ -102,7 +105,7 @@ fn run_case(seed: u64, steps: usize) {
     let mut counter = 1u64;
     let mut vol_seq = 0u64;
     for _step in 0..steps {
-        let op = rng.below(100);
+        let op = rng.below(106);
         if vols.is_empty() || (op < 3 && vols.len() < 3) {
             let name = format!("v{vol_seq}");
             vol_seq += 1;
@@ -359,6 +362,67 @@ fn run_case(seed: u64, steps: usize) {
                 let dev = pool.into_device();
                 pool = Pool::open(dev).unwrap();
                 check_flags(&mut pool, &vols, seed);
+            }
+            97..=100 => {
+                let old = v.ns[0].1;
+                let new = 1 + rng.below(500);
+                let replica = v.ro[0] && rng.below(2) == 0;
+                let mapped_past = |img: &Img| img.keys().any(|&l| l >= new);
+                let r = pool.execute(Request::ResizeVolume {
+                    name: v.name.clone(),
+                    size_bytes: new * 4096,
+                    replica,
+                });
+                if v.ro[0] && !replica {
+                    assert!(
+                        matches!(r, Err(Error::ReadOnly { .. })),
+                        "seed {seed}: client resize of a read-only volume: {r:?}"
+                    );
+                } else if new < old
+                    && (mapped_past(&v.live[0]) || v.snaps.iter().any(|(_, s)| mapped_past(&s[0])))
+                {
+                    assert!(
+                        matches!(r, Err(Error::MappedPastEnd { .. })),
+                        "seed {seed}: shrink of {} from {old} to {new} blocks over mapped blocks: {r:?}",
+                        v.name
+                    );
+                } else {
+                    let Ok(Reply::Volume(info)) = r else {
+                        panic!(
+                            "seed {seed}: resize of {} from {old} to {new} blocks: {r:?}",
+                            v.name
+                        )
+                    };
+                    assert_eq!(info.size_bytes, new * 4096, "seed {seed}");
+                    v.ns[0].1 = new;
+                }
+            }
+            101..=103 if !v.snaps.is_empty() => {
+                let si = rng.below(v.snaps.len() as u64) as usize;
+                let destroy_newer = rng.below(2) == 0;
+                let r = pool.execute(Request::Rollback {
+                    volume: v.name.clone(),
+                    snapshot: v.snaps[si].0.clone(),
+                    destroy_newer,
+                });
+                if v.ro.iter().any(|&x| x) {
+                    assert!(
+                        matches!(r, Err(Error::ReadOnly { .. })),
+                        "seed {seed}: rollback of a read-only volume or qtree: {r:?}"
+                    );
+                } else if si + 1 < v.snaps.len() && !destroy_newer {
+                    assert!(
+                        matches!(r, Err(Error::NewerSnapshots { .. })),
+                        "seed {seed}: rollback past newer snapshots without -r: {r:?}"
+                    );
+                } else {
+                    assert!(r.is_ok(), "seed {seed}: rollback: {r:?}");
+                    v.snaps.truncate(si + 1);
+                    let imgs = v.snaps[si].1.clone();
+                    for (i, live) in v.live.iter_mut().enumerate() {
+                        *live = imgs.get(i).cloned().unwrap_or_default();
+                    }
+                }
             }
             _ => {
                 // bad input: out of range must fail and change nothing

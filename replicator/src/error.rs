@@ -95,6 +95,23 @@ pub enum ReplError {
     /// A volume delete was refused: downstreams or locks depend on it.
     #[error("volume {volume} is in use: {detail}; `mirror delete` those relationships downstream or release the locks, or use --force (every downstream then needs a full copy)")]
     VolumeInUse { volume: String, detail: String },
+    /// A resize or rollback of a mirror's destination volume: it follows
+    /// its source.
+    #[error("volume {volume} is the destination of mirror {dst} (from {source_path}): {what} it on its source (the mirror follows at its next update), or `mirror break {dst}`/`mirror delete {dst}` first")]
+    MirrorDestination {
+        volume: String,
+        dst: String,
+        source_path: String,
+        what: &'static str,
+    },
+    /// A rollback with `-r` would delete newer snapshots that soft locks
+    /// hold.
+    #[error("cannot roll back {volume} to {snapshot}: newer snapshots are locked: {detail}; release those locks (or `snap delete --force` them) first")]
+    RollbackLocked {
+        volume: String,
+        snapshot: String,
+        detail: String,
+    },
     /// A snapshot is in use by a running transfer.
     #[error("snapshot {volume}@{snapshot} is in use by a running transfer; retry when it ends")]
     InTransfer { volume: String, snapshot: String },

@@ -28,8 +28,8 @@ pub use sluice_lockproto::LeasePolicy;
 pub use transfer::CheckpointPolicy;
 pub use types::{
     Checkpoint, Destination, LockAdded, LockView, MirrorKind, MirrorSpec, MirrorStatus, Progress,
-    PrunePlan, PruneSkip, Relationship, ReplicatorConfig, RetargetReport, Served, SnapRef,
-    TransferReport, VolDeleteReport, TRANSFERS_MAX,
+    PrunePlan, PruneSkip, Relationship, ReplicatorConfig, RetargetReport, RollbackReport, Served,
+    SnapRef, TransferReport, VolDeleteReport, TRANSFERS_MAX,
 };
 
 /// The daemon shares one `Arc<Replicator>` between threads.

@@ -430,6 +430,18 @@ pub struct VolDeleteReport {
     pub ended_downstreams: Vec<String>,
 }
 
+/// What `snap rollback` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackReport {
+    /// The volume.
+    pub volume: String,
+    /// The snapshot its live image now is.
+    pub snapshot: String,
+    /// With `-r`: the newer snapshots deleted with the rollback, oldest
+    /// first.
+    pub deleted_snapshots: Vec<String>,
+}
+
 /// Why prune kept a snapshot it would otherwise delete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PruneSkip {

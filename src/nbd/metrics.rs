@@ -69,6 +69,10 @@ pub struct NbdMetrics {
     connections_open: AtomicU64,
     connections_total: AtomicU64,
     connections_protocol_errors: AtomicU64,
+    /// Connections with a writable export, per volume (a live image, not a
+    /// snapshot, of a volume or qtree that is not read-only): what `snap
+    /// rollback` asks before it changes a live image under a client.
+    writers: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl std::fmt::Debug for NbdMetrics {
@@ -119,6 +123,30 @@ impl NbdMetrics {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_sub(1))
             });
+    }
+
+    /// A connection opened a writable export of `volume`.
+    pub(crate) fn writer_opened(&self, volume: &str) {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        *w.entry(volume.to_string()).or_default() += 1;
+    }
+
+    /// That connection ended.
+    pub(crate) fn writer_closed(&self, volume: &str) {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = w.get_mut(volume) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.remove(volume);
+            }
+        }
+    }
+
+    /// NBD connections that have a writable export of `volume` (its own
+    /// space or a qtree) open now.
+    pub fn writers_of(&self, volume: &str) -> u64 {
+        let w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        w.get(volume).copied().unwrap_or(0)
     }
 
     pub(crate) fn protocol_error(&self) {

@@ -323,7 +323,17 @@ fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let r = match handshake(&shared, &stream) {
         Ok(Some(export)) => {
             tracing::debug!(%peer, export = %export.name, "NBD transmission starts");
-            transmission(&shared, &stream, export, peer)
+            // Counted while it lasts, so `snap rollback` can refuse to
+            // change a live image under a client that may write it.
+            let writer = (!export.read_only).then(|| export.image.ns.volume.clone());
+            if let Some(v) = &writer {
+                shared.metrics.writer_opened(v);
+            }
+            let r = transmission(&shared, &stream, export, peer);
+            if let Some(v) = &writer {
+                shared.metrics.writer_closed(v);
+            }
+            r
         }
         Ok(None) => Ok(()),
         Err(e) => Err(e),

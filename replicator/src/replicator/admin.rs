@@ -1,8 +1,11 @@
 //! Snapshots, retention and locks as the operator sees them.
 //!
-//! Owns: `snap create/delete`, `prune`, `lock add/list/release`, the lock
-//! views. Invariant: every delete goes through the lock table
-//! (`DeleteRequested`) and is refused while a transfer uses the snapshot.
+//! Owns: `snap create/delete/rollback`, `vol resize`, `prune`, `lock
+//! add/list/release`, the lock views. Invariant: every delete (also those
+//! of a rollback with `-r`) goes through the lock table
+//! (`DeleteRequested`) and is refused while a transfer uses the snapshot;
+//! a mirror's destination volume is neither resized nor rolled back here
+//! (it follows its source).
 
 use super::*;
 
@@ -75,6 +78,159 @@ impl Replicator {
             .map_err(|e| ReplError::engine(format!("delete {volume}@{name}"), e))?;
         self.perform(acts, None);
         Ok(())
+    }
+
+    /// The mirror relationship whose destination is `volume`, as an error
+    /// for an operator's `what` (resize, roll back) on it. `qtrees`: a
+    /// qtree mirror into the volume counts too (a rollback would change
+    /// its qtree; a resize of the volume's own space does not touch it).
+    fn refuse_on_mirror_destination(
+        &self,
+        volume: &str,
+        what: &'static str,
+        qtrees: bool,
+    ) -> Result<()> {
+        match lock(&self.st)
+            .rels()
+            .values()
+            .find(|r| r.dst_volume == volume && (qtrees || r.kind == MirrorKind::Volume))
+        {
+            Some(r) => Err(ReplError::MirrorDestination {
+                volume: volume.into(),
+                dst: r.dst.clone(),
+                source_path: r.source_path(),
+                what,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Resize `volume` (its own space): grow always, shrink only when no
+    /// image maps a block past the new end (the engine names the image).
+    /// Refused on a volume mirror's destination: it follows its source at
+    /// the next transfer ([`Replicator::ensure_dst`]). A volume that holds
+    /// a qtree mirror's destination may resize its own space.
+    pub fn vol_resize(&self, volume: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        volume_info(&self.engine, volume)?;
+        self.refuse_on_mirror_destination(volume, "resize", false)?;
+        match self.engine.call(Request::ResizeVolume {
+            name: volume.into(),
+            size_bytes,
+            replica: false,
+        }) {
+            Ok(Reply::Volume(v)) => {
+                tracing::info!(%volume, size_bytes, "volume resized");
+                Ok(v)
+            }
+            Ok(_) => Err(ReplError::EngineReply {
+                request: "ResizeVolume",
+            }),
+            Err(e) => Err(ReplError::engine(format!("resize {volume}"), e)),
+        }
+    }
+
+    /// Roll `volume` back to `snapshot` (its live image becomes the
+    /// snapshot's). Refused on a mirror destination. Newer snapshots are
+    /// refused by the engine unless `destroy_newer`; then each is a delete
+    /// that obeys the soft locks: a locked one (or one a transfer reads)
+    /// fails the whole rollback, naming it and its holders, and nothing
+    /// changes. There is no forced form: locked snapshots are never
+    /// deleted silently (`snap delete --force` them first).
+    pub fn snap_rollback(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        destroy_newer: bool,
+    ) -> Result<RollbackReport> {
+        self.refuse_on_mirror_destination(volume, "roll back", true)?;
+        let mut snaps = snapshots(&self.engine, volume)?;
+        snaps.sort_by_key(|s| s.gen);
+        let at = snaps
+            .iter()
+            .position(|s| s.name == snapshot)
+            .ok_or_else(|| ReplError::NotFound(format!("snapshot {volume}@{snapshot}")))?;
+        let newer: Vec<SnapshotInfo> = snaps.split_off(at + 1);
+        if destroy_newer && !newer.is_empty() {
+            if let Some(s) = newer.iter().find(|s| self.in_transfer(s.id)) {
+                return Err(ReplError::InTransfer {
+                    volume: volume.into(),
+                    snapshot: s.name.clone(),
+                });
+            }
+            let locked: Vec<String> = {
+                let st = lock(&self.st);
+                newer
+                    .iter()
+                    .filter_map(|s| {
+                        let h = st.locks().holders(volume, s.id);
+                        if h.is_empty() {
+                            return None;
+                        }
+                        let locks: Vec<SoftLock> = h.into_iter().map(|x| x.lock).collect();
+                        Some(format!(
+                            "{volume}@{} locked by {}",
+                            s.name,
+                            holders_text(&locks)
+                        ))
+                    })
+                    .collect()
+            };
+            if !locked.is_empty() {
+                self.n.deletes_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(ReplError::RollbackLocked {
+                    volume: volume.into(),
+                    snapshot: snapshot.into(),
+                    detail: locked.join("; "),
+                });
+            }
+        }
+        // The lock table learns of the deletes first (as `snap_delete`
+        // does); one that it refuses after all (a lock arrived since the
+        // check) stops the rollback before the engine changes anything.
+        let acts = if destroy_newer {
+            self.lock_events(
+                newer
+                    .iter()
+                    .map(|s| Event::DeleteRequested {
+                        volume: volume.to_string(),
+                        snapshot: s.id,
+                        force: false,
+                    })
+                    .collect(),
+            )?
+        } else {
+            Vec::new()
+        };
+        if let Some(Action::DeleteRefused { holders, .. }) = acts
+            .iter()
+            .find(|a| matches!(a, Action::DeleteRefused { .. }))
+        {
+            self.n.deletes_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(ReplError::RollbackLocked {
+                volume: volume.into(),
+                snapshot: snapshot.into(),
+                detail: holders_text(holders),
+            });
+        }
+        self.engine
+            .call(Request::Rollback {
+                volume: volume.into(),
+                snapshot: snapshot.into(),
+                destroy_newer,
+            })
+            .map_err(|e| ReplError::engine(format!("roll back {volume} to {snapshot}"), e))?;
+        self.perform(acts, None);
+        let deleted: Vec<String> = if destroy_newer {
+            newer.into_iter().map(|s| s.name).collect()
+        } else {
+            Vec::new()
+        };
+        tracing::warn!(%volume, %snapshot, deleted = ?deleted, "volume rolled back");
+        Ok(RollbackReport {
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+            deleted_snapshots: deleted,
+        })
     }
 
     /// Delete `volume` with its qtrees and snapshots. Refused while it is a

@@ -563,6 +563,32 @@ impl Replicator {
                         })
                         .map_err(ctx(format!("make {} read-only", rel.dst_volume)))?;
                 }
+                // The destination follows the source's size (`vol resize`
+                // there): grown before the blocks past its old end arrive.
+                // A shrink the destination refuses (one of its own
+                // snapshots, e.g. kept longer by retention, maps a block
+                // past the new end) leaves it larger, which a transfer
+                // needs no less: logged, and tried again next time.
+                if let Some(v) = existing.filter(|v| v.size_bytes != own) {
+                    match self.engine.call(Request::ResizeVolume {
+                        name: rel.dst_volume.clone(),
+                        size_bytes: own,
+                        replica: true,
+                    }) {
+                        Ok(_) => {
+                            tracing::info!(dst = %rel.dst, from = v.size_bytes, to = own, "destination resized to follow its source")
+                        }
+                        Err(e) if own < v.size_bytes => {
+                            tracing::warn!(dst = %rel.dst, from = v.size_bytes, to = own, error = %e, "destination kept larger than its source")
+                        }
+                        Err(e) => {
+                            return Err(ReplError::engine(
+                                format!("grow {} to its source's size", rel.dst_volume),
+                                e,
+                            ))
+                        }
+                    }
+                }
                 let have: BTreeSet<String> = existing
                     .map(|v| v.qtrees.iter().map(|q| q.name.clone()).collect())
                     .unwrap_or_default();
