@@ -1437,6 +1437,20 @@ impl<D: BlockDevice> Pool<D> {
                 }
                 Ok(Reply::Snapshots(out))
             }
+            Request::ListSnapshotNames { volume } => {
+                let vi = self.vol_idx(&volume)?;
+                let out = self.vols[vi]
+                    .snaps
+                    .iter()
+                    .map(|s| SnapshotName {
+                        name: s.name.clone(),
+                        id: s.id,
+                        gen: s.gen,
+                        created_unix_ms: s.created,
+                    })
+                    .collect();
+                Ok(Reply::SnapshotNames(out))
+            }
             Request::Diff { ns, base, target } => {
                 self.diff(&ns, base.as_deref(), &target).map(Reply::Diff)
             }
