@@ -107,7 +107,10 @@ impl Node {
             .output()
             .context("cannot run sluice init")?;
         if !out.status.success() {
-            bail!("sluice init: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "sluice init: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(data)
     }
@@ -124,7 +127,13 @@ impl Node {
             .arg("serve")
             .arg("--data")
             .arg(data)
-            .args(["--listen", "127.0.0.1:0", "--name", name, "--insecure-peers"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                name,
+                "--insecure-peers",
+            ])
             .stdout(Stdio::piped())
             .stderr(logf)
             .spawn()
@@ -413,7 +422,11 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         next.call(ControlRequest::Status)?;
         restart
             .h
-            .record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))
+            .record(
+                u64::try_from(t.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
             .context("histogram record")?;
         a = next;
     }

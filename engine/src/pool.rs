@@ -2318,6 +2318,34 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_names_list_what_the_full_listing_lists_in_its_order() {
+        let mut p = pool();
+        write(&mut p, 0, 4, 1);
+        snap(&mut p, "a");
+        write(&mut p, 8, 4, 2);
+        snap(&mut p, "b");
+        let full = snaps(&mut p);
+        let names = match p
+            .execute(Request::ListSnapshotNames { volume: "v".into() })
+            .unwrap()
+        {
+            Reply::SnapshotNames(n) => n,
+            _ => panic!(),
+        };
+        assert_eq!(names.len(), 2);
+        for (f, n) in full.iter().zip(&names) {
+            assert_eq!(
+                (&f.name, f.id, f.gen, f.created_unix_ms),
+                (&n.name, n.id, n.gen, n.created_unix_ms)
+            );
+        }
+        let e = p
+            .execute(Request::ListSnapshotNames { volume: "w".into() })
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
+    }
+
+    #[test]
     fn a_diff_from_newer_to_older_is_refused() {
         let mut p = pool();
         write(&mut p, 0, 4, 1);

@@ -401,7 +401,10 @@ impl Replicator {
         let vols: BTreeSet<&str> = locks.iter().map(|h| h.volume.as_str()).collect();
         let names = self.snapshot_names_in(vols).unwrap_or_default();
         let st = lock(&self.st);
-        locks.iter().map(|l| self.view_with(l, &names, &st)).collect()
+        locks
+            .iter()
+            .map(|l| self.view_with(l, &names, &st))
+            .collect()
     }
 
     /// The locks past their lease, as (origin node, text): what `status`
