@@ -797,8 +797,8 @@ impl LockNode {
             v.extend(app.iter().cloned());
         }
         v.retain(|l| {
-            let lost_above = up.gone_acks.contains(&l.snapshot)
-                && self.has_snapshot(&up.volume, l.snapshot);
+            let lost_above =
+                up.gone_acks.contains(&l.snapshot) && self.has_snapshot(&up.volume, l.snapshot);
             (up.has.contains(&l.snapshot) || lost_above)
                 && l.hop_path.len() <= self.cfg.bounds.max_hops
         });

@@ -597,13 +597,17 @@ fn config(name: &str, shape: &Shape) -> ReplicatorConfig {
 
 fn noprog(_: sluice_replicator::Progress) {}
 
+/// (volume, snapshot) -> who holds it, and the node where each of those
+/// locks was made.
+type Holders = BTreeMap<(String, Uuid), Vec<(String, String)>>;
+
 /// Snapshot ids per volume and the protected ones, of every up node.
 #[derive(Default)]
 struct Picture {
     snaps: BTreeMap<(usize, String), BTreeMap<Uuid, String>>,
     /// Per node: (volume, snapshot) -> who holds it, and the node where
     /// each of those locks was made.
-    protected: BTreeMap<usize, BTreeMap<(String, Uuid), Vec<(String, String)>>>,
+    protected: BTreeMap<usize, Holders>,
     /// Per node: every lock, as `lock list` shows it.
     locks: BTreeMap<usize, Vec<sluice_replicator::LockView>>,
 }

@@ -498,11 +498,10 @@ impl Replicator {
             }
             let snaps = match snapshot_names_of(&self.engine, v) {
                 Ok(s) => s,
-                Err(ReplError::Engine { source, .. })
-                    if matches!(source, sluice_engine::Error::NoSuchVolume(_)) =>
-                {
-                    continue
-                }
+                Err(ReplError::Engine {
+                    source: sluice_engine::Error::NoSuchVolume(_),
+                    ..
+                }) => continue,
                 Err(e) => return Err(e),
             };
             m.extend(names_of(v, &snaps));
