@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 const SMALL: [&str; 4] = ["s0", "s1", "s2", "s3"];
 /// MiB written to the big volume before its scheduled incremental.
-const BIG_MIB: u64 = 8;
+const BIG_MIB: u64 = 12;
 
 /// `mirror status` of every relationship on `d`, by destination.
 fn statuses(d: &Daemon) -> BTreeMap<String, Value> {
