@@ -560,10 +560,9 @@ impl Node {
         }
         let stale: Vec<String> = self
             .repl
-            .lock_list()
+            .stale_locks()
             .into_iter()
-            .filter(|l| l.state == "stale")
-            .map(|l| format!("{} ({})", l.origin_node, l.text))
+            .map(|(origin, text)| format!("{origin} ({text})"))
             .collect();
         if !stale.is_empty() {
             let mut who = stale.clone();

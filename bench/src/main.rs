@@ -6,11 +6,13 @@
 //! thin volumes; with `--shards N`, also N volumes driven at once on an
 //! N-shard and on a 1-shard pool, against fio with N jobs. `nbd`: against
 //! qemu-nbd. `replicate`: mirrors against btrfs send/receive and raw TCP
-//! (see `replicate.rs`). `soak`: a soak run with fault injection on real
+//! (see `replicate.rs`). `control`: control-plane costs as snapshot, lock
+//! and relationship populations grow (`control.rs`). `soak`: a soak run with fault injection on real
 //! nodes (`soak/`, docs/SOAK.md); unlike the benchmarks it passes or fails.
 //!
 //! Benchmarks report numbers; they never pass or fail on a time.
 
+mod control;
 mod drive;
 mod enginecase;
 mod fio;
@@ -42,6 +44,8 @@ enum Cmd {
     Nbd(nbd::NbdArgs),
     /// Replication: Sluice mirrors vs btrfs send/receive vs raw TCP (needs root).
     Replicate(replicate::ReplicateArgs),
+    /// Control plane: snapshot, lock and mirror costs as populations grow.
+    Control(control::ControlArgs),
     /// Soak: real nodes, a workload, faults from a seed, checks; non-zero on a violation.
     Soak(soak::SoakArgs),
 }
@@ -101,6 +105,7 @@ fn main() -> Result<()> {
         Cmd::Engine(args) => enginecase::run(&args),
         Cmd::Nbd(args) => nbd::run(&args),
         Cmd::Replicate(args) => replicate::run(&args),
+        Cmd::Control(args) => control::run(&args),
         Cmd::Soak(args) => {
             if !soak::run(&args)? {
                 std::process::exit(1);

@@ -94,6 +94,18 @@ pub struct SnapshotInfo {
     pub unique_blocks: u64,
 }
 
+/// A snapshot's identity without its block counts
+/// ([`Request::ListSnapshotNames`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotName {
+    pub name: String,
+    /// Global id, as in [`SnapshotInfo::id`].
+    pub id: Uuid,
+    /// Consistency-point generation at which it was taken (local).
+    pub gen: u64,
+    pub created_unix_ms: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpaceInfo {
     pub total_blocks: u64,
@@ -220,6 +232,12 @@ pub enum Request {
     ListSnapshots {
         volume: String,
     },
+    /// The snapshots of `volume` without their block counts: names, ids
+    /// and times only, O(its snapshots) and no tree walk (the replicator's
+    /// name lookups for lock and mirror listings).
+    ListSnapshotNames {
+        volume: String,
+    },
     /// Changed extents of `ns` from `base` (None: from nothing) to `target`
     /// (a snapshot name).
     Diff {
@@ -257,6 +275,7 @@ pub enum Reply {
     Data(AlignedBuf),
     Snapshot(SnapshotInfo),
     Snapshots(Vec<SnapshotInfo>),
+    SnapshotNames(Vec<SnapshotName>),
     Diff(Vec<DiffExtent>),
     DiffStats(DiffStats),
     Space(SpaceInfo),

@@ -1494,6 +1494,20 @@ impl<D: BlockDevice> Pool<D> {
                 }
                 Ok(Reply::Snapshots(out))
             }
+            Request::ListSnapshotNames { volume } => {
+                let vi = self.vol_idx(&volume)?;
+                let out = self.vols[vi]
+                    .snaps
+                    .iter()
+                    .map(|s| SnapshotName {
+                        name: s.name.clone(),
+                        id: s.id,
+                        gen: s.gen,
+                        created_unix_ms: s.created,
+                    })
+                    .collect();
+                Ok(Reply::SnapshotNames(out))
+            }
             Request::Diff { ns, base, target } => {
                 self.diff(&ns, base.as_deref(), &target).map(Reply::Diff)
             }
@@ -2513,6 +2527,34 @@ mod tests {
             Reply::Space(s) => s,
             _ => panic!(),
         }
+    }
+
+    #[test]
+    fn snapshot_names_list_what_the_full_listing_lists_in_its_order() {
+        let mut p = pool();
+        write(&mut p, 0, 4, 1);
+        snap(&mut p, "a");
+        write(&mut p, 8, 4, 2);
+        snap(&mut p, "b");
+        let full = snaps(&mut p);
+        let names = match p
+            .execute(Request::ListSnapshotNames { volume: "v".into() })
+            .unwrap()
+        {
+            Reply::SnapshotNames(n) => n,
+            _ => panic!(),
+        };
+        assert_eq!(names.len(), 2);
+        for (f, n) in full.iter().zip(&names) {
+            assert_eq!(
+                (&f.name, f.id, f.gen, f.created_unix_ms),
+                (&n.name, n.id, n.gen, n.created_unix_ms)
+            );
+        }
+        let e = p
+            .execute(Request::ListSnapshotNames { volume: "w".into() })
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
     }
 
     #[test]

@@ -269,7 +269,8 @@ fn route(req: &Request, shards: usize) -> Route {
         | Request::CreateSnapshot { volume, .. }
         | Request::DeleteSnapshot { volume, .. }
         | Request::Rollback { volume, .. }
-        | Request::ListSnapshots { volume } => by(volume),
+        | Request::ListSnapshots { volume }
+        | Request::ListSnapshotNames { volume } => by(volume),
         Request::Read { image, .. } => by(&image.ns.volume),
         Request::Write { ns, .. }
         | Request::Trim { ns, .. }

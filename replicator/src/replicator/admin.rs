@@ -37,8 +37,8 @@ impl Replicator {
         Ok(info)
     }
 
-    pub(super) fn find_snap(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
-        snapshots(&self.engine, volume)?
+    pub(super) fn find_snap(&self, volume: &str, name: &str) -> Result<SnapshotName> {
+        snapshot_names_of(&self.engine, volume)?
             .into_iter()
             .find(|s| s.name == name)
             .ok_or_else(|| ReplError::NotFound(format!("snapshot {volume}@{name}")))
@@ -358,7 +358,7 @@ impl Replicator {
     /// Keep the newest `keep` snapshots of `volume`; delete older ones
     /// unless locked or in a transfer (each skip says why).
     pub fn prune(&self, volume: &str, keep: usize, dry_run: bool) -> Result<PrunePlan> {
-        let mut snaps = snapshots(&self.engine, volume)?;
+        let mut snaps = snapshot_names_of(&self.engine, volume)?;
         snaps.sort_by_key(|s| (s.created_unix_ms, s.gen));
         let cut = snaps.len().saturating_sub(keep);
         let (old, recent) = snaps.split_at(cut);
@@ -370,7 +370,8 @@ impl Replicator {
             kept_recent: recent.iter().map(|s| s.name.clone()).collect(),
             skipped: Vec::new(),
         };
-        let names = self.snapshot_names()?;
+        // Every holder of a snapshot of `volume` holds it in `volume`.
+        let names = names_of(volume, &snaps);
         let held: Vec<Vec<(Held, LockView)>> = {
             let st = lock(&self.st);
             snaps
@@ -484,7 +485,7 @@ impl Replicator {
         if !undelivered.is_empty() {
             tracing::warn!(%volume, snapshot = %snap, upstreams = %undelivered.join(", "), "application lock held here, but not yet on the upstream (unreachable): retried every tick");
         }
-        let names = self.snapshot_names()?;
+        let names = self.snapshot_names_in([volume])?;
         let l = lock(&self.st)
             .locks()
             .holders(volume, s.id)
@@ -506,7 +507,7 @@ impl Replicator {
         let mut names: SnapNames = BTreeMap::new();
         let mut created: BTreeMap<Uuid, u64> = BTreeMap::new();
         for v in volumes(&self.engine)? {
-            for s in snapshots(&self.engine, &v.name)? {
+            for s in snapshot_names_of(&self.engine, &v.name)? {
                 created.insert(s.id, s.created_unix_ms);
                 names.insert((v.name.clone(), s.id), s.name);
             }
@@ -549,11 +550,30 @@ impl Replicator {
         Ok(out)
     }
 
-    /// Every lock effective on this node.
+    /// Every lock effective on this node: O(locks), plus one name listing
+    /// (no tree walk) per volume a lock names.
     pub fn lock_list(&self) -> Vec<LockView> {
-        let names = self.snapshot_names().unwrap_or_default();
         let locks = lock(&self.st).locks().all_locks();
-        locks.iter().map(|l| self.view(l, &names)).collect()
+        let vols: BTreeSet<&str> = locks.iter().map(|h| h.volume.as_str()).collect();
+        let names = self.snapshot_names_in(vols).unwrap_or_default();
+        let st = lock(&self.st);
+        locks
+            .iter()
+            .map(|l| self.view_with(l, &names, &st))
+            .collect()
+    }
+
+    /// The locks past their lease, as (origin node, text): what `status`
+    /// reports, O(locks) and without names.
+    pub fn stale_locks(&self) -> Vec<(String, String)> {
+        let now = self.now_ms();
+        let st = lock(&self.st);
+        st.locks()
+            .all_locks()
+            .into_iter()
+            .filter(|h| st.locks().is_stale(h, now))
+            .map(|h| (h.lock.origin_node, h.lock.text))
+            .collect()
     }
 
     /// Release an application lock on `volume@snap` (holder = its owner),
@@ -600,7 +620,12 @@ impl Replicator {
     /// Each snapshot of `volume` with the locks that hold it.
     pub fn snapshot_locks(&self, volume: &str) -> Result<Vec<(SnapshotInfo, Vec<LockView>)>> {
         let snaps = snapshots(&self.engine, volume)?;
-        let names = self.snapshot_names()?;
+        // Every holder of a snapshot of `volume` holds it in `volume`: its
+        // own listing names them all (O(its snapshots + their locks)).
+        let names: SnapNames = snaps
+            .iter()
+            .map(|s| ((volume.to_string(), s.id), s.name.clone()))
+            .collect();
         let st = lock(&self.st);
         Ok(snaps
             .into_iter()
@@ -616,14 +641,26 @@ impl Replicator {
             .collect())
     }
 
-    /// Snapshot names by (volume, global id): one id may exist in two
-    /// local volumes.
-    pub(super) fn snapshot_names(&self) -> Result<SnapNames> {
+    /// Snapshot names by (volume, global id) of `vols` (one id may exist
+    /// in two local volumes); a volume that is not there names nothing.
+    pub(super) fn snapshot_names_in<'a>(
+        &self,
+        vols: impl IntoIterator<Item = &'a str>,
+    ) -> Result<SnapNames> {
         let mut m = BTreeMap::new();
-        for v in volumes(&self.engine)? {
-            for s in snapshots(&self.engine, &v.name)? {
-                m.insert((v.name.clone(), s.id), s.name);
+        for v in vols {
+            if v.is_empty() {
+                continue;
             }
+            let snaps = match snapshot_names_of(&self.engine, v) {
+                Ok(s) => s,
+                Err(ReplError::Engine {
+                    source: sluice_engine::Error::NoSuchVolume(_),
+                    ..
+                }) => continue,
+                Err(e) => return Err(e),
+            };
+            m.extend(names_of(v, &snaps));
         }
         Ok(m)
     }
@@ -671,6 +708,14 @@ impl Replicator {
             locking_dataset_id: dv.locking_dataset_id,
         }
     }
+}
+
+/// The names of `snaps`, snapshots of `volume`, by (volume, global id).
+fn names_of(volume: &str, snaps: &[SnapshotName]) -> SnapNames {
+    snaps
+        .iter()
+        .map(|s| ((volume.to_string(), s.id), s.name.clone()))
+        .collect()
 }
 
 /// Which snapshots of one volume each downstream holds here, for what a

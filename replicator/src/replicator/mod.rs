@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver as ChanRx, RecvTimeoutError, Sender as ChanTx};
 use sluice_engine::api::{
-    DiffExtent, DiffKind, DiffStats, Image, NsName, Reply, Request, SnapshotInfo, VolumeInfo,
+    DiffExtent, DiffKind, DiffStats, Image, NsName, Reply, Request, SnapshotInfo, SnapshotName,
+    VolumeInfo,
 };
 use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
 use sluice_engine::shard::EngineHandle;
@@ -870,6 +871,20 @@ fn snapshots(e: &EngineHandle, volume: &str) -> Result<Vec<SnapshotInfo>> {
         Ok(Reply::Snapshots(v)) => Ok(v),
         Ok(_) => Err(ReplError::EngineReply {
             request: "ListSnapshots",
+        }),
+        Err(x) => Err(ReplError::engine(format!("list snapshots of {volume}"), x)),
+    }
+}
+
+/// The snapshots of `volume` without block counts: no tree walk, for
+/// name and id lookups.
+fn snapshot_names_of(e: &EngineHandle, volume: &str) -> Result<Vec<SnapshotName>> {
+    match e.call(Request::ListSnapshotNames {
+        volume: volume.into(),
+    }) {
+        Ok(Reply::SnapshotNames(v)) => Ok(v),
+        Ok(_) => Err(ReplError::EngineReply {
+            request: "ListSnapshotNames",
         }),
         Err(x) => Err(ReplError::engine(format!("list snapshots of {volume}"), x)),
     }

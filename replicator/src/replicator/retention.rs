@@ -1,6 +1,7 @@
 //! Retention by count: a per-volume policy "keep the newest N snapshots",
 //! applied on every tick (a pass the scheduler hands to a chore worker, see
-//! `sched`), on sources, middles and destinations alike (MISSION: scheduled
+//! `sched`; a pass lists volumes once and skips every volume that is
+//! within its count or settled, see [`Replicator::apply_retention`]), on sources, middles and destinations alike (MISSION: scheduled
 //! updates and pruning by count on each node). The policy is persisted in a
 //! pool attribute ([`keys::RETENTION`]).
 //!
@@ -52,20 +53,43 @@ impl Replicator {
     }
 
     /// One pass of every policy (a chore worker's job, one pass at a time).
+    ///
+    /// Cheap when nothing changed: one volume listing gives every policy
+    /// volume's snapshot count, and a volume whose count and lock
+    /// protections are as they were at its last pass that deleted nothing
+    /// and kept only locked snapshots is not listed again.
     pub(super) fn apply_retention(&self) {
         let policy = self.retention();
+        if policy.is_empty() {
+            return;
+        }
+        let counts: BTreeMap<String, usize> = match volumes(&self.engine) {
+            Ok(v) => v.into_iter().map(|v| (v.name, v.snapshot_count)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "retention pass: cannot list volumes");
+                return;
+            }
+        };
         for (volume, keep) in policy {
             if self.stopping() {
                 return;
             }
             // A volume that is not there (yet) has nothing to prune.
-            let Ok(snaps) = snapshots(&self.engine, &volume) else {
+            let Some(&count) = counts.get(&volume) else {
                 continue;
             };
-            if snaps.len() <= keep {
-                lock(&self.st).retention_kept.remove(&volume);
-                continue;
-            }
+            let rev = {
+                let mut st = lock(&self.st);
+                if count <= keep {
+                    st.retention_kept.remove(&volume);
+                    st.retention_settled.remove(&volume);
+                    continue;
+                }
+                if st.retention_settled.get(&volume) == Some(&(count, st.protection_rev)) {
+                    continue;
+                }
+                st.protection_rev
+            };
             let plan = match self.prune(&volume, keep, false) {
                 Ok(p) => p,
                 Err(e) => {
@@ -73,6 +97,18 @@ impl Replicator {
                     continue;
                 }
             };
+            {
+                // Settled only if nothing but locks kept what is beyond the
+                // count (a snapshot in a transfer is tried again next pass).
+                let settled =
+                    plan.deleted.is_empty() && plan.skipped.iter().all(|s| !s.holders.is_empty());
+                let mut st = lock(&self.st);
+                if settled {
+                    st.retention_settled.insert(volume.clone(), (count, rev));
+                } else {
+                    st.retention_settled.remove(&volume);
+                }
+            }
             for s in &plan.deleted {
                 tracing::info!(volume = %volume, snapshot = %s, keep, "retention deleted snapshot");
             }

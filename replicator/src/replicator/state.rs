@@ -43,6 +43,13 @@ pub(super) struct State {
     pub(super) next_due: BTreeMap<String, u64>,
     /// Per volume: the snapshots retention last kept beyond its count.
     pub(super) retention_kept: BTreeMap<String, Vec<String>>,
+    /// Bumped whenever the lock table changes which snapshots are
+    /// protected, or by whom (retention's cue to look again).
+    pub(super) protection_rev: u64,
+    /// Per volume: (snapshot count, `protection_rev`) at the last pass that
+    /// deleted nothing and kept only locked snapshots. While both are the
+    /// same, another pass would find the same: it is skipped.
+    pub(super) retention_settled: BTreeMap<String, (usize, u64)>,
 }
 
 impl State {
@@ -60,6 +67,8 @@ impl State {
             served: BTreeMap::new(),
             next_due: BTreeMap::new(),
             retention_kept: BTreeMap::new(),
+            protection_rev: 0,
+            retention_settled: BTreeMap::new(),
         }
     }
 
@@ -131,6 +140,12 @@ impl Txn<'_> {
         let acts = self.st.locks.handle(self.now_ms, ev);
         if !(quiet && acts.is_empty()) {
             self.dirty.locks = true;
+        }
+        if acts
+            .iter()
+            .any(|a| matches!(a, Action::Protected { .. } | Action::Unprotected { .. }))
+        {
+            self.st.protection_rev = self.st.protection_rev.wrapping_add(1);
         }
         self.acts.extend(acts);
     }
