@@ -65,5 +65,5 @@ pub mod wire;
 
 pub use error::{LockError, Result};
 pub use model::{Bounds, DependencyView, LeasePolicy, LockKind, LockSet, SoftLock};
-pub use node::{Action, DownKey, Event, Held, LockNode, NodeConfig, ReleaseReason};
+pub use node::{next_shared, Action, DownKey, Event, Held, LockNode, NodeConfig, ReleaseReason};
 pub use wire::{decode, encode, encode_into, parse_header, Decoded, Header, Message};

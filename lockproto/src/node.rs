@@ -140,7 +140,8 @@ pub enum Event {
         relationship: String,
         shared: Vec<Uuid>,
     },
-    /// A lock set arrived from a downstream.
+    /// A lock set arrived from a downstream (an older or duplicate one
+    /// changes nothing; see [`LockNode::generation_of`]).
     LockSetReceived { set: LockSet },
     /// An application on this node locks `volume@snapshot` (owner-name lock).
     AppLockAdded {
@@ -325,6 +326,26 @@ struct Down {
     since: BTreeMap<Uuid, u64>,
 }
 
+/// What a source shares with a downstream relationship once it took a new
+/// set from it: the snapshots of ours (`local`, oldest first) the set's own
+/// locks name (`named`), and what it shared `before` that is newer than all
+/// of those: a target it served that a set made before that transfer
+/// committed cannot name yet (the downstream names it, or something newer,
+/// once it has it). A set that names nothing of ours ends every share.
+pub fn next_shared(
+    local: &[Uuid],
+    before: &BTreeSet<Uuid>,
+    named: &BTreeSet<Uuid>,
+) -> BTreeSet<Uuid> {
+    let at = |s: &Uuid| local.iter().position(|x| x == s);
+    let named: BTreeSet<Uuid> = named.iter().filter(|s| at(s).is_some()).copied().collect();
+    let Some(newest) = named.iter().filter_map(at).max() else {
+        return BTreeSet::new();
+    };
+    let newer = before.iter().filter(|s| at(s).is_some_and(|i| i > newest));
+    named.iter().chain(newer).copied().collect()
+}
+
 /// When a lock's own lease ends (`renewed_ms + lease_ms`), `set_lease_ms`
 /// standing in for a lease of 0. `None` when the lock carries no renewal
 /// time (then only its set's lease applies).
@@ -455,6 +476,21 @@ impl LockNode {
             .filter(|(_, d)| d.stale)
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// The snapshots we share with downstream relationship `key`.
+    pub fn shared_with(&self, key: &DownKey) -> BTreeSet<Uuid> {
+        self.downs
+            .get(key)
+            .map(|d| d.shared.clone())
+            .unwrap_or_default()
+    }
+
+    /// The generation of the last set the table took from downstream
+    /// relationship `key` (0: none yet): a set it was just handed was
+    /// taken iff this is now that set's generation.
+    pub fn generation_of(&self, key: &DownKey) -> u64 {
+        self.downs.get(key).map_or(0, |d| d.generation)
     }
 
     /// Every downstream relationship: (node, relationship, our volume).

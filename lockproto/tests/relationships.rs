@@ -14,8 +14,8 @@ use sluice_lockproto::wire::{
     MAX_BODY_LEN, SET_PARTS_MAX,
 };
 use sluice_lockproto::{
-    decode, encode, Action, Bounds, Event, LockError, LockKind, LockNode, LockSet, Message,
-    NodeConfig, SoftLock,
+    decode, encode, next_shared, Action, Bounds, Event, LockError, LockKind, LockNode, LockSet,
+    Message, NodeConfig, SoftLock,
 };
 use uuid::Uuid;
 
@@ -212,6 +212,78 @@ fn several_relationships_with_one_upstream_each_lock_their_own_base() {
             "{v}: the older snapshot is nobody's base"
         );
     }
+}
+
+/// The bug (seed 1006958 of the cascade simulation): the source set what it
+/// shares with a downstream relationship from every set that arrived, even
+/// one the table ignored as older than the last. A set delivered late moved
+/// the "base of mirror" lock back to an old snapshot: that one stayed
+/// pinned, the current base lost that protection. The source tells a taken
+/// set by its generation; what it then shares is what the set names, plus a
+/// target served since that the set cannot name yet.
+#[test]
+fn an_older_set_delivered_late_is_not_taken() {
+    let mut a = node("A");
+    let mut b = node("B");
+    let (s1, s2, s3, s4) = (sid(1), sid(2), sid(3), sid(4));
+    volume(&mut a, "v1", &[s1, s2, s3, s4]);
+    serve(&mut a, "B", "v1", "v1");
+    let _ = pull(&mut b, "v1", "A", "v1", "v1");
+    let _ = b.handle(
+        1,
+        Event::UpstreamSnapshots {
+            relationship: "v1".into(),
+            snapshots: vec![s1, s2, s3, s4],
+        },
+    );
+    let mut finish = |t: u64, s: Uuid| {
+        let acts = b.handle(
+            t,
+            Event::TransferFinished {
+                relationship: "v1".into(),
+                target: s,
+            },
+        );
+        let last = sets(&acts).into_iter().max_by_key(|(_, s)| s.generation);
+        last.expect("a transfer sends a set").1
+    };
+    let old = finish(2, s2);
+    let new = finish(3, s3);
+    let key = ("B".to_string(), "v1".to_string());
+    let _ = a.handle(4, Event::LockSetReceived { set: new.clone() });
+    assert_eq!(a.generation_of(&key), new.generation);
+    let late = a.handle(5, Event::LockSetReceived { set: old });
+    assert!(late.is_empty(), "{late:?}");
+    assert_eq!(
+        a.generation_of(&key),
+        new.generation,
+        "the late set was taken"
+    );
+    let named = |set: &LockSet| -> BTreeSet<Uuid> {
+        set.locks
+            .iter()
+            .filter(|l| l.origin_node == "B")
+            .map(|l| l.snapshot)
+            .collect()
+    };
+    assert_eq!(named(&new), BTreeSet::from([s3]));
+    let local = [s1, s2, s3, s4];
+    // Shared before: s2 (the last set's) and s4 (served since). The set
+    // naming s3 ends s2's share, keeps s4's.
+    let before = BTreeSet::from([s2, s4]);
+    assert_eq!(
+        next_shared(&local, &before, &named(&new)),
+        BTreeSet::from([s3, s4])
+    );
+    // One naming s4 ends the rest; one naming nothing of ours ends all.
+    assert_eq!(
+        next_shared(&local, &BTreeSet::from([s3, s4]), &BTreeSet::from([s4])),
+        BTreeSet::from([s4])
+    );
+    assert_eq!(
+        next_shared(&local, &before, &BTreeSet::from([sid(9)])),
+        BTreeSet::new()
+    );
 }
 
 /// The bug: snapshots were kept in one list per node, so a lock on a

@@ -47,7 +47,8 @@ use sluice_lockproto::wire::{
     CHECKSUM_XXH3,
 };
 use sluice_lockproto::{
-    Action, DownKey, Event, Held, LockKind, LockNode, LockSet, Message, NodeConfig, SoftLock,
+    next_shared, Action, DownKey, Event, Held, LockKind, LockNode, LockSet, Message, NodeConfig,
+    SoftLock,
 };
 use uuid::Uuid;
 
@@ -491,12 +492,20 @@ impl Replicator {
                 } => {
                     if let Some(c) = conn.as_deref_mut() {
                         if c.peer_node == upstream {
-                            if let Err(e) = send_set(c, &set) {
-                                tracing::warn!(%upstream, %relationship, error = %e, "lock set not sent; retried next tick");
-                                undelivered.push(upstream.clone());
-                                lock(&self.st)
-                                    .pending_sets
-                                    .insert((relationship, upstream), set);
+                            let sent = send_set(c, &set);
+                            let mut st = lock(&self.st);
+                            let key = (relationship, upstream);
+                            // An undelivered older set is never sent after
+                            // this one: this one waits in its place (sent
+                            // again at the next tick unless delivered by
+                            // then, harmless if the upstream has it).
+                            let older = st.pending_sets.contains_key(&key);
+                            if let Err(e) = sent {
+                                tracing::warn!(upstream = %key.1, relationship = %key.0, error = %e, "lock set not sent; retried next tick");
+                                undelivered.push(key.1.clone());
+                                sched::queue_set(&mut st.pending_sets, key, set);
+                            } else if older {
+                                sched::queue_set(&mut st.pending_sets, key, set);
                             }
                             continue;
                         }

@@ -155,7 +155,7 @@ fn scheduler(r: Weak<Replicator>, stop: ChanRx<()>, tick: Duration, lanes: Lanes
 
 /// Keep `set` as the one to deliver for `key` (relationship, upstream
 /// node) unless a newer one waits.
-fn queue_set(
+pub(super) fn queue_set(
     pending: &mut BTreeMap<(String, String), LockSet>,
     key: (String, String),
     set: LockSet,

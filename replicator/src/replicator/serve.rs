@@ -177,21 +177,29 @@ impl Replicator {
                     relationship: key.1.clone(),
                     volume: set.volume.clone(),
                 });
-                let shared: BTreeSet<Uuid> = set
+                // What we share follows the set only if the table took it:
+                // a set older than the last one (delivered late, or re-sent
+                // after a newer one went on a transfer's connection) changes
+                // nothing.
+                let generation = set.generation;
+                let named: BTreeSet<Uuid> = set
                     .locks
                     .iter()
-                    .filter(|l| {
-                        l.origin_node == peer && t.locks().has_snapshot(&set.volume, l.snapshot)
-                    })
+                    .filter(|l| l.origin_node == peer)
                     .map(|l| l.snapshot)
                     .collect();
-                t.mem().down_shared.insert(key.clone(), shared.clone());
+                let local = t.locks().snapshots(&set.volume).to_vec();
                 t.lock(Event::LockSetReceived { set });
-                t.lock(Event::DownstreamShared {
-                    downstream: key.0.clone(),
-                    relationship: key.1.clone(),
-                    shared: shared.into_iter().collect(),
-                });
+                if t.locks().generation_of(&key) == generation {
+                    let before = t.locks().shared_with(&key);
+                    let shared = next_shared(&local, &before, &named);
+                    t.mem().down_shared.insert(key.clone(), shared.clone());
+                    t.lock(Event::DownstreamShared {
+                        downstream: key.0.clone(),
+                        relationship: key.1.clone(),
+                        shared: shared.into_iter().collect(),
+                    });
+                }
             }
             Ok(())
         })?;
