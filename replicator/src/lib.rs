@@ -1,6 +1,7 @@
 //! `sluice-replicator`: mirror relationships, transfers, retention and peer
 //! networking (see `docs/REPLICATION.md`).
 //!
+//! - [`session`]: the sans-IO sessions of one transfer, pull and serve.
 //! - [`transfer`]: sans-IO transfer state machines (sender item walk with
 //!   checkpoints, receiver validation), wire-lba namespace tags, digests.
 //! - [`env`]: the clock and the network as inputs (real, or a simulation's).
@@ -18,6 +19,7 @@ pub mod error;
 pub mod refusals;
 pub mod replicator;
 pub mod secure;
+pub mod session;
 pub mod throttle;
 pub mod transfer;
 pub mod types;

@@ -42,10 +42,7 @@ use sluice_engine::api::{
 };
 use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
 use sluice_engine::shard::EngineHandle;
-use sluice_lockproto::wire::{
-    codes, ExtentHeader, SetAssembler, SnapInfo, TransferRequest, TransferStart, WireLockSet,
-    CHECKSUM_XXH3,
-};
+use sluice_lockproto::wire::{codes, SetAssembler, SnapInfo, TransferRequest, WireLockSet};
 use sluice_lockproto::{
     next_shared, Action, DownKey, Event, Held, LockKind, LockNode, LockSet, Message, NodeConfig,
     SoftLock,
@@ -54,10 +51,9 @@ use uuid::Uuid;
 
 use crate::conn::Conn;
 use crate::error::{ReplError, Result};
+use crate::session::{PullAction, PullInput, PullSession, PullSpec, ServeAction, ServeSession};
 use crate::throttle::{pace, Bucket};
-use crate::transfer::{
-    content_digest, plan, wire_lba, Apply, ItemKind, Receiver, SendStep, Sender, NS_LIST_TAG,
-};
+use crate::transfer::{content_digest, plan, ItemKind, Sender, NS_LIST_TAG};
 use crate::types::*;
 
 mod admin;
@@ -925,8 +921,4 @@ fn holders_text(h: &[SoftLock]) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

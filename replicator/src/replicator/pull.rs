@@ -1218,6 +1218,9 @@ impl Replicator {
         lock(&self.serving).contains_key(&id)
     }
 
+    /// Run one transfer's [`PullSession`]: this is its shell, performing
+    /// the session's actions in order and feeding it the source's frames
+    /// and the engine's answers.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn pull(
         &self,
@@ -1232,246 +1235,225 @@ impl Replicator {
         report: &mut TransferReport,
     ) -> Result<TransferReport> {
         let key = rel.dst.clone();
-        let req_id = self.cfg.env.random_u64();
-        let base_id = base.as_ref().map(|b| b.id);
-        // Keep the target alive upstream until it is committed here, so a
-        // cut transfer can resume on the next update. The checkpoint is
-        // durable with the resume lock before anything is asked: a transfer
-        // that fails from here on leaves a checkpoint, so the next update
-        // resumes it, or drops checkpoint and lock together.
-        let ckpt = Checkpoint {
-            base: base_id.map(Uuid::from_bytes),
-            target: Uuid::from_bytes(target.id),
-            position: resume_from,
-        };
-        self.store_ckpt(&key, Some(&ckpt))?;
-        self.resume_lock(rel, Uuid::from_bytes(target.id), true, Some(c))?;
-        self.flush()?;
-        c.send(
-            &Message::TransferRequest(TransferRequest {
-                req_id,
+        let target_id = Uuid::from_bytes(target.id);
+        let mut s = PullSession::new(PullSpec {
+            dst: key.clone(),
+            source_path: rel.source_path(),
+            upstream: up.to_string(),
+            kind: rel.kind,
+            dst_qtree: rel.dst_qtree.clone(),
+            request: TransferRequest {
+                req_id: self.cfg.env.random_u64(),
                 relationship: key.clone(),
                 volume: rel.source_volume.clone(),
                 qtree: rel.source_qtree.clone(),
-                base: base_id,
+                base: base.as_ref().map(|b| b.id),
                 target: target.id,
                 resume_from,
-            }),
-            &[],
-        )?;
-        let start = match self.recv_reply(c, &key)? {
-            Message::TransferStart(s) if s.req_id == req_id => s,
-            other => {
-                return Err(ReplError::Protocol {
-                    peer: c.who(),
-                    detail: format!(
-                        "expected TransferStart, got message type {}",
-                        other.type_code()
-                    ),
-                })
-            }
-        };
-        if start.target.id != target.id
-            || start.start_position != resume_from
-            || start.base != base_id
-        {
-            return Err(ReplError::Protocol {
-                peer: c.who(),
-                detail: "TransferStart does not match the request".into(),
-            });
-        }
-        let ns_sizes: Vec<(Option<String>, u64)> = match rel.kind {
-            MirrorKind::Volume => ns_sizes.to_vec(),
-            MirrorKind::Qtree => vec![(rel.dst_qtree.clone(), start.volume_bytes)],
-        };
-        self.ensure_dst(rel, &ns_sizes)?;
-        let nss = self.dst_ns(rel, &ns_sizes);
-        let mut ns_blocks = Vec::with_capacity(nss.len());
-        for ns in &nss {
-            ns_blocks.push(ns_size_bytes(&self.engine, ns)? / BLOCK_SIZE as u64);
-        }
-        let mut rx = Receiver::new(
-            ns_blocks,
-            resume_from,
-            start.extent_count,
-            &key,
-            &rel.source_path(),
-        )?;
-        let rel_bucket = self.bucket(&key, rel.throttle_bps);
+            },
+            target: target.clone(),
+            ns_sizes: ns_sizes.to_vec(),
+        });
         report.kind = if base.is_some() {
             "incremental"
         } else {
             "full"
         }
         .into();
-        report.total_items = rx.total();
-        let mut prog = Progress {
-            done_items: resume_from,
-            total_items: rx.total(),
-            done_bytes: 0,
-            total_bytes: start.byte_count,
-        };
-        progress(prog);
+        let rel_bucket = self.bucket(&key, rel.throttle_bps);
         let mut wb = WriteBehind::new(&self.engine);
-        let digest = loop {
-            if self.stopping() {
-                return Err(ReplError::ShuttingDown);
-            }
-            match self.recv_reply(c, &key)? {
-                Message::Extent(h) => {
-                    let a: Apply = rx.on_extent(&h, c.payload())?;
-                    let ns = nss
-                        .get(usize::from(a.ns))
-                        .cloned()
-                        .ok_or_else(|| ReplError::Invalid("namespace".into()))?;
-                    let n = c.payload().len() as u64;
+        // What the actions leave for the ones after them.
+        let mut nss: Vec<NsName> = Vec::new();
+        let mut sets: Vec<Action> = Vec::new();
+        let mut local: Vec<SnapshotInfo> = Vec::new();
+        let mut taken: Option<(String, SnapshotInfo)> = None;
+        let mut queue: std::collections::VecDeque<PullAction> = s.begin().into();
+        loop {
+            let Some(act) = queue.pop_front() else {
+                if self.stopping() {
+                    return Err(ReplError::ShuttingDown);
+                }
+                let msg = self.recv_reply(c, &key)?;
+                let acts = s.handle(PullInput::Received {
+                    msg: &msg,
+                    payload: c.payload(),
+                })?;
+                queue.extend(acts);
+                continue;
+            };
+            let then = match act {
+                PullAction::StoreCheckpoint(ck) => {
+                    self.store_ckpt(&key, ck.as_ref())?;
+                    None
+                }
+                PullAction::ResumeLock(on) => {
+                    self.resume_lock(rel, target_id, on, Some(c))?;
+                    None
+                }
+                PullAction::Flush => {
+                    self.flush()?;
+                    None
+                }
+                PullAction::Send(m) => {
+                    c.send(&m, &[])?;
+                    None
+                }
+                PullAction::Prepare { ns_sizes } => {
+                    self.ensure_dst(rel, &ns_sizes)?;
+                    nss = self.dst_ns(rel, &ns_sizes);
+                    let mut ns_blocks = Vec::with_capacity(nss.len());
+                    for ns in &nss {
+                        ns_blocks.push(ns_size_bytes(&self.engine, ns)? / BLOCK_SIZE as u64);
+                    }
+                    report.total_items = s
+                        .start()
+                        .map_or(0, |t| t.start_position.saturating_add(t.extent_count));
+                    Some(s.handle(PullInput::Prepared { ns_blocks })?)
+                }
+                PullAction::Write { ns, lba } => {
+                    let ns = self.ns_at(&nss, ns)?;
+                    let payload = c.payload();
+                    let n = payload.len() as u64;
                     wb.submit(
                         Request::Write {
                             ns: ns.clone(),
-                            lba: a.lba,
-                            data: AlignedBuf::from_slice(c.payload()),
+                            lba,
+                            data: AlignedBuf::from_slice(payload),
                             fua: false,
                             replica: true,
                         },
-                        || format!("write {ns} lba {}", a.lba),
+                        || format!("write {ns} lba {lba}"),
                     )?;
                     self.n.bytes_received.fetch_add(n, Ordering::Relaxed);
-                    report.bytes += n;
-                    report.extents += 1;
                     pace(&[&rel_bucket, &self.node_bucket], n);
+                    None
                 }
-                Message::Trim { lba, len, .. } => {
-                    let a = rx.on_trim(lba, len)?;
-                    let ns = nss
-                        .get(usize::from(a.ns))
-                        .cloned()
-                        .ok_or_else(|| ReplError::Invalid("namespace".into()))?;
+                PullAction::Trim {
+                    ns,
+                    lba,
+                    len_blocks,
+                } => {
+                    let ns = self.ns_at(&nss, ns)?;
                     wb.submit(
                         Request::Trim {
                             ns: ns.clone(),
-                            lba: a.lba,
-                            len_blocks: a.len_blocks,
+                            lba,
+                            len_blocks,
                             replica: true,
                         },
-                        || format!("trim {ns} lba {}", a.lba),
+                        || format!("trim {ns} lba {lba}"),
                     )?;
-                    report.trims += 1;
+                    None
                 }
-                Message::Checkpoint { position, .. } => {
-                    rx.on_checkpoint(position)?;
+                PullAction::Drain => {
                     wb.drain()?;
-                    // Data first, then the checkpoint naming it: one CP
-                    // makes both durable together.
-                    self.store_ckpt(
-                        &key,
-                        Some(&Checkpoint {
-                            position,
-                            ..ckpt.clone()
-                        }),
-                    )?;
-                    self.flush()?;
-                    c.send(&Message::CheckpointAck { req_id, position }, &[])?;
+                    None
                 }
-                Message::TransferDone {
-                    content_digest: d, ..
-                } => {
-                    rx.on_done()?;
-                    wb.drain()?;
-                    break d;
+                PullAction::Progress => {
+                    let (done_items, total_items) = s.items();
+                    progress(Progress {
+                        done_items,
+                        total_items,
+                        done_bytes: s.bytes,
+                        total_bytes: s.start().map_or(0, |t| t.byte_count),
+                    });
+                    None
                 }
-                other => {
-                    return Err(ReplError::Protocol {
-                        peer: c.who(),
-                        detail: format!(
-                            "unexpected message type {} in a transfer",
-                            other.type_code()
-                        ),
-                    })
+                PullAction::Snapshot => {
+                    // Under the source's global id and time; a local name
+                    // already taken gets the id's first digits.
+                    local = snapshots(&self.engine, &rel.dst_volume)?;
+                    let mut name = target.name.clone();
+                    if local.iter().any(|l| l.name == name) {
+                        name = format!("{}.{}", target.name, &target_id.simple().to_string()[..8]);
+                    }
+                    let info = match self.engine.call(Request::CreateSnapshot {
+                        volume: rel.dst_volume.clone(),
+                        name: name.clone(),
+                        id: Some(target_id),
+                        created_unix_ms: Some(target.created_ms),
+                    }) {
+                        Ok(Reply::Snapshot(i)) => i,
+                        Ok(_) => {
+                            return Err(ReplError::EngineReply {
+                                request: "CreateSnapshot",
+                            })
+                        }
+                        Err(e) => {
+                            return Err(ReplError::engine(
+                                format!("snapshot {}@{name}", rel.dst_volume),
+                                e,
+                            ))
+                        }
+                    };
+                    let digest = content_digest(&info.digests, rel.dst_qtree.as_deref());
+                    taken = Some((name, info));
+                    Some(s.handle(PullInput::Snapshotted { digest })?)
                 }
-            }
-            prog.done_items = rx.position();
-            prog.done_bytes = report.bytes;
-            progress(prog);
-        };
-        // Commit: flush, snapshot under the source's global id, verify.
-        self.flush()?;
-        let local = snapshots(&self.engine, &rel.dst_volume)?;
-        let mut name = target.name.clone();
-        if local.iter().any(|s| s.name == name) {
-            name = format!(
-                "{}.{}",
-                target.name,
-                &Uuid::from_bytes(target.id).simple().to_string()[..8]
-            );
-        }
-        let info = match self.engine.call(Request::CreateSnapshot {
-            volume: rel.dst_volume.clone(),
-            name: name.clone(),
-            id: Some(Uuid::from_bytes(target.id)),
-            created_unix_ms: Some(target.created_ms),
-        }) {
-            Ok(Reply::Snapshot(s)) => s,
-            Ok(_) => {
-                return Err(ReplError::EngineReply {
-                    request: "CreateSnapshot",
-                })
-            }
-            Err(e) => {
-                return Err(ReplError::engine(
-                    format!("snapshot {}@{name}", rel.dst_volume),
-                    e,
-                ))
-            }
-        };
-        let ours = content_digest(&info.digests, rel.dst_qtree.as_deref());
-        if ours != Some(digest) || digest != target.content_digest {
-            let _ = self.engine.call(Request::DeleteSnapshot {
-                volume: rel.dst_volume.clone(),
-                name: name.clone(),
-            });
-            self.store_ckpt(&key, None)?;
-            self.flush()?;
-            self.resume_lock(rel, Uuid::from_bytes(target.id), false, Some(c))?;
-            return Err(ReplError::DigestMismatch {
-                dst: key,
-                source_path: rel.source_path(),
-                snapshot: target.name.clone(),
-                detail: format!(
-                    "source {} says {}, received data gives {}",
-                    up,
-                    hex(&digest),
-                    ours.map(|d| hex(&d)).unwrap_or_else(|| "none".into())
-                ),
-            });
-        }
-        let owner = self.resume_owner(&key);
-        // The base lock first, then the resume lock goes: the set the
-        // source sees never lacks the target (an empty set in between would
-        // end this downstream relationship there for a moment). The lock
-        // table and the dropped checkpoint become durable in one flush, so
-        // a crash cannot keep a resume lock whose checkpoint is gone.
-        let acts = self.lock_events(vec![
-            Event::TransferFinished {
-                relationship: key.clone(),
-                target: info.id,
-            },
-            Event::AppLockReleased {
-                volume: rel.dst_volume.clone(),
-                snapshot: info.id,
-                owner,
-            },
-        ])?;
-        self.store_ckpt(&key, None)?;
-        self.flush()?;
-        if let Some(b) = base.as_ref().filter(|_| resume_from == 0) {
-            if let Some(why) = self.resent_whole(&nss, &local, b, &name, &info, report.bytes)? {
-                report.kind = "full".into();
-                report.full_reason = Some(why);
+                PullAction::DropSnapshot => {
+                    if let Some((name, _)) = &taken {
+                        let _ = self.engine.call(Request::DeleteSnapshot {
+                            volume: rel.dst_volume.clone(),
+                            name: name.clone(),
+                        });
+                    }
+                    None
+                }
+                PullAction::Commit => {
+                    // The base lock first, then the resume lock goes, in
+                    // one change: the set the source sees never lacks the
+                    // target (an empty set in between would end this
+                    // downstream relationship there for a moment).
+                    sets = self.lock_events(vec![
+                        Event::TransferFinished {
+                            relationship: key.clone(),
+                            target: target_id,
+                        },
+                        Event::AppLockReleased {
+                            volume: rel.dst_volume.clone(),
+                            snapshot: target_id,
+                            owner: self.resume_owner(&key),
+                        },
+                    ])?;
+                    None
+                }
+                PullAction::Classify => {
+                    if let (Some(b), Some((name, info))) = (base.as_ref(), taken.as_ref()) {
+                        if let Some(why) =
+                            self.resent_whole(&nss, &local, b, name, info, s.bytes)?
+                        {
+                            report.kind = "full".into();
+                            report.full_reason = Some(why);
+                        }
+                    }
+                    None
+                }
+                PullAction::SendSets => {
+                    self.send_sets(c, std::mem::take(&mut sets))?;
+                    None
+                }
+                PullAction::Fail(e) => return Err(e),
+                PullAction::Finished => break,
+            };
+            if let Some(acts) = then {
+                for a in acts.into_iter().rev() {
+                    queue.push_front(a);
+                }
             }
         }
-        self.send_sets(c, acts)?;
-        report.target = Some(snap_ref(&info));
+        report.bytes += s.bytes;
+        report.extents += s.extents;
+        report.trims += s.trims;
+        if let Some((_, info)) = &taken {
+            report.target = Some(snap_ref(info));
+        }
         Ok(report.clone())
+    }
+
+    fn ns_at(&self, nss: &[NsName], i: u16) -> Result<NsName> {
+        nss.get(usize::from(i))
+            .cloned()
+            .ok_or_else(|| ReplError::Invalid(format!("namespace index {i} out of range")))
     }
 }
 

@@ -296,35 +296,9 @@ impl Replicator {
             Ok(s) => s,
             Err(e) => return fail(c, codes::NOT_FOUND, e),
         };
-        let target_id = Uuid::from_bytes(r.target);
-        let Some(target) = snaps.iter().find(|s| s.id == target_id).cloned() else {
-            return fail(
-                c,
-                codes::NOT_FOUND,
-                ReplError::NotFound(format!(
-                    "snapshot {target_id} on {}:{} (deleted meanwhile?)",
-                    self.cfg.node_name, r.volume
-                )),
-            );
-        };
-        let base = match r.base {
-            None => None,
-            Some(b) => {
-                let b = Uuid::from_bytes(b);
-                match snaps.iter().find(|s| s.id == b) {
-                    Some(s) => Some(s.clone()),
-                    None => {
-                        return fail(
-                            c,
-                            codes::NO_COMMON_BASE,
-                            ReplError::NotFound(format!(
-                                "base snapshot {b} no longer exists on {}:{}",
-                                self.cfg.node_name, r.volume
-                            )),
-                        )
-                    }
-                }
-            }
+        let (target, base) = match crate::session::admit_request(&self.cfg.node_name, r, &snaps) {
+            Ok((t, b)) => (t.clone(), b.cloned()),
+            Err(refused) => return fail(c, refused.code, refused.error),
         };
         let _guard = {
             let mut s = lock(&self.serving);
@@ -348,7 +322,6 @@ impl Replicator {
         };
         let mut diffs = Vec::with_capacity(nss.len());
         let mut ns_bytes = 0;
-        let mut sent = 0u64;
         for (i, ns) in nss.iter().enumerate() {
             let present = match &ns.qtree {
                 None => true,
@@ -384,41 +357,28 @@ impl Replicator {
             }
         }
         let items = plan(&diffs);
-        let mut sender = match Sender::new(items, r.resume_from, self.cfg.checkpoint) {
+        let sender = match Sender::new(items, r.resume_from, self.cfg.checkpoint) {
             Ok(s) => s,
             Err(e) => return fail(c, codes::INTERNAL, ReplError::Invalid(e)),
         };
+        let target_info = SnapInfo {
+            id: *target.id.as_bytes(),
+            name: target.name.clone(),
+            created_ms: target.created_unix_ms,
+            content_digest: digest,
+        };
         c.send(
-            &Message::TransferStart(TransferStart {
-                req_id,
-                target: SnapInfo {
-                    id: *target.id.as_bytes(),
-                    name: target.name.clone(),
-                    created_ms: target.created_unix_ms,
-                    content_digest: digest,
-                },
-                base: r.base,
-                extent_count: sender.remaining(),
-                byte_count: sender.remaining_bytes(),
-                volume_bytes: ns_bytes,
-                start_position: r.resume_from,
-            }),
+            &ServeSession::start_frame(r, &sender, target_info, ns_bytes),
             &[],
         )?;
         tracing::info!(%peer, volume = %r.volume, target = %target.name, base = ?base.as_ref().map(|b| &b.name), resume_from = r.resume_from, "serving transfer");
-        let mut steps = Vec::new();
-        loop {
-            match sender.next_step() {
-                SendStep::Finished => break,
-                st => steps.push(st),
-            }
-        }
-        // Reads run ahead of the socket: up to READ_AHEAD in the engine's
-        // queue at once, so the device sees queue depth, not one request.
+        // The session's shell: reads run ahead of the socket (up to
+        // READ_AHEAD in the engine's queue at once, so the device sees
+        // queue depth, not one request); frames go out in item order.
+        let mut s = ServeSession::new(sender, req_id, digest, READ_AHEAD);
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let mut submitted = 0usize;
         let mut ready: BTreeMap<u64, sluice_engine::Result<Reply>> = BTreeMap::new();
-        for (i, step) in steps.iter().enumerate() {
+        loop {
             if self.stopping() {
                 c.send_error(
                     req_id,
@@ -427,100 +387,72 @@ impl Replicator {
                 );
                 return Ok(());
             }
-            while submitted < steps.len() && submitted < i + READ_AHEAD {
-                if let SendStep::Item(it) = steps[submitted] {
-                    if it.kind == ItemKind::Data {
-                        let ns = nss.get(usize::from(it.ns)).cloned().ok_or_else(|| {
-                            ReplError::Invalid(format!("namespace index {} out of range", it.ns))
-                        })?;
-                        self.engine.submit(
-                            Request::Read {
-                                image: Image {
-                                    ns,
-                                    snapshot: Some(target.name.clone()),
-                                },
-                                lba: it.lba,
-                                len_blocks: it.len_blocks,
+            match s.next_action() {
+                ServeAction::Read { tag, item } => {
+                    let ns = nss.get(usize::from(item.ns)).cloned().ok_or_else(|| {
+                        ReplError::Invalid(format!("namespace index {} out of range", item.ns))
+                    })?;
+                    self.engine.submit(
+                        Request::Read {
+                            image: Image {
+                                ns,
+                                snapshot: Some(target.name.clone()),
                             },
-                            submitted as u64,
-                            done_tx.clone(),
-                        );
-                    }
-                }
-                submitted += 1;
-            }
-            match *step {
-                SendStep::Item(it) => match it.kind {
-                    ItemKind::Data => {
-                        let got = loop {
-                            if let Some(r) = ready.remove(&(i as u64)) {
-                                break r;
-                            }
-                            match done_rx.recv() {
-                                Ok((tag, r)) => {
-                                    ready.insert(tag, r);
-                                }
-                                Err(_) => break Err(sluice_engine::Error::ShutDown),
-                            }
-                        };
-                        let data = match got {
-                            Ok(Reply::Data(d)) => d,
-                            Ok(_) => {
-                                return fail(
-                                    c,
-                                    codes::INTERNAL,
-                                    ReplError::EngineReply { request: "Read" },
-                                )
-                            }
-                            Err(e) => {
-                                return fail(
-                                    c,
-                                    codes::INTERNAL,
-                                    ReplError::engine(
-                                        format!("read {}@{} lba {}", r.volume, target.name, it.lba),
-                                        e,
-                                    ),
-                                )
-                            }
-                        };
-                        let payload = data.as_slice();
-                        c.send(
-                            &Message::Extent(ExtentHeader {
-                                req_id,
-                                lba: wire_lba(it.ns, it.lba),
-                                len: it.len_blocks,
-                                checksum_kind: CHECKSUM_XXH3,
-                                checksum: crate::transfer::checksum(payload),
-                            }),
-                            payload,
-                        )?;
-                        self.n
-                            .bytes_sent
-                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                        sent += payload.len() as u64;
-                    }
-                    ItemKind::Trim => c.send(
-                        &Message::Trim {
-                            req_id,
-                            lba: wire_lba(it.ns, it.lba),
-                            len: it.len_blocks,
+                            lba: item.lba,
+                            len_blocks: item.len_blocks,
                         },
-                        &[],
-                    )?,
-                },
-                SendStep::Checkpoint(position) => {
-                    c.send(&Message::Checkpoint { req_id, position }, &[])?
+                        tag,
+                        done_tx.clone(),
+                    );
                 }
-                SendStep::Done => c.send(
-                    &Message::TransferDone {
-                        req_id,
-                        content_digest: digest,
-                    },
-                    &[],
-                )?,
-                SendStep::Finished => {}
+                ServeAction::AwaitRead => match done_rx.recv() {
+                    Ok((tag, reply)) => {
+                        ready.insert(tag, reply);
+                        s.read_done(tag);
+                    }
+                    Err(_) => {
+                        return fail(
+                            c,
+                            codes::INTERNAL,
+                            ReplError::engine(
+                                format!("read {}@{}", r.volume, target.name),
+                                sluice_engine::Error::ShutDown,
+                            ),
+                        )
+                    }
+                },
+                ServeAction::SendExtent { tag, item } => {
+                    let data = match ready.remove(&tag) {
+                        Some(Ok(Reply::Data(d))) => d,
+                        Some(Err(e)) => {
+                            return fail(
+                                c,
+                                codes::INTERNAL,
+                                ReplError::engine(
+                                    format!("read {}@{} lba {}", r.volume, target.name, item.lba),
+                                    e,
+                                ),
+                            )
+                        }
+                        Some(Ok(_)) | None => {
+                            return fail(
+                                c,
+                                codes::INTERNAL,
+                                ReplError::EngineReply { request: "Read" },
+                            )
+                        }
+                    };
+                    let payload = data.as_slice();
+                    c.send(&Message::Extent(s.extent_header(&item, payload)), payload)?;
+                    self.n
+                        .bytes_sent
+                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                }
+                ServeAction::Send(m) => c.send(&m, &[])?,
+                ServeAction::Finished => break,
             }
         }
+        let sent = s.bytes;
         self.n.transfers_served.fetch_add(1, Ordering::Relaxed);
         // Protect the target for this downstream relationship until its
         // after-set arrives.
