@@ -545,6 +545,8 @@ impl Read for End {
         let timeout = *lock(&self.0.read_timeout);
         let deadline = timeout.map(|t| Instant::now() + t);
         let rx = &self.0.rx;
+        let mut settled = false;
+        let settle_start = Instant::now();
         let mut s = lock(&rx.st);
         loop {
             if s.holding() {
@@ -580,6 +582,35 @@ impl Read for End {
                 let to_pause = s.slow.map_or(usize::MAX, |(_, left)| {
                     usize::try_from(left).unwrap_or(usize::MAX)
                 });
+                // And they take all the server sends before it waits (up
+                // to the buffer or the pause), never what a thread's timing
+                // happened to let through: where the client is when a pause
+                // comes, and whether it reads to the next pause before it
+                // closes, depend on the bytes only.
+                if s.slow.is_some()
+                    && !settled
+                    && avail < buf.len().min(to_pause)
+                    && !s.closed
+                    && s.pass.is_none()
+                {
+                    drop(s);
+                    let quiet = {
+                        let p = lock(&self.0.tx.st);
+                        p.waiting || p.parked || p.closed
+                    };
+                    s = lock(&rx.st);
+                    let late = deadline.is_some_and(|d| Instant::now() >= d);
+                    if quiet || late || settle_start.elapsed() > Duration::from_secs(60) {
+                        settled = true;
+                    } else {
+                        s = rx
+                            .cv
+                            .wait_timeout(s, Duration::from_micros(200))
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    continue;
+                }
                 let n = buf.len().min(avail).min(to_pause);
                 if let Some(p) = s.pass.as_mut() {
                     *p -= n as u64;
