@@ -15,6 +15,14 @@ pub enum LockError {
         count: usize,
         max: usize,
     },
+    /// A downstream node's sets together would hold more locks than
+    /// `Bounds::max_locks_per_peer`.
+    #[error("node {sender:?} would hold {count} locks here over all its lock sets, bound max_locks_per_peer is {max}; release locks or delete mirrors on {sender}")]
+    TooManyPeerLocks {
+        sender: String,
+        count: usize,
+        max: usize,
+    },
     /// A lock text or node name is longer than `Bounds::max_text_len` bytes.
     #[error("lock field {field} is {len} bytes, bound max_text_len is {max}")]
     TextTooLong {

@@ -180,6 +180,9 @@ pub struct Bounds {
     pub max_text_len: usize,
     /// Max hops of a lock's path (cascade depth).
     pub max_hops: usize,
+    /// Max locks one downstream node holds here, over all its sets: a
+    /// set that would take it past this is refused whole.
+    pub max_locks_per_peer: usize,
 }
 
 impl Default for Bounds {
@@ -188,6 +191,7 @@ impl Default for Bounds {
             max_locks_per_set: 65_536,
             max_text_len: 256,
             max_hops: 32,
+            max_locks_per_peer: 262_144,
         }
     }
 }

@@ -1305,6 +1305,31 @@ impl LockNode {
         if set.generation <= d.generation {
             return; // older or duplicate: ignored by design
         }
+        // One node's sets together stay within the per-peer bound: a set
+        // that would pass it is refused whole (its previous set holds).
+        let others: usize = self
+            .downs
+            .iter()
+            .filter(|(k, _)| k.0 == key.0 && **k != key)
+            .filter_map(|(_, o)| o.received.as_ref())
+            .map(|r| r.locks.len())
+            .sum();
+        let count = others.saturating_add(set.locks.len());
+        let max = self.cfg.bounds.max_locks_per_peer;
+        if count > max {
+            out.push(Action::SetRejected {
+                sender: set.sender,
+                error: LockError::TooManyPeerLocks {
+                    sender: key.0,
+                    count,
+                    max,
+                },
+            });
+            return;
+        }
+        let Some(d) = self.downs.get_mut(&key) else {
+            return;
+        };
         d.generation = set.generation;
         for g in &set.gone_acks {
             d.forced_gone.remove(g);

@@ -729,6 +729,9 @@ pub mod codes {
     pub const NOT_FOUND: u16 = 5;
     /// Snapshot locked.
     pub const LOCKED: u16 = 6;
+    /// Refused by a bound or a policy of the receiver (e.g. a lock set
+    /// past `max_locks_per_peer`).
+    pub const REFUSED: u16 = 7;
     /// Anything else.
     pub const INTERNAL: u16 = 100;
 }

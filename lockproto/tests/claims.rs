@@ -706,6 +706,7 @@ fn bounds_errors_name_the_bound() {
         max_locks_per_set: 1,
         max_text_len: 4,
         max_hops: 1,
+        ..Bounds::default()
     };
     let l = SoftLock {
         snapshot: sid(1),

@@ -14,8 +14,8 @@ use sluice_lockproto::wire::{
     MAX_BODY_LEN, SET_PARTS_MAX,
 };
 use sluice_lockproto::{
-    decode, encode, next_shared, Action, Bounds, Event, LockError, LockKind, LockNode, LockSet,
-    Message, NodeConfig, SoftLock,
+    decode, encode, next_shared, Action, Bounds, Event, Held, LockError, LockKind, LockNode,
+    LockSet, Message, NodeConfig, SoftLock,
 };
 use uuid::Uuid;
 
@@ -960,4 +960,95 @@ fn upstream_removed_sends_a_final_empty_set() {
     // Then nothing more, also on renewal.
     let acts = b.handle(1_000_000, Event::Tick);
     assert!(sets(&acts).is_empty(), "{acts:?}");
+}
+
+/// One downstream node's sets together stay within `max_locks_per_peer`:
+/// a set that would pass it is refused whole (the node's previous set for
+/// that relationship holds), other nodes are not affected, and a smaller
+/// set is taken again.
+#[test]
+fn a_peer_cannot_hold_more_locks_than_its_bound() {
+    let mut cfg = NodeConfig::new("A");
+    cfg.bounds.max_locks_per_peer = 3;
+    let mut a = LockNode::new(cfg);
+    let snaps: Vec<Uuid> = (1..=4).map(sid).collect();
+    volume(&mut a, "v", &snaps);
+    let set = |sender: &str, rel: &str, generation: u64, n: usize| LockSet {
+        sender: sender.into(),
+        relationship: rel.into(),
+        volume: "v".into(),
+        generation,
+        lease_ms: 60_000,
+        locks: snaps
+            .iter()
+            .take(n)
+            .map(|s| SoftLock {
+                snapshot: *s,
+                kind: LockKind::DestinationPath,
+                text: format!("{sender}:{rel}"),
+                origin_node: sender.into(),
+                hop_path: vec![sender.into()],
+                created_ms: 0,
+                renewed_ms: 0,
+                lease_ms: 60_000,
+                dataset: format!("{sender}/{rel}"),
+            })
+            .collect(),
+        gone_acks: Vec::new(),
+    };
+    for (who, rel) in [("B", "r1"), ("B", "r2"), ("C", "r1")] {
+        serve(&mut a, who, rel, "v");
+    }
+    let rejected = |acts: &[Action]| {
+        acts.iter().any(|x| {
+            matches!(x, Action::SetRejected { error: LockError::TooManyPeerLocks { count, max: 3, .. }, .. } if *count == 4)
+        })
+    };
+    let r = a.handle(
+        1,
+        Event::LockSetReceived {
+            set: set("B", "r1", 1, 2),
+        },
+    );
+    assert!(!rejected(&r), "{r:?}");
+    // B's second relationship would take B to 4 locks here.
+    let r = a.handle(
+        2,
+        Event::LockSetReceived {
+            set: set("B", "r2", 1, 2),
+        },
+    );
+    assert!(rejected(&r), "{r:?}");
+    let key2 = ("B".to_string(), "r2".to_string());
+    assert_eq!(a.generation_of(&key2), 0, "the refused set was taken");
+    // C has a bound of its own.
+    let r = a.handle(
+        3,
+        Event::LockSetReceived {
+            set: set("C", "r1", 1, 3),
+        },
+    );
+    assert!(!rejected(&r), "{r:?}");
+    // A smaller set fits; and B's r1 may grow only into what is left.
+    let r = a.handle(
+        4,
+        Event::LockSetReceived {
+            set: set("B", "r2", 2, 1),
+        },
+    );
+    assert!(!rejected(&r), "{r:?}");
+    assert_eq!(a.generation_of(&key2), 2);
+    let r = a.handle(
+        5,
+        Event::LockSetReceived {
+            set: set("B", "r1", 2, 3),
+        },
+    );
+    assert!(rejected(&r), "{r:?}");
+    let held: Vec<Held> = a
+        .all_locks()
+        .into_iter()
+        .filter(|h| h.lock.origin_node == "B")
+        .collect();
+    assert_eq!(held.len(), 3, "B keeps its last taken sets: {held:?}");
 }

@@ -65,6 +65,9 @@ pub struct ReplicatorConfig {
     /// simulation sets false and drives every tick itself with
     /// [`crate::Replicator::tick_now`].
     pub background: bool,
+    /// Most locks one downstream node may hold here over all its lock
+    /// sets (`Bounds::max_locks_per_peer`); a set past it is refused.
+    pub max_locks_per_peer: usize,
 }
 
 impl ReplicatorConfig {
@@ -86,6 +89,7 @@ impl ReplicatorConfig {
             checkpoint: Default::default(),
             env: std::sync::Arc::new(crate::env::RealEnv::default()),
             background: true,
+            max_locks_per_peer: sluice_lockproto::Bounds::default().max_locks_per_peer,
         }
     }
 }

@@ -294,3 +294,84 @@ fn hostile_source_cannot_crash_a_destination() {
     }
     b.shutdown();
 }
+
+/// A downstream that asks to hold more locks than its bound (over all its
+/// sets) hears why (`Error` REFUSED, naming the bound), and holds what it
+/// held before; another connection of the same node with a set that fits
+/// is taken.
+#[test]
+fn a_peer_past_its_lock_bound_is_refused_and_told() {
+    let mut cfg = config("A", None);
+    cfg.max_locks_per_peer = 3;
+    let a = Node::with_config(cfg);
+    a.create_volume("v");
+    let ids: Vec<[u8; 16]> = (1..=4)
+        .map(|i| *a.snap("v", &format!("s{i}")).id.as_bytes())
+        .collect();
+    let set = |rel: &str, generation: u64, n: usize| {
+        Message::LockSet(WireLockSet {
+            sender: "B".into(),
+            relationship: rel.into(),
+            volume: "v".into(),
+            generation,
+            lease_ms: 60_000,
+            locks: ids
+                .iter()
+                .take(n)
+                .map(|id| sluice_lockproto::wire::WireLock {
+                    snapshot: *id,
+                    kind: 2,
+                    text: format!("B:{rel}"),
+                    origin_node: "B".into(),
+                    hop_path: vec!["B".into()],
+                    created_ms: 0,
+                    renewed_ms: 0,
+                    lease_ms: 60_000,
+                    dataset: format!("B/{rel}"),
+                })
+                .collect(),
+            gone_acks: Vec::new(),
+            part: 0,
+            parts: 1,
+        })
+    };
+    let connect = || {
+        let s = TcpStream::connect(&a.addr).unwrap();
+        let mut c = Conn::new(Box::new(s), Duration::from_secs(5)).unwrap();
+        c.handshake("B", None).unwrap();
+        c
+    };
+    let ping = |c: &mut Conn| {
+        c.send(&Message::Ping { nonce: 9 }, &[]).unwrap();
+        c.recv()
+    };
+    let b_locks = || {
+        a.repl
+            .lock_list()
+            .into_iter()
+            // B's own locks (not this node's "base of mirror to" shares).
+            .filter(|l| l.text.starts_with("B:"))
+            .count()
+    };
+    let mut c = connect();
+    c.send(&set("r1", 1, 2), &[]).unwrap();
+    assert!(matches!(ping(&mut c), Ok(Some(Message::Pong { nonce: 9 }))));
+    assert_eq!(b_locks(), 2);
+    c.send(&set("r2", 1, 2), &[]).unwrap();
+    match c.recv() {
+        Ok(Some(Message::Error { code, text, .. })) => {
+            assert_eq!(code, sluice_lockproto::wire::codes::REFUSED, "{text}");
+            assert!(
+                text.contains("max_locks_per_peer") && text.contains("4 locks"),
+                "{text}"
+            );
+        }
+        other => panic!("expected Error REFUSED, got {other:?}"),
+    }
+    assert_eq!(b_locks(), 2, "the refused set was taken");
+    let mut c = connect();
+    c.send(&set("r2", 2, 1), &[]).unwrap();
+    assert!(matches!(ping(&mut c), Ok(Some(Message::Pong { nonce: 9 }))));
+    assert_eq!(b_locks(), 3);
+    a.shutdown();
+}

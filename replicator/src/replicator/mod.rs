@@ -237,7 +237,10 @@ impl Replicator {
             lease_ms: cfg.lease_ms,
             renew_every_ms: cfg.renew_every_ms,
             policy: cfg.lease_policy,
-            bounds: Default::default(),
+            bounds: sluice_lockproto::Bounds {
+                max_locks_per_peer: cfg.max_locks_per_peer,
+                ..Default::default()
+            },
             propagate: cfg.propagate_locks,
         };
         let rels: BTreeMap<String, Relationship> = match get_attr(&engine, keys::RELATIONSHIPS)? {

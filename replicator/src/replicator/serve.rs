@@ -207,7 +207,24 @@ impl Replicator {
         // waits for our next frame): an acknowledged lock survives a crash
         // of this node.
         self.flush()?;
+        // A set the table refused (a bound) is not silently dropped: the
+        // downstream hears why, and its set stays undelivered there.
+        let refused = acts.iter().find_map(|a| match a {
+            Action::SetRejected { sender, error } if sender == peer => Some(error.to_string()),
+            _ => None,
+        });
         self.perform(acts, None);
+        if let Some(why) = refused {
+            let text = format!(
+                "lock set of {peer}:{} refused by {}: {why}",
+                key.1, self.cfg.node_name
+            );
+            c.send_error(0, codes::REFUSED, &text);
+            return Err(ReplError::Protocol {
+                peer: c.who(),
+                detail: text,
+            });
+        }
         let gone = lock(&self.st).locks().pending_gone(&key.0, &key.1);
         for g in gone {
             c.send(
