@@ -14,6 +14,8 @@
 //! direct_io = true
 //! pin_shards = true            # pin engine shard i to core i (pools of several shards)
 //! peer_secret = "/etc/sluice/secret"  # peers prove it (HMAC), then Noise-encrypted
+//! peer_secrets = { node-b = "/etc/sluice/ab.secret" }  # one secret per peer (its identity)
+//! max_locks_per_peer = 262144  # locks one downstream node may hold here, all its sets
 //! insecure_peers = false       # true: no secret, any peer, clear text (trusted networks)
 //! throttle = "100M"            # node-wide replication receive rate, bytes/s
 //! lease_ms = 60000             # lease on the lock sets this node sends
@@ -50,6 +52,8 @@ pub struct ConfigFile {
     pub direct_io: Option<bool>,
     pub pin_shards: Option<bool>,
     pub peer_secret: Option<PathBuf>,
+    pub peer_secrets: Option<BTreeMap<String, PathBuf>>,
+    pub max_locks_per_peer: Option<usize>,
     pub insecure_peers: Option<bool>,
     pub throttle: Option<String>,
     pub lease_ms: Option<u64>,
@@ -96,6 +100,11 @@ pub struct ServeConfig {
     /// The file of the secret peers prove; without it (and without
     /// `insecure_peers`) the node refuses every peer.
     pub peer_secret: Option<PathBuf>,
+    /// Files of the secrets shared with one peer each, by node name: that
+    /// peer proves its own secret (its identity) instead of `peer_secret`.
+    pub peer_secrets: BTreeMap<String, PathBuf>,
+    /// Locks one downstream node may hold here over all its sets.
+    pub max_locks_per_peer: Option<usize>,
     /// The operator's explicit insecure mode: no secret, any peer, clear text.
     pub insecure_peers: bool,
     pub throttle_bps: Option<u64>,
@@ -154,6 +163,26 @@ impl ServeConfig {
                 "both peer_secret ({}) and insecure_peers are set: choose one (a secret authenticates and encrypts peers; insecure_peers accepts any peer in clear text)",
                 p.display()
             )));
+        }
+        let peer_secrets = file.peer_secrets.clone().unwrap_or_default();
+        if insecure_peers && !peer_secrets.is_empty() {
+            return Err(NodeError::Invalid(
+                "both peer_secrets and insecure_peers are set: choose one (secrets authenticate and encrypt peers; insecure_peers accepts any peer in clear text)".into(),
+            ));
+        }
+        if let Some(n) = peer_secrets
+            .keys()
+            .find(|n| n.is_empty() || n.len() > sluice_replicator::conn::NODE_NAME_MAX)
+        {
+            return Err(NodeError::Invalid(format!(
+                "peer_secrets: node name {n:?} must be 1 to {} bytes",
+                sluice_replicator::conn::NODE_NAME_MAX
+            )));
+        }
+        if file.max_locks_per_peer == Some(0) {
+            return Err(NodeError::Invalid(
+                "max_locks_per_peer must be at least 1".into(),
+            ));
         }
         let max_transfers = max_transfers.or(file.max_transfers).unwrap_or(4);
         if !(1..=TRANSFERS_MAX).contains(&max_transfers) {
@@ -239,6 +268,8 @@ impl ServeConfig {
             direct_io: file.direct_io.unwrap_or(true),
             pin_shards: file.pin_shards.unwrap_or(true),
             peer_secret,
+            peer_secrets,
+            max_locks_per_peer: file.max_locks_per_peer,
             insecure_peers,
             throttle_bps,
             lease_ms: file.lease_ms,

@@ -141,6 +141,12 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         Some(p) => Some(read_secret(p)?),
         None => None,
     };
+    for (peer, p) in &cfg.peer_secrets {
+        rcfg.peer_secrets.insert(peer.clone(), read_secret(p)?);
+    }
+    if let Some(n) = cfg.max_locks_per_peer {
+        rcfg.max_locks_per_peer = n;
+    }
     rcfg.insecure_peers = cfg.insecure_peers;
     rcfg.node_throttle_bps = cfg.throttle_bps;
     rcfg.peer_timeout = cfg.peer_timeout;

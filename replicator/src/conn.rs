@@ -40,6 +40,10 @@ pub const NODE_NAME_MAX: usize = 256;
 /// anything yet.
 pub const PRE_AUTH_FRAME_MAX: usize = 16 << 10;
 
+/// How a handshake finds the secret it shares with a peer, by the peer's
+/// node name (see [`Conn::handshake_with`]).
+pub type PeerKeyFn<'a> = dyn Fn(&str) -> std::result::Result<Option<Vec<u8>>, String> + 'a;
+
 /// One framed connection to a peer.
 pub struct Conn {
     stream: Box<dyn PeerStream>,
@@ -313,8 +317,17 @@ impl Conn {
     /// Exchange Hellos (and prove the secret, if one is set) within one
     /// peer timeout in all, however the peer paces its bytes.
     pub fn handshake(&mut self, node: &str, secret: Option<&[u8]>) -> Result<String> {
+        let key = secret.map(<[u8]>::to_vec);
+        self.handshake_with(node, &|_| Ok(key.clone()))
+    }
+
+    /// [`Self::handshake`] with the secret chosen by the peer's name, once
+    /// its Hello told it: `Ok(Some)` the secret this pair shares, `Ok(None)`
+    /// no authentication (insecure mode), `Err(why)` this node has no
+    /// secret for that peer: it is refused with `why`.
+    pub fn handshake_with(&mut self, node: &str, key: &PeerKeyFn<'_>) -> Result<String> {
         self.deadline = Some(std::time::Instant::now() + self.timeout);
-        let r = self.handshake_inner(node, secret);
+        let r = self.handshake_inner(node, key);
         self.deadline = None;
         let _ = self.stream.set_read_timeout(Some(self.timeout));
         self.authenticated = r.is_ok();
@@ -345,9 +358,10 @@ impl Conn {
             .map_err(|e| self.io("set read timeout", e))
     }
 
-    fn handshake_inner(&mut self, node: &str, secret: Option<&[u8]>) -> Result<String> {
+    fn handshake_inner(&mut self, node: &str, key: &PeerKeyFn<'_>) -> Result<String> {
         self.my_node = node.to_string();
-        self.secret = secret.is_some();
+        // Until the peer's name is known: whether this node uses secrets.
+        self.secret = key("").is_ok_and(|k| k.is_some());
         let nonce: [u8; NONCE_LEN] = rand::random();
         self.send(&Message::Hello(self.hello(None, nonce)), &[])?;
         let peer = match self.recv_raw()? {
@@ -398,9 +412,26 @@ impl Conn {
             });
         }
         self.peer_node = peer.node_id.clone();
-        let Some(secret) = secret else {
-            return Ok(peer.node_id);
+        let secret = match key(&peer.node_id) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.secret = false;
+                return Ok(peer.node_id);
+            }
+            Err(detail) => {
+                self.send_error(
+                    0,
+                    codes::AUTH,
+                    &format!("node {node} refused {}: {detail}", peer.node_id),
+                );
+                return Err(ReplError::AuthRefused {
+                    peer: self.who(),
+                    detail,
+                });
+            }
         };
+        self.secret = true;
+        let secret = secret.as_slice();
         let proof = auth_response(secret, &peer.nonce, &peer.node_id, node)?;
         self.send(&Message::Hello(self.hello(Some(proof), nonce)), &[])?;
         let refuse = |c: &mut Conn, detail: String| {

@@ -35,6 +35,12 @@ pub struct ReplicatorConfig {
     /// Shared secret for peer authentication (and the key of the encrypted
     /// session). Without one, peers are refused unless `insecure_peers`.
     pub peer_secret: Option<Vec<u8>>,
+    /// Secrets shared with one peer each, by the peer's node name: they
+    /// take the place of `peer_secret` for that peer, so a peer proves its
+    /// own name (a node that knows only its own pair's secret cannot pass
+    /// for another). Without `peer_secret`, a peer not named here is
+    /// refused.
+    pub peer_secrets: std::collections::BTreeMap<String, Vec<u8>>,
     /// The operator's explicit insecure mode: without a secret, accept any
     /// peer and talk to peers in clear text. Off (the default), a node
     /// without a secret refuses every peer and connects to none.
@@ -71,12 +77,30 @@ pub struct ReplicatorConfig {
 }
 
 impl ReplicatorConfig {
+    /// The secret this node shares with `peer`: its own in `peer_secrets`,
+    /// else `peer_secret`; `Ok(None)` in insecure mode; `Err` names why a
+    /// peer has none.
+    pub fn peer_key(&self, peer: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+        if let Some(s) = self.peer_secrets.get(peer).or(self.peer_secret.as_ref()) {
+            return Ok(Some(s.clone()));
+        }
+        if self.insecure_peers {
+            return Ok(None);
+        }
+        let known: Vec<&str> = self.peer_secrets.keys().map(String::as_str).collect();
+        Err(format!(
+            "it has no secret for node {peer:?} (peer_secrets names {}): add one for {peer:?} to peer_secrets on both nodes",
+            if known.is_empty() { "no node".to_string() } else { known.join(", ") }
+        ))
+    }
+
     /// Defaults: lease 60 s, renew every 20 s, keep stale locks, no throttle,
     /// 4 scheduled transfers at once.
     pub fn new(node_name: impl Into<String>) -> Self {
         ReplicatorConfig {
             node_name: node_name.into(),
             peer_secret: None,
+            peer_secrets: Default::default(),
             insecure_peers: false,
             lease_ms: 60_000,
             renew_every_ms: 20_000,

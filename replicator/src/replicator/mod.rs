@@ -349,7 +349,16 @@ impl Replicator {
                 state.pending_sets.insert((relationship, upstream), set);
             }
         }
-        match (&cfg.peer_secret, cfg.insecure_peers) {
+        match (
+            cfg.peer_secret
+                .as_ref()
+                .or(cfg.peer_secrets.values().next()),
+            cfg.insecure_peers,
+        ) {
+            (Some(_), _) if cfg.peer_secret.is_none() => {
+                let names: Vec<&str> = cfg.peer_secrets.keys().map(String::as_str).collect();
+                tracing::info!(node = %cfg.node_name, peers = %names.join(","), "peers must prove the secret this node shares with each of them (peer_secrets; any other is refused); peer traffic is encrypted")
+            }
             (Some(_), _) => {
                 tracing::info!(node = %cfg.node_name, "peers must prove the shared peer secret; peer traffic is encrypted")
             }
@@ -792,7 +801,10 @@ impl Replicator {
     /// Peers are refused, and none is connected to, on a node with neither
     /// a secret nor the insecure mode.
     fn peers_allowed(&self) -> Result<()> {
-        if self.cfg.peer_secret.is_none() && !self.cfg.insecure_peers {
+        if self.cfg.peer_secret.is_none()
+            && self.cfg.peer_secrets.is_empty()
+            && !self.cfg.insecure_peers
+        {
             return Err(ReplError::PeersDisabled {
                 node: self.cfg.node_name.clone(),
             });
@@ -803,7 +815,7 @@ impl Replicator {
     fn connect(&self, addr: &str) -> Result<Tracked<'_>> {
         self.peers_allowed()?;
         let mut c = self.track(Conn::connect(&*self.cfg.env, addr, self.cfg.peer_timeout)?)?;
-        if let Err(e) = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref()) {
+        if let Err(e) = c.handshake_with(&self.cfg.node_name, &|p| self.cfg.peer_key(p)) {
             if matches!(e, ReplError::AuthRefused { .. }) {
                 self.n.auth_failures.fetch_add(1, Ordering::Relaxed);
             }

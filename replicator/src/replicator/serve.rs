@@ -81,7 +81,7 @@ impl Replicator {
         if self.peers_allowed().is_err() {
             return Err(c.refuse_unauthenticated(&self.cfg.node_name));
         }
-        let peer = c.handshake(&self.cfg.node_name, self.cfg.peer_secret.as_deref())?;
+        let peer = c.handshake_with(&self.cfg.node_name, &|p| self.cfg.peer_key(p))?;
         let mut parts = SetAssembler::default();
         loop {
             if self.stopping() {
