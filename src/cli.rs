@@ -108,6 +108,33 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                 crate::out!("  ended downstream: {} (it needs a new source or a new baseline)", s(d));
             }
         }
+        ControlRequest::VolExport { volume, .. } => match result["peers"].as_array() {
+            Some(p) => {
+                let names: Vec<String> = p.iter().map(s).collect();
+                crate::out!("volume {volume}: exported to {}", names.join(", "));
+            }
+            None => crate::out!("volume {volume}: no export list (the node's default applies)"),
+        },
+        ControlRequest::VolExports => {
+            let closed = result["exports_required"].as_bool().unwrap_or(false);
+            crate::out!(
+                "volumes without a list: {}",
+                if closed {
+                    "closed to every peer (exports_required)"
+                } else {
+                    "open to every authenticated peer"
+                }
+            );
+            let mut t = Table::new(&["VOLUME", "PEERS"]);
+            if let Some(m) = result["exports"].as_object() {
+                for (v, p) in m {
+                    let names: Vec<String> =
+                        p.as_array().into_iter().flatten().map(s).collect();
+                    t.row(vec![v.clone(), names.join(", ")]);
+                }
+            }
+            t.print();
+        }
         ControlRequest::VolList => {
             let vols: Vec<VolumeView> = parse(result)?;
             let mut t = Table::new(&["VOLUME", ">SIZE", ">USED", ">SNAPSHOTS", ">KEEP", "RO", "QTREES"]);

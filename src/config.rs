@@ -16,6 +16,7 @@
 //! peer_secret = "/etc/sluice/secret"  # peers prove it (HMAC), then Noise-encrypted
 //! peer_secrets = { node-b = "/etc/sluice/ab.secret" }  # one secret per peer (its identity)
 //! max_locks_per_peer = 262144  # locks one downstream node may hold here, all its sets
+//! exports_required = false     # true: peers pull only volumes `vol export`ed to them
 //! insecure_peers = false       # true: no secret, any peer, clear text (trusted networks)
 //! throttle = "100M"            # node-wide replication receive rate, bytes/s
 //! lease_ms = 60000             # lease on the lock sets this node sends
@@ -54,6 +55,7 @@ pub struct ConfigFile {
     pub peer_secret: Option<PathBuf>,
     pub peer_secrets: Option<BTreeMap<String, PathBuf>>,
     pub max_locks_per_peer: Option<usize>,
+    pub exports_required: Option<bool>,
     pub insecure_peers: Option<bool>,
     pub throttle: Option<String>,
     pub lease_ms: Option<u64>,
@@ -105,6 +107,8 @@ pub struct ServeConfig {
     pub peer_secrets: BTreeMap<String, PathBuf>,
     /// Locks one downstream node may hold here over all its sets.
     pub max_locks_per_peer: Option<usize>,
+    /// Peers pull only volumes exported to them (`vol export`).
+    pub exports_required: bool,
     /// The operator's explicit insecure mode: no secret, any peer, clear text.
     pub insecure_peers: bool,
     pub throttle_bps: Option<u64>,
@@ -270,6 +274,7 @@ impl ServeConfig {
             peer_secret,
             peer_secrets,
             max_locks_per_peer: file.max_locks_per_peer,
+            exports_required: file.exports_required.unwrap_or(false),
             insecure_peers,
             throttle_bps,
             lease_ms: file.lease_ms,

@@ -53,6 +53,15 @@ pub enum ControlRequest {
         volume: String,
         keep: Option<usize>,
     },
+    /// Which peers may pull `volume` and lock its snapshots: node names,
+    /// or `["*"]` for any authenticated peer; `null` drops the list (the
+    /// node's default applies: open, or closed with `exports_required`).
+    VolExport {
+        volume: String,
+        peers: Option<Vec<String>>,
+    },
+    /// Every volume's export list, and the node's default.
+    VolExports,
     QtreeCreate {
         volume: String,
         name: String,
@@ -165,6 +174,7 @@ impl ControlRequest {
             ControlRequest::SnapDelete { .. }
             | ControlRequest::SnapRollback { .. }
             | ControlRequest::VolDelete { .. }
+            | ControlRequest::VolExport { .. }
             | ControlRequest::MirrorBreak { .. }
             | ControlRequest::MirrorDelete { .. }
             | ControlRequest::MirrorRetarget { .. }
@@ -183,6 +193,8 @@ impl ControlRequest {
             ControlRequest::VolResize { .. } => "vol_resize",
             ControlRequest::VolDelete { .. } => "vol_delete",
             ControlRequest::VolRetain { .. } => "vol_retain",
+            ControlRequest::VolExport { .. } => "vol_export",
+            ControlRequest::VolExports => "vol_exports",
             ControlRequest::QtreeCreate { .. } => "qtree_create",
             ControlRequest::SnapCreate { .. } => "snap_create",
             ControlRequest::SnapList { .. } => "snap_list",

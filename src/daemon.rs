@@ -147,6 +147,7 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
     if let Some(n) = cfg.max_locks_per_peer {
         rcfg.max_locks_per_peer = n;
     }
+    rcfg.exports_required = cfg.exports_required;
     rcfg.insecure_peers = cfg.insecure_peers;
     rcfg.node_throttle_bps = cfg.throttle_bps;
     rcfg.peer_timeout = cfg.peer_timeout;

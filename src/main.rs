@@ -204,6 +204,33 @@ enum VolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Say which peers may pull VOL and lock its snapshots (`--to b,c`, or
+    /// `--to '*'` for any authenticated peer); `--off` drops the list.
+    Export {
+        /// The volume.
+        volume: String,
+        /// Node names, comma-separated, or `*`.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "off",
+            conflicts_with = "off"
+        )]
+        to: Vec<String>,
+        /// Drop the list: the node's default applies (open, or closed
+        /// with exports_required).
+        #[arg(long)]
+        off: bool,
+        /// Print the node's JSON result instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every volume's export list, and what a volume without one allows.
+    Exports {
+        /// Print the node's JSON result instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete VOL with its qtrees and snapshots (refused while a downstream
     /// pulls it or a lock holds one of its snapshots, naming them).
     Delete {
@@ -527,6 +554,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             json,
         ),
+        Cmd::Vol {
+            cmd:
+                VolCmd::Export {
+                    volume,
+                    to,
+                    off,
+                    json,
+                },
+        } => (
+            R::VolExport {
+                volume,
+                peers: if off { None } else { Some(to) },
+            },
+            json,
+        ),
+        Cmd::Vol {
+            cmd: VolCmd::Exports { json },
+        } => (R::VolExports, json),
         Cmd::Vol {
             cmd:
                 VolCmd::Retain {

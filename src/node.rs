@@ -293,6 +293,15 @@ impl Node {
             ControlRequest::VolDelete { name, force } => {
                 to_value(&self.repl.vol_delete(&name, force)?)
             }
+            ControlRequest::VolExport { volume, peers } => {
+                self.repl.set_export(&volume, peers)?;
+                let peers = self.repl.exports().get(&volume).cloned();
+                Ok(serde_json::json!({ "volume": volume, "peers": peers }))
+            }
+            ControlRequest::VolExports => Ok(serde_json::json!({
+                "exports": self.repl.exports(),
+                "exports_required": self.repl.exports_required(),
+            })),
             ControlRequest::VolRetain { volume, keep } => {
                 self.repl.set_retention(&volume, keep)?;
                 to_value(&self.volume(&volume)?)

@@ -22,6 +22,8 @@ pub mod keys {
     pub const CHECKPOINT_PREFIX: &str = "repl.v1.ckpt.";
     /// Retention policies (JSON map: volume -> snapshots to keep).
     pub const RETENTION: &str = "repl.v1.retention";
+    /// Export lists (JSON map: volume -> peer node names, `*` = any).
+    pub const EXPORTS: &str = "repl.v1.exports";
 }
 
 /// Most scheduled transfers one node runs at once (`max_transfers`).
@@ -74,6 +76,10 @@ pub struct ReplicatorConfig {
     /// Most locks one downstream node may hold here over all its lock
     /// sets (`Bounds::max_locks_per_peer`); a set past it is refused.
     pub max_locks_per_peer: usize,
+    /// Peers may pull (and lock snapshots of) only the volumes exported to
+    /// them (`vol export`). Off, a volume without an export list is open to
+    /// every authenticated peer.
+    pub exports_required: bool,
 }
 
 impl ReplicatorConfig {
@@ -114,6 +120,7 @@ impl ReplicatorConfig {
             env: std::sync::Arc::new(crate::env::RealEnv::default()),
             background: true,
             max_locks_per_peer: sluice_lockproto::Bounds::default().max_locks_per_peer,
+            exports_required: false,
         }
     }
 }

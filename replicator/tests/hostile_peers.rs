@@ -375,3 +375,72 @@ fn a_peer_past_its_lock_bound_is_refused_and_told() {
     assert_eq!(b_locks(), 3);
     a.shutdown();
 }
+
+/// A lock set on a volume not exported to its sender is refused, naming
+/// the command that exports it; the same node's empty set (a release) is
+/// taken, and a set on an exported volume is.
+#[test]
+fn a_lock_set_on_a_volume_not_exported_to_the_peer_is_refused() {
+    let a = Node::start("A");
+    a.create_volume("v");
+    a.create_volume("w");
+    let id = *a.snap("v", "s1").id.as_bytes();
+    let wid = *a.snap("w", "s1").id.as_bytes();
+    a.repl.set_export("v", Some(vec!["C".into()])).unwrap();
+    a.repl.set_export("w", Some(vec!["B".into()])).unwrap();
+    let set = |vol: &str, generation: u64, snap: Option<[u8; 16]>| {
+        Message::LockSet(WireLockSet {
+            sender: "B".into(),
+            relationship: format!("r-{vol}"),
+            volume: vol.into(),
+            generation,
+            lease_ms: 60_000,
+            locks: snap
+                .into_iter()
+                .map(|s| sluice_lockproto::wire::WireLock {
+                    snapshot: s,
+                    kind: 2,
+                    text: "B:r".into(),
+                    origin_node: "B".into(),
+                    hop_path: vec!["B".into()],
+                    created_ms: 0,
+                    renewed_ms: 0,
+                    lease_ms: 60_000,
+                    dataset: "B/r".into(),
+                })
+                .collect(),
+            gone_acks: Vec::new(),
+            part: 0,
+            parts: 1,
+        })
+    };
+    let connect = || {
+        let s = TcpStream::connect(&a.addr).unwrap();
+        let mut c = Conn::new(Box::new(s), Duration::from_secs(5)).unwrap();
+        c.handshake("B", None).unwrap();
+        c
+    };
+    let mut c = connect();
+    c.send(&set("v", 1, Some(id)), &[]).unwrap();
+    match c.recv() {
+        Ok(Some(Message::Error { code, text, .. })) => {
+            assert_eq!(code, sluice_lockproto::wire::codes::REFUSED, "{text}");
+            assert!(text.contains("sluice vol export v --to B"), "{text}");
+        }
+        other => panic!("expected Error REFUSED, got {other:?}"),
+    }
+    let mut c = connect();
+    c.send(&set("v", 2, None), &[]).unwrap();
+    c.send(&set("w", 1, Some(wid)), &[]).unwrap();
+    c.send(&Message::Ping { nonce: 4 }, &[]).unwrap();
+    assert!(matches!(c.recv(), Ok(Some(Message::Pong { nonce: 4 }))));
+    let held: Vec<_> = a
+        .repl
+        .lock_list()
+        .into_iter()
+        .filter(|l| l.text == "B:r")
+        .map(|l| l.volume)
+        .collect();
+    assert_eq!(held, vec![Some("w".to_string())]);
+    a.shutdown();
+}

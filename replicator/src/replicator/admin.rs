@@ -345,6 +345,13 @@ impl Replicator {
         if self.retention().contains_key(volume) {
             self.store_retention(volume, None)?;
         }
+        if self.exports().contains_key(volume) {
+            let ((), acts) = self.change(|t| {
+                t.exports_mut().remove(volume);
+                Ok(())
+            })?;
+            self.perform(acts, None);
+        }
         self.flush()?;
         tracing::warn!(%volume, snapshots = snaps.len(), forced = lines.len(), downstreams = down_lines.len(), "volume deleted");
         Ok(VolDeleteReport {

@@ -57,6 +57,7 @@ use crate::transfer::{content_digest, plan, ItemKind, Sender, NS_LIST_TAG};
 use crate::types::*;
 
 mod admin;
+mod exports;
 mod metrics;
 mod plan;
 mod pull;
@@ -333,7 +334,8 @@ impl Replicator {
         }
         // Every set is re-sent (a restart bumps the generation epoch).
         reconcile.push(Event::Restarted);
-        let mut state = State::new(rels, locks, retention);
+        let exports = exports::load_exports(&engine)?;
+        let mut state = State::new(rels, locks, retention, exports);
         let ((), acts) = commit(&engine, &mut state, cfg.env.wall_ms(), |t| {
             t.lock_all(reconcile);
             t.touch_tables();

@@ -105,6 +105,11 @@ impl Replicator {
                 }
                 Message::Ping { nonce } => c.send(&Message::Pong { nonce }, &[])?,
                 Message::Pong { .. } | Message::CheckpointAck { .. } => {}
+                Message::SnapshotListRequest { req_id, volume, .. }
+                    if !self.may_serve(&peer, &volume) =>
+                {
+                    c.send_error(req_id, codes::REFUSED, &self.not_exported(&peer, &volume))
+                }
                 Message::SnapshotListRequest {
                     req_id,
                     volume,
@@ -154,6 +159,14 @@ impl Replicator {
                     set.relationship, set.volume, self.cfg.node_name
                 );
                 c.send_error(0, codes::NOT_FOUND, &text);
+                return Err(ReplError::Protocol {
+                    peer: c.who(),
+                    detail: text,
+                });
+            }
+            if !self.may_serve(peer, &set.volume) {
+                let text = self.not_exported(peer, &set.volume);
+                c.send_error(0, codes::REFUSED, &text);
                 return Err(ReplError::Protocol {
                     peer: c.who(),
                     detail: text,
@@ -309,6 +322,10 @@ impl Replicator {
             c.send_error(req_id, code, &e.to_string());
             Ok(())
         };
+        if !self.may_serve(peer, &r.volume) {
+            c.send_error(req_id, codes::REFUSED, &self.not_exported(peer, &r.volume));
+            return Ok(());
+        }
         let snaps = match snapshots(&self.engine, &r.volume) {
             Ok(s) => s,
             Err(e) => return fail(c, codes::NOT_FOUND, e),

@@ -1,7 +1,7 @@
 //! The replicator's state, and the one way it changes.
 //!
-//! Owns: the three persisted tables (relationships, the lock table,
-//! retention policies) and the memory-only bookkeeping beside them
+//! Owns: the four persisted tables (relationships, the lock table,
+//! retention policies, export lists) and the memory-only bookkeeping beside them
 //! (undelivered lock sets, what each downstream is known to share, when
 //! each relationship is due).
 //!
@@ -32,6 +32,8 @@ pub(super) struct State {
     locks: LockNode,
     /// Retention by count: volume -> snapshots to keep.
     retention: BTreeMap<String, usize>,
+    /// Export lists: volume -> the peers that may pull it (`*`: any).
+    exports: BTreeMap<String, BTreeSet<String>>,
     /// Latest undelivered set per (relationship, upstream node).
     pub(super) pending_sets: BTreeMap<(String, String), LockSet>,
     /// Per downstream relationship: snapshots we know it holds as its bases.
@@ -57,11 +59,13 @@ impl State {
         rels: BTreeMap<String, Relationship>,
         locks: LockNode,
         retention: BTreeMap<String, usize>,
+        exports: BTreeMap<String, BTreeSet<String>>,
     ) -> State {
         State {
             rels,
             locks,
             retention,
+            exports,
             pending_sets: BTreeMap::new(),
             down_shared: BTreeMap::new(),
             served: BTreeMap::new(),
@@ -85,6 +89,11 @@ impl State {
     /// Retention by count: volume -> snapshots to keep.
     pub(super) fn retention(&self) -> &BTreeMap<String, usize> {
         &self.retention
+    }
+
+    /// Export lists: volume -> the peers that may pull it.
+    pub(super) fn exports(&self) -> &BTreeMap<String, BTreeSet<String>> {
+        &self.exports
     }
 }
 
@@ -114,6 +123,7 @@ struct Dirty {
     rels: bool,
     locks: bool,
     retention: bool,
+    exports: bool,
 }
 
 /// One change of the state: see the module docs.
@@ -172,6 +182,12 @@ impl Txn<'_> {
     pub(super) fn retention_mut(&mut self) -> &mut BTreeMap<String, usize> {
         self.dirty.retention = true;
         &mut self.st.retention
+    }
+
+    /// The export lists, to change (written at commit).
+    pub(super) fn exports_mut(&mut self) -> &mut BTreeMap<String, BTreeSet<String>> {
+        self.dirty.exports = true;
+        &mut self.st.exports
     }
 
     /// The memory-only bookkeeping, which is never persisted.
@@ -234,6 +250,10 @@ fn save(engine: &EngineHandle, st: &State, dirty: Dirty) -> Result<()> {
     if dirty.retention {
         let b = json(keys::RETENTION, serde_json::to_vec(&st.retention))?;
         set_attr(engine, keys::RETENTION, Some(b))?;
+    }
+    if dirty.exports {
+        let b = json(keys::EXPORTS, serde_json::to_vec(&st.exports))?;
+        set_attr(engine, keys::EXPORTS, Some(b))?;
     }
     Ok(())
 }
