@@ -26,15 +26,19 @@ use sluice_engine::device::BlockDevice;
 use sluice_engine::shard::{Engine, EngineOptions};
 use sluice_engine::sharded;
 use sluice_replicator::{Replicator, ReplicatorConfig};
+use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Most `--listen` connections served at once; more are closed at accept.
 pub const CONN_MAX: usize = 256;
+/// Most connections one source (an IP address, or a local uid) has on one
+/// listener at once: one source cannot take every slot.
+pub const CONN_PER_SOURCE_MAX: usize = 64;
 /// How long a new connection may take to send its first bytes.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTP_HEAD_MAX: usize = 16 << 10;
@@ -356,6 +360,7 @@ fn serve_connections<S: Send + 'static>(
 ) {
     let handle = Arc::new(handle);
     let live = Arc::new(AtomicUsize::new(0));
+    let sources: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     loop {
         let conn = accept();
         if stop.load(Ordering::SeqCst) {
@@ -374,7 +379,29 @@ fn serve_connections<S: Send + 'static>(
             tracing::warn!(client = %who, "too many {what}connections ({CONN_MAX}); closing this one");
             continue;
         }
+        let source = source_of(&who);
+        {
+            let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(source.clone()).or_insert(0);
+            if *n >= CONN_PER_SOURCE_MAX {
+                tracing::warn!(client = %who, "too many {what}connections from {source} ({CONN_PER_SOURCE_MAX}); closing this one");
+                continue;
+            }
+            *n += 1;
+        }
         live.fetch_add(1, Ordering::SeqCst);
+        let release = {
+            let sources = sources.clone();
+            move || {
+                let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = m.get_mut(&source) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        m.remove(&source);
+                    }
+                }
+            }
+        };
         let (handle, live) = (handle.clone(), live.clone());
         let spawned = std::thread::Builder::new()
             .name(
@@ -385,13 +412,32 @@ fn serve_connections<S: Send + 'static>(
                 }
                 .into(),
             )
-            .spawn(move || {
-                handle(stream, &who);
-                live.fetch_sub(1, Ordering::SeqCst);
+            .spawn({
+                let release = release.clone();
+                move || {
+                    handle(stream, &who);
+                    live.fetch_sub(1, Ordering::SeqCst);
+                    release();
+                }
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot spawn a {what}connection thread");
+            release();
         }
+    }
+}
+
+/// The source a connection counts against (see [`CONN_PER_SOURCE_MAX`]):
+/// the IP address of a TCP client (`1.2.3.4:5678`, `addr=[::1]:5678`), the
+/// uid of a Unix-socket one (`uid=0 pid=42`).
+fn source_of(who: &str) -> String {
+    if let Some(uid) = who.split_whitespace().find(|w| w.starts_with("uid=")) {
+        return uid.to_string();
+    }
+    let addr = who.strip_prefix("addr=").unwrap_or(who);
+    match addr.rsplit_once(':') {
+        Some((ip, port)) if port.chars().all(|c| c.is_ascii_digit()) => ip.to_string(),
+        _ => addr.to_string(),
     }
 }
 
@@ -815,6 +861,14 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_counts_against_its_address_or_uid() {
+        assert_eq!(source_of("127.0.0.2:40000"), "127.0.0.2");
+        assert_eq!(source_of("addr=[::1]:7001"), "[::1]");
+        assert_eq!(source_of("uid=0 pid=42"), "uid=0");
+        assert_eq!(source_of("?"), "?");
+    }
 
     #[test]
     fn default_shards_follow_size_and_cores() {

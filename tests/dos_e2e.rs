@@ -179,3 +179,56 @@ fn a_peer_dripping_its_hello_is_cut_at_the_handshake_deadline() {
         "a peer dripping its header a byte per 0.5 s was kept for {dripped} bytes with a 2 s peer timeout"
     );
 }
+
+/// A TCP connection to `to` from the local source address `from`
+/// (127.0.0.0/8 is all loopback).
+fn connect_from(from: [u8; 4], to: &str) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let to: std::net::SocketAddrV4 = to.parse().unwrap();
+    let sin = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a fresh fd with valid sockaddr_in
+    // values; the fd is owned by the returned stream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket");
+        let local = sin(from, 0);
+        let rc = libc::bind(fd, &local as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "bind to {from:?}");
+        let remote = sin(to.ip().octets(), to.port());
+        let rc = libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "connect to {to}");
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// One source cannot take every slot of the peer port: past its 64
+/// connections, the next from the same address is closed at once, while
+/// another address is served.
+#[test]
+fn one_source_cannot_take_every_peer_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = node(dir.path(), &[]);
+    let idle: Vec<TcpStream> = (0..64)
+        .map(|_| connect_from([127, 0, 0, 2], &d.listen))
+        .collect();
+    let mut extra = connect_from([127, 0, 0, 2], &d.listen);
+    assert!(
+        closed_by_server(&mut extra, Duration::from_secs(5)),
+        "a 65th connection from one source was kept"
+    );
+    let mut m = TcpStream::connect(&d.listen).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    m.read_to_string(&mut text).unwrap();
+    assert!(text.contains("sluice_"), "{text}");
+    drop(idle);
+    assert!(d.log_text().contains("too many connections from 127.0.0.2"));
+}

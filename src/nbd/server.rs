@@ -79,6 +79,9 @@ pub struct NbdOptions {
     pub inflight_bytes_max: u64,
     /// Most connections at once; more are closed at once with a warning.
     pub connections_max: usize,
+    /// Most connections from one IP address at once (one client cannot
+    /// take every slot).
+    pub connections_per_source_max: usize,
 }
 
 impl Default for NbdOptions {
@@ -89,6 +92,7 @@ impl Default for NbdOptions {
             inflight_max: 256,
             inflight_bytes_max: 64 << 20,
             connections_max: 256,
+            connections_per_source_max: 64,
         }
     }
 }
@@ -273,6 +277,14 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64) {
     conns.retain(|_, c| !c.thread.as_ref().is_some_and(|t| t.is_finished()));
     if conns.len() >= shared.opts.connections_max {
         tracing::warn!(%peer, max = shared.opts.connections_max, "NBD connection refused: too many connections");
+        return;
+    }
+    let from_peer = conns
+        .values()
+        .filter(|c| c.stream.peer_addr().is_ok_and(|a| a.ip() == peer.ip()))
+        .count();
+    if from_peer >= shared.opts.connections_per_source_max {
+        tracing::warn!(%peer, max = shared.opts.connections_per_source_max, "NBD connection refused: too many connections from {}", peer.ip());
         return;
     }
     let setup = stream
@@ -1359,6 +1371,41 @@ mod tests {
         drop(good);
         srv.shutdown();
         assert_eq!(metrics.connections_open(), 0);
+        e.shutdown().unwrap();
+    }
+
+    /// One address holds at most `connections_per_source_max` connections:
+    /// the next from it is closed at once.
+    #[test]
+    fn one_source_cannot_take_every_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let metrics = Arc::new(NbdMetrics::new());
+        let opts = NbdOptions {
+            connections_per_source_max: 2,
+            ..NbdOptions::default()
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let srv = NbdServer::start_with_options(l, e.clone(), metrics, opts).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(srv.local_addr()).unwrap();
+            let mut g = [0u8; 18];
+            s.read_exact(&mut g).unwrap();
+            held.push(s);
+        }
+        let mut third = TcpStream::connect(srv.local_addr()).unwrap();
+        third
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut g = [0u8; 18];
+        let closed = match third.read(&mut g) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == ErrorKind::ConnectionReset,
+        };
+        assert!(closed, "a third connection from one address was served");
+        drop(held);
+        srv.shutdown();
         e.shutdown().unwrap();
     }
 
