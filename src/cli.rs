@@ -120,13 +120,19 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                         format!("{} ({}{ro})", q.name, fmt_bytes(q.size_bytes))
                     })
                     .collect();
+                let ro = match v.access.as_str() {
+                    "read-only" => "yes",
+                    "partly read-only" => "partly",
+                    _ if v.read_only => "yes",
+                    _ => "no",
+                };
                 t.row(vec![
                     v.name,
-                    fmt_bytes(v.size_bytes),
+                    fmt_bytes(v.total_size_bytes.max(v.size_bytes)),
                     fmt_bytes(v.used_bytes),
                     v.snapshots.to_string(),
                     v.keep.map_or("-".into(), |k| k.to_string()),
-                    if v.read_only { "yes" } else { "no" }.into(),
+                    ro.into(),
                     if q.is_empty() {
                         "-".into()
                     } else {
@@ -139,8 +145,11 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
         ControlRequest::SnapCreate { volume, .. } => {
             let s: SnapshotView = parse(result)?;
             crate::out!("created snapshot {volume}@{} (id {})", s.name, s.id);
+            for (ns, hex) in &s.digests {
+                crate::out!("  digest {}: {hex}", ns_label(&volume, ns));
+            }
         }
-        ControlRequest::SnapList { .. } => {
+        ControlRequest::SnapList { volume } => {
             let snaps: Vec<SnapshotView> = parse(result)?;
             let mut t = Table::new(&["SNAPSHOT", "ID", "CREATED", ">REFERENCED", ">UNIQUE", "LOCKS"]);
             for s in snaps {
@@ -152,6 +161,11 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                     fmt_bytes(s.unique_bytes),
                     s.locks.len().to_string(),
                 ]);
+                // Whole (32 hex digits, 128 bits): a digest cut short
+                // cannot be compared with another node's.
+                for (ns, hex) in &s.digests {
+                    t.note(format!("  digest {}: {hex}", ns_label(&volume, ns)));
+                }
             }
             t.print();
         }
@@ -227,6 +241,16 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A namespace as an operator names it: `VOL` for the volume's own space
+/// (`""` in a snapshot's `digests`), `VOL/QTREE` for a qtree.
+fn ns_label(volume: &str, ns: &str) -> String {
+    if ns.is_empty() {
+        volume.to_string()
+    } else {
+        format!("{volume}/{ns}")
+    }
 }
 
 fn s(v: &Value) -> String {
