@@ -27,12 +27,16 @@ pub fn run(
     let mut client = Client::connect_as(node, token)?;
     let bar = progress_bar(&req, json);
     let result = client.call_with_progress(&req, &mut |p| {
-        if let Some(b) = &bar {
-            let total = p["total_bytes"].as_u64().unwrap_or(0);
-            b.set_length(total.max(1));
-            b.set_position(p["done_bytes"].as_u64().unwrap_or(0));
+        if let Some((b, unit)) = &bar {
+            let (done, total) = match unit {
+                BarUnit::Bytes => ("done_bytes", "total_bytes"),
+                BarUnit::Snapshots => ("done_items", "total_items"),
+            };
+            b.set_length(p[total].as_u64().unwrap_or(0).max(1));
+            b.set_position(p[done].as_u64().unwrap_or(0));
         }
     });
+    let bar = bar.map(|(b, _)| b);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -261,25 +265,40 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn progress_bar(req: &ControlRequest, json: bool) -> Option<indicatif::ProgressBar> {
+/// What a progress bar counts: a transfer's data bytes, or the snapshots
+/// a prune has settled.
+enum BarUnit {
+    Bytes,
+    Snapshots,
+}
+
+/// A bar on stderr for a long operation (a transfer: bytes, rate and time
+/// left; a prune: snapshots), fed by the node's progress lines. None with
+/// `--json`, when stderr is not a terminal, or for a quick request.
+fn progress_bar(req: &ControlRequest, json: bool) -> Option<(indicatif::ProgressBar, BarUnit)> {
     use std::io::IsTerminal;
-    let long = matches!(
-        req,
+    let (unit, template) = match req {
         ControlRequest::MirrorCreate { .. }
-            | ControlRequest::MirrorUpdate { .. }
-            | ControlRequest::MirrorResync { .. }
-            | ControlRequest::MirrorRetarget { .. }
-    );
-    if !long || json || !std::io::stderr().is_terminal() {
+        | ControlRequest::MirrorUpdate { .. }
+        | ControlRequest::MirrorResync { .. }
+        | ControlRequest::MirrorRetarget { .. } => (
+            BarUnit::Bytes,
+            "{spinner} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ),
+        ControlRequest::Prune { .. } => (
+            BarUnit::Snapshots,
+            "{spinner} [{bar:40}] {pos}/{len} snapshots {per_sec} eta {eta}",
+        ),
+        _ => return None,
+    };
+    if json || !std::io::stderr().is_terminal() {
         return None;
     }
     let b = indicatif::ProgressBar::new(1);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
         b.set_style(style.progress_chars("=> "));
     }
-    Some(b)
+    Some((b, unit))
 }
 
 fn snap_ref(v: &Value) -> String {

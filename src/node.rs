@@ -383,7 +383,11 @@ impl Node {
                 volume,
                 keep,
                 dry_run,
-            } => to_value(&self.repl.prune(&volume, keep, dry_run)?),
+            } => to_value(
+                &self
+                    .repl
+                    .prune_with_progress(&volume, keep, dry_run, &on_progress)?,
+            ),
             ControlRequest::Diff {
                 volume,
                 qtree,
@@ -439,8 +443,7 @@ impl Node {
                     throttle_bps,
                     keep,
                 };
-                let _ = &on_progress;
-                to_value(&self.repl.mirror_create(spec)?)
+                to_value(&self.repl.mirror_create_with_progress(spec, &on_progress)?)
             }
             ControlRequest::MirrorUpdate { dst } => {
                 to_value(&self.repl.mirror_update(&dst, &on_progress)?)
