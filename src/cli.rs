@@ -27,12 +27,16 @@ pub fn run(
     let mut client = Client::connect_as(node, token)?;
     let bar = progress_bar(&req, json);
     let result = client.call_with_progress(&req, &mut |p| {
-        if let Some(b) = &bar {
-            let total = p["total_bytes"].as_u64().unwrap_or(0);
-            b.set_length(total.max(1));
-            b.set_position(p["done_bytes"].as_u64().unwrap_or(0));
+        if let Some((b, unit)) = &bar {
+            let (done, total) = match unit {
+                BarUnit::Bytes => ("done_bytes", "total_bytes"),
+                BarUnit::Snapshots => ("done_items", "total_items"),
+            };
+            b.set_length(p[total].as_u64().unwrap_or(0).max(1));
+            b.set_position(p[done].as_u64().unwrap_or(0));
         }
     });
+    let bar = bar.map(|(b, _)| b);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -147,13 +151,19 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                         format!("{} ({}{ro})", q.name, fmt_bytes(q.size_bytes))
                     })
                     .collect();
+                let ro = match v.access.as_str() {
+                    "read-only" => "yes",
+                    "partly read-only" => "partly",
+                    _ if v.read_only => "yes",
+                    _ => "no",
+                };
                 t.row(vec![
                     v.name,
-                    fmt_bytes(v.size_bytes),
+                    fmt_bytes(v.total_size_bytes.max(v.size_bytes)),
                     fmt_bytes(v.used_bytes),
                     v.snapshots.to_string(),
                     v.keep.map_or("-".into(), |k| k.to_string()),
-                    if v.read_only { "yes" } else { "no" }.into(),
+                    ro.into(),
                     if q.is_empty() {
                         "-".into()
                     } else {
@@ -166,8 +176,11 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
         ControlRequest::SnapCreate { volume, .. } => {
             let s: SnapshotView = parse(result)?;
             crate::out!("created snapshot {volume}@{} (id {})", s.name, s.id);
+            for (ns, hex) in &s.digests {
+                crate::out!("  digest {}: {hex}", ns_label(&volume, ns));
+            }
         }
-        ControlRequest::SnapList { .. } => {
+        ControlRequest::SnapList { volume } => {
             let snaps: Vec<SnapshotView> = parse(result)?;
             let mut t = Table::new(&["SNAPSHOT", "ID", "CREATED", ">REFERENCED", ">UNIQUE", "LOCKS"]);
             for s in snaps {
@@ -179,6 +192,11 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                     fmt_bytes(s.unique_bytes),
                     s.locks.len().to_string(),
                 ]);
+                // Whole (32 hex digits, 128 bits): a digest cut short
+                // cannot be compared with another node's.
+                for (ns, hex) in &s.digests {
+                    t.note(format!("  digest {}: {hex}", ns_label(&volume, ns)));
+                }
             }
             t.print();
         }
@@ -256,6 +274,16 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
     Ok(())
 }
 
+/// A namespace as an operator names it: `VOL` for the volume's own space
+/// (`""` in a snapshot's `digests`), `VOL/QTREE` for a qtree.
+fn ns_label(volume: &str, ns: &str) -> String {
+    if ns.is_empty() {
+        volume.to_string()
+    } else {
+        format!("{volume}/{ns}")
+    }
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -264,25 +292,40 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn progress_bar(req: &ControlRequest, json: bool) -> Option<indicatif::ProgressBar> {
+/// What a progress bar counts: a transfer's data bytes, or the snapshots
+/// a prune has settled.
+enum BarUnit {
+    Bytes,
+    Snapshots,
+}
+
+/// A bar on stderr for a long operation (a transfer: bytes, rate and time
+/// left; a prune: snapshots), fed by the node's progress lines. None with
+/// `--json`, when stderr is not a terminal, or for a quick request.
+fn progress_bar(req: &ControlRequest, json: bool) -> Option<(indicatif::ProgressBar, BarUnit)> {
     use std::io::IsTerminal;
-    let long = matches!(
-        req,
+    let (unit, template) = match req {
         ControlRequest::MirrorCreate { .. }
-            | ControlRequest::MirrorUpdate { .. }
-            | ControlRequest::MirrorResync { .. }
-            | ControlRequest::MirrorRetarget { .. }
-    );
-    if !long || json || !std::io::stderr().is_terminal() {
+        | ControlRequest::MirrorUpdate { .. }
+        | ControlRequest::MirrorResync { .. }
+        | ControlRequest::MirrorRetarget { .. } => (
+            BarUnit::Bytes,
+            "{spinner} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ),
+        ControlRequest::Prune { .. } => (
+            BarUnit::Snapshots,
+            "{spinner} [{bar:40}] {pos}/{len} snapshots {per_sec} eta {eta}",
+        ),
+        _ => return None,
+    };
+    if json || !std::io::stderr().is_terminal() {
         return None;
     }
     let b = indicatif::ProgressBar::new(1);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
         b.set_style(style.progress_chars("=> "));
     }
-    Some(b)
+    Some((b, unit))
 }
 
 fn snap_ref(v: &Value) -> String {

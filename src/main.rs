@@ -31,9 +31,12 @@ enum TokenCmd {
     /// Name FILE in the node's `control_tokens`; give it to clients with
     /// `--token-file FILE`.
     Create {
+        /// The token's name (who holds it; the node logs it with each request).
         name: String,
+        /// The file to write (`NAME:HEX`).
         #[arg(long)]
         out: PathBuf,
+        /// Print `{"name","file"}` as JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -45,6 +48,7 @@ enum SecretCmd {
     /// refused if FILE exists). Copy it to every node that replicates with
     /// this one and start each with `--peer-secret FILE`.
     Create {
+        /// The file to write.
         #[arg(long)]
         out: PathBuf,
     },
@@ -62,7 +66,9 @@ enum Cmd {
     Secret(SecretCmd),
     /// Format a device, or a file (created at --size).
     Init {
+        /// The device or file to format.
         path: PathBuf,
+        /// Create the file at this size first, e.g. 10G (a file only).
         #[arg(long)]
         size: Option<String>,
         /// Format even if the device already holds a pool (destroys it).
@@ -72,11 +78,13 @@ enum Cmd {
         /// region of the device); default: one per GiB, at most one per core but one.
         #[arg(long)]
         shards: Option<u32>,
+        /// Print the result as JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Run a node: the engine, the control API and NBD.
     Serve {
+        /// The pool: a device or a file made by `sluice init`.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Peers (and /metrics) connect here; never the control API.
@@ -86,10 +94,14 @@ enum Cmd {
         /// to a pool file, /run/sluice/DEV.sock for a device.
         #[arg(long)]
         control_socket: Option<PathBuf>,
+        /// Serve NBD here (HOST:PORT): exports VOL, VOL/QTREE, VOL@SNAP.
         #[arg(long)]
         nbd: Option<String>,
+        /// The node's name, stored in the pool at the first start (peers
+        /// key their locks by it); default `node-` and 8 random hex digits.
         #[arg(long)]
         name: Option<String>,
+        /// A TOML config file; flags given here override it.
         #[arg(long)]
         config: Option<PathBuf>,
         /// A file holding the secret peers must prove (HMAC challenge); the
@@ -139,27 +151,38 @@ enum Cmd {
     },
     /// Delete the oldest snapshots beyond the newest N.
     Prune {
+        /// The volume to prune.
         volume: String,
+        /// Snapshots to keep: the newest N (and any a soft lock holds).
         #[arg(long)]
         keep: usize,
+        /// Say what would be deleted (and what each lock costs); delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the node's JSON result (the prune plan) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// What changed between two snapshots (or since nothing).
     Diff {
+        /// The volume.
         volume: String,
+        /// The newer snapshot.
         target: String,
+        /// The older snapshot (default: nothing, so every mapped block).
         #[arg(long)]
         base: Option<String>,
+        /// A qtree of the volume instead of its own space.
         #[arg(long)]
         qtree: Option<String>,
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// The node's state: space, volumes, snapshots.
+    /// The node's state: space, volumes, snapshots, health (exit status 1
+    /// when unhealthy).
     Status {
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -167,20 +190,28 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum VolCmd {
+    /// Create a thin volume (a warning when it is larger than the pool).
     Create {
+        /// The new volume's name.
         volume: String,
+        /// Its size, e.g. 10G, 512M (a multiple of 4 KiB).
         #[arg(long)]
         size: String,
+        /// Print the node's JSON result (the volume) instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// Every volume: size (with its qtrees), used bytes (current),
+    /// snapshots, retention, read-only state, qtrees.
     List {
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Retention by count: keep the newest N snapshots of VOL from now on
     /// (older ones are deleted as soon as no soft lock holds them).
     Retain {
+        /// The volume.
         volume: String,
         /// Snapshots to keep (at least 1).
         #[arg(long, required_unless_present = "off", conflicts_with = "off")]
@@ -188,6 +219,7 @@ enum VolCmd {
         /// End the policy.
         #[arg(long)]
         off: bool,
+        /// Print the node's JSON result (the volume) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -234,11 +266,13 @@ enum VolCmd {
     /// Delete VOL with its qtrees and snapshots (refused while a downstream
     /// pulls it or a lock holds one of its snapshots, naming them).
     Delete {
+        /// The volume to delete.
         volume: String,
         /// Delete although downstreams or locks depend on it (each locked
         /// snapshot is a forced delete; its holders are told).
         #[arg(long)]
         force: bool,
+        /// Print the node's JSON result (the delete report) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -248,7 +282,10 @@ enum VolCmd {
 enum MirrorCmd {
     /// Make DSTVOL a mirror of SRCADDR/VOL[/QTREE] and run the baseline.
     Create {
+        /// The destination volume (created by the mirror).
         dst: String,
+        /// The source, ADDR/VOL (a volume mirror) or ADDR/VOL/QTREE (a
+        /// qtree mirror into DST/QTREE).
         #[arg(long)]
         from: String,
         /// Update on a schedule, e.g. 30s, 5m, 1h.
@@ -260,16 +297,24 @@ enum MirrorCmd {
         /// Retention on DSTVOL: keep its newest N snapshots (see `vol retain`).
         #[arg(long)]
         keep: Option<usize>,
+        /// Print the node's JSON result (the baseline's transfer report)
+        /// instead of text; no progress bar.
         #[arg(long)]
         json: bool,
     },
     /// One transfer now; waits for it.
     Update {
+        /// The destination: VOL, or VOL/QTREE for a qtree mirror.
         dst: String,
+        /// Print the node's JSON result (the transfer report) instead of
+        /// text; no progress bar.
         #[arg(long)]
         json: bool,
     },
+    /// Every relationship this node is the destination of: state, lag,
+    /// last transfer, errors.
     Status {
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -277,34 +322,43 @@ enum MirrorCmd {
     /// locks each holds here, whether they are stale, its last transfer
     /// from here and its lag.
     Destinations {
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Make the destination writable; updates stop until a resync.
     Break {
+        /// The destination: VOL, or VOL/QTREE for a qtree mirror.
         dst: String,
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Become a mirror again (from the newest common snapshot, or a full copy).
     Resync {
+        /// The destination: VOL, or VOL/QTREE for a qtree mirror.
         dst: String,
         /// Discard the snapshots taken here while broken (refused without,
         /// naming them).
         #[arg(long)]
         force: bool,
+        /// Print the node's JSON result (the transfer report) instead of
+        /// text; no progress bar.
         #[arg(long)]
         json: bool,
     },
     /// End the relationship and release its locks upstream.
     Delete {
+        /// The destination: VOL, or VOL/QTREE for a qtree mirror.
         dst: String,
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Go on from a new source, e.g. the node above a lost middle node
     /// (from the newest snapshot shared with it), then update.
     Retarget {
+        /// The destination: VOL, or VOL/QTREE for a qtree mirror.
         dst: String,
         /// The new source, ADDR/VOL[/QTREE].
         #[arg(long)]
@@ -313,6 +367,8 @@ enum MirrorCmd {
         /// the new source (refused otherwise, saying its size).
         #[arg(long)]
         allow_full: bool,
+        /// Print the node's JSON result (the retarget report) instead of
+        /// text; no progress bar.
         #[arg(long)]
         json: bool,
     },
@@ -320,27 +376,38 @@ enum MirrorCmd {
 
 #[derive(Subcommand)]
 enum LockCmd {
+    /// Every soft lock on this node: the snapshot, who holds it, its state.
     List {
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
     /// An application on this node depends on VOL@SNAP.
     Add {
+        /// The volume.
         volume: String,
+        /// The snapshot to lock.
         snapshot: String,
+        /// Who holds the lock (an application's name).
         #[arg(long)]
         owner: String,
+        /// Why, shown with the lock wherever it is listed.
         #[arg(long)]
         text: Option<String>,
         /// Print the node's JSON reply (with `delivered`).
         #[arg(long)]
         json: bool,
     },
+    /// Release a lock on VOL@SNAP (`lock list` shows each one's holder).
     Release {
+        /// The volume.
         volume: String,
+        /// The locked snapshot.
         snapshot: String,
+        /// The holder to release, as `lock list` shows it.
         #[arg(long)]
         holder: String,
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -348,11 +415,16 @@ enum LockCmd {
 
 #[derive(Subcommand)]
 enum QtreeCmd {
+    /// Create a qtree in VOL (exported as VOL/QTREE).
     Create {
+        /// The volume to hold it.
         volume: String,
+        /// The new qtree's name.
         qtree: String,
+        /// Its size, e.g. 1G (a multiple of 4 KiB).
         #[arg(long)]
         size: String,
+        /// Print the node's JSON result (the volume) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -360,22 +432,36 @@ enum QtreeCmd {
 
 #[derive(Subcommand)]
 enum SnapCmd {
+    /// Snapshot VOL (every namespace in it) now.
     Create {
+        /// The volume.
         volume: String,
+        /// The new snapshot's name.
         snapshot: String,
+        /// Print the node's JSON result (the snapshot) instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// VOL's snapshots, oldest first, with their sizes, digests and locks.
     List {
+        /// The volume.
         volume: String,
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// Delete a snapshot (refused while a soft lock names it, naming the
+    /// holders).
     Delete {
+        /// The volume.
         volume: String,
+        /// The snapshot to delete.
         snapshot: String,
+        /// Delete although soft locks name it (logged; the affected
+        /// downstreams are told).
         #[arg(long)]
         force: bool,
+        /// Print the node's JSON result instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -758,4 +844,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
     Ok(cli::run(&node, token.as_ref(), req, json)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Issue 16: every subcommand and every option or argument says what it
+    /// is in `--help` (clap's own `--help` and `--version` aside).
+    #[test]
+    fn every_subcommand_and_argument_has_a_help_line() {
+        let mut missing = Vec::new();
+        let mut seen = 0;
+        walk(&Cli::command(), "sluice", &mut missing, &mut seen);
+        assert!(seen > 50, "walked only {seen} commands and arguments");
+        assert!(missing.is_empty(), "without a --help line: {missing:#?}");
+    }
+
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>, seen: &mut usize) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            *seen += 1;
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path} <{id}>"));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let p = format!("{path} {}", sub.get_name());
+            *seen += 1;
+            if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                missing.push(p.clone());
+            }
+            walk(sub, &p, missing, seen);
+        }
+    }
 }

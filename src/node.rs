@@ -65,9 +65,25 @@ pub struct QtreeView {
 pub struct VolumeView {
     pub name: String,
     pub id: u32,
+    /// The volume's own space (what `vol resize` sets).
     pub size_bytes: u64,
+    /// Everything the volume holds: its own space plus its qtrees (what
+    /// `vol list` prints as SIZE; for a qtree mirror's destination volume,
+    /// about the size of the mirrored qtree).
+    #[serde(default)]
+    pub total_size_bytes: u64,
+    /// Blocks the live image holds (every namespace), current: not as of
+    /// the last consistency point.
     pub used_bytes: u64,
+    /// The volume's own flag: a volume mirror's destination (covers every
+    /// qtree in it).
     pub read_only: bool,
+    /// What a client may write: `read-only` (the volume is, or it is a
+    /// qtree mirror's destination volume -- a one-block own space and only
+    /// read-only qtrees), `partly read-only` (some qtrees are: qtree mirror
+    /// destinations), `writable`. `vol list` prints it as RO yes / partly / no.
+    #[serde(default)]
+    pub access: String,
     pub snapshots: usize,
     pub qtrees: Vec<QtreeView>,
     /// Retention by count: the node keeps this many newest snapshots
@@ -81,14 +97,31 @@ pub struct VolumeView {
     pub warnings: Vec<String>,
 }
 
+/// [`VolumeView::access`] of `v`. A qtree mirror gives the destination
+/// volume it creates a one-block own space that nothing uses: a volume
+/// holding only that and read-only qtrees reads as read-only.
+fn access(v: &VolumeInfo) -> &'static str {
+    let ro_qtrees = v.qtrees.iter().filter(|q| q.read_only).count();
+    let placeholder = v.size_bytes <= BS;
+    if v.read_only || (ro_qtrees > 0 && ro_qtrees == v.qtrees.len() && placeholder) {
+        "read-only"
+    } else if ro_qtrees > 0 {
+        "partly read-only"
+    } else {
+        "writable"
+    }
+}
+
 impl From<&VolumeInfo> for VolumeView {
     fn from(v: &VolumeInfo) -> Self {
         VolumeView {
             name: v.name.clone(),
             id: v.id,
             size_bytes: v.size_bytes,
+            total_size_bytes: v.size_bytes + v.qtrees.iter().map(|q| q.size_bytes).sum::<u64>(),
             used_bytes: v.used_blocks * BS,
             read_only: v.read_only,
+            access: access(v).into(),
             snapshots: v.snapshot_count,
             qtrees: v
                 .qtrees
@@ -359,7 +392,11 @@ impl Node {
                 volume,
                 keep,
                 dry_run,
-            } => to_value(&self.repl.prune(&volume, keep, dry_run)?),
+            } => to_value(
+                &self
+                    .repl
+                    .prune_with_progress(&volume, keep, dry_run, &on_progress)?,
+            ),
             ControlRequest::Diff {
                 volume,
                 qtree,
@@ -415,8 +452,7 @@ impl Node {
                     throttle_bps,
                     keep,
                 };
-                let _ = &on_progress;
-                to_value(&self.repl.mirror_create(spec)?)
+                to_value(&self.repl.mirror_create_with_progress(spec, &on_progress)?)
             }
             ControlRequest::MirrorUpdate { dst } => {
                 to_value(&self.repl.mirror_update(&dst, &on_progress)?)

@@ -72,7 +72,8 @@ pub struct VolumeInfo {
     /// Read-only volumes (mirror destinations) refuse client writes; the
     /// replicator writes them through [`Request::Write`] with `replica: true`.
     pub read_only: bool,
-    /// Blocks held by the live image (data and its map).
+    /// Blocks held by the live image (data and its map), current: map
+    /// nodes dirtied since the last CP count as the block each will take.
     pub used_blocks: u64,
     pub snapshot_count: usize,
 }

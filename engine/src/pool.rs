@@ -1193,7 +1193,11 @@ impl<D: BlockDevice> Pool<D> {
                 })
                 .collect(),
             read_only: v.ro,
-            used_blocks: v.live_count,
+            // Current, not as of the last CP: the live plane holds every
+            // data block at once, but a map node a write dirtied gets its
+            // block only at the next CP (its previous version is already
+            // released), one block each -- counted here.
+            used_blocks: v.live_count + v.ns.iter().map(|n| n.tree.dirty.len() as u64).sum::<u64>(),
             snapshot_count: v.snaps.len(),
         }
     }

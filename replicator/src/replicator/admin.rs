@@ -365,6 +365,20 @@ impl Replicator {
     /// Keep the newest `keep` snapshots of `volume`; delete older ones
     /// unless locked or in a transfer (each skip says why).
     pub fn prune(&self, volume: &str, keep: usize, dry_run: bool) -> Result<PrunePlan> {
+        self.prune_with_progress(volume, keep, dry_run, &|_| {})
+    }
+
+    /// [`Self::prune`], telling `progress` after each snapshot past the
+    /// newest `keep` is settled (deleted, or kept and why): `done_items`
+    /// of `total_items` snapshots; no bytes (what a delete frees is known
+    /// only after a plane walk, which a prune does not do).
+    pub fn prune_with_progress(
+        &self,
+        volume: &str,
+        keep: usize,
+        dry_run: bool,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<PrunePlan> {
         let mut snaps = snapshot_names_of(&self.engine, volume)?;
         snaps.sort_by_key(|s| (s.created_unix_ms, s.gen));
         let cut = snaps.len().saturating_sub(keep);
@@ -403,7 +417,18 @@ impl Replicator {
             .iter()
             .map(|hs| hs.iter().map(|(_, v)| v.clone()).collect())
             .collect();
+        let mut prog = Progress {
+            done_items: 0,
+            total_items: old.len() as u64,
+            done_bytes: 0,
+            total_bytes: 0,
+        };
+        progress(prog);
         for ((s, holders), hs) in old.iter().zip(&views).zip(&held) {
+            if prog.done_items > 0 {
+                progress(prog);
+            }
+            prog.done_items += 1;
             if self.in_transfer(s.id) {
                 plan.skipped.push(PruneSkip {
                     snapshot: s.name.clone(),
@@ -440,6 +465,9 @@ impl Replicator {
                     effects: Vec::new(),
                 }),
             }
+        }
+        if prog.done_items > 0 {
+            progress(prog);
         }
         Ok(plan)
     }

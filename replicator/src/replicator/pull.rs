@@ -57,6 +57,16 @@ impl Replicator {
 
     /// Make the destination (volume read-only, or qtree) and do the baseline.
     pub fn mirror_create(&self, spec: MirrorSpec) -> Result<TransferReport> {
+        self.mirror_create_with_progress(spec, &|_| {})
+    }
+
+    /// [`Self::mirror_create`], telling `progress` how the baseline goes
+    /// (as [`Self::mirror_update`] does).
+    pub fn mirror_create_with_progress(
+        &self,
+        spec: MirrorSpec,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<TransferReport> {
         let kind = if spec.source_qtree.is_some() {
             MirrorKind::Qtree
         } else {
@@ -139,7 +149,7 @@ impl Replicator {
             Ok(())
         })?;
         self.perform(acts, None);
-        let res = self.transfer(&key, Mode::Create, &|_| {});
+        let res = self.transfer(&key, Mode::Create, progress);
         // The policy holds for the relationship's life, also when its
         // baseline has to be resumed.
         if spec.keep.is_some() && lock(&self.st).rels().contains_key(&key) {
