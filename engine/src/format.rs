@@ -461,6 +461,59 @@ mod tests {
         assert!(decode_block(&c, p, KIND_MAP, 2).is_err());
     }
 
+    /// The header layout and crc that `encode_block` writes and
+    /// `decode_block` checks (docs/FORMAT.md): the crc is of the whole
+    /// block with its field zeroed, whichever way it is computed.
+    #[test]
+    fn metadata_header_bytes_are_unchanged() {
+        let b = encode_block(KIND_PLANE_NODE, 3, 0x0102_0304, 0x0a0b, &[7; PAYLOAD + 10]);
+        assert_eq!(b.len(), BLOCK_SIZE);
+        assert_eq!(&b[0..4], &MD_MAGIC.to_le_bytes());
+        assert_eq!(&b[4..6], &KIND_PLANE_NODE.to_le_bytes());
+        assert_eq!(b[6], 3);
+        assert_eq!(b[7], 0);
+        assert_eq!(&b[12..16], &[0; 4]);
+        assert_eq!(&b[16..24], &0x0102_0304u64.to_le_bytes());
+        assert_eq!(&b[24..32], &0x0a0bu64.to_le_bytes());
+        assert!(
+            b[HDR_LEN..].iter().all(|&x| x == 7),
+            "payload truncated to PAYLOAD"
+        );
+        let mut zeroed = b.clone();
+        zeroed[8..12].fill(0);
+        assert_eq!(&b[8..12], &crc32c::crc32c(&zeroed).to_le_bytes());
+    }
+
+    /// Bad bytes of any length decode to an error, never a panic.
+    #[test]
+    fn garbage_blocks_are_errors_not_panics() {
+        let p = Ptr { pba: 3, birth: 1 };
+        for len in [
+            0,
+            1,
+            7,
+            31,
+            32,
+            33,
+            BLOCK_SIZE - 1,
+            BLOCK_SIZE,
+            BLOCK_SIZE + 1,
+        ] {
+            let junk = vec![0xa5u8; len];
+            assert!(decode_block(&junk, p, KIND_MAP, 0).is_err(), "len {len}");
+            assert!(
+                matches!(Superblock::decode(&junk, 0), Ok(None)),
+                "len {len}"
+            );
+        }
+        let mut sb = vec![0u8; BLOCK_SIZE];
+        sb[..8].copy_from_slice(SB_MAGIC);
+        assert!(matches!(
+            Superblock::decode(&sb, 1),
+            Err(Error::CorruptSuperblock { slot: 1, .. })
+        ));
+    }
+
     #[test]
     fn reader_is_bounds_checked() {
         let mut r = Reader::new(&[1, 2, 3], 5, "catalog");
