@@ -53,17 +53,20 @@ pub struct Ptr {
 
 /// Build a metadata block: header then payload (payload.len() <= PAYLOAD).
 pub fn encode_block(kind: u16, level: u8, self_pba: u64, gen: u64, payload: &[u8]) -> Vec<u8> {
-    let mut b = vec![0u8; BLOCK_SIZE];
+    // A fixed-size array: every header offset below is checked at compile
+    // time, and the payload copy is bounded by the zip.
+    let mut b = [0u8; BLOCK_SIZE];
     b[0..4].copy_from_slice(&MD_MAGIC.to_le_bytes());
     b[4..6].copy_from_slice(&kind.to_le_bytes());
     b[6] = level;
     b[16..24].copy_from_slice(&self_pba.to_le_bytes());
     b[24..32].copy_from_slice(&gen.to_le_bytes());
-    let n = payload.len().min(PAYLOAD);
-    b[HDR_LEN..HDR_LEN + n].copy_from_slice(&payload[..n]);
+    for (dst, src) in b[HDR_LEN..].iter_mut().zip(payload) {
+        *dst = *src;
+    }
     let crc = crc32c::crc32c(&b);
     b[8..12].copy_from_slice(&crc.to_le_bytes());
-    b
+    b.to_vec()
 }
 
 /// Check a metadata block read from `ptr` against what its parent expects;
@@ -74,17 +77,20 @@ pub fn decode_block(block: &[u8], ptr: Ptr, kind: u16, level: u8) -> Result<&[u8
         kind: kind_name(kind),
         reason,
     };
-    if block.len() != BLOCK_SIZE {
+    let Ok(block) = <&[u8; BLOCK_SIZE]>::try_from(block) else {
         return Err(bad(format!("block is {} bytes", block.len())));
-    }
+    };
+    // From here on `block` is a fixed-size array: constant offsets cannot
+    // run off its end.
     let magic = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
     if magic != MD_MAGIC {
         return Err(bad(format!("bad magic {magic:#x}")));
     }
     let stored = u32::from_le_bytes([block[8], block[9], block[10], block[11]]);
-    let mut copy = block.to_vec();
-    copy[8..12].fill(0);
-    let crc = crc32c::crc32c(&copy);
+    // The crc covers the whole block with its own field zeroed.
+    let crc = crc32c::crc32c(&block[..8]);
+    let crc = crc32c::crc32c_append(crc, &[0u8; 4]);
+    let crc = crc32c::crc32c_append(crc, &block[12..]);
     if crc != stored {
         return Err(bad(format!(
             "checksum mismatch (stored {stored:#x}, computed {crc:#x})"
@@ -105,13 +111,13 @@ pub fn decode_block(block: &[u8], ptr: Ptr, kind: u16, level: u8) -> Result<&[u8
             block[6], level
         )));
     }
-    let self_pba = u64::from_le_bytes(block[16..24].try_into().unwrap_or([0; 8]));
+    let self_pba = u64::from_le_bytes(le_bytes(block, 16));
     if self_pba != ptr.pba {
         return Err(bad(format!(
             "misdirected: block says it lives at {self_pba}"
         )));
     }
-    let gen = u64::from_le_bytes(block[24..32].try_into().unwrap_or([0; 8]));
+    let gen = u64::from_le_bytes(le_bytes(block, 24));
     if gen != ptr.birth {
         return Err(bad(format!(
             "generation {gen} but the parent expects {}",
@@ -119,6 +125,16 @@ pub fn decode_block(block: &[u8], ptr: Ptr, kind: u16, level: u8) -> Result<&[u8
         )));
     }
     Ok(&block[HDR_LEN..])
+}
+
+/// The `N` bytes of a block at constant offset `at` (header fields).
+/// `at + N <= BLOCK_SIZE` for every caller (constant header offsets); a
+/// violation is a bug caught by the debug assertion, and yields zeroes
+/// (which then fail the field's check) rather than a panic.
+fn le_bytes<const N: usize>(block: &[u8; BLOCK_SIZE], at: usize) -> [u8; N] {
+    let field = block.get(at..).and_then(|s| s.first_chunk::<N>()).copied();
+    debug_assert!(field.is_some(), "header field {at}+{N} past the block");
+    field.unwrap_or([0; N])
 }
 
 /// The superblock (pba 0 and 1; CP gen g writes slot g % 2).
@@ -161,10 +177,13 @@ impl Superblock {
     /// `Ok(None)`: no magic (not a superblock). `Err(CorruptSuperblock)`:
     /// magic present, checksum wrong. `Err(UnsupportedVersion)`: newer.
     pub fn decode(b: &[u8], slot: u64) -> Result<Option<Superblock>> {
-        if b.len() != BLOCK_SIZE || &b[0..8] != SB_MAGIC {
+        let Ok(b) = <&[u8; BLOCK_SIZE]>::try_from(b) else {
+            return Ok(None);
+        };
+        if &b[0..8] != SB_MAGIC {
             return Ok(None);
         }
-        let stored = u32::from_le_bytes(b[BLOCK_SIZE - 4..].try_into().unwrap_or([0; 4]));
+        let stored = u32::from_le_bytes(le_bytes(b, BLOCK_SIZE - 4));
         if crc32c::crc32c(&b[..BLOCK_SIZE - 4]) != stored {
             return Err(Error::CorruptSuperblock {
                 slot,
@@ -192,8 +211,7 @@ impl Superblock {
             pba: r.u64()?,
             birth: r.u64()?,
         };
-        let mut uuid = [0u8; 16];
-        uuid.copy_from_slice(r.take(16)?);
+        let uuid = r.array::<16>()?;
         let volumes_max = r.u32()?;
         let (shard_index, shard_count) = if version >= 2 {
             (r.u32()?, r.u32()?)
@@ -280,29 +298,35 @@ impl<'a> Reader<'a> {
         }
     }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.b.len().saturating_sub(self.pos) < n {
+        let Some(s) = self
+            .pos
+            .checked_add(n)
+            .and_then(|end| self.b.get(self.pos..end))
+        else {
             return Err(self.err(format!("truncated: need {n} bytes at offset {}", self.pos)));
-        }
-        let s = &self.b[self.pos..self.pos + n];
+        };
         self.pos += n;
         Ok(s)
     }
+    /// The next `N` bytes as an array.
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let s = self.take(N)?;
+        s.first_chunk::<N>()
+            .copied()
+            .ok_or_else(|| self.err(format!("truncated: need {N} bytes")))
+    }
     pub fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
+        let [v] = self.array::<1>()?;
+        Ok(v)
     }
     pub fn u32(&mut self) -> Result<u32> {
-        let s = self.take(4)?;
-        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        Ok(u32::from_le_bytes(self.array()?))
     }
     pub fn u64(&mut self) -> Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
+        Ok(u64::from_le_bytes(self.array()?))
     }
     pub fn u128(&mut self) -> Result<u128> {
-        let mut a = [0u8; 16];
-        a.copy_from_slice(self.take(16)?);
-        Ok(u128::from_le_bytes(a))
+        Ok(u128::from_le_bytes(self.array()?))
     }
     pub fn ptr(&mut self) -> Result<Ptr> {
         Ok(Ptr {
@@ -435,6 +459,59 @@ mod tests {
         let mut c = b.clone();
         c[100] ^= 4;
         assert!(decode_block(&c, p, KIND_MAP, 2).is_err());
+    }
+
+    /// The header layout and crc that `encode_block` writes and
+    /// `decode_block` checks (docs/FORMAT.md): the crc is of the whole
+    /// block with its field zeroed, whichever way it is computed.
+    #[test]
+    fn metadata_header_bytes_are_unchanged() {
+        let b = encode_block(KIND_PLANE_NODE, 3, 0x0102_0304, 0x0a0b, &[7; PAYLOAD + 10]);
+        assert_eq!(b.len(), BLOCK_SIZE);
+        assert_eq!(&b[0..4], &MD_MAGIC.to_le_bytes());
+        assert_eq!(&b[4..6], &KIND_PLANE_NODE.to_le_bytes());
+        assert_eq!(b[6], 3);
+        assert_eq!(b[7], 0);
+        assert_eq!(&b[12..16], &[0; 4]);
+        assert_eq!(&b[16..24], &0x0102_0304u64.to_le_bytes());
+        assert_eq!(&b[24..32], &0x0a0bu64.to_le_bytes());
+        assert!(
+            b[HDR_LEN..].iter().all(|&x| x == 7),
+            "payload truncated to PAYLOAD"
+        );
+        let mut zeroed = b.clone();
+        zeroed[8..12].fill(0);
+        assert_eq!(&b[8..12], &crc32c::crc32c(&zeroed).to_le_bytes());
+    }
+
+    /// Bad bytes of any length decode to an error, never a panic.
+    #[test]
+    fn garbage_blocks_are_errors_not_panics() {
+        let p = Ptr { pba: 3, birth: 1 };
+        for len in [
+            0,
+            1,
+            7,
+            31,
+            32,
+            33,
+            BLOCK_SIZE - 1,
+            BLOCK_SIZE,
+            BLOCK_SIZE + 1,
+        ] {
+            let junk = vec![0xa5u8; len];
+            assert!(decode_block(&junk, p, KIND_MAP, 0).is_err(), "len {len}");
+            assert!(
+                matches!(Superblock::decode(&junk, 0), Ok(None)),
+                "len {len}"
+            );
+        }
+        let mut sb = vec![0u8; BLOCK_SIZE];
+        sb[..8].copy_from_slice(SB_MAGIC);
+        assert!(matches!(
+            Superblock::decode(&sb, 1),
+            Err(Error::CorruptSuperblock { slot: 1, .. })
+        ));
     }
 
     #[test]

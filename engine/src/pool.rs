@@ -88,7 +88,53 @@ struct Vol {
     snaps: Vec<Snap>,
 }
 
+/// `vols[vi]` for a `vi` this request found (`vol_idx`, `ns_idx`, a loop
+/// over `vols`): a miss is a bug, refused as `Invariant` rather than a panic.
+fn vol_at(vols: &[Vol], vi: usize) -> Result<&Vol> {
+    vols.get(vi)
+        .ok_or_else(|| Error::Invariant(format!("volume index {vi} of {}", vols.len())))
+}
+
+/// [`vol_at`], writable.
+fn vol_at_mut(vols: &mut [Vol], vi: usize) -> Result<&mut Vol> {
+    let len = vols.len();
+    vols.get_mut(vi)
+        .ok_or_else(|| Error::Invariant(format!("volume index {vi} of {len}")))
+}
+
 impl Vol {
+    /// Namespace `ni` (0 is the volume's own), found by `ns_idx` or a loop
+    /// over `ns`: a miss is a bug.
+    fn ns_at(&self, ni: usize) -> Result<&Ns> {
+        self.ns.get(ni).ok_or_else(|| {
+            Error::Invariant(format!(
+                "volume {}: namespace index {ni} of {}",
+                self.name,
+                self.ns.len()
+            ))
+        })
+    }
+
+    /// [`Vol::ns_at`], writable.
+    fn ns_at_mut(&mut self, ni: usize) -> Result<&mut Ns> {
+        let (name, len) = (&self.name, self.ns.len());
+        self.ns.get_mut(ni).ok_or_else(|| {
+            Error::Invariant(format!("volume {name}: namespace index {ni} of {len}"))
+        })
+    }
+
+    /// Snapshot `si` (oldest first), found by `snap_idx` or a loop over
+    /// `snaps`: a miss is a bug.
+    fn snap_at(&self, si: usize) -> Result<&Snap> {
+        self.snaps.get(si).ok_or_else(|| {
+            Error::Invariant(format!(
+                "volume {}: snapshot index {si} of {}",
+                self.name,
+                self.snaps.len()
+            ))
+        })
+    }
+
     /// The roots of the live plane and of every snapshot's plane.
     fn plane_roots(&self) -> impl Iterator<Item = Ptr> + '_ {
         std::iter::once(self.plane.root).chain(self.snaps.iter().map(|s| s.plane))
@@ -370,14 +416,12 @@ fn unique_walk<D: BlockDevice>(
     out(s.ptr.pba);
     let sp = store.load(s.ptr, s.tree.kind(level), level)?;
     if level == 0 {
-        for byte in 0..PAYLOAD {
-            let mut m = sp[byte];
-            if let Some(pp) = &pp {
-                m &= !pp[byte];
-            }
-            if let Some(np) = &np {
-                m &= !np[byte];
-            }
+        // A missing neighbour leaf has no bit set: it shares nothing.
+        let none = [0u8; PAYLOAD];
+        let pb: &[u8] = pp.as_deref().map_or(&none, |x| x.as_slice());
+        let nb: &[u8] = np.as_deref().map_or(&none, |x| x.as_slice());
+        for (byte, ((&s_bits, &p_bits), &n_bits)) in sp.iter().zip(pb).zip(nb).enumerate() {
+            let mut m = s_bits & !p_bits & !n_bits;
             while m != 0 {
                 let b = m.trailing_zeros() as u64;
                 out(key * LEAF_BITS + byte as u64 * 8 + b);
@@ -956,14 +1000,14 @@ impl<D: BlockDevice> Pool<D> {
     fn cp_inner(&mut self, snap: Option<(usize, String, Uuid, u64)>) -> Result<()> {
         let g = self.gen + 1;
         for vi in 0..self.vols.len() {
-            for ni in 0..self.vols[vi].ns.len() {
+            for ni in 0..vol_at(&self.vols, vi)?.ns.len() {
                 let new = flush_tree(
                     &mut self.store,
-                    &mut self.vols[vi].ns[ni].tree,
+                    &mut vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?.tree,
                     &mut self.fm,
                     g,
                 )?;
-                let vol = &mut self.vols[vi];
+                let vol = vol_at_mut(&mut self.vols, vi)?;
                 let newest = vol.snaps.last().map(|s| s.plane);
                 for p in new {
                     plane_update(
@@ -977,10 +1021,15 @@ impl<D: BlockDevice> Pool<D> {
                     )?;
                 }
             }
-            flush_tree(&mut self.store, &mut self.vols[vi].plane, &mut self.fm, g)?;
+            flush_tree(
+                &mut self.store,
+                &mut vol_at_mut(&mut self.vols, vi)?.plane,
+                &mut self.fm,
+                g,
+            )?;
         }
         if let Some((vi, name, id, created)) = snap {
-            let v = &mut self.vols[vi];
+            let v = vol_at_mut(&mut self.vols, vi)?;
             let s = Snap {
                 id,
                 name,
@@ -1009,22 +1058,22 @@ impl<D: BlockDevice> Pool<D> {
         for _ in 0..pieces.len() {
             pbas.push(self.fm.alloc()?);
         }
-        let mut writes = Vec::new();
-        for (i, piece) in pieces.iter().enumerate() {
-            let next = if i + 1 < pbas.len() {
-                Ptr {
-                    pba: pbas[i + 1],
-                    birth: g,
-                }
-            } else {
-                Ptr::default()
+        let mut writes = Vec::with_capacity(pbas.len());
+        for (i, (piece, &pba)) in pieces.iter().zip(&pbas).enumerate() {
+            let next = match pbas.get(i + 1) {
+                Some(&pba) => Ptr { pba, birth: g },
+                None => Ptr::default(),
             };
             let mut w = Writer::default();
             w.ptr(next);
             w.u32(piece.len() as u32);
             w.bytes(piece);
-            writes.push((pbas[i], encode_block(KIND_CATALOG, 0, pbas[i], g, &w.buf)));
+            writes.push((pba, encode_block(KIND_CATALOG, 0, pba, g, &w.buf)));
         }
+        // There is always one piece (an empty catalog is one empty block).
+        let first_catalog_pba = *pbas
+            .first()
+            .ok_or_else(|| Error::Invariant("the catalog has no block".into()))?;
         self.store.stats.metadata_blocks_written += writes.len() as u64;
         self.store.write_raw(writes, false)?;
         for &c in &self.catalog_blocks {
@@ -1038,7 +1087,7 @@ impl<D: BlockDevice> Pool<D> {
             block_count: self.fm.total,
             gen: g,
             catalog: Ptr {
-                pba: pbas[0],
+                pba: first_catalog_pba,
                 birth: g,
             },
             uuid: self.uuid,
@@ -1114,7 +1163,7 @@ impl<D: BlockDevice> Pool<D> {
 
     fn ns_idx(&self, ns: &NsName) -> Result<(usize, usize)> {
         let vi = self.vol_idx(&ns.volume)?;
-        let ni = self.vols[vi]
+        let ni = vol_at(&self.vols, vi)?
             .ns
             .iter()
             .position(|n| n.name == ns.qtree)
@@ -1126,12 +1175,12 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     fn snap_idx(&self, vi: usize, name: &str) -> Result<usize> {
-        self.vols[vi]
-            .snaps
+        let v = vol_at(&self.vols, vi)?;
+        v.snaps
             .iter()
             .position(|s| s.name == name)
             .ok_or_else(|| Error::NoSuchSnapshot {
-                volume: self.vols[vi].name.clone(),
+                volume: v.name.clone(),
                 snapshot: name.to_string(),
             })
     }
@@ -1149,13 +1198,13 @@ impl<D: BlockDevice> Pool<D> {
         if replica {
             return Ok(());
         }
-        if self.vols[vi].ro {
+        if vol_at(&self.vols, vi)?.ro {
             return Err(Error::ReadOnly {
                 what: "volume",
                 name: ns.volume.clone(),
             });
         }
-        if self.vols[vi].ns[ni].ro {
+        if vol_at(&self.vols, vi)?.ns_at(ni)?.ro {
             return Err(Error::ReadOnly {
                 what: "qtree",
                 name: ns.to_string(),
@@ -1165,7 +1214,7 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     fn check_range(&self, vi: usize, ni: usize, ns: &NsName, lba: u64, len: u64) -> Result<()> {
-        let size = self.vols[vi].ns[ni].size;
+        let size = vol_at(&self.vols, vi)?.ns_at(ni)?.size;
         if len == 0 || lba >= size || len > size - lba {
             return Err(Error::OutOfRange {
                 ns: ns.to_string(),
@@ -1181,7 +1230,8 @@ impl<D: BlockDevice> Pool<D> {
         VolumeInfo {
             name: v.name.clone(),
             id: self.public_id(v.id),
-            size_bytes: v.ns[0].size * BLOCK_SIZE as u64,
+            // Namespace 0 (the volume's own) always exists.
+            size_bytes: v.ns.first().map_or(0, |n| n.size) * BLOCK_SIZE as u64,
             qtrees: v
                 .ns
                 .iter()
@@ -1345,7 +1395,7 @@ impl<D: BlockDevice> Pool<D> {
                 let vi = self.vol_idx(&volume)?;
                 check_name(&name)?;
                 let size = check_size(&format!("{volume}/{name}"), size_bytes)?;
-                if self.vols[vi]
+                if vol_at(&self.vols, vi)?
                     .ns
                     .iter()
                     .any(|n| n.name.as_deref() == Some(&name))
@@ -1356,7 +1406,7 @@ impl<D: BlockDevice> Pool<D> {
                     });
                 }
                 self.ensure_space(4)?;
-                self.vols[vi].ns.push(Ns {
+                vol_at_mut(&mut self.vols, vi)?.ns.push(Ns {
                     name: Some(name),
                     size,
                     tree: Tree::map(Ptr::default()),
@@ -1365,7 +1415,7 @@ impl<D: BlockDevice> Pool<D> {
                 });
                 self.meta_dirty = true;
                 self.cp(None)?;
-                Ok(Reply::Volume(self.vol_info(&self.vols[vi])))
+                Ok(Reply::Volume(self.vol_info(vol_at(&self.vols, vi)?)))
             }
             Request::ListVolumes => Ok(Reply::Volumes(
                 self.vols.iter().map(|v| self.vol_info(v)).collect(),
@@ -1374,9 +1424,9 @@ impl<D: BlockDevice> Pool<D> {
                 self.check_writable()?;
                 let (vi, ni) = self.ns_idx(&ns)?;
                 if ni == 0 {
-                    self.vols[vi].ro = read_only;
+                    vol_at_mut(&mut self.vols, vi)?.ro = read_only;
                 } else {
-                    self.vols[vi].ns[ni].ro = read_only;
+                    vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?.ro = read_only;
                 }
                 self.meta_dirty = true;
                 self.cp(None)?;
@@ -1422,13 +1472,13 @@ impl<D: BlockDevice> Pool<D> {
                 self.check_writable()?;
                 let vi = self.vol_idx(&volume)?;
                 check_name(&name)?;
-                if self.vols[vi].snaps.iter().any(|s| s.name == name) {
+                if vol_at(&self.vols, vi)?.snaps.iter().any(|s| s.name == name) {
                     return Err(Error::AlreadyExists {
                         what: "snapshot",
                         name: format!("{volume}@{name}"),
                     });
                 }
-                if self.vols[vi].snaps.len() >= SNAPSHOTS_MAX {
+                if vol_at(&self.vols, vi)?.snaps.len() >= SNAPSHOTS_MAX {
                     return Err(Error::TooManySnapshots {
                         volume,
                         limit: SNAPSHOTS_MAX,
@@ -1438,7 +1488,7 @@ impl<D: BlockDevice> Pool<D> {
                 let id = id.unwrap_or_else(Uuid::new_v4);
                 let created = created_unix_ms.unwrap_or_else(now_ms);
                 self.cp(Some((vi, name, id, created)))?;
-                let si = self.vols[vi].snaps.len() - 1;
+                let si = vol_at(&self.vols, vi)?.snaps.len() - 1;
                 Ok(Reply::Snapshot(self.snap_info(vi, si)?))
             }
             Request::DeleteSnapshot { volume, name } => {
@@ -1453,7 +1503,7 @@ impl<D: BlockDevice> Pool<D> {
                     return Err(e);
                 }
                 self.pending.extend(freed);
-                self.vols[vi].snaps.remove(si);
+                vol_at_mut(&mut self.vols, vi)?.snaps.remove(si);
                 self.meta_dirty = true;
                 self.cp(None)?;
                 Ok(Reply::Done)
@@ -1477,7 +1527,7 @@ impl<D: BlockDevice> Pool<D> {
                 // Flushed first, every block of the volume is in one of its
                 // planes (no dirty map node holds one the planes lack).
                 self.cp(None)?;
-                let roots: Vec<Ptr> = self.vols[vi].plane_roots().collect();
+                let roots: Vec<Ptr> = vol_at(&self.vols, vi)?.plane_roots().collect();
                 let mut freed = Vec::new();
                 if let Err(e) = self.plane_blocks(&roots, &mut |p| freed.push(p)) {
                     self.poison(&e);
@@ -1493,14 +1543,14 @@ impl<D: BlockDevice> Pool<D> {
             Request::ListSnapshots { volume } => {
                 let vi = self.vol_idx(&volume)?;
                 let mut out = Vec::new();
-                for si in 0..self.vols[vi].snaps.len() {
+                for si in 0..vol_at(&self.vols, vi)?.snaps.len() {
                     out.push(self.snap_info(vi, si)?);
                 }
                 Ok(Reply::Snapshots(out))
             }
             Request::ListSnapshotNames { volume } => {
                 let vi = self.vol_idx(&volume)?;
-                let out = self.vols[vi]
+                let out = vol_at(&self.vols, vi)?
                     .snaps
                     .iter()
                     .map(|s| SnapshotName {
@@ -1556,24 +1606,25 @@ impl<D: BlockDevice> Pool<D> {
     fn resize(&mut self, name: &str, size_bytes: u64, replica: bool) -> Result<VolumeInfo> {
         self.check_writable()?;
         let vi = self.vol_idx(name)?;
-        if self.vols[vi].ro && !replica {
+        if vol_at(&self.vols, vi)?.ro && !replica {
             return Err(Error::ReadOnly {
                 what: "volume",
                 name: name.to_string(),
             });
         }
         let size = check_size(name, size_bytes)?;
-        let old = self.vols[vi].ns[0].size;
+        let old = vol_at(&self.vols, vi)?.ns_at(0)?.size;
         if size == old {
-            return Ok(self.vol_info(&self.vols[vi]));
+            return Ok(self.vol_info(vol_at(&self.vols, vi)?));
         }
         self.ensure_space(4)?;
         if size < old {
             self.cp(None)?;
-            let v = &self.vols[vi];
-            debug_assert!(v.ns[0].name.is_none(), "namespace 0 is the volume's own");
-            debug_assert!(v.ns[0].tree.dirty.is_empty(), "clean after the CP");
-            let mut images: Vec<(String, Ptr)> = vec![("the live image".into(), v.ns[0].tree.root)];
+            let v = vol_at(&self.vols, vi)?;
+            let own = v.ns_at(0)?;
+            debug_assert!(own.name.is_none(), "namespace 0 is the volume's own");
+            debug_assert!(own.tree.dirty.is_empty(), "clean after the CP");
+            let mut images: Vec<(String, Ptr)> = vec![("the live image".into(), own.tree.root)];
             for s in &v.snaps {
                 if let Some((_, root, _)) = s.ns.iter().find(|(n, _, _)| n.is_none()) {
                     images.push((format!("snapshot {}", s.name), *root));
@@ -1590,11 +1641,11 @@ impl<D: BlockDevice> Pool<D> {
                 }
             }
         }
-        self.vols[vi].ns[0].size = size;
+        vol_at_mut(&mut self.vols, vi)?.ns_at_mut(0)?.size = size;
         self.meta_dirty = true;
         self.cp(None)?;
-        debug_assert_eq!(self.vols[vi].ns[0].size, size);
-        Ok(self.vol_info(&self.vols[vi]))
+        debug_assert_eq!(vol_at(&self.vols, vi)?.ns_at(0)?.size, size);
+        Ok(self.vol_info(vol_at(&self.vols, vi)?))
     }
 
     /// [`Request::Rollback`]. A CP first, so the live maps and plane are
@@ -1616,7 +1667,7 @@ impl<D: BlockDevice> Pool<D> {
         self.check_writable()?;
         let vi = self.vol_idx(volume)?;
         let si = self.snap_idx(vi, snapshot)?;
-        let v = &self.vols[vi];
+        let v = vol_at(&self.vols, vi)?;
         if v.ro {
             return Err(Error::ReadOnly {
                 what: "volume",
@@ -1630,7 +1681,12 @@ impl<D: BlockDevice> Pool<D> {
             });
         }
         if si + 1 < v.snaps.len() && !destroy_newer {
-            let newer: Vec<&str> = v.snaps[si + 1..].iter().map(|s| s.name.as_str()).collect();
+            let newer: Vec<&str> = v
+                .snaps
+                .iter()
+                .skip(si + 1)
+                .map(|s| s.name.as_str())
+                .collect();
             return Err(Error::NewerSnapshots {
                 volume: volume.to_string(),
                 snapshot: snapshot.to_string(),
@@ -1648,7 +1704,7 @@ impl<D: BlockDevice> Pool<D> {
         r?;
         self.meta_dirty = true;
         self.cp(None)?;
-        Ok(self.vol_info(&self.vols[vi]))
+        Ok(self.vol_info(vol_at(&self.vols, vi)?))
     }
 
     /// The in-memory part of a rollback of volume `vi` to snapshot `si`
@@ -1656,12 +1712,12 @@ impl<D: BlockDevice> Pool<D> {
     /// after.
     fn rollback_apply(&mut self, vi: usize, si: usize) -> Result<()> {
         let mut freed = Vec::new();
-        while self.vols[vi].snaps.len() > si + 1 {
-            let newest = self.vols[vi].snaps.len() - 1;
+        while vol_at(&self.vols, vi)?.snaps.len() > si + 1 {
+            let newest = vol_at(&self.vols, vi)?.snaps.len() - 1;
             self.unique_blocks(vi, newest, &mut |p| freed.push(p))?;
-            self.vols[vi].snaps.pop();
+            vol_at_mut(&mut self.vols, vi)?.snaps.pop();
         }
-        let v = &self.vols[vi];
+        let v = vol_at(&self.vols, vi)?;
         if !v.plane.dirty.is_empty() || v.ns.iter().any(|n| !n.tree.dirty.is_empty()) {
             return Err(Error::Invariant(format!(
                 "volume {}: dirty nodes after the CP before a rollback",
@@ -1669,7 +1725,7 @@ impl<D: BlockDevice> Pool<D> {
             )));
         }
         let live = Tree::plane(v.plane.root);
-        let target = Tree::plane(v.snaps[si].plane);
+        let target = Tree::plane(v.snap_at(si)?.plane);
         unique_walk(
             &mut self.store,
             live.top(),
@@ -1685,8 +1741,8 @@ impl<D: BlockDevice> Pool<D> {
             None,
             &mut |p| freed.push(p),
         )?;
-        let v = &mut self.vols[vi];
-        let s = v.snaps[si].clone();
+        let v = vol_at_mut(&mut self.vols, vi)?;
+        let s = v.snap_at(si)?.clone();
         v.plane = Tree::plane(s.plane);
         v.live_count = s.referenced;
         for n in v.ns.iter_mut() {
@@ -1706,7 +1762,7 @@ impl<D: BlockDevice> Pool<D> {
     fn snap_info(&mut self, vi: usize, si: usize) -> Result<SnapshotInfo> {
         let mut unique = 0u64;
         self.unique_blocks(vi, si, &mut |_| unique += 1)?;
-        let s = &self.vols[vi].snaps[si];
+        let s = vol_at(&self.vols, vi)?.snap_at(si)?;
         Ok(SnapshotInfo {
             name: s.name.clone(),
             id: s.id,
@@ -1720,17 +1776,17 @@ impl<D: BlockDevice> Pool<D> {
 
     /// The blocks deleting snapshot `si` alone would free.
     fn unique_blocks(&mut self, vi: usize, si: usize, out: &mut dyn FnMut(u64)) -> Result<()> {
-        let v = &self.vols[vi];
-        let s_tree = Tree::plane(v.snaps[si].plane);
-        let p_tree = if si > 0 {
-            Some(Tree::plane(v.snaps[si - 1].plane))
-        } else {
-            None
+        let v = vol_at(&self.vols, vi)?;
+        let s_tree = Tree::plane(v.snap_at(si)?.plane);
+        // The older neighbour (none for the oldest snapshot) and the newer
+        // one (the live plane for the newest).
+        let p_tree = match si.checked_sub(1) {
+            Some(older) => Some(Tree::plane(v.snap_at(older)?.plane)),
+            None => None,
         };
-        let n_tree = if si + 1 < v.snaps.len() {
-            Tree::plane(v.snaps[si + 1].plane)
-        } else {
-            v.plane.clone()
+        let n_tree = match v.snaps.get(si + 1) {
+            Some(newer) => Tree::plane(newer.plane),
+            None => v.plane.clone(),
         };
         let top = s_tree.top();
         unique_walk(
@@ -1756,10 +1812,10 @@ impl<D: BlockDevice> Pool<D> {
     fn image_tree(&self, image: &Image) -> Result<(usize, usize, Tree)> {
         let (vi, ni) = self.ns_idx(&image.ns)?;
         match &image.snapshot {
-            None => Ok((vi, ni, self.vols[vi].ns[ni].tree.clone())),
+            None => Ok((vi, ni, vol_at(&self.vols, vi)?.ns_at(ni)?.tree.clone())),
             Some(sn) => {
                 let si = self.snap_idx(vi, sn)?;
-                let s = &self.vols[vi].snaps[si];
+                let s = vol_at(&self.vols, vi)?.snap_at(si)?;
                 let root =
                     s.ns.iter()
                         .find(|(n, _, _)| *n == image.ns.qtree)
@@ -1802,7 +1858,7 @@ impl<D: BlockDevice> Pool<D> {
             if leaf_cache.as_ref().is_none_or(|(k, _)| *k != key) {
                 let t = match &tree {
                     Some(t) => t,
-                    None => &self.vols[vi].ns[ni].tree,
+                    None => &vol_at(&self.vols, vi)?.ns_at(ni)?.tree,
                 };
                 let leaf = get_leaf(&mut self.store, t, key)?;
                 leaf_cache = Some((key, leaf));
@@ -1831,12 +1887,11 @@ impl<D: BlockDevice> Pool<D> {
         let mine: Vec<IoCompletion> = ci.by_ref().take(runs.len()).collect();
         self.store.stats.data_blocks_read += runs.iter().map(|r| r.1 as u64).sum::<u64>();
         let mut out = AlignedBuf::zeroed(slots.len());
-        for ((start, len), c) in runs.into_iter().zip(mine) {
+        for ((start, len, _), c) in runs.into_iter().zip(mine) {
             let data = c
                 .buf
                 .ok_or_else(|| Error::Invalid("read completion without buffer".into()))?;
-            for k in 0..len {
-                let (i, s) = (start + k, &slots[start + k]);
+            for (k, (i, s)) in slots.iter().enumerate().skip(start).take(len).enumerate() {
                 if xxhash_rust::xxh3::xxh3_64(data.block(k)) != s.hash {
                     return Err(Error::DataChecksum {
                         vol: image.ns.to_string(),
@@ -1858,7 +1913,7 @@ impl<D: BlockDevice> Pool<D> {
         let mut rel = Vec::new();
         let r = make_dirty(
             &mut self.store,
-            &mut self.vols[vi].ns[ni].tree,
+            &mut vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?.tree,
             0,
             key,
             &mut rel,
@@ -1866,26 +1921,27 @@ impl<D: BlockDevice> Pool<D> {
         for (_, _, ptr) in rel {
             release_live(
                 &mut self.store,
-                &mut self.vols[vi],
+                vol_at_mut(&mut self.vols, vi)?,
                 &mut self.pending,
                 ptr.pba,
             )?;
         }
         r?;
-        let leaf = self.vols[vi].ns[ni]
+        let leaf = vol_at_mut(&mut self.vols, vi)?
+            .ns_at_mut(ni)?
             .tree
             .dirty
             .get_mut(&(0, key))
             .ok_or_else(|| Error::Invalid("map leaf not dirty".into()))?;
         let old = slot_get(leaf, idx);
         slot_set(leaf, idx, new);
-        let ns = &mut self.vols[vi].ns[ni];
+        let ns = vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?;
         if old.pba != 0 {
             ns.digest = ns.digest.wrapping_sub(digest_term(lba, old.hash));
         }
         if new.pba != 0 {
             ns.digest = ns.digest.wrapping_add(digest_term(lba, new.hash));
-            let vol = &mut self.vols[vi];
+            let vol = vol_at_mut(&mut self.vols, vi)?;
             let newest = vol.snaps.last().map(|s| s.plane);
             plane_update(
                 &mut self.store,
@@ -1900,7 +1956,7 @@ impl<D: BlockDevice> Pool<D> {
         if old.pba != 0 {
             release_live(
                 &mut self.store,
-                &mut self.vols[vi],
+                vol_at_mut(&mut self.vols, vi)?,
                 &mut self.pending,
                 old.pba,
             )?;
@@ -2051,10 +2107,13 @@ impl<D: BlockDevice> Pool<D> {
         let mut whole = Vec::new();
         for p in prepared.iter_mut().flatten() {
             let n = p.pbas.len();
-            let consecutive = p.pbas.windows(2).all(|w| w[1] == w[0] + 1);
+            let consecutive = p
+                .pbas
+                .windows(2)
+                .all(|w| matches!(w, [a, b] if *b == a + 1));
             if n > 1 && n <= COALESCE_MAX && consecutive {
-                if let Some(d) = p.data.take() {
-                    whole.push((p.pbas[0], d));
+                if let (Some(&first), Some(d)) = (p.pbas.first(), p.data.take()) {
+                    whole.push((first, d));
                 }
             }
         }
@@ -2104,7 +2163,11 @@ impl<D: BlockDevice> Pool<D> {
         while l < lba + len {
             let key = l / FANOUT as u64;
             let end = ((key + 1) * FANOUT as u64).min(lba + len);
-            let leaf = match leaf_or_gap(&mut self.store, &self.vols[vi].ns[ni].tree, key)? {
+            let leaf = match leaf_or_gap(
+                &mut self.store,
+                &vol_at(&self.vols, vi)?.ns_at(ni)?.tree,
+                key,
+            )? {
                 Ok(p) => p,
                 Err(next_key) => {
                     // An absent subtree: nothing mapped up to its end.
@@ -2191,7 +2254,8 @@ impl<D: BlockDevice> Pool<D> {
         let (vi, _) = self.ns_idx(ns)?;
         let root_of = |pool: &Self, name: &str| -> Result<Ptr> {
             let si = pool.snap_idx(vi, name)?;
-            pool.vols[vi].snaps[si]
+            vol_at(&pool.vols, vi)?
+                .snap_at(si)?
                 .ns
                 .iter()
                 .find(|(n, _, _)| *n == ns.qtree)
@@ -2206,7 +2270,8 @@ impl<D: BlockDevice> Pool<D> {
             // The walk skips subtrees born before the base: it is only
             // correct from an older image to a newer one.
             let (bi, ti) = (self.snap_idx(vi, b)?, self.snap_idx(vi, target)?);
-            if self.vols[vi].snaps[bi].gen > self.vols[vi].snaps[ti].gen {
+            let v = vol_at(&self.vols, vi)?;
+            if v.snap_at(bi)?.gen > v.snap_at(ti)?.gen {
                 return Err(Error::Invalid(format!(
                     "diff of {ns} from {b} to {target}: the base is newer than the target; diff from the older snapshot to the newer"
                 )));
@@ -2240,7 +2305,7 @@ impl<D: BlockDevice> Pool<D> {
         let mut data_owner: BTreeMap<u64, u32> = BTreeMap::new();
         let mut plane_nodes: BTreeSet<u64> = BTreeSet::new();
         for vi in 0..self.vols.len() {
-            let v = self.vols[vi].clone();
+            let v = vol_at(&self.vols, vi)?.clone();
             // (plane tree, map trees) per image
             let mut images: Vec<(Tree, Vec<Tree>, Option<u64>)> = vec![(
                 v.plane.clone(),
@@ -2393,22 +2458,24 @@ impl<D: BlockDevice + 'static> crate::api::Executor for Pool<D> {
     }
 }
 
-/// The runs of a read plan that go to the device: (first slot, blocks),
-/// consecutive mapped slots whose pbas follow each other, at most
-/// [`COALESCE_MAX`] blocks each. Holes (pba 0) are not read.
-fn read_runs(slots: &[Slot]) -> Vec<(usize, usize)> {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
+/// The runs of a read plan that go to the device: (first slot, blocks,
+/// first pba), consecutive mapped slots whose pbas follow each other, at
+/// most [`COALESCE_MAX`] blocks each. Holes (pba 0) are not read.
+fn read_runs(slots: &[Slot]) -> Vec<(usize, usize, u64)> {
+    let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+    // The pba of slot i - 1 (0 before the first slot).
+    let mut prev_pba = 0u64;
     for (i, s) in slots.iter().enumerate() {
+        let follows = prev_pba != 0 && prev_pba + 1 == s.pba;
+        prev_pba = s.pba;
         if s.pba == 0 {
             continue;
         }
         match runs.last_mut() {
-            Some((start, len))
-                if *start + *len == i && slots[i - 1].pba + 1 == s.pba && *len < COALESCE_MAX =>
-            {
+            Some((start, len, _)) if *start + *len == i && follows && *len < COALESCE_MAX => {
                 *len += 1
             }
-            _ => runs.push((i, 1)),
+            _ => runs.push((i, 1, s.pba)),
         }
     }
     runs
@@ -2416,13 +2483,9 @@ fn read_runs(slots: &[Slot]) -> Vec<(usize, usize)> {
 
 /// The device reads of a read plan, one per run.
 fn read_ios(slots: &[Slot]) -> impl Iterator<Item = (IoKind, u64, Option<AlignedBuf>)> + '_ {
-    read_runs(slots).into_iter().map(|(start, len)| {
-        (
-            IoKind::Read,
-            slots[start].pba,
-            Some(AlignedBuf::zeroed(len)),
-        )
-    })
+    read_runs(slots)
+        .into_iter()
+        .map(|(_, len, pba)| (IoKind::Read, pba, Some(AlignedBuf::zeroed(len))))
 }
 
 #[cfg(test)]
@@ -2472,9 +2535,15 @@ mod tests {
             ..Slot::default()
         };
         let slots = [s(10), s(11), s(0), s(12), s(13), s(20), s(21)];
-        assert_eq!(read_runs(&slots), vec![(0, 2), (3, 2), (5, 2)]);
+        assert_eq!(read_runs(&slots), vec![(0, 2, 10), (3, 2, 12), (5, 2, 20)]);
         let long: Vec<Slot> = (0..COALESCE_MAX as u64 + 3).map(|i| s(100 + i)).collect();
-        assert_eq!(read_runs(&long), vec![(0, COALESCE_MAX), (COALESCE_MAX, 3)]);
+        assert_eq!(
+            read_runs(&long),
+            vec![
+                (0, COALESCE_MAX, 100),
+                (COALESCE_MAX, 3, 100 + COALESCE_MAX as u64)
+            ]
+        );
         assert!(read_runs(&[s(0), s(0)]).is_empty());
     }
 

@@ -36,7 +36,15 @@ pub struct Slot {
     pub hash: u64,
 }
 
+/// Slot `i` of an interior node's or map leaf's payload. Every caller
+/// passes a payload of [`PAYLOAD`] bytes (a decoded or freshly built node)
+/// and `i < FANOUT` (a key reduced mod `FANOUT`, or a loop over the
+/// slots), and `FANOUT * SLOT_LEN <= PAYLOAD`; so the slices below are in
+/// range by construction. This is the map-lookup hot path: kept as plain
+/// indexing (one bounds check) rather than a `Result` at every caller.
+#[allow(clippy::indexing_slicing)] // i < FANOUT, p.len() == PAYLOAD (see above)
 pub fn slot_get(p: &[u8], i: usize) -> Slot {
+    debug_assert!(i < FANOUT && p.len() >= FANOUT * SLOT_LEN);
     let o = i * SLOT_LEN;
     let rd = |a: usize| {
         let mut b = [0u8; 8];
@@ -50,7 +58,10 @@ pub fn slot_get(p: &[u8], i: usize) -> Slot {
     }
 }
 
+/// Write slot `i`; in range by construction, as for [`slot_get`].
+#[allow(clippy::indexing_slicing)] // i < FANOUT, p.len() == PAYLOAD (see slot_get)
 pub fn slot_set(p: &mut [u8], i: usize, s: Slot) {
+    debug_assert!(i < FANOUT && p.len() >= FANOUT * SLOT_LEN);
     let o = i * SLOT_LEN;
     p[o..o + 8].copy_from_slice(&s.pba.to_le_bytes());
     p[o + 8..o + 16].copy_from_slice(&s.birth.to_le_bytes());
@@ -69,11 +80,19 @@ pub fn pow_fanout(level: u8) -> u64 {
     (FANOUT as u64).pow(level as u32)
 }
 
+/// Bit `bit` of a plane leaf's payload. Every caller passes a payload of
+/// [`PAYLOAD`] bytes and `bit < LEAF_BITS` (a pba reduced mod
+/// `LEAF_BITS`), so the byte is in range by construction.
+#[allow(clippy::indexing_slicing)] // bit < LEAF_BITS == p.len() * 8 (see above)
 pub fn bit_get(p: &[u8], bit: u64) -> bool {
+    debug_assert!(bit < LEAF_BITS && p.len() * 8 >= LEAF_BITS as usize);
     p[(bit / 8) as usize] & (1 << (bit % 8)) != 0
 }
 
+/// Set or clear bit `bit`; in range by construction, as for [`bit_get`].
+#[allow(clippy::indexing_slicing)] // bit < LEAF_BITS == p.len() * 8 (see bit_get)
 pub fn bit_put(p: &mut [u8], bit: u64, on: bool) {
+    debug_assert!(bit < LEAF_BITS && p.len() * 8 >= LEAF_BITS as usize);
     let m = 1u8 << (bit % 8);
     if on {
         p[(bit / 8) as usize] |= m;
@@ -582,7 +601,8 @@ impl FreeMap {
     pub fn test(&self, p: u64) -> bool {
         self.chunks
             .get(&(p / CHUNK_BITS))
-            .is_some_and(|c| c[((p % CHUNK_BITS) / 64) as usize] & (1 << (p % 64)) != 0)
+            .and_then(|c| c.get(((p % CHUNK_BITS) / 64) as usize))
+            .is_some_and(|w| w & (1 << (p % 64)) != 0)
     }
     /// Mark `p` used. A block beyond the device is a bug (every pba read
     /// from the device is range-checked before it gets here).
@@ -597,7 +617,12 @@ impl FreeMap {
             .chunks
             .entry(p / CHUNK_BITS)
             .or_insert_with(|| vec![0u64; CHUNK_WORDS].into_boxed_slice());
-        let w = &mut c[((p % CHUNK_BITS) / 64) as usize];
+        // A chunk has CHUNK_WORDS words and the index is < CHUNK_WORDS.
+        let Some(w) = c.get_mut(((p % CHUNK_BITS) / 64) as usize) else {
+            return Err(Error::Invariant(format!(
+                "free map: block {p} has no word in its chunk"
+            )));
+        };
         if *w & (1 << (p % 64)) == 0 {
             *w |= 1 << (p % 64);
             self.used += 1;
@@ -635,21 +660,23 @@ impl FreeMap {
                     return Ok(p);
                 }
                 Some(c) => {
-                    let mut wi = ((p % CHUNK_BITS) / 64) as usize;
+                    let first = ((p % CHUNK_BITS) / 64) as usize;
                     let mut mask = !0u64 << (p % 64);
-                    while wi < CHUNK_WORDS {
-                        let free = !c[wi] & mask;
+                    let mut found = None;
+                    for (wi, &word) in c.iter().enumerate().skip(first) {
+                        let free = !word & mask;
                         if free != 0 {
-                            let q = ci * CHUNK_BITS + wi as u64 * 64 + free.trailing_zeros() as u64;
-                            if q < self.total {
-                                self.set(q)?;
-                                self.cursor = q + 1;
-                                return Ok(q);
-                            }
+                            found = Some(
+                                ci * CHUNK_BITS + wi as u64 * 64 + free.trailing_zeros() as u64,
+                            );
                             break;
                         }
-                        wi += 1;
                         mask = !0;
+                    }
+                    if let Some(q) = found.filter(|&q| q < self.total) {
+                        self.set(q)?;
+                        self.cursor = q + 1;
+                        return Ok(q);
                     }
                 }
             }

@@ -15,6 +15,10 @@
 //! trim headroom and the CP reserve), minus 16 blocks for each further
 //! write queued in the same batch.
 
+// Tests may panic: the engine's no-panic lints (engine/Cargo.toml) are for
+// production code; clippy.toml covers #[test] functions, this the helpers.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use sluice_engine::api::*;
 use sluice_engine::device::sim::SimDevice;
 use sluice_engine::device::AlignedBuf;

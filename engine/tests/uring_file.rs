@@ -1,6 +1,10 @@
 //! UringDevice on regular files: a file on the work disk (O_DIRECT), a file
 //! on tmpfs, and one on ramfs where O_DIRECT is refused (the fallback).
 
+// Tests may panic: the engine's no-panic lints (engine/Cargo.toml) are for
+// production code; clippy.toml covers #[test] functions, this the helpers.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 mod uring_checks;
 
 use sluice_engine::device::uring::{UringDevice, UringOptions};

@@ -76,6 +76,9 @@ impl AlignedBuf {
         AlignedBuf { ptr, len_bytes }
     }
 
+    // BLOCK_SIZE is a non-zero power of two and `len_bytes` a multiple of
+    // it that a slice's length produced, so it cannot overflow isize.
+    #[allow(clippy::expect_used)] // cannot fail: see above
     fn layout(len_bytes: usize) -> Layout {
         Layout::from_size_align(len_bytes, BLOCK_SIZE).expect("block-aligned layout is valid")
     }
@@ -103,10 +106,17 @@ impl AlignedBuf {
     }
 
     /// Block `i` of the buffer.
+    ///
+    /// # Panics
+    /// If `i >= self.len_blocks()`, like slice indexing: every caller
+    /// passes an index below the block count it sized the buffer with.
+    #[allow(clippy::indexing_slicing)] // i < len_blocks() by construction (see above)
     pub fn block(&self, i: usize) -> &[u8] {
         &self.as_slice()[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
     }
 
+    /// Block `i` of the buffer, writable; panics as [`Self::block`] does.
+    #[allow(clippy::indexing_slicing)] // i < len_blocks() by construction (see block)
     pub fn block_mut(&mut self, i: usize) -> &mut [u8] {
         &mut self.as_mut_slice()[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
     }

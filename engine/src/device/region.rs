@@ -141,7 +141,7 @@ impl<D: BlockDevice> BlockDevice for Region<D> {
         let want = min_complete.saturating_sub(ready);
         let first_inner = out.len();
         self.inner.complete(want, out)?;
-        for c in &mut out[first_inner..] {
+        for c in out.iter_mut().skip(first_inner) {
             if !matches!(c.kind, IoKind::Flush) {
                 debug_assert!(c.pba >= self.start, "completion outside the region");
                 c.pba = c.pba.saturating_sub(self.start);

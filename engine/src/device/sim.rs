@@ -296,7 +296,10 @@ impl SimState {
                 for (w, sectors) in chosen {
                     let block = image.entry(w.pba).or_insert_with(zero_block);
                     let len = sectors * SECTOR_SIZE;
-                    block[..len].copy_from_slice(&w.data[..len]);
+                    // A torn write: its first `sectors` sectors land.
+                    for (dst, src) in block.iter_mut().zip(w.data.iter()).take(len) {
+                        *dst = *src;
+                    }
                 }
             }
         }
@@ -475,10 +478,17 @@ impl SimHandle {
             return;
         }
         let (byte, mask) = (bit_index / 8, 1u8 << (bit_index % 8));
-        s.live.entry(pba).or_insert_with(zero_block)[byte] ^= mask;
-        s.durable.entry(pba).or_insert_with(zero_block)[byte] ^= mask;
+        // `byte < BLOCK_SIZE` (checked above) and every block is BLOCK_SIZE
+        // bytes, so each `get_mut` finds its byte.
+        let flip = |block: &mut [u8]| {
+            if let Some(b) = block.get_mut(byte) {
+                *b ^= mask;
+            }
+        };
+        flip(s.live.entry(pba).or_insert_with(zero_block));
+        flip(s.durable.entry(pba).or_insert_with(zero_block));
         for w in s.unflushed.iter_mut().filter(|w| w.pba == pba) {
-            w.data[byte] ^= mask;
+            flip(&mut w.data);
         }
     }
 

@@ -545,7 +545,9 @@ impl UringDevice {
         self.cqes
             .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for i in 0..self.cqes.len() {
-            let (id, res) = self.cqes[i];
+            let Some(&(id, res)) = self.cqes.get(i) else {
+                break;
+            };
             let Some(f) = self.slab.get_mut(id as usize).and_then(Option::take) else {
                 tracing::error!(path = %self.path.display(), id, "completion for an unknown request; ignored");
                 continue;
