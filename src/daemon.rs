@@ -279,9 +279,11 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
             .unwrap_or_else(|| "-".into())
     );
     let _ = out.flush();
+    notify_service_manager("READY=1");
 
     let sig = signals.forever().next();
     tracing::info!(signal = ?sig, "stopping: no new connections, finishing in-flight I/O");
+    notify_service_manager("STOPPING=1");
     stop.store(true, Ordering::SeqCst);
     wake(peers_addr);
     let _ = acceptor.join();
@@ -298,6 +300,37 @@ fn run(cfg: &ServeConfig, engine: sluice_engine::shard::EngineHandle) -> Result<
         tracing::info!("NBD server stopped; every in-flight request answered");
     }
     Ok(())
+}
+
+/// Tell the service manager (systemd's `Type=notify`) how the node is:
+/// one datagram of `state` (and `MAINPID`) to the socket `NOTIFY_SOCKET`
+/// names (a path, or `@name` in the abstract namespace). Nothing without
+/// the variable; a failure is logged, never fatal.
+fn notify_service_manager(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let addr = {
+        use std::os::unix::ffi::OsStrExt;
+        let b = path.as_bytes();
+        match b.strip_prefix(b"@") {
+            Some(name) => UnixAddr::from_abstract_name(name),
+            None => UnixAddr::from_pathname(&path),
+        }
+    };
+    let msg = format!("{state}\nMAINPID={}\n", std::process::id());
+    let sent = addr.and_then(|a| {
+        let s = UnixDatagram::unbound()?;
+        s.send_to_addr(msg.as_bytes(), &a)
+    });
+    match sent {
+        Ok(_) => tracing::debug!(%state, "told the service manager"),
+        Err(e) => {
+            tracing::warn!(%state, socket = ?path, error = %e, "could not notify the service manager (NOTIFY_SOCKET)")
+        }
+    }
 }
 
 /// Unblock a thread sitting in `accept` on `addr`.
