@@ -117,6 +117,10 @@ pub struct Replicator {
     /// Which refusals of incoming peers are logged (one line per source
     /// and interval).
     refusals: Mutex<crate::refusals::RefusalLog>,
+    /// Which failed lock-set deliveries are logged: the first of each
+    /// (relationship, upstream), then one line per interval with the count
+    /// of the rest (an upstream that is down fails every tick).
+    undelivered_log: Mutex<crate::refusals::RefusalLog>,
 }
 
 /// A peer connection registered with its replicator (shut down with it).
@@ -390,6 +394,9 @@ impl Replicator {
             refusals: Mutex::new(crate::refusals::RefusalLog::new(
                 crate::refusals::INTERVAL_MS_DEFAULT,
             )),
+            undelivered_log: Mutex::new(crate::refusals::RefusalLog::new(
+                crate::refusals::INTERVAL_MS_DEFAULT,
+            )),
             cfg,
         });
         if r.cfg.background {
@@ -511,7 +518,9 @@ impl Replicator {
                             // then, harmless if the upstream has it).
                             let older = st.pending_sets.contains_key(&key);
                             if let Err(e) = sent {
-                                tracing::warn!(upstream = %key.1, relationship = %key.0, error = %e, "lock set not sent; retried next tick");
+                                drop(st);
+                                self.log_undelivered(&key.0, &key.1, &e);
+                                let mut st = lock(&self.st);
                                 undelivered.push(key.1.clone());
                                 sched::queue_set(&mut st.pending_sets, key, set);
                             } else if older {
@@ -593,6 +602,18 @@ impl Replicator {
         undelivered
     }
 
+    /// Log a failed delivery of `relationship`'s set to `upstream`: the
+    /// first at once, then at most one line per interval, counting the
+    /// failures in between (every one is retried at the next tick).
+    fn log_undelivered(&self, relationship: &str, upstream: &str, e: &ReplError) {
+        let now = self.cfg.env.mono_ms();
+        let line = lock(&self.undelivered_log).note(&format!("{upstream}/{relationship}"), now);
+        if let Some(l) = line {
+            let every_s = crate::refusals::INTERVAL_MS_DEFAULT / 1000;
+            tracing::warn!(%upstream, %relationship, error = %e, failed_since_last_line = l.suppressed, "lock set not delivered; retried every tick (logged once per {every_s} s while it fails)");
+        }
+    }
+
     /// Deliver one set of `relationship` to node `upstream` on a
     /// connection of its own; an undeliverable one is kept for the next
     /// tick (the latest per relationship and upstream), unless the
@@ -615,7 +636,7 @@ impl Replicator {
                 true
             }
             Err(e) => {
-                tracing::warn!(%upstream, %relationship, error = %e, "lock set not delivered; retried next tick");
+                self.log_undelivered(relationship, upstream, &e);
                 let mut st = lock(&self.st);
                 let newer = st
                     .pending_sets
