@@ -77,19 +77,6 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     }
 }
 
-/// Does this process run as root? (Without it: `skip("not root ...")`.)
-pub fn is_root() -> bool {
-    // Read from /proc rather than calling geteuid: no libc dependency.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

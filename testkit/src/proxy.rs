@@ -248,11 +248,6 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         }
         let Ok(client) = conn else { continue };
         let n = sh.conns.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(a) = lock(&sh.fault).as_mut() {
-            if a.next_only && a.conn.is_none() {
-                a.conn = Some(n);
-            }
-        }
         let up_addr = lock(&sh.upstream).clone();
         let Ok(server) = TcpStream::connect(&up_addr) else {
             // Upstream down: the client sees the connection close, as if
@@ -260,6 +255,13 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         };
+        // An `arm_next` fault binds to the first connection that reaches
+        // the upstream (one refused there leaves it for the next).
+        if let Some(a) = lock(&sh.fault).as_mut() {
+            if a.next_only && a.conn.is_none() {
+                a.conn = Some(n);
+            }
+        }
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         {
@@ -502,5 +504,81 @@ fn forward(to: &mut TcpStream, data: &mut [u8], sent: &mut u64, sh: &Shared, con
             sh.down_bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream that sends `len` zero bytes to every connection, then
+    /// closes it.
+    fn zeros_upstream(len: usize) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let _ = c.write_all(&vec![0u8; len]);
+            }
+        });
+        addr
+    }
+
+    fn read_all(p: &Proxy) -> Vec<u8> {
+        let mut c = TcpStream::connect(p.addr()).expect("connect");
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        out
+    }
+
+    #[test]
+    fn flip_at_next_connection_only_then_clean() {
+        let p = Proxy::start(&zeros_upstream(1000));
+        p.arm_next(Fault::FlipAt(10));
+        let first = read_all(&p);
+        assert_eq!(first.len(), 1000);
+        assert_eq!(first[10], 0x10);
+        assert_eq!(first.iter().filter(|&&b| b != 0).count(), 1);
+        assert_eq!(read_all(&p), vec![0u8; 1000]);
+        assert_eq!(p.down_bytes(), 2000);
+        assert_eq!(
+            p.fired(),
+            vec![Fired::Flipped {
+                conn: 1,
+                offset: 10
+            }]
+        );
+    }
+
+    #[test]
+    fn an_arm_next_fault_the_connection_never_reaches_is_dropped() {
+        let p = Proxy::start(&zeros_upstream(1000));
+        p.arm_next(Fault::CutAfter(5000));
+        assert_eq!(read_all(&p).len(), 1000);
+        // The first connection's pump clears the fault when it ends.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lock(&p.shared.fault).is_some() {
+            assert!(std::time::Instant::now() < end, "fault still armed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(read_all(&p).len(), 1000);
+        assert!(p.fired().is_empty());
+    }
+
+    #[test]
+    fn cut_after_fires_on_the_first_connection_that_reaches_it() {
+        let p = Proxy::start(&zeros_upstream(1000));
+        p.arm(Fault::CutAfter(1500));
+        assert_eq!(read_all(&p).len(), 1000);
+        p.set_upstream(&zeros_upstream(2000));
+        assert_eq!(read_all(&p).len(), 1500);
+        assert_eq!(
+            p.fired(),
+            vec![Fired::Cut {
+                conn: 2,
+                bytes: 1500
+            }]
+        );
     }
 }
