@@ -9,10 +9,9 @@
 //! that the secret never crosses the wire.
 
 mod common;
-mod e2e_proxy;
 
 use common::*;
-use e2e_proxy::Proxy;
+use sluice_testkit::proxy::Proxy;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};

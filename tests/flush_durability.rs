@@ -29,35 +29,14 @@ fn assert_ok(o: &std::process::Output, what: &str) {
     );
 }
 
-/// xorshift64*, seeded.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[test]
 fn flushed_and_fua_writes_survive_sigkill() {
     if !have("qemu-io") {
         println!("skipped: qemu-io not found");
         return;
     }
-    let seed = std::env::var("SLUICE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    println!("flush_durability: SLUICE_SEED={seed}");
-    let mut rng = Rng(seed);
+    let seed = sluice_testkit::seed("flush_durability");
+    let mut rng = Rng(sluice_testkit::rng(seed));
 
     let dir = tempfile::tempdir().unwrap();
     let pool = init_pool(dir.path(), "pool.img", "1G");

@@ -8,7 +8,7 @@
 mod nbd_common;
 
 use nbd_common::*;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngCore};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
@@ -162,8 +162,8 @@ fn a_client_that_never_reads_does_not_stop_others() {
 
 #[test]
 fn random_and_mutated_streams() {
-    let s = seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let s = seed("random_and_mutated_streams");
+    let mut rng = rng(s);
     let node = Node::start();
     let good = good_session();
     let rounds = 1000u64;

@@ -6,7 +6,7 @@
 mod nbd_common;
 
 use nbd_common::*;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngCore};
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -56,8 +56,8 @@ fn pipelined(
 
 #[test]
 fn many_requests_in_flight_matched_by_handle() {
-    let s = seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let s = seed("many_requests_in_flight_matched_by_handle");
+    let mut rng = rng(s);
     let node = Node::start();
     let mut c = Client::connect(node.nbd_addr, VOL).unwrap();
     assert_eq!(c.size, VOL_BYTES);
@@ -219,13 +219,13 @@ fn errors_keep_the_connection_usable() {
 
 #[test]
 fn several_connections_at_once() {
-    let s = seed();
+    let s = seed("several_connections_at_once");
     let node = Node::start();
     let addr = node.nbd_addr;
     let threads: Vec<_> = (0..6u64)
         .map(|t| {
             std::thread::spawn(move || {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(s ^ t);
+                let mut rng = rng(s ^ t);
                 let mut c = Client::connect(addr, VOL).unwrap();
                 // Each connection owns the blocks t, t+6, t+12, ...
                 let mut reqs = Vec::new();

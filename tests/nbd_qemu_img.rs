@@ -7,7 +7,7 @@
 mod nbd_common;
 
 use nbd_common::*;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngCore};
 use sluice_engine::api::{Image, NsName};
 use std::path::Path;
 use std::process::Command;
@@ -53,8 +53,8 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 #[test]
 fn convert_copies_whole_exports_out() {
     let Some(img) = tool("qemu-img") else { return };
-    let s = seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let s = seed("convert_copies_whole_exports_out");
+    let mut rng = rng(s);
     let node = Node::start();
     let dir = tempfile::tempdir().unwrap();
     let vol = NsName::volume(VOL);
@@ -95,8 +95,8 @@ fn convert_copies_whole_exports_out() {
 #[test]
 fn convert_copies_a_file_in() {
     let Some(img) = tool("qemu-img") else { return };
-    let s = seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let s = seed("convert_copies_a_file_in");
+    let mut rng = rng(s);
     let node = Node::start();
     let dir = tempfile::tempdir().unwrap();
     let qt = NsName::qtree(VOL, QTREE);

@@ -7,7 +7,7 @@
 mod nbd_common;
 
 use nbd_common::*;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use std::path::Path;
 use std::process::Command;
 
@@ -88,8 +88,8 @@ fn reads(rs: &[Region]) -> Vec<String> {
 #[test]
 fn patterns_at_many_offsets_read_back_through_a_second_connection() {
     let Some(bin) = tool("qemu-io") else { return };
-    let s = seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let s = seed("patterns_at_many_offsets_read_back_through_a_second_connection");
+    let mut rng = rng(s);
     let node = Node::start();
     let rs = regions(&mut rng, 16 << 20);
     assert!(rs.len() > 60);
@@ -214,8 +214,8 @@ fn qtree_export_is_its_own_namespace() {
 #[test]
 fn snapshot_export_shows_its_time_and_refuses_writes() {
     let Some(bin) = tool("qemu-io") else { return };
-    let s = seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let s = seed("snapshot_export_shows_its_time_and_refuses_writes");
+    let mut rng = rng(s);
     let node = Node::start();
     let rs = regions(&mut rng, 8 << 20);
     let (ok, out) = qemu_io(&bin, &node, VOL, false, &writes(&rs));

@@ -7,9 +7,8 @@
 //! shows the pattern (so the grep can find it when it is there).
 
 mod common;
-mod e2e_proxy;
 use common::*;
-use e2e_proxy::Proxy;
+use sluice_testkit::proxy::Proxy;
 use std::path::Path;
 
 const PATTERN: &[u8] = b"SLUICE-KNOWN-PATTERN-7f3a9c";

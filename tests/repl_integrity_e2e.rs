@@ -18,10 +18,9 @@
 //! before a frame is even decoded (`replicator/src/secure.rs`).
 
 mod common;
-mod e2e_proxy;
 
 use common::*;
-use e2e_proxy::{Fault, Fired, Proxy};
+use sluice_testkit::proxy::{Fault, Fired, Proxy};
 
 const VOL_MB: u64 = 32;
 const SLOTS: u64 = 128;

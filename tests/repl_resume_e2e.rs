@@ -16,10 +16,9 @@
 //! relationship is throttled.
 
 mod common;
-mod e2e_proxy;
 
 use common::*;
-use e2e_proxy::{Fault, Fired, Proxy};
+use sluice_testkit::proxy::{Fault, Fired, Proxy};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 

@@ -583,15 +583,6 @@ mod tests {
 
     const BLOCKS: u64 = 1 << 16;
 
-    fn seed() -> u64 {
-        let s = std::env::var("SLUICE_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(rand::random::<u64>);
-        eprintln!("SLUICE_SEED={s}");
-        s
-    }
-
     fn started(opts: EngineOptions) -> (EngineHandle, SimHandle) {
         let dev = SimDevice::new(BLOCKS);
         let sim = dev.handle();
@@ -650,7 +641,7 @@ mod tests {
 
     #[test]
     fn many_callers_many_in_flight() {
-        let s = seed();
+        let s = sluice_testkit::seed("many_callers_many_in_flight");
         let (h, sim) = started(EngineOptions {
             batch_max: 16,
             ..EngineOptions::default()
@@ -659,8 +650,8 @@ mod tests {
             .map(|t| {
                 let h = h.clone();
                 std::thread::spawn(move || {
-                    use rand::{Rng, SeedableRng};
-                    let mut rng = rand::rngs::SmallRng::seed_from_u64(s ^ t);
+                    use rand::Rng;
+                    let mut rng = sluice_testkit::rng(s ^ t);
                     let (tx, rx) = crossbeam_channel::unbounded();
                     // Each thread owns lbas t, t+4, t+8, ...: 64 writes in flight.
                     let lbas: Vec<u64> = (0..64).map(|i| t + 4 * i).collect();

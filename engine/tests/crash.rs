@@ -52,7 +52,7 @@ fn ns(i: usize) -> NsName {
 }
 
 fn workload(seed: u64) -> Vec<Request> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut reqs = Vec::new();
     let mut v = 1u64;
     let mut snaps: Vec<String> = Vec::new();
@@ -289,7 +289,7 @@ fn read_img(pool: &mut Pool<SimDevice>, i: usize, snap: Option<String>) -> Img {
 
 #[test]
 fn crash_every_op_boundary() {
-    let base = common::seed();
+    let base = sluice_testkit::seed("crash_every_op_boundary");
     let mut images = 0u64;
     let mut w = 0u64;
     while images < 10_000 {
@@ -394,7 +394,7 @@ fn fill(pool: &mut Pool<SimDevice>, rng: &mut Rng, ns: NsName, first: u64, n: u6
 /// The steps before the volume delete: `vol` written, `w` created,
 /// written, snapshotted, written again, all flushed.
 fn before_volume_delete(pool: &mut Pool<SimDevice>, seed: u64) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     fill(pool, &mut rng, ns(0), 100, 12);
     pool.execute(Request::CreateVolume {
         name: "w".into(),
@@ -432,7 +432,7 @@ fn read_w(p: &mut Pool<SimDevice>, snap: Option<&str>) -> Vec<u8> {
 /// either whole (the delete's CP did not land) or not at all.
 #[test]
 fn crash_inside_volume_delete() {
-    let seed = common::seed();
+    let seed = sluice_testkit::seed("crash_inside_volume_delete");
     let (mut pool, h) = setup();
     before_volume_delete(&mut pool, seed);
     let want_vol = read_img(&mut pool, 0, None);
@@ -502,7 +502,7 @@ fn read_vol_n(p: &mut Pool<SimDevice>, snap: Option<&str>, n: u64) -> Vec<u8> {
 /// (nothing at or past lba 24), not flushed: a shrink to 24 blocks is
 /// allowed and takes its own CP first.
 fn before_resize(pool: &mut Pool<SimDevice>, seed: u64) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     for v in 0..16u64 {
         let mut buf = AlignedBuf::zeroed(1);
         buf.block_mut(0).copy_from_slice(&block(500 + v));
@@ -532,7 +532,7 @@ fn before_resize(pool: &mut Pool<SimDevice>, seed: u64) {
 /// data in the first 24 blocks of the live image and of snapshot `r`.
 #[test]
 fn crash_inside_resize() {
-    let seed = common::seed();
+    let seed = sluice_testkit::seed("crash_inside_resize");
     let sizes = [24u64, 96];
     let resize = |p: &mut Pool<SimDevice>, blocks: u64| {
         p.execute(Request::ResizeVolume {
@@ -606,7 +606,7 @@ fn crash_inside_resize() {
 /// Snapshots `a` and `b` with different contents, the live image changed
 /// again and not flushed (the rollback's first CP writes it).
 fn before_rollback(pool: &mut Pool<SimDevice>, seed: u64) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     fill(pool, &mut rng, ns(0), 100, 10);
     fill(pool, &mut rng, ns(1), 150, 4);
     pool.execute(Request::CreateSnapshot {
@@ -634,7 +634,7 @@ fn before_rollback(pool: &mut Pool<SimDevice>, seed: u64) {
 /// never a mix, with every remaining snapshot unchanged.
 #[test]
 fn crash_inside_rollback() {
-    let seed = common::seed();
+    let seed = sluice_testkit::seed("crash_inside_rollback");
     let rollback = |p: &mut Pool<SimDevice>| {
         p.execute(Request::Rollback {
             volume: "vol".into(),

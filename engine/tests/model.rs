@@ -20,10 +20,6 @@ use std::collections::HashMap;
 mod common;
 use common::Rng;
 
-fn seed() -> u64 {
-    common::seed() | 1
-}
-
 fn block(v: u64) -> Vec<u8> {
     let mut b = vec![0u8; 4096];
     for (i, c) in b.chunks_mut(8).enumerate() {
@@ -102,7 +98,7 @@ fn check_read(pool: &mut Pool<SimDevice>, img: Image, model: &Img, size: u64) {
 }
 
 fn run_case(seed: u64, steps: usize) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let dev = SimDevice::new(4096);
     let mut pool = Pool::format(dev, FormatOptions { volumes_max: 4 }).unwrap();
     let mut vols: Vec<MVol> = Vec::new();
@@ -477,7 +473,7 @@ fn run_case(seed: u64, steps: usize) {
 
 #[test]
 fn model_random_workloads() {
-    let s = seed();
+    let s = sluice_testkit::seed("model_random_workloads");
     let cases: u64 = std::env::var("SLUICE_MODEL_CASES")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -93,7 +93,7 @@ fn want(img: &Img, lba: u64) -> Vec<u8> {
 /// One caller thread: random writes (some pipelined), trims, reads,
 /// snapshot creates and deletes on its own volume, checked as it goes.
 fn drive(h: EngineHandle, volume: String, seed: u64) -> Model {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut m = Model::default();
     let mut snap_no = 0;
     for op in 0..OPS_PER_THREAD {
@@ -225,7 +225,7 @@ fn space(h: &EngineHandle) -> SpaceInfo {
 }
 
 fn sharded_engine(n: usize) {
-    let seed = common::seed();
+    let seed = sluice_testkit::seed("sharded_engine");
     let (devs, handles) = sims(n);
     let pools = format_sharded(devs, FormatOptions::default()).expect("format");
     let h = Engine::start_sharded(

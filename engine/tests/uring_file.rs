@@ -34,7 +34,7 @@ fn opts_all() -> Vec<UringOptions> {
 
 #[test]
 fn file_io_all_option_sets() {
-    let s = seed();
+    let s = seed("file_io_all_option_sets");
     let dir = tempfile::tempdir().expect("tempdir");
     for (i, opts) in opts_all().into_iter().enumerate() {
         eprintln!("options: {opts:?}");
@@ -88,11 +88,11 @@ fn bad_sizes_and_paths_are_clear_errors() {
 
 #[test]
 fn tmpfs_file() {
-    let s = seed();
+    let s = seed("tmpfs_file");
     let dir = match tempfile::tempdir_in("/dev/shm") {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("skipped: no /dev/shm ({e})");
+            skip::<()>(&format!("no /dev/shm ({e})"));
             return;
         }
     };
@@ -109,10 +109,10 @@ fn tmpfs_file() {
 /// ramfs refuses O_DIRECT with EINVAL on every kernel: the fallback path.
 #[test]
 fn ramfs_falls_back_to_buffered_io() {
-    let s = seed();
+    let s = seed("ramfs_falls_back_to_buffered_io");
     // SAFETY: geteuid takes no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: not root (mounting ramfs needs root)");
+        skip::<()>("not root (mounting ramfs needs root)");
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -128,7 +128,7 @@ fn ramfs_falls_back_to_buffered_io() {
         .map(|st| st.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!("skipped: cannot mount ramfs here");
+        skip::<()>("cannot mount ramfs here");
         return;
     }
     struct Unmount<'a>(&'a std::path::Path);
@@ -154,7 +154,7 @@ fn ramfs_falls_back_to_buffered_io() {
 
 #[test]
 fn two_shards_on_a_file() {
-    let s = seed();
+    let s = seed("two_shards_on_a_file");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("pool.img");
     drop(UringDevice::create(&path, 64 << 20, UringOptions::default()).expect("create"));

@@ -52,24 +52,12 @@ impl Drop for LoopDev {
     }
 }
 
-/// Skip (print why, return `None`), or fail where `SLUICE_REQUIRE_TOOLS`
-/// is set (CI runs as root with losetup: a skip there would hide a test).
-fn skip<T>(why: &str) -> Option<T> {
-    if std::env::var_os("SLUICE_REQUIRE_TOOLS").is_some() {
-        panic!("{why}, and SLUICE_REQUIRE_TOOLS says every test must run");
-    }
-    eprintln!("skipped: {why}");
-    None
-}
-
 fn setup(size_bytes: u64) -> Option<(tempfile::TempDir, LoopDev)> {
     // SAFETY: geteuid takes no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return skip("not root");
     }
-    if Command::new("losetup").arg("--version").output().is_err() {
-        return skip("losetup not found");
-    }
+    tool("losetup")?;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("backing.img");
     let f = std::fs::File::create(&file).expect("backing file");
@@ -83,7 +71,7 @@ fn setup(size_bytes: u64) -> Option<(tempfile::TempDir, LoopDev)> {
 
 #[test]
 fn loop_device_io() {
-    let s = seed();
+    let s = seed("loop_device_io");
     for opts in [
         UringOptions::default(),
         UringOptions {
@@ -122,7 +110,7 @@ fn loop_device_is_exclusive() {
 
 #[test]
 fn loop_device_two_shards() {
-    let s = seed();
+    let s = seed("loop_device_two_shards");
     let Some((_dir, lo)) = setup(64 << 20) else {
         return;
     };

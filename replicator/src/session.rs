@@ -969,18 +969,9 @@ mod tests {
     /// checkpoint are durable, never a snapshot before a flush.
     #[test]
     fn random_frames_keep_the_orderings() {
-        let seed = std::env::var("SLUICE_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x5e55_1011u64);
-        println!("random_frames_keep_the_orderings: seed {seed} (SLUICE_SEED replays)");
-        let mut x = seed | 1;
-        let mut rnd = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n.max(1)
-        };
+        use rand::Rng;
+        let mut r = sluice_testkit::rng(sluice_testkit::seed("random_frames_keep_the_orderings"));
+        let mut rnd = move |n: u64| r.gen_range(0..n.max(1));
         let data = vec![5u8; BLOCK_SIZE];
         for _ in 0..500 {
             let mut p = receiving(spec(rnd(2) == 0, 0), rnd(6));

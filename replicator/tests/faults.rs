@@ -156,7 +156,7 @@ fn resume_after_dropped_connection() {
     a.snap("v", "s1");
     let p = Proxy::start(&a.addr);
     let s = MirrorSpec {
-        source_addr: p.addr.clone(),
+        source_addr: p.addr().to_string(),
         ..spec("v", &a, "v")
     };
     // Learn the full size with a clean run elsewhere.
@@ -164,7 +164,7 @@ fn resume_after_dropped_connection() {
     let full = c.repl.mirror_create(spec("v", &a, "v")).unwrap();
     assert!(full.bytes > 1 << 20);
     let cut = r.gen_range(full.bytes / 3..full.bytes * 2 / 3);
-    p.arm(Fault::CutAfter(cut));
+    p.arm_next(Fault::CutAfter(cut));
     let err = b
         .repl
         .mirror_create(s)
@@ -207,10 +207,10 @@ fn corrupted_extent_commits_nothing() {
     a.snap("v", "s1");
     let p = Proxy::start(&a.addr);
     let s = MirrorSpec {
-        source_addr: p.addr.clone(),
+        source_addr: p.addr().to_string(),
         ..spec("v", &a, "v")
     };
-    p.arm(Fault::FlipAt(r.gen_range(200_000..1_000_000)));
+    p.arm_next(Fault::FlipAt(r.gen_range(200_000..1_000_000)));
     let err = b
         .repl
         .mirror_create(s)

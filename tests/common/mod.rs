@@ -280,16 +280,7 @@ fn rand_u32() -> u32 {
 /// except where `SLUICE_REQUIRE_TOOLS` is set (CI): there a missing tool
 /// fails the test, so nothing passes without having run.
 pub fn have(prog: &str) -> bool {
-    let found = Command::new(prog)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found && std::env::var_os("SLUICE_REQUIRE_TOOLS").is_some() {
-        panic!("{prog} is not installed, and SLUICE_REQUIRE_TOOLS says every test must run");
-    }
-    found
+    sluice_testkit::tool(prog).is_some()
 }
 
 /// `qemu-io -f raw nbd://NBD/EXPORT -c CMD...`; panics with the output if
@@ -364,27 +355,14 @@ pub fn write_random_blocks(d: &Daemon, export: &str, n: usize, rng: &mut Rng) {
     qemu_io(&d.nbd, export, &cmds);
 }
 
-/// xorshift64*, seeded; tests print the seed (`SLUICE_SEED` replays it).
-pub struct Rng(pub u64);
+/// The generator of a randomized test: `sluice_testkit`'s, from a printed
+/// seed (`SLUICE_SEED` replays it).
+pub struct Rng(pub rand::rngs::SmallRng);
 impl Rng {
     pub fn from_env(test: &str) -> Rng {
-        let seed = std::env::var("SLUICE_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        println!("{test}: SLUICE_SEED={seed}");
-        Rng(seed)
+        Rng(sluice_testkit::rng(sluice_testkit::seed(test)))
     }
     pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        rand::RngCore::next_u64(&mut self.0)
     }
 }

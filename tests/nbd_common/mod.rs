@@ -14,7 +14,6 @@ use harness::{init_pool, Daemon};
 use sluice_engine::api::{Image, NsName};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 
 pub const POOL_SIZE: &str = "512M";
 /// The volume every test gets, and its qtree.
@@ -23,32 +22,9 @@ pub const VOL_BYTES: u64 = 64 << 20;
 pub const QTREE: &str = "qt";
 pub const QTREE_BYTES: u64 = 16 << 20;
 
-/// The seed of a randomized test: `SLUICE_SEED` or fresh, printed.
-pub fn seed() -> u64 {
-    let s = std::env::var("SLUICE_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("SLUICE_SEED={s}");
-    s
-}
-
-/// The path of a qemu tool, or `None` after printing that the test skips
-/// (a failure where `SLUICE_REQUIRE_TOOLS` is set, as in CI).
-pub fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        if std::env::var_os("SLUICE_REQUIRE_TOOLS").is_some() {
-            panic!("{name} not found, and SLUICE_REQUIRE_TOOLS says every test must run");
-        }
-        eprintln!("skipped: {name} not found");
-    }
-    found
-}
+/// Seeds, generators and tool lookups come from the shared test kit.
+#[allow(unused_imports)] // not every test file uses every item
+pub use sluice_testkit::{rng, seed, tool};
 
 /// The daemon's metrics, scraped over HTTP.
 pub struct Metrics {

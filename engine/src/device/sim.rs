@@ -573,15 +573,6 @@ mod tests {
     use super::*;
     use crate::device::AlignedBuf;
 
-    fn seed() -> u64 {
-        let s = std::env::var("SLUICE_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(rand::random::<u64>);
-        eprintln!("SLUICE_SEED={s}");
-        s
-    }
-
     fn block_of(byte: u8) -> AlignedBuf {
         AlignedBuf::from_slice(&[byte; BLOCK_SIZE])
     }
@@ -761,7 +752,7 @@ mod tests {
 
     #[test]
     fn crash_modes() {
-        let s = seed();
+        let s = sluice_testkit::seed("crash_modes");
         let mut dev = SimDevice::new(64);
         let h = dev.handle();
         write(&mut dev, 0, 0xaa, false).unwrap();
@@ -922,7 +913,8 @@ mod tests {
 
     #[test]
     fn shuffled_completion_returns_every_request_once_with_its_buffer() {
-        let s = seed();
+        let s =
+            sluice_testkit::seed("shuffled_completion_returns_every_request_once_with_its_buffer");
         let mut dev = SimDevice::new(1024).with_completion_shuffle(s);
         for tag in 0..100u64 {
             let kind = if tag % 2 == 0 {

@@ -1,39 +1,27 @@
-//! What the randomized engine tests share: a small seeded generator and the
-//! seed, taken from `SLUICE_SEED` to replay a run, else from the clock, and
-//! printed either way; and `downgrade`, which makes a pool look as an
-//! older format wrote it. Not every test file uses every item.
+//! What the randomized engine tests share: the test kit's seeded generator
+//! with the two draws the tests use (the seed comes from
+//! `sluice_testkit::seed`: `SLUICE_SEED` replays a run); and `downgrade`,
+//! which makes a pool look as an older format wrote it. Not every test file
+//! uses every item.
 #![allow(dead_code)]
 
-/// xorshift64: fast, and the same sequence for the same seed everywhere.
-pub struct Rng(pub u64);
+/// `sluice_testkit::rng`'s generator, the same sequence for the same seed
+/// everywhere.
+pub struct Rng(pub rand::rngs::SmallRng);
 
 impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(sluice_testkit::rng(seed))
+    }
+
     pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        rand::RngCore::next_u64(&mut self.0)
     }
 
+    /// Uniform in `0..n`; 0 when `n` is 0.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        rand::Rng::gen_range(&mut self.0, 0..n.max(1))
     }
-}
-
-/// The run's seed: `SLUICE_SEED` if set, else the clock; printed so a
-/// failing run can be replayed.
-pub fn seed() -> u64 {
-    let s = std::env::var("SLUICE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("SLUICE_SEED={s}");
-    s
 }
 
 /// Make the pool on `dev` look as a build of format `version` (1 or 2)

@@ -3,20 +3,13 @@
 
 #![allow(dead_code)]
 
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use sluice_engine::device::uring::{UringDevice, UringOptions};
 use sluice_engine::device::{AlignedBuf, BlockDevice, IoCompletion, IoKind, IoRequest, BLOCK_SIZE};
 use std::collections::HashMap;
 
-pub fn seed() -> u64 {
-    let s = std::env::var("SLUICE_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("SLUICE_SEED={s}");
-    s
-}
+#[allow(unused_imports)] // `tool` is for uring_loop.rs only
+pub use sluice_testkit::{rng, seed, skip, tool};
 
 /// A block whose every byte says which pba and which version it holds.
 pub fn pattern(pba: u64, version: u8) -> Vec<u8> {
@@ -133,7 +126,7 @@ pub fn basic_io(dev: &mut UringDevice) {
 /// Many requests in flight at once (more than the ring holds), random
 /// pbas, every completion matched to its own request and data.
 pub fn many_in_flight(dev: &mut UringDevice, seed: u64) {
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut rng = rng(seed);
     let blocks = dev.info().block_count.min(1 << 16);
     let n = 1500u64;
     let mut pbas: Vec<u64> = Vec::new();
@@ -194,7 +187,7 @@ pub fn many_in_flight(dev: &mut UringDevice, seed: u64) {
 
 /// Completions may come back in any order; count how often they did.
 pub fn out_of_order(dev: &mut UringDevice, seed: u64) -> usize {
-    let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
+    let mut rng = rng(seed ^ 0x5eed);
     let blocks = dev.info().block_count.min(1 << 16);
     let mut reordered = 0;
     for round in 0..20 {
@@ -262,7 +255,7 @@ pub fn two_shard_round_trip(path: &std::path::Path, seed: u64) {
     use sluice_engine::shard::{Engine, EngineOptions};
     use sluice_engine::sharded::{format_uring, open_uring, read_layout, shard_of};
     let opts = UringOptions::default();
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut rng = rng(seed);
     // Two volumes on each shard.
     let mut names: Vec<String> = Vec::new();
     for shard in 0..2 {

@@ -27,20 +27,7 @@ use sluice_lockproto::{
 use uuid::Uuid;
 
 /// Seed for a test run: `SLUICE_SEED` or fresh; always printed.
-pub fn run_seed(test: &str) -> u64 {
-    let seed = match std::env::var("SLUICE_SEED") {
-        Ok(s) => s.parse().expect("SLUICE_SEED must be a u64"),
-        Err(_) => {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1);
-            t ^ 0x9E37_79B9_7F4A_7C15
-        }
-    };
-    eprintln!("{test}: seed {seed} (replay with SLUICE_SEED={seed})");
-    seed
-}
+pub use sluice_testkit::seed as run_seed;
 
 pub struct Faults {
     pub loss: f64,

@@ -1,42 +1,30 @@
 //! Test harness that plays the daemon: per node a file-backed pool, an
 //! engine, a `Replicator` and an accept loop on 127.0.0.1 that hands every
 //! connection to `handle_peer`. A node can be restarted on the same pool
-//! file and port. Also a fault-injecting TCP proxy (cut after N bytes, or
-//! flip one byte at offset N of the source-to-destination stream).
+//! file and port. Seeds and the fault-injecting TCP proxy come from
+//! `sluice_testkit` (re-exported here).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use sluice_engine::api::{Image, NsName, Reply, Request, SnapshotInfo};
 use sluice_engine::device::uring::{UringDevice, UringOptions};
 use sluice_engine::device::AlignedBuf;
 use sluice_engine::shard::{Engine, EngineHandle, EngineOptions};
 use sluice_engine::{FormatOptions, Pool};
 use sluice_replicator::{Replicator, ReplicatorConfig};
+#[allow(unused_imports)] // not every test file uses the proxy
+pub use sluice_testkit::proxy::{Fault, Proxy};
+pub use sluice_testkit::{rng, seed};
 
 pub const POOL_BYTES: u64 = 96 << 20;
 pub const VOL_BYTES: u64 = 8 << 20;
 pub const VOL_BLOCKS: u64 = VOL_BYTES / 4096;
-
-/// Seed from `SLUICE_SEED` or fresh; printed so a failure can be replayed.
-pub fn seed(test: &str) -> u64 {
-    let s = std::env::var("SLUICE_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("{test}: SLUICE_SEED={s}");
-    s
-}
-
-pub fn rng(seed: u64) -> rand::rngs::SmallRng {
-    rand::rngs::SmallRng::seed_from_u64(seed)
-}
 
 type Slot = Arc<Mutex<Option<Arc<Replicator>>>>;
 
@@ -275,93 +263,3 @@ pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 pub fn noprog(_: sluice_replicator::Progress) {}
-
-/// What the proxy does to the upstream-to-downstream byte stream.
-#[derive(Clone, Copy, Debug)]
-pub enum Fault {
-    /// Forward everything.
-    None,
-    /// Close both sides after this many bytes from the upstream.
-    CutAfter(u64),
-    /// Flip one bit of the byte at this offset from the upstream.
-    FlipAt(u64),
-}
-
-/// A TCP proxy on 127.0.0.1 in front of `target`; the fault applies to
-/// the next connection only (then it forwards cleanly).
-pub struct Proxy {
-    pub addr: String,
-    fault: Arc<Mutex<Fault>>,
-    pub down_bytes: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    pub fn start(target: &str) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let addr = l.local_addr().unwrap().to_string();
-        let fault = Arc::new(Mutex::new(Fault::None));
-        let down_bytes = Arc::new(AtomicU64::new(0));
-        let target = target.to_string();
-        {
-            let fault = fault.clone();
-            let down_bytes = down_bytes.clone();
-            std::thread::spawn(move || {
-                for c in l.incoming() {
-                    let Ok(client) = c else { continue };
-                    let Ok(server) = TcpStream::connect(&target) else {
-                        continue;
-                    };
-                    let f = std::mem::replace(&mut *fault.lock().unwrap(), Fault::None);
-                    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                    std::thread::spawn(move || pump(c2, s2, Fault::None, None));
-                    let db = down_bytes.clone();
-                    std::thread::spawn(move || pump(server, client, f, Some(db)));
-                }
-            });
-        }
-        Proxy {
-            addr,
-            fault,
-            down_bytes,
-        }
-    }
-
-    pub fn arm(&self, f: Fault) {
-        *self.fault.lock().unwrap() = f;
-    }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, count: Option<Arc<AtomicU64>>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut seen: u64 = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let chunk = &mut buf[..n];
-        match fault {
-            Fault::CutAfter(limit) if seen + n as u64 >= limit => {
-                let keep = (limit - seen) as usize;
-                let _ = to.write_all(&chunk[..keep]);
-                if let Some(c) = &count {
-                    c.fetch_add(keep as u64, Ordering::SeqCst);
-                }
-                break;
-            }
-            Fault::FlipAt(at) if at >= seen && at < seen + n as u64 => {
-                chunk[(at - seen) as usize] ^= 0x10;
-            }
-            _ => {}
-        }
-        seen += n as u64;
-        if let Some(c) = &count {
-            c.fetch_add(n as u64, Ordering::SeqCst);
-        }
-        if to.write_all(chunk).is_err() {
-            break;
-        }
-    }
-    let _ = from.shutdown(std::net::Shutdown::Both);
-    let _ = to.shutdown(std::net::Shutdown::Both);
-}

@@ -1,11 +1,15 @@
-//! A fault-injecting TCP proxy for the replication end-to-end tests.
+//! The fault-injecting TCP proxy of the replication tests (the root
+//! crate's end-to-end tests and the replicator's own).
 //!
 //! It listens on 127.0.0.1 (port chosen by the kernel) and forwards every
 //! accepted connection to the current upstream address (settable, so a
 //! source daemon restarted on a new port stays reachable at the same
 //! address). A destination creates its mirror against [`Proxy::addr`].
 //!
-//! Faults are armed one at a time and fire once:
+//! Faults are armed one at a time and fire once. [`Proxy::arm`] arms one
+//! for whichever connection reaches it first; [`Proxy::arm_next`] binds it
+//! to the next connection accepted only (if that connection ends without
+//! the fault firing, it is dropped, and later connections forward cleanly).
 //! - [`Fault::CutAfter`]: the first connection that carries N bytes from the
 //!   upstream to the client gets exactly N bytes forwarded, then the end of
 //!   the stream, and its upstream side is closed (a dropped connection,
@@ -19,6 +23,12 @@
 //! - [`Fault::ForgeExtent`]: the same flip, but the extent header's checksum
 //!   is recomputed and the frame re-encoded (a lying or buggy source): only
 //!   the end-to-end content digest of the snapshot can catch it.
+//! - [`Fault::FlipAt`]: one bit of the byte at this offset of a
+//!   connection's upstream-to-client stream is flipped (raw: wherever it
+//!   falls, header, body or payload).
+//!
+//! [`Proxy::down_bytes`] counts the upstream-to-client bytes forwarded, all
+//! connections together.
 //!
 //! [`Proxy::set_rate`] paces the upstream-to-client direction: the backlog
 //! then sits upstream of the proxy (in the source's socket), not in the
@@ -31,8 +41,6 @@
 //! Invariants: bytes are forwarded unchanged and in order except where an
 //! armed fault fires; a stream that does not start with the frame magic is
 //! forwarded raw; end of stream is propagated (half-close) both ways.
-
-#![allow(dead_code)]
 
 use sluice_lockproto::Message;
 use std::io::{Read, Write};
@@ -56,6 +64,9 @@ pub enum Fault {
     /// Like `CorruptExtent`, with a valid extent checksum over the flipped
     /// payload (the frame is re-encoded with lockproto's encoder).
     ForgeExtent { nth: u64, offset: u64 },
+    /// Flip bit 4 of the upstream-to-client byte at this offset (counted
+    /// from the start of the connection it fires on).
+    FlipAt(u64),
 }
 
 /// What a fault did when it fired.
@@ -76,11 +87,30 @@ pub enum Fired {
         payload_len: usize,
         offset: usize,
     },
+    /// The byte at `offset` of connection `conn`'s downstream was flipped.
+    Flipped { conn: u64, offset: u64 },
+}
+
+/// An armed fault and the connection it is bound to, if any.
+#[derive(Debug, Clone, Copy)]
+struct Armed {
+    fault: Fault,
+    /// Bind to the next connection accepted (`arm_next`).
+    next_only: bool,
+    /// The connection it applies to (`None`: any).
+    conn: Option<u64>,
+}
+
+impl Armed {
+    fn applies_to(&self, conn: u64) -> bool {
+        self.conn.is_none_or(|c| c == conn) && !(self.next_only && self.conn.is_none())
+    }
 }
 
 struct Shared {
     upstream: Mutex<String>,
-    fault: Mutex<Option<Fault>>,
+    fault: Mutex<Option<Armed>>,
+    down_bytes: AtomicU64,
     extents_since_arm: AtomicU64,
     fired: Mutex<Vec<Fired>>,
     conns: AtomicU64,
@@ -113,6 +143,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             upstream: Mutex::new(upstream.to_string()),
             fault: Mutex::new(None),
+            down_bytes: AtomicU64::new(0),
             extents_since_arm: AtomicU64::new(0),
             fired: Mutex::new(Vec::new()),
             conns: AtomicU64::new(0),
@@ -137,10 +168,32 @@ impl Proxy {
         *lock(&self.shared.upstream) = upstream.to_string();
     }
 
-    /// Arm `f` (replacing any fault not fired yet).
+    /// Arm `f` for whichever connection reaches it first (replacing any
+    /// fault not fired yet).
     pub fn arm(&self, f: Fault) {
+        self.arm_with(f, false);
+    }
+
+    /// Arm `f` for the next connection accepted only: if that connection
+    /// ends without `f` firing, `f` is dropped (replacing any fault not
+    /// fired yet).
+    pub fn arm_next(&self, f: Fault) {
+        self.arm_with(f, true);
+    }
+
+    fn arm_with(&self, fault: Fault, next_only: bool) {
+        let mut armed = lock(&self.shared.fault);
         self.shared.extents_since_arm.store(0, Ordering::SeqCst);
-        *lock(&self.shared.fault) = Some(f);
+        *armed = Some(Armed {
+            fault,
+            next_only,
+            conn: None,
+        });
+    }
+
+    /// Upstream-to-client bytes forwarded so far, all connections.
+    pub fn down_bytes(&self) -> u64 {
+        self.shared.down_bytes.load(Ordering::SeqCst)
     }
 
     /// Disarm a fault that has not fired.
@@ -202,6 +255,13 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         };
+        // An `arm_next` fault binds to the first connection that reaches
+        // the upstream (one refused there leaves it for the next).
+        if let Some(a) = lock(&sh.fault).as_mut() {
+            if a.next_only && a.conn.is_none() {
+                a.conn = Some(n);
+            }
+        }
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         {
@@ -221,7 +281,14 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         let sh1 = sh.clone();
         std::thread::spawn(move || pump_raw(c2, up_w2, sh1));
         let sh2 = sh.clone();
-        std::thread::spawn(move || pump_down(server, up_w, client, sh2, n));
+        std::thread::spawn(move || {
+            pump_down(server, up_w, client, &sh2, n);
+            // A fault bound to this connection that did not fire is dropped.
+            let mut f = lock(&sh2.fault);
+            if f.is_some_and(|a| a.conn == Some(n)) {
+                *f = None;
+            }
+        });
     }
 }
 
@@ -263,7 +330,7 @@ fn pump_down(
     mut from: TcpStream,
     up_w: Arc<Mutex<Option<TcpStream>>>,
     mut to: TcpStream,
-    sh: Arc<Shared>,
+    sh: &Shared,
     conn: u64,
 ) {
     let mut buf = vec![0u8; 64 << 10];
@@ -279,7 +346,7 @@ fn pump_down(
         let n = match from.read(&mut buf) {
             Ok(0) => {
                 // Forward what is left (a partial frame) and half-close.
-                if !pending.is_empty() && !forward(&mut to, &pending, &mut sent, &sh, conn) {
+                if !pending.is_empty() && !forward(&mut to, &mut pending, &mut sent, sh, conn) {
                     let _ = to.shutdown(Shutdown::Write);
                     return;
                 }
@@ -321,11 +388,11 @@ fn pump_down(
             }
             let mut frame: Vec<u8> = pending.drain(..frame_len).collect();
             if msg_type == MSG_EXTENT && payload_len > 0 {
-                corrupt_if_armed(&mut frame, HEADER_LEN + body_len, &sh, conn);
+                corrupt_if_armed(&mut frame, HEADER_LEN + body_len, sh, conn);
             }
             ready.extend_from_slice(&frame);
         }
-        if !ready.is_empty() && !forward(&mut to, &ready, &mut sent, &sh, conn) {
+        if !ready.is_empty() && !forward(&mut to, &mut ready, &mut sent, sh, conn) {
             // Everything forwarded so far reaches the client, then its end
             // of stream; the upstream connection is closed (every
             // descriptor of it: `from` is dropped on return).
@@ -347,9 +414,13 @@ fn pump_down(
 
 fn corrupt_if_armed(frame: &mut Vec<u8>, payload_at: usize, sh: &Shared, conn: u64) {
     let mut f = lock(&sh.fault);
-    let (nth, offset, forge) = match *f {
-        Some(Fault::CorruptExtent { nth, offset }) => (nth, offset, false),
-        Some(Fault::ForgeExtent { nth, offset }) => (nth, offset, true),
+    let Some(armed) = *f else { return };
+    if !armed.applies_to(conn) {
+        return;
+    }
+    let (nth, offset, forge) = match armed.fault {
+        Fault::CorruptExtent { nth, offset } => (nth, offset, false),
+        Fault::ForgeExtent { nth, offset } => (nth, offset, true),
         _ => return,
     };
     let seen = sh.extents_since_arm.fetch_add(1, Ordering::SeqCst);
@@ -375,7 +446,10 @@ fn corrupt_if_armed(frame: &mut Vec<u8>, payload_at: usize, sh: &Shared, conn: u
         panic!("message type 7 is not an Extent");
     };
     let payload = decoded.payload.to_vec();
-    h.checksum = sluice_replicator::transfer::checksum(&payload);
+    // sluice_replicator::transfer::checksum (xxh3-64 of the payload); the
+    // kit does not depend on the replicator. Should the two differ, the
+    // forge tests would see an extent checksum error instead of a digest one.
+    h.checksum = xxhash_rust::xxh3::xxh3_64(&payload);
     let lba = h.lba;
     *frame = sluice_lockproto::encode(&Message::Extent(h), &payload).expect("re-encode Extent");
     lock(&sh.fired).push(Fired::Forged {
@@ -386,16 +460,27 @@ fn corrupt_if_armed(frame: &mut Vec<u8>, payload_at: usize, sh: &Shared, conn: u
     });
 }
 
-/// Write `data`, honouring an armed cut. False: the connection was cut (or
-/// the client went away).
-fn forward(to: &mut TcpStream, data: &[u8], sent: &mut u64, sh: &Shared, conn: u64) -> bool {
+/// Write `data` (the next bytes after `sent` of connection `conn`),
+/// honouring an armed cut or flip. False: the connection was cut (or the
+/// client went away).
+fn forward(to: &mut TcpStream, data: &mut [u8], sent: &mut u64, sh: &Shared, conn: u64) -> bool {
+    let end = *sent + data.len() as u64;
     let cut_at = {
         let mut f = lock(&sh.fault);
         match *f {
-            Some(Fault::CutAfter(n)) if *sent + data.len() as u64 >= n => {
-                *f = None;
-                Some(n)
-            }
+            Some(a) if a.applies_to(conn) => match a.fault {
+                Fault::CutAfter(n) if end >= n => {
+                    *f = None;
+                    Some(n)
+                }
+                Fault::FlipAt(at) if (*sent..end).contains(&at) => {
+                    *f = None;
+                    data[(at - *sent) as usize] ^= 0x10;
+                    lock(&sh.fired).push(Fired::Flipped { conn, offset: at });
+                    None
+                }
+                _ => None,
+            },
             _ => None,
         }
     };
@@ -405,6 +490,7 @@ fn forward(to: &mut TcpStream, data: &[u8], sent: &mut u64, sh: &Shared, conn: u
             sh.keep(&data[..keep]);
             let _ = to.write_all(&data[..keep]);
             *sent += keep as u64;
+            sh.down_bytes.fetch_add(keep as u64, Ordering::SeqCst);
             let _ = to.flush();
             lock(&sh.fired).push(Fired::Cut { conn, bytes: n });
             false
@@ -415,7 +501,84 @@ fn forward(to: &mut TcpStream, data: &[u8], sent: &mut u64, sh: &Shared, conn: u
                 return false;
             }
             *sent += data.len() as u64;
+            sh.down_bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream that sends `len` zero bytes to every connection, then
+    /// closes it.
+    fn zeros_upstream(len: usize) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let _ = c.write_all(&vec![0u8; len]);
+            }
+        });
+        addr
+    }
+
+    fn read_all(p: &Proxy) -> Vec<u8> {
+        let mut c = TcpStream::connect(p.addr()).expect("connect");
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        out
+    }
+
+    #[test]
+    fn flip_at_next_connection_only_then_clean() {
+        let p = Proxy::start(&zeros_upstream(1000));
+        p.arm_next(Fault::FlipAt(10));
+        let first = read_all(&p);
+        assert_eq!(first.len(), 1000);
+        assert_eq!(first[10], 0x10);
+        assert_eq!(first.iter().filter(|&&b| b != 0).count(), 1);
+        assert_eq!(read_all(&p), vec![0u8; 1000]);
+        assert_eq!(p.down_bytes(), 2000);
+        assert_eq!(
+            p.fired(),
+            vec![Fired::Flipped {
+                conn: 1,
+                offset: 10
+            }]
+        );
+    }
+
+    #[test]
+    fn an_arm_next_fault_the_connection_never_reaches_is_dropped() {
+        let p = Proxy::start(&zeros_upstream(1000));
+        p.arm_next(Fault::CutAfter(5000));
+        assert_eq!(read_all(&p).len(), 1000);
+        // The first connection's pump clears the fault when it ends.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lock(&p.shared.fault).is_some() {
+            assert!(std::time::Instant::now() < end, "fault still armed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(read_all(&p).len(), 1000);
+        assert!(p.fired().is_empty());
+    }
+
+    #[test]
+    fn cut_after_fires_on_the_first_connection_that_reaches_it() {
+        let p = Proxy::start(&zeros_upstream(1000));
+        p.arm(Fault::CutAfter(1500));
+        assert_eq!(read_all(&p).len(), 1000);
+        p.set_upstream(&zeros_upstream(2000));
+        assert_eq!(read_all(&p).len(), 1500);
+        assert_eq!(
+            p.fired(),
+            vec![Fired::Cut {
+                conn: 2,
+                bytes: 1500
+            }]
+        );
     }
 }
