@@ -20,6 +20,7 @@ use sluice_engine::{FormatOptions, Pool};
 use sluice_replicator::{Replicator, ReplicatorConfig};
 #[allow(unused_imports)] // not every test file uses the proxy
 pub use sluice_testkit::proxy::{Fault, Proxy};
+#[allow(unused_imports)]
 pub use sluice_testkit::{rng, seed};
 
 pub const POOL_BYTES: u64 = 96 << 20;
