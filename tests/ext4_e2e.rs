@@ -78,35 +78,27 @@ fn an_ext4_filesystem_on_a_volume_snapshots_whole() {
         &[("hello.txt", "first filesystem\n"), ("b.txt", "bee\n")],
     );
     let url = |export: &str| format!("nbd://{}/{export}", a.nbd);
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            first.to_str().unwrap(),
-            &url("fs"),
-        ],
-    );
+    // qemu-img writes an image into the volume through NBD.
+    let copy_in = |img: &Path| {
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                img.to_str().unwrap(),
+                &url("fs"),
+            ],
+        )
+    };
+    copy_in(&first);
     a.ok(&["snap", "create", "fs", "s1"]);
     // The live volume gets another filesystem; the snapshot keeps the first.
     let second = ext4_image(d, "second", 32, &[("hello.txt", "second filesystem\n")]);
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            second.to_str().unwrap(),
-            &url("fs"),
-        ],
-    );
+    copy_in(&second);
     let out = |export: &str, name: &str| {
         let p = d.join(name);
         run(

@@ -295,6 +295,43 @@ fn hostile_source_cannot_crash_a_destination() {
     b.shutdown();
 }
 
+/// B's lock set for relationship `rel` on `volume`: one lock, with text
+/// `text`, on each snapshot of `snaps`.
+fn b_set(rel: &str, volume: &str, generation: u64, snaps: &[[u8; 16]], text: &str) -> Message {
+    Message::LockSet(WireLockSet {
+        sender: "B".into(),
+        relationship: rel.into(),
+        volume: volume.into(),
+        generation,
+        lease_ms: 60_000,
+        locks: snaps
+            .iter()
+            .map(|id| sluice_lockproto::wire::WireLock {
+                snapshot: *id,
+                kind: 2,
+                text: text.into(),
+                origin_node: "B".into(),
+                hop_path: vec!["B".into()],
+                created_ms: 0,
+                renewed_ms: 0,
+                lease_ms: 60_000,
+                dataset: format!("B/{rel}"),
+            })
+            .collect(),
+        gone_acks: Vec::new(),
+        part: 0,
+        parts: 1,
+    })
+}
+
+/// A raw peer connection to `node`, authenticated as B (insecure mode).
+fn connect_as_b(node: &Node) -> Conn {
+    let s = TcpStream::connect(&node.addr).unwrap();
+    let mut c = Conn::new(Box::new(s), Duration::from_secs(5)).unwrap();
+    c.handshake("B", None).unwrap();
+    c
+}
+
 /// A downstream that asks to hold more locks than its bound (over all its
 /// sets) hears why (`Error` REFUSED, naming the bound), and holds what it
 /// held before; another connection of the same node with a set that fits
@@ -309,38 +346,10 @@ fn a_peer_past_its_lock_bound_is_refused_and_told() {
         .map(|i| *a.snap("v", &format!("s{i}")).id.as_bytes())
         .collect();
     let set = |rel: &str, generation: u64, n: usize| {
-        Message::LockSet(WireLockSet {
-            sender: "B".into(),
-            relationship: rel.into(),
-            volume: "v".into(),
-            generation,
-            lease_ms: 60_000,
-            locks: ids
-                .iter()
-                .take(n)
-                .map(|id| sluice_lockproto::wire::WireLock {
-                    snapshot: *id,
-                    kind: 2,
-                    text: format!("B:{rel}"),
-                    origin_node: "B".into(),
-                    hop_path: vec!["B".into()],
-                    created_ms: 0,
-                    renewed_ms: 0,
-                    lease_ms: 60_000,
-                    dataset: format!("B/{rel}"),
-                })
-                .collect(),
-            gone_acks: Vec::new(),
-            part: 0,
-            parts: 1,
-        })
+        let snaps: Vec<[u8; 16]> = ids.iter().take(n).copied().collect();
+        b_set(rel, "v", generation, &snaps, &format!("B:{rel}"))
     };
-    let connect = || {
-        let s = TcpStream::connect(&a.addr).unwrap();
-        let mut c = Conn::new(Box::new(s), Duration::from_secs(5)).unwrap();
-        c.handshake("B", None).unwrap();
-        c
-    };
+    let connect = || connect_as_b(&a);
     let ping = |c: &mut Conn| {
         c.send(&Message::Ping { nonce: 9 }, &[]).unwrap();
         c.recv()
@@ -389,37 +398,10 @@ fn a_lock_set_on_a_volume_not_exported_to_the_peer_is_refused() {
     a.repl.set_export("v", Some(vec!["C".into()])).unwrap();
     a.repl.set_export("w", Some(vec!["B".into()])).unwrap();
     let set = |vol: &str, generation: u64, snap: Option<[u8; 16]>| {
-        Message::LockSet(WireLockSet {
-            sender: "B".into(),
-            relationship: format!("r-{vol}"),
-            volume: vol.into(),
-            generation,
-            lease_ms: 60_000,
-            locks: snap
-                .into_iter()
-                .map(|s| sluice_lockproto::wire::WireLock {
-                    snapshot: s,
-                    kind: 2,
-                    text: "B:r".into(),
-                    origin_node: "B".into(),
-                    hop_path: vec!["B".into()],
-                    created_ms: 0,
-                    renewed_ms: 0,
-                    lease_ms: 60_000,
-                    dataset: "B/r".into(),
-                })
-                .collect(),
-            gone_acks: Vec::new(),
-            part: 0,
-            parts: 1,
-        })
+        let snaps: Vec<[u8; 16]> = snap.into_iter().collect();
+        b_set(&format!("r-{vol}"), vol, generation, &snaps, "B:r")
     };
-    let connect = || {
-        let s = TcpStream::connect(&a.addr).unwrap();
-        let mut c = Conn::new(Box::new(s), Duration::from_secs(5)).unwrap();
-        c.handshake("B", None).unwrap();
-        c
-    };
+    let connect = || connect_as_b(&a);
     let mut c = connect();
     c.send(&set("v", 1, Some(id)), &[]).unwrap();
     match c.recv() {

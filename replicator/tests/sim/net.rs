@@ -505,12 +505,38 @@ struct Side {
     read_timeout: Mutex<Option<Duration>>,
     label: String,
     world: Arc<World>,
+    /// The connecting side (see [`Side::close`]).
+    client: bool,
+}
+
+impl Side {
+    /// Close both directions. A client's close first lets the server
+    /// finish what it is doing until it waits for the client (or is
+    /// gone): whether the server's last writes went out before the close
+    /// (a served transfer the client abandoned after its first frame)
+    /// depends on the bytes, not on which thread ran first.
+    fn close(&self) {
+        if self.client && !lock(&self.rx.st).closed {
+            let start = Instant::now();
+            loop {
+                let quiet = {
+                    let p = lock(&self.tx.st);
+                    p.waiting || p.parked || p.closed
+                };
+                if quiet || lock(&self.rx.st).closed || start.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        self.rx.close(false);
+        self.tx.close(false);
+    }
 }
 
 impl Drop for Side {
     fn drop(&mut self) {
-        self.rx.close(false);
-        self.tx.close(false);
+        self.close();
     }
 }
 
@@ -529,6 +555,7 @@ fn pipe(client: &str, server: &str, cut: Option<Cut>, world: Arc<World>) -> (End
         read_timeout: Mutex::new(None),
         label: format!("sim:{server}"),
         world: world.clone(),
+        client: true,
     };
     let s = Side {
         rx: up,
@@ -536,6 +563,7 @@ fn pipe(client: &str, server: &str, cut: Option<Cut>, world: Arc<World>) -> (End
         read_timeout: Mutex::new(None),
         label: format!("sim:{client}"),
         world,
+        client: false,
     };
     (End(Arc::new(c)), End(Arc::new(s)))
 }
@@ -715,8 +743,7 @@ impl PeerStream for End {
     }
 
     fn shutdown_both(&self) {
-        self.0.rx.close(false);
-        self.0.tx.close(false);
+        self.0.close();
     }
 
     fn peer_label(&self) -> String {
