@@ -283,6 +283,10 @@ pub struct Relationship {
     /// Incremental transfers done.
     #[serde(default)]
     pub incremental_transfers: u64,
+    /// Transfers (of either kind) that resumed an interrupted one from its
+    /// checkpoint.
+    #[serde(default)]
+    pub resumed_transfers: u64,
     /// The last successful transfer.
     #[serde(default)]
     pub last_transfer: Option<TransferReport>,
@@ -352,6 +356,8 @@ pub struct MirrorStatus {
     pub full_transfers: u64,
     /// Incremental transfers done.
     pub incremental_transfers: u64,
+    /// Transfers that resumed an interrupted one from its checkpoint.
+    pub resumed_transfers: u64,
     /// The last successful transfer (kind, base, target, bytes).
     pub last_transfer: Option<TransferReport>,
     /// The last error.

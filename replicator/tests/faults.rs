@@ -180,6 +180,12 @@ fn resume_after_dropped_connection() {
     let rep = b.repl.mirror_update("v", &noprog).unwrap();
     assert_eq!(rep.kind, "full");
     assert_eq!(rep.resumed_from, ck.position);
+    let st = &b.repl.mirror_status()[0];
+    assert_eq!(
+        (st.full_transfers, st.resumed_transfers),
+        (1, 1),
+        "the resumed baseline is counted once as full and once as resumed"
+    );
     assert!(
         rep.bytes < full.bytes,
         "resumed {} >= full {}",

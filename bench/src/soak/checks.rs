@@ -304,14 +304,13 @@ impl Soak {
             let full = m["full_transfers"].as_u64().unwrap_or(0);
             let inc = m["incremental_transfers"].as_u64().unwrap_or(0);
             let fin = m["last_transfer"]["finished_unix_ms"].as_u64().unwrap_or(0);
-            let resumed = m["last_transfer"]["resumed_from"].as_u64().unwrap_or(0);
+            let resumed = m["resumed_transfers"].as_u64().unwrap_or(0);
             let key = (i, dst.clone());
-            let prev = self.transfers.get(&key).copied().unwrap_or((0, 0, 0));
-            if fin != prev.2 && resumed > 0 {
-                self.tally.add("transfers.resumed_seen", 1);
-            }
-            self.transfers
-                .insert(key, (full.max(prev.0), inc.max(prev.1), fin));
+            let prev = self.transfers.get(&key).copied().unwrap_or((0, 0, 0, 0));
+            self.transfers.insert(
+                key,
+                (full.max(prev.0), inc.max(prev.1), fin, resumed.max(prev.3)),
+            );
             self.tally.add("check.no-full-copy", 1);
             let allowed = self
                 .rels
@@ -339,13 +338,15 @@ impl Soak {
                 }
             }
         }
-        let (mut f, mut n) = (0, 0);
-        for (full, inc, _) in self.transfers.values() {
+        let (mut f, mut n, mut r) = (0, 0, 0);
+        for (full, inc, _, resumed) in self.transfers.values() {
             f += full;
             n += inc;
+            r += resumed;
         }
         self.tally.set("transfers.full", f);
         self.tally.set("transfers.incremental", n);
+        self.tally.set("transfers.resumed", r);
     }
 
     fn dead_for(&self, name: &str) -> Option<Duration> {

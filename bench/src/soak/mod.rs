@@ -145,7 +145,8 @@ pub struct Soak {
     /// (snapshot id, namespace id) -> the digest first seen.
     digests: HashMap<(String, u32), (usize, String)>,
     /// (node, dst) -> (full, incremental, last finished_unix_ms) seen.
-    transfers: HashMap<(usize, String), (u64, u64, u64)>,
+    /// Per (node, relationship): full, incremental, last finish, resumed.
+    transfers: HashMap<(usize, String), (u64, u64, u64, u64)>,
     reported: HashSet<String>,
     source_up: Arc<AtomicBool>,
     stop_writers: Arc<AtomicBool>,

@@ -139,6 +139,7 @@ impl Replicator {
                     source_snaps: Vec::new(),
                     full_transfers: 0,
                     incremental_transfers: 0,
+                    resumed_transfers: 0,
                     last_transfer: None,
                     last_error: None,
                     common: None,
@@ -348,6 +349,7 @@ impl Replicator {
                 notice: r.source_notice.clone(),
                 full_transfers: r.full_transfers,
                 incremental_transfers: r.incremental_transfers,
+                resumed_transfers: r.resumed_transfers,
                 last_transfer: r.last_transfer.clone(),
                 last_error: r.last_error.clone(),
                 checkpoint: self.load_ckpt(&r.dst).ok().flatten(),
@@ -1054,6 +1056,9 @@ impl Replicator {
                 "full" => r.full_transfers += 1,
                 "incremental" => r.incremental_transfers += 1,
                 _ => {}
+            }
+            if rep.kind != "none" && rep.resumed_from > 0 {
+                r.resumed_transfers += 1;
             }
             if rep.kind != "none" || r.last_transfer.is_none() {
                 r.last_transfer = Some(rep.clone());
