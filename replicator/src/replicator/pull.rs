@@ -1465,7 +1465,9 @@ impl Replicator {
         Ok(report.clone())
     }
 
-    fn ns_at(&self, nss: &[NsName], i: u16) -> Result<NsName> {
+    /// The transfer's namespace at index `i` (a bad index is a bug or a
+    /// lying peer's, refused).
+    pub(super) fn ns_at(&self, nss: &[NsName], i: u16) -> Result<NsName> {
         nss.get(usize::from(i))
             .cloned()
             .ok_or_else(|| ReplError::Invalid(format!("namespace index {i} out of range")))

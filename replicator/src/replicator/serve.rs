@@ -423,9 +423,7 @@ impl Replicator {
             }
             match s.next_action() {
                 ServeAction::Read { tag, item } => {
-                    let ns = nss.get(usize::from(item.ns)).cloned().ok_or_else(|| {
-                        ReplError::Invalid(format!("namespace index {} out of range", item.ns))
-                    })?;
+                    let ns = self.ns_at(&nss, item.ns)?;
                     self.engine.submit(
                         Request::Read {
                             image: Image {
