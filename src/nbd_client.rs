@@ -214,7 +214,16 @@ impl NbdClient {
 }
 
 impl Drop for NbdClient {
+    /// Sends `NBD_CMD_DISC` and waits (at most 5 s) for the server to close
+    /// its end, so that when a client is gone the server has counted it out
+    /// (a `snap rollback` right after sees no writer).
     fn drop(&mut self) {
-        let _ = self.request(CMD_DISC, 0, 0, 0, &[]);
+        if self.request(CMD_DISC, 0, 0, 0, &[]).is_err() {
+            return;
+        }
+        let _ = self.s.shutdown(std::net::Shutdown::Write);
+        let _ = self.s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut sink = [0u8; 512];
+        while matches!(self.s.read(&mut sink), Ok(n) if n > 0) {}
     }
 }
