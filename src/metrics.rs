@@ -71,6 +71,13 @@ pub fn render(node: &Node) -> String {
             ] {
                 let _ = writeln!(out, "sluice_pool_bytes{{state=\"{state}\"}} {v}");
             }
+            help(
+                &mut out,
+                "sluice_pool_poisoned_shards",
+                "gauge",
+                "Engine shards refusing writes after a device error (until restart).",
+            );
+            let _ = writeln!(out, "sluice_pool_poisoned_shards {}", s.poisoned_shards);
         }
         Err(e) => {
             let _ = writeln!(out, "# space unavailable: {}", label(&e.to_string()));

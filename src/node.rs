@@ -180,6 +180,10 @@ pub struct SpaceView {
     pub used_bytes: u64,
     pub free_bytes: u64,
     pub pending_free_bytes: u64,
+    /// Engine shards that refuse writes after a device error (until the
+    /// node restarts); 0 on a healthy pool.
+    #[serde(default)]
+    pub poisoned_shards: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -200,7 +204,8 @@ pub struct StatusView {
     #[serde(default = "yes")]
     pub healthy: bool,
     /// What needs the operator: mirrors whose last transfer failed or that
-    /// lag past twice their schedule, stale locks, space low.
+    /// lag past twice their schedule, stale locks, space low, a pool that
+    /// refuses writes after a device error.
     #[serde(default)]
     pub problems: Vec<String>,
 }
@@ -561,6 +566,7 @@ impl Node {
                 used_bytes: s.used_blocks * BS,
                 free_bytes: s.free_blocks * BS,
                 pending_free_bytes: s.pending_free_blocks * BS,
+                poisoned_shards: s.poisoned_shards,
             }),
             _ => Err(unexpected("space")),
         }
@@ -589,6 +595,13 @@ impl Node {
     /// What `status` reports as needing the operator.
     fn problems(&self, space: &SpaceView) -> Vec<String> {
         let mut out = Vec::new();
+        if space.poisoned_shards > 0 {
+            out.push(format!(
+                "the pool refuses writes after a device error ({} of {} shard(s); the log says which: \"pool poisoned\"); reads still work; fix the device, then restart the node",
+                space.poisoned_shards,
+                self.engine.shard_count()
+            ));
+        }
         for m in self.repl.mirror_status() {
             if let Some(e) = &m.last_error {
                 out.push(format!("mirror {}: its last transfer failed: {e}", m.dst));

@@ -114,6 +114,9 @@ pub struct SpaceInfo {
     pub free_blocks: u64,
     /// Released blocks waiting for the next durable consistency point.
     pub pending_free_blocks: u64,
+    /// Shards whose pool refuses writes after a failed device write or
+    /// flush (poisoned until the node restarts; reads still work).
+    pub poisoned_shards: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

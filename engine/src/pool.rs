@@ -1574,6 +1574,7 @@ impl<D: BlockDevice> Pool<D> {
                 used_blocks: self.fm.used - self.pending.len() as u64,
                 free_blocks: self.fm.free(),
                 pending_free_blocks: self.pending.len() as u64,
+                poisoned_shards: u32::from(self.poisoned.is_some()),
             })),
             Request::SetAttr { key, value } => {
                 self.check_writable()?;

@@ -150,6 +150,7 @@ impl FanOut {
             used_blocks: 0,
             free_blocks: 0,
             pending_free_blocks: 0,
+            poisoned_shards: 0,
         };
         for (i, part) in parts.into_iter().enumerate() {
             match (self, part?) {
@@ -160,6 +161,7 @@ impl FanOut {
                     space.used_blocks += s.used_blocks;
                     space.free_blocks += s.free_blocks;
                     space.pending_free_blocks += s.pending_free_blocks;
+                    space.poisoned_shards += s.poisoned_shards;
                 }
                 (_, other) => {
                     return Err(Error::Invalid(format!(
