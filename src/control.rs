@@ -4,10 +4,13 @@
 //! One request object per line, answered by zero or more progress lines
 //! (`{"progress": {...}}`, for long operations) and then exactly one final
 //! line: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
-//! A connection may carry many requests in turn. Lines are bounded
-//! ([`LINE_MAX`]); a longer line, bad JSON or an unknown op gets an error
-//! response naming the problem, and the connection stays usable (except
-//! after an over-long line, which closes it). Every op is listed in
+//! A connection may carry many requests in turn. Request lines are
+//! bounded ([`LINE_MAX`]); a longer line, bad JSON or an unknown op gets an
+//! error response naming the problem, and the connection stays usable
+//! (except after an over-long line, which closes it). Response lines are
+//! bounded much higher ([`RESPONSE_LINE_MAX`]): a node's answer grows with
+//! what it holds (`lock list` with 100,000 locks is about 30 MiB), and the
+//! client reads it whole. Every op is listed in
 //! `docs/CONTROL.md`.
 //!
 //! This module owns the bytes (request enum, response lines) and the client
@@ -20,8 +23,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-/// Longest request or response line, in bytes.
+/// Longest request line, in bytes (what a node accepts from a client).
 pub const LINE_MAX: usize = 1 << 20;
+/// Longest response line a client reads, in bytes: a node's answer is
+/// bounded by what it holds, not by a request's size.
+pub const RESPONSE_LINE_MAX: usize = 1 << 30;
 
 /// Every control operation. The JSON form is internally tagged by `op`, e.g.
 /// `{"op":"vol_create","name":"vol0","size_bytes":1073741824}`.
@@ -254,16 +260,21 @@ pub fn progress_line(progress: &Value) -> String {
 /// Read one `\n`-terminated line of at most [`LINE_MAX`] bytes. `Ok(None)`
 /// at a clean end of stream.
 pub fn read_line<R: BufRead>(r: &mut R) -> std::io::Result<Option<String>> {
+    read_line_max(r, LINE_MAX)
+}
+
+/// [`read_line`] with its own bound, `max` bytes.
+pub fn read_line_max<R: BufRead>(r: &mut R, max: usize) -> std::io::Result<Option<String>> {
     let mut buf = Vec::new();
-    let n = r.take(LINE_MAX as u64 + 1).read_until(b'\n', &mut buf)?;
+    let n = r.take(max as u64 + 1).read_until(b'\n', &mut buf)?;
     if n == 0 {
         return Ok(None);
     }
     if buf.last() != Some(&b'\n') {
-        if buf.len() > LINE_MAX {
+        if buf.len() > max {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("line longer than {LINE_MAX} bytes"),
+                format!("line longer than {max} bytes"),
             ));
         }
         // End of stream without a newline: take what came.
@@ -366,9 +377,11 @@ impl Client {
     fn final_line(&mut self, on_progress: &mut dyn FnMut(&Value)) -> Result<Value> {
         let addr = self.addr.clone();
         loop {
-            let got = read_line(&mut self.reader).map_err(|source| NodeError::Unreachable {
-                addr: addr.clone(),
-                source,
+            let got = read_line_max(&mut self.reader, RESPONSE_LINE_MAX).map_err(|source| {
+                NodeError::Unreachable {
+                    addr: addr.clone(),
+                    source,
+                }
             })?;
             let Some(got) = got else {
                 return Err(NodeError::NoAnswer { addr });
