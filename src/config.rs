@@ -16,7 +16,7 @@
 //! peer_secret = "/etc/sluice/secret"  # peers prove it (HMAC), then Noise-encrypted
 //! peer_secrets = { node-b = "/etc/sluice/ab.secret" }  # one secret per peer (its identity)
 //! max_locks_per_peer = 262144  # locks one downstream node may hold here, all its sets
-//! exports_required = false     # true: peers pull only volumes `vol export`ed to them
+//! exports_required = false     # true: peers pull only volumes `vol export`ed to them (default: true with peer_secrets)
 //! insecure_peers = false       # true: no secret, any peer, clear text (trusted networks)
 //! throttle = "100M"            # node-wide replication receive rate, bytes/s
 //! lease_ms = 60000             # lease on the lock sets this node sends
@@ -169,6 +169,12 @@ impl ServeConfig {
             )));
         }
         let peer_secrets = file.peer_secrets.clone().unwrap_or_default();
+        // Authorization where names are proven: with one secret per peer a
+        // peer pulls only what is exported to it; with a shared secret any
+        // holder can claim any name, so export lists are opt-in.
+        let exports_required = file
+            .exports_required
+            .unwrap_or(!peer_secrets.is_empty());
         if insecure_peers && !peer_secrets.is_empty() {
             return Err(NodeError::Invalid(
                 "both peer_secrets and insecure_peers are set: choose one (secrets authenticate and encrypt peers; insecure_peers accepts any peer in clear text)".into(),
@@ -274,7 +280,7 @@ impl ServeConfig {
             peer_secret,
             peer_secrets,
             max_locks_per_peer: file.max_locks_per_peer,
-            exports_required: file.exports_required.unwrap_or(false),
+            exports_required,
             insecure_peers,
             throttle_bps,
             lease_ms: file.lease_ms,

@@ -2,7 +2,10 @@
 //! shares one secret with each peer, so a peer proves its own name: a
 //! node that holds B's secret is refused when it claims to be C (it could
 //! otherwise replace or release C's locks), and a node with no secret for
-//! a peer refuses it, naming what to configure.
+//! a peer refuses it, naming what to configure. Names proven, a node with
+//! `peer_secrets` serves a peer only the volumes exported to it (the
+//! default `exports_required` there), so B cannot pull or lock what only C
+//! mirrors.
 
 mod common;
 use common::*;
@@ -35,7 +38,26 @@ fn peers_with_their_own_secrets_prove_their_own_names() {
     let b = node(d, "b", &[("a", &ab)]);
     let c = node(d, "c", &[("a", &ac)]);
     a.ok(&["vol", "create", "v", "--size", "4M"]);
+    a.ok(&["vol", "create", "w", "--size", "4M"]);
     a.ok(&["snap", "create", "v", "s1"]);
+    a.ok(&["snap", "create", "w", "s1"]);
+    assert_eq!(a.json(&["vol", "exports"])["exports_required"], true);
+    // Nothing exported yet: refused, told the command.
+    let o = b.cli(&["mirror", "create", "v", "--from", &a.source("v")]);
+    assert!(!o.status.success(), "b pulled a volume not exported to it");
+    let e = stderr(&o);
+    assert!(
+        e.contains("not exported to node b") && e.contains("sluice vol export v --to b"),
+        "{e}"
+    );
+    a.ok(&["vol", "export", "v", "--to", "b,c"]);
+    a.ok(&["vol", "export", "w", "--to", "c"]);
+    // w is c's alone: b is refused it.
+    let o = b.cli(&["mirror", "create", "w", "--from", &a.source("w")]);
+    assert!(!o.status.success(), "b pulled w, exported to c only");
+    assert!(stderr(&o).contains("not exported to node b"), "{}", stderr(&o));
+    let r = c.json(&["mirror", "create", "w", "--from", &a.source("w")]);
+    assert_eq!(r["kind"], "full", "{r}");
     for n in [&b, &c] {
         let r = n.json(&["mirror", "create", "v", "--from", &a.source("v")]);
         assert_eq!(r["kind"], "full", "{r}");
