@@ -172,9 +172,7 @@ impl ServeConfig {
         // Authorization where names are proven: with one secret per peer a
         // peer pulls only what is exported to it; with a shared secret any
         // holder can claim any name, so export lists are opt-in.
-        let exports_required = file
-            .exports_required
-            .unwrap_or(!peer_secrets.is_empty());
+        let exports_required = file.exports_required.unwrap_or(!peer_secrets.is_empty());
         if insecure_peers && !peer_secrets.is_empty() {
             return Err(NodeError::Invalid(
                 "both peer_secrets and insecure_peers are set: choose one (secrets authenticate and encrypt peers; insecure_peers accepts any peer in clear text)".into(),

@@ -802,16 +802,21 @@ fn http_conn(mut stream: TcpStream, node: &Node) -> std::io::Result<()> {
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or("");
-    let (status, body) = if path == "/metrics" {
-        ("200 OK", crate::metrics::render(node))
+    let (status, kind, body) = if path == "/metrics" {
+        (
+            "200 OK",
+            crate::metrics::CONTENT_TYPE,
+            crate::metrics::render(node),
+        )
     } else {
         (
             "404 Not Found",
+            "text/plain",
             format!("no such path {path:?}; try /metrics\n"),
         )
     };
     let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(resp.as_bytes())

@@ -12,7 +12,6 @@ mod common;
 
 use common::*;
 use sluice_testkit::proxy::Proxy;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,21 +19,6 @@ fn secret_file(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p.to_str().unwrap().to_string()
-}
-
-fn metrics(d: &Daemon) -> String {
-    let mut s = std::net::TcpStream::connect(&d.listen).expect("connect for /metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 fn origins(d: &Daemon) -> Vec<String> {
@@ -179,8 +163,9 @@ fn peers_prove_the_shared_secret_or_are_refused_on_both_sides() {
         "A holds locks of refused peers: {o:?}"
     );
     assert!(o.iter().any(|n| n == "b"));
-    let m = metrics(&a);
-    let fails = metric(&m, "sluice_repl_auth_failures_total").expect("auth failure metric");
+    let fails = a
+        .metric("sluice_repl_auth_failures_total")
+        .expect("auth failure metric");
     assert!(fails >= 2, "A counted {fails} refused peers");
 
     // A destination with a secret refuses a source without one.
@@ -282,9 +267,8 @@ fn a_refused_mirror_create_leaves_no_upstream_behind() {
         assert!(Instant::now() < deadline, "D never renewed its set on F");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let m = metrics(&d);
     assert_eq!(
-        metric(&m, "sluice_repl_undelivered_lock_sets"),
+        d.metric("sluice_repl_undelivered_lock_sets"),
         Some(0),
         "D keeps undeliverable lock sets for the refused upstream; log:\n{}",
         d.log_text()

@@ -60,8 +60,22 @@ fn json_lines_http_and_garbage() {
     };
     let m = http("/metrics");
     assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(
+        m.contains("Content-Type: application/openmetrics-text; version=1.0.0")
+            && m.ends_with("# EOF\n"),
+        "{m}"
+    );
+    // Every series names its node.
+    let name = d.json(&["status"])["node"].as_str().unwrap().to_string();
+    for l in m.lines().filter(|l| l.starts_with("sluice_")) {
+        assert!(
+            l.contains(&format!("{{node=\"{name}\"")),
+            "no node label: {l}"
+        );
+    }
+    let m = without_node_label(&m);
     for want in [
-        "sluice_up{",
+        "sluice_up 1",
         "sluice_pool_bytes{state=\"free\"}",
         "sluice_volume_size_bytes{volume=\"v\"} 16777216",
         "sluice_control_requests_total{result=\"error\"} 5",

@@ -55,7 +55,11 @@ fn peers_with_their_own_secrets_prove_their_own_names() {
     // w is c's alone: b is refused it.
     let o = b.cli(&["mirror", "create", "w", "--from", &a.source("w")]);
     assert!(!o.status.success(), "b pulled w, exported to c only");
-    assert!(stderr(&o).contains("not exported to node b"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not exported to node b"),
+        "{}",
+        stderr(&o)
+    );
     let r = c.json(&["mirror", "create", "w", "--from", &a.source("w")]);
     assert_eq!(r["kind"], "full", "{r}");
     for n in [&b, &c] {

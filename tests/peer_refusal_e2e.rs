@@ -14,18 +14,11 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 fn refused_total(d: &Daemon) -> u64 {
-    let mut s = std::net::TcpStream::connect(&d.listen).expect("connect for /metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.lines()
-        .find_map(|l| l.strip_prefix("sluice_repl_peers_refused_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sluice_repl_peers_refused_total in {out}"))
+    d.metric("sluice_repl_peers_refused_total")
+        .unwrap_or_else(|| panic!("no sluice_repl_peers_refused_total in {}", d.metrics()))
 }
 
 /// The CLI failed with one line that contains every `want`.

@@ -18,15 +18,6 @@ fn vol_names(d: &Daemon) -> Vec<String> {
 }
 
 /// `GET /metrics` on the node's listen address.
-fn metrics(d: &Daemon) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(&d.listen).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn used(d: &Daemon) -> u64 {
     d.json(&["status"])["space"]["used_bytes"].as_u64().unwrap()
 }
@@ -96,7 +87,7 @@ fn vol_delete_refuses_while_depended_on_and_frees_the_space() {
                 && l.contains("\"name\":\"w\"")
         })
     });
-    let m = metrics(&a);
+    let m = a.metrics();
     assert!(
         m.contains("sluice_destructive_ops_total{op=\"vol_delete\",result=\"ok\"} 1")
             && m.contains("sluice_destructive_ops_total{op=\"vol_delete\",result=\"error\"} 2"),

@@ -18,6 +18,7 @@ pub mod env;
 pub mod error;
 pub mod refusals;
 pub mod replicator;
+pub mod scrape;
 pub mod secure;
 pub mod session;
 pub mod throttle;

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use sluice_engine::api::{NsName, Request};
 use sluice_engine::device::AlignedBuf;
+use sluice_replicator::scrape::value;
 use sluice_replicator::{MirrorSpec, ReplError};
 
 fn node_secret(name: &str, secret: Option<&[u8]>) -> Node {
@@ -41,9 +42,12 @@ fn auth_refused_with_wrong_or_missing_secret() {
         other => panic!("source without secret: {other:?}"),
     }
     assert!(a.repl.lock_list().is_empty(), "a refused peer set locks");
-    let mut m = String::new();
-    a.repl.render_metrics(&mut m);
-    assert!(!m.contains("sluice_repl_auth_failures_total 0"), "{m}");
+    let m = a.repl.metrics();
+    assert_ne!(
+        value(&m, "sluice_repl_auth_failures_total", &[]),
+        Some(0),
+        "{m:?}"
+    );
     // The same secret works.
     let e = node_secret("E", Some(b"alpha"));
     assert_eq!(
@@ -78,9 +82,12 @@ fn without_a_secret_or_insecure_mode_no_peer_is_accepted_or_connected() {
         }
     }
     assert!(a.repl.lock_list().is_empty(), "a refused peer set locks");
-    let mut m = String::new();
-    a.repl.render_metrics(&mut m);
-    assert!(m.contains("sluice_repl_peers_refused_total 3"), "{m}");
+    let m = a.repl.metrics();
+    assert_eq!(
+        value(&m, "sluice_repl_peers_refused_total", &[]),
+        Some(3),
+        "{m:?}"
+    );
     // Outgoing: refused before any connection, naming both ways out.
     b.create_volume("w");
     b.snap("w", "s1");
@@ -94,11 +101,11 @@ fn without_a_secret_or_insecure_mode_no_peer_is_accepted_or_connected() {
         }
         other => panic!("a node without a secret connected out: {other:?}"),
     }
-    let mut m = String::new();
-    b.repl.render_metrics(&mut m);
-    assert!(
-        m.contains("sluice_repl_peers_refused_total 0"),
-        "B was contacted: {m}"
+    let m = b.repl.metrics();
+    assert_eq!(
+        value(&m, "sluice_repl_peers_refused_total", &[]),
+        Some(0),
+        "B was contacted: {m:?}"
     );
     for n in [a, b] {
         n.shutdown();

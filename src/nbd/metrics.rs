@@ -3,12 +3,12 @@
 //! connections open, accepted, and closed for protocol errors.
 //!
 //! Invariants: every counter is a relaxed atomic, written by the server
-//! threads and read by [`NbdMetrics::render`] without locks; a histogram
-//! keeps one count per bucket (not cumulative) and `render` sums them, so
+//! threads and read by [`NbdMetrics::families`] without locks; a histogram
+//! keeps one count per bucket (not cumulative) and the encoder sums them, so
 //! one request touches exactly one bucket. Latency runs from the request
 //! header read to its reply written.
 
-use std::fmt::Write as _;
+use sluice_replicator::scrape::{g, Family, Hist, Rows};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -169,94 +169,79 @@ impl NbdMetrics {
         self.connections_open.load(Ordering::Relaxed)
     }
 
-    /// Prometheus text exposition (# HELP/# TYPE lines, sluice_nbd_* names).
-    pub fn render(&self, out: &mut String) {
+    /// Every `sluice_nbd_*` family, read now (the node encodes them).
+    pub fn families(&self) -> Vec<Family> {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let per_op = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&OpCounters) -> u64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            for op in NbdOp::ALL {
-                let _ = writeln!(
-                    out,
-                    "{name}{{op=\"{}\"}} {}",
-                    op.name(),
-                    f(&self.ops[op.index()])
-                );
-            }
+        let op = |o: NbdOp| vec![("op", o.name().to_string())];
+        let per_op = |name, help, f: &dyn Fn(&OpCounters) -> u64| Family {
+            name,
+            help,
+            rows: Rows::Counter(
+                NbdOp::ALL
+                    .iter()
+                    .map(|&o| (op(o), f(&self.ops[o.index()])))
+                    .collect(),
+            ),
         };
-        per_op(
-            out,
-            "sluice_nbd_requests_total",
-            "NBD requests answered, by operation.",
-            &|c| load(&c.requests),
-        );
-        per_op(
-            out,
-            "sluice_nbd_bytes_total",
-            "Bytes read or written by successful NBD requests (trim and write_zeroes: bytes covered).",
-            &|c| load(&c.bytes),
-        );
-        per_op(
-            out,
-            "sluice_nbd_errors_total",
-            "NBD requests answered with an error.",
-            &|c| load(&c.errors),
-        );
-        let h = "sluice_nbd_request_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {h} NBD request latency, header read to reply sent."
-        );
-        let _ = writeln!(out, "# TYPE {h} histogram");
-        for op in NbdOp::ALL {
-            let c = &self.ops[op.index()];
-            let mut cumulative = 0u64;
-            for (i, b) in c.buckets.iter().enumerate() {
-                cumulative += load(b);
-                let le = match BUCKETS_US.get(i) {
-                    Some(us) => format!("{}", *us as f64 / 1e6),
-                    None => "+Inf".to_string(),
+        let hist = NbdOp::ALL
+            .iter()
+            .map(|&o| {
+                let c = &self.ops[o.index()];
+                let buckets: Vec<(f64, u64)> = c
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| {
+                        let le = BUCKETS_US.get(i).map_or(f64::MAX, |&us| us as f64 / 1e6);
+                        (le, load(b))
+                    })
+                    .collect();
+                let count = buckets.iter().map(|(_, n)| n).sum();
+                let h = Hist {
+                    buckets,
+                    sum: load(&c.latency_sum_us) as f64 / 1e6,
+                    count,
                 };
-                let _ = writeln!(
-                    out,
-                    "{h}_bucket{{op=\"{}\",le=\"{le}\"}} {cumulative}",
-                    op.name()
-                );
-            }
-            let _ = writeln!(
-                out,
-                "{h}_sum{{op=\"{}\"}} {}",
-                op.name(),
-                load(&c.latency_sum_us) as f64 / 1e6
-            );
-            let _ = writeln!(out, "{h}_count{{op=\"{}\"}} {cumulative}", op.name());
-        }
-        let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {v}");
-        };
-        gauge(
-            out,
-            "sluice_nbd_connections_open",
-            "gauge",
-            "NBD connections open now.",
-            load(&self.connections_open),
-        );
-        gauge(
-            out,
-            "sluice_nbd_connections_total",
-            "counter",
-            "NBD connections accepted.",
-            load(&self.connections_total),
-        );
-        gauge(
-            out,
-            "sluice_nbd_connections_protocol_errors_total",
-            "counter",
-            "NBD connections closed because the client broke the protocol.",
-            load(&self.connections_protocol_errors),
-        );
+                (op(o), h)
+            })
+            .collect();
+        vec![
+            per_op(
+                "sluice_nbd_requests_total",
+                "NBD requests answered, by operation",
+                &|c| load(&c.requests),
+            ),
+            per_op(
+                "sluice_nbd_bytes_total",
+                "Bytes read or written by successful NBD requests (trim and write_zeroes: bytes covered)",
+                &|c| load(&c.bytes),
+            ),
+            per_op(
+                "sluice_nbd_errors_total",
+                "NBD requests answered with an error",
+                &|c| load(&c.errors),
+            ),
+            Family {
+                name: "sluice_nbd_request_duration_seconds",
+                help: "NBD request latency, header read to reply sent",
+                rows: Rows::Histogram(hist),
+            },
+            Family::gauge(
+                "sluice_nbd_connections_open",
+                "NBD connections open now",
+                g(load(&self.connections_open)),
+            ),
+            Family::counter(
+                "sluice_nbd_connections_total",
+                "NBD connections accepted",
+                load(&self.connections_total),
+            ),
+            Family::counter(
+                "sluice_nbd_connections_protocol_errors_total",
+                "NBD connections closed because the client broke the protocol",
+                load(&self.connections_protocol_errors),
+            ),
+        ]
     }
 }
 
@@ -274,33 +259,35 @@ mod tests {
         m.connection_opened();
         m.connection_closed();
         m.protocol_error();
-        let mut s = String::new();
-        m.render(&mut s);
+        let s = crate::metrics::encode("n", m.families());
         for line in [
-            "sluice_nbd_requests_total{op=\"read\"} 2",
-            "sluice_nbd_bytes_total{op=\"read\"} 4096",
-            "sluice_nbd_errors_total{op=\"read\"} 1",
-            "sluice_nbd_requests_total{op=\"write_zeroes\"} 0",
-            "sluice_nbd_request_duration_seconds_bucket{op=\"read\",le=\"0.00005\"} 0",
-            "sluice_nbd_request_duration_seconds_bucket{op=\"read\",le=\"0.0001\"} 1",
-            "sluice_nbd_request_duration_seconds_bucket{op=\"read\",le=\"1\"} 1",
-            "sluice_nbd_request_duration_seconds_bucket{op=\"read\",le=\"+Inf\"} 2",
-            "sluice_nbd_request_duration_seconds_count{op=\"read\"} 2",
-            "sluice_nbd_request_duration_seconds_bucket{op=\"flush\",le=\"0.00005\"} 1",
-            "sluice_nbd_connections_open 1",
-            "sluice_nbd_connections_total 2",
-            "sluice_nbd_connections_protocol_errors_total 1",
+            "sluice_nbd_requests_total{node=\"n\",op=\"read\"} 2",
+            "sluice_nbd_bytes_total{node=\"n\",op=\"read\"} 4096",
+            "sluice_nbd_errors_total{node=\"n\",op=\"read\"} 1",
+            "sluice_nbd_requests_total{node=\"n\",op=\"write_zeroes\"} 0",
+            "sluice_nbd_request_duration_seconds_bucket{node=\"n\",le=\"0.00005\",op=\"read\"} 0",
+            "sluice_nbd_request_duration_seconds_bucket{node=\"n\",le=\"0.0001\",op=\"read\"} 1",
+            "sluice_nbd_request_duration_seconds_bucket{node=\"n\",le=\"1.0\",op=\"read\"} 1",
+            "sluice_nbd_request_duration_seconds_bucket{node=\"n\",le=\"+Inf\",op=\"read\"} 2",
+            "sluice_nbd_request_duration_seconds_count{node=\"n\",op=\"read\"} 2",
+            "sluice_nbd_request_duration_seconds_bucket{node=\"n\",le=\"0.00005\",op=\"flush\"} 1",
+            "sluice_nbd_connections_open{node=\"n\"} 1",
+            "sluice_nbd_connections_total{node=\"n\"} 2",
+            "sluice_nbd_connections_protocol_errors_total{node=\"n\"} 1",
             "# TYPE sluice_nbd_request_duration_seconds histogram",
+            "# EOF",
         ] {
             assert!(s.lines().any(|l| l == line), "missing {line:?} in\n{s}");
         }
-        // Every sample line belongs to a family declared with # TYPE.
+        // Every sample line belongs to a family declared with # TYPE
+        // (OpenMetrics: a counter's family has no `_total`).
         for l in s.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap();
             let family = name
                 .trim_end_matches("_bucket")
                 .trim_end_matches("_sum")
-                .trim_end_matches("_count");
+                .trim_end_matches("_count")
+                .trim_end_matches("_total");
             assert!(
                 s.contains(&format!("# TYPE {family} ")),
                 "no TYPE for {name}"

@@ -193,6 +193,24 @@ impl Daemon {
         self.child.as_ref().unwrap().id() as i32
     }
 
+    /// `GET /metrics` on the peer address, as an operator's scraper sees
+    /// it (the body only).
+    pub fn metrics_raw(&self) -> String {
+        scrape(&self.listen)
+    }
+
+    /// [`Daemon::metrics_raw`] without the `node` label, so a test names a
+    /// series by what it counts: `sluice_repl_locks{state="stale"} 0`.
+    pub fn metrics(&self) -> String {
+        without_node_label(&self.metrics_raw())
+    }
+
+    /// The value of the series `name` (with its labels, as
+    /// [`Daemon::metrics`] shows them), if present.
+    pub fn metric(&self, name: &str) -> Option<u64> {
+        metric_value(&self.metrics(), name)
+    }
+
     fn signal(&mut self, sig: i32) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         let sig = nix::sys::signal::Signal::try_from(sig).expect("signal number");
@@ -279,6 +297,47 @@ fn rand_u32() -> u32 {
 /// Is `prog` on PATH? Tests that need it print "skipped: ..." without it,
 /// except where `SLUICE_REQUIRE_TOOLS` is set (CI): there a missing tool
 /// fails the test, so nothing passes without having run.
+/// `GET /metrics` of the node whose peer address is `listen`: the body.
+pub fn scrape(listen: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(listen).expect("connect for /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: sluice\r\n\r\n")
+        .expect("send GET /metrics");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// Every series of an OpenMetrics text with its `node="..."` label taken
+/// out (the first label, where the encoder puts it).
+pub fn without_node_label(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.find("{node=\"") {
+            Some(i) => {
+                let rest = &l[i + 7..];
+                let end = rest.find('"').map_or(0, |e| e + 1);
+                let after = &rest[end..];
+                match after.strip_prefix(',') {
+                    Some(more) => format!("{}{{{more}", &l[..i]),
+                    None => format!("{}{}", &l[..i], after.strip_prefix('}').unwrap_or(after)),
+                }
+            }
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The value of the series `name` (labels included) in a metrics text.
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 pub fn have(prog: &str) -> bool {
     sluice_testkit::tool(prog).is_some()
 }

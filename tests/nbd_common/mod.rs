@@ -35,14 +35,7 @@ pub struct Metrics {
 impl Metrics {
     /// The whole `/metrics` body.
     pub fn scrape(&self) -> String {
-        let mut s = TcpStream::connect(&self.listen).expect("connect for /metrics");
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: sluice\r\n\r\n").expect("send GET");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read /metrics");
-        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default()
+        harness::without_node_label(&harness::scrape(&self.listen))
     }
 
     pub fn render(&self, out: &mut String) {

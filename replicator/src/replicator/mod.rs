@@ -95,6 +95,9 @@ struct Counters {
     /// Incoming peer connections refused (bad or missing proof, or this
     /// node accepts no peers).
     peers_refused: AtomicU64,
+    lock_sets_sent: AtomicU64,
+    lock_sets_received: AtomicU64,
+    lock_sets_refused: AtomicU64,
 }
 
 /// One node's replicator. See the module docs.
@@ -509,7 +512,7 @@ impl Replicator {
                 } => {
                     if let Some(c) = conn.as_deref_mut() {
                         if c.peer_node == upstream {
-                            let sent = send_set(c, &set);
+                            let sent = send_set(c, &set, &self.n);
                             let mut st = lock(&self.st);
                             let key = (relationship, upstream);
                             // An undelivered older set is never sent after
@@ -699,7 +702,7 @@ impl Replicator {
                 c.peer_node
             )));
         }
-        send_set(&mut c, set)?;
+        send_set(&mut c, set, &self.n)?;
         let gone = self.barrier(&mut c)?;
         Ok(gone)
     }
@@ -849,10 +852,11 @@ impl Replicator {
 }
 
 /// Send a whole lock set on `c`, in as many frames as it needs.
-fn send_set(c: &mut Conn, set: &LockSet) -> Result<()> {
+fn send_set(c: &mut Conn, set: &LockSet, n: &Counters) -> Result<()> {
     for part in WireLockSet::split(set) {
         c.send(&Message::LockSet(part), &[])?;
     }
+    n.lock_sets_sent.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 

@@ -95,7 +95,13 @@ impl Replicator {
                 Message::LockSet(w) => {
                     let max = sluice_lockproto::Bounds::default().max_locks_per_set;
                     match parts.push(w, max) {
-                        Ok(Some(set)) => self.on_lock_set(c, &peer, set)?,
+                        Ok(Some(set)) => {
+                            self.n.lock_sets_received.fetch_add(1, Ordering::Relaxed);
+                            if let Err(e) = self.on_lock_set(c, &peer, set) {
+                                self.n.lock_sets_refused.fetch_add(1, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
                         Ok(None) => {}
                         Err(e) => {
                             c.send_error(0, codes::BAD_FRAME, &e.to_string());
