@@ -26,12 +26,11 @@ use sluice_engine::device::BlockDevice;
 use sluice_engine::shard::{Engine, EngineOptions};
 use sluice_engine::sharded;
 use sluice_replicator::{Replicator, ReplicatorConfig};
-use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Most `--listen` connections served at once; more are closed at accept.
@@ -392,8 +391,7 @@ fn serve_connections<S: Send + 'static>(
     handle: impl Fn(S, &str) + Send + Sync + 'static,
 ) {
     let handle = Arc::new(handle);
-    let live = Arc::new(AtomicUsize::new(0));
-    let sources: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let slots = crate::slots::Slots::new(CONN_MAX, CONN_PER_SOURCE_MAX);
     loop {
         let conn = accept();
         if stop.load(Ordering::SeqCst) {
@@ -408,34 +406,15 @@ fn serve_connections<S: Send + 'static>(
             }
         };
         let who = who(&stream);
-        if live.load(Ordering::SeqCst) >= CONN_MAX {
-            tracing::warn!(client = %who, "too many {what}connections ({CONN_MAX}); closing this one");
-            continue;
-        }
         let source = source_of(&who);
-        {
-            let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
-            let n = m.entry(source.clone()).or_insert(0);
-            if *n >= CONN_PER_SOURCE_MAX {
-                tracing::warn!(client = %who, "too many {what}connections from {source} ({CONN_PER_SOURCE_MAX}); closing this one");
+        let slot = match slots.take(&source) {
+            Ok(s) => s,
+            Err(full) => {
+                tracing::warn!(client = %who, "{what}connection closed: {full}");
                 continue;
             }
-            *n += 1;
-        }
-        live.fetch_add(1, Ordering::SeqCst);
-        let release = {
-            let sources = sources.clone();
-            move || {
-                let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(n) = m.get_mut(&source) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        m.remove(&source);
-                    }
-                }
-            }
         };
-        let (handle, live) = (handle.clone(), live.clone());
+        let handle = handle.clone();
         let spawned = std::thread::Builder::new()
             .name(
                 if what.is_empty() {
@@ -445,17 +424,13 @@ fn serve_connections<S: Send + 'static>(
                 }
                 .into(),
             )
-            .spawn({
-                let release = release.clone();
-                move || {
-                    handle(stream, &who);
-                    live.fetch_sub(1, Ordering::SeqCst);
-                    release();
-                }
+            .spawn(move || {
+                handle(stream, &who);
+                drop(slot);
             });
         if let Err(e) = spawned {
+            // The closure, and the slot in it, dropped with the error.
             tracing::error!(error = %e, "cannot spawn a {what}connection thread");
-            release();
         }
     }
 }

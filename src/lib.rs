@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod nbd_client;
 pub mod node;
+pub mod slots;
 pub mod units;
 
 pub use error::{NodeError, Result};

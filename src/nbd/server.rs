@@ -123,7 +123,10 @@ struct Shared {
     metrics: Arc<NbdMetrics>,
     opts: NbdOptions,
     stopping: AtomicBool,
+    /// Live connections, to wake at shutdown.
     conns: Mutex<HashMap<u64, Conn>>,
+    /// The bounds: `connections_max`, `connections_per_source_max` per IP.
+    slots: crate::slots::Slots,
     /// Serializes read-modify-write cycles across connections.
     rmw: Mutex<()>,
 }
@@ -164,9 +167,10 @@ impl NbdServer {
         let shared = Arc::new(Shared {
             engine,
             metrics,
-            opts,
+            opts: opts.clone(),
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
+            slots: crate::slots::Slots::new(opts.connections_max, opts.connections_per_source_max),
             rmw: Mutex::new(()),
         });
         let s = shared.clone();
@@ -275,18 +279,13 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64) {
     }
     // Reap finished connections.
     conns.retain(|_, c| !c.thread.as_ref().is_some_and(|t| t.is_finished()));
-    if conns.len() >= shared.opts.connections_max {
-        tracing::warn!(%peer, max = shared.opts.connections_max, "NBD connection refused: too many connections");
-        return;
-    }
-    let from_peer = conns
-        .values()
-        .filter(|c| c.stream.peer_addr().is_ok_and(|a| a.ip() == peer.ip()))
-        .count();
-    if from_peer >= shared.opts.connections_per_source_max {
-        tracing::warn!(%peer, max = shared.opts.connections_per_source_max, "NBD connection refused: too many connections from {}", peer.ip());
-        return;
-    }
+    let slot = match shared.slots.take(&peer.ip().to_string()) {
+        Ok(s) => s,
+        Err(full) => {
+            tracing::warn!(%peer, "NBD connection refused: {full}");
+            return;
+        }
+    };
     let setup = stream
         .set_nonblocking(false)
         .and_then(|()| stream.set_nodelay(true))
@@ -301,7 +300,10 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64) {
     let s = shared.clone();
     let thread = std::thread::Builder::new()
         .name(format!("sluice-nbd-{id}"))
-        .spawn(move || connection(s, stream, peer));
+        .spawn(move || {
+            connection(s, stream, peer);
+            drop(slot);
+        });
     match thread {
         Ok(t) => {
             conns.insert(
