@@ -65,18 +65,6 @@ pub struct SoakArgs {
     pub fault_gap_min_secs: u64,
     #[arg(long, default_value_t = 25)]
     pub fault_gap_max_secs: u64,
-    /// Seconds between node kills (SIGKILL or power cut), at random in
-    /// MIN..MAX, on their own schedule; without these, kills are one of the
-    /// faults above.
-    #[arg(long, requires = "kill_gap_max_secs")]
-    pub kill_gap_min_secs: Option<u64>,
-    #[arg(long, requires = "kill_gap_min_secs")]
-    pub kill_gap_max_secs: Option<u64>,
-    /// Pools straight on loop devices over plain files: no disk faults and
-    /// no power cuts (they need root and /dev/fuse; without them this is
-    /// what happens anyway).
-    #[arg(long)]
-    pub no_disk_faults: bool,
     /// Lease on the lock sets every node sends upstream, ms.
     #[arg(long, default_value_t = 6000)]
     pub lease_ms: u64,
@@ -131,8 +119,6 @@ pub struct AppLock {
 pub enum Pending {
     Restart(usize),
     Cont(usize),
-    /// The disk fault on this node ends (then a poisoned pool is restarted).
-    DiskHeal(usize),
 }
 
 pub struct Soak {
@@ -305,10 +291,8 @@ impl Soak {
         self.nodes[i].control.clone()
     }
 
-    /// Up, and its disk answering (a node under a disk fault is alive, but
-    /// its reads may fail: the checks and the other faults leave it alone).
     fn up(&self, i: usize) -> bool {
-        self.nodes[i].state == NodeState::Up && !self.nodes[i].disk_faulted
+        self.nodes[i].state == NodeState::Up
     }
 
     fn run_all(&mut self) -> Result<()> {
@@ -327,20 +311,11 @@ impl Soak {
                 &Self::name(i),
                 pool_bytes,
                 self.args.lease_ms,
-                !self.args.no_disk_faults,
             )?;
             n.start(&self.ctl)?;
             self.tally.event(format!(
-                "node {} on {}{} control {} nbd {}",
-                n.name,
-                n.device,
-                if n.faults.is_some() {
-                    " (over a fault disk)"
-                } else {
-                    ""
-                },
-                n.listen,
-                n.nbd
+                "node {} on {} control {} nbd {}",
+                n.name, n.device, n.listen, n.nbd
             ));
             self.nodes.push(n);
         }
@@ -490,7 +465,6 @@ impl Soak {
         let started = Instant::now();
         let mut next_snap = Instant::now();
         let mut next_fault = Instant::now() + self.fault_gap();
-        let mut next_kill = self.kill_gap().map(|g| Instant::now() + g);
         let mut next_lock = Instant::now() + Duration::from_secs(10);
         let mut next_check = Instant::now() + Duration::from_secs(20);
         let mut next_rss = Instant::now();
@@ -515,9 +489,6 @@ impl Soak {
             } else if now >= next_fault {
                 self.inject()?;
                 next_fault = now + self.fault_gap();
-            } else if next_kill.is_some_and(|k| now >= k) {
-                self.kill_one()?;
-                next_kill = self.kill_gap().map(|g| now + g);
             }
             if now >= next_lock {
                 self.app_lock_step();
@@ -534,12 +505,6 @@ impl Soak {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
-    }
-
-    /// The next gap of the kills' own schedule, if they have one.
-    fn kill_gap(&mut self) -> Option<Duration> {
-        let (lo, hi) = (self.args.kill_gap_min_secs?, self.args.kill_gap_max_secs?);
-        Some(Duration::from_secs(self.rng.gen_range(lo..=hi.max(lo))))
     }
 
     fn fault_gap(&mut self) -> Duration {
@@ -581,44 +546,17 @@ impl Soak {
     fn report(&self) -> Report {
         let conns: u64 = self.proxies.values().map(|p| p.connections()).sum();
         self.tally.set("net.proxied_connections", conns);
-        // What the fault disks saw, summed over the nodes.
-        let disks: Vec<_> = self
-            .nodes
-            .iter()
-            .filter_map(|n| n.faults.as_ref().map(|f| f.counts()))
-            .collect();
-        if !disks.is_empty() {
-            type Field = fn(&sluice_testkit::faultdisk::FaultCounts) -> u64;
-            let fields: [(&str, Field); 7] = [
-                ("disk.reads", |c| c.reads),
-                ("disk.writes", |c| c.writes),
-                ("disk.flushes", |c| c.flushes),
-                ("disk.eio_reads", |c| c.eio_reads),
-                ("disk.eio_writes", |c| c.eio_writes),
-                ("disk.eio_flushes", |c| c.eio_flushes),
-                ("disk.delayed", |c| c.delayed),
-            ];
-            for (name, f) in fields {
-                self.tally.set(name, disks.iter().map(f).sum());
-            }
-        }
         Report {
             seed: self.tally.seed,
             command: format!(
-                "sluice-bench soak --seed {} --minutes {} --nodes {} --fault-gap-min-secs {} --fault-gap-max-secs {}{} --lease-ms {} --writers {}{}",
+                "sluice-bench soak --seed {} --minutes {} --nodes {} --fault-gap-min-secs {} --fault-gap-max-secs {} --lease-ms {} --writers {}",
                 self.tally.seed,
                 self.args.minutes,
                 self.args.nodes,
                 self.args.fault_gap_min_secs,
                 self.args.fault_gap_max_secs,
-                match (self.args.kill_gap_min_secs, self.args.kill_gap_max_secs) {
-                    (Some(lo), Some(hi)) =>
-                        format!(" --kill-gap-min-secs {lo} --kill-gap-max-secs {hi}"),
-                    _ => String::new(),
-                },
                 self.args.lease_ms,
-                self.args.writers,
-                if self.args.no_disk_faults { " --no-disk-faults" } else { "" }
+                self.args.writers
             ),
             minutes_asked: self.args.minutes,
             duration_secs: self.tally.secs(),
@@ -635,7 +573,7 @@ impl Soak {
                 .collect(),
             topology: self.topology(),
             counts: self.tally.counts(),
-            not_injected: faults::not_injected(self.nodes.iter().all(|n| n.faults.is_some())),
+            not_injected: faults::NOT_INJECTED.iter().map(|s| s.to_string()).collect(),
             violations: self.tally.violations(),
             events: self.tally.events(),
         }
