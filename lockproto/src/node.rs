@@ -803,13 +803,14 @@ impl LockNode {
     }
 
     /// The set for `relationship`: our own locks, every downstream lock and
-    /// application lock on its local volume, limited to the snapshots its
-    /// source has, or force-deleted while this volume still has them.
-    ///
-    /// A lock travels past a source that force-deleted its snapshot as long
-    /// as we have it: the nodes above may still have it, and it is what a
-    /// re-attach past that source would start from. Snapshots that came
-    /// from another upstream (fan-in) never go to this one.
+    /// application lock on its local volume. Where the volume has this one
+    /// upstream, every such lock goes, whatever the source still has: a
+    /// snapshot the source deleted (before anything here locked it) may
+    /// live on further up, where it is what a re-attach past that source
+    /// would start from, so the source relays the lock on. In a fan-in
+    /// (several upstreams write the volume) each upstream gets the locks on
+    /// the snapshots it has, or force-deleted while this volume still has
+    /// them: snapshots that came from another upstream never go to it.
     fn outgoing(&self, relationship: &str) -> Vec<SoftLock> {
         let Some(up) = self.ups.get(relationship) else {
             return Vec::new();
@@ -832,10 +833,11 @@ impl LockNode {
         if let Some(app) = self.app.get(&up.volume) {
             v.extend(app.iter().cloned());
         }
+        let only_upstream = self.ups.values().filter(|u| u.volume == up.volume).count() == 1;
         v.retain(|l| {
             let lost_above =
                 up.gone_acks.contains(&l.snapshot) && self.has_snapshot(&up.volume, l.snapshot);
-            (up.has.contains(&l.snapshot) || lost_above)
+            (only_upstream || up.has.contains(&l.snapshot) || lost_above)
                 && l.hop_path.len() <= self.cfg.bounds.max_hops
         });
         v.sort();

@@ -348,8 +348,28 @@ fn scheduled_updates_pull_new_snapshots() {
 /// identical to its source.
 #[test]
 fn random_cascade_never_breaks() {
+    random_cascade(seed("random_cascade_never_breaks"));
+}
+
+/// Seeds that found bugs. These three (2026-12-03): C application-locked
+/// a snapshot B had already pruned (nothing held it there then), and C
+/// sent that lock only to an upstream that had the snapshot, so it never
+/// reached A, whose prune then deleted it: the snapshot C would re-attach
+/// to A from. A lock now travels up a volume's only upstream whatever that
+/// upstream still has.
+#[test]
+fn random_cascade_regressions() {
+    for s in [
+        15165183976738276603,
+        18140478188300143748,
+        4540316140015804465,
+    ] {
+        random_cascade(s);
+    }
+}
+
+fn random_cascade(seed: u64) {
     use rand::Rng;
-    let seed = seed("random_cascade_never_breaks");
     let mut r = rng(seed);
     let (a, b, c, d) = (
         Node::start("A"),
@@ -439,6 +459,73 @@ fn mirror_delete_releases_through_the_chain() {
     // B's own base still holds on A.
     assert!(a.repl.lock_list().iter().any(|l| l.origin_node == "B"));
     for n in [a, b, c] {
+        n.shutdown();
+    }
+}
+
+/// The promise behind re-attach, in its plainest shape: A -> B -> C. B's
+/// newest base with C moves on and B prunes s1 (nothing holds it there).
+/// An application on C then locks s1, which C still has: the lock reaches
+/// A through B (which no longer has s1), so A's prune keeps it. B is lost
+/// for good and an operator force-deletes s2 and s3 on A: C re-attaches to
+/// A from s1, incrementally.
+#[test]
+fn a_lock_on_a_snapshot_the_middle_pruned_still_holds_above_and_reattach_uses_it() {
+    let (a, b, c) = (Node::start("A"), Node::start("B"), Node::start("C"));
+    let v = NsName::volume("v");
+    let mut r = rng(7);
+    a.create_volume("v");
+    a.churn(&v, VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    c.repl.mirror_create(spec("v", &b, "v")).unwrap();
+    a.churn(&v, VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s2");
+    b.repl.mirror_update("v", &noprog).unwrap();
+    c.repl.mirror_update("v", &noprog).unwrap();
+    // C's base with B is s2 now: B may prune s1 (and does).
+    b.repl.prune("v", 1, false).unwrap();
+    assert_eq!(b.snap_names("v"), ["s2"]);
+    assert!(c.snap_names("v").contains(&"s1".to_string()));
+    // The application on C locks s1; A still has it.
+    c.repl.lock_add("v", "s1", "app", None).unwrap();
+    a.churn(&v, VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s3");
+    b.repl.mirror_update("v", &noprog).unwrap();
+    c.repl.mirror_update("v", &noprog).unwrap();
+    // A prunes to one: s1 is held by C's lock (relayed by B), s3 by B's
+    // and C's bases.
+    a.repl.prune("v", 1, false).unwrap();
+    let on_a = a.snap_names("v");
+    assert!(on_a.contains(&"s1".to_string()), "A deleted s1: {on_a:?}");
+    let held = a.repl.lock_list();
+    assert!(
+        held.iter()
+            .any(|l| l.snapshot.as_deref() == Some("s1") && l.origin_node == "C"),
+        "A names C's lock on s1: {held:?}"
+    );
+    // B is lost; on A the operator force-deletes what B and C's base held
+    // (s2, s3): only C's application lock keeps a snapshot C shares with A.
+    b.shutdown();
+    a.churn(&v, VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "s4");
+    for s in ["s2", "s3"] {
+        let _ = a.repl.snap_delete("v", s, true);
+    }
+    assert!(!a.snap_names("v").contains(&"s3".to_string()));
+    let rep = c
+        .repl
+        .mirror_retarget("v", &a.addr, "v", None, false, &noprog)
+        .unwrap();
+    assert_eq!(
+        rep.base.as_ref().map(|b| b.name.as_str()),
+        Some("s1"),
+        "{rep:?}"
+    );
+    let t = rep.transfer.as_ref().expect("the retarget's update");
+    assert_eq!(t.kind, "incremental", "{rep:?}");
+    same(&a, "v", &c, "v", "s4", None);
+    for n in [a, c] {
         n.shutdown();
     }
 }
