@@ -4,7 +4,8 @@
 //! the flushed-write check runs before the writers go on), SIGSTOP/SIGCONT
 //! longer than the lease, a link's connections cut, stalled or delayed, a
 //! node partitioned from every peer until it heals, and once per run the
-//! middle node B lost for good with C retargeted to A.
+//! middle node B lost for good with C retargeted to A. Kills run on their
+//! own schedule when `--kill-gap-*` is given.
 //!
 //! Invariants: a fault only picks a node that is up; every stop and kill
 //! has its end scheduled (`Pending`), and `run_pending(true)` ends them all.
@@ -76,7 +77,13 @@ impl Soak {
         if up.is_empty() {
             return Ok(());
         }
-        let roll = self.rng.gen_range(0..100u32);
+        // Kills on their own schedule leave this stream.
+        let from = if self.args.kill_gap_min_secs.is_some() {
+            35
+        } else {
+            0
+        };
+        let roll = self.rng.gen_range(from..100u32);
         let node = up[self.rng.gen_range(0..up.len())];
         let links: Vec<(usize, usize)> = self
             .rels
@@ -89,21 +96,7 @@ impl Soak {
         let link = links[self.rng.gen_range(0..links.len())];
         let lname = format!("{}->{}", Self::name(link.0), Self::name(link.1));
         match roll {
-            0..=34 => {
-                let pause = Duration::from_millis(self.rng.gen_range(500..10_000));
-                if node == 0 {
-                    self.source_up.store(false, Ordering::SeqCst);
-                }
-                self.nodes[node].kill();
-                self.tally.add("fault.kill", 1);
-                self.tally.event(format!(
-                    "SIGKILL {} (restart in {} ms)",
-                    Self::name(node),
-                    pause.as_millis()
-                ));
-                self.pending
-                    .push((Instant::now() + pause, Pending::Restart(node)));
-            }
+            0..=34 => self.kill_node(node),
             35..=49 => {
                 let lease = self.args.lease_ms;
                 let d = Duration::from_millis(self.rng.gen_range(lease + lease / 4..lease * 5 / 2));
@@ -154,6 +147,33 @@ impl Soak {
             }
         }
         Ok(())
+    }
+
+    /// A kill on the kills' own schedule (`--kill-gap-*`).
+    pub(super) fn kill_one(&mut self) -> Result<()> {
+        let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.up(i)).collect();
+        if !up.is_empty() {
+            let node = up[self.rng.gen_range(0..up.len())];
+            self.kill_node(node);
+        }
+        Ok(())
+    }
+
+    /// SIGKILL; the restart comes after a random pause.
+    fn kill_node(&mut self, node: usize) {
+        let pause = Duration::from_millis(self.rng.gen_range(500..10_000));
+        if node == 0 {
+            self.source_up.store(false, Ordering::SeqCst);
+        }
+        self.nodes[node].kill();
+        self.tally.add("fault.kill", 1);
+        self.tally.event(format!(
+            "SIGKILL {} (restart in {} ms)",
+            Self::name(node),
+            pause.as_millis()
+        ));
+        self.pending
+            .push((Instant::now() + pause, Pending::Restart(node)));
     }
 
     /// B is lost for good; C's volume mirrors go on from A (`mirror retarget`).

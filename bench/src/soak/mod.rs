@@ -65,6 +65,12 @@ pub struct SoakArgs {
     pub fault_gap_min_secs: u64,
     #[arg(long, default_value_t = 25)]
     pub fault_gap_max_secs: u64,
+    /// Seconds between node kills, at random in MIN..MAX, on their own
+    /// schedule; without these, kills are one of the faults above.
+    #[arg(long, requires = "kill_gap_max_secs")]
+    pub kill_gap_min_secs: Option<u64>,
+    #[arg(long, requires = "kill_gap_min_secs")]
+    pub kill_gap_max_secs: Option<u64>,
     /// Lease on the lock sets every node sends upstream, ms.
     #[arg(long, default_value_t = 6000)]
     pub lease_ms: u64,
@@ -465,6 +471,7 @@ impl Soak {
         let started = Instant::now();
         let mut next_snap = Instant::now();
         let mut next_fault = Instant::now() + self.fault_gap();
+        let mut next_kill = self.kill_gap().map(|g| Instant::now() + g);
         let mut next_lock = Instant::now() + Duration::from_secs(10);
         let mut next_check = Instant::now() + Duration::from_secs(20);
         let mut next_rss = Instant::now();
@@ -489,6 +496,9 @@ impl Soak {
             } else if now >= next_fault {
                 self.inject()?;
                 next_fault = now + self.fault_gap();
+            } else if next_kill.is_some_and(|k| now >= k) {
+                self.kill_one()?;
+                next_kill = self.kill_gap().map(|g| now + g);
             }
             if now >= next_lock {
                 self.app_lock_step();
@@ -505,6 +515,12 @@ impl Soak {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
+    }
+
+    /// The next gap of the kills' own schedule, if they have one.
+    fn kill_gap(&mut self) -> Option<Duration> {
+        let (lo, hi) = (self.args.kill_gap_min_secs?, self.args.kill_gap_max_secs?);
+        Some(Duration::from_secs(self.rng.gen_range(lo..=hi.max(lo))))
     }
 
     fn fault_gap(&mut self) -> Duration {
@@ -549,12 +565,17 @@ impl Soak {
         Report {
             seed: self.tally.seed,
             command: format!(
-                "sluice-bench soak --seed {} --minutes {} --nodes {} --fault-gap-min-secs {} --fault-gap-max-secs {} --lease-ms {} --writers {}",
+                "sluice-bench soak --seed {} --minutes {} --nodes {} --fault-gap-min-secs {} --fault-gap-max-secs {}{} --lease-ms {} --writers {}",
                 self.tally.seed,
                 self.args.minutes,
                 self.args.nodes,
                 self.args.fault_gap_min_secs,
                 self.args.fault_gap_max_secs,
+                match (self.args.kill_gap_min_secs, self.args.kill_gap_max_secs) {
+                    (Some(lo), Some(hi)) =>
+                        format!(" --kill-gap-min-secs {lo} --kill-gap-max-secs {hi}"),
+                    _ => String::new(),
+                },
                 self.args.lease_ms,
                 self.args.writers
             ),
