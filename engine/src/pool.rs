@@ -299,42 +299,56 @@ fn plane_update<D: BlockDevice>(
     pba: u64,
     on: bool,
 ) -> Result<()> {
-    let leaf = pba / LEAF_BITS;
-    let mut rel = Vec::new();
-    let r = make_dirty(store, plane, 0, leaf, &mut rel);
-    for (level, key, ptr) in rel {
-        let shared = match newest {
-            Some(root) => node_ptr(store, &Tree::plane(root), level, key)?.pba == ptr.pba,
-            None => false,
+    plane_update_many(store, plane, live_count, newest, pending, &[pba], on)
+}
+
+/// [`plane_update`] for each of `pbas`, one plane leaf at a time: a run of
+/// pbas on the same leaf makes that leaf dirty once (one path walk) and
+/// then flips its bits. The end state is that of one `plane_update` per
+/// pba, in any order (the bits are independent).
+fn plane_update_many<D: BlockDevice>(
+    store: &mut Store<D>,
+    plane: &mut Tree,
+    live_count: &mut u64,
+    newest: Option<Ptr>,
+    pending: &mut BTreeSet<u64>,
+    pbas: &[u64],
+    on: bool,
+) -> Result<()> {
+    for run in pbas.chunk_by(|a, b| a / LEAF_BITS == b / LEAF_BITS) {
+        let Some(&first) = run.first() else {
+            continue;
         };
-        if !shared {
-            pending.insert(ptr.pba);
+        let leaf = first / LEAF_BITS;
+        let mut rel = Vec::new();
+        let r = make_dirty(store, plane, 0, leaf, &mut rel);
+        for (level, key, ptr) in rel {
+            let shared = match newest {
+                Some(root) => node_ptr(store, &Tree::plane(root), level, key)?.pba == ptr.pba,
+                None => false,
+            };
+            if !shared {
+                pending.insert(ptr.pba);
+            }
         }
-    }
-    r?;
-    let p = plane
-        .dirty
-        .get_mut(&(0, leaf))
-        .ok_or_else(|| Error::Invalid("plane leaf not dirty".into()))?;
-    let bit = pba % LEAF_BITS;
-    if bit_get(p, bit) != on {
-        bit_put(p, bit, on);
-        if on {
-            *live_count += 1;
-        } else {
-            *live_count -= 1;
+        r?;
+        let p = plane
+            .dirty
+            .get_mut(&(0, leaf))
+            .ok_or_else(|| Error::Invalid("plane leaf not dirty".into()))?;
+        for &pba in run {
+            let bit = pba % LEAF_BITS;
+            if bit_get(p, bit) != on {
+                bit_put(p, bit, on);
+                if on {
+                    *live_count += 1;
+                } else {
+                    *live_count -= 1;
+                }
+            }
         }
     }
     Ok(())
-}
-
-fn plane_test<D: BlockDevice>(store: &mut Store<D>, root: Ptr, pba: u64) -> Result<bool> {
-    Ok(
-        match get_leaf(store, &Tree::plane(root), pba / LEAF_BITS)? {
-            Some(p) => bit_get(&p, pba % LEAF_BITS),
-            None => false,
-        },
-    )
 }
 
 /// The live image releases `pba`: clear it in the live plane; if the newest
@@ -345,22 +359,43 @@ fn release_live<D: BlockDevice>(
     pending: &mut BTreeSet<u64>,
     pba: u64,
 ) -> Result<()> {
+    release_live_many(store, vol, pending, &[pba])
+}
+
+/// [`release_live`] for each of `pbas` (distinct), one plane leaf at a
+/// time: the newest snapshot's plane leaf is looked up once per run of
+/// pbas on the same leaf.
+fn release_live_many<D: BlockDevice>(
+    store: &mut Store<D>,
+    vol: &mut Vol,
+    pending: &mut BTreeSet<u64>,
+    pbas: &[u64],
+) -> Result<()> {
     let newest = vol.snaps.last().map(|s| s.plane);
-    plane_update(
+    plane_update_many(
         store,
         &mut vol.plane,
         &mut vol.live_count,
         newest,
         pending,
-        pba,
+        pbas,
         false,
     )?;
-    let held = match newest {
-        Some(root) => plane_test(store, root, pba)?,
-        None => false,
-    };
-    if !held {
-        pending.insert(pba);
+    match newest {
+        Some(root) => {
+            for run in pbas.chunk_by(|a, b| a / LEAF_BITS == b / LEAF_BITS) {
+                let Some(&first) = run.first() else {
+                    continue;
+                };
+                let held = get_leaf(store, &Tree::plane(root), first / LEAF_BITS)?;
+                for &pba in run {
+                    if !held.as_ref().is_some_and(|p| bit_get(p, pba % LEAF_BITS)) {
+                        pending.insert(pba);
+                    }
+                }
+            }
+        }
+        None => pending.extend(pbas.iter().copied()),
     }
     Ok(())
 }
@@ -2048,20 +2083,104 @@ impl<D: BlockDevice> Pool<D> {
         pbas: &[u64],
     ) -> Result<()> {
         let birth = self.gen + 1;
-        for (i, (&p, &hash)) in pbas.iter().zip(hashes).enumerate() {
-            if let Err(e) = self.set_slot(
-                vi,
-                ni,
-                lba + i as u64,
-                Slot {
-                    pba: p,
-                    birth,
-                    hash,
-                },
-            ) {
-                self.poison(&e);
-                return Err(e);
+        if let Err(e) = self.apply_run(vi, ni, lba, birth, hashes, pbas) {
+            self.poison(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Point slots `lba..` of namespace (vi, ni) at the fresh `pbas`
+    /// (`hashes`: of each), one map leaf at a time: each leaf the run
+    /// covers is made dirty once (one path walk), its slots are set, and
+    /// then the live plane takes the new pbas and releases the replaced
+    /// ones a plane leaf at a time. The end state is that of one
+    /// [`Pool::set_slot`] per block in order: the new pbas are fresh
+    /// (allocated, in no plane, distinct from every replaced block and
+    /// map node), so the plane and pending-free updates commute.
+    fn apply_run(
+        &mut self,
+        vi: usize,
+        ni: usize,
+        lba: u64,
+        birth: u64,
+        hashes: &[u64],
+        pbas: &[u64],
+    ) -> Result<()> {
+        if hashes.len() != pbas.len() {
+            return Err(Error::Invalid("one hash per written block".into()));
+        }
+        let fanout = FANOUT as u64;
+        let mut olds: Vec<u64> = Vec::new();
+        let mut done = 0usize;
+        while let (Some(rest), Some(rest_h)) = (
+            pbas.get(done..).filter(|r| !r.is_empty()),
+            hashes.get(done..),
+        ) {
+            let first = lba + done as u64;
+            let key = first / fanout;
+            let idx0 = (first % fanout) as usize;
+            let take = (FANOUT - idx0).min(rest.len());
+            let mut rel = Vec::new();
+            let r = make_dirty(
+                &mut self.store,
+                &mut vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?.tree,
+                0,
+                key,
+                &mut rel,
+            );
+            if !rel.is_empty() {
+                let nodes: Vec<u64> = rel.iter().map(|(_, _, ptr)| ptr.pba).collect();
+                release_live_many(
+                    &mut self.store,
+                    vol_at_mut(&mut self.vols, vi)?,
+                    &mut self.pending,
+                    &nodes,
+                )?;
             }
+            r?;
+            let ns = vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?;
+            let leaf = ns
+                .tree
+                .dirty
+                .get_mut(&(0, key))
+                .ok_or_else(|| Error::Invalid("map leaf not dirty".into()))?;
+            let mut digest = ns.digest;
+            for (j, (&pba, &hash)) in rest.iter().zip(rest_h).take(take).enumerate() {
+                let l = first + j as u64;
+                let new = Slot { pba, birth, hash };
+                let old = slot_get(leaf, idx0 + j);
+                slot_set(leaf, idx0 + j, new);
+                if old.pba != 0 {
+                    digest = digest.wrapping_sub(digest_term(l, old.hash));
+                    olds.push(old.pba);
+                }
+                if new.pba != 0 {
+                    digest = digest.wrapping_add(digest_term(l, new.hash));
+                }
+            }
+            ns.digest = digest;
+            done += take;
+        }
+        let vol = vol_at_mut(&mut self.vols, vi)?;
+        let newest = vol.snaps.last().map(|s| s.plane);
+        let fresh: Vec<u64> = pbas.iter().copied().filter(|&p| p != 0).collect();
+        plane_update_many(
+            &mut self.store,
+            &mut vol.plane,
+            &mut vol.live_count,
+            newest,
+            &mut self.pending,
+            &fresh,
+            true,
+        )?;
+        if !olds.is_empty() {
+            release_live_many(
+                &mut self.store,
+                vol_at_mut(&mut self.vols, vi)?,
+                &mut self.pending,
+                &olds,
+            )?;
         }
         Ok(())
     }
