@@ -17,6 +17,7 @@
 //! It depends on `sluice-lockproto` (the proxy re-encodes frames) and on
 //! no other Sluice crate, so the engine's own tests can use it too.
 
+pub mod faultdisk;
 pub mod proxy;
 
 use rand::SeedableRng;
