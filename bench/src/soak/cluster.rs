@@ -1,17 +1,25 @@
 //! The nodes: one `sluice serve` process each, on a loop device when root
 //! (a plain file otherwise), with fixed loopback ports kept across restarts,
-//! a config file (naming the soak's shared peer secret), a log; and the signals the faults send (SIGKILL, SIGSTOP,
-//! SIGCONT). Owns each node's process state: the checks ask it which nodes
-//! are up, stopped, down or lost for good.
+//! a config file (naming the soak's shared peer secret), a log; and the
+//! signals the faults send (SIGKILL, SIGSTOP, SIGCONT). When root and
+//! /dev/fuse allow, the loop device sits on a fault disk
+//! (`sluice_testkit::faultdisk`: our FUSE file over the pool's image, with
+//! a volatile write cache), so the faults can also fail the disk, slow it,
+//! or cut its power. Owns each node's process and disk state: the checks
+//! ask it which nodes are up, stopped, down or lost for good.
 //!
 //! Invariants: a node's ports, name and pool never change over the run, so
-//! a restart is the same node; every loop device attached is detached on drop.
+//! a restart is the same node; a start clears its disk's fault (the
+//! operator fixed the device); every loop device attached is detached on
+//! drop, before the fault disk under it is unmounted.
 
 use super::control::Ctl;
 use anyhow::{bail, Context, Result};
+use sluice_testkit::faultdisk::{Fault, FaultControl, FaultDisk, LoopDev};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,8 +39,15 @@ pub struct Node {
     pub log: PathBuf,
     config: PathBuf,
     pub device: String,
-    loop_dev: Option<String>,
     child: Option<Child>,
+    /// Detached before `_disk` is unmounted (fields drop in this order);
+    /// both held only to be dropped.
+    _loop_dev: Option<LoopDev>,
+    _disk: Option<FaultDisk>,
+    /// The fault switch of the disk under the pool (None: a plain file).
+    pub faults: Option<Arc<FaultControl>>,
+    /// A disk fault is on: the node's reads or writes may fail.
+    pub disk_faulted: bool,
     pub state: NodeState,
     /// When the node last changed state (stopped, killed, lost).
     pub since: Instant,
@@ -59,27 +74,34 @@ impl Node {
         name: &str,
         pool_bytes: u64,
         lease_ms: u64,
+        disk_faults: bool,
     ) -> Result<Node> {
         let img = dir.join(format!("{name}.img"));
         let f = std::fs::File::create(&img)?;
         f.set_len(pool_bytes)?;
         drop(f);
-        let mut loop_dev = None;
+        let (mut loop_dev, mut disk) = (None, None);
         let mut device = img.to_string_lossy().to_string();
         if is_root() {
-            let out = Command::new("losetup")
-                .args(["--direct-io=on", "-f", "--show"])
-                .arg(&img)
-                .output()
-                .context("losetup")?;
-            if out.status.success() {
-                device = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                loop_dev = Some(device.clone());
-            } else {
-                eprintln!(
-                    "soak: losetup failed ({}); node {name} runs on a file",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
+            let mut under = img.clone();
+            if disk_faults {
+                match FaultDisk::mount(&img, &dir.join(format!("{name}.disk"))) {
+                    Ok(d) => {
+                        under = d.path().to_path_buf();
+                        disk = Some(d);
+                    }
+                    Err(e) => {
+                        eprintln!("soak: no fault disk for node {name} ({e}); its disk cannot fail")
+                    }
+                }
+            }
+            device = under.to_string_lossy().to_string();
+            match LoopDev::attach(&under) {
+                Ok(l) => {
+                    device = l.path().to_string_lossy().to_string();
+                    loop_dev = Some(l);
+                }
+                Err(e) => eprintln!("soak: losetup failed ({e}); node {name} runs on {device}"),
             }
         }
         ctl.init(Path::new(&device), None)
@@ -115,8 +137,11 @@ impl Node {
             log: dir.join(format!("{name}.log")),
             config,
             device,
-            loop_dev,
             child: None,
+            _loop_dev: loop_dev,
+            faults: disk.as_ref().map(|d| d.control()),
+            _disk: disk,
+            disk_faulted: false,
             state: NodeState::Down,
             since: Instant::now(),
             rss_max_kib: 0,
@@ -124,13 +149,15 @@ impl Node {
         })
     }
 
-    /// Start (or restart) the process; waits for its `ready` line.
+    /// Start (or restart) the process on a healthy disk; waits for its
+    /// `ready` line.
     pub fn start(&mut self, ctl: &Ctl) -> Result<()> {
         assert!(
             self.child.is_none(),
             "node {} already has a process",
             self.name
         );
+        self.set_disk_fault(Fault::None);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -192,6 +219,30 @@ impl Node {
         }
         self.state = NodeState::Down;
         self.since = Instant::now();
+    }
+
+    /// Power loss: the disk fails every request from now on (nothing the
+    /// process sends later lands), loses what no flush made durable (but a
+    /// seeded part of it), and the process dies. How many blocks were lost.
+    pub fn power_cut(&mut self, seed: u64) -> u64 {
+        let lost = self.faults.as_ref().map(|f| {
+            f.set(Fault::Eio {
+                reads: true,
+                writes: true,
+                flushes: true,
+            });
+            f.power_cut(seed)
+        });
+        self.kill();
+        lost.unwrap_or(0)
+    }
+
+    /// Turn a disk fault on or off (no-op without a fault disk).
+    pub fn set_disk_fault(&mut self, f: Fault) {
+        if let Some(c) = &self.faults {
+            c.set(f);
+            self.disk_faulted = f != Fault::None;
+        }
     }
 
     pub fn stop(&mut self) {
@@ -285,8 +336,8 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Some(dev) = &self.loop_dev {
-            let _ = Command::new("losetup").args(["-d", dev]).status();
-        }
+        // Healthy again, so the loop device's last writes and its detach
+        // do not fail (then `loop_dev` and `disk` drop, in that order).
+        self.set_disk_fault(Fault::None);
     }
 }

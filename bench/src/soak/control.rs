@@ -26,6 +26,15 @@ pub struct Ctl {
 impl Ctl {
     /// Run the binary with `args`; stdout on success, else the error text.
     fn exec(&self, args: &[&str]) -> Result<String> {
+        let (ok, out, err) = self.run(args)?;
+        if !ok {
+            bail!("sluice {}: {}", args.join(" "), err.trim());
+        }
+        Ok(out)
+    }
+
+    /// Run the binary with `args`: (exit status success, stdout, stderr).
+    fn run(&self, args: &[&str]) -> Result<(bool, String, String)> {
         let mut child = Command::new(&self.bin)
             .args(args)
             .env_remove("SLUICE_NODE")
@@ -55,10 +64,16 @@ impl Ctl {
         };
         let out = out_t.join().unwrap_or_default();
         let err = err_t.join().unwrap_or_default();
-        if !status.success() {
-            bail!("sluice {}: {}", args.join(" "), err.trim());
-        }
-        Ok(out)
+        Ok((status.success(), out, err))
+    }
+
+    /// `sluice status --json`: the node's status, healthy or not (an
+    /// unhealthy node exits non-zero after printing it).
+    pub fn status(&self, node: &str) -> Result<Value> {
+        let args = ["--node", node, "status", "--json"];
+        let (_, out, err) = self.run(&args)?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("sluice {args:?}: not JSON: {out} {}", err.trim()))
     }
 
     /// `sluice --node NODE ARGS --json`, parsed.

@@ -1,28 +1,40 @@
 //! The faults: which kind, on which node or link, and for how long, all
 //! drawn from the run's seed; each kind counted (`fault.*`). Kinds: SIGKILL
-//! of any node (restart after a random pause; after the source's restart
-//! the flushed-write check runs before the writers go on), SIGSTOP/SIGCONT
-//! longer than the lease, a link's connections cut, stalled or delayed, a
-//! node partitioned from every peer until it heals, and once per run the
-//! middle node B lost for good with C retargeted to A. Kills run on their
-//! own schedule when `--kill-gap-*` is given.
+//! of any node, or its power cut (the disk loses what no flush made
+//! durable), with a restart after a random pause (after the source's
+//! restart the flushed-write check runs before the writers go on);
+//! SIGSTOP/SIGCONT longer than the lease; a link's connections cut,
+//! stalled or delayed; a node partitioned from every peer until it heals;
+//! the disk of a node failing writes and flushes (and maybe reads) with EIO,
+//! or slowed, for a while, after which a node whose pool refused writes is
+//! restarted, as an operator would; and once per run the middle node B lost
+//! for good with C retargeted to A. Kills run on their own schedule when
+//! `--kill-gap-*` is given.
 //!
-//! Invariants: a fault only picks a node that is up; every stop and kill
-//! has its end scheduled (`Pending`), and `run_pending(true)` ends them all.
+//! Invariants: a fault only picks a node that is up (and whose disk has no
+//! fault on); every stop, kill and disk fault has its end scheduled
+//! (`Pending`), and `run_pending(true)` ends them all.
 
 use super::cluster::NodeState;
 use super::{Pending, Soak, VOLUMES};
 use anyhow::Result;
 use rand::Rng;
+use sluice_testkit::faultdisk::Fault;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// What this harness cannot inject on this machine (docs/SOAK.md).
-pub const NOT_INJECTED: &[&str] = &[
-    "disk I/O errors and latency below the process: no device-mapper here, no kernel NBD to put nbdkit's error/delay filters under a block device, and O_DIRECT io_uring on a FUSE file is not what production runs on",
-    "power loss: SIGKILL loses the process, not the kernel's page cache under the loop device",
-    "packet loss and reordering inside a TCP stream (no netem): the proxy cuts, stalls and delays whole streams",
-];
+/// What this harness cannot inject on this machine (docs/SOAK.md);
+/// `disks`: every node's pool is on a fault disk.
+pub fn not_injected(disks: bool) -> Vec<String> {
+    let mut out = vec![
+        "packet loss and reordering inside a TCP stream (no netem): the proxy cuts, stalls and delays whole streams",
+        "a disk that returns wrong data or tears a 4 KiB block: the fault disk fails, slows and forgets whole blocks, it never corrupts them",
+    ];
+    if !disks {
+        out.push("disk I/O errors, latency and power loss: the pools are not on fault disks (not root, no /dev/fuse, or --no-disk-faults); SIGKILL loses the process, not the page cache under the loop device");
+    }
+    out.into_iter().map(str::to_string).collect()
+}
 
 impl Soak {
     /// Carry out what is due (with `all`: everything, now).
@@ -39,6 +51,7 @@ impl Soak {
                     self.tally.event(format!("SIGCONT {}", Self::name(i)));
                 }
                 Pending::Restart(i) => self.restart(i)?,
+                Pending::DiskHeal(i) => self.disk_heal(i)?,
             }
         }
         Ok(())
@@ -77,13 +90,15 @@ impl Soak {
         if up.is_empty() {
             return Ok(());
         }
-        // Kills on their own schedule leave this stream.
+        // Kills on their own schedule leave this stream; disk faults only
+        // where the pools are on fault disks.
         let from = if self.args.kill_gap_min_secs.is_some() {
-            35
+            25
         } else {
             0
         };
-        let roll = self.rng.gen_range(from..100u32);
+        let disks = self.nodes.iter().all(|n| n.faults.is_some());
+        let roll = self.rng.gen_range(from..if disks { 100 } else { 82u32 });
         let node = up[self.rng.gen_range(0..up.len())];
         let links: Vec<(usize, usize)> = self
             .rels
@@ -96,8 +111,8 @@ impl Soak {
         let link = links[self.rng.gen_range(0..links.len())];
         let lname = format!("{}->{}", Self::name(link.0), Self::name(link.1));
         match roll {
-            0..=34 => self.kill_node(node),
-            35..=49 => {
+            0..=24 => self.kill_node(node),
+            25..=39 => {
                 let lease = self.args.lease_ms;
                 let d = Duration::from_millis(self.rng.gen_range(lease + lease / 4..lease * 5 / 2));
                 self.nodes[node].stop();
@@ -109,19 +124,19 @@ impl Soak {
                 ));
                 self.pending.push((Instant::now() + d, Pending::Cont(node)));
             }
-            50..=64 => {
+            40..=52 => {
                 self.proxies[&link].cut();
                 self.tally.add("fault.net_cut", 1);
                 self.tally.event(format!("cut every connection {lname}"));
             }
-            65..=74 => {
+            53..=61 => {
                 let d = Duration::from_millis(self.rng.gen_range(2000..15_000));
                 self.proxies[&link].stall(d);
                 self.tally.add("fault.net_stall", 1);
                 self.tally
                     .event(format!("stall {lname} for {} ms", d.as_millis()));
             }
-            75..=84 => {
+            62..=70 => {
                 let d = Duration::from_millis(self.rng.gen_range(5000..20_000));
                 let ms = self.rng.gen_range(5..200);
                 self.proxies[&link].delay(d, ms);
@@ -131,7 +146,7 @@ impl Soak {
                     d.as_millis()
                 ));
             }
-            _ => {
+            71..=81 => {
                 let d = Duration::from_millis(self.rng.gen_range(3000..20_000));
                 for ((a, b), p) in &self.proxies {
                     if *a == node || *b == node {
@@ -144,6 +159,37 @@ impl Soak {
                     Self::name(node),
                     d.as_millis()
                 ));
+            }
+            82..=92 => {
+                let d = Duration::from_millis(self.rng.gen_range(2000..10_000));
+                let reads = self.rng.gen_bool(0.3);
+                self.nodes[node].set_disk_fault(Fault::Eio {
+                    reads,
+                    writes: true,
+                    flushes: true,
+                });
+                self.tally.add("fault.disk_eio", 1);
+                self.tally.event(format!(
+                    "disk of {} fails writes, flushes{} with EIO for {} ms",
+                    Self::name(node),
+                    if reads { " and reads" } else { "" },
+                    d.as_millis()
+                ));
+                self.pending
+                    .push((Instant::now() + d, Pending::DiskHeal(node)));
+            }
+            _ => {
+                let d = Duration::from_millis(self.rng.gen_range(5000..20_000));
+                let ms = self.rng.gen_range(5..100);
+                self.nodes[node].set_disk_fault(Fault::Delay(Duration::from_millis(ms)));
+                self.tally.add("fault.disk_delay", 1);
+                self.tally.event(format!(
+                    "disk of {} answers {ms} ms late for {} ms",
+                    Self::name(node),
+                    d.as_millis()
+                ));
+                self.pending
+                    .push((Instant::now() + d, Pending::DiskHeal(node)));
             }
         }
         Ok(())
@@ -159,21 +205,68 @@ impl Soak {
         Ok(())
     }
 
-    /// SIGKILL; the restart comes after a random pause.
+    /// SIGKILL, or (half the time, on a fault disk) a power cut; the
+    /// restart comes after a random pause.
     fn kill_node(&mut self, node: usize) {
         let pause = Duration::from_millis(self.rng.gen_range(500..10_000));
         if node == 0 {
             self.source_up.store(false, Ordering::SeqCst);
         }
-        self.nodes[node].kill();
-        self.tally.add("fault.kill", 1);
-        self.tally.event(format!(
-            "SIGKILL {} (restart in {} ms)",
-            Self::name(node),
-            pause.as_millis()
-        ));
+        if self.nodes[node].faults.is_some() && self.rng.gen_bool(0.5) {
+            let lost = self.nodes[node].power_cut(self.rng.gen());
+            self.tally.add("fault.power_cut", 1);
+            self.tally.add("disk.lost_blocks", lost);
+            self.tally.event(format!(
+                "power cut {}: {lost} unflushed blocks lost (restart in {} ms)",
+                Self::name(node),
+                pause.as_millis()
+            ));
+        } else {
+            self.nodes[node].kill();
+            self.tally.add("fault.kill", 1);
+            self.tally.event(format!(
+                "SIGKILL {} (restart in {} ms)",
+                Self::name(node),
+                pause.as_millis()
+            ));
+        }
         self.pending
             .push((Instant::now() + pause, Pending::Restart(node)));
+    }
+
+    /// The disk fault ends; a pool that refused writes meanwhile stays
+    /// poisoned until its node restarts, so the operator restarts it.
+    fn disk_heal(&mut self, i: usize) -> Result<()> {
+        if !self.nodes[i].disk_faulted {
+            return Ok(());
+        }
+        self.nodes[i].set_disk_fault(sluice_testkit::faultdisk::Fault::None);
+        self.tally
+            .event(format!("disk of {} healthy again", Self::name(i)));
+        if self.nodes[i].state != NodeState::Up {
+            return Ok(());
+        }
+        let poisoned = match self.ctl.status(&self.addr(i)) {
+            Ok(s) => s["space"]["poisoned_shards"].as_u64().unwrap_or(0),
+            Err(e) => {
+                self.tally
+                    .event(format!("status of {}: {e:#}", Self::name(i)));
+                0
+            }
+        };
+        if poisoned == 0 {
+            return Ok(());
+        }
+        if i == 0 {
+            self.source_up.store(false, Ordering::SeqCst);
+        }
+        let exit = self.nodes[i].terminate();
+        self.tally.add("restarts.poisoned", 1);
+        self.tally.event(format!(
+            "{}: {poisoned} shard(s) refused writes after the disk error: restarted (exit {exit:?})",
+            Self::name(i)
+        ));
+        self.restart(i)
     }
 
     /// B is lost for good; C's volume mirrors go on from A (`mirror retarget`).

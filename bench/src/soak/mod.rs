@@ -65,12 +65,18 @@ pub struct SoakArgs {
     pub fault_gap_min_secs: u64,
     #[arg(long, default_value_t = 25)]
     pub fault_gap_max_secs: u64,
-    /// Seconds between node kills, at random in MIN..MAX, on their own
-    /// schedule; without these, kills are one of the faults above.
+    /// Seconds between node kills (SIGKILL or power cut), at random in
+    /// MIN..MAX, on their own schedule; without these, kills are one of the
+    /// faults above.
     #[arg(long, requires = "kill_gap_max_secs")]
     pub kill_gap_min_secs: Option<u64>,
     #[arg(long, requires = "kill_gap_min_secs")]
     pub kill_gap_max_secs: Option<u64>,
+    /// Pools straight on loop devices over plain files: no disk faults and
+    /// no power cuts (they need root and /dev/fuse; without them this is
+    /// what happens anyway).
+    #[arg(long)]
+    pub no_disk_faults: bool,
     /// Lease on the lock sets every node sends upstream, ms.
     #[arg(long, default_value_t = 6000)]
     pub lease_ms: u64,
@@ -125,6 +131,8 @@ pub struct AppLock {
 pub enum Pending {
     Restart(usize),
     Cont(usize),
+    /// The disk fault on this node ends (then a poisoned pool is restarted).
+    DiskHeal(usize),
 }
 
 pub struct Soak {
@@ -297,8 +305,10 @@ impl Soak {
         self.nodes[i].control.clone()
     }
 
+    /// Up, and its disk answering (a node under a disk fault is alive, but
+    /// its reads may fail: the checks and the other faults leave it alone).
     fn up(&self, i: usize) -> bool {
-        self.nodes[i].state == NodeState::Up
+        self.nodes[i].state == NodeState::Up && !self.nodes[i].disk_faulted
     }
 
     fn run_all(&mut self) -> Result<()> {
@@ -317,11 +327,20 @@ impl Soak {
                 &Self::name(i),
                 pool_bytes,
                 self.args.lease_ms,
+                !self.args.no_disk_faults,
             )?;
             n.start(&self.ctl)?;
             self.tally.event(format!(
-                "node {} on {} control {} nbd {}",
-                n.name, n.device, n.listen, n.nbd
+                "node {} on {}{} control {} nbd {}",
+                n.name,
+                n.device,
+                if n.faults.is_some() {
+                    " (over a fault disk)"
+                } else {
+                    ""
+                },
+                n.listen,
+                n.nbd
             ));
             self.nodes.push(n);
         }
@@ -562,10 +581,31 @@ impl Soak {
     fn report(&self) -> Report {
         let conns: u64 = self.proxies.values().map(|p| p.connections()).sum();
         self.tally.set("net.proxied_connections", conns);
+        // What the fault disks saw, summed over the nodes.
+        let disks: Vec<_> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.faults.as_ref().map(|f| f.counts()))
+            .collect();
+        if !disks.is_empty() {
+            type Field = fn(&sluice_testkit::faultdisk::FaultCounts) -> u64;
+            let fields: [(&str, Field); 7] = [
+                ("disk.reads", |c| c.reads),
+                ("disk.writes", |c| c.writes),
+                ("disk.flushes", |c| c.flushes),
+                ("disk.eio_reads", |c| c.eio_reads),
+                ("disk.eio_writes", |c| c.eio_writes),
+                ("disk.eio_flushes", |c| c.eio_flushes),
+                ("disk.delayed", |c| c.delayed),
+            ];
+            for (name, f) in fields {
+                self.tally.set(name, disks.iter().map(f).sum());
+            }
+        }
         Report {
             seed: self.tally.seed,
             command: format!(
-                "sluice-bench soak --seed {} --minutes {} --nodes {} --fault-gap-min-secs {} --fault-gap-max-secs {}{} --lease-ms {} --writers {}",
+                "sluice-bench soak --seed {} --minutes {} --nodes {} --fault-gap-min-secs {} --fault-gap-max-secs {}{} --lease-ms {} --writers {}{}",
                 self.tally.seed,
                 self.args.minutes,
                 self.args.nodes,
@@ -577,7 +617,8 @@ impl Soak {
                     _ => String::new(),
                 },
                 self.args.lease_ms,
-                self.args.writers
+                self.args.writers,
+                if self.args.no_disk_faults { " --no-disk-faults" } else { "" }
             ),
             minutes_asked: self.args.minutes,
             duration_secs: self.tally.secs(),
@@ -594,7 +635,7 @@ impl Soak {
                 .collect(),
             topology: self.topology(),
             counts: self.tally.counts(),
-            not_injected: faults::NOT_INJECTED.iter().map(|s| s.to_string()).collect(),
+            not_injected: faults::not_injected(self.nodes.iter().all(|n| n.faults.is_some())),
             violations: self.tally.violations(),
             events: self.tally.events(),
         }

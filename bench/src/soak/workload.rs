@@ -59,7 +59,10 @@ impl Writer {
                     }
                 }
                 if !self.resolve(conn.as_mut(), &mut uncertain) {
+                    // The node answers but cannot read (its disk fails):
+                    // retry later, not in a tight loop.
                     conn = None;
+                    std::thread::sleep(Duration::from_millis(300));
                     continue;
                 }
             }
