@@ -3,7 +3,7 @@
 //! Owns: the Noise handshake that follows the HMAC proof (`docs/PROTOCOL.md`
 //! "Encrypted session") and the record layer every later byte goes through
 //! ([`SealedReader`], [`SealedWriter`]). The pattern is
-//! `Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s`: fresh X25519 ephemerals on both
+//! `Noise_NNpsk0_25519_AESGCM_BLAKE2s`: fresh X25519 ephemerals on both
 //! sides (forward secrecy), mixed with a pre-shared key derived from the
 //! peer secret ([`psk`]), and a prologue that binds both Hellos (nonces and
 //! node names), so a session cannot be spliced onto another handshake.
@@ -22,7 +22,11 @@ use sluice_lockproto::wire::{auth_response, NONCE_LEN};
 use crate::error::{ReplError, Result};
 
 /// The Noise protocol name (both sides must use the same).
-pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// AES-256-GCM rather than ChaCha20-Poly1305: snow's resolver takes it
+/// from the `aes-gcm` crate, which uses AES-NI and PCLMULQDQ when the CPU
+/// has them (runtime detection) and a constant-time software path when not.
+/// A wire change: a ChaChaPoly peer fails the handshake (docs/PROTOCOL.md).
+pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_BLAKE2s";
 /// Longest record on the wire (Noise's message bound), length prefix apart.
 pub const RECORD_MAX: usize = 65535;
 const TAG_LEN: usize = 16;
@@ -180,6 +184,27 @@ impl<R: Read> Read for SealedReader<R> {
         while self.at >= self.plain.len() {
             if !read_record(&mut self.inner, &mut self.rec)? {
                 return Ok(0);
+            }
+            // Nothing pending and the caller's buffer holds the whole
+            // plaintext: opened straight into it, without the copy through
+            // `plain`. Authenticated before it returns, as below; on a
+            // failure the caller gets an error, not the bytes.
+            let fits = self.rec.len().saturating_sub(TAG_LEN);
+            if !self.rec.is_empty() && buf.len() >= fits {
+                let n = self
+                    .st
+                    .read_message(self.nonce, &self.rec, buf)
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("a record failed authentication ({e}): altered or forged"),
+                        )
+                    })?;
+                self.nonce += 1;
+                if n > 0 {
+                    return Ok(n);
+                }
+                continue;
             }
             self.plain.resize(RECORD_MAX, 0);
             let n = self
