@@ -195,7 +195,7 @@ pub fn run(args: &SoakArgs) -> Result<bool> {
             .unwrap_or_else(rand::random)
     });
     eprintln!(
-        "soak: seed {seed} (replay: sluice-bench soak --seed {seed} --minutes {} --nodes {})",
+        "soak: seed {seed} (replay: sluice-bench soak --seed {seed} --minutes {} --nodes {} and the same fault options; the report gives the whole command)",
         args.minutes, args.nodes
     );
     let ctl = Ctl {
