@@ -194,12 +194,7 @@ impl<R: Read> Read for SealedReader<R> {
                 let n = self
                     .st
                     .read_message(self.nonce, &self.rec, buf)
-                    .map_err(|e| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            format!("a record failed authentication ({e}): altered or forged"),
-                        )
-                    })?;
+                    .map_err(forged)?;
                 self.nonce += 1;
                 if n > 0 {
                     return Ok(n);
@@ -210,12 +205,7 @@ impl<R: Read> Read for SealedReader<R> {
             let n = self
                 .st
                 .read_message(self.nonce, &self.rec, &mut self.plain)
-                .map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("a record failed authentication ({e}): altered or forged"),
-                    )
-                })?;
+                .map_err(forged)?;
             self.nonce += 1;
             self.plain.truncate(n);
             self.at = 0;
@@ -302,6 +292,14 @@ impl<W: Write> Write for SealedWriter<W> {
         self.seal()?;
         self.inner.flush()
     }
+}
+
+/// The error of a record that failed authentication.
+fn forged(e: snow::Error) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("a record failed authentication ({e}): altered or forged"),
+    )
 }
 
 #[cfg(test)]
