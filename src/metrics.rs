@@ -81,8 +81,7 @@ pub fn encode(node: &str, families: Vec<Family>) -> String {
 
 /// The whole scrape of `node`.
 pub fn render(node: &Node) -> String {
-    let name = node.info.name.clone();
-    encode(&name, families(node))
+    encode(&node.info.name, families(node))
 }
 
 /// The node's own families, then the NBD server's and the replicator's.

@@ -240,7 +240,7 @@ impl Soak {
         if !self.nodes[i].disk_faulted {
             return Ok(());
         }
-        self.nodes[i].set_disk_fault(sluice_testkit::faultdisk::Fault::None);
+        self.nodes[i].set_disk_fault(Fault::None);
         self.tally
             .event(format!("disk of {} healthy again", Self::name(i)));
         if self.nodes[i].state != NodeState::Up {
