@@ -32,7 +32,9 @@
 //!    travelling past a node that force-deleted its snapshot);
 //! 3. a relationship whose two nodes are up holds a lock at its source on a
 //!    snapshot it has; a lock whose holder node is lost is stale (or gone
-//!    under `release`) once its lease ran out;
+//!    under `release`) once its lease ran out; an application lock whose
+//!    add was acknowledged is held, and one whose release was acknowledged
+//!    is not, across crashes and restarts (unless a forced delete ended it);
 //! 4. every snapshot reads the same on every node it reached, and the same
 //!    at every later step (content hashes);
 //! 5. every pool passes `check_invariants`; no server thread panicked.
@@ -575,6 +577,9 @@ struct Rel {
     /// Full copies seen so far, and whether a transfer has completed.
     fulls: u64,
     completed: bool,
+    /// `mirror break` was confirmed and no resync has run since: it must
+    /// stay broken across crashes and restarts.
+    broken: bool,
 }
 
 struct Run {
@@ -605,6 +610,10 @@ struct Run {
     /// The picture after the last action, while nothing else changed
     /// (crashes, restarts, time and new relationships drop it).
     last: Option<Picture>,
+    /// Every application lock an operator was told about, by (node,
+    /// snapshot): its volume and whether it must be held (added) or gone
+    /// (released); a call that failed leaves it unknown (`None`).
+    app_locks: BTreeMap<(usize, Uuid), (String, Option<bool>)>,
 }
 
 fn config(name: &str, shape: &Shape) -> ReplicatorConfig {
@@ -664,6 +673,7 @@ impl Run {
             violation: None,
             reread: false,
             last: None,
+            app_locks: BTreeMap::new(),
         };
         for (l, &(origin, q)) in run.shape.lineages.clone().iter().enumerate() {
             let n = &run.nodes[origin];
@@ -1078,10 +1088,12 @@ impl Run {
                 if snaps.is_empty() {
                     return "no snapshot".into();
                 }
-                let s = snaps[nth % snaps.len()].name.clone();
+                let s = snaps[nth % snaps.len()].clone();
                 let r = self.act("lock add", Forced::Nothing, |_| {
-                    repl.lock_add(&vol, &s, "app", None)
+                    repl.lock_add(&vol, &s.name, "app", None)
                 });
+                let held = r.as_ref().ok().map(|_| true);
+                self.app_locks.insert((node, s.id), (vol.clone(), held));
                 match r {
                     Ok(added) if added.delivered => {
                         self.check_lock_arrived(node, &vol, added.lock.snapshot_id);
@@ -1095,18 +1107,21 @@ impl Run {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
                     return "down".into();
                 };
-                let names: Vec<String> = repl
+                let names: Vec<(String, Uuid)> = repl
                     .lock_list()
                     .into_iter()
                     .filter(|l| l.holder == "app" && l.volume.as_deref() == Some(&vol))
-                    .filter_map(|l| l.snapshot)
+                    .filter_map(|l| Some((l.snapshot?, l.snapshot_id)))
                     .collect();
-                let Some(s) = names.first().cloned() else {
+                let Some((s, id)) = names.first().cloned() else {
                     return "no lock".into();
                 };
-                self.act("lock release", Forced::Nothing, |_| {
-                    Run::result(repl.lock_release(&vol, &s, "app"))
-                })
+                let r = self.act("lock release", Forced::Nothing, |_| {
+                    repl.lock_release(&vol, &s, "app")
+                });
+                let held = r.as_ref().ok().map(|()| false);
+                self.app_locks.insert((node, id), (vol.clone(), held));
+                Run::result(r)
             }
             Step::ForceDelete { node, vol, nth } => {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
@@ -1202,9 +1217,11 @@ impl Run {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
                     return "down".into();
                 };
-                self.act("mirror break", Forced::Nothing, |_| {
-                    Run::result(repl.mirror_break(&vol))
-                })
+                let r = self.act("mirror break", Forced::Nothing, |_| repl.mirror_break(&vol));
+                if let (Ok(()), Some(i)) = (&r, self.rel_idx(node, &vol)) {
+                    self.rels[i].broken = true;
+                }
+                Run::result(r)
             }
             Step::Resync { node, vol, force } => {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
@@ -1213,6 +1230,7 @@ impl Run {
                 let Some(i) = self.rel_idx(node, &vol) else {
                     return "no relationship".into();
                 };
+                self.rels[i].broken = false;
                 let out = self.act("mirror resync", Forced::Nothing, |_| {
                     Run::result(repl.mirror_resync(&vol, force, &noprog))
                 });
@@ -1360,6 +1378,7 @@ impl Run {
                 retarget_due: false,
                 fulls: 0,
                 completed: false,
+                broken: false,
             });
             let i = self.rels.len() - 1;
             self.last = None;
@@ -1591,6 +1610,18 @@ impl Run {
         p: &Picture,
     ) {
         let now = self.now();
+        for r in &self.rels.clone() {
+            let st = sts.get(&(r.dst, dst_path(&r.vol, r.qtree)));
+            if let Some(st) = st.filter(|st| r.broken && !r.deleted && st.state != "broken") {
+                self.fail(format!(
+                    "invariant 3: {}:{} was confirmed broken and is {} now",
+                    node_name(r.dst),
+                    r.vol,
+                    st.state
+                ));
+                return;
+            }
+        }
         for i in 0..self.rels.len() {
             let r = self.rels[i].clone();
             if r.deleted || r.orphan || r.retarget_due || !r.completed {
@@ -1621,6 +1652,32 @@ impl Run {
                     node_name(r.src),
                     r.src_vol
                 ));
+            }
+        }
+        // An application lock lives exactly as long as its operator said:
+        // an acknowledged add survives crashes and restarts, an
+        // acknowledged release stays released.
+        for (&(node, id), (vol, want)) in &self.app_locks.clone() {
+            let (Some(want), Some(locks)) = (*want, p.locks.get(&node)) else {
+                continue;
+            };
+            if self.nodes[node].frozen() || self.forced_on.contains(&(node_name(node), id)) {
+                continue;
+            }
+            let me = node_name(node);
+            let held = locks.iter().any(|l| {
+                l.kind == "owner" && l.holder == "app" && l.origin_node == me && l.snapshot_id == id
+            });
+            if held != want {
+                let what = if want {
+                    "acknowledged as added is gone"
+                } else {
+                    "acknowledged as released is back"
+                };
+                self.fail(format!(
+                    "invariant 3: the application lock on {me}:{vol}@{id} {what}"
+                ));
+                return;
             }
         }
         for (&lost, &at) in &self.lost_at.clone() {
@@ -2123,6 +2180,76 @@ fn regressions_found_by_the_simulation() {
         propagate: true,
     };
     let cases: Vec<(&str, Shape, Vec<Step>)> = vec![
+        (
+            // `lock add` confirmed a lock still only in memory: a power cut
+            // lost it, and the snapshot could go (seed 3088847453; the
+            // 1-hour soak of seed 20261204 lost a snapshot this way).
+            "an acknowledged application lock survives a crash",
+            keep(3, vec![(2, false)]),
+            vec![
+                Step::Snap { l: 0 },
+                Step::LockAdd {
+                    node: 2,
+                    vol: "L0".into(),
+                    nth: 0,
+                },
+                Step::Crash {
+                    node: 2,
+                    after_ops: 0,
+                },
+                Step::Restart { node: 2 },
+            ],
+        ),
+        (
+            // `mirror break` confirmed a break still only in memory: after
+            // a power cut the scheduler would update the destination the
+            // operator had been told was writable (seed 1931357242).
+            "a confirmed break survives a crash",
+            keep(2, vec![(0, false)]),
+            vec![
+                Step::Snap { l: 0 },
+                Step::Mirror {
+                    l: 0,
+                    dst: 1,
+                    src: 0,
+                    qtree: false,
+                    every_s: None,
+                },
+                Step::Break {
+                    node: 1,
+                    vol: "L0".into(),
+                },
+                Step::Crash {
+                    node: 1,
+                    after_ops: 0,
+                },
+                Step::Restart { node: 1 },
+            ],
+        ),
+        (
+            // The same for a release: lost, it would bring back a lock with
+            // no lease that holds its snapshot for ever.
+            "an acknowledged release survives a crash",
+            keep(3, vec![(2, false)]),
+            vec![
+                Step::Snap { l: 0 },
+                Step::LockAdd {
+                    node: 2,
+                    vol: "L0".into(),
+                    nth: 0,
+                },
+                Step::Snap { l: 0 },
+                Step::LockRelease {
+                    node: 2,
+                    vol: "L0".into(),
+                },
+                Step::Crash {
+                    node: 2,
+                    after_ops: 0,
+                },
+                Step::Restart { node: 2 },
+            ],
+        ),
         (
             // A lock added while the upstream was down, added again once it
             // was back: the re-add changed nothing, sent nothing, and

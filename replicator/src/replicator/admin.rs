@@ -508,6 +508,11 @@ impl Replicator {
             snapshot: s.id,
             owner: full.clone(),
         }])?;
+        // Durable before anyone hears of it: an application told its lock
+        // holds must find it after a crash (the cascade simulation and the
+        // soak found a power cut that lost a lock `lock add` had confirmed,
+        // and the snapshot went with the next update).
+        self.flush()?;
         let mut undelivered = self.perform(acts, None);
         // The set of an earlier change may still wait for its upstream (a
         // re-add of a lock changes nothing, so sends nothing): it is sent
@@ -648,6 +653,10 @@ impl Replicator {
             }
         };
         let acts = self.lock_events(vec![ev])?;
+        // Durable before it is confirmed: a release lost in a crash would
+        // bring back a lock its application no longer knows of (it has no
+        // lease: it would hold the snapshot for ever).
+        self.flush()?;
         self.perform(acts, None);
         Ok(())
     }

@@ -281,6 +281,9 @@ impl Replicator {
             x.broken = true;
             x.broken_unix_ms = Some(self.now_ms());
         })?;
+        // Durable when confirmed: after a crash that lost the break, the
+        // scheduler would update a destination the operator is writing to.
+        self.flush()?;
         tracing::info!(dst = %r.dst, "mirror broken: destination writable");
         Ok(())
     }

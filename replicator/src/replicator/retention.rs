@@ -37,7 +37,7 @@ impl Replicator {
     /// destination appears with its baseline; a config file may name a
     /// volume created later). `keep` must be at least 1.
     pub fn store_retention(&self, volume: &str, keep: Option<usize>) -> Result<()> {
-        let ((), acts) = self.change(|t| {
+        let (changed, acts) = self.change(|t| {
             let before = match keep {
                 Some(k) => t.retention_mut().insert(volume.to_string(), k),
                 None => t.retention_mut().remove(volume),
@@ -46,8 +46,13 @@ impl Replicator {
             if before != keep {
                 tracing::info!(volume, keep = ?keep, before = ?before, "retention policy set");
             }
-            Ok(())
+            Ok(before != keep)
         })?;
+        // A policy the operator set is durable when confirmed (a crash must
+        // not bring back the one it replaced).
+        if changed {
+            self.flush()?;
+        }
         self.perform(acts, None);
         Ok(())
     }
