@@ -688,9 +688,14 @@ impl LockNode {
     /// [`LockNode::holders`]) is stale at `now_ms`: it lives on another node
     /// and either the downstream relationship it came through has a stale
     /// set here, or its own lease (its origin's renewal time plus lease, as
-    /// relayed) ran out. Our own and application locks are never stale.
+    /// relayed) ran out. Our own and application locks are never stale (a
+    /// copy of one that came back in a downstream's set is that set's).
     pub fn is_stale(&self, h: &Held, now_ms: u64) -> bool {
-        if h.lock.origin_node == self.cfg.node_id {
+        // Our own locks never are; a copy of one that came back through a
+        // downstream's set (a cycle of volumes: this node feeds the
+        // downstream that feeds another of its volumes) lives as that set
+        // does.
+        if h.lock.origin_node == self.cfg.node_id && h.via.is_none() {
             return false;
         }
         if h.via

@@ -533,7 +533,26 @@ fn generate(seed: u64, shape: &Shape) -> Vec<Step> {
                 ms: r.gen_range(1_000..25_000),
             },
         };
+        // A prune in the middle, then a downstream locks its oldest
+        // snapshot (which the middle may have pruned, and the node above
+        // it may still have): the lock must travel past the middle.
+        let below = match &step {
+            Step::Prune { node, vol, .. } if r.gen_bool(0.4) => {
+                let lineage = g.copies.get(&(*node, vol.clone())).map(|c| c.0);
+                let d: Vec<(usize, String)> = g
+                    .copies
+                    .iter()
+                    .filter(|(_, c)| c.2 == Some(*node) && Some(c.0) == lineage)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                (!d.is_empty()).then(|| pick(&mut r, &d))
+            }
+            _ => None,
+        };
         steps.push(step);
+        if let Some((node, vol)) = below {
+            steps.push(Step::LockAdd { node, vol, nth: 0 });
+        }
     }
     steps
 }
@@ -611,9 +630,9 @@ struct Run {
     /// (crashes, restarts, time and new relationships drop it).
     last: Option<Picture>,
     /// Every application lock an operator was told about, by (node,
-    /// snapshot): its volume and whether it must be held (added) or gone
+    /// volume, snapshot): whether it must be held (added) or gone
     /// (released); a call that failed leaves it unknown (`None`).
-    app_locks: BTreeMap<(usize, Uuid), (String, Option<bool>)>,
+    app_locks: BTreeMap<(usize, String, Uuid), Option<bool>>,
 }
 
 fn config(name: &str, shape: &Shape) -> ReplicatorConfig {
@@ -1093,7 +1112,7 @@ impl Run {
                     repl.lock_add(&vol, &s.name, "app", None)
                 });
                 let held = r.as_ref().ok().map(|_| true);
-                self.app_locks.insert((node, s.id), (vol.clone(), held));
+                self.app_locks.insert((node, vol.clone(), s.id), held);
                 match r {
                     Ok(added) if added.delivered => {
                         self.check_lock_arrived(node, &vol, added.lock.snapshot_id);
@@ -1120,7 +1139,7 @@ impl Run {
                     repl.lock_release(&vol, &s, "app")
                 });
                 let held = r.as_ref().ok().map(|()| false);
-                self.app_locks.insert((node, id), (vol.clone(), held));
+                self.app_locks.insert((node, vol.clone(), id), held);
                 Run::result(r)
             }
             Step::ForceDelete { node, vol, nth } => {
@@ -1657,7 +1676,8 @@ impl Run {
         // An application lock lives exactly as long as its operator said:
         // an acknowledged add survives crashes and restarts, an
         // acknowledged release stays released.
-        for (&(node, id), (vol, want)) in &self.app_locks.clone() {
+        for ((node, vol, id), want) in &self.app_locks.clone() {
+            let (node, id) = (*node, *id);
             let (Some(want), Some(locks)) = (*want, p.locks.get(&node)) else {
                 continue;
             };
@@ -1666,7 +1686,11 @@ impl Run {
             }
             let me = node_name(node);
             let held = locks.iter().any(|l| {
-                l.kind == "owner" && l.holder == "app" && l.origin_node == me && l.snapshot_id == id
+                l.kind == "owner"
+                    && l.holder == "app"
+                    && l.origin_node == me
+                    && l.snapshot_id == id
+                    && l.volume.as_ref() == Some(vol)
             });
             if held != want {
                 let what = if want {
@@ -1834,6 +1858,72 @@ impl Run {
         let p = self.picture();
         self.check_content(&p);
         self.check_no_leaked_resume_locks(&p);
+        self.check_app_locks_reached_every_ancestor(&p);
+    }
+
+    /// Once everything is back, healed and ticked: every application lock
+    /// the operator was told holds is held on every node above its holder
+    /// that has the snapshot, however far up (a lock travels past a middle
+    /// node that pruned it; a fan-in volume sends each upstream only its
+    /// own snapshots).
+    fn check_app_locks_reached_every_ancestor(&mut self, p: &Picture) {
+        let sts = self.statuses();
+        for ((node, vol, id), want) in &self.app_locks.clone() {
+            let (node, id) = (*node, *id);
+            if *want != Some(true) || !p.locks.contains_key(&node) {
+                continue;
+            }
+            if self.forced_on.contains(&(node_name(node), id)) {
+                continue;
+            }
+            let origin = node_name(node);
+            let mut todo = vec![(node, vol.clone())];
+            let mut seen = BTreeSet::new();
+            while let Some((at, at_vol)) = todo.pop() {
+                if !seen.insert((at, at_vol.clone())) {
+                    continue;
+                }
+                let ups: Vec<Rel> = self
+                    .rels
+                    .iter()
+                    .filter(|r| r.dst == at && r.vol == at_vol)
+                    .filter(|r| !r.deleted && !r.orphan && !r.retarget_due)
+                    .filter(|r| {
+                        sts.get(&(r.dst, dst_path(&r.vol, r.qtree)))
+                            .is_some_and(|st| st.state != "broken")
+                    })
+                    .cloned()
+                    .collect();
+                let fan_in = ups.len() > 1;
+                for r in ups {
+                    let Some(locks) = p.locks.get(&r.src) else {
+                        continue;
+                    };
+                    let has = p
+                        .snaps
+                        .get(&(r.src, r.src_vol.clone()))
+                        .is_some_and(|s| s.contains_key(&id));
+                    if fan_in && !has {
+                        continue;
+                    }
+                    let held = locks.iter().any(|l| {
+                        l.snapshot_id == id
+                            && l.text == "app"
+                            && l.origin_node == origin
+                            && l.volume.as_ref() == Some(&r.src_vol)
+                    });
+                    if has && !held {
+                        self.fail(format!(
+                            "invariant 2: {}:{} has {id}, which {origin}:{vol} locked, but holds no lock from {origin} on it after everything settled",
+                            node_name(r.src),
+                            r.src_vol
+                        ));
+                        return;
+                    }
+                    todo.push((r.src, r.src_vol.clone()));
+                }
+            }
+        }
     }
 
     /// Once everything is back and updated: no node holds the resume lock
@@ -2224,6 +2314,37 @@ fn regressions_found_by_the_simulation() {
                     after_ops: 0,
                 },
                 Step::Restart { node: 1 },
+            ],
+        ),
+        (
+            // A cycle of volumes: N1's volume feeds N0, whose copy feeds a
+            // qtree mirror back on N1. N1's lock came back to N1 in N0's
+            // set; N0 was lost for good, and the copy stayed active for
+            // ever (a node's own locks were never stale, whatever set they
+            // came in), shown as N1's own (found with the app-lock ledger).
+            "a lock that came back through a lost node goes stale",
+            keep(2, vec![(1, true)]),
+            vec![
+                Step::Snap { l: 0 },
+                Step::Mirror {
+                    l: 0,
+                    dst: 0,
+                    src: 1,
+                    qtree: false,
+                    every_s: None,
+                },
+                Step::Mirror {
+                    l: 0,
+                    dst: 1,
+                    src: 0,
+                    qtree: true,
+                    every_s: None,
+                },
+                Step::Lose { node: 0 },
+                Step::Tick { ms: 25_000 },
+                Step::Tick { ms: 25_000 },
+                Step::Tick { ms: 25_000 },
+                Step::Tick { ms: 25_000 },
             ],
         ),
         (

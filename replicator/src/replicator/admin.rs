@@ -624,18 +624,28 @@ impl Replicator {
         let s = self.find_snap(volume, snap)?;
         let locks = lock(&self.st).locks().holders(volume, s.id);
         let me = &self.cfg.node_name;
-        let app = locks.iter().map(|h| &h.lock).find(|l| {
-            l.kind == LockKind::OwnerName
-                && &l.origin_node == me
-                && (l.text == holder || l.text.starts_with(&format!("{holder}: ")))
-        });
+        // Only this node's own application locks (a copy of one that came
+        // back through a downstream is that downstream's).
+        let app = locks
+            .iter()
+            .filter(|h| h.via.is_none())
+            .map(|h| &h.lock)
+            .find(|l| {
+                l.kind == LockKind::OwnerName
+                    && &l.origin_node == me
+                    && (l.text == holder || l.text.starts_with(&format!("{holder}: ")))
+            });
         // A downstream's locks: released as a whole (the set of the
         // downstream relationship through which the holder's locks reach us).
         let down = locks
             .iter()
-            .filter(|h| &h.lock.origin_node != me)
-            .find(|h| h.lock.origin_node == holder || h.lock.hop_path.iter().any(|x| x == holder))
-            .and_then(|h| h.via.clone());
+            .filter_map(|h| Some((h, h.via.as_ref()?)))
+            .find(|(h, (downstream, _))| {
+                downstream == holder
+                    || (&h.lock.origin_node != me && h.lock.origin_node == holder)
+                    || h.lock.hop_path.iter().any(|x| x == holder)
+            })
+            .map(|(_, via)| via.clone());
         let ev = match (app, down) {
             (Some(l), _) => Event::AppLockReleased {
                 volume: volume.to_string(),
@@ -718,12 +728,17 @@ impl Replicator {
         let l = &h.lock;
         let me = &self.cfg.node_name;
         let via = l.hop_path.last().cloned().unwrap_or_default();
-        let from_down = &l.origin_node != me;
+        // A lock made here can come back in a downstream's set too (this
+        // node's volume feeds a downstream that feeds another of its
+        // volumes): that copy is the downstream's to hold and release.
+        let from_down = &l.origin_node != me || h.via.is_some();
         // By the lock's own lease (its origin's renewal time, as relayed)
         // and by the set it came in: stale is visible at every hop.
         let stale = st.locks().is_stale(h, self.now_ms());
         let holder = if !from_down && l.kind == LockKind::OwnerName {
             l.text.split(": ").next().unwrap_or(&l.text).to_string()
+        } else if let Some((down, _)) = &h.via {
+            down.clone()
         } else if from_down {
             if via == *me {
                 l.origin_node.clone()
