@@ -162,17 +162,24 @@ impl Soak {
             }
             82..=92 => {
                 let d = Duration::from_millis(self.rng.gen_range(2000..10_000));
-                let reads = self.rng.gen_bool(0.3);
+                // A quarter of the windows fail flushes only: the writes
+                // land in the disk's cache, and the flush path fails alone.
+                let writes = self.rng.gen_bool(0.75);
+                let reads = writes && self.rng.gen_bool(0.3);
                 self.nodes[node].set_disk_fault(Fault::Eio {
                     reads,
-                    writes: true,
+                    writes,
                     flushes: true,
                 });
                 self.tally.add("fault.disk_eio", 1);
+                let what = match (writes, reads) {
+                    (false, _) => "flushes",
+                    (true, false) => "writes and flushes",
+                    (true, true) => "writes, flushes and reads",
+                };
                 self.tally.event(format!(
-                    "disk of {} fails writes, flushes{} with EIO for {} ms",
+                    "disk of {} fails {what} with EIO for {} ms",
                     Self::name(node),
-                    if reads { " and reads" } else { "" },
                     d.as_millis()
                 ));
                 self.pending
