@@ -36,6 +36,14 @@ fn must(nbd: &str, cmds: &[&str]) {
     assert!(ok, "qemu-io {cmds:?}: {text}");
 }
 
+/// A node on `data`, its control socket beside it: the default for a
+/// device is /run/sluice, where other tests look for the only socket.
+fn start(data: &std::path::Path) -> Daemon {
+    let sock = data.with_extension("sock");
+    Daemon::try_start(data, &["--control-socket", sock.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[test]
 fn a_failing_disk_poisons_the_pool_visibly_and_a_power_cut_keeps_flushed_writes() {
     if !have("qemu-io") {
@@ -56,13 +64,13 @@ fn a_failing_disk_poisons_the_pool_visibly_and_a_power_cut_keeps_flushed_writes(
     let ctl = disk.control();
     let lo = LoopDev::attach(disk.path()).expect("loop device");
     // The daemon's files (socket, log) go beside its data path: a link in
-    // the test's folder, not in /dev.
+    // the test's folder, not in /dev (and the socket not in /run/sluice).
     let data = dir.path().join("pool.dev");
     std::os::unix::fs::symlink(lo.path(), &data).unwrap();
     let out = sluice(&["init", data.to_str().unwrap()]);
     assert!(out.status.success(), "init: {}", stderr(&out));
 
-    let d = Daemon::start(&data);
+    let d = start(&data);
     d.ok(&["vol", "create", "v", "--size", "64M"]);
     must(&d.nbd, &["write -P 90 0 1M", "flush"]);
 
@@ -93,7 +101,7 @@ fn a_failing_disk_poisons_the_pool_visibly_and_a_power_cut_keeps_flushed_writes(
     // The disk is healthy again: a restart writes again, flushed data kept.
     ctl.set(Fault::None);
     d.kill();
-    let d = Daemon::start(&data);
+    let d = start(&data);
     let st = d.cli(&["status"]);
     assert!(
         st.status.success(),
@@ -135,7 +143,7 @@ fn a_failing_disk_poisons_the_pool_visibly_and_a_power_cut_keeps_flushed_writes(
     ctl.set(Fault::None);
     eprintln!("power cut (seed {seed}): {lost} unsynced block(s) lost");
     assert!(lost > 0, "the cut found nothing unsynced to lose");
-    let d = Daemon::start(&data);
+    let d = start(&data);
     must(&d.nbd, &["read -P 90 0 1M", "read -P 119 2M 1M"]);
     let check = d.cli(&["status"]);
     assert!(
