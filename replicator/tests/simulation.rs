@@ -29,7 +29,9 @@
 //!    node of its lineage out of reach for longer than half a lease);
 //! 2. a snapshot protected by a lock (active, or stale under `keep`) is
 //!    never deleted except by a forced delete of it (a lock keeps
-//!    travelling past a node that force-deleted its snapshot);
+//!    travelling past a node that force-deleted its snapshot); once the
+//!    scenario settled, every confirmed application lock is held on every
+//!    node above its holder that has the snapshot;
 //! 3. a relationship whose two nodes are up holds a lock at its source on a
 //!    snapshot it has; a lock whose holder node is lost is stale (or gone
 //!    under `release`) once its lease ran out; an application lock whose
