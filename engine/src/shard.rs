@@ -43,6 +43,11 @@
 //! shard_index` (pool.rs). `shutdown` stops every shard (each takes its
 //! final CP) and returns the first error.
 //!
+//! An inline engine ([`Engine::start_inline`]) has no thread: a request
+//! runs on the submitting thread under one mutex. The cascade simulation
+//! uses it, so a scenario's engines cost no thread hand-offs and their
+//! order is the callers' order.
+//!
 //! One shard is exactly the unsharded engine: `start_sharded` with one pool
 //! is `start` (thread `sluice-engine`, not pinned), and the handle sends
 //! every request to it without hashing or merging.
@@ -301,6 +306,21 @@ impl Engine {
         Self::spawn_all(vec![exec], opts)
     }
 
+    /// An engine without a thread, for deterministic simulations: every
+    /// request runs on the caller's thread, under one mutex, when it is
+    /// submitted. No periodic consistency point (the pool's own rules and
+    /// `Flush` take them), one at `shutdown` and when the last handle goes.
+    pub fn start_inline<X: Executor>(exec: X) -> EngineHandle {
+        EngineHandle {
+            backend: Backend::Inline(Arc::new(Inline {
+                state: Mutex::new(InlineState {
+                    exec: Some(Box::new(exec)),
+                    dirty: false,
+                }),
+            })),
+        }
+    }
+
     /// One shard thread per region pool of a sharded pool (pools in shard
     /// order, as `sharded::open_sharded` returns them). Each thread is named
     /// `sluice-shard-{i}` and pinned to core `i % ncpus` when
@@ -359,8 +379,10 @@ impl Engine {
             }
         }
         EngineHandle {
-            shards: senders.into(),
-            threads: Arc::new(Mutex::new(threads)),
+            backend: Backend::Threads {
+                shards: senders.into(),
+                threads: Arc::new(Mutex::new(threads)),
+            },
         }
     }
 }
@@ -380,22 +402,88 @@ fn pin_to_core(shard: usize, core: usize) {
     }
 }
 
-/// A cheap, cloneable way to talk to the engine's shard threads.
+/// A cheap, cloneable way to talk to the engine's shard threads (or to
+/// an inline engine: [`Engine::start_inline`]).
 #[derive(Clone)]
 pub struct EngineHandle {
-    /// One sender per shard, in shard order.
-    shards: Arc<[Sender<Msg>]>,
-    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Threads {
+        /// One sender per shard, in shard order.
+        shards: Arc<[Sender<Msg>]>,
+        threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    },
+    Inline(Arc<Inline>),
+}
+
+/// An engine without a thread: each request runs on the caller's thread,
+/// under this mutex, in the order the callers take it.
+struct Inline {
+    state: Mutex<InlineState>,
+}
+
+struct InlineState {
+    /// `None` once shut down.
+    exec: Option<Box<dyn Executor>>,
+    /// Something ran since the last consistency point.
+    dirty: bool,
+}
+
+impl Inline {
+    fn run(&self, req: Request) -> Result<Reply> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(exec) = st.exec.as_mut() else {
+            return Err(Error::ShutDown);
+        };
+        let r = exec
+            .execute_batch(vec![req])
+            .into_iter()
+            .next()
+            .unwrap_or(Err(Error::ShutDown));
+        st.dirty = true;
+        r
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match st.exec.take() {
+            Some(mut exec) => {
+                let r = exec.checkpoint();
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "final consistency point failed");
+                }
+                r
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Inline {
+    /// The last handle gone: make what ran durable, as a shard thread does
+    /// when its channel closes.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let (Some(exec), true) = (st.exec.as_mut(), st.dirty) {
+            if let Err(e) = exec.checkpoint() {
+                tracing::error!(error = %e, "final consistency point failed");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let queued: usize = self.shards.iter().map(|s| s.len()).sum();
-        write!(
-            f,
-            "EngineHandle({} shards, {queued} queued)",
-            self.shards.len()
-        )
+        match &self.backend {
+            Backend::Threads { shards, .. } => {
+                let queued: usize = shards.iter().map(|s| s.len()).sum();
+                write!(f, "EngineHandle({} shards, {queued} queued)", shards.len())
+            }
+            Backend::Inline(_) => write!(f, "EngineHandle(inline)"),
+        }
     }
 }
 
@@ -413,10 +501,22 @@ impl EngineHandle {
     /// Queue one request; its reply arrives on `done` with `tag`, exactly
     /// once (also for requests that go to every shard). Many requests in
     /// flight through one `done` channel are how a caller gets queue depth.
+    ///
+    /// On an inline engine the request runs before `submit` returns, and
+    /// its reply is sent then: `done` must have room for every reply the
+    /// caller has not yet received (an unbounded channel, or one as deep as
+    /// the caller's queue).
     pub fn submit(&self, req: Request, tag: u64, done: Sender<(u64, Result<Reply>)>) {
-        match route(&req, self.shards.len()) {
+        let shards = match &self.backend {
+            Backend::Threads { shards, .. } => shards,
+            Backend::Inline(inline) => {
+                let _ = done.send((tag, inline.run(req)));
+                return;
+            }
+        };
+        match route(&req, shards.len()) {
             Route::One(i) => {
-                let sent = match self.shards.get(i) {
+                let sent = match shards.get(i) {
                     Some(tx) => tx
                         .send(Msg::Call { req, tag, done })
                         .map_err(|e| e.into_inner()),
@@ -427,8 +527,8 @@ impl EngineHandle {
                 }
             }
             Route::All(kind) => {
-                let merge = Arc::new(Merge::new(kind, tag, done, self.shards.len()));
-                for (index, tx) in self.shards.iter().enumerate() {
+                let merge = Arc::new(Merge::new(kind, tag, done, shards.len()));
+                for (index, tx) in shards.iter().enumerate() {
                     let part = Msg::Part {
                         req: kind.request(),
                         merge: merge.clone(),
@@ -445,15 +545,21 @@ impl EngineHandle {
 
     /// How many shards serve this engine.
     pub fn shard_count(&self) -> usize {
-        self.shards.len()
+        match &self.backend {
+            Backend::Threads { shards, .. } => shards.len(),
+            Backend::Inline(_) => 1,
+        }
     }
 
     /// Run a final consistency point on every shard and stop their
     /// threads; the result is the first shard's error, if any. Later calls
     /// get [`Error::ShutDown`]. Calling it again returns `Ok(())`.
     pub fn shutdown(&self) -> Result<()> {
-        let waits: Vec<_> = self
-            .shards
+        let (shards, threads) = match &self.backend {
+            Backend::Threads { shards, threads } => (shards, threads),
+            Backend::Inline(inline) => return inline.shutdown(),
+        };
+        let waits: Vec<_> = shards
             .iter()
             .map(|tx| {
                 let (done, rx) = bounded(1);
@@ -470,7 +576,7 @@ impl EngineHandle {
                 }
             }
         }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let threads = std::mem::take(&mut *threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             if t.join().is_err() {
                 tracing::error!("an engine thread panicked");
@@ -720,6 +826,41 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_engine_answers_in_order_on_the_callers_thread_and_shuts_down_durably() {
+        let dev = SimDevice::new(BLOCKS);
+        let sim = dev.handle();
+        let mut pool = Pool::format(dev, FormatOptions::default()).expect("format");
+        pool.execute(Request::CreateVolume {
+            name: "v".to_string(),
+            size_bytes: 64 << 20,
+        })
+        .expect("volume");
+        let h = Engine::start_inline(pool);
+        assert_eq!(h.shard_count(), 1);
+        // Queued replies are there when submit returns, in submit order.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for lba in 0..8 {
+            h.submit(write(lba, 3), lba, tx.clone());
+        }
+        h.submit(read(5), 99, tx.clone());
+        let got: Vec<u64> = rx
+            .try_iter()
+            .map(|(tag, r)| {
+                assert!(r.is_ok(), "tag {tag}: {r:?}");
+                tag
+            })
+            .collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5, 6, 7, 99]);
+        assert!(matches!(h.call(Request::CheckInvariants), Ok(Reply::Done)));
+        h.shutdown().expect("shutdown");
+        assert!(matches!(h.call(read(0)), Err(Error::ShutDown)));
+        h.shutdown().expect("second shutdown is a no-op");
+        let dev = sim.crash_image(CrashMode::DropAll, 0);
+        let mut pool = Pool::open(dev).expect("reopen after the crash");
+        assert_eq!(data(pool.execute(read(7))), block(7, 3).as_slice());
+    }
+
+    #[test]
     fn periodic_checkpoint_runs_when_idle() {
         let (h, sim) = started(EngineOptions {
             cp_interval: Duration::from_millis(20),
@@ -751,7 +892,10 @@ mod tests {
     fn dropping_every_handle_stops_the_thread() {
         let (h, _) = started(EngineOptions::default());
         h.call(write(0, 1)).expect("write");
-        let thread = h.threads.lock().expect("lock").pop().expect("thread");
+        let Backend::Threads { threads, .. } = &h.backend else {
+            panic!("a threaded engine")
+        };
+        let thread = threads.lock().expect("lock").pop().expect("thread");
         drop(h);
         thread
             .join()

@@ -2158,7 +2158,17 @@ fn run_many(first: u64, count: u64, propagate: bool, threads: usize) -> Many {
                 }
                 let (shape, list) = scenario(seed, propagate);
                 SEED.set(Some(seed));
+                let began = std::time::Instant::now();
                 let o = run_steps(&shape, &list);
+                // Simulated time costs no wall time: a scenario that took
+                // seconds waited on a real timeout somewhere (a hand-off
+                // the simulator misses), which is worth a look.
+                if began.elapsed() > Duration::from_secs(10) {
+                    say(&format!(
+                        "cascade simulation: scenario SLUICE_SEED={seed} took {} ms of wall time",
+                        began.elapsed().as_millis()
+                    ));
+                }
                 steps.fetch_add(o.steps, Ordering::SeqCst);
                 for (t, n) in faults.iter().zip(o.faults) {
                     t.fetch_add(n, Ordering::SeqCst);
@@ -2209,6 +2219,17 @@ fn scenarios(replay: bool, dflt: u64) -> u64 {
         .unwrap_or(if replay { 1 } else { dflt })
 }
 
+/// Threads running scenarios: `SLUICE_SIM_THREADS`, else two per core (a
+/// scenario's threads hand off to each other, so one per core leaves cores
+/// idle at every hand-off).
+fn sim_threads() -> usize {
+    std::env::var("SLUICE_SIM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
 /// A line on the real stderr, past the test harness's capture: the CI log
 /// shows every run's figures and seed, passing or not.
 fn say(line: &str) {
@@ -2220,7 +2241,7 @@ fn say(line: &str) {
 fn cascade_simulation() {
     let (seed, replay) = base_seed();
     let count = scenarios(replay, 10_000);
-    let m = run_many(seed, count, true, 2);
+    let m = run_many(seed, count, true, sim_threads());
     let [cuts, stalled, late, pauses] = m.faults;
     say(&format!(
         "cascade simulation: {} scenarios, {} steps, seed {seed} ({cuts} connections cut, {stalled} reads timed out on a stall, {late} stalled connections delivered late, {pauses} pauses of slow transfers)",
@@ -2236,7 +2257,7 @@ fn cascade_simulation() {
 #[test]
 fn canary_without_propagation_finds_a_broken_chain() {
     let (seed, _) = base_seed();
-    let m = run_many(seed, 3_000, false, 2);
+    let m = run_many(seed, 3_000, false, sim_threads());
     say(&format!(
         "canary: {} scenarios, {} steps, seed {seed}: {}",
         m.scenarios,

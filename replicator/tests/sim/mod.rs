@@ -7,11 +7,10 @@
 pub mod net;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use sluice_engine::api::{Image, NsName, Reply, Request, SnapshotInfo};
+use sluice_engine::api::{Image, NsName, Reply, Request, SnapshotName};
 use sluice_engine::device::sim::{CrashMode, SimDevice, SimHandle};
-use sluice_engine::shard::{Engine, EngineHandle, EngineOptions};
+use sluice_engine::shard::{Engine, EngineHandle};
 use sluice_engine::{FormatOptions, Pool};
 use sluice_replicator::{Replicator, ReplicatorConfig};
 
@@ -41,16 +40,6 @@ pub struct SimNode {
     state: State,
 }
 
-fn engine_options() -> EngineOptions {
-    EngineOptions {
-        // Consistency points only when the replicator or the engine's own
-        // rules ask for one: no timer races the simulation.
-        cp_interval: Duration::from_secs(24 * 3600),
-        pin_threads: false,
-        ..EngineOptions::default()
-    }
-}
-
 impl SimNode {
     /// A node with a freshly formatted pool, attached to the network.
     pub fn new(world: &Arc<World>, name: &str, mut cfg: ReplicatorConfig) -> SimNode {
@@ -71,7 +60,7 @@ impl SimNode {
     }
 
     fn boot(&mut self, sim: SimHandle, pool: Pool<SimDevice>) {
-        let engine = Engine::start(pool, engine_options());
+        let engine = Engine::start_inline(pool);
         let repl = Replicator::start(engine.clone(), self.cfg.clone()).expect("replicator start");
         self.world.attach(&self.addr, &self.name, repl.clone());
         self.state = State::Up { sim, engine, repl };
@@ -162,10 +151,11 @@ impl SimNode {
         self.engine().map(|e| e.call(req))
     }
 
-    /// Snapshots of `vol` (empty when down or missing).
-    pub fn snaps(&self, vol: &str) -> Vec<SnapshotInfo> {
-        match self.call(Request::ListSnapshots { volume: vol.into() }) {
-            Some(Ok(Reply::Snapshots(s))) => s,
+    /// Snapshots of `vol`, oldest first (empty when down or missing): the
+    /// name listing, which walks no plane.
+    pub fn snaps(&self, vol: &str) -> Vec<SnapshotName> {
+        match self.call(Request::ListSnapshotNames { volume: vol.into() }) {
+            Some(Ok(Reply::SnapshotNames(s))) => s,
             _ => Vec::new(),
         }
     }

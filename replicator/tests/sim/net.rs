@@ -94,6 +94,9 @@ struct Held {
     to: String,
     up: Arc<Dir>,
     thread: JoinHandle<()>,
+    /// Also a slow link: once released, its server joins the slow ones
+    /// (it waits for a client that a pause may hold).
+    slow: bool,
 }
 
 /// What the nodes of one scenario share.
@@ -266,7 +269,12 @@ impl World {
                 s.pass = None;
                 h.up.cv.notify_all();
             }
-            lock(&self.servers).push(h.thread);
+            // A slow link's server may wait for a client held in a pause:
+            // the settles inside the slow update must not wait for it.
+            match h.slow {
+                true => lock(&self.slow_servers).push(h.thread),
+                false => lock(&self.servers).push(h.thread),
+            }
         }
         self.late.fetch_add(late as u64, Ordering::SeqCst);
         late
@@ -310,7 +318,8 @@ impl World {
             for (i, h) in held.iter().enumerate() {
                 if h.thread.is_finished() {
                     done.push(i);
-                } else if !lock(&h.up.st).parked {
+                } else if !h.slow && !lock(&h.up.st).parked {
+                    // (A slow one's client may be held in a pause.)
                     busy = true;
                 }
             }
@@ -442,6 +451,7 @@ impl Env for NodeEnv {
                 to: addr.to_string(),
                 up,
                 thread: h,
+                slow: slow.is_some(),
             });
         } else if slow.is_some() {
             lock(&w.slow_servers).push(h);
