@@ -191,6 +191,40 @@ impl ControlRequest {
         }
     }
 
+    /// Whether the op may change the node's state: the node makes what it
+    /// changed durable before it answers (`Node::execute`). Exhaustive, so
+    /// a new op must say.
+    pub fn changes_state(&self) -> bool {
+        match self {
+            ControlRequest::VolList
+            | ControlRequest::VolExports
+            | ControlRequest::SnapList { .. }
+            | ControlRequest::Diff { .. }
+            | ControlRequest::Status
+            | ControlRequest::MirrorStatus
+            | ControlRequest::MirrorDestinations
+            | ControlRequest::LockList => false,
+            ControlRequest::Prune { dry_run, .. } => !dry_run,
+            ControlRequest::VolCreate { .. }
+            | ControlRequest::VolResize { .. }
+            | ControlRequest::VolDelete { .. }
+            | ControlRequest::VolRetain { .. }
+            | ControlRequest::VolExport { .. }
+            | ControlRequest::QtreeCreate { .. }
+            | ControlRequest::SnapCreate { .. }
+            | ControlRequest::SnapDelete { .. }
+            | ControlRequest::SnapRollback { .. }
+            | ControlRequest::MirrorCreate { .. }
+            | ControlRequest::MirrorUpdate { .. }
+            | ControlRequest::MirrorBreak { .. }
+            | ControlRequest::MirrorResync { .. }
+            | ControlRequest::MirrorDelete { .. }
+            | ControlRequest::MirrorRetarget { .. }
+            | ControlRequest::LockAdd { .. }
+            | ControlRequest::LockRelease { .. } => true,
+        }
+    }
+
     /// The op's wire name, for logs and metrics.
     pub fn op(&self) -> &'static str {
         match self {

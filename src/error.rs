@@ -14,6 +14,14 @@ pub enum NodeError {
     Unhealthy { problems: usize },
     #[error(transparent)]
     Engine(#[from] sluice_engine::error::Error),
+    /// The request ran, but what it changed could not be made durable: a
+    /// crash may take it back.
+    #[error("{op} ran but is not durable (the flush failed: {source}); see `sluice status` and the node's log")]
+    NotDurable {
+        op: &'static str,
+        #[source]
+        source: sluice_engine::error::Error,
+    },
     #[error(transparent)]
     Repl(#[from] sluice_replicator::ReplError),
     #[error("{path}: {source}")]

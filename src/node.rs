@@ -253,7 +253,19 @@ impl Node {
     /// Run one control request; long ones report on `progress`.
     pub fn execute(&self, req: ControlRequest, progress: &(dyn Fn(Value) + Sync)) -> Result<Value> {
         self.control_requests.fetch_add(1, Ordering::Relaxed);
-        let r = self.execute_inner(req, progress);
+        let (changes, op) = (req.changes_state(), req.op());
+        let mut r = self.execute_inner(req, progress);
+        // What is answered as done is durable (docs/REPLICATION.md, "What
+        // is persisted where"): one flush here, whatever the op's own path
+        // flushed (a flush with nothing new to write costs nothing). A
+        // request that failed part way may have changed something too.
+        if changes {
+            if let Err(e) = self.engine.call(Request::Flush) {
+                if r.is_ok() {
+                    r = Err(NodeError::NotDurable { op, source: e });
+                }
+            }
+        }
         if r.is_err() {
             self.control_errors.fetch_add(1, Ordering::Relaxed);
         }
