@@ -8,6 +8,10 @@
 //!    from A and on C from B are the baselines. Then `--change-pct` of the
 //!    volume is rewritten with seeded 4 KiB writes at seeded distinct
 //!    offsets, `s1` is taken, and `mirror update` runs on B, then on C.
+//!    Then 200 `mirror update`s of B with nothing new on A, each timed
+//!    from the control call (a new connection, as the CLI makes one) to
+//!    its answer: p50/p99/p99.9/max from hdrhistogram (issue 14's target
+//!    is 5 ms, control call included).
 //! 2. btrfs: three filesystems on loop devices of the same size; a subvolume
 //!    with one file holding the same bytes, a read-only snapshot, `btrfs send
 //!    | btrfs receive` into the second filesystem and from there into the
@@ -135,6 +139,23 @@ struct CaseRow {
     tcp_mb_s: f64,
 }
 
+/// `mirror update` with nothing to send (B from A, after the incremental),
+/// each timed from the control call to its answer: milliseconds.
+#[derive(Debug, Clone, Serialize)]
+struct EmptyUpdateRow {
+    case: String,
+    updates: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    /// The issue 14 target: at most this, control call included.
+    target_ms: f64,
+}
+
+/// Empty updates timed per Sluice run.
+const EMPTY_UPDATES: usize = 200;
+
 #[derive(Debug, Clone, Serialize)]
 struct ReplicateReport {
     size_bytes: u64,
@@ -145,6 +166,8 @@ struct ReplicateReport {
     rows: Vec<CaseRow>,
     /// With `--secure both`: encrypted against clear, per case.
     secure: Vec<SecureRow>,
+    /// One per Sluice run.
+    empty_updates: Vec<EmptyUpdateRow>,
     notes: Vec<String>,
 }
 
@@ -292,9 +315,13 @@ pub fn run(args: &ReplicateArgs) -> Result<()> {
         Secure::Both => &[(true, " [encrypted]"), (false, " [clear]")],
     };
     let mut runs = Vec::new();
+    let mut empty_updates = Vec::new();
     for &(encrypted, tag) in modes {
-        let s = sluice_phase(args, &sluice_bin, seed, &offsets, encrypted, &mut notes)?;
+        let (s, mut empty) =
+            sluice_phase(args, &sluice_bin, seed, &offsets, encrypted, &mut notes)?;
+        empty.case = format!("{}{tag}", empty.case);
         runs.push((tag, s));
+        empty_updates.push(empty);
     }
     let b = btrfs_phase(args, seed, &offsets)?;
 
@@ -348,6 +375,7 @@ pub fn run(args: &ReplicateArgs) -> Result<()> {
         tcp,
         rows,
         secure,
+        empty_updates,
         notes,
     };
     if args.json {
@@ -411,9 +439,56 @@ fn print_table(r: &ReplicateReport) {
             );
         }
     }
+    if !r.empty_updates.is_empty() {
+        println!();
+        println!(
+            "| {:<34} | {:>7} | {:>8} | {:>8} | {:>8} | {:>8} | {:>9} |",
+            "case", "updates", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "target ms"
+        );
+        println!(
+            "|{:-<36}|{:->9}|{:->10}|{:->10}|{:->10}|{:->10}|{:->11}|",
+            "", "", "", "", "", "", ""
+        );
+        for e in &r.empty_updates {
+            println!(
+                "| {:<34} | {:>7} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} | {:>9.1} |",
+                e.case, e.updates, e.p50_ms, e.p99_ms, e.p999_ms, e.max_ms, e.target_ms
+            );
+        }
+    }
     for n in &r.notes {
         println!("note: {n}");
     }
+}
+
+/// `EMPTY_UPDATES` updates of B with nothing new on A, each timed from the
+/// control call (a new connection, as the CLI makes) to its answer.
+fn empty_updates(b: &Node) -> Result<EmptyUpdateRow> {
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .context("histogram bounds")?;
+    for _ in 0..EMPTY_UPDATES {
+        let start = Instant::now();
+        let rep = b.call(ControlRequest::MirrorUpdate { dst: VOLUME.into() })?;
+        let us = start.elapsed().as_micros() as u64;
+        let kind = rep.get("kind").and_then(Value::as_str).unwrap_or("?");
+        if kind != "none" {
+            bail!(
+                "node {}: an update with nothing new sent {kind}: {rep}",
+                b.name
+            );
+        }
+        h.record(us.max(1)).context("recording a latency")?;
+    }
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok(EmptyUpdateRow {
+        case: "update with nothing to send A->B".into(),
+        updates: h.len(),
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: h.max() as f64 / 1000.0,
+        target_ms: 5.0,
+    })
 }
 
 // ---------------------------------------------------------------- TCP
@@ -619,7 +694,7 @@ fn sluice_phase(
     offsets: &[u64],
     encrypted: bool,
     notes: &mut Vec<String>,
-) -> Result<[Timed; 4]> {
+) -> Result<([Timed; 4], EmptyUpdateRow)> {
     let tmp = match &args.dir {
         Some(p) => tempfile::tempdir_in(p),
         None => tempfile::tempdir(),
@@ -730,6 +805,9 @@ fn sluice_phase(
         "incremental",
     )?;
 
+    progress(args, "sluice: mirror updates on B with nothing to send");
+    let empty = empty_updates(&b)?;
+
     // Read some changed blocks back from C, the end of the chain.
     let mut nbd_c = NbdClient::open(&c.nbd, VOLUME).context("opening C's NBD export")?;
     for &o in offsets.iter().take(VERIFY_SAMPLES) {
@@ -747,7 +825,7 @@ fn sluice_phase(
     ));
     progress(args, "sluice: stopping nodes");
     drop((c, b, a));
-    Ok([base_ab, base_bc, inc_ab, inc_bc])
+    Ok(([base_ab, base_bc, inc_ab, inc_bc], empty))
 }
 
 // ---------------------------------------------------------------- btrfs

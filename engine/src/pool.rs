@@ -1648,6 +1648,12 @@ impl<D: BlockDevice> Pool<D> {
                         "attribute key {key:?} must be 1..=255 bytes"
                     )));
                 }
+                // The value it already has changes nothing: no consistency
+                // point for it (an update with nothing to send rewrites the
+                // same tables, and its flush is then free).
+                if self.attrs.get(&key) == value.as_ref() {
+                    return Ok(Reply::Done);
+                }
                 match value {
                     Some(v) => {
                         self.ensure_space(2 + v.len() as u64 / PAYLOAD as u64)?;
@@ -2762,6 +2768,39 @@ mod tests {
             Reply::Space(s) => s,
             _ => panic!(),
         }
+    }
+
+    #[test]
+    fn setting_an_attribute_to_the_value_it_has_takes_no_consistency_point() {
+        let mut p = pool();
+        let set = |p: &mut Pool<SimDevice>, v: &[u8]| {
+            p.execute(Request::SetAttr {
+                key: "k".into(),
+                value: Some(v.to_vec()),
+            })
+            .expect("set");
+            p.execute(Request::Flush).expect("flush");
+            p.generation()
+        };
+        let g1 = set(&mut p, b"one");
+        assert_eq!(set(&mut p, b"one"), g1, "the same value wrote a CP");
+        let g2 = set(&mut p, b"two");
+        assert!(g2 > g1, "a new value must reach the medium");
+        p.execute(Request::SetAttr {
+            key: "k".into(),
+            value: None,
+        })
+        .expect("remove");
+        p.execute(Request::Flush).expect("flush");
+        let g3 = p.generation();
+        assert!(g3 > g2, "a removal must reach the medium");
+        p.execute(Request::SetAttr {
+            key: "k".into(),
+            value: None,
+        })
+        .expect("remove again");
+        p.execute(Request::Flush).expect("flush");
+        assert_eq!(p.generation(), g3, "removing a missing key wrote a CP");
     }
 
     #[test]

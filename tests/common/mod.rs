@@ -345,6 +345,11 @@ pub fn have(prog: &str) -> bool {
 /// `qemu-io -f raw nbd://NBD/EXPORT -c CMD...`; panics with the output if
 /// qemu-io reports a failure.
 pub fn qemu_io(nbd: &str, export: &str, cmds: &[String]) -> String {
+    try_qemu_io(nbd, export, cmds).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`qemu_io`], the failure returned (with qemu-io's output) instead.
+pub fn try_qemu_io(nbd: &str, export: &str, cmds: &[String]) -> Result<String, String> {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw", &format!("nbd://{nbd}/{export}")]);
     if export.contains('@') {
@@ -353,14 +358,12 @@ pub fn qemu_io(nbd: &str, export: &str, cmds: &[String]) -> String {
     for cmd in cmds {
         c.args(["-c", cmd]);
     }
-    let o = c.output().expect("run qemu-io");
+    let o = c.output().map_err(|e| format!("cannot run qemu-io: {e}"))?;
     let out = stdout(&o);
-    assert!(
-        o.status.success() && !out.contains("failed"),
-        "qemu-io {export} {cmds:?}: {out}{}",
-        stderr(&o)
-    );
-    out
+    if o.status.success() && !out.contains("failed") {
+        return Ok(out);
+    }
+    Err(format!("qemu-io {export} {cmds:?}: {out}{}", stderr(&o)))
 }
 
 /// Every byte of an export, read by `qemu-img convert` through NBD.
@@ -411,7 +414,15 @@ pub fn write_random_blocks(d: &Daemon, export: &str, n: usize, rng: &mut Rng) {
             )
         })
         .collect();
-    qemu_io(&d.nbd, export, &cmds);
+    if let Err(e) = try_qemu_io(&d.nbd, export, &cmds) {
+        // What the node said of it (an NBD error's cause is in its log).
+        let log = d.log_text();
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        panic!("{e}\nthe node's warnings and errors:\n{}", said.join("\n"));
+    }
 }
 
 /// The generator of a randomized test: `sluice_testkit`'s, from a printed
