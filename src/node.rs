@@ -238,11 +238,13 @@ fn unexpected(what: &str) -> NodeError {
 
 impl Node {
     pub fn new(engine: EngineHandle, repl: Arc<Replicator>, info: NodeInfo) -> Node {
+        let nbd_metrics = Arc::new(NbdMetrics::new());
+        repl.set_snapshot_users(nbd_metrics.clone());
         Node {
             engine,
             repl,
             info,
-            nbd_metrics: Arc::new(NbdMetrics::new()),
+            nbd_metrics,
             started: Instant::now(),
             control_requests: AtomicU64::new(0),
             control_errors: AtomicU64::new(0),

@@ -4,7 +4,8 @@
 //! simulated time and a simulated network, and replays from its seed.
 //!
 //! Owns: the [`PeerStream`] trait (a byte stream to a peer: TCP, or a
-//! simulated connection) and the [`Env`] trait.
+//! simulated connection), the [`Env`] trait, and [`SnapshotUsers`] (who
+//! else reads snapshots: the node's NBD clients).
 //!
 //! Invariants kept: every lease, renewal, schedule and timestamp the
 //! replicator decides on comes from [`Env::wall_ms`] / [`Env::mono_ms`];
@@ -108,4 +109,15 @@ impl Env for RealEnv {
         let _ = s.set_nodelay(true);
         Ok(Box::new(s))
     }
+}
+
+/// Readers of snapshots outside the replicator: the node's NBD server, whose
+/// clients may have a snapshot's export open. A snapshot with readers is in
+/// use, as one a transfer reads: prune, retention and a volume mirror's
+/// follow-up keep it; `snap delete` (forced or not), `snap rollback -r`
+/// and `vol delete` refuse it, naming the readers, until they disconnect.
+pub trait SnapshotUsers: Send + Sync {
+    /// Open readers of snapshot `snapshot` of `volume` (any of its
+    /// namespaces).
+    fn readers(&self, volume: &str, snapshot: &str) -> u64;
 }

@@ -112,9 +112,14 @@ pub enum ReplError {
         snapshot: String,
         detail: String,
     },
-    /// A snapshot is in use by a running transfer.
-    #[error("snapshot {volume}@{snapshot} is in use by a running transfer; retry when it ends")]
-    InTransfer { volume: String, snapshot: String },
+    /// A snapshot is in use: by a running transfer, or by NBD clients
+    /// reading its export (`by` says which).
+    #[error("snapshot {volume}@{snapshot} is in use by {by}; retry when it ends")]
+    InUse {
+        volume: String,
+        snapshot: String,
+        by: String,
+    },
     /// No such snapshot / volume / lock.
     #[error("not found: {0}")]
     NotFound(String),

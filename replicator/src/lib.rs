@@ -25,6 +25,7 @@ pub mod throttle;
 pub mod transfer;
 pub mod types;
 
+pub use env::SnapshotUsers;
 pub use error::{ReplError, Result};
 pub use replicator::Replicator;
 pub use sluice_lockproto::LeasePolicy;

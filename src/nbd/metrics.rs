@@ -73,6 +73,8 @@ pub struct NbdMetrics {
     /// snapshot, of a volume or qtree that is not read-only): what `snap
     /// rollback` asks before it changes a live image under a client.
     writers: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Open connections per snapshot export: (volume, snapshot) -> count.
+    snapshot_readers: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
 }
 
 impl std::fmt::Debug for NbdMetrics {
@@ -138,6 +140,32 @@ impl NbdMetrics {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 w.remove(volume);
+            }
+        }
+    }
+
+    /// A connection opened an export of snapshot `snapshot` of `volume`
+    /// (the volume's own space or a qtree's).
+    pub(crate) fn snapshot_reader_opened(&self, volume: &str, snapshot: &str) {
+        let mut r = self
+            .snapshot_readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *r.entry((volume.to_string(), snapshot.to_string()))
+            .or_default() += 1;
+    }
+
+    /// That connection ended.
+    pub(crate) fn snapshot_reader_closed(&self, volume: &str, snapshot: &str) {
+        let mut r = self
+            .snapshot_readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (volume.to_string(), snapshot.to_string());
+        if let Some(n) = r.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                r.remove(&key);
             }
         }
     }
@@ -242,6 +270,19 @@ impl NbdMetrics {
                 load(&self.connections_protocol_errors),
             ),
         ]
+    }
+}
+
+/// The replicator keeps a snapshot that NBD clients read from every delete.
+impl sluice_replicator::SnapshotUsers for NbdMetrics {
+    fn readers(&self, volume: &str, snapshot: &str) -> u64 {
+        let r = self
+            .snapshot_readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        r.get(&(volume.to_string(), snapshot.to_string()))
+            .copied()
+            .unwrap_or(0)
     }
 }
 

@@ -343,9 +343,22 @@ fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             if let Some(v) = &writer {
                 shared.metrics.writer_opened(v);
             }
+            // And a snapshot export's reader, so the snapshot is kept from
+            // prune, retention and `snap delete` while the client reads.
+            let reader = export
+                .image
+                .snapshot
+                .clone()
+                .map(|s| (export.image.ns.volume.clone(), s));
+            if let Some((v, s)) = &reader {
+                shared.metrics.snapshot_reader_opened(v, s);
+            }
             let r = transmission(&shared, &stream, export, peer);
             if let Some(v) = &writer {
                 shared.metrics.writer_closed(v);
+            }
+            if let Some((v, s)) = &reader {
+                shared.metrics.snapshot_reader_closed(v, s);
             }
             r
         }

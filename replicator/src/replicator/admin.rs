@@ -48,10 +48,11 @@ impl Replicator {
     /// `force` (logged; affected downstreams are told).
     pub fn snap_delete(&self, volume: &str, name: &str, force: bool) -> Result<()> {
         let s = self.find_snap(volume, name)?;
-        if self.in_transfer(s.id) {
-            return Err(ReplError::InTransfer {
+        if let Some(by) = self.in_use(volume, s.id, &s.name) {
+            return Err(ReplError::InUse {
                 volume: volume.into(),
                 snapshot: name.into(),
+                by,
             });
         }
         let acts = self.lock_events(vec![Event::DeleteRequested {
@@ -151,10 +152,14 @@ impl Replicator {
             .ok_or_else(|| ReplError::NotFound(format!("snapshot {volume}@{snapshot}")))?;
         let newer: Vec<SnapshotInfo> = snaps.split_off(at + 1);
         if destroy_newer && !newer.is_empty() {
-            if let Some(s) = newer.iter().find(|s| self.in_transfer(s.id)) {
-                return Err(ReplError::InTransfer {
+            if let Some((s, by)) = newer
+                .iter()
+                .find_map(|s| self.in_use(volume, s.id, &s.name).map(|by| (s, by)))
+            {
+                return Err(ReplError::InUse {
                     volume: volume.into(),
                     snapshot: s.name.clone(),
+                    by,
                 });
             }
             let locked: Vec<String> = {
@@ -254,10 +259,14 @@ impl Replicator {
             )));
         }
         let snaps = snapshots(&self.engine, volume)?;
-        if let Some(s) = snaps.iter().find(|s| self.in_transfer(s.id)) {
-            return Err(ReplError::InTransfer {
+        if let Some((s, by)) = snaps
+            .iter()
+            .find_map(|s| self.in_use(volume, s.id, &s.name).map(|by| (s, by)))
+        {
+            return Err(ReplError::InUse {
                 volume: volume.into(),
                 snapshot: s.name.clone(),
+                by,
             });
         }
         let (locked, downs) = {
@@ -429,10 +438,10 @@ impl Replicator {
                 progress(prog);
             }
             prog.done_items += 1;
-            if self.in_transfer(s.id) {
+            if let Some(by) = self.in_use(volume, s.id, &s.name) {
                 plan.skipped.push(PruneSkip {
                     snapshot: s.name.clone(),
-                    reason: "in use by a running transfer".into(),
+                    reason: format!("in use by {by}"),
                     holders: Vec::new(),
                     effects: Vec::new(),
                 });

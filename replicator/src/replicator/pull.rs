@@ -1018,7 +1018,8 @@ impl Replicator {
         if rel.kind == MirrorKind::Volume {
             let now_local = snapshots(&self.engine, &rel.dst_volume)?;
             for s in now_local {
-                if src_ids.contains(&s.id) || self.in_transfer(s.id) {
+                if src_ids.contains(&s.id) || self.in_use(&rel.dst_volume, s.id, &s.name).is_some()
+                {
                     continue;
                 }
                 let acts = self.lock_events(vec![Event::DeleteRequested {
@@ -1232,8 +1233,24 @@ impl Replicator {
         Ok(())
     }
 
-    pub(super) fn in_transfer(&self, id: Uuid) -> bool {
-        lock(&self.serving).contains_key(&id)
+    /// What uses snapshot `volume@name` (global id `id`) now, so that it
+    /// must not be deleted: a transfer this node serves from it, or NBD
+    /// clients reading its export ([`crate::SnapshotUsers`]).
+    pub(super) fn in_use(&self, volume: &str, id: Uuid, name: &str) -> Option<String> {
+        if lock(&self.serving).contains_key(&id) {
+            return Some("a running transfer".into());
+        }
+        let users = lock(&self.users).clone();
+        let n = users.map_or(0, |u| u.readers(volume, name));
+        (n > 0).then(|| {
+            format!("{n} NBD client(s) reading its export (disconnect them, or retry when they are done)")
+        })
+    }
+
+    /// Who reads snapshots besides the replicator (the node's NBD server);
+    /// what it names is kept from every delete but a forced one.
+    pub fn set_snapshot_users(&self, users: Arc<dyn crate::SnapshotUsers>) {
+        *lock(&self.users) = Some(users);
     }
 
     /// Run one transfer's [`PullSession`]: this is its shell, performing

@@ -104,7 +104,8 @@ impl Replicator {
             };
             {
                 // Settled only if nothing but locks kept what is beyond the
-                // count (a snapshot in a transfer is tried again next pass).
+                // count (a snapshot in use, by a transfer or an NBD reader,
+                // is tried again next pass).
                 let settled =
                     plan.deleted.is_empty() && plan.skipped.iter().all(|s| !s.holders.is_empty());
                 let mut st = lock(&self.st);
