@@ -16,16 +16,6 @@ fn restart(d: Daemon, name: &str) -> Daemon {
     Daemon::try_start(&pool, &["--name", name]).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn vol(d: &Daemon, name: &str) -> serde_json::Value {
-    d.json(&["vol", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no volume {name}"))
-}
-
 #[test]
 fn every_answered_change_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,15 +24,15 @@ fn every_answered_change_survives_sigkill() {
 
     a.ok(&["vol", "create", "v", "--size", "4M"]);
     let a = restart(a, "a");
-    assert_eq!(vol(&a, "v")["size_bytes"], 4 << 20, "vol create was lost");
+    assert_eq!(a.vol("v")["size_bytes"], 4 << 20, "vol create was lost");
 
     a.ok(&["vol", "resize", "v", "8M"]);
     let a = restart(a, "a");
-    assert_eq!(vol(&a, "v")["size_bytes"], 8 << 20, "vol resize was lost");
+    assert_eq!(a.vol("v")["size_bytes"], 8 << 20, "vol resize was lost");
 
     a.ok(&["qtree", "create", "v", "q", "--size", "1M"]);
     let a = restart(a, "a");
-    let q = vol(&a, "v")["qtrees"].to_string();
+    let q = a.vol("v")["qtrees"].to_string();
     assert!(q.contains("\"q\""), "qtree create was lost: {q}");
 
     for s in ["s1", "s2", "s3", "s4"] {
@@ -69,7 +59,7 @@ fn every_answered_change_survives_sigkill() {
 
     a.ok(&["vol", "retain", "v", "--keep", "5"]);
     let a = restart(a, "a");
-    assert_eq!(vol(&a, "v")["keep"], 5, "vol retain was lost");
+    assert_eq!(a.vol("v")["keep"], 5, "vol retain was lost");
 
     a.ok(&["vol", "export", "v", "--to", "b"]);
     let a = restart(a, "a");

@@ -21,16 +21,6 @@ use sluice::nbd_client::NbdClient;
 
 const MIB: u64 = 1 << 20;
 
-fn vol(d: &Daemon, name: &str) -> serde_json::Value {
-    d.json(&["vol", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no volume {name}"))
-}
-
 /// The `vol list` text row of volume `name`, split in cells.
 fn row(d: &Daemon, name: &str) -> Vec<String> {
     let text = d.ok(&["vol", "list"]);
@@ -87,7 +77,7 @@ fn used_bytes_are_current_before_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let a = Daemon::named(dir.path(), "a", &[]);
     a.ok(&["vol", "create", "v", "--size", "64M"]);
-    assert_eq!(vol(&a, "v")["used_bytes"], 0);
+    assert_eq!(a.vol("v")["used_bytes"], 0);
     // Writes without FUA and without a flush: nothing asks for a CP (the
     // timed one comes within seconds; if it came first, the check below
     // still holds).
@@ -96,10 +86,10 @@ fn used_bytes_are_current_before_a_checkpoint() {
     for i in 0..4 {
         c.write(i * 4 * MIB, &data).unwrap();
     }
-    let before = vol(&a, "v")["used_bytes"].as_u64().unwrap();
+    let before = a.vol("v")["used_bytes"].as_u64().unwrap();
     assert!(before > 4 * MIB, "4 MiB of data and its map: {before}");
     c.flush().unwrap();
-    let after = vol(&a, "v")["used_bytes"].as_u64().unwrap();
+    let after = a.vol("v")["used_bytes"].as_u64().unwrap();
     assert_eq!(
         before, after,
         "used bytes before the CP ({before}) differ from after it ({after})"
@@ -119,7 +109,7 @@ fn a_qtree_mirror_destination_reports_its_size_and_read_only_state() {
     a.ok(&["snap", "create", "vol0", "s1"]);
     b.ok(&["mirror", "create", "qv", "--from", &a.source("vol0/db")]);
 
-    let v = vol(&b, "qv");
+    let v = b.vol("qv");
     assert_eq!(v["total_size_bytes"], 8 * MIB + 4096, "{v}");
     assert_eq!(v["access"], "read-only", "{v}");
     // VOLUME, SIZE (2 cells), USED (2), SNAPSHOTS, KEEP, RO, QTREES...
@@ -128,12 +118,12 @@ fn a_qtree_mirror_destination_reports_its_size_and_read_only_state() {
     assert_eq!(cells[7], "yes", "qv read-only: {cells:?}");
 
     // An ordinary volume with a qtree: SIZE is its own space and the qtree.
-    let v = vol(&a, "vol0");
+    let v = a.vol("vol0");
     assert_eq!(v["total_size_bytes"], 24 * MIB, "{v}");
     assert_eq!(v["access"], "writable", "{v}");
     assert_eq!(row(&a, "vol0")[1..3], ["24", "MiB"]);
 
     b.ok(&["mirror", "break", "qv/db"]);
-    assert_eq!(vol(&b, "qv")["access"], "writable");
+    assert_eq!(b.vol("qv")["access"], "writable");
     assert_eq!(row(&b, "qv")[7], "no");
 }

@@ -691,7 +691,8 @@ mod tests {
 
     const BLOCKS: u64 = 1 << 16;
 
-    fn started(opts: EngineOptions) -> (EngineHandle, SimHandle) {
+    /// A fresh pool with a 64 MiB volume `v`.
+    fn pool_with_v() -> (Pool<SimDevice>, SimHandle) {
         let dev = SimDevice::new(BLOCKS);
         let sim = dev.handle();
         let mut pool = Pool::format(dev, FormatOptions::default()).expect("format");
@@ -700,6 +701,11 @@ mod tests {
             size_bytes: 64 << 20,
         })
         .expect("volume");
+        (pool, sim)
+    }
+
+    fn started(opts: EngineOptions) -> (EngineHandle, SimHandle) {
+        let (pool, sim) = pool_with_v();
         (Engine::start(pool, opts), sim)
     }
 
@@ -827,14 +833,7 @@ mod tests {
 
     #[test]
     fn an_inline_engine_answers_in_order_on_the_callers_thread_and_shuts_down_durably() {
-        let dev = SimDevice::new(BLOCKS);
-        let sim = dev.handle();
-        let mut pool = Pool::format(dev, FormatOptions::default()).expect("format");
-        pool.execute(Request::CreateVolume {
-            name: "v".to_string(),
-            size_bytes: 64 << 20,
-        })
-        .expect("volume");
+        let (pool, sim) = pool_with_v();
         let h = Engine::start_inline(pool);
         assert_eq!(h.shard_count(), 1);
         // Queued replies are there when submit returns, in submit order.

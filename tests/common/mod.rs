@@ -158,6 +158,17 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("connect to control socket {}: {e}", self.control))
     }
 
+    /// `vol list`'s entry for volume `name`.
+    pub fn vol(&self, name: &str) -> serde_json::Value {
+        self.json(&["vol", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no volume {name}"))
+    }
+
     /// The names of `vol`'s snapshots, oldest first.
     pub fn snap_names(&self, vol: &str) -> Vec<String> {
         self.json(&["snap", "list", vol])
