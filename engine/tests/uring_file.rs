@@ -7,7 +7,7 @@
 
 mod uring_checks;
 
-use sluice_engine::device::uring::{UringDevice, UringOptions};
+use sluice_engine::device::uring::{FakeResult, UringDevice, UringOptions};
 use sluice_engine::device::BlockDevice;
 use uring_checks::*;
 
@@ -159,4 +159,68 @@ fn two_shards_on_a_file() {
     let path = dir.path().join("pool.img");
     drop(UringDevice::create(&path, 64 << 20, UringOptions::default()).expect("create"));
     two_shard_round_trip(&path, s);
+}
+
+/// A short transfer, `EAGAIN` or `EINTR` from the kernel is tried again,
+/// whole (faked results stand in for the kernel's; the kernel did move the
+/// bytes, the retry makes the request whole either way); past the retries
+/// the error stands, naming the op and the block.
+#[test]
+fn short_and_interrupted_transfers_are_submitted_again() {
+    use sluice_engine::device::{IoKind, IoRequest};
+    let dir = tempfile::tempdir().expect("tempdir");
+    for opts in [
+        UringOptions::default(),
+        UringOptions {
+            fixed_buffers: 0,
+            ..UringOptions::default()
+        },
+    ] {
+        let path = dir.path().join(format!("retry{}.img", opts.fixed_buffers));
+        let mut dev = UringDevice::create(&path, 64 << 20, opts).expect("create");
+        let one = pattern(7, 1);
+        let mut four = Vec::new();
+        for i in 0..4 {
+            four.extend(pattern(20 + i, 2));
+        }
+        dev.fake_next_results([
+            FakeResult::Short,
+            FakeResult::Errno(libc::EAGAIN),
+            FakeResult::Errno(libc::EINTR),
+            FakeResult::Short,
+        ]);
+        let done = run_all(
+            &mut dev,
+            vec![write_req(1, 7, &one, false), write_req(2, 20, &four, false)],
+        );
+        for (tag, c) in &done {
+            assert!(c.result.is_ok(), "write {tag}: {:?}", c.result);
+        }
+        assert_eq!(dev.retried(), 4);
+        dev.fake_next_results([FakeResult::Short, FakeResult::Short]);
+        assert_eq!(read_back(&mut dev, 7, 1), one);
+        assert_eq!(read_back(&mut dev, 20, 4), four);
+        assert_eq!(dev.retried(), 6);
+        // A request that stays short fails after its retries, clearly.
+        dev.fake_next_results([FakeResult::Short; 5]);
+        let mut c = run_all(
+            &mut dev,
+            vec![IoRequest {
+                tag: 9,
+                kind: IoKind::Read,
+                pba: 20,
+                buf: Some(sluice_engine::device::AlignedBuf::zeroed(4)),
+            }],
+        );
+        let e = c
+            .remove(&9)
+            .expect("completion")
+            .result
+            .expect_err("short 5 times");
+        assert!(
+            e.to_string().contains("short transfer") && e.to_string().contains("block 20"),
+            "{e}"
+        );
+        assert_eq!(dev.retried(), 10);
+    }
 }

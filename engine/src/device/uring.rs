@@ -26,7 +26,10 @@
 //!   file: the fd and its lock are shared (`Arc`), and the lock is released
 //!   when the last ring on it closes.
 //! - Per-request errors carry the path, the op and the block address; a
-//!   short transfer is an error, never a silent partial success.
+//!   short transfer is an error, never a silent partial success. Before it
+//!   is one, a request answered `EAGAIN`, `EINTR` or short is submitted
+//!   again, whole, up to [`RETRIES_MAX`] times (regular files may move
+//!   fewer bytes than asked; the same range again is idempotent here).
 //!
 //! Sharp edges: where `O_DIRECT` is refused (EINVAL at open: ramfs, some
 //! FUSE file systems) the device falls back to buffered I/O, logs a warning
@@ -79,6 +82,29 @@ struct InFlight {
     slot: Option<u16>,
     /// Bytes the request must transfer (0 for Flush).
     len_bytes: usize,
+    /// Submissions of this request before this one (see [`RETRIES_MAX`]).
+    attempt: u8,
+}
+
+/// Times a request is submitted again, whole, when the kernel answers it
+/// with `EAGAIN` or `EINTR`, or moves fewer bytes than asked (a short
+/// transfer: legal for regular files). Reads and writes of the same range
+/// are idempotent here (a write's buffer is kept until it completes, and
+/// the engine never has two requests in flight on one block), so the
+/// whole request goes again; after the last try the error stands.
+const RETRIES_MAX: u8 = 4;
+
+/// A completion result a test puts in place of the kernel's
+/// ([`UringDevice::fake_next_results`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FakeResult {
+    /// The kernel's result, as it came.
+    Real,
+    /// Half the bytes (a short transfer; the kernel did move them all, so
+    /// a retry is what makes the request whole either way).
+    Short,
+    /// This errno, negated, as the kernel reports one.
+    Errno(i32),
 }
 
 /// The open, exclusively held file or block device, shared by every ring
@@ -115,7 +141,13 @@ pub struct UringDevice {
     arena: Option<AlignedBuf>,
     free_slots: Vec<u16>,
     /// Submitted by the caller, not yet in the ring.
-    queued: VecDeque<IoRequest>,
+    /// Requests not in the ring yet, with their attempt number.
+    queued: VecDeque<(IoRequest, u8)>,
+    /// Tests: the next completions' results, replacing the kernel's (a
+    /// short transfer or `-EAGAIN` the kernel would rarely give).
+    fake_results: VecDeque<FakeResult>,
+    /// Requests submitted again ([`RETRIES_MAX`]).
+    retried: u64,
     /// Completions decided without the kernel (malformed requests).
     ready: Vec<IoCompletion>,
     /// In-ring requests, indexed by `user_data`.
@@ -338,6 +370,8 @@ impl UringDevice {
             arena,
             free_slots,
             queued: VecDeque::new(),
+            fake_results: VecDeque::new(),
+            retried: 0,
             ready: Vec::new(),
             slab: Vec::new(),
             free_ids: Vec::new(),
@@ -432,16 +466,30 @@ impl UringDevice {
         None
     }
 
+    /// Requests submitted again after `EAGAIN`, `EINTR` or a short
+    /// transfer, since open.
+    pub fn retried(&self) -> u64 {
+        self.retried
+    }
+
+    /// Tests only: the results of the next completions, in the order they
+    /// are reaped, instead of the kernel's.
+    #[cfg(any(test, feature = "sim"))]
+    #[doc(hidden)]
+    pub fn fake_next_results(&mut self, results: impl IntoIterator<Item = FakeResult>) {
+        self.fake_results.extend(results);
+    }
+
     /// Move queued requests into the SQ while the CQ has room for them.
     fn push_queued(&mut self) -> std::io::Result<()> {
         while self.in_ring < self.cq_capacity {
-            let Some(mut req) = self.queued.pop_front() else {
+            let Some((mut req, attempt)) = self.queued.pop_front() else {
                 break;
             };
             if self.ring.submission().is_full() {
                 // Hand the full SQ to the kernel without waiting.
                 if let Err(e) = self.ring.submit() {
-                    self.queued.push_front(req);
+                    self.queued.push_front((req, attempt));
                     return Err(e);
                 }
             }
@@ -521,7 +569,7 @@ impl UringDevice {
                     self.free_slots.push(s);
                 }
                 self.free_ids.push(id);
-                self.queued.push_front(req);
+                self.queued.push_front((req, attempt));
                 break;
             }
             if let Some(cell) = self.slab.get_mut(id as usize) {
@@ -532,6 +580,7 @@ impl UringDevice {
                     buf: req.buf,
                     slot,
                     len_bytes,
+                    attempt,
                 });
             }
             self.in_ring += 1;
@@ -561,7 +610,35 @@ impl UringDevice {
                 mut buf,
                 slot,
                 len_bytes,
+                attempt,
             } = f;
+            let res = match self.fake_results.pop_front() {
+                Some(FakeResult::Short) if len_bytes > 0 => res.min(len_bytes as i32 / 2),
+                Some(FakeResult::Errno(e)) => -e,
+                _ => res,
+            };
+            let again = res == -libc::EAGAIN
+                || res == -libc::EINTR
+                || (res >= 0 && (res as usize) < len_bytes && !matches!(kind, IoKind::Flush));
+            if again && attempt < RETRIES_MAX {
+                // Whole, at the front: it keeps its place before what
+                // was submitted after it.
+                if let Some(s) = slot {
+                    self.free_slots.push(s);
+                }
+                self.retried += 1;
+                tracing::debug!(path = %self.path.display(), op = Self::op_name(kind), pba, res, attempt, "I/O submitted again");
+                self.queued.push_front((
+                    IoRequest {
+                        tag,
+                        kind,
+                        pba,
+                        buf,
+                    },
+                    attempt + 1,
+                ));
+                continue;
+            }
             let result = if res < 0 {
                 let os = std::io::Error::from_raw_os_error(-res);
                 Err(self.request_error(kind, pba, os.kind(), &os.to_string()))
@@ -623,7 +700,7 @@ impl BlockDevice for UringDevice {
 
     fn submit(&mut self, req: IoRequest) {
         match self.validate(&req) {
-            None => self.queued.push_back(req),
+            None => self.queued.push_back((req, 0)),
             Some(err) => self.ready.push(IoCompletion {
                 tag: req.tag,
                 kind: req.kind,
