@@ -114,7 +114,7 @@ pub enum ReplError {
     },
     /// A snapshot is in use: by a running transfer, or by NBD clients
     /// reading its export (`by` says which).
-    #[error("snapshot {volume}@{snapshot} is in use by {by}; retry when it ends")]
+    #[error("snapshot {volume}@{snapshot} is in use by {by}; retry when that ends")]
     InUse {
         volume: String,
         snapshot: String,

@@ -1242,13 +1242,11 @@ impl Replicator {
         }
         let users = lock(&self.users).clone();
         let n = users.map_or(0, |u| u.readers(volume, name));
-        (n > 0).then(|| {
-            format!("{n} NBD client(s) reading its export (disconnect them, or retry when they are done)")
-        })
+        (n > 0).then(|| format!("{n} NBD client(s) reading its export"))
     }
 
     /// Who reads snapshots besides the replicator (the node's NBD server);
-    /// what it names is kept from every delete but a forced one.
+    /// a snapshot it names is kept from every delete, forced or not.
     pub fn set_snapshot_users(&self, users: Arc<dyn crate::SnapshotUsers>) {
         *lock(&self.users) = Some(users);
     }
