@@ -1649,8 +1649,8 @@ impl<D: BlockDevice> Pool<D> {
                     )));
                 }
                 // The value it already has changes nothing: no consistency
-                // point for it (an update with nothing to send rewrites the
-                // same tables, and its flush is then free).
+                // point for it (a table written again with the same bytes,
+                // e.g. a retention policy or an export list set again).
                 if self.attrs.get(&key) == value.as_ref() {
                     return Ok(Reply::Done);
                 }
