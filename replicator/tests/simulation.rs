@@ -1159,7 +1159,10 @@ impl Run {
                 let r = self.act("snap delete --force", Forced::Snap(node, s.id), |_| {
                     Run::result(repl.snap_delete(&vol, &s.name, true))
                 });
-                if !r.starts_with("ok") {
+                // A refusal changed nothing; a failure on a device frozen
+                // by an armed crash (the node is down after the action) may
+                // have taken effect before it.
+                if !r.starts_with("ok") && self.nodes[node].is_up() {
                     self.forced_on.remove(&key);
                 }
                 r
@@ -1323,7 +1326,11 @@ impl Run {
             .filter(|k| force && self.forced_on.insert(k.clone()))
             .collect();
         let r = self.act(what, forced, |_| repl.vol_delete(&vol, force));
-        if r.is_err() {
+        // A refusal changed nothing; a failure on a device frozen by an
+        // armed crash (`act` cut the node's power: it is down now) may have
+        // deleted the volume before it (found by a hunt: seed 705091133, a
+        // forced delete whose last flush failed).
+        if r.is_err() && self.nodes[node].is_up() {
             for k in &new {
                 self.forced_on.remove(k);
             }
@@ -2380,6 +2387,40 @@ fn regressions_found_by_the_simulation() {
                 Step::Tick { ms: 25_000 },
                 Step::Tick { ms: 25_000 },
                 Step::Tick { ms: 25_000 },
+            ],
+        ),
+        (
+            // The checker's own bug (found by a hunt, seed 705091133): a
+            // forced `vol delete` whose last flush failed on a device frozen
+            // by an armed crash had deleted the volume before it, and its
+            // application lock with it; the ledger took the failure for a
+            // refusal and wanted the lock back after the restart.
+            "a forced delete cut short by a crash may have taken effect",
+            keep(3, vec![(0, true)]),
+            vec![
+                Step::Snap { l: 0 },
+                Step::LockAdd {
+                    node: 0,
+                    vol: "L0".into(),
+                    nth: 3,
+                },
+                Step::Crash {
+                    node: 0,
+                    after_ops: 16,
+                },
+                Step::Snap { l: 0 },
+                Step::Write {
+                    l: 0,
+                    qtree: false,
+                    lba: 0,
+                    blocks: 4,
+                    fill: 51,
+                },
+                Step::VolDelete {
+                    node: 0,
+                    vol: "L0".into(),
+                    force: true,
+                },
             ],
         ),
         (
