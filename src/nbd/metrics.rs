@@ -72,9 +72,9 @@ pub struct NbdMetrics {
     /// Connections with a writable export, per volume (a live image, not a
     /// snapshot, of a volume or qtree that is not read-only): what `snap
     /// rollback` asks before it changes a live image under a client.
-    writers: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    writers: Counts<String>,
     /// Open connections per snapshot export: (volume, snapshot) -> count.
-    snapshot_readers: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    snapshot_readers: Counts<(String, String)>,
 }
 
 impl std::fmt::Debug for NbdMetrics {
@@ -85,6 +85,26 @@ impl std::fmt::Debug for NbdMetrics {
                 &self.connections_open.load(Ordering::Relaxed),
             )
             .finish_non_exhaustive()
+    }
+}
+
+/// Open connections per key (a volume's writers, a snapshot's readers).
+type Counts<K> = std::sync::Mutex<std::collections::BTreeMap<K, u64>>;
+
+/// One more connection under `key`.
+fn count_up<K: Ord>(counts: &Counts<K>, key: K) {
+    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+    *c.entry(key).or_default() += 1;
+}
+
+/// One fewer; a key whose count reaches 0 goes.
+fn count_down<K: Ord>(counts: &Counts<K>, key: K) {
+    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = c.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            c.remove(&key);
+        }
     }
 }
 
@@ -129,45 +149,29 @@ impl NbdMetrics {
 
     /// A connection opened a writable export of `volume`.
     pub(crate) fn writer_opened(&self, volume: &str) {
-        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        *w.entry(volume.to_string()).or_default() += 1;
+        count_up(&self.writers, volume.to_string());
     }
 
     /// That connection ended.
     pub(crate) fn writer_closed(&self, volume: &str) {
-        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = w.get_mut(volume) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                w.remove(volume);
-            }
-        }
+        count_down(&self.writers, volume.to_string());
     }
 
     /// A connection opened an export of snapshot `snapshot` of `volume`
     /// (the volume's own space or a qtree's).
     pub(crate) fn snapshot_reader_opened(&self, volume: &str, snapshot: &str) {
-        let mut r = self
-            .snapshot_readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *r.entry((volume.to_string(), snapshot.to_string()))
-            .or_default() += 1;
+        count_up(
+            &self.snapshot_readers,
+            (volume.to_string(), snapshot.to_string()),
+        );
     }
 
     /// That connection ended.
     pub(crate) fn snapshot_reader_closed(&self, volume: &str, snapshot: &str) {
-        let mut r = self
-            .snapshot_readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let key = (volume.to_string(), snapshot.to_string());
-        if let Some(n) = r.get_mut(&key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                r.remove(&key);
-            }
-        }
+        count_down(
+            &self.snapshot_readers,
+            (volume.to_string(), snapshot.to_string()),
+        );
     }
 
     /// NBD connections that have a writable export of `volume` (its own
