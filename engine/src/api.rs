@@ -76,6 +76,15 @@ pub struct VolumeInfo {
     /// nodes dirtied since the last CP count as the block each will take.
     pub used_blocks: u64,
     pub snapshot_count: usize,
+    /// A clone's origin: the snapshot it was made from.
+    pub origin: Option<CloneOrigin>,
+}
+
+/// The snapshot a clone was made from ([`Request::CloneVolume`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneOrigin {
+    pub volume: String,
+    pub snapshot: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +102,9 @@ pub struct SnapshotInfo {
     pub referenced_blocks: u64,
     /// Blocks that deleting this snapshot alone would free.
     pub unique_blocks: u64,
+    /// The volumes cloned from this snapshot, by name: while there are
+    /// any, the snapshot cannot be deleted.
+    pub clones: Vec<String>,
 }
 
 /// A snapshot's identity without its block counts
@@ -154,6 +166,19 @@ pub enum Request {
     CreateVolume {
         name: String,
         size_bytes: u64,
+    },
+    /// A writable volume `name` that shares every block with snapshot
+    /// `snapshot` of volume `origin` (copy-on-write, metadata only: O(1)
+    /// in the volume's size). Its namespaces are the snapshot's images, at
+    /// the origin's current sizes, all writable. While the clone exists the
+    /// snapshot cannot be deleted, nor the origin volume, nor rolled back
+    /// past it ([`crate::Error::HasClones`]); a clone ends with its own
+    /// `DeleteVolume`, which frees only the blocks the clone holds alone.
+    /// On a pool of several shards the clone lives on its origin's shard.
+    CloneVolume {
+        origin: String,
+        snapshot: String,
+        name: String,
     },
     CreateQtree {
         volume: String,

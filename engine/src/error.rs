@@ -91,6 +91,13 @@ pub enum Error {
         snapshot: String,
         newer: String,
     },
+    /// `clones`: the volumes cloned from the snapshot, comma separated.
+    #[error("snapshot {volume}@{snapshot} has clones: {clones}; delete them first (sluice vol delete CLONE)")]
+    HasClones {
+        volume: String,
+        snapshot: String,
+        clones: String,
+    },
     #[error("pool is full: {needed} blocks needed, {free} free; delete snapshots or volumes")]
     NoSpace { needed: u64, free: u64 },
     #[error("volume {volume} already has {limit} snapshots; delete some first")]

@@ -14,10 +14,14 @@ pub const SB_MAGIC: &[u8; 8] = b"SLUICE01";
 /// decodes as shard 0 of 1 (the whole device is one region). Version 3
 /// added a flags byte to each live namespace in the catalog
 /// ([`NS_FLAG_READ_ONLY`]); the catalog of a version 1 or 2 superblock has
-/// none (every qtree writable).
-pub const FORMAT_VERSION: u32 = 3;
+/// none (every qtree writable). Version 4 added a clone's origin to each
+/// volume of the catalog; a catalog of version 3 or older has no clones.
+pub const FORMAT_VERSION: u32 = 4;
 /// First format version whose catalog has a flags byte per live namespace.
 pub const NS_FLAGS_SINCE: u32 = 3;
+/// First format version whose catalog says, per volume, whether it is a
+/// clone and of which snapshot.
+pub const ORIGIN_SINCE: u32 = 4;
 /// Namespace flag: clients may not write or trim it (a qtree mirror's
 /// destination). The other bits are zero; a catalog with one set is
 /// corrupt (or from a newer build).

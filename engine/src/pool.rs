@@ -74,6 +74,18 @@ struct Snap {
     ns: Vec<(Option<String>, Ptr, u128)>,
 }
 
+/// What a clone was made from: snapshot `snap` of volume `vol` (a local
+/// id) of this pool, whose plane root is `plane` (a snapshot's plane never
+/// changes). That plane is the clone's oldest image: every block it holds
+/// stays held while the clone exists, and the snapshot cannot be deleted
+/// meanwhile ([`Error::HasClones`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Origin {
+    vol: u32,
+    snap: Uuid,
+    plane: Ptr,
+}
+
 #[derive(Debug, Clone)]
 struct Vol {
     id: u32,
@@ -86,6 +98,8 @@ struct Vol {
     live_count: u64,
     /// Oldest first.
     snaps: Vec<Snap>,
+    /// A clone's origin; `None` for a volume created empty.
+    origin: Option<Origin>,
 }
 
 /// `vols[vi]` for a `vi` this request found (`vol_idx`, `ns_idx`, a loop
@@ -133,6 +147,17 @@ impl Vol {
                 self.snaps.len()
             ))
         })
+    }
+
+    /// The plane a block the live image releases may still be held by: the
+    /// newest snapshot's, else a clone's origin's (the clone's oldest
+    /// image). A block in the live plane and in any older image is in this
+    /// one too, since a block is never reused while an image holds it.
+    fn base_plane(&self) -> Option<Ptr> {
+        self.snaps
+            .last()
+            .map(|s| s.plane)
+            .or(self.origin.map(|o| o.plane))
     }
 
     /// The roots of the live plane and of every snapshot's plane.
@@ -375,7 +400,8 @@ fn plane_update_many<D: BlockDevice>(
 }
 
 /// The live image releases `pba`: clear it in the live plane; if the newest
-/// snapshot holds it, it stays held, else it goes to pending-free.
+/// snapshot (or a clone's origin: [`Vol::base_plane`]) holds it, it stays
+/// held, else it goes to pending-free.
 fn release_live<D: BlockDevice>(
     store: &mut Store<D>,
     vol: &mut Vol,
@@ -394,7 +420,7 @@ fn release_live_many<D: BlockDevice>(
     pending: &mut BTreeSet<u64>,
     pbas: &[u64],
 ) -> Result<()> {
-    let newest = vol.snaps.last().map(|s| s.plane);
+    let newest = vol.base_plane();
     plane_update_many(
         store,
         &mut vol.plane,
@@ -837,6 +863,27 @@ impl<D: BlockDevice> Pool<D> {
                     ns: sns,
                 });
             }
+            // The origin's plane is learned once every volume is read.
+            let origin = match (version >= ORIGIN_SINCE).then(|| r.u8()).transpose()? {
+                None | Some(0) => None,
+                Some(1) => {
+                    let vol = r.u32()?;
+                    let mut u = [0u8; 16];
+                    u.copy_from_slice(r.take(16)?);
+                    Some(Origin {
+                        vol,
+                        snap: Uuid::from_bytes(u),
+                        plane: Ptr::default(),
+                    })
+                }
+                Some(other) => {
+                    return Err(Error::CorruptMetadata {
+                        pba,
+                        kind: "catalog",
+                        reason: format!("volume {name}: origin tag {other} (0 or 1)"),
+                    })
+                }
+            };
             self.vols.push(Vol {
                 id,
                 name,
@@ -845,7 +892,32 @@ impl<D: BlockDevice> Pool<D> {
                 plane,
                 live_count,
                 snaps,
+                origin,
             });
+        }
+        for i in 0..self.vols.len() {
+            let Some(o) = vol_at(&self.vols, i)?.origin else {
+                continue;
+            };
+            let plane = self
+                .vols
+                .iter()
+                .find(|v| v.id == o.vol)
+                .and_then(|v| v.snaps.iter().find(|s| s.id == o.snap))
+                .map(|s| s.plane)
+                .ok_or_else(|| Error::CorruptMetadata {
+                    pba,
+                    kind: "catalog",
+                    reason: format!(
+                        "clone {}: its origin (volume id {}, snapshot {}) is missing",
+                        vol_at(&self.vols, i).map_or("?", |v| v.name.as_str()),
+                        o.vol,
+                        o.snap
+                    ),
+                })?;
+            if let Some(Origin { plane: p, .. }) = &mut vol_at_mut(&mut self.vols, i)?.origin {
+                *p = plane;
+            }
         }
         let nattr = r.u32()?;
         for _ in 0..nattr {
@@ -887,6 +959,14 @@ impl<D: BlockDevice> Pool<D> {
                     w.str(n.as_deref().unwrap_or(""));
                     w.ptr(*root);
                     w.u128(*d);
+                }
+            }
+            match v.origin {
+                None => w.u8(0),
+                Some(o) => {
+                    w.u8(1);
+                    w.u32(o.vol);
+                    w.bytes(o.snap.as_bytes());
                 }
             }
         }
@@ -1068,7 +1148,7 @@ impl<D: BlockDevice> Pool<D> {
                     g,
                 )?;
                 let vol = vol_at_mut(&mut self.vols, vi)?;
-                let newest = vol.snaps.last().map(|s| s.plane);
+                let newest = vol.base_plane();
                 for p in new {
                     plane_update(
                         &mut self.store,
@@ -1310,6 +1390,14 @@ impl<D: BlockDevice> Pool<D> {
             // released), one block each -- counted here.
             used_blocks: v.live_count + v.ns.iter().map(|n| n.tree.dirty.len() as u64).sum::<u64>(),
             snapshot_count: v.snaps.len(),
+            origin: v.origin.and_then(|o| {
+                let ov = self.vols.iter().find(|x| x.id == o.vol)?;
+                let os = ov.snaps.iter().find(|x| x.id == o.snap)?;
+                Some(CloneOrigin {
+                    volume: ov.name.clone(),
+                    snapshot: os.name.clone(),
+                })
+            }),
         }
     }
 
@@ -1442,6 +1530,7 @@ impl<D: BlockDevice> Pool<D> {
                     plane: Tree::plane(Ptr::default()),
                     live_count: 0,
                     snaps: Vec::new(),
+                    origin: None,
                 });
                 self.meta_dirty = true;
                 self.cp(None)?;
@@ -1451,6 +1540,13 @@ impl<D: BlockDevice> Pool<D> {
                     .ok_or_else(|| Error::Invalid("volume vanished".into()))?;
                 Ok(Reply::Volume(self.vol_info(v)))
             }
+            Request::CloneVolume {
+                origin,
+                snapshot,
+                name,
+            } => self
+                .clone_volume(&origin, &snapshot, name)
+                .map(Reply::Volume),
             Request::CreateQtree {
                 volume,
                 name,
@@ -1560,6 +1656,7 @@ impl<D: BlockDevice> Pool<D> {
                 self.check_writable()?;
                 let vi = self.vol_idx(&volume)?;
                 let si = self.snap_idx(vi, &name)?;
+                self.refuse_clones(vi, si..si + 1)?;
                 self.ensure_space(4)?;
                 let mut freed = Vec::new();
                 let r = self.unique_blocks(vi, si, &mut |p| freed.push(p));
@@ -1588,13 +1685,13 @@ impl<D: BlockDevice> Pool<D> {
             Request::DeleteVolume { name } => {
                 self.check_writable()?;
                 let vi = self.vol_idx(&name)?;
+                self.refuse_clones(vi, 0..vol_at(&self.vols, vi)?.snaps.len())?;
                 self.ensure_space(4)?;
                 // Flushed first, every block of the volume is in one of its
                 // planes (no dirty map node holds one the planes lack).
                 self.cp(None)?;
-                let roots: Vec<Ptr> = vol_at(&self.vols, vi)?.plane_roots().collect();
                 let mut freed = Vec::new();
-                if let Err(e) = self.plane_blocks(&roots, &mut |p| freed.push(p)) {
+                if let Err(e) = self.volume_blocks(vi, &mut |p| freed.push(p)) {
                     self.poison(&e);
                     return Err(e);
                 }
@@ -1752,6 +1849,10 @@ impl<D: BlockDevice> Pool<D> {
                 name: format!("{volume}/{}", q.name.clone().unwrap_or_default()),
             });
         }
+        if destroy_newer {
+            self.refuse_clones(vi, si + 1..v.snaps.len())?;
+        }
+        let v = vol_at(&self.vols, vi)?;
         if si + 1 < v.snaps.len() && !destroy_newer {
             let newer: Vec<&str> = v
                 .snaps
@@ -1843,18 +1944,154 @@ impl<D: BlockDevice> Pool<D> {
             digests: s.ns.iter().map(|(n, _, d)| (n.clone(), *d)).collect(),
             referenced_blocks: s.referenced,
             unique_blocks: unique,
+            clones: self.clones_of(vi, si)?,
         })
+    }
+
+    /// The names of the volumes cloned from snapshot `si` of volume `vi`.
+    fn clones_of(&self, vi: usize, si: usize) -> Result<Vec<String>> {
+        let v = vol_at(&self.vols, vi)?;
+        let s = v.snap_at(si)?;
+        Ok(self
+            .vols
+            .iter()
+            .filter(|c| c.origin.is_some_and(|o| o.vol == v.id && o.snap == s.id))
+            .map(|c| c.name.clone())
+            .collect())
+    }
+
+    /// Refuse ([`Error::HasClones`]) when any snapshot in `range` of volume
+    /// `vi` has a clone: deleting it would take blocks the clone holds.
+    fn refuse_clones(&self, vi: usize, range: std::ops::Range<usize>) -> Result<()> {
+        for si in range {
+            let clones = self.clones_of(vi, si)?;
+            if !clones.is_empty() {
+                let v = vol_at(&self.vols, vi)?;
+                return Err(Error::HasClones {
+                    volume: v.name.clone(),
+                    snapshot: v.snap_at(si)?.name.clone(),
+                    clones: clones.join(", "),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Request::CloneVolume`]: the new volume's live image is the
+    /// snapshot's (its map roots, digests, plane root and count), so it
+    /// shares every block and plane node with it; one CP makes it durable
+    /// (a crash before its superblock: no clone; after: the whole clone).
+    fn clone_volume(&mut self, origin: &str, snapshot: &str, name: String) -> Result<VolumeInfo> {
+        self.check_writable()?;
+        check_name(&name)?;
+        let vi = self.vol_idx(origin)?;
+        let si = self.snap_idx(vi, snapshot)?;
+        if self.vols.iter().any(|v| v.name == name) {
+            return Err(Error::AlreadyExists {
+                what: "volume",
+                name,
+            });
+        }
+        if self.vols.len() >= self.volumes_max as usize {
+            return Err(Error::TooManyVolumes {
+                limit: self.volumes_max,
+            });
+        }
+        self.ensure_space(4)?;
+        let o = vol_at(&self.vols, vi)?;
+        let s = o.snap_at(si)?;
+        let mut ns = Vec::with_capacity(s.ns.len());
+        for (n, root, digest) in &s.ns {
+            // Snapshots record no size: they are read at the namespace's
+            // current size, and so is the clone made. Qtrees are never
+            // removed, so every namespace of a snapshot is live.
+            let size =
+                o.ns.iter()
+                    .find(|x| x.name == *n)
+                    .map(|x| x.size)
+                    .ok_or_else(|| {
+                        Error::Invariant(format!(
+                            "snapshot {origin}@{snapshot} has namespace {n:?} its volume lacks"
+                        ))
+                    })?;
+            ns.push(Ns {
+                name: n.clone(),
+                size,
+                tree: Tree::map(*root),
+                digest: *digest,
+                ro: false,
+            });
+        }
+        let vol = Vol {
+            id: self.next_vol_id,
+            name,
+            ro: false,
+            ns,
+            plane: Tree::plane(s.plane),
+            live_count: s.referenced,
+            snaps: Vec::new(),
+            origin: Some(Origin {
+                vol: o.id,
+                snap: s.id,
+                plane: s.plane,
+            }),
+        };
+        self.next_vol_id += 1;
+        self.vols.push(vol);
+        self.meta_dirty = true;
+        self.cp(None)?;
+        let v = self
+            .vols
+            .last()
+            .ok_or_else(|| Error::Invariant("the clone vanished".into()))?;
+        Ok(self.vol_info(v))
+    }
+
+    /// Every block deleting volume `vi` frees (its planes clean: after a
+    /// CP): what its planes hold, less what a clone's origin holds (the
+    /// origin snapshot keeps those).
+    fn volume_blocks(&mut self, vi: usize, out: &mut dyn FnMut(u64)) -> Result<()> {
+        let v = vol_at(&self.vols, vi)?;
+        let roots: Vec<Ptr> = v.plane_roots().collect();
+        let Some(origin) = v.origin else {
+            return self.plane_blocks(&roots, out);
+        };
+        let base = Tree::plane(origin.plane);
+        let mut seen = HashSet::new();
+        for root in roots {
+            let tree = Tree::plane(root);
+            unique_walk(
+                &mut self.store,
+                tree.top(),
+                0,
+                Side {
+                    tree: &tree,
+                    ptr: root,
+                },
+                Some(Side {
+                    tree: &base,
+                    ptr: base.root,
+                }),
+                None,
+                &mut |p| {
+                    if seen.insert(p) {
+                        out(p)
+                    }
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// The blocks deleting snapshot `si` alone would free.
     fn unique_blocks(&mut self, vi: usize, si: usize, out: &mut dyn FnMut(u64)) -> Result<()> {
         let v = vol_at(&self.vols, vi)?;
         let s_tree = Tree::plane(v.snap_at(si)?.plane);
-        // The older neighbour (none for the oldest snapshot) and the newer
-        // one (the live plane for the newest).
+        // The older neighbour (for the oldest snapshot: a clone's origin,
+        // else none) and the newer one (the live plane for the newest).
         let p_tree = match si.checked_sub(1) {
             Some(older) => Some(Tree::plane(v.snap_at(older)?.plane)),
-            None => None,
+            None => v.origin.map(|o| Tree::plane(o.plane)),
         };
         let n_tree = match v.snaps.get(si + 1) {
             Some(newer) => Tree::plane(newer.plane),
@@ -2014,7 +2251,7 @@ impl<D: BlockDevice> Pool<D> {
         if new.pba != 0 {
             ns.digest = ns.digest.wrapping_add(digest_term(lba, new.hash));
             let vol = vol_at_mut(&mut self.vols, vi)?;
-            let newest = vol.snaps.last().map(|s| s.plane);
+            let newest = vol.base_plane();
             plane_update(
                 &mut self.store,
                 &mut vol.plane,
@@ -2199,7 +2436,7 @@ impl<D: BlockDevice> Pool<D> {
             done += take;
         }
         let vol = vol_at_mut(&mut self.vols, vi)?;
-        let newest = vol.snaps.last().map(|s| s.plane);
+        let newest = vol.base_plane();
         let fresh: Vec<u64> = pbas.iter().copied().filter(|&p| p != 0).collect();
         plane_update_many(
             &mut self.store,
@@ -2470,10 +2707,40 @@ impl<D: BlockDevice> Pool<D> {
                 return fail(format!("catalog block {c} doubly owned"));
             }
         }
+        // Volumes share blocks only within a family: a volume and the
+        // clones made from its snapshots (and theirs). The family of a
+        // volume is the id of the oldest volume up its origin chain.
+        let mut family: BTreeMap<u32, u32> = BTreeMap::new();
+        for v in &self.vols {
+            let mut root = v.id;
+            let mut origin = v.origin;
+            for _ in 0..=self.vols.len() {
+                let Some(o) = origin else { break };
+                let Some(up) = self.vols.iter().find(|x| x.id == o.vol) else {
+                    return fail(format!("clone {}: origin volume {} is gone", v.name, o.vol));
+                };
+                let Some(snap) = up.snaps.iter().find(|x| x.id == o.snap) else {
+                    return fail(format!(
+                        "clone {}: origin snapshot {} of {} is gone",
+                        v.name, o.snap, up.name
+                    ));
+                };
+                if snap.plane != o.plane {
+                    return fail(format!("clone {}: origin plane is stale", v.name));
+                }
+                root = up.id;
+                origin = up.origin;
+            }
+            if origin.is_some() {
+                return fail(format!("clone {}: origin chain loops", v.name));
+            }
+            family.insert(v.id, root);
+        }
         let mut data_owner: BTreeMap<u64, u32> = BTreeMap::new();
         let mut plane_nodes: BTreeSet<u64> = BTreeSet::new();
         for vi in 0..self.vols.len() {
             let v = vol_at(&self.vols, vi)?.clone();
+            let fam = family.get(&v.id).copied().unwrap_or(v.id);
             // (plane tree, map trees) per image
             let mut images: Vec<(Tree, Vec<Tree>, Option<u64>)> = vec![(
                 v.plane.clone(),
@@ -2556,9 +2823,12 @@ impl<D: BlockDevice> Pool<D> {
                     }
                 }
                 for b in bits {
-                    if let Some(o) = data_owner.insert(b, v.id) {
-                        if o != v.id {
-                            return fail(format!("block {b} held by volumes {o} and {}", v.id));
+                    if let Some(o) = data_owner.insert(b, fam) {
+                        if o != fam {
+                            return fail(format!(
+                                "block {b} held by volume families {o} and {fam} (volume {})",
+                                v.name
+                            ));
                         }
                     }
                 }
@@ -2952,6 +3222,149 @@ mod tests {
         assert_eq!((sum(DiffKind::Data), sum(DiffKind::Trim)), (9, 2));
         let full = p.diff_stats(&NsName::volume("v"), None, "b").unwrap();
         assert_eq!((full.data_blocks, full.unchanged_blocks), (11, 0));
+    }
+
+    fn read_of(p: &mut Pool<SimDevice>, volume: &str, snapshot: Option<&str>, n: u32) -> Vec<u8> {
+        match p
+            .execute(Request::Read {
+                image: Image {
+                    ns: NsName::volume(volume),
+                    snapshot: snapshot.map(str::to_string),
+                },
+                lba: 0,
+                len_blocks: n,
+            })
+            .unwrap()
+        {
+            Reply::Data(d) => d.as_slice().to_vec(),
+            _ => panic!(),
+        }
+    }
+
+    fn clone_of(
+        p: &mut Pool<SimDevice>,
+        origin: &str,
+        snapshot: &str,
+        name: &str,
+    ) -> Result<Reply> {
+        p.execute(Request::CloneVolume {
+            origin: origin.into(),
+            snapshot: snapshot.into(),
+            name: name.into(),
+        })
+    }
+
+    #[test]
+    fn a_clone_shares_its_snapshot_and_frees_only_what_it_wrote() {
+        let mut p = pool();
+        write(&mut p, 0, 100, 1);
+        snap(&mut p, "a");
+        p.check_invariants().unwrap();
+        let before = space(&mut p).used_blocks;
+        let Reply::Volume(info) = clone_of(&mut p, "v", "a", "c").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            info.origin,
+            Some(CloneOrigin {
+                volume: "v".into(),
+                snapshot: "a".into()
+            })
+        );
+        assert!(!info.read_only);
+        assert_eq!(info.size_bytes, 1000 * 4096);
+        // O(1): the catalog only, no data block and no map node copied.
+        assert!(
+            space(&mut p).used_blocks <= before + 2,
+            "a clone copied blocks"
+        );
+        p.check_invariants().unwrap();
+        assert_eq!(read_of(&mut p, "c", None, 100), vec![1u8; 100 * 4096]);
+        // The clone and its origin diverge independently.
+        let mut b = AlignedBuf::zeroed(10);
+        b.as_mut_slice().fill(2);
+        p.execute(Request::Write {
+            ns: NsName::volume("c"),
+            lba: 0,
+            data: b,
+            fua: false,
+            replica: false,
+        })
+        .unwrap();
+        write(&mut p, 50, 10, 3);
+        p.check_invariants().unwrap();
+        let c = read_of(&mut p, "c", None, 100);
+        assert_eq!(&c[..10 * 4096], &[2u8; 10 * 4096][..]);
+        assert_eq!(&c[10 * 4096..], &[1u8; 90 * 4096][..]);
+        assert_eq!(read_of(&mut p, "v", Some("a"), 100), vec![1u8; 100 * 4096]);
+        assert_eq!(read_of(&mut p, "v", None, 1), vec![1u8; 4096]);
+        // The origin snapshot and volume are held while the clone lives.
+        let e = p.execute(Request::DeleteSnapshot {
+            volume: "v".into(),
+            name: "a".into(),
+        });
+        assert!(
+            matches!(&e, Err(Error::HasClones { clones, .. }) if clones == "c"),
+            "{e:?}"
+        );
+        let e = p.execute(Request::DeleteVolume { name: "v".into() });
+        assert!(matches!(e, Err(Error::HasClones { .. })), "{e:?}");
+        snap(&mut p, "b");
+        let e = p.execute(Request::Rollback {
+            volume: "v".into(),
+            snapshot: "b".into(),
+            destroy_newer: true,
+        });
+        assert!(e.is_ok(), "a rollback to the newest takes nothing: {e:?}");
+        assert_eq!(snaps(&mut p)[0].clones, vec!["c".to_string()]);
+        // A clone of the clone, then a reopen: all of it is durable.
+        p.execute(Request::CreateSnapshot {
+            volume: "c".into(),
+            name: "c1".into(),
+            id: None,
+            created_unix_ms: None,
+        })
+        .unwrap();
+        clone_of(&mut p, "c", "c1", "cc").unwrap();
+        p.execute(Request::Flush).unwrap();
+        let mut p = Pool::open(p.into_device()).unwrap();
+        p.check_invariants().unwrap();
+        assert_eq!(read_of(&mut p, "cc", None, 100), c);
+        let e = p.execute(Request::DeleteVolume { name: "c".into() });
+        assert!(matches!(e, Err(Error::HasClones { .. })), "{e:?}");
+        // Deleting the clones (newest first) frees what they wrote, and
+        // nothing the origin holds; then the snapshot can go.
+        let with_b = space(&mut p).used_blocks;
+        p.execute(Request::DeleteVolume { name: "cc".into() })
+            .unwrap();
+        p.execute(Request::DeleteVolume { name: "c".into() })
+            .unwrap();
+        p.execute(Request::Flush).unwrap();
+        p.check_invariants().unwrap();
+        let after = space(&mut p).used_blocks;
+        assert!(after < with_b, "the clones' own blocks were not freed");
+        assert_eq!(read_of(&mut p, "v", Some("a"), 100), vec![1u8; 100 * 4096]);
+        p.execute(Request::DeleteSnapshot {
+            volume: "v".into(),
+            name: "a".into(),
+        })
+        .unwrap();
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_clone_is_refused_with_a_clear_error() {
+        let mut p = pool();
+        snap(&mut p, "a");
+        let e = clone_of(&mut p, "v", "nope", "c");
+        assert!(matches!(e, Err(Error::NoSuchSnapshot { .. })), "{e:?}");
+        let e = clone_of(&mut p, "nope", "a", "c");
+        assert!(matches!(e, Err(Error::NoSuchVolume(_))), "{e:?}");
+        let e = clone_of(&mut p, "v", "a", "v");
+        assert!(matches!(e, Err(Error::AlreadyExists { .. })), "{e:?}");
+        let e = clone_of(&mut p, "v", "a", "..");
+        assert!(matches!(e, Err(Error::BadName { .. })), "{e:?}");
+        p.check_invariants().unwrap();
     }
 
     #[test]

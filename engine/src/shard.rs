@@ -31,7 +31,13 @@
 //! - requests naming a volume (create, qtree, read-only, read, write, trim,
 //!   snapshots, diff) go to shard `format::shard_of(volume, N)` only: a
 //!   hash of the name, no lock and no table lookup on the I/O path;
-//!   duplicate names meet on that one shard, which refuses them;
+//!   duplicate names meet on that one shard, which refuses them. The one
+//!   exception is a clone, which lives on its origin's shard (it shares
+//!   the origin snapshot's blocks): the handle keeps a placement table of
+//!   such volumes (learned at start from the shards' volume lists), read
+//!   only while it is not empty; volume create, clone and delete run one
+//!   at a time, so a new name is checked on its hash shard and in the
+//!   table at once;
 //! - `Flush`, `ListVolumes` and `Space` go to every shard; the last shard
 //!   to answer merges the parts (flush: first error by shard index, else
 //!   done; volumes: merged and sorted by name; space: summed) and sends the
@@ -59,7 +65,9 @@ use crate::error::{Error, Result};
 use crate::format::shard_of;
 use crate::pool::Pool;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -263,15 +271,16 @@ enum Route {
     All(FanOut),
 }
 
-fn route(req: &Request, shards: usize) -> Route {
+fn route(req: &Request, shards: usize, placement: &Placement) -> Route {
     if shards <= 1 {
         return Route::One(0);
     }
-    let by = |volume: &str| Route::One(shard_of(volume, shards));
+    let by = |volume: &str| Route::One(placement.shard(volume, shards));
     match req {
         Request::CreateVolume { name, .. }
         | Request::DeleteVolume { name }
         | Request::ResizeVolume { name, .. } => by(name),
+        Request::CloneVolume { origin, .. } => by(origin),
         Request::CreateQtree { volume, .. }
         | Request::CreateSnapshot { volume, .. }
         | Request::DeleteSnapshot { volume, .. }
@@ -289,6 +298,130 @@ fn route(req: &Request, shards: usize) -> Route {
         Request::Space => Route::All(FanOut::Space),
         Request::CheckInvariants => Route::All(FanOut::CheckInvariants),
         Request::SetAttr { .. } | Request::GetAttr { .. } => Route::One(0),
+    }
+}
+
+/// Where the volumes live that do not live on the shard their name hashes
+/// to: clones, which live on their origin's shard (they share its blocks).
+/// Learned at start from every shard's volume list, then kept by the
+/// handle as clones are made and deleted. The requests that take or free a
+/// volume name ([`is_naming`]) hold `names` while they run, so a name is
+/// checked and taken atomically across shards; every other request reads
+/// the table only when it is not empty.
+#[derive(Default)]
+struct Placement {
+    any: AtomicBool,
+    placed: RwLock<HashMap<String, usize>>,
+    names: Mutex<()>,
+}
+
+impl Placement {
+    /// The shard that holds volume `name`.
+    fn shard(&self, name: &str, shards: usize) -> usize {
+        if self.any.load(Ordering::Acquire) {
+            if let Some(&i) = self.read().get(name) {
+                return i;
+            }
+        }
+        shard_of(name, shards)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, usize>> {
+        self.placed.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, name: &str, shard: Option<usize>) {
+        let mut m = self.placed.write().unwrap_or_else(|p| p.into_inner());
+        match shard {
+            Some(i) => {
+                m.insert(name.to_string(), i);
+            }
+            None => {
+                m.remove(name);
+            }
+        }
+        self.any.store(!m.is_empty(), Ordering::Release);
+    }
+}
+
+/// Requests that take or free a volume name: on a pool of several shards
+/// they run one at a time ([`Placement`]).
+fn is_naming(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::CreateVolume { .. } | Request::CloneVolume { .. } | Request::DeleteVolume { .. }
+    )
+}
+
+/// Run `req` on shard `i` and wait for its reply.
+fn call_shard(shards: &[Sender<Msg>], i: usize, req: Request) -> Result<Reply> {
+    let (done, rx) = bounded(1);
+    let tx = shards.get(i).ok_or(Error::ShutDown)?;
+    tx.send(Msg::Call { req, tag: 0, done })
+        .map_err(|_| Error::ShutDown)?;
+    rx.recv().map_or(Err(Error::ShutDown), |(_, r)| r)
+}
+
+/// A naming request on a pool of several shards, run to its end under
+/// `placement.names`: a new name must be free on every shard (its own by
+/// hash, and the placed clones); a clone goes to its origin's shard and is
+/// placed there when that is not its name's shard; a deleted volume is
+/// placed no more.
+fn run_naming(shards: &[Sender<Msg>], placement: &Placement, req: Request) -> Result<Reply> {
+    let n = shards.len();
+    let _names = placement.names.lock().unwrap_or_else(|p| p.into_inner());
+    let taken = |name: &str| Error::AlreadyExists {
+        what: "volume",
+        name: name.to_string(),
+    };
+    match req {
+        Request::CreateVolume { ref name, .. } => {
+            if placement.read().contains_key(name) {
+                return Err(taken(name));
+            }
+            call_shard(shards, shard_of(name, n), req)
+        }
+        Request::CloneVolume {
+            ref origin,
+            ref name,
+            ..
+        } => {
+            if placement.read().contains_key(name) {
+                return Err(taken(name));
+            }
+            let (home, at) = (shard_of(name, n), placement.shard(origin, n));
+            if home != at {
+                let Reply::Volumes(vols) = call_shard(shards, home, Request::ListVolumes)? else {
+                    return Err(Error::Invariant(format!(
+                        "shard {home} answered a volume list with something else"
+                    )));
+                };
+                if vols.iter().any(|v| v.name == *name) {
+                    return Err(taken(name));
+                }
+            }
+            let name = name.clone();
+            let r = call_shard(shards, at, req)?;
+            if home != at {
+                placement.set(&name, Some(at));
+            }
+            Ok(r)
+        }
+        Request::DeleteVolume { ref name } => {
+            let name = name.clone();
+            let r = call_shard(shards, placement.shard(&name, n), req)?;
+            placement.set(&name, None);
+            Ok(r)
+        }
+        other => call_shard(shards, route_one(&other, n, placement), other),
+    }
+}
+
+/// The one shard a request that names a volume goes to (0 otherwise).
+fn route_one(req: &Request, shards: usize, placement: &Placement) -> usize {
+    match route(req, shards, placement) {
+        Route::One(i) => i,
+        Route::All(_) => 0,
     }
 }
 
@@ -345,7 +478,24 @@ impl Engine {
                 });
             }
         }
-        Ok(Self::spawn_all(pools, opts))
+        let handle = Self::spawn_all(pools, opts);
+        if let Backend::Threads {
+            shards, placement, ..
+        } = &handle.backend
+        {
+            // Clones live on their origin's shard, wherever their names hash.
+            for i in 0..n {
+                let Reply::Volumes(vols) = call_shard(shards, i, Request::ListVolumes)? else {
+                    return Err(Error::Invariant(format!(
+                        "shard {i} answered a volume list with something else"
+                    )));
+                };
+                for v in vols.iter().filter(|v| shard_of(&v.name, n) != i) {
+                    placement.set(&v.name, Some(i));
+                }
+            }
+        }
+        Ok(handle)
     }
 
     fn spawn_all<X: Executor>(execs: Vec<X>, opts: EngineOptions) -> EngineHandle {
@@ -382,6 +532,7 @@ impl Engine {
             backend: Backend::Threads {
                 shards: senders.into(),
                 threads: Arc::new(Mutex::new(threads)),
+                placement: Arc::new(Placement::default()),
             },
         }
     }
@@ -415,6 +566,7 @@ enum Backend {
         /// One sender per shard, in shard order.
         shards: Arc<[Sender<Msg>]>,
         threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+        placement: Arc<Placement>,
     },
     Inline(Arc<Inline>),
 }
@@ -507,14 +659,21 @@ impl EngineHandle {
     /// caller has not yet received (an unbounded channel, or one as deep as
     /// the caller's queue).
     pub fn submit(&self, req: Request, tag: u64, done: Sender<(u64, Result<Reply>)>) {
-        let shards = match &self.backend {
-            Backend::Threads { shards, .. } => shards,
+        let (shards, placement) = match &self.backend {
+            Backend::Threads {
+                shards, placement, ..
+            } => (shards, placement),
             Backend::Inline(inline) => {
                 let _ = done.send((tag, inline.run(req)));
                 return;
             }
         };
-        match route(&req, shards.len()) {
+        if shards.len() > 1 && is_naming(&req) {
+            // Control-plane requests, rare: run to their end here.
+            let _ = done.send((tag, run_naming(shards, placement, req)));
+            return;
+        }
+        match route(&req, shards.len(), placement) {
             Route::One(i) => {
                 let sent = match shards.get(i) {
                     Some(tx) => tx
@@ -556,7 +715,9 @@ impl EngineHandle {
     /// get [`Error::ShutDown`]. Calling it again returns `Ok(())`.
     pub fn shutdown(&self) -> Result<()> {
         let (shards, threads) = match &self.backend {
-            Backend::Threads { shards, threads } => (shards, threads),
+            Backend::Threads {
+                shards, threads, ..
+            } => (shards, threads),
             Backend::Inline(inline) => return inline.shutdown(),
         };
         let waits: Vec<_> = shards

@@ -10,7 +10,8 @@
 //! past newer ones with `destroy_newer`) are part of the workload; a resize
 //! and a rollback are also cut at every device op on their own
 //! (`crash_inside_resize`, `crash_inside_rollback`): the image after
-//! recovery is the one before or the one after, never between.
+//! recovery is the one before or the one after, never between. So are a
+//! clone's create, write, snapshot and delete (`crash_inside_clone`).
 //! Seed printed; replay with `SLUICE_SEED=<n>`.
 
 // Tests may panic: the engine's no-panic lints (engine/Cargo.toml) are for
@@ -263,12 +264,13 @@ fn setup() -> (Pool<SimDevice>, sluice_engine::device::sim::SimHandle) {
 }
 
 fn read_img(pool: &mut Pool<SimDevice>, i: usize, snap: Option<String>) -> Img {
+    read_ns(pool, ns(i), snap)
+}
+
+fn read_ns(pool: &mut Pool<SimDevice>, ns: NsName, snap: Option<String>) -> Img {
     let r = pool
         .execute(Request::Read {
-            image: Image {
-                ns: ns(i),
-                snapshot: snap,
-            },
+            image: Image { ns, snapshot: snap },
             lba: 0,
             len_blocks: SIZE as u32,
         })
@@ -711,4 +713,126 @@ fn crash_inside_rollback() {
     }
     assert!(total > 0);
     println!("rollback: {total} device ops, {images} crash images checked");
+}
+
+/// A clone of `a` made, written (FUA), snapshotted and deleted, cut at
+/// every device op: every image mounts and passes its invariants (the
+/// free map exact: nothing the clone shared with `a` freed, nothing it
+/// wrote leaked), `a` and `b` read as taken, and the clone is in one of
+/// its states in order from the last acknowledged one: absent, `a`'s
+/// image, `a`'s image with the write, absent again. While the clone
+/// exists `a` cannot be deleted; once it is gone, `a` can.
+#[test]
+fn crash_inside_clone() {
+    let seed = sluice_testkit::seed("crash_inside_clone");
+    let steps = || {
+        let mut buf = AlignedBuf::zeroed(2);
+        buf.block_mut(0).copy_from_slice(&block(900));
+        buf.block_mut(1).copy_from_slice(&block(901));
+        vec![
+            Request::CloneVolume {
+                origin: "vol".into(),
+                snapshot: "a".into(),
+                name: "c".into(),
+            },
+            Request::Write {
+                ns: NsName::volume("c"),
+                lba: 3,
+                data: buf,
+                fua: true,
+                replica: false,
+            },
+            Request::CreateSnapshot {
+                volume: "c".into(),
+                name: "c1".into(),
+                id: None,
+                created_unix_ms: Some(3),
+            },
+            Request::DeleteVolume { name: "c".into() },
+        ]
+    };
+    let (mut pool, h) = setup();
+    before_rollback(&mut pool, seed);
+    let a = read_img(&mut pool, 0, Some("a".into()));
+    let b = read_img(&mut pool, 0, Some("b".into()));
+    let mut written = a.clone();
+    written.insert(3, 900);
+    written.insert(4, 901);
+    // The clone's image after each step (None: no clone).
+    let states = [
+        None,
+        Some(a.clone()),
+        Some(written.clone()),
+        Some(written),
+        None,
+    ];
+    let ops0 = h.ops_total();
+    for r in steps() {
+        pool.execute(r).unwrap();
+    }
+    let total = h.ops_total() - ops0;
+    drop(pool);
+    let mut images = 0;
+    for n in 0..=total {
+        let (mut pool, h) = setup();
+        before_rollback(&mut pool, seed);
+        h.crash_after_ops(n);
+        let mut acked = 0;
+        for r in steps() {
+            if pool.execute(r).is_err() {
+                break;
+            }
+            acked += 1;
+        }
+        // Every step is durable when acknowledged: the clone may show the
+        // state of the last acknowledged step or of the one cut short.
+        let allowed = &states[acked..(acked + 2).min(states.len())];
+        for (mode, s) in [
+            (CrashMode::DropAll, 0),
+            (CrashMode::KeepAll, 0),
+            (CrashMode::Random, seed ^ n),
+            (CrashMode::Random, seed ^ (n << 16)),
+        ] {
+            images += 1;
+            let mut p = Pool::open(h.crash_image(mode, s))
+                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
+            p.check_invariants()
+                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
+            assert!(
+                read_img(&mut p, 0, Some("a".into())) == a,
+                "seed {seed} op {n}: a changed"
+            );
+            assert!(
+                read_img(&mut p, 0, Some("b".into())) == b,
+                "seed {seed} op {n}: b changed"
+            );
+            let Ok(Reply::Volumes(vols)) = p.execute(Request::ListVolumes) else {
+                panic!("seed {seed} op {n}: list volumes failed")
+            };
+            let clone = vols
+                .iter()
+                .any(|v| v.name == "c")
+                .then(|| read_ns(&mut p, NsName::volume("c"), None));
+            assert!(
+                allowed.contains(&clone),
+                "seed {seed} op {n} {mode:?}: after {acked} acknowledged steps the clone is {clone:?}"
+            );
+            let del = p.execute(Request::DeleteSnapshot {
+                volume: "vol".into(),
+                name: "a".into(),
+            });
+            if clone.is_some() {
+                assert!(
+                    matches!(del, Err(sluice_engine::Error::HasClones { .. })),
+                    "seed {seed} op {n} {mode:?}: the clone's origin deleted: {del:?}"
+                );
+            } else {
+                assert!(del.is_ok(), "seed {seed} op {n} {mode:?}: {del:?}");
+            }
+            p.check_invariants()
+                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: after: {e}"));
+        }
+    }
+    assert!(total > 0);
+    println!("clone: {total} device ops, {images} crash images checked");
 }

@@ -1,5 +1,6 @@
 //! Fault injection: EIO on reads, writes and flushes at each point of a
-//! small workload (writes, trims, snapshots, a resize and a rollback; clear errors; failed writes/CPs poison writes, reads keep
+//! small workload (writes, trims, snapshots, a resize, a clone written and
+//! deleted, and a rollback; clear errors; failed writes/CPs poison writes, reads keep
 //! working, reopen recovers), and bit flips in every kind of block (clear
 //! errors naming the block, never wrong data returned as good).
 
@@ -101,6 +102,27 @@ fn workload(pool: &mut Pool<SimDevice>) -> sluice_engine::Result<()> {
         })?;
     }
     write(pool, 3, 6000)?;
+    // A clone of base, written, snapshotted and deleted (its delete walk
+    // reads the origin's plane too).
+    pool.execute(Request::CloneVolume {
+        origin: "vol".into(),
+        snapshot: "base".into(),
+        name: "c".into(),
+    })?;
+    pool.execute(Request::Write {
+        ns: NsName::volume("c"),
+        lba: 5,
+        data: AlignedBuf::from_slice(&block(7000)),
+        fua: false,
+        replica: false,
+    })?;
+    pool.execute(Request::CreateSnapshot {
+        volume: "c".into(),
+        name: "c1".into(),
+        id: None,
+        created_unix_ms: None,
+    })?;
+    pool.execute(Request::DeleteVolume { name: "c".into() })?;
     pool.execute(Request::Rollback {
         volume: "vol".into(),
         snapshot: "base".into(),
@@ -118,7 +140,7 @@ fn workload(pool: &mut Pool<SimDevice>) -> sluice_engine::Result<()> {
 fn eio_at_every_point() {
     let mut cases = 0;
     for kind in 0..3 {
-        for after in 0..80u64 {
+        for after in 0..110u64 {
             let (pool, h) = setup();
             // Fresh cache so metadata reads reach the device too.
             let dev = pool.into_device();
@@ -354,6 +376,26 @@ fn bad_input_is_refused_and_changes_nothing() {
             name: "base".into(),
             id: None,
             created_unix_ms: None,
+        },
+        Request::CloneVolume {
+            origin: "vol".into(),
+            snapshot: "zz".into(),
+            name: "c".into(),
+        },
+        Request::CloneVolume {
+            origin: "nope".into(),
+            snapshot: "base".into(),
+            name: "c".into(),
+        },
+        Request::CloneVolume {
+            origin: "vol".into(),
+            snapshot: "base".into(),
+            name: "vol".into(),
+        },
+        Request::CloneVolume {
+            origin: "vol".into(),
+            snapshot: "base".into(),
+            name: "-c".into(),
         },
     ];
     for r in bad {

@@ -2,7 +2,8 @@
 //! snapshot create/delete, read-only flags (volume and qtree; client writes
 //! refused, replica writes taken), volume resizes (grow; shrink refused
 //! while any image maps a block past the new end), rollbacks (to the
-//! newest snapshot, or past newer ones that go with it), reads, diffs and
+//! newest snapshot, or past newer ones that go with it), clones of
+//! snapshots (their origins held while they exist), reads, diffs and
 //! reopens, checked against
 //! a plain in-memory model and `check_invariants()` after every step.
 //! Seed printed; replay with `SLUICE_SEED=<n>`.
@@ -38,6 +39,20 @@ struct MVol {
     /// Read-only flag per namespace: index 0 is the volume's (it covers
     /// every namespace), the others the qtrees' own.
     ro: Vec<bool>,
+    /// A clone's origin: (volume, snapshot).
+    origin: Option<(String, String)>,
+}
+
+/// The clones made from snapshot `snap` of volume `vol` (any snapshot when
+/// `snap` is None).
+fn clones_of(vols: &[MVol], vol: &str, snap: Option<&str>) -> usize {
+    vols.iter()
+        .filter(|c| {
+            c.origin
+                .as_ref()
+                .is_some_and(|(v, s)| v == vol && snap.is_none_or(|x| x == s))
+        })
+        .count()
 }
 
 impl MVol {
@@ -97,15 +112,17 @@ fn check_read(pool: &mut Pool<SimDevice>, img: Image, model: &Img, size: u64) {
     }
 }
 
-fn run_case(seed: u64, steps: usize) {
+/// Runs one case; returns how many clones it made.
+fn run_case(seed: u64, steps: usize) -> usize {
     let mut rng = Rng::new(seed);
     let dev = SimDevice::new(4096);
     let mut pool = Pool::format(dev, FormatOptions { volumes_max: 4 }).unwrap();
     let mut vols: Vec<MVol> = Vec::new();
     let mut counter = 1u64;
     let mut vol_seq = 0u64;
+    let mut clones = 0;
     for _step in 0..steps {
-        let op = rng.below(106);
+        let op = rng.below(110);
         if vols.is_empty() || (op < 3 && vols.len() < 3) {
             let name = format!("v{vol_seq}");
             vol_seq += 1;
@@ -121,10 +138,60 @@ fn run_case(seed: u64, steps: usize) {
                 live: vec![Img::new()],
                 snaps: vec![],
                 ro: vec![false],
+                origin: None,
             });
             continue;
         }
         let vi = rng.below(vols.len() as u64) as usize;
+        // A clone of one of this volume's snapshots: shares its blocks,
+        // starts as its image, then diverges (checked by the reads and
+        // invariants after every step).
+        if (104..=107).contains(&op) && !vols[vi].snaps.is_empty() {
+            let v = &vols[vi];
+            let si = rng.below(v.snaps.len() as u64) as usize;
+            let (sname, imgs) = v.snaps[si].clone();
+            let name = format!("v{vol_seq}");
+            vol_seq += 1;
+            let r = pool.execute(Request::CloneVolume {
+                origin: v.name.clone(),
+                snapshot: sname.clone(),
+                name: name.clone(),
+            });
+            if vols.len() >= 4 {
+                assert!(
+                    matches!(r, Err(Error::TooManyVolumes { .. })),
+                    "seed {seed}: a clone past the volume limit: {r:?}"
+                );
+            } else {
+                let Ok(Reply::Volume(info)) = r else {
+                    panic!("seed {seed}: clone of {}@{sname}: {r:?}", v.name)
+                };
+                assert_eq!(
+                    info.origin.map(|o| (o.volume, o.snapshot)),
+                    Some((v.name.clone(), sname.clone())),
+                    "seed {seed}"
+                );
+                let n = imgs.len();
+                clones += 1;
+                vols.push(MVol {
+                    name,
+                    ns: v.ns[..n].to_vec(),
+                    live: imgs,
+                    snaps: vec![],
+                    ro: vec![false; n],
+                    origin: Some((v.name.clone(), sname)),
+                });
+            }
+            pool.check_invariants()
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            continue;
+        }
+        let clones_of_vol = clones_of(&vols, &vols[vi].name, None);
+        let snap_clones: Vec<usize> = vols[vi]
+            .snaps
+            .iter()
+            .map(|(s, _)| clones_of(&vols, &vols[vi].name, Some(s)))
+            .collect();
         let v = &mut vols[vi];
         let ni = rng.below(v.ns.len() as u64) as usize;
         let size = v.ns[ni].1;
@@ -269,12 +336,19 @@ fn run_case(seed: u64, steps: usize) {
             }
             72..=76 if !v.snaps.is_empty() => {
                 let si = rng.below(v.snaps.len() as u64) as usize;
-                let (name, _) = v.snaps.remove(si);
-                pool.execute(Request::DeleteSnapshot {
+                let r = pool.execute(Request::DeleteSnapshot {
                     volume: v.name.clone(),
-                    name,
-                })
-                .unwrap();
+                    name: v.snaps[si].0.clone(),
+                });
+                if snap_clones[si] > 0 {
+                    assert!(
+                        matches!(r, Err(Error::HasClones { .. })),
+                        "seed {seed}: delete of a cloned snapshot: {r:?}"
+                    );
+                } else {
+                    r.unwrap();
+                    v.snaps.remove(si);
+                }
             }
             77..=84 => {
                 let snap = if !v.snaps.is_empty() && rng.below(2) == 0 {
@@ -348,8 +422,17 @@ fn run_case(seed: u64, steps: usize) {
                 // The volume goes with everything it held; the others stay
                 // as they were (checked by the reads and invariants after).
                 let name = v.name.clone();
-                pool.execute(Request::DeleteVolume { name: name.clone() })
-                    .unwrap();
+                let r = pool.execute(Request::DeleteVolume { name: name.clone() });
+                if clones_of_vol > 0 {
+                    assert!(
+                        matches!(r, Err(Error::HasClones { .. })),
+                        "seed {seed}: delete of a volume with clones: {r:?}"
+                    );
+                    pool.check_invariants()
+                        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                    continue;
+                }
+                r.unwrap();
                 vols.remove(vi);
                 let e = pool.execute(Request::ListSnapshots { volume: name });
                 assert!(
@@ -410,6 +493,11 @@ fn run_case(seed: u64, steps: usize) {
                         matches!(r, Err(Error::ReadOnly { .. })),
                         "seed {seed}: rollback of a read-only volume or qtree: {r:?}"
                     );
+                } else if destroy_newer && snap_clones[si + 1..].iter().any(|&c| c > 0) {
+                    assert!(
+                        matches!(r, Err(Error::HasClones { .. })),
+                        "seed {seed}: rollback past a cloned snapshot: {r:?}"
+                    );
                 } else if si + 1 < v.snaps.len() && !destroy_newer {
                     assert!(
                         matches!(r, Err(Error::NewerSnapshots { .. })),
@@ -469,6 +557,7 @@ fn run_case(seed: u64, steps: usize) {
             }
         }
     }
+    clones
 }
 
 #[test]
@@ -478,7 +567,10 @@ fn model_random_workloads() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3000);
+    let mut clones = 0;
     for c in 0..cases {
-        run_case(s.wrapping_add(c.wrapping_mul(0x9E37_79B9)), 60);
+        clones += run_case(s.wrapping_add(c.wrapping_mul(0x9E37_79B9)), 60);
     }
+    println!("model: {cases} cases, {clones} clones");
+    assert!(cases == 0 || clones > 0, "the workload made no clone");
 }

@@ -248,8 +248,8 @@ fn the_flag_survives_reopen_and_a_crash_at_every_point() {
 }
 
 /// A pool written by a format-2 build has no namespace flags: it opens
-/// with every qtree writable; its next CP writes format 3, which keeps the
-/// flag from then on.
+/// with every qtree writable; its next CP writes the current format, which
+/// keeps the flag from then on.
 #[test]
 fn a_format_2_pool_opens_with_writable_qtrees() {
     let dev = SimDevice::new(2048);
@@ -274,7 +274,7 @@ fn a_format_2_pool_opens_with_writable_qtrees() {
     let slot = pool.generation() % 2;
     assert_eq!(sim.read_durable(slot)[8..12], FORMAT_VERSION.to_le_bytes());
     let mut pool = Pool::open(pool.into_device()).expect("reopen");
-    assert!(flags(&mut pool).1[0].1, "format 3 keeps the flag");
+    assert!(flags(&mut pool).1[0].1, "the current format keeps the flag");
     assert_eq!(read(&mut pool, q(), 1), 8);
     pool.check_invariants().expect("invariants");
 }

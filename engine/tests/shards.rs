@@ -1,7 +1,8 @@
 //! Thread-per-core shards on simulated devices (one `SimDevice` per
 //! region): volumes on every shard served at once by several caller
 //! threads, checked against an in-memory model; the fan-out requests
-//! (ListVolumes, Space, Flush); a crash of every region after a flush; and
+//! (ListVolumes, Space, Flush); a crash of every region after a flush;
+//! clones placed on their origin's shard; and
 //! the errors that opening a pool with a bad region gives.
 //! Seed printed; replay with `SLUICE_SEED=<n>`.
 
@@ -415,6 +416,173 @@ fn attrs_and_fan_out_in_flight() {
 }
 
 // --- Opening a pool with a bad region ---
+
+/// A clone lives on its origin's shard whatever shard its name hashes to:
+/// reads and writes reach it there, its name is taken on every shard (a
+/// create or clone of the same name is refused wherever it would go), a
+/// restart finds it again, and once deleted its name is free.
+#[test]
+fn a_clone_lives_on_its_origins_shard() {
+    let n = 3;
+    let (devs, handles) = sims(n);
+    let pools = format_sharded(devs, FormatOptions::default()).expect("format");
+    let h = Engine::start_sharded(pools, EngineOptions::default()).expect("start");
+    let origin = "vol0";
+    let at = shard_of(origin, n);
+    // A clone name for each other shard, and one for the origin's own.
+    let names: Vec<String> = (0..n)
+        .map(|want| {
+            (0..)
+                .map(|k| format!("clone{k}"))
+                .find(|c| shard_of(c, n) == want)
+                .unwrap()
+        })
+        .collect();
+    h.call(Request::CreateVolume {
+        name: origin.into(),
+        size_bytes: VOL_BLOCKS * 4096,
+    })
+    .unwrap();
+    h.call(Request::Write {
+        ns: NsName::volume(origin),
+        lba: 7,
+        data: block(70),
+        fua: false,
+        replica: false,
+    })
+    .unwrap();
+    h.call(Request::CreateSnapshot {
+        volume: origin.into(),
+        name: "s".into(),
+        id: None,
+        created_unix_ms: None,
+    })
+    .unwrap();
+    for (i, c) in names.iter().enumerate() {
+        let r = h.call(Request::CloneVolume {
+            origin: origin.into(),
+            snapshot: "s".into(),
+            name: c.clone(),
+        });
+        assert!(
+            matches!(r, Ok(Reply::Volume(_))),
+            "clone {c} (hashes to shard {i}): {r:?}"
+        );
+        assert_eq!(read_one(&h, c, None, 7), block(70).as_slice(), "{c}");
+        h.call(Request::Write {
+            ns: NsName::volume(c),
+            lba: 8,
+            data: block(80 + i as u64),
+            fua: false,
+            replica: false,
+        })
+        .unwrap();
+        // The name is taken everywhere: as a new volume, and as a clone.
+        let r = h.call(Request::CreateVolume {
+            name: c.clone(),
+            size_bytes: 4096,
+        });
+        assert!(
+            matches!(r, Err(Error::AlreadyExists { .. })),
+            "create {c}: {r:?}"
+        );
+        let r = h.call(Request::CloneVolume {
+            origin: origin.into(),
+            snapshot: "s".into(),
+            name: c.clone(),
+        });
+        assert!(
+            matches!(r, Err(Error::AlreadyExists { .. })),
+            "clone {c} again: {r:?}"
+        );
+    }
+    // A clone may not take the name of a volume on another shard.
+    let other = (0..)
+        .map(|k| format!("plain{k}"))
+        .find(|c| shard_of(c, n) != at)
+        .unwrap();
+    h.call(Request::CreateVolume {
+        name: other.clone(),
+        size_bytes: 4096,
+    })
+    .unwrap();
+    let r = h.call(Request::CloneVolume {
+        origin: origin.into(),
+        snapshot: "s".into(),
+        name: other.clone(),
+    });
+    assert!(
+        matches!(r, Err(Error::AlreadyExists { .. })),
+        "clone onto {other}: {r:?}"
+    );
+    let Ok(Reply::Volumes(vols)) = h.call(Request::ListVolumes) else {
+        panic!("list")
+    };
+    let listed: Vec<&str> = vols.iter().map(|v| v.name.as_str()).collect();
+    for c in &names {
+        assert_eq!(
+            listed.iter().filter(|&&x| x == c).count(),
+            1,
+            "{c} in {listed:?}"
+        );
+    }
+    h.call(Request::CheckInvariants).expect("invariants");
+    h.call(Request::Flush).unwrap();
+    h.shutdown().unwrap();
+
+    // A restart finds every clone on the origin's shard.
+    let devs: Vec<SimDevice> = handles
+        .iter()
+        .map(|s| s.crash_image(CrashMode::DropAll, 0))
+        .collect();
+    let h = Engine::start_sharded(
+        open_sharded(devs).expect("reopen"),
+        EngineOptions::default(),
+    )
+    .expect("restart");
+    for (i, c) in names.iter().enumerate() {
+        assert_eq!(read_one(&h, c, None, 7), block(70).as_slice(), "{c}");
+        assert_eq!(
+            read_one(&h, c, None, 8),
+            block(80 + i as u64).as_slice(),
+            "{c}"
+        );
+        let r = h.call(Request::CreateVolume {
+            name: c.clone(),
+            size_bytes: 4096,
+        });
+        assert!(
+            matches!(r, Err(Error::AlreadyExists { .. })),
+            "after restart, create {c}: {r:?}"
+        );
+    }
+    let r = h.call(Request::DeleteSnapshot {
+        volume: origin.into(),
+        name: "s".into(),
+    });
+    assert!(matches!(r, Err(Error::HasClones { .. })), "{r:?}");
+    // Deleted, a clone's name is free again, on its own shard.
+    for c in &names {
+        h.call(Request::DeleteVolume { name: c.clone() }).unwrap();
+        h.call(Request::CreateVolume {
+            name: c.clone(),
+            size_bytes: VOL_BLOCKS * 4096,
+        })
+        .unwrap_or_else(|e| panic!("create {c} after its clone went: {e}"));
+        assert_eq!(
+            read_one(&h, c, None, 7),
+            vec![0u8; 4096],
+            "{c} is a new volume"
+        );
+    }
+    h.call(Request::DeleteSnapshot {
+        volume: origin.into(),
+        name: "s".into(),
+    })
+    .unwrap();
+    h.call(Request::CheckInvariants).expect("invariants");
+    h.shutdown().unwrap();
+}
 
 fn formatted(n: usize) -> (Vec<SimDevice>, Vec<SimHandle>) {
     let (devs, handles) = sims(n);

@@ -1128,6 +1128,7 @@ mod tests {
             digests: Vec::new(),
             referenced_blocks: 0,
             unique_blocks: 0,
+            clones: Vec::new(),
         };
         let snaps = vec![snap(1), snap(2)];
         let mut r = spec(true, 0).request;

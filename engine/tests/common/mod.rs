@@ -24,9 +24,11 @@ impl Rng {
     }
 }
 
-/// Make the pool on `dev` look as a build of format `version` (1 or 2)
-/// left it: the newest catalog without the flags byte after each live
-/// namespace (format 3 added it) and both superblock slots with the old
+/// Make the pool on `dev` look as a build of format `version` (1 to 3)
+/// left it: the newest catalog without the origin tag after each volume
+/// (format 4 added it; the pool must have no clone), without the flags
+/// byte after each live namespace for versions 1 and 2 (format 3 added
+/// it), and both superblock slots with the old
 /// version (version 1: nothing after `volumes_max`). The older slot's
 /// catalog is left alone: the newer slot wins at mount, so it is not read.
 /// For pools whose catalog fits one block.
@@ -36,7 +38,7 @@ pub fn downgrade(
     version: u32,
 ) {
     use sluice_engine::format::*;
-    assert!(version == 1 || version == 2, "downgrade to {version}");
+    assert!((1..=3).contains(&version), "downgrade to {version}");
     let slots: Vec<Option<Superblock>> = (0..2u64)
         .map(|s| Superblock::decode(&sim.read_durable(s), s).expect("superblock"))
         .collect();
@@ -52,7 +54,7 @@ pub fn downgrade(
     let mut r = Reader::new(payload, at.pba, "catalog");
     assert_eq!(r.ptr().expect("next").pba, 0, "catalog of one block");
     let len = r.u32().expect("len") as usize;
-    let blob = catalog_without_ns_flags(r.take(len).expect("blob"));
+    let blob = catalog_of_version(r.take(len).expect("blob"), version);
     let mut w = Writer::default();
     w.ptr(Ptr::default());
     w.u32(blob.len() as u32);
@@ -75,8 +77,10 @@ pub fn downgrade(
     }
 }
 
-/// A format-3 catalog blob (docs/FORMAT.md) as formats 1 and 2 encode it.
-fn catalog_without_ns_flags(blob: &[u8]) -> Vec<u8> {
+/// A format-4 catalog blob (docs/FORMAT.md) as format `version` encodes
+/// it: without the per-volume origin (formats 1 to 3; the pool must have
+/// no clone) and without the namespace flags (formats 1 and 2).
+fn catalog_of_version(blob: &[u8], version: u32) -> Vec<u8> {
     use sluice_engine::format::{Reader, Writer};
     let mut r = Reader::new(blob, 0, "catalog");
     let mut w = Writer::default();
@@ -100,7 +104,10 @@ fn catalog_without_ns_flags(blob: &[u8]) -> Vec<u8> {
         for _ in 0..count(&mut r, &mut w) {
             str(&mut r, &mut w);
             raw(&mut r, &mut w, 8 + 16 + 16); // size, map root, digest
-            r.u8().expect("namespace flags"); // not in formats 1 and 2
+            let flags = r.u8().expect("namespace flags");
+            if version >= 3 {
+                w.u8(flags);
+            }
         }
         for _ in 0..count(&mut r, &mut w) {
             raw(&mut r, &mut w, 16); // uuid
@@ -111,6 +118,12 @@ fn catalog_without_ns_flags(blob: &[u8]) -> Vec<u8> {
                 raw(&mut r, &mut w, 16 + 16); // map root, digest
             }
         }
+        // Not in formats 1 to 3, which have no clones.
+        assert_eq!(
+            r.u8().expect("origin tag"),
+            0,
+            "a clone cannot be downgraded"
+        );
     }
     for _ in 0..count(&mut r, &mut w) {
         str(&mut r, &mut w); // key

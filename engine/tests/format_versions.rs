@@ -1,0 +1,90 @@
+//! Pools written by older builds: a format-3 pool (from before clones)
+//! opens with no clone, and its next consistency point writes the current
+//! format, after which clones work and survive a reopen. (Formats 1 and 2
+//! are covered where their fields are: `shards.rs`, `qtree_read_only.rs`.)
+
+// Tests may panic: the engine's no-panic lints (engine/Cargo.toml) are for
+// production code; clippy.toml covers #[test] functions, this the helpers.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use sluice_engine::api::*;
+use sluice_engine::device::sim::SimDevice;
+use sluice_engine::device::AlignedBuf;
+use sluice_engine::format::FORMAT_VERSION;
+use sluice_engine::{FormatOptions, Pool};
+
+mod common;
+
+fn read(pool: &mut Pool<SimDevice>, volume: &str, lba: u64) -> u8 {
+    match pool.execute(Request::Read {
+        image: Image {
+            ns: NsName::volume(volume),
+            snapshot: None,
+        },
+        lba,
+        len_blocks: 1,
+    }) {
+        Ok(Reply::Data(b)) => b.as_slice()[0],
+        other => panic!("read {volume} lba {lba}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_format_3_pool_opens_and_takes_clones_after_its_next_checkpoint() {
+    let dev = SimDevice::new(2048);
+    let sim = dev.handle();
+    let mut pool = Pool::format(dev, FormatOptions::default()).unwrap();
+    pool.execute(Request::CreateVolume {
+        name: "vol".into(),
+        size_bytes: 64 * 4096,
+    })
+    .unwrap();
+    let mut b = AlignedBuf::zeroed(1);
+    b.as_mut_slice().fill(5);
+    pool.execute(Request::Write {
+        ns: NsName::volume("vol"),
+        lba: 2,
+        data: b,
+        fua: false,
+        replica: false,
+    })
+    .unwrap();
+    pool.execute(Request::CreateSnapshot {
+        volume: "vol".into(),
+        name: "s".into(),
+        id: None,
+        created_unix_ms: None,
+    })
+    .unwrap();
+    let mut dev = pool.into_device();
+    common::downgrade(&mut dev, &sim, 3);
+    let mut pool = Pool::open(dev).expect("a format-3 pool opens");
+    pool.check_invariants().unwrap();
+    let Ok(Reply::Volumes(vols)) = pool.execute(Request::ListVolumes) else {
+        panic!("list")
+    };
+    assert!(vols.iter().all(|v| v.origin.is_none()));
+    assert_eq!(read(&mut pool, "vol", 2), 5);
+    pool.execute(Request::CloneVolume {
+        origin: "vol".into(),
+        snapshot: "s".into(),
+        name: "c".into(),
+    })
+    .expect("clone");
+    let slot = pool.generation() % 2;
+    assert_eq!(sim.read_durable(slot)[8..12], FORMAT_VERSION.to_le_bytes());
+    let mut pool = Pool::open(pool.into_device()).expect("reopen");
+    pool.check_invariants().unwrap();
+    assert_eq!(read(&mut pool, "c", 2), 5);
+    let Ok(Reply::Volumes(vols)) = pool.execute(Request::ListVolumes) else {
+        panic!("list")
+    };
+    let c = vols.iter().find(|v| v.name == "c").expect("the clone");
+    assert_eq!(
+        c.origin,
+        Some(CloneOrigin {
+            volume: "vol".into(),
+            snapshot: "s".into()
+        })
+    );
+}
