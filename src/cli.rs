@@ -71,6 +71,21 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                 eprintln!("warning: {w}");
             }
         }
+        ControlRequest::VolClone {
+            origin, snapshot, ..
+        } => {
+            let v: VolumeView = parse(result)?;
+            crate::out!(
+                "created volume {} ({}), a clone of {origin}@{snapshot}",
+                v.name,
+                fmt_bytes(v.size_bytes)
+            );
+            crate::out!(
+                "  it shares every block with {origin}@{snapshot}, which is kept while {} exists; `vol delete {}` ends the clone",
+                v.name,
+                v.name
+            );
+        }
         ControlRequest::VolResize { .. } => {
             let v: VolumeView = parse(result)?;
             crate::out!("resized volume {} to {}", v.name, fmt_bytes(v.size_bytes));
@@ -141,7 +156,16 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
         }
         ControlRequest::VolList => {
             let vols: Vec<VolumeView> = parse(result)?;
-            let mut t = Table::new(&["VOLUME", ">SIZE", ">USED", ">SNAPSHOTS", ">KEEP", "RO", "QTREES"]);
+            let mut t = Table::new(&[
+                "VOLUME",
+                ">SIZE",
+                ">USED",
+                ">SNAPSHOTS",
+                ">KEEP",
+                "RO",
+                "ORIGIN",
+                "QTREES",
+            ]);
             for v in vols {
                 let q: Vec<String> = v
                     .qtrees
@@ -164,6 +188,7 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                     v.snapshots.to_string(),
                     v.keep.map_or("-".into(), |k| k.to_string()),
                     ro.into(),
+                    v.origin.unwrap_or_else(|| "-".into()),
                     if q.is_empty() {
                         "-".into()
                     } else {
@@ -196,6 +221,9 @@ fn print_text(req: ControlRequest, result: Value) -> Result<()> {
                 // cannot be compared with another node's.
                 for (ns, hex) in &s.digests {
                     t.note(format!("  digest {}: {hex}", ns_label(&volume, ns)));
+                }
+                if !s.clones.is_empty() {
+                    t.note(format!("  clones (held while they exist): {}", s.clones.join(", ")));
                 }
             }
             t.print();

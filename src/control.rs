@@ -39,6 +39,15 @@ pub enum ControlRequest {
         size_bytes: u64,
     },
     VolList,
+    /// A writable clone `name` of snapshot `origin@snapshot`: shares every
+    /// block with it (copy-on-write, created at once whatever the size);
+    /// the snapshot is held while the clone exists, and `vol delete NAME`
+    /// ends the clone.
+    VolClone {
+        origin: String,
+        snapshot: String,
+        name: String,
+    },
     /// Resize a volume's own space: grow always; shrink only when no image
     /// (live or snapshot) maps a block past the new end; refused on a
     /// mirror destination.
@@ -206,6 +215,7 @@ impl ControlRequest {
             | ControlRequest::LockList => false,
             ControlRequest::Prune { dry_run, .. } => !dry_run,
             ControlRequest::VolCreate { .. }
+            | ControlRequest::VolClone { .. }
             | ControlRequest::VolResize { .. }
             | ControlRequest::VolDelete { .. }
             | ControlRequest::VolRetain { .. }
@@ -230,6 +240,7 @@ impl ControlRequest {
         match self {
             ControlRequest::VolCreate { .. } => "vol_create",
             ControlRequest::VolList => "vol_list",
+            ControlRequest::VolClone { .. } => "vol_clone",
             ControlRequest::VolResize { .. } => "vol_resize",
             ControlRequest::VolDelete { .. } => "vol_delete",
             ControlRequest::VolRetain { .. } => "vol_retain",
@@ -469,6 +480,14 @@ mod tests {
             }
         );
         assert_eq!(
+            parse_request(r#"{"op":"vol_clone","origin":"v","snapshot":"s","name":"c"}"#).unwrap(),
+            ControlRequest::VolClone {
+                origin: "v".into(),
+                snapshot: "s".into(),
+                name: "c".into()
+            }
+        );
+        assert_eq!(
             parse_request(r#"{"op":"vol_resize","name":"v","size_bytes":8192}"#).unwrap(),
             ControlRequest::VolResize {
                 name: "v".into(),
@@ -487,6 +506,7 @@ mod tests {
         );
         let cases = [
             (r#"{"op":"vol_resize","name":"v"}"#, "size_bytes"),
+            (r#"{"op":"vol_clone","origin":"v","name":"c"}"#, "snapshot"),
             (r#"{"op":"snap_rollback","volume":"v"}"#, "name"),
             ("nope", "not a JSON object"),
             ("[1]", "not a JSON object"),

@@ -223,6 +223,19 @@ enum VolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A writable clone of a snapshot: NEWVOL shares every block with
+    /// VOL@SNAP (copy-on-write; created at once, whatever its size). The
+    /// snapshot cannot be deleted while the clone exists; `vol delete
+    /// NEWVOL` ends the clone and frees what it wrote.
+    Clone {
+        /// The snapshot to clone, VOL@SNAP.
+        snapshot: String,
+        /// The new volume's name.
+        volume: String,
+        /// Print the node's JSON result (the new volume) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Grow VOL to SIZE, or shrink it when nothing (live or in a snapshot)
     /// is mapped past SIZE; refused on a volume mirror's destination (it
     /// follows its source). Open NBD clients see the new size when they
@@ -617,6 +630,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vol {
             cmd: VolCmd::List { json },
         } => (R::VolList, json),
+        Cmd::Vol {
+            cmd:
+                VolCmd::Clone {
+                    snapshot,
+                    volume,
+                    json,
+                },
+        } => {
+            let (origin, snap) = snapshot.split_once('@').ok_or_else(|| {
+                anyhow::anyhow!("{snapshot:?}: name the snapshot to clone as VOL@SNAP")
+            })?;
+            (
+                R::VolClone {
+                    origin: origin.into(),
+                    snapshot: snap.into(),
+                    name: volume,
+                },
+                json,
+            )
+        }
         Cmd::Vol {
             cmd: VolCmd::Resize { volume, size, json },
         } => (

@@ -85,6 +85,10 @@ pub struct VolumeView {
     #[serde(default)]
     pub access: String,
     pub snapshots: usize,
+    /// A clone's origin, `VOL@SNAP`: the snapshot it shares blocks with,
+    /// held while the clone exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     pub qtrees: Vec<QtreeView>,
     /// Retention by count: the node keeps this many newest snapshots
     /// (beyond them only what soft locks hold); absent: no policy.
@@ -123,6 +127,10 @@ impl From<&VolumeInfo> for VolumeView {
             read_only: v.read_only,
             access: access(v).into(),
             snapshots: v.snapshot_count,
+            origin: v
+                .origin
+                .as_ref()
+                .map(|o| format!("{}@{}", o.volume, o.snapshot)),
             qtrees: v
                 .qtrees
                 .iter()
@@ -153,6 +161,10 @@ pub struct SnapshotView {
     pub digests: Vec<(String, String)>,
     /// Soft locks naming this snapshot (filled by the replicator).
     pub locks: Vec<Value>,
+    /// Volumes cloned from this snapshot: it cannot be deleted while any
+    /// exists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clones: Vec<String>,
 }
 
 impl From<&SnapshotInfo> for SnapshotView {
@@ -170,6 +182,7 @@ impl From<&SnapshotInfo> for SnapshotView {
                 .map(|(q, d)| (q.clone().unwrap_or_default(), format!("{d:032x}")))
                 .collect(),
             locks: Vec::new(),
+            clones: s.clones.clone(),
         }
     }
 }
@@ -322,6 +335,18 @@ impl Node {
                 to_value(&v)
             }
             ControlRequest::VolList => to_value(&self.views(&self.volumes()?)),
+            ControlRequest::VolClone {
+                origin,
+                snapshot,
+                name,
+            } => {
+                self.engine.call(Request::CloneVolume {
+                    origin: origin.clone(),
+                    snapshot: snapshot.clone(),
+                    name: name.clone(),
+                })?;
+                to_value(&self.volume(&name)?)
+            }
             ControlRequest::VolResize { name, size_bytes } => {
                 self.repl.vol_resize(&name, size_bytes)?;
                 let mut v = self.volume(&name)?;

@@ -1234,15 +1234,33 @@ impl Replicator {
     }
 
     /// What uses snapshot `volume@name` (global id `id`) now, so that it
-    /// must not be deleted: a transfer this node serves from it, or NBD
-    /// clients reading its export ([`crate::SnapshotUsers`]).
+    /// must not be deleted: a transfer this node serves from it, NBD
+    /// clients reading its export ([`crate::SnapshotUsers`]), or volumes
+    /// cloned from it (the engine refuses that delete too; asked here so
+    /// that retention, prune and a mirror's follow-up deletes skip it
+    /// before the lock table records a delete).
     pub(super) fn in_use(&self, volume: &str, id: Uuid, name: &str) -> Option<String> {
         if lock(&self.serving).contains_key(&id) {
             return Some("a running transfer".into());
         }
         let users = lock(&self.users).clone();
         let n = users.map_or(0, |u| u.readers(volume, name));
-        (n > 0).then(|| format!("{n} NBD client(s) reading its export"))
+        if n > 0 {
+            return Some(format!("{n} NBD client(s) reading its export"));
+        }
+        // A failed listing counts as no clone: the engine's own check stands.
+        let clones: Vec<String> = volumes(&self.engine)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| {
+                v.origin
+                    .as_ref()
+                    .is_some_and(|o| o.volume == volume && o.snapshot == name)
+            })
+            .map(|v| v.name)
+            .collect();
+        (!clones.is_empty())
+            .then(|| format!("clone(s) {} (`vol delete` ends a clone)", clones.join(", ")))
     }
 
     /// Who reads snapshots besides the replicator (the node's NBD server);
