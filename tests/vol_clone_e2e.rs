@@ -10,7 +10,8 @@
 //!   snapshot can go then;
 //! - a clone of a mirror destination's snapshot (a DR test copy) is
 //!   writable, and the mirror's next updates keep the cloned snapshot when
-//!   the source drops it, instead of failing;
+//!   the source drops it, instead of failing, and so does a resync of a
+//!   snapshot taken and cloned while the mirror was broken;
 //! - bad input gets a clear error that names what was wrong.
 
 mod common;
@@ -218,4 +219,26 @@ fn a_clone_of_a_mirror_destination_is_writable_and_the_mirror_keeps_its_snapshot
     a.ok(&["snap", "create", "v", "s5"]);
     b.ok(&["mirror", "update", "v"]);
     assert!(!b.snap_names("v").contains(&"s1".to_string()));
+
+    // A snapshot taken on the broken destination and cloned there is kept
+    // by a resync (not counted as discarded), and the clone stays whole.
+    b.ok(&["mirror", "break", "v"]);
+    NbdClient::open(&b.nbd, "v")
+        .unwrap()
+        .write_fua(0, &[8; 4096])
+        .unwrap();
+    b.ok(&["snap", "create", "v", "local1"]);
+    b.ok(&["vol", "clone", "v@local1", "x"]);
+    let r = b.json(&["mirror", "resync", "v"]);
+    assert!(r["kind"] != "full", "{r}");
+    assert!(b.snap_names("v").contains(&"local1".to_string()), "{r}");
+    assert_eq!(
+        NbdClient::open(&b.nbd, "v").unwrap().read(0, 4096).unwrap(),
+        vec![7; 4096],
+        "resynced to the source"
+    );
+    assert_eq!(
+        NbdClient::open(&b.nbd, "x").unwrap().read(0, 4096).unwrap(),
+        vec![8; 4096]
+    );
 }

@@ -1093,14 +1093,21 @@ impl Replicator {
             return Vec::new();
         }
         let since = rel.broken_unix_ms.unwrap_or(0);
-        let st = lock(&self.st);
-        local
-            .iter()
-            .filter(|s| {
-                !src_ids.contains(&s.id)
-                    && s.created_unix_ms >= since
-                    && st.locks().holders(&rel.dst_volume, s.id).is_empty()
-            })
+        let unlocked: Vec<&SnapshotInfo> = {
+            let st = lock(&self.st);
+            local
+                .iter()
+                .filter(|s| {
+                    !src_ids.contains(&s.id)
+                        && s.created_unix_ms >= since
+                        && st.locks().holders(&rel.dst_volume, s.id).is_empty()
+                })
+                .collect()
+        };
+        // One in use (a clone's origin, an open export) is kept too.
+        unlocked
+            .into_iter()
+            .filter(|s| self.in_use(&rel.dst_volume, s.id, &s.name).is_none())
             .map(|s| s.name.clone())
             .collect()
     }
