@@ -229,8 +229,10 @@ enum VolCmd {
     /// NEWVOL` ends the clone and frees what it wrote.
     Clone {
         /// The snapshot to clone, VOL@SNAP.
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: String,
         /// The new volume's name.
+        #[arg(value_name = "NEWVOL")]
         volume: String,
         /// Print the node's JSON result (the new volume) instead of text.
         #[arg(long)]
