@@ -9,7 +9,8 @@
 //! volumes between one pair of nodes) and qtree mirrors (some cascaded: a
 //! qtree mirror of a qtree mirror), then writes,
 //! snapshots, updates, scheduler ticks (renewals, retention, `--every`
-//! updates), prunes, retention, application locks, forced deletes, breaks
+//! updates), prunes, retention, application locks, clones of snapshots
+//! (made and deleted; a clone holds its snapshot), forced deletes, breaks
 //! and resyncs (some with `--force`), mirror and volume deletes (some
 //! forced), crashes (now, or after N more device writes),
 //! restarts, a node lost for good (its downstreams re-attached to the node
@@ -54,7 +55,7 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sluice_engine::api::{NsName, Request};
+use sluice_engine::api::{NsName, Reply, Request};
 use sluice_engine::device::AlignedBuf;
 use sluice_replicator::{LeasePolicy, MirrorSpec, ReplError, ReplicatorConfig};
 use uuid::Uuid;
@@ -191,6 +192,17 @@ enum Step {
     },
     /// Every stalled connection's held bytes reach their server now.
     Late,
+    /// `vol clone` of the `nth` snapshot of `vol` on `node` (a test copy
+    /// of a source or a mirror: it holds that snapshot until its delete).
+    Clone {
+        node: usize,
+        vol: String,
+        nth: usize,
+    },
+    /// `vol delete` of the oldest clone on `node`.
+    Unclone {
+        node: usize,
+    },
 }
 
 /// What a scenario is built from (derived from its seed).
@@ -415,15 +427,28 @@ fn generate(seed: u64, shape: &Shape) -> Vec<Step> {
             }
             70..=72 => {
                 let (node, vol) = pick(&mut r, &copies);
-                Step::LockAdd {
-                    node,
-                    vol,
-                    nth: r.gen_range(0..4),
+                // A clone holds a snapshot as a lock does.
+                if r.gen_bool(0.25) {
+                    Step::Clone {
+                        node,
+                        vol,
+                        nth: r.gen_range(0..4),
+                    }
+                } else {
+                    Step::LockAdd {
+                        node,
+                        vol,
+                        nth: r.gen_range(0..4),
+                    }
                 }
             }
             73..=74 => {
                 let (node, vol) = pick(&mut r, &copies);
-                Step::LockRelease { node, vol }
+                if r.gen_bool(0.25) {
+                    Step::Unclone { node }
+                } else {
+                    Step::LockRelease { node, vol }
+                }
             }
             75 => {
                 let (node, vol) = pick(&mut r, &copies);
@@ -621,6 +646,9 @@ struct Run {
     /// Content hash of every snapshot seen: (node, namespace, id) -> hash.
     seen: HashMap<(usize, String, Uuid), u64>,
     snaps_taken: u64,
+    /// Clones asked for so far (names them), and made.
+    clones_made: u64,
+    clones_ok: u64,
     trace: Vec<String>,
     steps_run: u64,
     /// Crash armed inside the next step: node.
@@ -688,6 +716,8 @@ impl Run {
             parted_since: BTreeMap::new(),
             seen: HashMap::new(),
             snaps_taken: 0,
+            clones_made: 0,
+            clones_ok: 0,
             trace: Vec::new(),
             steps_run: 0,
             armed: BTreeSet::new(),
@@ -1143,6 +1173,46 @@ impl Run {
                 let held = r.as_ref().ok().map(|()| false);
                 self.app_locks.insert((node, vol.clone(), id), held);
                 Run::result(r)
+            }
+            Step::Clone { node, vol, nth } => {
+                let snaps = self.nodes[node].snaps(&vol);
+                if snaps.is_empty() {
+                    return "no snapshot".into();
+                }
+                let s = snaps[nth % snaps.len()].clone();
+                self.clones_made += 1;
+                let name = format!("clone{}", self.clones_made);
+                let Some(engine) = self.nodes[node].engine().cloned() else {
+                    return "down".into();
+                };
+                self.act("vol clone", Forced::Nothing, |run| {
+                    match engine.call(Request::CloneVolume {
+                        origin: vol.clone(),
+                        snapshot: s.name.clone(),
+                        name,
+                    }) {
+                        Ok(_) => {
+                            run.clones_ok += 1;
+                            "ok".to_string()
+                        }
+                        Err(e) => format!("err {}", short(&e.to_string())),
+                    }
+                })
+            }
+            Step::Unclone { node } => {
+                let Some(repl) = self.nodes[node].repl().cloned() else {
+                    return "down".into();
+                };
+                let clone = match self.nodes[node].call(Request::ListVolumes) {
+                    Some(Ok(Reply::Volumes(v))) => v.into_iter().find(|v| v.origin.is_some()),
+                    _ => None,
+                };
+                let Some(c) = clone else {
+                    return "no clone".into();
+                };
+                self.act("vol delete (a clone)", Forced::Nothing, |_| {
+                    Run::result(repl.vol_delete(&c.name, false))
+                })
             }
             Step::ForceDelete { node, vol, nth } => {
                 let Some(repl) = self.nodes[node].repl().cloned() else {
@@ -2016,6 +2086,8 @@ struct Outcome {
     /// never fires tests nothing, so the summary line shows them).
     faults: [u64; 4],
     steps: u64,
+    /// Clones made (the summary line shows them, as the faults).
+    clones: u64,
     violation: Option<String>,
     trace: Vec<String>,
 }
@@ -2067,6 +2139,7 @@ fn run_steps(shape: &Shape, steps: &[Step]) -> Outcome {
     Outcome {
         faults,
         steps: run.steps_run,
+        clones: run.clones_ok,
         violation: run.violation.take(),
         trace: std::mem::take(&mut run.trace),
     }
@@ -2144,13 +2217,15 @@ fn run_many(first: u64, count: u64, propagate: bool, threads: usize) -> Many {
     let next = Arc::new(AtomicU64::new(first));
     let faults: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
     let steps = Arc::new(AtomicU64::new(0));
+    let clones = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let failure: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let hs: Vec<_> = (0..threads)
         .map(|_| {
-            let (next, steps, done, failure, faults) = (
+            let (next, steps, clones, done, failure, faults) = (
                 next.clone(),
                 steps.clone(),
+                clones.clone(),
                 done.clone(),
                 failure.clone(),
                 faults.clone(),
@@ -2177,6 +2252,7 @@ fn run_many(first: u64, count: u64, propagate: bool, threads: usize) -> Many {
                     ));
                 }
                 steps.fetch_add(o.steps, Ordering::SeqCst);
+                clones.fetch_add(o.clones, Ordering::SeqCst);
                 for (t, n) in faults.iter().zip(o.faults) {
                     t.fetch_add(n, Ordering::SeqCst);
                 }
@@ -2203,6 +2279,7 @@ fn run_many(first: u64, count: u64, propagate: bool, threads: usize) -> Many {
     Many {
         scenarios: done.load(Ordering::SeqCst) as u64,
         steps: steps.load(Ordering::SeqCst),
+        clones: clones.load(Ordering::SeqCst),
         faults: faults.each_ref().map(|n| n.load(Ordering::SeqCst)),
         failure: f,
     }
@@ -2212,6 +2289,7 @@ fn run_many(first: u64, count: u64, propagate: bool, threads: usize) -> Many {
 struct Many {
     scenarios: u64,
     steps: u64,
+    clones: u64,
     /// Summed [`Outcome::faults`].
     faults: [u64; 4],
     /// The first failure, reported.
@@ -2251,8 +2329,8 @@ fn cascade_simulation() {
     let m = run_many(seed, count, true, sim_threads());
     let [cuts, stalled, late, pauses] = m.faults;
     say(&format!(
-        "cascade simulation: {} scenarios, {} steps, seed {seed} ({cuts} connections cut, {stalled} reads timed out on a stall, {late} stalled connections delivered late, {pauses} pauses of slow transfers)",
-        m.scenarios, m.steps
+        "cascade simulation: {} scenarios, {} steps, seed {seed} ({cuts} connections cut, {stalled} reads timed out on a stall, {late} stalled connections delivered late, {pauses} pauses of slow transfers, {} clones made)",
+        m.scenarios, m.steps, m.clones
     ));
     if let Some(f) = m.failure {
         panic!("{f}");
