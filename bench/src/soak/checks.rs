@@ -16,7 +16,8 @@
 //!   allows, and no application lock outlives its release;
 //! - rss: every node's resident set stays under the bound;
 //! - panic, unexpected-exit: no node panics or exits by itself;
-//! - catch-up: at the end, the last snapshot reaches every live mirror.
+//! - catch-up: at the end, the last snapshot reaches every live mirror;
+//! - clone-bytes, clone-origin-held: see `clones.rs`.
 //!
 //! Also here: the application locks the harness adds and releases downstream.
 //!
@@ -39,7 +40,11 @@ const CHUNK_BLOCKS: u64 = 64;
 /// A namespace as a node shows it: (model namespace id, export, digest namespace).
 type NsView = (u32, String, String);
 
-fn read_blocks(nbd: &str, export: &str, span_blocks: u64) -> anyhow::Result<Vec<Vec<u8>>> {
+pub(super) fn read_blocks(
+    nbd: &str,
+    export: &str,
+    span_blocks: u64,
+) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut c = Nbd::open_with_timeout(nbd, export, NBD_TIMEOUT)?;
     let mut out = Vec::with_capacity(span_blocks as usize);
     let mut lba = 0;
@@ -207,6 +212,7 @@ impl Soak {
             }
         }
         self.check_app_locks(&present);
+        self.check_clones(&present);
         for i in 0..self.nodes.len() {
             if self.up(i) {
                 self.check_mirrors(i, last);

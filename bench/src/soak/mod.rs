@@ -3,20 +3,22 @@
 //! arguments, the seeded random source every choice comes from, the
 //! topology (which node pulls which volume from which node, through which
 //! proxy), the main loop that interleaves snapshots, application locks,
-//! faults and checks, and the end of the run (heal, catch up, final checks,
+//! clones, faults and checks, and the end of the run (heal, catch up, final checks,
 //! report, exit status).
 //!
 //! Submodules: `control` (every CLI call: the one place to adapt when the
 //! control transport changes), `cluster` (processes), `proxy` (network
 //! faults), `nbd` (the writers' client), `model` (patterns, expected
 //! content), `workload` (writers), `faults` (what to break, when), `checks`
-//! (what must hold), `report`.
+//! (what must hold), `clones` (clones made and deleted, and their checks),
+//! `report`.
 //!
 //! Invariants: the main loop is the only thread that changes the topology,
 //! the node states, the snapshot models and the lock bookkeeping; writers
 //! only touch their namespaces' block models, under the namespace gate.
 
 mod checks;
+mod clones;
 mod cluster;
 mod control;
 mod faults;
@@ -151,6 +153,9 @@ pub struct Soak {
     snaps: BTreeMap<String, SnapModel>,
     snap_counter: u64,
     app_locks: Vec<AppLock>,
+    /// Clones alive (made by `clone_step`), and how many were asked for.
+    clones: Vec<clones::CloneRec>,
+    clone_counter: u64,
     /// Snapshot ids whose app lock was released, and when.
     released: Vec<(String, Instant)>,
     pending: Vec<(Instant, Pending)>,
@@ -229,6 +234,8 @@ pub fn run(args: &SoakArgs) -> Result<bool> {
         snaps: BTreeMap::new(),
         snap_counter: 0,
         app_locks: Vec::new(),
+        clones: Vec::new(),
+        clone_counter: 0,
         released: Vec::new(),
         pending: Vec::new(),
         verified: HashSet::new(),
@@ -492,6 +499,7 @@ impl Soak {
         let mut next_fault = Instant::now() + self.fault_gap();
         let mut next_kill = self.kill_gap().map(|g| Instant::now() + g);
         let mut next_lock = Instant::now() + Duration::from_secs(10);
+        let mut next_clone = Instant::now() + Duration::from_secs(15);
         let mut next_check = Instant::now() + Duration::from_secs(20);
         let mut next_rss = Instant::now();
         let lose_at = started + Duration::from_secs_f64(self.args.minutes * 60.0 * 0.55);
@@ -522,6 +530,10 @@ impl Soak {
             if now >= next_lock {
                 self.app_lock_step();
                 next_lock = now + Duration::from_millis(self.rng.gen_range(4000..12000));
+            }
+            if now >= next_clone {
+                self.clone_step();
+                next_clone = now + Duration::from_millis(self.rng.gen_range(5000..15000));
             }
             if now >= next_rss {
                 self.check_rss();
