@@ -12,6 +12,12 @@
 //!   `pending` (allocated in the free map) until the NEXT CP's superblock is
 //!   written and flushed, because the durable image may still point at it.
 //! - Writes never overwrite a block the durable image references.
+//! - Started writes ([`Pool::start_writes`], the shard loop's pipeline):
+//!   their pbas are allocated and in no plane until their data is written;
+//!   then their metadata is applied in the order they were started, so the
+//!   end state is that of the same writes run one after another. A CP
+//!   while some are in flight neither references nor frees their blocks,
+//!   and a failed one poisons the pool and fails every later one.
 
 use crate::api::*;
 use crate::device::{AlignedBuf, BlockDevice, IoCompletion, IoKind, BLOCK_SIZE};
@@ -170,6 +176,14 @@ impl Vol {
 /// A validated, allocated write of a batch: namespace (vi, ni), first lba,
 /// its data (taken when it goes to the device whole), fresh pbas and each
 /// block's hash.
+/// What [`Pool::prepare_run`] made of a run of writes.
+struct PreparedRun {
+    writes: Vec<Result<PreparedWrite>>,
+    pbas: Vec<u64>,
+    requests: Vec<(IoKind, u64, Option<AlignedBuf>)>,
+    meta: u64,
+}
+
 struct PreparedWrite {
     vi: usize,
     ni: usize,
@@ -207,6 +221,33 @@ pub struct Pool<D: BlockDevice> {
     changes: u64,
     /// `changes` at the last `check_invariants` that passed.
     checked_at: Option<u64>,
+    /// Plain writes started and not yet reaped, oldest first
+    /// ([`Pool::start_writes`]).
+    flights: std::collections::VecDeque<Flight>,
+    /// What the flights' metadata may add to the CP reserve (their
+    /// [`Pool::write_meta_need`]s), counted by later writes' space checks.
+    flight_meta: u64,
+}
+
+/// A run of plain writes whose data is on its way to the device: validated
+/// and allocated, not yet in any map. Its metadata is applied (in the order
+/// flights were started) once every one of its device requests completed;
+/// until then its pbas are allocated and in no plane, so a CP meanwhile
+/// neither references nor frees them.
+struct Flight {
+    /// The writes in order: prepared, or refused at once (answered in
+    /// their place, so answers keep the order of the requests).
+    writes: Vec<Result<PreparedWrite>>,
+    /// Every pba the prepared writes hold.
+    pbas: Vec<u64>,
+    /// Its device requests have tags `first_tag .. first_tag + requests`.
+    first_tag: u64,
+    requests: u64,
+    /// Requests not yet complete.
+    outstanding: u64,
+    /// The first failed request's error.
+    failed: Option<Error>,
+    meta: u64,
 }
 
 fn digest_term(lba: u64, hash: u64) -> u128 {
@@ -676,6 +717,8 @@ impl<D: BlockDevice> Pool<D> {
             meta_dirty: true,
             changes: 0,
             checked_at: None,
+            flights: std::collections::VecDeque::new(),
+            flight_meta: 0,
         }
     }
 
@@ -1407,12 +1450,15 @@ impl<D: BlockDevice> Pool<D> {
     /// their data goes to the device as one batch, then they are applied
     /// in order; every other request runs alone.
     pub fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
+        debug_assert!(
+            self.flights.is_empty(),
+            "requests run while started writes are in flight"
+        );
         let mut out = Vec::with_capacity(reqs.len());
         let mut run: Vec<Request> = Vec::new();
         let mut reads: Vec<Request> = Vec::new();
         for r in reqs {
             if matches!(r, Request::Write { fua: false, .. }) {
-                self.changes += 1;
                 if !reads.is_empty() {
                     out.extend(self.read_run(std::mem::take(&mut reads)));
                 }
@@ -2458,12 +2504,18 @@ impl<D: BlockDevice> Pool<D> {
         Ok(())
     }
 
-    /// A run of non-FUA writes from one batch: validate and allocate each,
-    /// write all their data in one device batch, then apply them in order.
-    fn write_run(&mut self, run: Vec<Request>) -> Vec<Result<Reply>> {
+    /// Validate and allocate each write of a run of non-FUA writes
+    /// (`pending_meta`: what writes allocated before and not yet applied
+    /// may add to the CP reserve), and build the device requests of their
+    /// data: a write of several blocks on consecutive pbas goes in its own
+    /// buffer, uncopied; single blocks are gathered into runs. Returns the
+    /// writes (data moved into the requests), every pba allocated, the
+    /// requests and the writes' metadata need.
+    fn prepare_run(&mut self, run: Vec<Request>, mut pending_meta: u64) -> PreparedRun {
+        let meta0 = pending_meta;
         let mut prepared: Vec<Result<PreparedWrite>> = Vec::new();
-        let mut pending_meta = 0u64;
         for r in run {
+            self.changes += 1;
             if let Request::Write {
                 ns,
                 lba,
@@ -2490,13 +2542,11 @@ impl<D: BlockDevice> Pool<D> {
                 prepared.push(Err(Error::Invalid("not a write".into())));
             }
         }
-        let all: Vec<u64> = prepared
+        let pbas: Vec<u64> = prepared
             .iter()
             .flatten()
             .flat_map(|p| p.pbas.iter().copied())
             .collect();
-        // A write of several blocks on consecutive pbas goes to the device
-        // in its own buffer, uncopied; single blocks are gathered into runs.
         let mut whole = Vec::new();
         for p in prepared.iter_mut().flatten() {
             let n = p.pbas.len();
@@ -2515,9 +2565,45 @@ impl<D: BlockDevice> Pool<D> {
                 .iter()
                 .flat_map(|d| p.pbas.iter().enumerate().map(|(i, &pba)| (pba, d.block(i))))
         });
-        if let Err(e) = self.write_data(whole, writes, &all) {
-            let reason = e.to_string();
-            return prepared
+        let requests = mixed_requests(whole, writes, false);
+        // The requests own their buffers now.
+        for p in prepared.iter_mut().flatten() {
+            p.data = None;
+        }
+        PreparedRun {
+            writes: prepared,
+            pbas,
+            requests,
+            meta: pending_meta - meta0,
+        }
+    }
+
+    /// The end of a run of writes whose data went to the device with
+    /// outcome `written`: on success (and an unpoisoned pool) each write's
+    /// metadata is applied in order; else every pba is unallocated again
+    /// (nothing references them), the pool poisoned, and each prepared
+    /// write answered `Poisoned`. Then a CP if the dirty or pending-free
+    /// bound is passed.
+    fn finish_run(
+        &mut self,
+        writes: Vec<Result<PreparedWrite>>,
+        pbas: &[u64],
+        written: Result<()>,
+    ) -> Vec<Result<Reply>> {
+        let failed = match written {
+            Err(e) => {
+                self.poison(&e);
+                Some(e.to_string())
+            }
+            Ok(()) => self.poisoned.clone(),
+        };
+        if let Some(reason) = failed {
+            for &p in pbas {
+                if let Err(e) = self.fm.clear(p) {
+                    self.poison(&e);
+                }
+            }
+            return writes
                 .into_iter()
                 .map(|p| match p {
                     Ok(_) => Err(Error::Poisoned {
@@ -2527,8 +2613,9 @@ impl<D: BlockDevice> Pool<D> {
                 })
                 .collect();
         }
-        let mut out = Vec::new();
-        for p in prepared {
+        self.store.stats.data_blocks_written += pbas.len() as u64;
+        let mut out = Vec::with_capacity(writes.len());
+        for p in writes {
             out.push(match p {
                 Ok(p) => self
                     .write_apply(p.vi, p.ni, p.lba, &p.hashes, &p.pbas)
@@ -2542,6 +2629,102 @@ impl<D: BlockDevice> Pool<D> {
             if let Err(e) = self.cp(None) {
                 tracing::error!(error = %e, "checkpoint after a write batch failed");
             }
+        }
+        out
+    }
+
+    /// A run of non-FUA writes from one batch: validate and allocate each,
+    /// write all their data in one device batch, then apply them in order.
+    fn write_run(&mut self, run: Vec<Request>) -> Vec<Result<Reply>> {
+        let r = self.prepare_run(run, self.flight_meta);
+        let written = if r.requests.is_empty() {
+            Ok(())
+        } else {
+            self.store.run(r.requests).map(drop)
+        };
+        self.finish_run(r.writes, &r.pbas, written)
+    }
+
+    /// Start a run of plain (non-FUA) writes: each is validated and
+    /// allocated now and its data submitted to the device, without waiting.
+    /// Their answers come from [`Pool::reap_writes`], in the order the
+    /// writes were started, once their data is written and their metadata
+    /// applied: so a caller keeps the device busy with the next writes
+    /// while earlier ones complete. Any other request must wait until
+    /// [`Pool::writes_in_flight`] is 0 (the shard loop reaps them all
+    /// first): it sees every started write applied.
+    pub fn start_writes(&mut self, run: Vec<Request>) {
+        let r = self.prepare_run(run, self.flight_meta);
+        let requests = r.requests.len() as u64;
+        let first_tag = self.store.start(r.requests);
+        self.flight_meta += r.meta;
+        self.flights.push_back(Flight {
+            writes: r.writes,
+            pbas: r.pbas,
+            first_tag,
+            requests,
+            outstanding: requests,
+            failed: None,
+            meta: r.meta,
+        });
+    }
+
+    /// Write requests started and not yet answered.
+    pub fn writes_in_flight(&self) -> usize {
+        self.flights.iter().map(|f| f.writes.len()).sum()
+    }
+
+    /// The answers of started writes whose flights are done, oldest first
+    /// (empty when none is). `wait`: block until the oldest flight is done
+    /// when none is yet.
+    pub fn reap_writes(&mut self, wait: bool) -> Vec<Result<Reply>> {
+        let mut out = Vec::new();
+        while !self.flights.is_empty() {
+            let front_done = self.flights.front().is_some_and(|f| f.outstanding == 0);
+            if !front_done {
+                match self.store.reap(wait && out.is_empty()) {
+                    Ok(comps) => {
+                        if comps.is_empty() && !(wait && out.is_empty()) {
+                            break;
+                        }
+                        for c in comps {
+                            let Some(f) = self
+                                .flights
+                                .iter_mut()
+                                .find(|f| (f.first_tag..f.first_tag + f.requests).contains(&c.tag))
+                            else {
+                                continue;
+                            };
+                            f.outstanding = f.outstanding.saturating_sub(1);
+                            if let (Err(e), None) = (&c.result, &f.failed) {
+                                f.failed = Some(Error::Io {
+                                    device: self.store.dev.info().name.clone(),
+                                    op: "write",
+                                    pba: c.pba,
+                                    source: std::io::Error::new(e.kind(), e.to_string()),
+                                });
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // The device itself failed: nothing more completes.
+                        self.poison(&e);
+                        for f in self.flights.iter_mut() {
+                            f.outstanding = 0;
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some(f) = self.flights.pop_front() else {
+                break;
+            };
+            self.flight_meta = self.flight_meta.saturating_sub(f.meta);
+            let written = match f.failed {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+            out.extend(self.finish_run(f.writes, &f.pbas, written));
         }
         out
     }
@@ -2891,6 +3074,16 @@ impl<D: BlockDevice + 'static> crate::api::Executor for Pool<D> {
     fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
         Pool::execute_batch(self, reqs)
     }
+    fn start_writes(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
+        Pool::start_writes(self, reqs);
+        Vec::new()
+    }
+    fn reap_writes(&mut self, wait: bool) -> Vec<Result<Reply>> {
+        Pool::reap_writes(self, wait)
+    }
+    fn writes_in_flight(&self) -> usize {
+        Pool::writes_in_flight(self)
+    }
     fn checkpoint(&mut self) -> Result<()> {
         Pool::checkpoint(self)
     }
@@ -2964,7 +3157,7 @@ mod tests {
         }
     }
     use super::*;
-    use crate::device::sim::SimDevice;
+    use crate::device::sim::{CrashMode, Fault, SimDevice};
 
     #[test]
     fn read_runs_join_consecutive_pbas_and_skip_holes() {
@@ -3252,6 +3445,127 @@ mod tests {
             snapshot: snapshot.into(),
             name: name.into(),
         })
+    }
+
+    fn wr(volume: &str, lba: u64, n: usize, v: u8) -> Request {
+        let mut b = AlignedBuf::zeroed(n);
+        b.as_mut_slice().fill(v);
+        Request::Write {
+            ns: NsName::volume(volume),
+            lba,
+            data: b,
+            fua: false,
+            replica: false,
+        }
+    }
+
+    /// Started writes (several runs in flight, overlapping lbas, a CP while
+    /// some are in flight, a refused write among them) answer in start
+    /// order and end as the same writes run one after another would.
+    #[test]
+    fn started_writes_answer_in_order_and_end_as_sequential_writes() {
+        let mut rng = sluice_testkit::rng(sluice_testkit::seed("started_writes"));
+        for round in 0..20 {
+            let dev = SimDevice::new(8192);
+            let sim = dev.handle();
+            let mut p = Pool::format(dev, FormatOptions::default()).unwrap();
+            p.execute(Request::CreateVolume {
+                name: "v".into(),
+                size_bytes: 64 * 4096,
+            })
+            .unwrap();
+            let mut model = [0u8; 64];
+            let mut answers = Vec::new();
+            let mut started = 0usize;
+            let mut refused = 0usize;
+            for step in 0..12u8 {
+                let mut run = Vec::new();
+                for k in 0..rand::Rng::gen_range(&mut rng, 1..5usize) {
+                    let lba = rand::Rng::gen_range(&mut rng, 0..60u64);
+                    let n = rand::Rng::gen_range(&mut rng, 1..5usize);
+                    let v = step * 10 + k as u8 + 1;
+                    if k == 3 || (step == 5 && k == 0) {
+                        // Out of range: refused, answered in its place.
+                        refused += 1;
+                        run.push(wr("v", 64, 1, v));
+                        continue;
+                    }
+                    model[lba as usize..lba as usize + n].fill(v);
+                    run.push(wr("v", lba, n, v));
+                }
+                started += run.len();
+                p.start_writes(run);
+                if step % 4 == 1 {
+                    // A CP with writes in flight: it takes none of them.
+                    p.checkpoint().unwrap();
+                }
+                if rand::Rng::gen_bool(&mut rng, 0.3) {
+                    answers.extend(p.reap_writes(false));
+                }
+            }
+            while p.writes_in_flight() > 0 {
+                answers.extend(p.reap_writes(true));
+            }
+            assert_eq!(
+                answers.len(),
+                started,
+                "round {round}: one answer per write"
+            );
+            let errors = answers.iter().filter(|a| a.is_err()).count();
+            assert_eq!(errors, refused, "round {round}: the refused writes, only");
+            p.check_invariants().unwrap();
+            let got = read_of(&mut p, "v", None, 64);
+            for (lba, &v) in model.iter().enumerate() {
+                assert!(
+                    got[lba * 4096..(lba + 1) * 4096].iter().all(|&b| b == v),
+                    "round {round}: lba {lba}"
+                );
+            }
+            // The CPs taken mid-flight left a pool that mounts whole.
+            let mut q = Pool::open(sim.crash_image(CrashMode::DropAll, 0)).unwrap();
+            q.check_invariants().unwrap();
+        }
+    }
+
+    /// A write that fails in flight poisons the pool: it and every write
+    /// started after it are answered with an error, their blocks are free
+    /// again, and a reopen recovers.
+    #[test]
+    fn a_started_write_that_fails_fails_every_later_one() {
+        let dev = SimDevice::new(8192);
+        let sim = dev.handle();
+        let mut p = Pool::format(dev, FormatOptions::default()).unwrap();
+        p.execute(Request::CreateVolume {
+            name: "v".into(),
+            size_bytes: 64 * 4096,
+        })
+        .unwrap();
+        p.execute(wr("v", 0, 4, 1)).unwrap();
+        p.checkpoint().unwrap();
+        // Two device writes per run: the first run is written, the second fails.
+        sim.inject(Fault::WriteEio { after: 2 });
+        for i in 0..4u8 {
+            p.start_writes(vec![
+                wr("v", 8 * i as u64, 2, 10 + i),
+                wr("v", 40, 1, 20 + i),
+            ]);
+        }
+        let mut answers = Vec::new();
+        while p.writes_in_flight() > 0 {
+            answers.extend(p.reap_writes(true));
+        }
+        assert_eq!(answers.len(), 8);
+        let first_err = answers.iter().position(|a| a.is_err()).unwrap();
+        assert_eq!(first_err, 2, "the first run went through: {answers:?}");
+        assert!(
+            answers[first_err..].iter().all(|a| a.is_err()),
+            "{answers:?}"
+        );
+        assert!(p.poisoned().is_some());
+        sim.clear_faults();
+        let mut p = Pool::open(p.into_device()).unwrap();
+        p.check_invariants().unwrap();
+        assert_eq!(read_of(&mut p, "v", None, 1), vec![1u8; 4096]);
     }
 
     #[test]

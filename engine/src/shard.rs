@@ -21,6 +21,16 @@
 //! - The channel is bounded ([`EngineOptions::queue_max`]): callers block
 //!   instead of queueing without limit.
 //!
+//! Writes in flight: a batch of only plain (non-FUA) writes is started
+//! ([`Executor::start_writes`]): its data goes to the device and the loop
+//! goes on to the next batch without waiting, up to [`FLIGHT_BATCHES`]
+//! batches; their answers go out in start order as their data completes
+//! and their metadata is applied ([`Executor::reap_writes`]). So the
+//! device keeps a queue while the loop applies metadata and answers, where
+//! it used to drain to empty between batches. Any other request (a read,
+//! a FUA write, a trim, a snapshot, a flush, a periodic or final CP) waits
+//! until every started write is applied: it sees them all, as before.
+//!
 //! Several shards ([`Engine::start_sharded`]): a sharded pool (see
 //! `sharded.rs`) is N region pools, each a complete pool on its own region
 //! of the device with its own device handle (for io_uring: its own ring).
@@ -65,7 +75,7 @@ use crate::error::{Error, Result};
 use crate::format::shard_of;
 use crate::pool::Pool;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -747,25 +757,78 @@ impl EngineHandle {
     }
 }
 
+/// Most started writes waiting for their data at once, per shard, in
+/// batches of [`EngineOptions::batch_max`]: the next batch goes to the
+/// device while earlier ones complete.
+const FLIGHT_BATCHES: usize = 4;
+
+/// Send the answers of started writes to their callers, in start order.
+fn answer_started(results: Vec<Result<Reply>>, waiting: &mut VecDeque<ReplyTo>) {
+    for r in results {
+        match waiting.pop_front() {
+            Some(to) => to.send(r),
+            None => {
+                tracing::error!("an answer for a write nobody started");
+                break;
+            }
+        }
+    }
+}
+
+/// Reap every started write (they are applied in order), answering each.
+fn drain_started<X: Executor>(exec: &mut X, waiting: &mut VecDeque<ReplyTo>) {
+    while !waiting.is_empty() {
+        if exec.writes_in_flight() == 0 {
+            // Nothing will answer them any more: say so rather than hang.
+            for to in waiting.drain(..) {
+                to.send(Err(Error::Invariant(
+                    "a started write was lost without an answer".into(),
+                )));
+            }
+            return;
+        }
+        let r = exec.reap_writes(true);
+        answer_started(r, waiting);
+    }
+}
+
 fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
     let batch_max = opts.batch_max.max(1);
     let mut next_cp = Instant::now() + opts.cp_interval;
     let mut dirty = false;
     let mut reqs: Vec<Request> = Vec::with_capacity(batch_max);
     let mut replies: Vec<ReplyTo> = Vec::with_capacity(batch_max);
+    // Callers of started writes whose answers have not come yet, in order.
+    let mut waiting: VecDeque<ReplyTo> = VecDeque::new();
     loop {
-        let wait = next_cp.saturating_duration_since(Instant::now());
-        let first = match rx.recv_timeout(wait) {
-            Ok(m) => Some(m),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                // Every handle is gone: make what ran durable and stop.
-                if dirty {
+        // With writes in flight, look for more work without blocking: the
+        // device's completions are what the loop waits for then.
+        let first = if waiting.is_empty() {
+            let wait = next_cp.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every handle is gone: make what ran durable and stop.
+                    if dirty {
+                        if let Err(e) = exec.checkpoint() {
+                            tracing::error!(error = %e, "final consistency point failed");
+                        }
+                    }
+                    return;
+                }
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => {
+                    drain_started(&mut exec, &mut waiting);
                     if let Err(e) = exec.checkpoint() {
                         tracing::error!(error = %e, "final consistency point failed");
                     }
+                    return;
                 }
-                return;
             }
         };
         let mut shutdown = None;
@@ -795,17 +858,42 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
                 }
             }
         }
-        if !reqs.is_empty() {
+        let got_work = !reqs.is_empty();
+        if got_work {
             dirty = true;
-            let n = reqs.len();
-            let results = exec.execute_batch(std::mem::take(&mut reqs));
-            debug_assert_eq!(results.len(), n, "one result per request");
-            let mut results = results.into_iter();
-            for to in replies.drain(..) {
-                to.send(results.next().unwrap_or(Err(Error::ShutDown)));
+            let plain = reqs
+                .iter()
+                .all(|r| matches!(r, Request::Write { fua: false, .. }));
+            if plain {
+                // Room for them among the writes in flight first.
+                while waiting.len() + reqs.len() > FLIGHT_BATCHES * batch_max
+                    && exec.writes_in_flight() > 0
+                {
+                    let r = exec.reap_writes(true);
+                    answer_started(r, &mut waiting);
+                }
+                waiting.extend(replies.drain(..));
+                let r = exec.start_writes(std::mem::take(&mut reqs));
+                answer_started(r, &mut waiting);
+            } else {
+                // Anything else sees every started write applied.
+                drain_started(&mut exec, &mut waiting);
+                let n = reqs.len();
+                let results = exec.execute_batch(std::mem::take(&mut reqs));
+                debug_assert_eq!(results.len(), n, "one result per request");
+                let mut results = results.into_iter();
+                for to in replies.drain(..) {
+                    to.send(results.next().unwrap_or(Err(Error::ShutDown)));
+                }
             }
         }
+        if !waiting.is_empty() {
+            // Block on the device only when no new request came this turn.
+            let r = exec.reap_writes(!got_work && shutdown.is_none());
+            answer_started(r, &mut waiting);
+        }
         if let Some(done) = shutdown {
+            drain_started(&mut exec, &mut waiting);
             let r = exec.checkpoint();
             if let Err(e) = &r {
                 tracing::error!(error = %e, "final consistency point failed");
@@ -818,6 +906,7 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
         }
         if Instant::now() >= next_cp {
             if dirty {
+                drain_started(&mut exec, &mut waiting);
                 if let Err(e) = exec.checkpoint() {
                     tracing::error!(error = %e, "periodic consistency point failed");
                 }

@@ -17,7 +17,7 @@
 use crate::device::{AlignedBuf, BlockDevice, IoCompletion, IoKind, IoRequest, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::{decode_block, encode_block, Ptr, PAYLOAD};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 pub const FANOUT: usize = 168;
@@ -219,11 +219,21 @@ impl NodeCache {
 }
 
 /// The device plus the clean-node cache.
+///
+/// Requests go out either through [`Store::run`] (submit, wait for every
+/// one, completions in order) or, for data writes the pool keeps in
+/// flight, through [`Store::start`] (submit, return their tags). A `run`
+/// may reap completions of started requests while it waits for its own:
+/// those go to `stash`, where [`Store::reap`] finds them.
 pub struct Store<D: BlockDevice> {
     pub dev: D,
     pub cache: NodeCache,
     pub stats: PoolStats,
     next_tag: u64,
+    /// Tags of started requests not yet reaped (first tag -> count).
+    started: BTreeMap<u64, u64>,
+    /// Completions of started requests, reaped by a `run` or a `reap`.
+    stash: Vec<IoCompletion>,
 }
 
 impl<D: BlockDevice> Store<D> {
@@ -233,6 +243,78 @@ impl<D: BlockDevice> Store<D> {
             cache: NodeCache::new(CACHE_NODES),
             stats: PoolStats::default(),
             next_tag: 1,
+            started: BTreeMap::new(),
+            stash: Vec::new(),
+        }
+    }
+
+    /// Whether `tag` belongs to a started (not `run`) request.
+    fn is_started(&self, tag: u64) -> bool {
+        self.started
+            .range(..=tag)
+            .next_back()
+            .is_some_and(|(&first, &n)| tag < first + n)
+    }
+
+    /// Submit `reqs` without waiting; returns the first tag (the requests
+    /// have consecutive tags). Their completions come back from
+    /// [`Store::reap`].
+    pub fn start(&mut self, reqs: Vec<(IoKind, u64, Option<AlignedBuf>)>) -> u64 {
+        let n = reqs.len() as u64;
+        let base = self.next_tag;
+        self.next_tag += n;
+        for (i, (kind, pba, buf)) in reqs.into_iter().enumerate() {
+            self.dev.submit(IoRequest {
+                tag: base + i as u64,
+                kind,
+                pba,
+                buf,
+            });
+        }
+        if n > 0 {
+            self.started.insert(base, n);
+        }
+        base
+    }
+
+    /// Completions of started requests: those stashed, plus what the
+    /// device has now (`wait`: block for at least one when none is
+    /// stashed and some are in flight).
+    pub fn reap(&mut self, wait: bool) -> Result<Vec<IoCompletion>> {
+        if self.stash.is_empty() && !self.started.is_empty() {
+            let mut out = Vec::new();
+            let min = usize::from(wait && self.dev.in_flight() > 0);
+            if let Err(e) = self.dev.complete(min, &mut out) {
+                return Err(Error::Io {
+                    device: self.dev.info().name.clone(),
+                    op: "complete",
+                    pba: 0,
+                    source: e,
+                });
+            }
+            self.stash.append(&mut out);
+        }
+        let got = std::mem::take(&mut self.stash);
+        for c in &got {
+            self.retire(c.tag);
+        }
+        Ok(got)
+    }
+
+    /// Forget started tag `tag` (reaped).
+    fn retire(&mut self, tag: u64) {
+        let Some((&first, &n)) = self.started.range(..=tag).next_back() else {
+            return;
+        };
+        if tag >= first + n {
+            return;
+        }
+        self.started.remove(&first);
+        if tag > first {
+            self.started.insert(first, tag - first);
+        }
+        if tag + 1 < first + n {
+            self.started.insert(tag + 1, first + n - tag - 1);
         }
     }
 
@@ -267,9 +349,10 @@ impl<D: BlockDevice> Store<D> {
             });
         }
         let mut out = Vec::with_capacity(n);
+        let mut got = Vec::new();
         while out.len() < n {
             let before = out.len();
-            let r = self.dev.complete(1, &mut out);
+            let r = self.dev.complete(1, &mut got);
             if let Err(e) = r {
                 return Err(Error::Io {
                     device: self.dev.info().name.clone(),
@@ -277,6 +360,14 @@ impl<D: BlockDevice> Store<D> {
                     pba: 0,
                     source: e,
                 });
+            }
+            // Started requests complete meanwhile too: set them aside.
+            for c in got.drain(..) {
+                if self.is_started(c.tag) {
+                    self.stash.push(c);
+                } else {
+                    out.push(c);
+                }
             }
             if out.len() == before && self.dev.in_flight() == 0 {
                 return Err(Error::Io {
@@ -343,29 +434,7 @@ impl<D: BlockDevice> Store<D> {
         blocks: impl IntoIterator<Item = (u64, &'a [u8])>,
         fua: bool,
     ) -> Result<()> {
-        let mut reqs: Vec<_> = whole
-            .into_iter()
-            .map(|(pba, buf)| (IoKind::Write { fua }, pba, Some(buf)))
-            .collect();
-        let mut run: Vec<&'a [u8]> = Vec::new();
-        let mut start = 0u64;
-        let flush_run = |start: u64, run: &mut Vec<&'a [u8]>, reqs: &mut Vec<_>| {
-            if run.is_empty() {
-                return;
-            }
-            let buf = AlignedBuf::gather(run);
-            reqs.push((IoKind::Write { fua }, start, Some(buf)));
-            run.clear();
-        };
-        for (pba, data) in blocks {
-            let follows = !run.is_empty() && start + run.len() as u64 == pba;
-            if !follows || run.len() >= COALESCE_MAX {
-                flush_run(start, &mut run, &mut reqs);
-                start = pba;
-            }
-            run.push(data);
-        }
-        flush_run(start, &mut run, &mut reqs);
+        let reqs = mixed_requests(whole, blocks, fua);
         if reqs.is_empty() {
             return Ok(());
         }
@@ -394,6 +463,40 @@ impl<D: BlockDevice> Store<D> {
 
 /// Most blocks in one coalesced write request (1 MiB).
 pub const COALESCE_MAX: usize = 256;
+
+/// The device requests that write `whole` buffers as they are (each at its
+/// first pba) and `blocks` gathered into runs of consecutive pbas of at
+/// most [`COALESCE_MAX`] blocks.
+pub fn mixed_requests<'a>(
+    whole: Vec<(u64, AlignedBuf)>,
+    blocks: impl IntoIterator<Item = (u64, &'a [u8])>,
+    fua: bool,
+) -> Vec<(IoKind, u64, Option<AlignedBuf>)> {
+    let mut reqs: Vec<_> = whole
+        .into_iter()
+        .map(|(pba, buf)| (IoKind::Write { fua }, pba, Some(buf)))
+        .collect();
+    let mut run: Vec<&'a [u8]> = Vec::new();
+    let mut start = 0u64;
+    let flush_run = |start: u64, run: &mut Vec<&'a [u8]>, reqs: &mut Vec<_>| {
+        if run.is_empty() {
+            return;
+        }
+        let buf = AlignedBuf::gather(run);
+        reqs.push((IoKind::Write { fua }, start, Some(buf)));
+        run.clear();
+    };
+    for (pba, data) in blocks {
+        let follows = !run.is_empty() && start + run.len() as u64 == pba;
+        if !follows || run.len() >= COALESCE_MAX {
+            flush_run(start, &mut run, &mut reqs);
+            start = pba;
+        }
+        run.push(data);
+    }
+    flush_run(start, &mut run, &mut reqs);
+    reqs
+}
 
 /// The payload of the leaf covering `leaf_key`, if the tree has one.
 pub fn get_leaf<D: BlockDevice>(
