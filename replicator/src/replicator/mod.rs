@@ -107,8 +107,9 @@ pub struct Replicator {
     st: Mutex<State>,
     busy: Mutex<BTreeSet<String>>,
     serving: Mutex<BTreeMap<Uuid, usize>>,
-    /// Readers of snapshots outside the replicator (NBD exports).
-    users: Mutex<Option<Arc<dyn crate::SnapshotUsers>>>,
+    /// Readers of snapshots outside the replicator (NBD exports): set once,
+    /// when the node starts.
+    users: std::sync::OnceLock<Arc<dyn crate::SnapshotUsers>>,
     node_bucket: Bucket,
     rel_buckets: Mutex<BTreeMap<String, Arc<Bucket>>>,
     stop: AtomicBool,
@@ -389,7 +390,7 @@ impl Replicator {
             st: Mutex::new(state),
             busy: Mutex::new(BTreeSet::new()),
             serving: Mutex::new(BTreeMap::new()),
-            users: Mutex::new(None),
+            users: std::sync::OnceLock::new(),
             rel_buckets: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
             stop_tx,

@@ -1250,8 +1250,7 @@ impl Replicator {
         if lock(&self.serving).contains_key(&id) {
             return Some("a running transfer".into());
         }
-        let users = lock(&self.users).clone();
-        let n = users.map_or(0, |u| u.readers(volume, name));
+        let n = self.users.get().map_or(0, |u| u.readers(volume, name));
         if n > 0 {
             return Some(format!("{n} NBD client(s) reading its export"));
         }
@@ -1271,9 +1270,12 @@ impl Replicator {
     }
 
     /// Who reads snapshots besides the replicator (the node's NBD server);
-    /// a snapshot it names is kept from every delete, forced or not.
+    /// a snapshot it names is kept from every delete, forced or not. Set
+    /// once: a second call is refused (logged) and the first stays.
     pub fn set_snapshot_users(&self, users: Arc<dyn crate::SnapshotUsers>) {
-        *lock(&self.users) = Some(users);
+        if self.users.set(users).is_err() {
+            tracing::error!("the snapshot users were set already; the first stay");
+        }
     }
 
     /// Run one transfer's [`PullSession`]: this is its shell, performing
