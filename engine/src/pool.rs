@@ -1548,17 +1548,7 @@ impl<D: BlockDevice> Pool<D> {
                 self.check_writable()?;
                 check_name(&name)?;
                 let size = check_size(&name, size_bytes)?;
-                if self.vols.iter().any(|v| v.name == name) {
-                    return Err(Error::AlreadyExists {
-                        what: "volume",
-                        name,
-                    });
-                }
-                if self.vols.len() >= self.volumes_max as usize {
-                    return Err(Error::TooManyVolumes {
-                        limit: self.volumes_max,
-                    });
-                }
+                self.check_new_volume(&name)?;
                 self.ensure_space(4)?;
                 let id = self.next_vol_id;
                 self.next_vol_id += 1;
@@ -2023,6 +2013,23 @@ impl<D: BlockDevice> Pool<D> {
         Ok(())
     }
 
+    /// A new volume may be named `name`: no volume has the name, and the
+    /// pool is below its volume limit.
+    fn check_new_volume(&self, name: &str) -> Result<()> {
+        if self.vols.iter().any(|v| v.name == name) {
+            return Err(Error::AlreadyExists {
+                what: "volume",
+                name: name.to_string(),
+            });
+        }
+        if self.vols.len() >= self.volumes_max as usize {
+            return Err(Error::TooManyVolumes {
+                limit: self.volumes_max,
+            });
+        }
+        Ok(())
+    }
+
     /// [`Request::CloneVolume`]: the new volume's live image is the
     /// snapshot's (its map roots, digests, plane root and count), so it
     /// shares every block and plane node with it; one CP makes it durable
@@ -2032,17 +2039,7 @@ impl<D: BlockDevice> Pool<D> {
         check_name(&name)?;
         let vi = self.vol_idx(origin)?;
         let si = self.snap_idx(vi, snapshot)?;
-        if self.vols.iter().any(|v| v.name == name) {
-            return Err(Error::AlreadyExists {
-                what: "volume",
-                name,
-            });
-        }
-        if self.vols.len() >= self.volumes_max as usize {
-            return Err(Error::TooManyVolumes {
-                limit: self.volumes_max,
-            });
-        }
+        self.check_new_volume(&name)?;
         self.ensure_space(4)?;
         let o = vol_at(&self.vols, vi)?;
         let s = o.snap_at(si)?;

@@ -248,6 +248,22 @@ impl<D: BlockDevice> Store<D> {
         }
     }
 
+    /// Hand `reqs` to the device with consecutive new tags; returns the
+    /// first.
+    fn submit_all(&mut self, reqs: Vec<(IoKind, u64, Option<AlignedBuf>)>) -> u64 {
+        let base = self.next_tag;
+        self.next_tag += reqs.len() as u64;
+        for (i, (kind, pba, buf)) in reqs.into_iter().enumerate() {
+            self.dev.submit(IoRequest {
+                tag: base + i as u64,
+                kind,
+                pba,
+                buf,
+            });
+        }
+        base
+    }
+
     /// Whether `tag` belongs to a started (not `run`) request.
     fn is_started(&self, tag: u64) -> bool {
         self.started
@@ -261,16 +277,7 @@ impl<D: BlockDevice> Store<D> {
     /// [`Store::reap`].
     pub fn start(&mut self, reqs: Vec<(IoKind, u64, Option<AlignedBuf>)>) -> u64 {
         let n = reqs.len() as u64;
-        let base = self.next_tag;
-        self.next_tag += n;
-        for (i, (kind, pba, buf)) in reqs.into_iter().enumerate() {
-            self.dev.submit(IoRequest {
-                tag: base + i as u64,
-                kind,
-                pba,
-                buf,
-            });
-        }
+        let base = self.submit_all(reqs);
         if n > 0 {
             self.started.insert(base, n);
         }
@@ -338,16 +345,7 @@ impl<D: BlockDevice> Store<D> {
         reqs: Vec<(IoKind, u64, Option<AlignedBuf>)>,
     ) -> Result<Vec<IoCompletion>> {
         let n = reqs.len();
-        let base = self.next_tag;
-        self.next_tag += n as u64;
-        for (i, (kind, pba, buf)) in reqs.into_iter().enumerate() {
-            self.dev.submit(IoRequest {
-                tag: base + i as u64,
-                kind,
-                pba,
-                buf,
-            });
-        }
+        self.submit_all(reqs);
         let mut out = Vec::with_capacity(n);
         let mut got = Vec::new();
         while out.len() < n {
