@@ -2681,8 +2681,26 @@ impl<D: BlockDevice> Pool<D> {
             if !front_done {
                 match self.store.reap(wait && out.is_empty()) {
                     Ok(comps) => {
-                        if comps.is_empty() && !(wait && out.is_empty()) {
-                            break;
+                        if comps.is_empty() {
+                            if !(wait && out.is_empty()) {
+                                break;
+                            }
+                            if self.store.dev.in_flight() == 0 {
+                                // Waited, and nothing is in flight: the
+                                // device lost requests. Fail them all
+                                // rather than wait for ever.
+                                let e = Error::Io {
+                                    device: self.store.dev.info().name.clone(),
+                                    op: "complete",
+                                    pba: 0,
+                                    source: std::io::Error::other("device lost requests"),
+                                };
+                                self.poison(&e);
+                                for f in self.flights.iter_mut() {
+                                    f.outstanding = 0;
+                                }
+                            }
+                            continue;
                         }
                         for c in comps {
                             let Some(f) = self
