@@ -2468,6 +2468,74 @@ fn regressions_found_by_the_simulation() {
             ],
         ),
         (
+            // A node crashed twice, the second time before the lock table
+            // its first restart wrote (with the bumped generation epoch)
+            // was durable: the second restart bumped the old epoch to the
+            // one already sent, the upstream took the new sets for stale,
+            // and a lock add answered delivered that the upstream did not
+            // hold (found by a hunt, seed 119687289). The epoch is durable
+            // before a set goes out now.
+            "a second restart never repeats lock-set generations",
+            Shape {
+                policy: LeasePolicy::ReleaseAfter { grace_ms: 10_000 },
+                ..keep(3, vec![(2, true), (1, false)])
+            },
+            vec![
+                Step::Snap { l: 0 },
+                Step::Mirror {
+                    l: 0,
+                    dst: 1,
+                    src: 2,
+                    qtree: false,
+                    every_s: Some(69),
+                },
+                Step::Snap { l: 1 },
+                Step::Mirror {
+                    l: 1,
+                    dst: 2,
+                    src: 1,
+                    qtree: false,
+                    every_s: None,
+                },
+                Step::Mirror {
+                    l: 1,
+                    dst: 0,
+                    src: 2,
+                    qtree: false,
+                    every_s: None,
+                },
+                Step::Crash {
+                    node: 0,
+                    after_ops: 0,
+                },
+                Step::Write {
+                    l: 0,
+                    qtree: false,
+                    lba: 52,
+                    blocks: 3,
+                    fill: 212,
+                },
+                Step::Restart { node: 0 },
+                Step::Snap { l: 0 },
+                Step::SlowUpdate {
+                    node: 1,
+                    vol: "L0".into(),
+                    every: 512,
+                    ms: 9191,
+                },
+                Step::Crash {
+                    node: 0,
+                    after_ops: 0,
+                },
+                Step::Restart { node: 0 },
+                Step::LockAdd {
+                    node: 0,
+                    vol: "L1".into(),
+                    nth: 2,
+                },
+            ],
+        ),
+        (
             // The checker's own bug (found by a hunt, seed 705091133): a
             // forced `vol delete` whose last flush failed on a device frozen
             // by an armed crash had deleted the volume before it, and its

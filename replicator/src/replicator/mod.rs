@@ -351,6 +351,16 @@ impl Replicator {
             t.touch_tables();
             Ok(())
         })?;
+        // The bumped epoch is durable before any set that carries it goes
+        // out. Else a second crash would restore the epoch before this
+        // start and bump it to this one again: the sets sent after that
+        // restart would repeat generations an upstream has seen already,
+        // and it would take them for stale and drop them (found by the
+        // cascade simulation: seed 119687289, a lock add acknowledged as
+        // delivered that its upstream did not hold).
+        engine
+            .call(Request::Flush)
+            .map_err(|e| ReplError::engine("make the restarted lock table durable", e))?;
         for a in acts {
             if let Action::SendLockSet {
                 relationship,
