@@ -3474,6 +3474,19 @@ mod tests {
         }
     }
 
+    /// A pool on a simulated device with one 64-block volume `v`.
+    fn pool_v64() -> (Pool<SimDevice>, crate::device::sim::SimHandle) {
+        let dev = SimDevice::new(8192);
+        let sim = dev.handle();
+        let mut p = Pool::format(dev, FormatOptions::default()).unwrap();
+        p.execute(Request::CreateVolume {
+            name: "v".into(),
+            size_bytes: 64 * 4096,
+        })
+        .unwrap();
+        (p, sim)
+    }
+
     /// Started writes (several runs in flight, overlapping lbas, a CP while
     /// some are in flight, a refused write among them) answer in start
     /// order and end as the same writes run one after another would.
@@ -3481,14 +3494,7 @@ mod tests {
     fn started_writes_answer_in_order_and_end_as_sequential_writes() {
         let mut rng = sluice_testkit::rng(sluice_testkit::seed("started_writes"));
         for round in 0..20 {
-            let dev = SimDevice::new(8192);
-            let sim = dev.handle();
-            let mut p = Pool::format(dev, FormatOptions::default()).unwrap();
-            p.execute(Request::CreateVolume {
-                name: "v".into(),
-                size_bytes: 64 * 4096,
-            })
-            .unwrap();
+            let (mut p, sim) = pool_v64();
             let mut model = [0u8; 64];
             let mut answers = Vec::new();
             let mut started = 0usize;
@@ -3547,14 +3553,7 @@ mod tests {
     /// again, and a reopen recovers.
     #[test]
     fn a_started_write_that_fails_fails_every_later_one() {
-        let dev = SimDevice::new(8192);
-        let sim = dev.handle();
-        let mut p = Pool::format(dev, FormatOptions::default()).unwrap();
-        p.execute(Request::CreateVolume {
-            name: "v".into(),
-            size_bytes: 64 * 4096,
-        })
-        .unwrap();
+        let (mut p, sim) = pool_v64();
         p.execute(wr("v", 0, 4, 1)).unwrap();
         p.checkpoint().unwrap();
         // Two device writes per run: the first run is written, the second fails.

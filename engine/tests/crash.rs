@@ -19,7 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use sluice_engine::api::*;
-use sluice_engine::device::sim::{CrashMode, SimDevice};
+use sluice_engine::device::sim::{CrashMode, SimDevice, SimHandle};
 use sluice_engine::device::AlignedBuf;
 use sluice_engine::{FormatOptions, Pool};
 use std::collections::BTreeMap;
@@ -263,6 +263,27 @@ fn setup() -> (Pool<SimDevice>, sluice_engine::device::sim::SimHandle) {
     (pool, h)
 }
 
+/// The four crash images of a device frozen after op `n` (only durable
+/// writes, all completed writes, two random torn/reordered subsets), each
+/// mounted and past `check_invariants`.
+fn crash_images(h: &SimHandle, seed: u64, n: u64) -> Vec<(CrashMode, Pool<SimDevice>)> {
+    [
+        (CrashMode::DropAll, 0),
+        (CrashMode::KeepAll, 0),
+        (CrashMode::Random, seed ^ n),
+        (CrashMode::Random, seed ^ (n << 16)),
+    ]
+    .into_iter()
+    .map(|(mode, s)| {
+        let mut p = Pool::open(h.crash_image(mode, s))
+            .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
+        p.check_invariants()
+            .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
+        (mode, p)
+    })
+    .collect()
+}
+
 fn read_img(pool: &mut Pool<SimDevice>, i: usize, snap: Option<String>) -> Img {
     read_ns(pool, ns(i), snap)
 }
@@ -450,17 +471,8 @@ fn crash_inside_volume_delete() {
         before_volume_delete(&mut pool, seed);
         h.crash_after_ops(n);
         let _ = pool.execute(Request::DeleteVolume { name: "w".into() });
-        for (mode, s) in [
-            (CrashMode::DropAll, 0),
-            (CrashMode::KeepAll, 0),
-            (CrashMode::Random, seed ^ n),
-            (CrashMode::Random, seed ^ (n << 16)),
-        ] {
+        for (mode, mut p) in crash_images(&h, seed, n) {
             images += 1;
-            let mut p = Pool::open(h.crash_image(mode, s))
-                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
-            p.check_invariants()
-                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
             assert_eq!(
                 read_img(&mut p, 0, None),
                 want_vol,
@@ -571,17 +583,8 @@ fn crash_inside_resize() {
                 Err(_) => break,
             }
         }
-        for (mode, s) in [
-            (CrashMode::DropAll, 0),
-            (CrashMode::KeepAll, 0),
-            (CrashMode::Random, seed ^ n),
-            (CrashMode::Random, seed ^ (n << 16)),
-        ] {
+        for (mode, mut p) in crash_images(&h, seed, n) {
             images += 1;
-            let mut p = Pool::open(h.crash_image(mode, s))
-                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
-            p.check_invariants()
-                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
             let size = vol_size_blocks(&mut p);
             assert!(
                 allowed.contains(&size),
@@ -665,17 +668,8 @@ fn crash_inside_rollback() {
         before_rollback(&mut pool, seed);
         h.crash_after_ops(n);
         let acked = rollback(&mut pool).is_ok();
-        for (mode, s) in [
-            (CrashMode::DropAll, 0),
-            (CrashMode::KeepAll, 0),
-            (CrashMode::Random, seed ^ n),
-            (CrashMode::Random, seed ^ (n << 16)),
-        ] {
+        for (mode, mut p) in crash_images(&h, seed, n) {
             images += 1;
-            let mut p = Pool::open(h.crash_image(mode, s))
-                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
-            p.check_invariants()
-                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
             let Ok(Reply::Snapshots(list)) = p.execute(Request::ListSnapshots {
                 volume: "vol".into(),
             }) else {
@@ -787,17 +781,8 @@ fn crash_inside_clone() {
         // Every step is durable when acknowledged: the clone may show the
         // state of the last acknowledged step or of the one cut short.
         let allowed = &states[acked..(acked + 2).min(states.len())];
-        for (mode, s) in [
-            (CrashMode::DropAll, 0),
-            (CrashMode::KeepAll, 0),
-            (CrashMode::Random, seed ^ n),
-            (CrashMode::Random, seed ^ (n << 16)),
-        ] {
+        for (mode, mut p) in crash_images(&h, seed, n) {
             images += 1;
-            let mut p = Pool::open(h.crash_image(mode, s))
-                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: mount failed: {e}"));
-            p.check_invariants()
-                .unwrap_or_else(|e| panic!("seed {seed} op {n} {mode:?}: {e}"));
             assert!(
                 read_img(&mut p, 0, Some("a".into())) == a,
                 "seed {seed} op {n}: a changed"
