@@ -152,9 +152,10 @@ impl Replicator {
             .ok_or_else(|| ReplError::NotFound(format!("snapshot {volume}@{snapshot}")))?;
         let newer: Vec<SnapshotInfo> = snaps.split_off(at + 1);
         if destroy_newer && !newer.is_empty() {
+            let uses = self.uses(volume);
             if let Some((s, by)) = newer
                 .iter()
-                .find_map(|s| self.in_use(volume, s.id, &s.name).map(|by| (s, by)))
+                .find_map(|s| uses.of(s.id, &s.name).map(|by| (s, by)))
             {
                 return Err(ReplError::InUse {
                     volume: volume.into(),
@@ -259,9 +260,10 @@ impl Replicator {
             )));
         }
         let snaps = snapshots(&self.engine, volume)?;
+        let uses = self.uses(volume);
         if let Some((s, by)) = snaps
             .iter()
-            .find_map(|s| self.in_use(volume, s.id, &s.name).map(|by| (s, by)))
+            .find_map(|s| uses.of(s.id, &s.name).map(|by| (s, by)))
         {
             return Err(ReplError::InUse {
                 volume: volume.into(),

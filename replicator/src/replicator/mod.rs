@@ -7,6 +7,10 @@
 //! in-flight guards of outgoing transfers, throttles and metrics.
 //!
 //! Invariants kept:
+//! - Every decision reads one state, [`State`], under one mutex: the
+//!   tables, which relationships have an operation in hand, which snapshots
+//!   outgoing transfers read. The other mutexes guard shell bookkeeping
+//!   only (throttle buckets, live peer connections, refusal logs).
 //! - The state mutex is never held across network I/O. The state changes
 //!   only through [`Replicator::change`] ([`state::commit`]): the lock table
 //!   takes its events there and nowhere else, and the tables a change
@@ -105,8 +109,6 @@ pub struct Replicator {
     engine: EngineHandle,
     cfg: ReplicatorConfig,
     st: Mutex<State>,
-    busy: Mutex<BTreeSet<String>>,
-    serving: Mutex<BTreeMap<Uuid, usize>>,
     /// Readers of snapshots outside the replicator (NBD exports): set once,
     /// when the node starts.
     users: std::sync::OnceLock<Arc<dyn crate::SnapshotUsers>>,
@@ -169,12 +171,12 @@ struct ServeGuard<'a> {
 
 impl Drop for ServeGuard<'_> {
     fn drop(&mut self) {
-        let mut s = lock(&self.r.serving);
+        let mut st = lock(&self.r.st);
         for id in &self.ids {
-            if let Some(c) = s.get_mut(id) {
+            if let Some(c) = st.serving.get_mut(id) {
                 *c -= 1;
                 if *c == 0 {
-                    s.remove(id);
+                    st.serving.remove(id);
                 }
             }
         }
@@ -189,7 +191,7 @@ struct BusyGuard<'a> {
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
-        lock(&self.r.busy).remove(&self.key);
+        lock(&self.r.st).busy.remove(&self.key);
     }
 }
 
@@ -398,8 +400,6 @@ impl Replicator {
             node_bucket: Bucket::new(cfg.node_throttle_bps),
             engine,
             st: Mutex::new(state),
-            busy: Mutex::new(BTreeSet::new()),
-            serving: Mutex::new(BTreeMap::new()),
             users: std::sync::OnceLock::new(),
             rel_buckets: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),

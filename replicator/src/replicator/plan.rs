@@ -20,11 +20,12 @@
 //! - A create never runs into a destination that already holds a source
 //!   snapshot.
 
+use sluice_engine::api::SnapshotInfo;
 use sluice_lockproto::wire::SnapInfo;
 use uuid::Uuid;
 
 use super::Mode;
-use crate::types::Checkpoint;
+use crate::types::{Checkpoint, Relationship, SnapRef, TransferReport};
 
 /// What [`plan`] needs to know.
 pub(super) struct Inputs<'a> {
@@ -163,6 +164,47 @@ pub(super) fn plan(i: &Inputs<'_>) -> Result<Plan, Refusal> {
         undo,
         full_reason,
     })
+}
+
+/// What a completed transfer (`rep`, run in `mode`) records in its
+/// relationship: the counters, the last transfer (an update that sent
+/// nothing keeps the one before, unless there is none), the snapshot now
+/// shared with the source, no error, and a resync ends the break.
+pub(super) fn record_completion(
+    r: &mut Relationship,
+    rep: &TransferReport,
+    mode: Mode,
+    common: Option<SnapRef>,
+) {
+    let sent = rep.kind != "none";
+    match rep.kind.as_str() {
+        "full" => r.full_transfers += 1,
+        "incremental" => r.incremental_transfers += 1,
+        _ => {}
+    }
+    if sent && rep.resumed_from > 0 {
+        r.resumed_transfers += 1;
+    }
+    if sent || r.last_transfer.is_none() {
+        r.last_transfer = Some(rep.clone());
+    }
+    r.last_error = None;
+    r.source_notice = None;
+    r.common = common;
+    if matches!(mode, Mode::Resync { .. }) {
+        r.broken = false;
+        r.broken_unix_ms = None;
+    }
+}
+
+/// A volume mirror's follow-up deletes after a transfer: the destination's
+/// snapshots the source no longer has (`src`: the source's ids). What is
+/// in use or locked here is the shell's and the lock table's to keep.
+pub(super) fn dropped_by_source<'a>(
+    local: &'a [SnapshotInfo],
+    src: &'a [Uuid],
+) -> impl Iterator<Item = &'a SnapshotInfo> {
+    local.iter().filter(move |s| !src.contains(&s.id))
 }
 
 #[cfg(test)]
@@ -421,5 +463,93 @@ mod tests {
             p.base.is_none() && p.undo != Undo::Nothing,
             "{ctx}"
         );
+    }
+
+    #[test]
+    fn follow_up_deletes_are_the_snapshots_the_source_no_longer_has() {
+        let info = |n: u8| SnapshotInfo {
+            name: format!("s{n}"),
+            id: id(n),
+            gen: u64::from(n),
+            created_unix_ms: 0,
+            digests: vec![],
+            referenced_blocks: 0,
+            unique_blocks: 0,
+            clones: vec![],
+        };
+        let local = [info(1), info(2), info(3)];
+        let src = [id(2), id(4)];
+        let gone: Vec<&str> = dropped_by_source(&local, &src)
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(gone, ["s1", "s3"]);
+        let src = [id(1), id(2), id(3)];
+        assert_eq!(dropped_by_source(&local, &src).count(), 0);
+    }
+
+    #[test]
+    fn a_completed_transfer_is_recorded_and_an_empty_update_keeps_the_last_transfer() {
+        let mut r: Relationship = serde_json::from_value(serde_json::json!({
+            "dst": "m", "dst_volume": "m", "dst_qtree": null, "source_addr": "a",
+            "source_volume": "v", "source_qtree": null, "kind": "volume",
+            "broken": true, "broken_unix_ms": 5, "last_error": "timed out",
+            "source_notice": "forced delete",
+        }))
+        .unwrap();
+        let rep = |kind: &str, resumed_from: u64| TransferReport {
+            dst: "m".into(),
+            kind: kind.into(),
+            base: None,
+            target: None,
+            bytes: 0,
+            extents: 0,
+            trims: 0,
+            resumed_from,
+            total_items: 0,
+            deleted_snapshots: vec![],
+            kept_locked: vec![],
+            full_reason: None,
+            finished_unix_ms: 0,
+            duration_ms: 0,
+        };
+        let common = |n: u8| {
+            Some(SnapRef {
+                name: format!("s{n}"),
+                id: id(n),
+                created_unix_ms: 0,
+            })
+        };
+        // An update does not end a break; only a resync does.
+        record_completion(&mut r, &rep("full", 3), Mode::Update, common(1));
+        assert!(r.broken && r.broken_unix_ms.is_some());
+        assert_eq!((r.full_transfers, r.resumed_transfers), (1, 1));
+        assert_eq!(
+            (r.last_error.as_deref(), r.source_notice.as_deref()),
+            (None, None)
+        );
+        record_completion(
+            &mut r,
+            &rep("incremental", 0),
+            Mode::Resync { force: false },
+            common(2),
+        );
+        assert!(!r.broken && r.broken_unix_ms.is_none());
+        assert_eq!((r.incremental_transfers, r.resumed_transfers), (1, 1));
+        // Nothing sent: the counters and the last transfer stay, the
+        // common snapshot follows the source.
+        record_completion(&mut r, &rep("none", 7), Mode::Update, common(3));
+        assert_eq!(
+            (
+                r.full_transfers,
+                r.incremental_transfers,
+                r.resumed_transfers
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            r.last_transfer.as_ref().map(|t| t.kind.as_str()),
+            Some("incremental")
+        );
+        assert_eq!(r.common, common(3));
     }
 }

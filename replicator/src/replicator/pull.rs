@@ -328,8 +328,11 @@ impl Replicator {
 
     /// Every relationship's status.
     pub fn mirror_status(&self) -> Vec<MirrorStatus> {
-        let rels: Vec<Relationship> = lock(&self.st).rels().values().cloned().collect();
-        let busy = lock(&self.busy).clone();
+        let (rels, busy) = {
+            let st = lock(&self.st);
+            let rels: Vec<Relationship> = st.rels().values().cloned().collect();
+            (rels, st.busy.clone())
+        };
         let now = self.now_ms();
         rels.into_iter()
             .map(|r| MirrorStatus {
@@ -394,8 +397,7 @@ impl Replicator {
     }
 
     pub(super) fn busy_guard(&self, key: &str) -> Result<BusyGuard<'_>> {
-        let mut b = lock(&self.busy);
-        if !b.insert(key.to_string()) {
+        if !lock(&self.st).busy.insert(key.to_string()) {
             return Err(ReplError::Busy(key.to_string()));
         }
         Ok(BusyGuard {
@@ -1013,36 +1015,8 @@ impl Replicator {
                 &mut report,
             )?;
         }
-        // Volume mirrors drop the snapshots their source no longer has,
-        // except those locked here (own downstreams, applications).
         if rel.kind == MirrorKind::Volume {
-            let now_local = snapshots(&self.engine, &rel.dst_volume)?;
-            for s in now_local {
-                if src_ids.contains(&s.id) || self.in_use(&rel.dst_volume, s.id, &s.name).is_some()
-                {
-                    continue;
-                }
-                let acts = self.lock_events(vec![Event::DeleteRequested {
-                    volume: rel.dst_volume.clone(),
-                    snapshot: s.id,
-                    force: false,
-                }])?;
-                let deleted = acts.iter().any(|a| matches!(a, Action::Deleted { .. }));
-                if deleted {
-                    self.engine
-                        .call(Request::DeleteSnapshot {
-                            volume: rel.dst_volume.clone(),
-                            name: s.name.clone(),
-                        })
-                        .map_err(|e| {
-                            ReplError::engine(format!("delete {}@{}", rel.dst_volume, s.name), e)
-                        })?;
-                    report.deleted_snapshots.push(s.name.clone());
-                } else {
-                    report.kept_locked.push(s.name.clone());
-                }
-                self.send_sets(&mut c, acts)?;
-            }
+            self.drop_follow_ups(&mut c, rel, &src_ids, &mut report)?;
         }
         // Claims 10/20: our lock set after the transfer (sent by
         // TransferFinished in pull); make sure the source processed it.
@@ -1054,29 +1028,64 @@ impl Replicator {
         };
         report.finished_unix_ms = self.now_ms();
         report.duration_ms = started.elapsed().as_millis() as u64;
-        let rep = report.clone();
-        self.update_rel(&key, |r| {
-            match rep.kind.as_str() {
-                "full" => r.full_transfers += 1,
-                "incremental" => r.incremental_transfers += 1,
-                _ => {}
-            }
-            if rep.kind != "none" && rep.resumed_from > 0 {
-                r.resumed_transfers += 1;
-            }
-            if rep.kind != "none" || r.last_transfer.is_none() {
-                r.last_transfer = Some(rep.clone());
-            }
-            r.last_error = None;
-            r.source_notice = None;
-            r.common = common;
-            if matches!(mode, Mode::Resync { .. }) {
-                r.broken = false;
-                r.broken_unix_ms = None;
-            }
-        })?;
+        self.update_rel(&key, |r| plan::record_completion(r, &report, mode, common))?;
         self.flush()?;
         Ok(report)
+    }
+
+    /// A volume mirror's follow-up deletes: the destination drops the
+    /// snapshots its source no longer has ([`plan::dropped_by_source`]),
+    /// except those in use here ([`Uses`]) and those the lock table refuses
+    /// (own downstreams, applications). The lock table decides them all in
+    /// one transaction; the engine then deletes what it allowed.
+    fn drop_follow_ups(
+        &self,
+        c: &mut Conn,
+        rel: &Relationship,
+        src_ids: &[Uuid],
+        report: &mut TransferReport,
+    ) -> Result<()> {
+        let local = snapshots(&self.engine, &rel.dst_volume)?;
+        let uses = self.uses(&rel.dst_volume);
+        let candidates: Vec<&SnapshotInfo> = plan::dropped_by_source(&local, src_ids)
+            .filter(|s| uses.of(s.id, &s.name).is_none())
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let acts = self.lock_events(
+            candidates
+                .iter()
+                .map(|s| Event::DeleteRequested {
+                    volume: rel.dst_volume.clone(),
+                    snapshot: s.id,
+                    force: false,
+                })
+                .collect(),
+        )?;
+        let allowed: BTreeSet<Uuid> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deleted { snapshot, .. } => Some(*snapshot),
+                _ => None,
+            })
+            .collect();
+        for s in candidates {
+            if !allowed.contains(&s.id) {
+                report.kept_locked.push(s.name.clone());
+                continue;
+            }
+            self.engine
+                .call(Request::DeleteSnapshot {
+                    volume: rel.dst_volume.clone(),
+                    name: s.name.clone(),
+                })
+                .map_err(|e| {
+                    ReplError::engine(format!("delete {}@{}", rel.dst_volume, s.name), e)
+                })?;
+            report.deleted_snapshots.push(s.name.clone());
+        }
+        self.send_sets(c, acts)
     }
 
     /// The snapshots a resync of `rel` deletes that were taken here while
@@ -1105,9 +1114,10 @@ impl Replicator {
                 .collect()
         };
         // One in use (a clone's origin, an open export) is kept too.
+        let uses = self.uses(&rel.dst_volume);
         unlocked
             .into_iter()
-            .filter(|s| self.in_use(&rel.dst_volume, s.id, &s.name).is_none())
+            .filter(|s| uses.of(s.id, &s.name).is_none())
             .map(|s| s.name.clone())
             .collect()
     }
@@ -1240,33 +1250,30 @@ impl Replicator {
         Ok(())
     }
 
-    /// What uses snapshot `volume@name` (global id `id`) now, so that it
-    /// must not be deleted: a transfer this node serves from it, NBD
-    /// clients reading its export ([`crate::SnapshotUsers`]), or volumes
-    /// cloned from it (the engine refuses that delete too; asked here so
-    /// that retention, prune and a mirror's follow-up deletes skip it
-    /// before the lock table records a delete).
+    /// What uses snapshot `volume@name` (global id `id`) now; see [`Uses`].
     pub(super) fn in_use(&self, volume: &str, id: Uuid, name: &str) -> Option<String> {
-        if lock(&self.serving).contains_key(&id) {
-            return Some("a running transfer".into());
-        }
-        let n = self.users.get().map_or(0, |u| u.readers(volume, name));
-        if n > 0 {
-            return Some(format!("{n} NBD client(s) reading its export"));
-        }
+        self.uses(volume).of(id, name)
+    }
+
+    /// What uses `volume`'s snapshots now besides the lock table, read once
+    /// for a decision about several of them.
+    pub(super) fn uses(&self, volume: &str) -> Uses {
+        let serving = lock(&self.st).serving.keys().copied().collect();
         // A failed listing counts as no clone: the engine's own check stands.
-        let clones: Vec<String> = volumes(&self.engine)
+        let clones = volumes(&self.engine)
             .unwrap_or_default()
             .into_iter()
-            .filter(|v| {
-                v.origin
-                    .as_ref()
-                    .is_some_and(|o| o.volume == volume && o.snapshot == name)
+            .filter_map(|v| {
+                let o = v.origin?;
+                (o.volume == volume).then_some((o.snapshot, v.name))
             })
-            .map(|v| v.name)
             .collect();
-        (!clones.is_empty())
-            .then(|| format!("clone(s) {} (`vol delete` ends a clone)", clones.join(", ")))
+        Uses {
+            volume: volume.to_string(),
+            serving,
+            readers: self.users.get().cloned(),
+            clones,
+        }
     }
 
     /// Who reads snapshots besides the replicator (the node's NBD server);
@@ -1516,6 +1523,44 @@ impl Replicator {
         nss.get(usize::from(i))
             .cloned()
             .ok_or_else(|| ReplError::Invalid(format!("namespace index {i} out of range")))
+    }
+}
+
+/// What keeps a volume's snapshots from every delete, forced or not,
+/// besides the lock table: a transfer this node serves from one, NBD
+/// clients reading its export ([`crate::SnapshotUsers`]), or volumes
+/// cloned from it (the engine refuses that delete too; asked here so that
+/// retention, prune and a mirror's follow-up deletes skip it before the
+/// lock table records a delete).
+pub(super) struct Uses {
+    volume: String,
+    serving: BTreeSet<Uuid>,
+    readers: Option<Arc<dyn crate::SnapshotUsers>>,
+    /// (origin snapshot, clone volume).
+    clones: Vec<(String, String)>,
+}
+
+impl Uses {
+    /// What uses snapshot `name` (global id `id`), if anything.
+    pub(super) fn of(&self, id: Uuid, name: &str) -> Option<String> {
+        if self.serving.contains(&id) {
+            return Some("a running transfer".into());
+        }
+        let n = self
+            .readers
+            .as_ref()
+            .map_or(0, |u| u.readers(&self.volume, name));
+        if n > 0 {
+            return Some(format!("{n} NBD client(s) reading its export"));
+        }
+        let clones: Vec<&str> = self
+            .clones
+            .iter()
+            .filter(|(snap, _)| snap == name)
+            .map(|(_, clone)| clone.as_str())
+            .collect();
+        (!clones.is_empty())
+            .then(|| format!("clone(s) {} (`vol delete` ends a clone)", clones.join(", ")))
     }
 }
 

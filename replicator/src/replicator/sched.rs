@@ -296,7 +296,7 @@ impl Replicator {
                     // Every worker is taken: the rest stay due.
                     return;
                 }
-                if scheduled.contains(&key) || lock(&self.busy).contains(&key) {
+                if scheduled.contains(&key) || lock(&self.st).busy.contains(&key) {
                     continue; // transferring: stays due
                 }
                 scheduled.insert(key.clone());

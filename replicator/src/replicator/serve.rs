@@ -341,11 +341,11 @@ impl Replicator {
             Err(refused) => return fail(c, refused.code, refused.error),
         };
         let _guard = {
-            let mut s = lock(&self.serving);
+            let mut st = lock(&self.st);
             let mut ids = vec![target.id];
             ids.extend(base.as_ref().map(|b| b.id));
             for id in &ids {
-                *s.entry(*id).or_insert(0) += 1;
+                *st.serving.entry(*id).or_insert(0) += 1;
             }
             ServeGuard { r: self, ids }
         };

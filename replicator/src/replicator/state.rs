@@ -3,7 +3,8 @@
 //! Owns: the four persisted tables (relationships, the lock table,
 //! retention policies, export lists) and the memory-only bookkeeping beside them
 //! (undelivered lock sets, what each downstream is known to share, when
-//! each relationship is due).
+//! each relationship is due, which relationships have an operation in hand
+//! and which snapshots outgoing transfers read).
 //!
 //! Invariants kept:
 //! - The persisted tables are private to this module. Everything else reads
@@ -52,6 +53,12 @@ pub(super) struct State {
     /// deleted nothing and kept only locked snapshots. While both are the
     /// same, another pass would find the same: it is skipped.
     pub(super) retention_settled: BTreeMap<String, (usize, u64)>,
+    /// Relationships with an operation in hand (update, resync, break,
+    /// delete, retarget): one at a time each.
+    pub(super) busy: BTreeSet<String>,
+    /// Snapshots an outgoing transfer reads now (global id -> transfers):
+    /// no delete takes them.
+    pub(super) serving: BTreeMap<Uuid, usize>,
 }
 
 impl State {
@@ -73,6 +80,8 @@ impl State {
             retention_kept: BTreeMap::new(),
             protection_rev: 0,
             retention_settled: BTreeMap::new(),
+            busy: BTreeSet::new(),
+            serving: BTreeMap::new(),
         }
     }
 
