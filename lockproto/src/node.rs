@@ -1,6 +1,6 @@
 //! The sans-IO soft-lock propagation state machine: one [`LockNode`] per node.
 //!
-//! Owns every rule of DESIGN.md "Soft locks": which locks this node sends to
+//! Owns every soft-lock rule (docs/REPLICATION.md, "Soft locks"): which locks this node sends to
 //! each upstream (claims 30, 31, 35, 56), when (before and after each
 //! transfer: claims 10, 20; whenever the set changes; on lease renewal),
 //! which local snapshots are protected and by whom, refusing or forcing

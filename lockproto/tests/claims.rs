@@ -1,4 +1,5 @@
-//! One test per claim group of the seed (see MISSION.md), driving
+//! One test per group of the soft-lock claims (numbered as in
+//! docs/REPLICATION.md, "Soft locks"), driving
 //! `LockNode` directly.
 //!
 //! Everything is keyed by relationship: the usual shape here is node B
