@@ -317,20 +317,20 @@ pub enum Reply {
 pub trait Executor: Send + 'static {
     fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>>;
     fn checkpoint(&mut self) -> Result<()>;
-    /// Start plain (non-FUA) writes without waiting for their data; the
-    /// answers of started writes come back in the order they were started,
-    /// from this call or from [`Executor::reap_writes`]. The default runs
-    /// them at once. While any is in flight ([`Executor::writes_in_flight`])
-    /// the caller runs nothing else.
-    fn start_writes(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
+    /// Start a batch of plain (non-FUA) writes, or of reads, without
+    /// waiting for their data; the answers of started requests come back in
+    /// the order they were started, from this call or from
+    /// [`Executor::reap`]. The default runs them at once. While any is in
+    /// flight ([`Executor::in_flight`]) the caller runs nothing else.
+    fn start(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
         self.execute_batch(reqs)
     }
-    /// Answers of started writes that are done (`wait`: block until one is,
-    /// when any is in flight).
-    fn reap_writes(&mut self, _wait: bool) -> Vec<Result<Reply>> {
+    /// Answers of started requests that are done (`wait`: block until one
+    /// is, when any is in flight).
+    fn reap(&mut self, _wait: bool) -> Vec<Result<Reply>> {
         Vec::new()
     }
-    fn writes_in_flight(&self) -> usize {
+    fn in_flight(&self) -> usize {
         0
     }
 }

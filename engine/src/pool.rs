@@ -12,12 +12,15 @@
 //!   `pending` (allocated in the free map) until the NEXT CP's superblock is
 //!   written and flushed, because the durable image may still point at it.
 //! - Writes never overwrite a block the durable image references.
-//! - Started writes ([`Pool::start_writes`], the shard loop's pipeline):
-//!   their pbas are allocated and in no plane until their data is written;
-//!   then their metadata is applied in the order they were started, so the
-//!   end state is that of the same writes run one after another. A CP
-//!   while some are in flight neither references nor frees their blocks,
-//!   and a failed one poisons the pool and fails every later one.
+//! - Started requests ([`Pool::start`], the shard loop's pipeline): a
+//!   started write's pbas are allocated and in no plane until its data is
+//!   written; then its metadata is applied, each write as soon as its own
+//!   data and that of every write before it is written, in the order they
+//!   were started, so the end state is that of the same writes run one
+//!   after another. A CP while some are in flight neither references nor
+//!   frees their blocks, and a failed one poisons the pool and fails every
+//!   later one. Reads are started the same way, never together with
+//!   writes: no block a read in flight reads can be freed and reused.
 
 use crate::api::*;
 use crate::device::{AlignedBuf, BlockDevice, IoCompletion, IoKind, BLOCK_SIZE};
@@ -179,7 +182,6 @@ impl Vol {
 /// What [`Pool::prepare_run`] made of a run of writes.
 struct PreparedRun {
     writes: Vec<Result<PreparedWrite>>,
-    pbas: Vec<u64>,
     requests: Vec<(IoKind, u64, Option<AlignedBuf>)>,
     meta: u64,
 }
@@ -191,6 +193,8 @@ struct PreparedWrite {
     data: Option<AlignedBuf>,
     pbas: Vec<u64>,
     hashes: Vec<u64>,
+    /// What its metadata may add to the CP reserve.
+    meta: u64,
 }
 
 fn block_hashes(data: &AlignedBuf) -> Vec<u64> {
@@ -221,33 +225,95 @@ pub struct Pool<D: BlockDevice> {
     changes: u64,
     /// `changes` at the last `check_invariants` that passed.
     checked_at: Option<u64>,
-    /// Plain writes started and not yet reaped, oldest first
-    /// ([`Pool::start_writes`]).
+    /// Requests started and not yet answered, oldest first
+    /// ([`Pool::start`]); the front one has sequence number `flights_seq`.
     flights: std::collections::VecDeque<Flight>,
+    flights_seq: u64,
+    /// The device requests of the started requests, by start.
+    batches: std::collections::VecDeque<FlightBatch>,
     /// What the flights' metadata may add to the CP reserve (their
     /// [`Pool::write_meta_need`]s), counted by later writes' space checks.
     flight_meta: u64,
 }
 
-/// A run of plain writes whose data is on its way to the device: validated
-/// and allocated, not yet in any map. Its metadata is applied (in the order
-/// flights were started) once every one of its device requests completed;
-/// until then its pbas are allocated and in no plane, so a CP meanwhile
-/// neither references nor frees them.
-struct Flight {
-    /// The writes in order: prepared, or refused at once (answered in
-    /// their place, so answers keep the order of the requests).
-    writes: Vec<Result<PreparedWrite>>,
-    /// Every pba the prepared writes hold.
-    pbas: Vec<u64>,
-    /// Its device requests have tags `first_tag .. first_tag + requests`.
+/// A request started and not yet answered ([`Pool::start`]).
+///
+/// A write's data is on its way to the device: validated and allocated, not
+/// yet in any map. Its metadata is applied (in the order requests started)
+/// once its device requests and those of every request before it are
+/// complete; until then its pbas are allocated and in no plane, so a CP
+/// meanwhile neither references nor frees them. A read's map was looked up
+/// when it started; writes never run while reads are in flight, so the
+/// blocks it reads stay where they are.
+enum Flight {
+    Write {
+        /// Prepared, or refused at once (answered in its place, so answers
+        /// keep the order of the requests).
+        write: Result<PreparedWrite>,
+        /// Device requests carrying its data not yet complete.
+        outstanding: u64,
+        /// The first failed request's error.
+        failed: Option<Error>,
+    },
+    Read {
+        image: Image,
+        lba: u64,
+        len_blocks: u32,
+        plan: Result<Vec<Slot>>,
+        outstanding: u64,
+        failed: bool,
+        /// Its device requests' completions, as they came.
+        comps: Vec<IoCompletion>,
+    },
+}
+
+impl Flight {
+    fn outstanding(&mut self) -> &mut u64 {
+        match self {
+            Flight::Write { outstanding, .. } | Flight::Read { outstanding, .. } => outstanding,
+        }
+    }
+}
+
+/// The device requests of one [`Pool::start`]: tags `first_tag ..
+/// first_tag + covers.len()`; request i carries data of the started
+/// requests with sequence numbers `covers[i].0 ..= covers[i].1`.
+struct FlightBatch {
     first_tag: u64,
-    requests: u64,
+    covers: Vec<(u64, u64)>,
     /// Requests not yet complete.
-    outstanding: u64,
-    /// The first failed request's error.
-    failed: Option<Error>,
-    meta: u64,
+    left: u64,
+}
+
+/// For each device request of a run of prepared writes (the `k`-th write
+/// has sequence number `first + k`), the first and last write whose blocks
+/// it carries. A gathered request may span a whole write it does not carry
+/// (one that went in its own buffer): that write then also waits for it,
+/// which costs nothing, since writes are applied in order anyway.
+fn request_covers(
+    writes: &[Result<PreparedWrite>],
+    requests: &[(IoKind, u64, Option<AlignedBuf>)],
+    first: u64,
+) -> Vec<(u64, u64)> {
+    let mut owner: Vec<(u64, u64)> = writes
+        .iter()
+        .enumerate()
+        .filter_map(|(k, w)| w.as_ref().ok().map(|w| (k, w)))
+        .flat_map(|(k, w)| w.pbas.iter().map(move |&p| (p, first + k as u64)))
+        .collect();
+    owner.sort_unstable();
+    requests
+        .iter()
+        .map(|(_, pba, buf)| {
+            let end = pba + buf.as_ref().map_or(1, |b| b.len_blocks() as u64);
+            let lo = owner.partition_point(|&(p, _)| p < *pba);
+            let hi = owner.partition_point(|&(p, _)| p < end);
+            let seqs = owner.get(lo..hi).unwrap_or_default();
+            let min = seqs.iter().map(|&(_, s)| s).min().unwrap_or(first);
+            let max = seqs.iter().map(|&(_, s)| s).max().unwrap_or(first);
+            (min, max)
+        })
+        .collect()
 }
 
 fn digest_term(lba: u64, hash: u64) -> u128 {
@@ -719,6 +785,8 @@ impl<D: BlockDevice> Pool<D> {
             checked_at: None,
             flights: std::collections::VecDeque::new(),
             flight_meta: 0,
+            flights_seq: 0,
+            batches: std::collections::VecDeque::new(),
         }
     }
 
@@ -1293,6 +1361,16 @@ impl<D: BlockDevice> Pool<D> {
 
     /// A consistency point now (what `Flush` does).
     pub fn checkpoint(&mut self) -> Result<()> {
+        if self
+            .flights
+            .iter()
+            .any(|f| matches!(f, Flight::Read { .. }))
+        {
+            // It could free, and a later CP reuse, a block a read is reading.
+            return Err(Error::Invariant(
+                "a consistency point asked for while reads are in flight".into(),
+            ));
+        }
         self.changes += 1;
         self.cp(None)
     }
@@ -1452,7 +1530,7 @@ impl<D: BlockDevice> Pool<D> {
     pub fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
         debug_assert!(
             self.flights.is_empty(),
-            "requests run while started writes are in flight"
+            "requests run while started requests are in flight"
         );
         let mut out = Vec::with_capacity(reqs.len());
         let mut run: Vec<Request> = Vec::new();
@@ -2238,7 +2316,10 @@ impl<D: BlockDevice> Pool<D> {
         let runs = read_runs(slots);
         let mine: Vec<IoCompletion> = ci.by_ref().take(runs.len()).collect();
         self.store.stats.data_blocks_read += runs.iter().map(|r| r.1 as u64).sum::<u64>();
-        let mut out = AlignedBuf::zeroed(slots.len());
+        // One device read covering the whole request (the usual case): its
+        // buffer is the answer, verified in place and not copied.
+        let whole = matches!(runs.as_slice(), [(0, len, _)] if *len == slots.len());
+        let mut out: Option<AlignedBuf> = None;
         for ((start, len, _), c) in runs.into_iter().zip(mine) {
             let data = c
                 .buf
@@ -2251,10 +2332,16 @@ impl<D: BlockDevice> Pool<D> {
                         pba: s.pba,
                     });
                 }
-                out.block_mut(i).copy_from_slice(data.block(k));
+            }
+            if whole && data.len_blocks() == slots.len() {
+                return Ok(data);
+            }
+            let o = out.get_or_insert_with(|| AlignedBuf::zeroed(slots.len()));
+            for (k, i) in (start..start + len).enumerate() {
+                o.block_mut(i).copy_from_slice(data.block(k));
             }
         }
-        Ok(out)
+        Ok(out.unwrap_or_else(|| AlignedBuf::zeroed(slots.len())))
     }
 
     /// Point slot `lba` of namespace (vi, ni) at `new` (pba 0 = hole),
@@ -2506,8 +2593,8 @@ impl<D: BlockDevice> Pool<D> {
     /// may add to the CP reserve), and build the device requests of their
     /// data: a write of several blocks on consecutive pbas goes in its own
     /// buffer, uncopied; single blocks are gathered into runs. Returns the
-    /// writes (data moved into the requests), every pba allocated, the
-    /// requests and the writes' metadata need.
+    /// writes (data moved into the requests), the requests and the
+    /// writes' metadata need.
     fn prepare_run(&mut self, run: Vec<Request>, mut pending_meta: u64) -> PreparedRun {
         let meta0 = pending_meta;
         let mut prepared: Vec<Result<PreparedWrite>> = Vec::new();
@@ -2531,6 +2618,7 @@ impl<D: BlockDevice> Pool<D> {
                             hashes: block_hashes(&data),
                             data: Some(data),
                             pbas,
+                            meta,
                         }));
                     }
                     Err(e) => prepared.push(Err(e)),
@@ -2539,11 +2627,6 @@ impl<D: BlockDevice> Pool<D> {
                 prepared.push(Err(Error::Invalid("not a write".into())));
             }
         }
-        let pbas: Vec<u64> = prepared
-            .iter()
-            .flatten()
-            .flat_map(|p| p.pbas.iter().copied())
-            .collect();
         let mut whole = Vec::new();
         for p in prepared.iter_mut().flatten() {
             let n = p.pbas.len();
@@ -2569,57 +2652,42 @@ impl<D: BlockDevice> Pool<D> {
         }
         PreparedRun {
             writes: prepared,
-            pbas,
             requests,
             meta: pending_meta - meta0,
         }
     }
 
-    /// The end of a run of writes whose data went to the device with
-    /// outcome `written`: on success (and an unpoisoned pool) each write's
-    /// metadata is applied in order; else every pba is unallocated again
-    /// (nothing references them), the pool poisoned, and each prepared
-    /// write answered `Poisoned`. Then a CP if the dirty or pending-free
-    /// bound is passed.
-    fn finish_run(
+    /// The end of one write whose data went to the device (`failed`: the
+    /// first error of its device requests): on success, and with the pool
+    /// unpoisoned, its metadata is applied; else its pbas are unallocated
+    /// again (nothing references them), the pool poisoned, and the write
+    /// answered `Poisoned`. Writes are finished in the order they started,
+    /// so a later write of an lba wins.
+    fn finish_write(
         &mut self,
-        writes: Vec<Result<PreparedWrite>>,
-        pbas: &[u64],
-        written: Result<()>,
-    ) -> Vec<Result<Reply>> {
-        let failed = match written {
-            Err(e) => {
-                self.poison(&e);
-                Some(e.to_string())
-            }
-            Ok(()) => self.poisoned.clone(),
-        };
-        if let Some(reason) = failed {
-            for &p in pbas {
-                if let Err(e) = self.fm.clear(p) {
+        write: Result<PreparedWrite>,
+        failed: Option<Error>,
+    ) -> Result<Reply> {
+        let p = write?;
+        if let Some(e) = failed {
+            self.poison(&e);
+        }
+        if let Some(reason) = self.poisoned.clone() {
+            for &pba in &p.pbas {
+                if let Err(e) = self.fm.clear(pba) {
                     self.poison(&e);
                 }
             }
-            return writes
-                .into_iter()
-                .map(|p| match p {
-                    Ok(_) => Err(Error::Poisoned {
-                        reason: reason.clone(),
-                    }),
-                    Err(e) => Err(e),
-                })
-                .collect();
+            return Err(Error::Poisoned { reason });
         }
-        self.store.stats.data_blocks_written += pbas.len() as u64;
-        let mut out = Vec::with_capacity(writes.len());
-        for p in writes {
-            out.push(match p {
-                Ok(p) => self
-                    .write_apply(p.vi, p.ni, p.lba, &p.hashes, &p.pbas)
-                    .map(|_| Reply::Done),
-                Err(e) => Err(e),
-            });
-        }
+        self.store.stats.data_blocks_written += p.pbas.len() as u64;
+        self.write_apply(p.vi, p.ni, p.lba, &p.hashes, &p.pbas)
+            .map(|_| Reply::Done)
+    }
+
+    /// A CP once the dirty or pending-free bound is passed (after writes
+    /// were applied).
+    fn cp_if_over_bounds(&mut self) {
         if self.poisoned.is_none()
             && (self.dirty_nodes() > DIRTY_BOUND || self.pending.len() > PENDING_BOUND)
         {
@@ -2627,119 +2695,293 @@ impl<D: BlockDevice> Pool<D> {
                 tracing::error!(error = %e, "checkpoint after a write batch failed");
             }
         }
-        out
     }
 
     /// A run of non-FUA writes from one batch: validate and allocate each,
     /// write all their data in one device batch, then apply them in order.
     fn write_run(&mut self, run: Vec<Request>) -> Vec<Result<Reply>> {
         let r = self.prepare_run(run, self.flight_meta);
-        let written = if r.requests.is_empty() {
-            Ok(())
-        } else {
-            self.store.run(r.requests).map(drop)
-        };
-        self.finish_run(r.writes, &r.pbas, written)
+        if !r.requests.is_empty() {
+            if let Err(e) = self.store.run(r.requests) {
+                self.poison(&e);
+            }
+        }
+        let out = r
+            .writes
+            .into_iter()
+            .map(|w| self.finish_write(w, None))
+            .collect();
+        self.cp_if_over_bounds();
+        out
     }
 
-    /// Start a run of plain (non-FUA) writes: each is validated and
-    /// allocated now and its data submitted to the device, without waiting.
-    /// Their answers come from [`Pool::reap_writes`], in the order the
-    /// writes were started, once their data is written and their metadata
-    /// applied: so a caller keeps the device busy with the next writes
-    /// while earlier ones complete. Any other request must wait until
-    /// [`Pool::writes_in_flight`] is 0 (the shard loop reaps them all
-    /// first): it sees every started write applied.
-    pub fn start_writes(&mut self, run: Vec<Request>) {
-        let r = self.prepare_run(run, self.flight_meta);
-        let requests = r.requests.len() as u64;
-        let first_tag = self.store.start(r.requests);
-        self.flight_meta += r.meta;
-        self.flights.push_back(Flight {
-            writes: r.writes,
-            pbas: r.pbas,
-            first_tag,
-            requests,
-            outstanding: requests,
-            failed: None,
-            meta: r.meta,
-        });
-    }
-
-    /// Write requests started and not yet answered.
-    pub fn writes_in_flight(&self) -> usize {
-        self.flights.iter().map(|f| f.writes.len()).sum()
-    }
-
-    /// The answers of started writes whose flights are done, oldest first
-    /// (empty when none is). `wait`: block until the oldest flight is done
-    /// when none is yet.
-    pub fn reap_writes(&mut self, wait: bool) -> Vec<Result<Reply>> {
+    /// Start a batch of plain (non-FUA) writes, or of reads: each write is
+    /// validated and allocated now, each read mapped, and their device
+    /// requests submitted without waiting. Their answers come from
+    /// [`Pool::reap`] in the order the requests were started, each as soon
+    /// as its own data (and that of every request before it) is done: so a
+    /// caller keeps the device busy with the next requests while earlier
+    /// ones complete. Returns at once the answers of requests started
+    /// before, if they had to finish first: writes and reads are never in
+    /// flight together (a write may run a CP, which frees blocks a read in
+    /// flight may still be reading). Anything else must wait until
+    /// [`Pool::in_flight`] is 0 (the shard loop reaps them all first): it
+    /// sees every started write applied.
+    #[must_use = "the answers of requests started before"]
+    pub fn start(&mut self, batch: Vec<Request>) -> Vec<Result<Reply>> {
+        let reads = batch.iter().all(|r| matches!(r, Request::Read { .. }));
+        let writes = batch
+            .iter()
+            .all(|r| matches!(r, Request::Write { fua: false, .. }));
         let mut out = Vec::new();
-        while !self.flights.is_empty() {
-            let front_done = self.flights.front().is_some_and(|f| f.outstanding == 0);
-            if !front_done {
-                match self.store.reap(wait && out.is_empty()) {
-                    Ok(comps) => {
-                        if comps.is_empty() {
-                            if !(wait && out.is_empty()) {
-                                break;
-                            }
-                            if self.store.dev.in_flight() == 0 {
-                                // Waited, and nothing is in flight: the
-                                // device lost requests. Fail them all
-                                // rather than wait for ever.
-                                let e = Error::Io {
-                                    device: self.store.dev.info().name.clone(),
-                                    op: "complete",
-                                    pba: 0,
-                                    source: std::io::Error::other("device lost requests"),
-                                };
-                                self.poison(&e);
-                                for f in self.flights.iter_mut() {
-                                    f.outstanding = 0;
-                                }
-                            }
-                            continue;
-                        }
-                        for c in comps {
-                            let Some(f) = self
-                                .flights
-                                .iter_mut()
-                                .find(|f| (f.first_tag..f.first_tag + f.requests).contains(&c.tag))
-                            else {
-                                continue;
-                            };
-                            f.outstanding = f.outstanding.saturating_sub(1);
-                            if let (Err(e), None) = (&c.result, &f.failed) {
-                                f.failed = Some(Error::Io {
-                                    device: self.store.dev.info().name.clone(),
-                                    op: "write",
-                                    pba: c.pba,
-                                    source: std::io::Error::new(e.kind(), e.to_string()),
-                                });
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // The device itself failed: nothing more completes.
-                        self.poison(&e);
-                        for f in self.flights.iter_mut() {
-                            f.outstanding = 0;
-                        }
+        let other_kind_in_flight = self.flights.iter().any(|f| match f {
+            Flight::Write { .. } => !writes,
+            Flight::Read { .. } => !reads,
+        });
+        if other_kind_in_flight || !(reads || writes) {
+            while !self.flights.is_empty() {
+                out.extend(self.reap(true));
+            }
+        }
+        let first = self.flights_seq + self.flights.len() as u64;
+        let (requests, covers) = if writes {
+            let r = self.prepare_run(batch, self.flight_meta);
+            self.flight_meta += r.meta;
+            let covers = request_covers(&r.writes, &r.requests, first);
+            for w in r.writes {
+                self.flights.push_back(Flight::Write {
+                    write: w,
+                    outstanding: 0,
+                    failed: None,
+                });
+            }
+            (r.requests, covers)
+        } else if reads {
+            let mut requests = Vec::new();
+            let mut covers = Vec::new();
+            for (k, r) in batch.into_iter().enumerate() {
+                let Request::Read {
+                    image,
+                    lba,
+                    len_blocks,
+                } = r
+                else {
+                    continue;
+                };
+                let plan = self.read_plan(&image, lba, len_blocks as u64);
+                if let Ok(slots) = &plan {
+                    let seq = first + k as u64;
+                    for io in read_ios(slots) {
+                        requests.push(io);
+                        covers.push((seq, seq));
                     }
                 }
-                continue;
+                self.flights.push_back(Flight::Read {
+                    image,
+                    lba,
+                    len_blocks,
+                    plan,
+                    outstanding: 0,
+                    failed: false,
+                    comps: Vec::new(),
+                });
             }
-            let Some(f) = self.flights.pop_front() else {
+            (requests, covers)
+        } else {
+            out.extend(self.execute_batch(batch));
+            return out;
+        };
+        for &(lo, hi) in &covers {
+            for seq in lo..=hi {
+                if let Some(f) = self.flight_mut(seq) {
+                    *f.outstanding() += 1;
+                }
+            }
+        }
+        if !requests.is_empty() {
+            let first_tag = self.store.start(requests);
+            self.batches.push_back(FlightBatch {
+                first_tag,
+                left: covers.len() as u64,
+                covers,
+            });
+        }
+        out
+    }
+
+    /// The started request with sequence number `seq`, if in flight.
+    fn flight_mut(&mut self, seq: u64) -> Option<&mut Flight> {
+        let i = usize::try_from(seq.checked_sub(self.flights_seq)?).ok()?;
+        self.flights.get_mut(i)
+    }
+
+    /// Requests started and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Note one device completion of a started request.
+    fn flight_completed(&mut self, c: IoCompletion) {
+        let Some(b) = self
+            .batches
+            .iter_mut()
+            .find(|b| (b.first_tag..b.first_tag + b.covers.len() as u64).contains(&c.tag))
+        else {
+            tracing::error!(
+                tag = c.tag,
+                "a completion no started request is waiting for"
+            );
+            return;
+        };
+        let cover = usize::try_from(c.tag - b.first_tag)
+            .ok()
+            .and_then(|i| b.covers.get(i).copied());
+        b.left = b.left.saturating_sub(1);
+        if b.left == 0 {
+            self.batches.retain(|b| b.left > 0);
+        }
+        let Some((lo, hi)) = cover else {
+            return;
+        };
+        let device = self.store.dev.info().name.clone();
+        let mut c = Some(c);
+        for seq in lo..=hi {
+            let Some(f) = self.flight_mut(seq) else {
+                continue;
+            };
+            match f {
+                Flight::Write {
+                    outstanding,
+                    failed,
+                    ..
+                } => {
+                    *outstanding = outstanding.saturating_sub(1);
+                    if let (Some(Err(e)), None) = (c.as_ref().map(|c| &c.result), &failed) {
+                        *failed = Some(Error::Io {
+                            device: device.clone(),
+                            op: "write",
+                            pba: c.as_ref().map_or(0, |c| c.pba),
+                            source: std::io::Error::new(e.kind(), e.to_string()),
+                        });
+                    }
+                }
+                Flight::Read {
+                    outstanding,
+                    failed,
+                    comps,
+                    ..
+                } => {
+                    *outstanding = outstanding.saturating_sub(1);
+                    if let Some(c) = c.take() {
+                        *failed |= c.result.is_err();
+                        comps.push(c);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Nothing more will complete (the device failed or lost requests):
+    /// every started request ends now, writes as failed (the pool is
+    /// poisoned), reads to be retried one by one for their own errors.
+    fn flights_lost(&mut self, e: &Error) {
+        self.poison(e);
+        self.batches.clear();
+        for f in self.flights.iter_mut() {
+            *f.outstanding() = 0;
+            if let Flight::Read { failed, .. } = f {
+                *failed = true;
+            }
+        }
+    }
+
+    /// The answer of a started request whose device requests are all done.
+    fn finish_flight(&mut self, f: Flight) -> Result<Reply> {
+        match f {
+            Flight::Write { write, failed, .. } => {
+                if let Ok(w) = &write {
+                    self.flight_meta = self.flight_meta.saturating_sub(w.meta);
+                }
+                self.finish_write(write, failed)
+            }
+            Flight::Read {
+                image,
+                lba,
+                len_blocks,
+                plan,
+                failed,
+                mut comps,
+                ..
+            } => {
+                let slots = plan?;
+                if failed {
+                    // Again on its own: the read gets its own error.
+                    return self.execute(Request::Read {
+                        image,
+                        lba,
+                        len_blocks,
+                    });
+                }
+                comps.sort_by_key(|c| c.tag);
+                self.read_finish(&image, lba, &slots, &mut comps.into_iter())
+                    .map(Reply::Data)
+            }
+        }
+    }
+
+    /// The answers of started requests that are done, oldest first (empty
+    /// when none is). `wait`: block until the oldest is done when none is
+    /// yet.
+    #[must_use = "answers for their callers"]
+    pub fn reap(&mut self, wait: bool) -> Vec<Result<Reply>> {
+        let mut out = Vec::new();
+        let mut wrote = false;
+        loop {
+            while self
+                .flights
+                .front_mut()
+                .is_some_and(|f| *f.outstanding() == 0)
+            {
+                let Some(f) = self.flights.pop_front() else {
+                    break;
+                };
+                self.flights_seq += 1;
+                wrote |= matches!(f, Flight::Write { .. });
+                let r = self.finish_flight(f);
+                out.push(r);
+            }
+            if self.flights.is_empty() {
                 break;
-            };
-            self.flight_meta = self.flight_meta.saturating_sub(f.meta);
-            let written = match f.failed {
-                Some(e) => Err(e),
-                None => Ok(()),
-            };
-            out.extend(self.finish_run(f.writes, &f.pbas, written));
+            }
+            let block = wait && out.is_empty();
+            match self.store.reap(block) {
+                Ok(comps) if comps.is_empty() => {
+                    if !block {
+                        break;
+                    }
+                    if self.store.dev.in_flight() == 0 {
+                        // Waited, and nothing is in flight: the device lost
+                        // requests. End them all rather than wait for ever.
+                        let e = Error::Io {
+                            device: self.store.dev.info().name.clone(),
+                            op: "complete",
+                            pba: 0,
+                            source: std::io::Error::other("device lost requests"),
+                        };
+                        self.flights_lost(&e);
+                    }
+                }
+                Ok(comps) => {
+                    for c in comps {
+                        self.flight_completed(c);
+                    }
+                }
+                // The device itself failed: nothing more completes.
+                Err(e) => self.flights_lost(&e),
+            }
+        }
+        if wrote {
+            self.cp_if_over_bounds();
         }
         out
     }
@@ -3089,15 +3331,14 @@ impl<D: BlockDevice + 'static> crate::api::Executor for Pool<D> {
     fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
         Pool::execute_batch(self, reqs)
     }
-    fn start_writes(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
-        Pool::start_writes(self, reqs);
-        Vec::new()
+    fn start(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
+        Pool::start(self, reqs)
     }
-    fn reap_writes(&mut self, wait: bool) -> Vec<Result<Reply>> {
-        Pool::reap_writes(self, wait)
+    fn reap(&mut self, wait: bool) -> Vec<Result<Reply>> {
+        Pool::reap(self, wait)
     }
-    fn writes_in_flight(&self) -> usize {
-        Pool::writes_in_flight(self)
+    fn in_flight(&self) -> usize {
+        Pool::in_flight(self)
     }
     fn checkpoint(&mut self) -> Result<()> {
         Pool::checkpoint(self)
@@ -3515,17 +3756,17 @@ mod tests {
                     run.push(wr("v", lba, n, v));
                 }
                 started += run.len();
-                p.start_writes(run);
+                answers.extend(p.start(run));
                 if step % 4 == 1 {
                     // A CP with writes in flight: it takes none of them.
                     p.checkpoint().unwrap();
                 }
                 if rand::Rng::gen_bool(&mut rng, 0.3) {
-                    answers.extend(p.reap_writes(false));
+                    answers.extend(p.reap(false));
                 }
             }
-            while p.writes_in_flight() > 0 {
-                answers.extend(p.reap_writes(true));
+            while p.in_flight() > 0 {
+                answers.extend(p.reap(true));
             }
             assert_eq!(
                 answers.len(),
@@ -3548,6 +3789,135 @@ mod tests {
         }
     }
 
+    /// Started reads and writes, their device requests completing in a
+    /// random order: every answer comes in start order, each read sees
+    /// exactly the writes started before it, a CP is refused while reads
+    /// are in flight, and the pool ends as the same requests run one after
+    /// another would leave it.
+    #[test]
+    fn started_reads_and_writes_answer_in_order_whatever_the_completion_order() {
+        let seed = sluice_testkit::seed("started_reads_and_writes");
+        let mut rng = sluice_testkit::rng(seed);
+        for round in 0..20u64 {
+            let dev = SimDevice::new(8192).with_completion_shuffle(seed ^ round);
+            let mut p = Pool::format(dev, FormatOptions::default()).unwrap();
+            p.execute(Request::CreateVolume {
+                name: "v".into(),
+                size_bytes: 64 * 4096,
+            })
+            .unwrap();
+            let mut model = [0u8; 64];
+            // What each started request must answer, in start order.
+            let mut expect: Vec<Option<Vec<u8>>> = Vec::new();
+            let mut answers = Vec::new();
+            for step in 0..24u8 {
+                let reads = rand::Rng::gen_bool(&mut rng, 0.5);
+                let mut batch = Vec::new();
+                for k in 0..rand::Rng::gen_range(&mut rng, 1..6usize) {
+                    let lba = rand::Rng::gen_range(&mut rng, 0..60u64);
+                    let n = rand::Rng::gen_range(&mut rng, 1..5usize);
+                    let range = lba as usize..lba as usize + n;
+                    if reads {
+                        let want: Vec<u8> = model[range]
+                            .iter()
+                            .flat_map(|&v| std::iter::repeat_n(v, 4096))
+                            .collect();
+                        expect.push(Some(want));
+                        batch.push(Request::Read {
+                            image: Image {
+                                ns: NsName::volume("v"),
+                                snapshot: None,
+                            },
+                            lba,
+                            len_blocks: n as u32,
+                        });
+                    } else {
+                        let v = step * 10 + k as u8 + 1;
+                        model[range].fill(v);
+                        expect.push(None);
+                        batch.push(wr("v", lba, n, v));
+                    }
+                }
+                answers.extend(p.start(batch));
+                if reads {
+                    assert!(p.checkpoint().is_err(), "round {round}: a CP under reads");
+                } else if step % 5 == 1 {
+                    // A CP with writes in flight: it takes none of them.
+                    p.checkpoint().unwrap();
+                }
+                if rand::Rng::gen_bool(&mut rng, 0.3) {
+                    answers.extend(p.reap(false));
+                }
+            }
+            while p.in_flight() > 0 {
+                answers.extend(p.reap(true));
+            }
+            assert_eq!(answers.len(), expect.len(), "round {round} (seed {seed})");
+            for (i, (a, want)) in answers.into_iter().zip(expect).enumerate() {
+                match (a, want) {
+                    (Ok(Reply::Done), None) => {}
+                    (Ok(Reply::Data(d)), Some(want)) => {
+                        assert!(d.as_slice() == want, "round {round}: request {i}'s data")
+                    }
+                    (a, want) => panic!(
+                        "round {round} (seed {seed}): request {i} answered {a:?}, wanted {}",
+                        if want.is_some() { "data" } else { "done" }
+                    ),
+                }
+            }
+            p.check_invariants().unwrap();
+            let got = read_of(&mut p, "v", None, 64);
+            for (lba, &v) in model.iter().enumerate() {
+                assert!(
+                    got[lba * 4096..(lba + 1) * 4096].iter().all(|&b| b == v),
+                    "round {round}: lba {lba}"
+                );
+            }
+        }
+    }
+
+    /// A started read whose device request fails is read again alone, and
+    /// answers its own error only if that fails too: ten one-shot faults
+    /// fail all eight first attempts and the retries of the first two reads.
+    #[test]
+    fn a_started_read_that_fails_is_read_again_alone() {
+        let (mut p, sim) = pool_v64();
+        for i in 0..8u8 {
+            // Every other block, so each read is its own device request.
+            p.execute(wr("v", 2 * i as u64, 1, 1 + i)).unwrap();
+        }
+        p.checkpoint().unwrap();
+        for _ in 0..10 {
+            sim.inject(Fault::ReadEio { after: 0 });
+        }
+        let batch = (0..8u64)
+            .map(|i| Request::Read {
+                image: Image {
+                    ns: NsName::volume("v"),
+                    snapshot: None,
+                },
+                lba: 2 * i,
+                len_blocks: 1,
+            })
+            .collect();
+        let mut answers = p.start(batch);
+        while p.in_flight() > 0 {
+            answers.extend(p.reap(true));
+        }
+        assert_eq!(answers.len(), 8);
+        for (i, a) in answers.into_iter().enumerate() {
+            match a {
+                Err(Error::Io { op: "read", .. }) if i < 2 => {}
+                Ok(Reply::Data(d)) if i >= 2 => {
+                    assert!(d.as_slice().iter().all(|&b| b == 1 + i as u8), "read {i}")
+                }
+                a => panic!("read {i}: {a:?}"),
+            }
+        }
+        assert!(p.poisoned().is_none(), "a read fault poisons nothing");
+        assert_eq!(read_of(&mut p, "v", None, 1), vec![1u8; 4096]);
+    }
+
     /// A write that fails in flight poisons the pool: it and every write
     /// started after it are answered with an error, their blocks are free
     /// again, and a reopen recovers.
@@ -3558,15 +3928,15 @@ mod tests {
         p.checkpoint().unwrap();
         // Two device writes per run: the first run is written, the second fails.
         sim.inject(Fault::WriteEio { after: 2 });
+        let mut answers = Vec::new();
         for i in 0..4u8 {
-            p.start_writes(vec![
+            answers.extend(p.start(vec![
                 wr("v", 8 * i as u64, 2, 10 + i),
                 wr("v", 40, 1, 20 + i),
-            ]);
+            ]));
         }
-        let mut answers = Vec::new();
-        while p.writes_in_flight() > 0 {
-            answers.extend(p.reap_writes(true));
+        while p.in_flight() > 0 {
+            answers.extend(p.reap(true));
         }
         assert_eq!(answers.len(), 8);
         let first_err = answers.iter().position(|a| a.is_err()).unwrap();

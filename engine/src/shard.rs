@@ -21,15 +21,17 @@
 //! - The channel is bounded ([`EngineOptions::queue_max`]): callers block
 //!   instead of queueing without limit.
 //!
-//! Writes in flight: a batch of only plain (non-FUA) writes is started
-//! ([`Executor::start_writes`]): its data goes to the device and the loop
-//! goes on to the next batch without waiting, up to [`FLIGHT_BATCHES`]
-//! batches; their answers go out in start order as their data completes
-//! and their metadata is applied ([`Executor::reap_writes`]). So the
-//! device keeps a queue while the loop applies metadata and answers, where
-//! it used to drain to empty between batches. Any other request (a read,
-//! a FUA write, a trim, a snapshot, a flush, a periodic or final CP) waits
-//! until every started write is applied: it sees them all, as before.
+//! Requests in flight: a batch of only plain (non-FUA) writes, or of only
+//! reads, is started ([`Executor::start`]): its data goes to the device
+//! and the loop goes on to the next batch without waiting, up to
+//! [`FLIGHT_BATCHES`] batches; the answers go out in start order, each as
+//! soon as its own data (and that of every request before it) completes
+//! ([`Executor::reap`]). So the device keeps its queue while the loop
+//! applies metadata and answers, and the callers refill it one request at
+//! a time, where it used to drain to empty between batches. Any other
+//! request (a FUA write, a trim, a snapshot, a flush, a periodic or final
+//! CP) waits until every started request is answered: it sees every
+//! started write applied, as before.
 //!
 //! Several shards ([`Engine::start_sharded`]): a sharded pool (see
 //! `sharded.rs`) is N region pools, each a complete pool on its own region
@@ -757,12 +759,12 @@ impl EngineHandle {
     }
 }
 
-/// Most started writes waiting for their data at once, per shard, in
+/// Most started requests waiting for their data at once, per shard, in
 /// batches of [`EngineOptions::batch_max`]: the next batch goes to the
 /// device while earlier ones complete.
 const FLIGHT_BATCHES: usize = 4;
 
-/// Send the answers of started writes to their callers, in start order.
+/// Send the answers of started requests to their callers, in start order.
 fn answer_started(results: Vec<Result<Reply>>, waiting: &mut VecDeque<ReplyTo>) {
     for r in results {
         match waiting.pop_front() {
@@ -775,19 +777,19 @@ fn answer_started(results: Vec<Result<Reply>>, waiting: &mut VecDeque<ReplyTo>) 
     }
 }
 
-/// Reap every started write (they are applied in order), answering each.
+/// Reap every started request (answered in order), answering each.
 fn drain_started<X: Executor>(exec: &mut X, waiting: &mut VecDeque<ReplyTo>) {
     while !waiting.is_empty() {
-        if exec.writes_in_flight() == 0 {
+        if exec.in_flight() == 0 {
             // Nothing will answer them any more: say so rather than hang.
             for to in waiting.drain(..) {
                 to.send(Err(Error::Invariant(
-                    "a started write was lost without an answer".into(),
+                    "a started request was lost without an answer".into(),
                 )));
             }
             return;
         }
-        let r = exec.reap_writes(true);
+        let r = exec.reap(true);
         answer_started(r, waiting);
     }
 }
@@ -798,7 +800,7 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
     let mut dirty = false;
     let mut reqs: Vec<Request> = Vec::with_capacity(batch_max);
     let mut replies: Vec<ReplyTo> = Vec::with_capacity(batch_max);
-    // Callers of started writes whose answers have not come yet, in order.
+    // Callers of started requests whose answers have not come yet, in order.
     let mut waiting: VecDeque<ReplyTo> = VecDeque::new();
     loop {
         // With writes in flight, look for more work without blocking: the
@@ -861,22 +863,23 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
         let got_work = !reqs.is_empty();
         if got_work {
             dirty = true;
-            let plain = reqs
+            let startable = reqs
                 .iter()
-                .all(|r| matches!(r, Request::Write { fua: false, .. }));
-            if plain {
+                .all(|r| matches!(r, Request::Write { fua: false, .. }))
+                || reqs.iter().all(|r| matches!(r, Request::Read { .. }));
+            if startable {
                 // Room for them among the writes in flight first.
                 while waiting.len() + reqs.len() > FLIGHT_BATCHES * batch_max
-                    && exec.writes_in_flight() > 0
+                    && exec.in_flight() > 0
                 {
-                    let r = exec.reap_writes(true);
+                    let r = exec.reap(true);
                     answer_started(r, &mut waiting);
                 }
                 waiting.extend(replies.drain(..));
-                let r = exec.start_writes(std::mem::take(&mut reqs));
+                let r = exec.start(std::mem::take(&mut reqs));
                 answer_started(r, &mut waiting);
             } else {
-                // Anything else sees every started write applied.
+                // Anything else sees every started request answered.
                 drain_started(&mut exec, &mut waiting);
                 let n = reqs.len();
                 let results = exec.execute_batch(std::mem::take(&mut reqs));
@@ -889,7 +892,7 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
         }
         if !waiting.is_empty() {
             // Block on the device only when no new request came this turn.
-            let r = exec.reap_writes(!got_work && shutdown.is_none());
+            let r = exec.reap(!got_work && shutdown.is_none());
             answer_started(r, &mut waiting);
         }
         if let Some(done) = shutdown {

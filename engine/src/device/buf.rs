@@ -2,14 +2,119 @@
 //! require. A buffer is always a whole number of blocks and every byte of
 //! it is initialised when allocated (zeroed, or filled by `gather`); it owns
 //! its memory and is `Send`.
+//!
+//! [`BufPool`] recycles buffers of one size: one taken from it goes back to
+//! it when dropped (on whichever thread drops it), so a stream of writes of
+//! one size (a client's 128 KiB writes, an NBD connection's requests)
+//! allocates and zeroes nothing after its first round. A recycled buffer
+//! holds the bytes of its last use, so its taker overwrites what it uses.
 
 use super::BLOCK_SIZE;
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len_bytes: usize,
+    /// The pool this buffer returns to when dropped.
+    home: Option<Arc<Shelf>>,
+}
+
+/// A buffer's memory while it waits in a [`BufPool`].
+struct Spare(NonNull<u8>);
+
+// SAFETY: a spare is memory no one else references (its AlignedBuf was
+// dropped), so it may move between threads as the buffer could.
+unsafe impl Send for Spare {}
+
+/// The free list of a [`BufPool`]: spares of `len_bytes` each, at most `cap`.
+struct Shelf {
+    len_bytes: usize,
+    cap: usize,
+    spares: Mutex<Vec<Spare>>,
+}
+
+impl Shelf {
+    /// Keep `ptr` (of `len_bytes`) for reuse; false when the shelf is full.
+    fn keep(&self, ptr: NonNull<u8>) -> bool {
+        let mut s = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() >= self.cap {
+            return false;
+        }
+        s.push(Spare(ptr));
+        true
+    }
+}
+
+impl Drop for Shelf {
+    fn drop(&mut self) {
+        let layout = AlignedBuf::layout(self.len_bytes);
+        let spares = self.spares.get_mut().unwrap_or_else(|p| p.into_inner());
+        for Spare(ptr) in spares.drain(..) {
+            // SAFETY: every spare was allocated by AlignedBuf with the
+            // layout of `len_bytes` and is referenced by no one.
+            unsafe { dealloc(ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+/// Buffers of one size, recycled: [`BufPool::take`] hands out a spare when
+/// there is one, else a new zeroed buffer; every buffer it handed out comes
+/// back when dropped, up to `keep` spares (the rest are freed). Cloning the
+/// pool shares it.
+#[derive(Clone)]
+pub struct BufPool {
+    shelf: Arc<Shelf>,
+}
+
+impl BufPool {
+    /// A pool of `len_blocks`-block buffers (at least one block) keeping
+    /// at most `keep` spares.
+    pub fn new(len_blocks: usize, keep: usize) -> Self {
+        BufPool {
+            shelf: Arc::new(Shelf {
+                len_bytes: len_blocks.max(1) * BLOCK_SIZE,
+                cap: keep,
+                spares: Mutex::new(Vec::with_capacity(keep)),
+            }),
+        }
+    }
+
+    /// Blocks per buffer.
+    pub fn len_blocks(&self) -> usize {
+        self.shelf.len_bytes / BLOCK_SIZE
+    }
+
+    /// A buffer of the pool's size. Its bytes are those of its last use
+    /// (zeros when new): initialised, but not cleared.
+    pub fn take(&self) -> AlignedBuf {
+        let spare = self
+            .shelf
+            .spares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut b = match spare {
+            Some(Spare(ptr)) => AlignedBuf {
+                ptr,
+                len_bytes: self.shelf.len_bytes,
+                home: None,
+            },
+            None => AlignedBuf::zeroed(self.len_blocks()),
+        };
+        b.home = Some(self.shelf.clone());
+        b
+    }
+
+    /// Spares waiting now.
+    pub fn spares(&self) -> usize {
+        self.shelf
+            .spares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
@@ -25,7 +130,11 @@ impl AlignedBuf {
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len_bytes }
+        AlignedBuf {
+            ptr,
+            len_bytes,
+            home: None,
+        }
     }
 
     /// A buffer holding copies of `blocks`, one block each, in order:
@@ -51,7 +160,11 @@ impl AlignedBuf {
                 std::ptr::write_bytes(dst.add(n), 0, BLOCK_SIZE - n);
             }
         }
-        AlignedBuf { ptr, len_bytes }
+        AlignedBuf {
+            ptr,
+            len_bytes,
+            home: None,
+        }
     }
 
     /// A buffer holding a copy of `data`, zero-padded to whole blocks.
@@ -73,7 +186,11 @@ impl AlignedBuf {
             std::ptr::copy_nonoverlapping(data.as_ptr(), base, data.len());
             std::ptr::write_bytes(base.add(data.len()), 0, len_bytes - data.len());
         }
-        AlignedBuf { ptr, len_bytes }
+        AlignedBuf {
+            ptr,
+            len_bytes,
+            home: None,
+        }
     }
 
     // BLOCK_SIZE is a non-zero power of two and `len_bytes` a multiple of
@@ -124,7 +241,14 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this exact layout.
+        if let Some(home) = self.home.take() {
+            // A pool's buffers all have its size (no method changes one).
+            if home.len_bytes == self.len_bytes && home.keep(self.ptr) {
+                return;
+            }
+        }
+        // SAFETY: allocated in `zeroed`, `gather` or `from_slice` with the
+        // layout of `len_bytes`, and no longer referenced.
         unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len_bytes)) }
     }
 }
@@ -188,5 +312,40 @@ mod tests {
         let empty = AlignedBuf::from_slice(&[]);
         assert_eq!(empty.len_blocks(), 1);
         assert!(empty.as_slice().iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_pool_recycles_its_buffers_up_to_its_keep() {
+        let pool = super::BufPool::new(2, 1);
+        let mut a = pool.take();
+        assert_eq!(a.len_blocks(), 2);
+        assert!(
+            a.as_slice().iter().all(|&x| x == 0),
+            "a new buffer is zeroed"
+        );
+        a.as_mut_slice()[0] = 9;
+        let at = a.as_mut_ptr();
+        let b = pool.take();
+        drop(a);
+        drop(b); // beyond `keep`: freed
+        assert_eq!(pool.spares(), 1);
+        let mut c = pool.take();
+        assert_eq!(c.as_mut_ptr(), at, "the spare comes back");
+        assert_eq!(c.as_slice()[0], 9, "holding its last bytes");
+        assert_eq!(pool.spares(), 0);
+        // A clone is a plain buffer; a buffer outliving its pool still
+        // goes back to the (now private) shelf and is freed with it.
+        let d = c.clone();
+        drop(pool);
+        drop(c);
+        drop(d);
+    }
+
+    #[test]
+    fn a_pool_is_shared_across_threads() {
+        let pool = super::BufPool::new(1, 8);
+        let bufs: Vec<_> = (0..8).map(|_| pool.take()).collect();
+        std::thread::spawn(move || drop(bufs)).join().unwrap();
+        assert_eq!(pool.spares(), 8);
     }
 }
