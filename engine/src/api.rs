@@ -314,20 +314,26 @@ pub enum Reply {
 /// What an engine thread needs from the pool it owns: `Pool` implements it
 /// (pool.rs), the shard layer (shard.rs) runs any implementation, so the
 /// thread loop depends on neither the pool nor its device type.
+/// The answer of a started request ([`Executor::start`]): its sequence
+/// number and its result.
+pub type Answer = (u64, Result<Reply>);
+
 pub trait Executor: Send + 'static {
     fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>>;
     fn checkpoint(&mut self) -> Result<()>;
     /// Start a batch of plain (non-FUA) writes, or of reads, without
-    /// waiting for their data; the answers of started requests come back in
-    /// the order they were started, from this call or from
-    /// [`Executor::reap`]. The default runs them at once. While any is in
-    /// flight ([`Executor::in_flight`]) the caller runs nothing else.
-    fn start(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
-        self.execute_batch(reqs)
+    /// waiting for their data. The requests have sequence numbers `first
+    /// ..` (the caller counts the requests it starts); each is answered
+    /// exactly once, by number, from this call or from [`Executor::reap`]:
+    /// writes in start order, reads as they complete. The default runs them
+    /// at once. While any is in flight ([`Executor::in_flight`]) the caller
+    /// runs nothing else.
+    fn start(&mut self, first: u64, reqs: Vec<Request>) -> Vec<Answer> {
+        (first..).zip(self.execute_batch(reqs)).collect()
     }
     /// Answers of started requests that are done (`wait`: block until one
     /// is, when any is in flight).
-    fn reap(&mut self, _wait: bool) -> Vec<Result<Reply>> {
+    fn reap(&mut self, _wait: bool) -> Vec<Answer> {
         Vec::new()
     }
     fn in_flight(&self) -> usize {

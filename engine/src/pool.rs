@@ -227,8 +227,11 @@ pub struct Pool<D: BlockDevice> {
     checked_at: Option<u64>,
     /// Requests started and not yet answered, oldest first
     /// ([`Pool::start`]); the front one has sequence number `flights_seq`.
-    flights: std::collections::VecDeque<Flight>,
+    /// `None`: a read answered while an earlier one is still in flight.
+    flights: std::collections::VecDeque<Option<Flight>>,
     flights_seq: u64,
+    /// Started reads whose data is all here, to answer at the next reap.
+    ready: Vec<u64>,
     /// The device requests of the started requests, by start.
     batches: std::collections::VecDeque<FlightBatch>,
     /// What the flights' metadata may add to the CP reserve (their
@@ -786,6 +789,7 @@ impl<D: BlockDevice> Pool<D> {
             flights: std::collections::VecDeque::new(),
             flight_meta: 0,
             flights_seq: 0,
+            ready: Vec::new(),
             batches: std::collections::VecDeque::new(),
         }
     }
@@ -1364,6 +1368,7 @@ impl<D: BlockDevice> Pool<D> {
         if self
             .flights
             .iter()
+            .flatten()
             .any(|f| matches!(f, Flight::Read { .. }))
         {
             // It could free, and a later CP reuse, a block a read is reading.
@@ -2717,49 +2722,64 @@ impl<D: BlockDevice> Pool<D> {
 
     /// Start a batch of plain (non-FUA) writes, or of reads: each write is
     /// validated and allocated now, each read mapped, and their device
-    /// requests submitted without waiting. Their answers come from
-    /// [`Pool::reap`] in the order the requests were started, each as soon
-    /// as its own data (and that of every request before it) is done: so a
+    /// requests submitted without waiting. The requests have sequence
+    /// numbers `first ..` (the caller's count of the requests it started),
+    /// and every answer names its request by its number: it comes from this
+    /// call or from [`Pool::reap`] as soon as the request's own data is
+    /// done, a write's once every write before it is applied too (writes
+    /// are applied in start order), a read's whatever the others do. So a
     /// caller keeps the device busy with the next requests while earlier
-    /// ones complete. Returns at once the answers of requests started
-    /// before, if they had to finish first: writes and reads are never in
-    /// flight together (a write may run a CP, which frees blocks a read in
-    /// flight may still be reading). Anything else must wait until
-    /// [`Pool::in_flight`] is 0 (the shard loop reaps them all first): it
-    /// sees every started write applied.
-    #[must_use = "the answers of requests started before"]
-    pub fn start(&mut self, batch: Vec<Request>) -> Vec<Result<Reply>> {
+    /// ones complete. Writes and reads are never in flight together (a
+    /// write may run a CP, which frees blocks a read in flight may still be
+    /// reading): a batch of the other kind, or of anything else (run at
+    /// once, as by [`Pool::execute_batch`]), first waits for every started
+    /// request, whose answers this call returns. Anything else must wait
+    /// until [`Pool::in_flight`] is 0 (the shard loop reaps them all
+    /// first): it sees every started write applied.
+    #[must_use = "answers for their callers"]
+    pub fn start(&mut self, first: u64, batch: Vec<Request>) -> Vec<Answer> {
         let reads = batch.iter().all(|r| matches!(r, Request::Read { .. }));
         let writes = batch
             .iter()
             .all(|r| matches!(r, Request::Write { fua: false, .. }));
         let mut out = Vec::new();
-        let other_kind_in_flight = self.flights.iter().any(|f| match f {
+        let other_kind_in_flight = self.flights.iter().flatten().any(|f| match f {
             Flight::Write { .. } => !writes,
             Flight::Read { .. } => !reads,
         });
-        if other_kind_in_flight || !(reads || writes) {
+        let in_sequence = self.flights_seq + self.flights.len() as u64 == first;
+        if other_kind_in_flight || !(reads || writes) || !in_sequence {
             while !self.flights.is_empty() {
                 out.extend(self.reap(true));
             }
         }
-        let first = self.flights_seq + self.flights.len() as u64;
+        if self.flights.is_empty() {
+            self.flights_seq = first;
+        }
         let (requests, covers) = if writes {
             let r = self.prepare_run(batch, self.flight_meta);
             self.flight_meta += r.meta;
             let covers = request_covers(&r.writes, &r.requests, first);
             for w in r.writes {
-                self.flights.push_back(Flight::Write {
+                self.flights.push_back(Some(Flight::Write {
                     write: w,
                     outstanding: 0,
                     failed: None,
-                });
+                }));
+            }
+            for &(lo, hi) in &covers {
+                for seq in lo..=hi {
+                    if let Some(f) = self.flight_mut(seq) {
+                        *f.outstanding() += 1;
+                    }
+                }
             }
             (r.requests, covers)
         } else if reads {
             let mut requests = Vec::new();
             let mut covers = Vec::new();
             for (k, r) in batch.into_iter().enumerate() {
+                let seq = first + k as u64;
                 let Request::Read {
                     image,
                     lba,
@@ -2769,35 +2789,35 @@ impl<D: BlockDevice> Pool<D> {
                     continue;
                 };
                 let plan = self.read_plan(&image, lba, len_blocks as u64);
+                let mut outstanding = 0;
                 if let Ok(slots) = &plan {
-                    let seq = first + k as u64;
+                    // A read's device requests carry its data alone.
                     for io in read_ios(slots) {
                         requests.push(io);
                         covers.push((seq, seq));
+                        outstanding += 1;
                     }
                 }
-                self.flights.push_back(Flight::Read {
+                if outstanding == 0 {
+                    // Refused, or all holes: answered at the next reap.
+                    self.ready.push(seq);
+                }
+                self.flights.push_back(Some(Flight::Read {
                     image,
                     lba,
                     len_blocks,
                     plan,
-                    outstanding: 0,
+                    outstanding,
                     failed: false,
                     comps: Vec::new(),
-                });
+                }));
             }
             (requests, covers)
         } else {
-            out.extend(self.execute_batch(batch));
+            let results = self.execute_batch(batch);
+            out.extend((first..).zip(results));
             return out;
         };
-        for &(lo, hi) in &covers {
-            for seq in lo..=hi {
-                if let Some(f) = self.flight_mut(seq) {
-                    *f.outstanding() += 1;
-                }
-            }
-        }
         if !requests.is_empty() {
             let first_tag = self.store.start(requests);
             self.batches.push_back(FlightBatch {
@@ -2812,12 +2832,12 @@ impl<D: BlockDevice> Pool<D> {
     /// The started request with sequence number `seq`, if in flight.
     fn flight_mut(&mut self, seq: u64) -> Option<&mut Flight> {
         let i = usize::try_from(seq.checked_sub(self.flights_seq)?).ok()?;
-        self.flights.get_mut(i)
+        self.flights.get_mut(i)?.as_mut()
     }
 
     /// Requests started and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.flights.len()
+        self.flights.iter().flatten().count()
     }
 
     /// Note one device completion of a started request.
@@ -2845,6 +2865,7 @@ impl<D: BlockDevice> Pool<D> {
         };
         let device = self.store.dev.info().name.clone();
         let mut c = Some(c);
+        let mut done_read = None;
         for seq in lo..=hi {
             let Some(f) = self.flight_mut(seq) else {
                 continue;
@@ -2876,9 +2897,13 @@ impl<D: BlockDevice> Pool<D> {
                         *failed |= c.result.is_err();
                         comps.push(c);
                     }
+                    if *outstanding == 0 {
+                        done_read = Some(seq);
+                    }
                 }
             }
         }
+        self.ready.extend(done_read);
     }
 
     /// Nothing more will complete (the device failed or lost requests):
@@ -2887,10 +2912,15 @@ impl<D: BlockDevice> Pool<D> {
     fn flights_lost(&mut self, e: &Error) {
         self.poison(e);
         self.batches.clear();
-        for f in self.flights.iter_mut() {
-            *f.outstanding() = 0;
-            if let Flight::Read { failed, .. } = f {
-                *failed = true;
+        for (seq, f) in (self.flights_seq..).zip(self.flights.iter_mut()) {
+            if let Some(f) = f {
+                let was = std::mem::take(f.outstanding());
+                if let Flight::Read { failed, .. } = f {
+                    *failed = true;
+                    if was > 0 {
+                        self.ready.push(seq);
+                    }
+                }
             }
         }
     }
@@ -2929,26 +2959,41 @@ impl<D: BlockDevice> Pool<D> {
         }
     }
 
-    /// The answers of started requests that are done, oldest first (empty
-    /// when none is). `wait`: block until the oldest is done when none is
-    /// yet.
+    /// The answers of started requests that are done (empty when none
+    /// is), each with its sequence number: writes in start order, reads as
+    /// they complete. `wait`: block until one is done when none is yet.
     #[must_use = "answers for their callers"]
-    pub fn reap(&mut self, wait: bool) -> Vec<Result<Reply>> {
+    pub fn reap(&mut self, wait: bool) -> Vec<Answer> {
         let mut out = Vec::new();
         let mut wrote = false;
         loop {
-            while self
-                .flights
-                .front_mut()
-                .is_some_and(|f| *f.outstanding() == 0)
-            {
-                let Some(f) = self.flights.pop_front() else {
-                    break;
+            for seq in std::mem::take(&mut self.ready) {
+                let Some(i) = seq
+                    .checked_sub(self.flights_seq)
+                    .and_then(|i| usize::try_from(i).ok())
+                else {
+                    continue;
                 };
+                if let Some(f) = self.flights.get_mut(i).and_then(Option::take) {
+                    let r = self.finish_flight(f);
+                    out.push((seq, r));
+                }
+            }
+            while let Some(front) = self.flights.front_mut() {
+                match front {
+                    None => {}
+                    Some(Flight::Write { outstanding: 0, .. }) => {
+                        if let Some(f) = front.take() {
+                            wrote = true;
+                            let seq = self.flights_seq;
+                            let r = self.finish_flight(f);
+                            out.push((seq, r));
+                        }
+                    }
+                    Some(_) => break,
+                }
+                self.flights.pop_front();
                 self.flights_seq += 1;
-                wrote |= matches!(f, Flight::Write { .. });
-                let r = self.finish_flight(f);
-                out.push(r);
             }
             if self.flights.is_empty() {
                 break;
@@ -3331,10 +3376,10 @@ impl<D: BlockDevice + 'static> crate::api::Executor for Pool<D> {
     fn execute_batch(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
         Pool::execute_batch(self, reqs)
     }
-    fn start(&mut self, reqs: Vec<Request>) -> Vec<Result<Reply>> {
-        Pool::start(self, reqs)
+    fn start(&mut self, first: u64, reqs: Vec<Request>) -> Vec<Answer> {
+        Pool::start(self, first, reqs)
     }
-    fn reap(&mut self, wait: bool) -> Vec<Result<Reply>> {
+    fn reap(&mut self, wait: bool) -> Vec<Answer> {
         Pool::reap(self, wait)
     }
     fn in_flight(&self) -> usize {
@@ -3715,6 +3760,25 @@ mod tests {
         }
     }
 
+    /// The results of started requests `0..n` in start order, checking each
+    /// was answered exactly once (and, with `ordered`, in start order).
+    fn by_seq(mut answers: Vec<Answer>, n: usize, ordered: bool) -> Vec<Result<Reply>> {
+        if ordered {
+            assert!(
+                answers.windows(2).all(|w| w[0].0 < w[1].0),
+                "answered out of start order"
+            );
+        }
+        answers.sort_by_key(|a| a.0);
+        let seqs: Vec<u64> = answers.iter().map(|a| a.0).collect();
+        assert_eq!(
+            seqs,
+            (0..n as u64).collect::<Vec<_>>(),
+            "one answer per request"
+        );
+        answers.into_iter().map(|a| a.1).collect()
+    }
+
     /// A pool on a simulated device with one 64-block volume `v`.
     fn pool_v64() -> (Pool<SimDevice>, crate::device::sim::SimHandle) {
         let dev = SimDevice::new(8192);
@@ -3755,8 +3819,9 @@ mod tests {
                     model[lba as usize..lba as usize + n].fill(v);
                     run.push(wr("v", lba, n, v));
                 }
+                let first = started as u64;
                 started += run.len();
-                answers.extend(p.start(run));
+                answers.extend(p.start(first, run));
                 if step % 4 == 1 {
                     // A CP with writes in flight: it takes none of them.
                     p.checkpoint().unwrap();
@@ -3768,11 +3833,7 @@ mod tests {
             while p.in_flight() > 0 {
                 answers.extend(p.reap(true));
             }
-            assert_eq!(
-                answers.len(),
-                started,
-                "round {round}: one answer per write"
-            );
+            let answers = by_seq(answers, started, true);
             let errors = answers.iter().filter(|a| a.is_err()).count();
             assert_eq!(errors, refused, "round {round}: the refused writes, only");
             p.check_invariants().unwrap();
@@ -3838,7 +3899,8 @@ mod tests {
                         batch.push(wr("v", lba, n, v));
                     }
                 }
-                answers.extend(p.start(batch));
+                let first = (expect.len() - batch.len()) as u64;
+                answers.extend(p.start(first, batch));
                 if reads {
                     assert!(p.checkpoint().is_err(), "round {round}: a CP under reads");
                 } else if step % 5 == 1 {
@@ -3852,7 +3914,7 @@ mod tests {
             while p.in_flight() > 0 {
                 answers.extend(p.reap(true));
             }
-            assert_eq!(answers.len(), expect.len(), "round {round} (seed {seed})");
+            let answers = by_seq(answers, expect.len(), false);
             for (i, (a, want)) in answers.into_iter().zip(expect).enumerate() {
                 match (a, want) {
                     (Ok(Reply::Done), None) => {}
@@ -3900,11 +3962,11 @@ mod tests {
                 len_blocks: 1,
             })
             .collect();
-        let mut answers = p.start(batch);
+        let mut answers = p.start(0, batch);
         while p.in_flight() > 0 {
             answers.extend(p.reap(true));
         }
-        assert_eq!(answers.len(), 8);
+        let answers = by_seq(answers, 8, false);
         for (i, a) in answers.into_iter().enumerate() {
             match a {
                 Err(Error::Io { op: "read", .. }) if i < 2 => {}
@@ -3930,15 +3992,15 @@ mod tests {
         sim.inject(Fault::WriteEio { after: 2 });
         let mut answers = Vec::new();
         for i in 0..4u8 {
-            answers.extend(p.start(vec![
-                wr("v", 8 * i as u64, 2, 10 + i),
-                wr("v", 40, 1, 20 + i),
-            ]));
+            answers.extend(p.start(
+                2 * i as u64,
+                vec![wr("v", 8 * i as u64, 2, 10 + i), wr("v", 40, 1, 20 + i)],
+            ));
         }
         while p.in_flight() > 0 {
             answers.extend(p.reap(true));
         }
-        assert_eq!(answers.len(), 8);
+        let answers = by_seq(answers, 8, true);
         let first_err = answers.iter().position(|a| a.is_err()).unwrap();
         assert_eq!(first_err, 2, "the first run went through: {answers:?}");
         assert!(

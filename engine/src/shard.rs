@@ -71,7 +71,7 @@
 //! every request to it without hashing or merging.
 
 pub use crate::api::Executor;
-use crate::api::{Reply, Request, SpaceInfo, VolumeInfo};
+use crate::api::{Answer, Reply, Request, SpaceInfo, VolumeInfo};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::shard_of;
@@ -764,33 +764,76 @@ impl EngineHandle {
 /// device while earlier ones complete.
 const FLIGHT_BATCHES: usize = 4;
 
-/// Send the answers of started requests to their callers, in start order.
-fn answer_started(results: Vec<Result<Reply>>, waiting: &mut VecDeque<ReplyTo>) {
-    for r in results {
-        match waiting.pop_front() {
-            Some(to) => to.send(r),
-            None => {
-                tracing::error!("an answer for a write nobody started");
-                break;
+/// The callers of started requests whose answers have not come yet, by
+/// sequence number: `first` is the number of the front one, and the next
+/// request started gets `next`. An answered slot is `None` until every
+/// earlier one is answered too (reads answer out of order).
+#[derive(Default)]
+struct Waiting {
+    slots: VecDeque<Option<ReplyTo>>,
+    first: u64,
+    next: u64,
+}
+
+impl Waiting {
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Wait for the answers of requests about to be started; returns the
+    /// sequence number of the first.
+    fn push(&mut self, callers: impl IntoIterator<Item = ReplyTo>) -> u64 {
+        let first = self.next;
+        for to in callers {
+            self.slots.push_back(Some(to));
+            self.next += 1;
+        }
+        first
+    }
+
+    /// Send each answer to its caller.
+    fn answer(&mut self, answers: Vec<Answer>) {
+        for (seq, r) in answers {
+            let slot = seq
+                .checked_sub(self.first)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| self.slots.get_mut(i))
+                .and_then(Option::take);
+            match slot {
+                Some(to) => to.send(r),
+                None => tracing::error!(seq, "an answer for a request nobody waits for"),
             }
         }
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// Nothing will answer them any more: say so rather than hang.
+    fn fail_all(&mut self) {
+        for to in self.slots.drain(..).flatten() {
+            to.send(Err(Error::Invariant(
+                "a started request was lost without an answer".into(),
+            )));
+        }
+        self.first = self.next;
     }
 }
 
-/// Reap every started request (answered in order), answering each.
-fn drain_started<X: Executor>(exec: &mut X, waiting: &mut VecDeque<ReplyTo>) {
+/// Reap every started request, answering each.
+fn drain_started<X: Executor>(exec: &mut X, waiting: &mut Waiting) {
     while !waiting.is_empty() {
         if exec.in_flight() == 0 {
-            // Nothing will answer them any more: say so rather than hang.
-            for to in waiting.drain(..) {
-                to.send(Err(Error::Invariant(
-                    "a started request was lost without an answer".into(),
-                )));
-            }
+            waiting.fail_all();
             return;
         }
         let r = exec.reap(true);
-        answer_started(r, waiting);
+        waiting.answer(r);
     }
 }
 
@@ -801,7 +844,7 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
     let mut reqs: Vec<Request> = Vec::with_capacity(batch_max);
     let mut replies: Vec<ReplyTo> = Vec::with_capacity(batch_max);
     // Callers of started requests whose answers have not come yet, in order.
-    let mut waiting: VecDeque<ReplyTo> = VecDeque::new();
+    let mut waiting = Waiting::default();
     loop {
         // With writes in flight, look for more work without blocking: the
         // device's completions are what the loop waits for then.
@@ -873,11 +916,11 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
                     && exec.in_flight() > 0
                 {
                     let r = exec.reap(true);
-                    answer_started(r, &mut waiting);
+                    waiting.answer(r);
                 }
-                waiting.extend(replies.drain(..));
-                let r = exec.start(std::mem::take(&mut reqs));
-                answer_started(r, &mut waiting);
+                let first = waiting.push(replies.drain(..));
+                let r = exec.start(first, std::mem::take(&mut reqs));
+                waiting.answer(r);
             } else {
                 // Anything else sees every started request answered.
                 drain_started(&mut exec, &mut waiting);
@@ -893,7 +936,7 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
         if !waiting.is_empty() {
             // Block on the device only when no new request came this turn.
             let r = exec.reap(!got_work && shutdown.is_none());
-            answer_started(r, &mut waiting);
+            waiting.answer(r);
         }
         if let Some(done) = shutdown {
             drain_started(&mut exec, &mut waiting);
