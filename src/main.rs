@@ -501,7 +501,30 @@ enum SnapCmd {
     },
 }
 
+/// Large buffers (a transfer's extents, coalesced reads of up to 1 MiB)
+/// come from the heap and are reused there, instead of a fresh mapping
+/// each: above glibc's mmap threshold (128 KiB, raised only by such frees)
+/// every allocation is mmap'd, page-faulted and zeroed by the kernel, then
+/// unmapped again. That churn was about a tenth of the engine threads'
+/// samples in a full copy; with these settings a 2 GiB baseline ran at
+/// 864-995 MB/s instead of 641-670 (docs/BENCHMARKS.md, 2026-12-07). The
+/// cost: up to `TRIM` bytes of freed heap stay with the process.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_ABOVE: libc::c_int = 64 << 20;
+        const TRIM: libc::c_int = 128 << 20;
+        // SAFETY: mallopt only sets allocator parameters; it is called
+        // before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_ABOVE);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM);
+        }
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     // The daemon and the demo log at info; one-shot commands only warn, so
     // their output stays what the operator asked for.

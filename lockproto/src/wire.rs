@@ -977,6 +977,42 @@ pub fn encode(msg: &Message, payload: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Decode the header and body at the start of `buf`, the payload (if the
+/// header announces one) being elsewhere: a receiver that reads the payload
+/// straight into its own buffer. The body is checked (crc, bytecheck)
+/// before use; `buf` must hold at least header and body.
+pub fn decode_head(buf: &[u8]) -> Result<(Header, Message)> {
+    let header = parse_header(buf)?;
+    let body_end = HEADER_LEN + header.body_len as usize;
+    let truncated = || LockError::Truncated {
+        need: body_end,
+        have: buf.len(),
+    };
+    let body = buf.get(HEADER_LEN..body_end).ok_or_else(truncated)?;
+    let covered = buf.get(..20).ok_or_else(truncated)?;
+    let computed = crc32c::crc32c_append(crc32c::crc32c(covered), body);
+    if computed != header.crc {
+        return Err(LockError::Checksum {
+            expected: header.crc,
+            computed,
+        });
+    }
+    let mut al = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
+    al.extend_from_slice(body);
+    let msg =
+        rkyv::from_bytes::<Message, rkyv::rancor::Error>(&al).map_err(|e| LockError::BadBody {
+            msg_type: header.msg_type,
+            detail: e.to_string(),
+        })?;
+    if msg.type_code() != header.msg_type {
+        return Err(LockError::BadBody {
+            msg_type: header.msg_type,
+            detail: format!("body is type {}", msg.type_code()),
+        });
+    }
+    Ok((header, msg))
+}
+
 /// A decoded frame: the message and its raw payload borrowed from the input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded<'a> {
@@ -1002,34 +1038,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>> {
     if buf.len() < need {
         return Ok(None);
     }
+    let (header, msg) = decode_head(buf)?;
     let body_end = HEADER_LEN + header.body_len as usize;
-    let truncated = || LockError::Truncated {
+    let payload = buf.get(body_end..need).ok_or(LockError::Truncated {
         need,
         have: buf.len(),
-    };
-    let body = buf.get(HEADER_LEN..body_end).ok_or_else(truncated)?;
-    let covered = buf.get(..20).ok_or_else(truncated)?;
-    let payload = buf.get(body_end..need).ok_or_else(truncated)?;
-    let computed = crc32c::crc32c_append(crc32c::crc32c(covered), body);
-    if computed != header.crc {
-        return Err(LockError::Checksum {
-            expected: header.crc,
-            computed,
-        });
-    }
-    let mut al = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
-    al.extend_from_slice(body);
-    let msg =
-        rkyv::from_bytes::<Message, rkyv::rancor::Error>(&al).map_err(|e| LockError::BadBody {
-            msg_type: header.msg_type,
-            detail: e.to_string(),
-        })?;
-    if msg.type_code() != header.msg_type {
-        return Err(LockError::BadBody {
-            msg_type: header.msg_type,
-            detail: format!("body is type {}", msg.type_code()),
-        });
-    }
+    })?;
     Ok(Some(Decoded {
         header,
         msg,

@@ -22,16 +22,26 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::time::Duration;
 
 use sluice_lockproto::wire::{
-    auth_response, codes, decode, encode_into, parse_header, verify_auth, Hello, HEADER_LEN,
-    NONCE_LEN, VERSION_MAJOR, VERSION_MINOR,
+    auth_response, codes, decode, decode_head, encode_into, parse_header, verify_auth, Hello,
+    HEADER_LEN, NONCE_LEN, VERSION_MAJOR, VERSION_MINOR,
 };
 use sluice_lockproto::Message;
+
+use sluice_engine::device::{AlignedBuf, BufPools, BLOCK_SIZE};
 
 use crate::env::{Env, PeerStream};
 use crate::error::{ReplError, Result};
 
 /// Socket buffer sizes: small frames are batched into few syscalls.
 const IO_BUF_BYTES: usize = 256 << 10;
+
+/// Payload buffer sizes a connection recycles (a full copy sends extents
+/// of one size, an incremental of many: the rest are allocated each).
+const PAYLOAD_SIZES_MAX: usize = 4;
+
+/// Most bytes of spare payload buffers per size per connection: the
+/// destination's write-behind (16 MiB) in flight recycles them all.
+const PAYLOAD_SPARE_BYTES: usize = 16 << 20;
 
 /// Longest node name we accept from a peer.
 pub const NODE_NAME_MAX: usize = 256;
@@ -56,6 +66,10 @@ pub struct Conn {
     buf: Vec<u8>,
     out: Vec<u8>,
     payload_at: (usize, usize),
+    /// The last frame's payload, when it was read into its own buffer.
+    payload: Option<AlignedBuf>,
+    /// Recycled payload buffers.
+    payloads: BufPools,
     secret: bool,
     my_node: String,
     /// The handshake finished: frames up to the protocol's bounds.
@@ -107,6 +121,8 @@ impl Conn {
             buf: Vec::new(),
             out: Vec::new(),
             payload_at: (0, 0),
+            payload: None,
+            payloads: BufPools::new(PAYLOAD_SIZES_MAX, PAYLOAD_SPARE_BYTES, usize::MAX),
             secret: false,
             my_node: String::new(),
             authenticated: false,
@@ -255,25 +271,38 @@ impl Conn {
                 detail: text,
             });
         }
-        self.buf.resize(need, 0);
-        let mut at = HEADER_LEN;
-        while at < need {
-            self.arm_deadline()?;
-            match self.reader.read(&mut self.buf[at..need]) {
-                Ok(0) => {
-                    return Err(self.io(
-                        "receive frame body",
-                        std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "connection closed inside a frame",
-                        ),
-                    ))
+        self.payload = None;
+        let payload = hd.payload_len as usize;
+        if payload > 0 && payload.is_multiple_of(BLOCK_SIZE) && self.authenticated {
+            // Extent data: read straight into a block buffer the engine
+            // can write (recycled), not copied out of the frame buffer.
+            let head = need - payload;
+            self.buf.resize(head, 0);
+            let mut buf = std::mem::take(&mut self.buf);
+            let r = self.read_full(&mut buf, HEADER_LEN);
+            self.buf = buf;
+            r?;
+            let mut data = self.payloads.take(payload / BLOCK_SIZE);
+            self.read_full(data.as_mut_slice(), 0)?;
+            self.payload = Some(data);
+            self.payload_at = (0, 0);
+            return match decode_head(&self.buf) {
+                Ok((_, msg)) => Ok(Some(msg)),
+                Err(e) => {
+                    let text = e.to_string();
+                    self.send_error(0, codes::BAD_FRAME, &text);
+                    Err(ReplError::Protocol {
+                        peer: self.who(),
+                        detail: text,
+                    })
                 }
-                Ok(n) => at += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.io("receive frame body", e)),
-            }
+            };
         }
+        self.buf.resize(need, 0);
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.read_full(&mut buf, HEADER_LEN);
+        self.buf = buf;
+        r?;
         match decode(&self.buf) {
             Ok(Some(d)) => {
                 self.payload_at = (need - d.payload.len(), need);
@@ -294,11 +323,54 @@ impl Conn {
         }
     }
 
+    /// Fill `buf[at..]` from the socket (the rest of a frame).
+    fn read_full(&mut self, buf: &mut [u8], mut at: usize) -> Result<()> {
+        while at < buf.len() {
+            self.arm_deadline()?;
+            let Some(rest) = buf.get_mut(at..) else {
+                break;
+            };
+            match self.reader.read(rest) {
+                Ok(0) => {
+                    return Err(self.io(
+                        "receive frame body",
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "connection closed inside a frame",
+                        ),
+                    ))
+                }
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io("receive frame body", e)),
+            }
+        }
+        Ok(())
+    }
+
     /// The raw payload of the last received frame.
     pub fn payload(&self) -> &[u8] {
-        self.buf
-            .get(self.payload_at.0..self.payload_at.1)
-            .unwrap_or(&[])
+        match &self.payload {
+            Some(b) => b.as_slice(),
+            None => self
+                .buf
+                .get(self.payload_at.0..self.payload_at.1)
+                .unwrap_or(&[]),
+        }
+    }
+
+    /// The payload of the last received frame as a block buffer for the
+    /// engine: the buffer it was read into when it is whole blocks (no
+    /// copy), else a copy. Afterwards [`Conn::payload`] is empty.
+    pub fn take_payload(&mut self) -> AlignedBuf {
+        match self.payload.take() {
+            Some(b) => b,
+            None => {
+                let b = AlignedBuf::from_slice(self.payload());
+                self.payload_at = (0, 0);
+                b
+            }
+        }
     }
 
     fn hello(&self, auth: Option<[u8; 32]>, nonce: [u8; NONCE_LEN]) -> Hello {

@@ -33,7 +33,7 @@ use super::proto::{self, *};
 use crate::error::NodeError;
 use crossbeam_channel::{Receiver, Sender};
 use sluice_engine::api::{Image, Reply, Request};
-use sluice_engine::device::{AlignedBuf, BufPool, BLOCK_SIZE};
+use sluice_engine::device::{AlignedBuf, BufPools, BLOCK_SIZE};
 use sluice_engine::shard::EngineHandle;
 use sluice_engine::Error as EngineError;
 use std::collections::HashMap;
@@ -742,7 +742,11 @@ fn transmission(
         done: done_tx,
         rd: BufReader::with_capacity(READ_BUF_BYTES, stream),
         queued: Vec::with_capacity(SUBMIT_BATCH_MAX),
-        bufs: PayloadBufs::new(shared.opts.inflight_max),
+        bufs: BufPools::new(
+            PAYLOAD_SIZES_MAX,
+            PAYLOAD_SPARE_BYTES,
+            shared.opts.inflight_max,
+        ),
     };
     let r = reader.run();
     // Requests accepted but held back are submitted (and answered) too.
@@ -765,7 +769,7 @@ struct Reader<'a> {
     /// Engine requests parsed but not yet submitted, in order.
     queued: Vec<(Request, u64)>,
     /// Recycled write payload buffers.
-    bufs: PayloadBufs,
+    bufs: BufPools,
 }
 
 /// Most buffer sizes a connection recycles: a client writes in few sizes
@@ -773,45 +777,11 @@ struct Reader<'a> {
 const PAYLOAD_SIZES_MAX: usize = 4;
 
 /// Most bytes of spare buffers one size keeps per connection (32 of
-/// 128 KiB: a queue depth of 32 at that size recycles them all).
+/// 128 KiB: a queue depth of 32 at that size recycles them all). So an
+/// aligned write neither allocates nor zeroes its buffer (the payload
+/// overwrites it whole), which at 128 KiB per write was a memset per
+/// request. Buffers come back when the engine drops them, from its thread.
 const PAYLOAD_SPARE_BYTES: usize = 4 << 20;
-
-/// Write payload buffers of a connection, one [`BufPool`] per size seen
-/// (up to [`PAYLOAD_SIZES_MAX`]), each keeping at most
-/// [`PAYLOAD_SPARE_BYTES`] of spares and no more buffers than requests can
-/// be in flight: an aligned write neither allocates nor zeroes its buffer (the
-/// payload overwrites it whole), which at 128 KiB per write was a memset
-/// per request. Buffers come back when the engine drops them, from its
-/// thread.
-struct PayloadBufs {
-    pools: Vec<BufPool>,
-    /// Most spares of any size: the requests that can be in flight.
-    keep: usize,
-}
-
-impl PayloadBufs {
-    fn new(keep: usize) -> Self {
-        PayloadBufs {
-            pools: Vec::new(),
-            keep,
-        }
-    }
-
-    /// A buffer of `blocks` blocks whose bytes are to be overwritten whole.
-    fn take(&mut self, blocks: usize) -> AlignedBuf {
-        if let Some(p) = self.pools.iter().find(|p| p.len_blocks() == blocks) {
-            return p.take();
-        }
-        if self.pools.len() < PAYLOAD_SIZES_MAX {
-            let keep = (PAYLOAD_SPARE_BYTES / (blocks.max(1) * BLOCK_SIZE)).clamp(1, self.keep);
-            let p = BufPool::new(blocks, keep);
-            let b = p.take();
-            self.pools.push(p);
-            return b;
-        }
-        AlignedBuf::zeroed(blocks)
-    }
-}
 
 impl Reader<'_> {
     /// Queue an engine request. Requests are held back while more whole

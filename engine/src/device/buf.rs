@@ -6,8 +6,9 @@
 //! [`BufPool`] recycles buffers of one size: one taken from it goes back to
 //! it when dropped (on whichever thread drops it), so a stream of writes of
 //! one size (a client's 128 KiB writes, an NBD connection's requests)
-//! allocates and zeroes nothing after its first round. A recycled buffer
-//! holds the bytes of its last use, so its taker overwrites what it uses.
+//! allocates and zeroes nothing after its first round; [`BufPools`] keeps
+//! one per size for a stream of a few sizes. A recycled buffer holds the
+//! bytes of its last use, so its taker overwrites what it uses.
 
 use super::BLOCK_SIZE;
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
@@ -114,6 +115,48 @@ impl BufPool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+}
+
+/// Buffers of a few sizes, recycled: one [`BufPool`] per size asked for, up
+/// to `sizes` of them (a stream uses few: its block size, its largest
+/// request, the parts it splits into), each keeping at most `spare_bytes`
+/// of spares and no more than `keep_max` buffers. Other sizes get a new
+/// zeroed buffer.
+pub struct BufPools {
+    pools: Vec<BufPool>,
+    sizes: usize,
+    spare_bytes: usize,
+    keep_max: usize,
+}
+
+impl BufPools {
+    pub fn new(sizes: usize, spare_bytes: usize, keep_max: usize) -> Self {
+        BufPools {
+            pools: Vec::new(),
+            sizes,
+            spare_bytes,
+            keep_max,
+        }
+    }
+
+    /// A buffer of `len_blocks` blocks (at least one), as
+    /// [`BufPool::take`]: its bytes are those of its last use, for a taker
+    /// that overwrites it whole.
+    pub fn take(&mut self, len_blocks: usize) -> AlignedBuf {
+        let len_blocks = len_blocks.max(1);
+        if let Some(p) = self.pools.iter().find(|p| p.len_blocks() == len_blocks) {
+            return p.take();
+        }
+        if self.pools.len() < self.sizes {
+            let keep =
+                (self.spare_bytes / (len_blocks * BLOCK_SIZE)).clamp(1, self.keep_max.max(1));
+            let p = BufPool::new(len_blocks, keep);
+            let b = p.take();
+            self.pools.push(p);
+            return b;
+        }
+        AlignedBuf::zeroed(len_blocks)
     }
 }
 
@@ -347,5 +390,34 @@ mod tests {
         let bufs: Vec<_> = (0..8).map(|_| pool.take()).collect();
         std::thread::spawn(move || drop(bufs)).join().unwrap();
         assert_eq!(pool.spares(), 8);
+    }
+
+    #[test]
+    fn pools_of_a_few_sizes_recycle_each_and_allocate_the_rest() {
+        // Two sizes recycled, 8 KiB of spares per size, at most 3 buffers.
+        let mut pools = super::BufPools::new(2, 8192, 3);
+        let mut a = pools.take(1);
+        a.as_mut_slice()[0] = 1;
+        let at = a.as_mut_ptr();
+        drop(a);
+        let mut again = pools.take(1);
+        assert_eq!(again.as_mut_ptr(), at, "size 1 recycled");
+        let mut b = pools.take(2);
+        b.as_mut_slice()[0] = 2;
+        let bt = b.as_mut_ptr();
+        drop(b);
+        assert_eq!(pools.take(2).as_mut_ptr(), bt, "size 2 recycled");
+        // A third size is past `sizes`: a new zeroed buffer, not kept.
+        let mut c = pools.take(3);
+        assert_eq!(c.len_blocks(), 3);
+        assert!(c.as_slice().iter().all(|&x| x == 0));
+        c.as_mut_slice()[0] = 3;
+        drop(c);
+        assert!(pools.take(3).as_slice().iter().all(|&x| x == 0));
+        // Size 1 keeps at most 8 KiB / 4 KiB = 2 spares.
+        let bufs: Vec<_> = (0..3).map(|_| pools.take(1)).collect();
+        drop(bufs);
+        drop(again);
+        assert_eq!(pools.pools[0].spares(), 2);
     }
 }

@@ -25,7 +25,7 @@ pub mod region;
 pub mod sim;
 pub mod uring;
 
-pub use buf::{AlignedBuf, BufPool};
+pub use buf::{AlignedBuf, BufPool, BufPools};
 pub use region::Region;
 
 /// Bytes in one block: the unit of every address and every buffer.

@@ -44,7 +44,7 @@ use sluice_engine::api::{
     DiffExtent, DiffKind, DiffStats, Image, NsName, Reply, Request, SnapshotInfo, SnapshotName,
     VolumeInfo,
 };
-use sluice_engine::device::{AlignedBuf, BLOCK_SIZE};
+use sluice_engine::device::BLOCK_SIZE;
 use sluice_engine::shard::EngineHandle;
 use sluice_lockproto::wire::{codes, SetAssembler, SnapInfo, TransferRequest, WireLockSet};
 use sluice_lockproto::{

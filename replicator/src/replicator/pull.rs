@@ -1379,13 +1379,13 @@ impl Replicator {
                 }
                 PullAction::Write { ns, lba } => {
                     let ns = self.ns_at(&nss, ns)?;
-                    let payload = c.payload();
-                    let n = payload.len() as u64;
+                    let data = c.take_payload();
+                    let n = data.len_bytes() as u64;
                     wb.submit(
                         Request::Write {
                             ns: ns.clone(),
                             lba,
-                            data: AlignedBuf::from_slice(payload),
+                            data,
                             fua: false,
                             replica: true,
                         },
