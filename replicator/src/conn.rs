@@ -54,6 +54,13 @@ pub const PRE_AUTH_FRAME_MAX: usize = 16 << 10;
 /// node name (see [`Conn::handshake_with`]).
 pub type PeerKeyFn<'a> = dyn Fn(&str) -> std::result::Result<Option<Vec<u8>>, String> + 'a;
 
+/// Which part of a frame [`Conn::read_full`] reads.
+#[derive(Clone, Copy)]
+enum Part {
+    Header,
+    Body,
+}
+
 /// One framed connection to a peer.
 pub struct Conn {
     stream: Box<dyn PeerStream>,
@@ -230,24 +237,11 @@ impl Conn {
         // Everything sent so far goes out before we wait for an answer.
         self.flush()?;
         self.buf.resize(HEADER_LEN, 0);
-        let mut got = 0;
-        while got < HEADER_LEN {
-            self.arm_deadline()?;
-            match self.reader.read(&mut self.buf[got..HEADER_LEN]) {
-                Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => {
-                    return Err(self.io(
-                        "receive",
-                        std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "connection closed inside a frame header",
-                        ),
-                    ))
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.io("receive", e)),
-            }
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.read_full(&mut buf, 0, Part::Header);
+        self.buf = buf;
+        if !r? {
+            return Ok(None);
         }
         let hd = match parse_header(&self.buf) {
             Ok(h) => h,
@@ -279,11 +273,11 @@ impl Conn {
             let head = need - payload;
             self.buf.resize(head, 0);
             let mut buf = std::mem::take(&mut self.buf);
-            let r = self.read_full(&mut buf, HEADER_LEN);
+            let r = self.read_full(&mut buf, HEADER_LEN, Part::Body);
             self.buf = buf;
             r?;
             let mut data = self.payloads.take(payload / BLOCK_SIZE);
-            self.read_full(data.as_mut_slice(), 0)?;
+            self.read_full(data.as_mut_slice(), 0, Part::Body)?;
             self.payload = Some(data);
             self.payload_at = (0, 0);
             return match decode_head(&self.buf) {
@@ -300,7 +294,7 @@ impl Conn {
         }
         self.buf.resize(need, 0);
         let mut buf = std::mem::take(&mut self.buf);
-        let r = self.read_full(&mut buf, HEADER_LEN);
+        let r = self.read_full(&mut buf, HEADER_LEN, Part::Body);
         self.buf = buf;
         r?;
         match decode(&self.buf) {
@@ -323,29 +317,33 @@ impl Conn {
         }
     }
 
-    /// Fill `buf[at..]` from the socket (the rest of a frame).
-    fn read_full(&mut self, buf: &mut [u8], mut at: usize) -> Result<()> {
+    /// Fill `buf[at..]` from the socket. False: the peer closed the
+    /// connection cleanly, before the first byte of a frame's header.
+    fn read_full(&mut self, buf: &mut [u8], mut at: usize, part: Part) -> Result<bool> {
+        let (op, inside) = match part {
+            Part::Header => ("receive", "connection closed inside a frame header"),
+            Part::Body => ("receive frame body", "connection closed inside a frame"),
+        };
+        let start = at;
         while at < buf.len() {
             self.arm_deadline()?;
             let Some(rest) = buf.get_mut(at..) else {
                 break;
             };
             match self.reader.read(rest) {
+                Ok(0) if matches!(part, Part::Header) && at == start => return Ok(false),
                 Ok(0) => {
                     return Err(self.io(
-                        "receive frame body",
-                        std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "connection closed inside a frame",
-                        ),
+                        op,
+                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, inside),
                     ))
                 }
                 Ok(n) => at += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.io("receive frame body", e)),
+                Err(e) => return Err(self.io(op, e)),
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The raw payload of the last received frame.
