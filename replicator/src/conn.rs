@@ -245,25 +245,14 @@ impl Conn {
         }
         let hd = match parse_header(&self.buf) {
             Ok(h) => h,
-            Err(e) => {
-                let text = e.to_string();
-                self.send_error(0, codes::BAD_FRAME, &text);
-                return Err(ReplError::Protocol {
-                    peer: self.who(),
-                    detail: text,
-                });
-            }
+            Err(e) => return Err(self.bad_frame(e)),
         };
         let need = hd.frame_len();
         if !self.authenticated && need > PRE_AUTH_FRAME_MAX {
             let text = format!(
                 "a frame of {need} bytes before the handshake finished (at most {PRE_AUTH_FRAME_MAX})"
             );
-            self.send_error(0, codes::BAD_FRAME, &text);
-            return Err(ReplError::Protocol {
-                peer: self.who(),
-                detail: text,
-            });
+            return Err(self.bad_frame(text));
         }
         self.payload = None;
         let payload = hd.payload_len as usize;
@@ -282,14 +271,7 @@ impl Conn {
             self.payload_at = (0, 0);
             return match decode_head(&self.buf) {
                 Ok((_, msg)) => Ok(Some(msg)),
-                Err(e) => {
-                    let text = e.to_string();
-                    self.send_error(0, codes::BAD_FRAME, &text);
-                    Err(ReplError::Protocol {
-                        peer: self.who(),
-                        detail: text,
-                    })
-                }
+                Err(e) => Err(self.bad_frame(e)),
             };
         }
         self.buf.resize(need, 0);
@@ -306,14 +288,18 @@ impl Conn {
                 peer: self.who(),
                 detail: "frame shorter than its header says".into(),
             }),
-            Err(e) => {
-                let text = e.to_string();
-                self.send_error(0, codes::BAD_FRAME, &text);
-                Err(ReplError::Protocol {
-                    peer: self.who(),
-                    detail: text,
-                })
-            }
+            Err(e) => Err(self.bad_frame(e)),
+        }
+    }
+
+    /// A frame the peer sent is malformed: tell it (best effort), and the
+    /// error to end the connection with.
+    fn bad_frame(&mut self, e: impl std::fmt::Display) -> ReplError {
+        let text = e.to_string();
+        self.send_error(0, codes::BAD_FRAME, &text);
+        ReplError::Protocol {
+            peer: self.who(),
+            detail: text,
         }
     }
 
@@ -451,11 +437,7 @@ impl Conn {
             }
             Some(other) => {
                 let text = format!("expected Hello, got message type {}", other.type_code());
-                self.send_error(0, codes::BAD_FRAME, &text);
-                return Err(ReplError::Protocol {
-                    peer: self.who(),
-                    detail: text,
-                });
+                return Err(self.bad_frame(text));
             }
             None => {
                 return Err(ReplError::Protocol {
@@ -475,11 +457,7 @@ impl Conn {
                     peer.node_id
                 )
             };
-            self.send_error(0, codes::BAD_FRAME, &text);
-            return Err(ReplError::Protocol {
-                peer: self.who(),
-                detail: text,
-            });
+            return Err(self.bad_frame(text));
         }
         self.peer_node = peer.node_id.clone();
         let secret = match key(&peer.node_id) {
