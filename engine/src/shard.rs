@@ -24,11 +24,12 @@
 //! Requests in flight: a batch of only plain (non-FUA) writes, or of only
 //! reads, is started ([`Executor::start`]): its data goes to the device
 //! and the loop goes on to the next batch without waiting, up to
-//! [`FLIGHT_BATCHES`] batches; the answers go out in start order, each as
-//! soon as its own data (and that of every request before it) completes
-//! ([`Executor::reap`]). So the device keeps its queue while the loop
-//! applies metadata and answers, and the callers refill it one request at
-//! a time, where it used to drain to empty between batches. Any other
+//! [`FLIGHT_BATCHES`] batches; each answer goes out as soon as its own data
+//! completes ([`Executor::reap`]): a write's once every earlier write is
+//! applied too (start order), a read's at once. So the device keeps its
+//! queue while the loop applies metadata and answers, and the callers
+//! refill it one request at a time, where it used to drain to empty
+//! between batches. Any other
 //! request (a FUA write, a trim, a snapshot, a flush, a periodic or final
 //! CP) waits until every started request is answered: it sees every
 //! started write applied, as before.
@@ -843,7 +844,7 @@ fn run<X: Executor>(mut exec: X, rx: Receiver<Msg>, opts: EngineOptions) {
     let mut dirty = false;
     let mut reqs: Vec<Request> = Vec::with_capacity(batch_max);
     let mut replies: Vec<ReplyTo> = Vec::with_capacity(batch_max);
-    // Callers of started requests whose answers have not come yet, in order.
+    // Callers of started requests whose answers have not come yet.
     let mut waiting = Waiting::default();
     loop {
         // With writes in flight, look for more work without blocking: the
