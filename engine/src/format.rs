@@ -16,7 +16,11 @@ pub const SB_MAGIC: &[u8; 8] = b"SLUICE01";
 /// ([`NS_FLAG_READ_ONLY`]); the catalog of a version 1 or 2 superblock has
 /// none (every qtree writable). Version 4 added a clone's origin to each
 /// volume of the catalog; a catalog of version 3 or older has no clones.
-pub const FORMAT_VERSION: u32 = 4;
+/// Version 5 made the catalog a log of records ([`KIND_CATALOG_LOG`]
+/// blocks) appended per CP; versions 1 to 4 have one blob rewritten whole.
+pub const FORMAT_VERSION: u32 = 5;
+/// First format version whose catalog is a log (crate::catalog).
+pub const LOG_SINCE: u32 = 5;
 /// First format version whose catalog has a flags byte per live namespace.
 pub const NS_FLAGS_SINCE: u32 = 3;
 /// First format version whose catalog says, per volume, whether it is a
@@ -36,6 +40,7 @@ pub const KIND_MAP: u16 = 1;
 pub const KIND_PLANE_NODE: u16 = 2;
 pub const KIND_PLANE_LEAF: u16 = 3;
 pub const KIND_CATALOG: u16 = 4;
+pub const KIND_CATALOG_LOG: u16 = 5;
 
 pub fn kind_name(kind: u16) -> &'static str {
     match kind {
@@ -43,6 +48,7 @@ pub fn kind_name(kind: u16) -> &'static str {
         KIND_PLANE_NODE => "plane node",
         KIND_PLANE_LEAF => "plane leaf",
         KIND_CATALOG => "catalog",
+        KIND_CATALOG_LOG => "catalog log",
         _ => "unknown",
     }
 }
@@ -300,6 +306,14 @@ impl<'a> Reader<'a> {
             kind: self.what,
             reason,
         }
+    }
+    /// Nothing left to read.
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.b.len()
+    }
+    /// Bytes left to read.
+    pub fn remaining(&self) -> usize {
+        self.b.len().saturating_sub(self.pos)
     }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let Some(s) = self

@@ -5,6 +5,7 @@
 //! `docs/FORMAT.md`.
 
 pub mod api;
+mod catalog;
 pub mod device;
 pub mod error;
 pub mod format;

@@ -225,7 +225,7 @@ fn bit_flip_in_map_node_is_named() {
 
 #[test]
 fn bit_flip_in_plane_blocks_and_catalog_fail_mount_clearly() {
-    for kind in [2u16, 3, 4] {
+    for kind in [2u16, 3, 5] {
         let (pool, h) = setup();
         let blocks = blocks_of_kind(&h, kind);
         assert!(!blocks.is_empty(), "no blocks of kind {kind}");

@@ -24,21 +24,23 @@ impl Rng {
     }
 }
 
-/// Make the pool on `dev` look as a build of format `version` (1 to 3)
-/// left it: the newest catalog without the origin tag after each volume
-/// (format 4 added it; the pool must have no clone), without the flags
-/// byte after each live namespace for versions 1 and 2 (format 3 added
-/// it), and both superblock slots with the old
-/// version (version 1: nothing after `volumes_max`). The older slot's
-/// catalog is left alone: the newer slot wins at mount, so it is not read.
-/// For pools whose catalog fits one block.
+/// Make the pool on `dev` look as a build of format `version` (1 to 4)
+/// left it: the newest catalog log replayed into the one blob of format 4
+/// ([`blob_of_log`]), then without the origin tag after each volume for
+/// versions 1 to 3 (format 4 added it; the pool must have no clone),
+/// without the flags byte after each live namespace for versions 1 and 2
+/// (format 3 added it), written as a one-block chain at the log's head
+/// block; and both superblock slots with the old version (version 1:
+/// nothing after `volumes_max`). The older slot's catalog is left alone:
+/// the newer slot wins at mount, so it is not read. For pools whose
+/// catalog blob fits one block.
 pub fn downgrade(
     dev: &mut sluice_engine::device::sim::SimDevice,
     sim: &sluice_engine::device::sim::SimHandle,
     version: u32,
 ) {
     use sluice_engine::format::*;
-    assert!((1..=3).contains(&version), "downgrade to {version}");
+    assert!((1..=4).contains(&version), "downgrade to {version}");
     let slots: Vec<Option<Superblock>> = (0..2u64)
         .map(|s| Superblock::decode(&sim.read_durable(s), s).expect("superblock"))
         .collect();
@@ -49,16 +51,29 @@ pub fn downgrade(
         .expect("a superblock")
         .clone();
     let at = newest.catalog;
-    let raw = sim.read_durable(at.pba);
-    let payload = decode_block(&raw, at, KIND_CATALOG, 0).expect("catalog block");
-    let mut r = Reader::new(payload, at.pba, "catalog");
-    assert_eq!(r.ptr().expect("next").pba, 0, "catalog of one block");
-    let len = r.u32().expect("len") as usize;
-    let blob = catalog_of_version(r.take(len).expect("blob"), version);
+    let mut pieces = Vec::new();
+    let mut ptr = at;
+    while ptr.pba != 0 {
+        let raw = sim.read_durable(ptr.pba);
+        let payload = decode_block(&raw, ptr, KIND_CATALOG_LOG, 0).expect("catalog log block");
+        let mut r = Reader::new(payload, ptr.pba, "catalog");
+        let prev = r.ptr().expect("prev");
+        let len = r.u32().expect("len") as usize;
+        pieces.push(r.take(len).expect("piece").to_vec());
+        ptr = prev;
+    }
+    pieces.reverse();
+    let blob = blob_of_log(&pieces.concat());
+    let blob = if version == 4 {
+        blob
+    } else {
+        catalog_of_version(&blob, version)
+    };
     let mut w = Writer::default();
     w.ptr(Ptr::default());
     w.u32(blob.len() as u32);
     w.bytes(&blob);
+    assert!(w.buf.len() <= PAYLOAD, "catalog of one block");
     write_block(
         dev,
         at.pba,
@@ -75,6 +90,122 @@ pub fn downgrade(
         }
         write_block(dev, slot as u64, b);
     }
+}
+
+/// Replay a format-5 catalog log (docs/FORMAT.md, "Catalog") into the
+/// format-4 blob of the same catalog: the test's own reading of the byte
+/// tables, field by field.
+fn blob_of_log(stream: &[u8]) -> Vec<u8> {
+    use sluice_engine::format::{Reader, Writer};
+    struct V {
+        id: u32,
+        head: Vec<u8>,
+        origin: Vec<u8>,
+        snaps: Vec<([u8; 16], Vec<u8>)>,
+    }
+    fn skip_str(r: &mut Reader) {
+        let n = r.u32().expect("length") as usize;
+        r.take(n).expect("string");
+    }
+    let mut next_id = 0u32;
+    let mut vols: Vec<V> = Vec::new();
+    let mut attrs: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
+    // Field walks report how many bytes a record's body took, so the body
+    // can be copied whole.
+    let mut pos = 0usize;
+    while pos < stream.len() {
+        let mut r = Reader::new(&stream[pos..], 0, "catalog");
+        let tag = r.u8().expect("tag");
+        let start = 1usize;
+        match tag {
+            1 => next_id = r.u32().expect("next id"),
+            2 => {
+                let id = r.u32().expect("id");
+                skip_str(&mut r);
+                r.take(1 + 8 + 16).expect("head");
+                for _ in 0..r.u32().expect("namespaces") {
+                    skip_str(&mut r);
+                    r.take(8 + 16 + 16 + 1).expect("namespace");
+                }
+                let head_end = consumed(&stream[pos..], &r);
+                let head = stream[pos + start..pos + head_end].to_vec();
+                let o = r.u8().expect("origin");
+                if o == 1 {
+                    r.take(20).expect("origin body");
+                }
+                let origin = stream[pos + head_end..pos + consumed(&stream[pos..], &r)].to_vec();
+                match vols.iter_mut().find(|v| v.id == id) {
+                    Some(v) => {
+                        v.head = head;
+                        v.origin = origin;
+                    }
+                    None => vols.push(V {
+                        id,
+                        head,
+                        origin,
+                        snaps: Vec::new(),
+                    }),
+                }
+            }
+            3 => {
+                let id = r.u32().expect("id");
+                vols.retain(|v| v.id != id);
+            }
+            4 => {
+                let id = r.u32().expect("volume id");
+                let body_at = consumed(&stream[pos..], &r);
+                let uuid: [u8; 16] = r.take(16).expect("uuid").try_into().expect("16");
+                skip_str(&mut r);
+                r.take(24 + 16).expect("snapshot");
+                for _ in 0..r.u32().expect("namespaces") {
+                    skip_str(&mut r);
+                    r.take(16 + 16).expect("namespace");
+                }
+                let body = stream[pos + body_at..pos + consumed(&stream[pos..], &r)].to_vec();
+                let v = vols.iter_mut().find(|v| v.id == id).expect("snapshot's volume");
+                v.snaps.push((uuid, body));
+            }
+            5 => {
+                let id = r.u32().expect("volume id");
+                let uuid: [u8; 16] = r.take(16).expect("uuid").try_into().expect("16");
+                let v = vols.iter_mut().find(|v| v.id == id).expect("snapshot's volume");
+                v.snaps.retain(|(u, _)| *u != uuid);
+            }
+            6 => {
+                let k = r.blob().expect("key");
+                let v = r.blob().expect("value");
+                attrs.insert(k, v);
+            }
+            7 => {
+                let k = r.blob().expect("key");
+                attrs.remove(&k);
+            }
+            other => panic!("unknown catalog record {other}"),
+        }
+        pos += consumed(&stream[pos..], &r);
+    }
+    let mut w = Writer::default();
+    w.u32(next_id);
+    w.u32(vols.len() as u32);
+    for v in &vols {
+        w.bytes(&v.head);
+        w.u32(v.snaps.len() as u32);
+        for (_, b) in &v.snaps {
+            w.bytes(b);
+        }
+        w.bytes(&v.origin);
+    }
+    w.u32(attrs.len() as u32);
+    for (k, v) in &attrs {
+        w.blob(k);
+        w.blob(v);
+    }
+    w.buf
+}
+
+/// Bytes of `b` that reader `r` (made over `b`) has read.
+fn consumed(b: &[u8], r: &sluice_engine::format::Reader) -> usize {
+    b.len() - r.remaining()
 }
 
 /// A format-4 catalog blob (docs/FORMAT.md) as format `version` encodes
