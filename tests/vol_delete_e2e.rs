@@ -69,10 +69,12 @@ fn vol_delete_refuses_while_depended_on_and_frees_the_space() {
     let r = a.json(&["vol", "delete", "w"]);
     assert_eq!(r["deleted_snapshots"], serde_json::json!(["t1"]), "{r}");
     let after = used(&a);
-    // All of w's data and metadata are free again (the catalog may take a
-    // block or two more or less).
+    // All of w's data and metadata are free again. The catalog is a log
+    // that grows by about a block per consistency point until it is
+    // compacted (at twice its image plus 64 blocks: docs/FORMAT.md), so
+    // it may hold up to ~70 blocks more than it did before w was written.
     assert!(
-        before - after >= 512 * 4096 && after <= without_w + 8 * 4096,
+        before - after >= 512 * 4096 && after <= without_w + 72 * 4096,
         "vol delete freed {} bytes: {without_w} used before w was written, {before} before its delete, {after} after",
         before - after,
     );

@@ -165,11 +165,10 @@ fn str_len(s: &str) -> usize {
 
 /// Length of a volume's head record.
 fn head_len(v: &Vol) -> usize {
-    let ns: usize = v
-        .ns
-        .iter()
-        .map(|n| str_len(n.name.as_deref().unwrap_or("")) + 8 + 16 + 16 + 1)
-        .sum();
+    let ns: usize =
+        v.ns.iter()
+            .map(|n| str_len(n.name.as_deref().unwrap_or("")) + 8 + 16 + 16 + 1)
+            .sum();
     1 + 4 + str_len(&v.name) + 1 + 8 + 16 + 4 + ns + 1 + if v.origin.is_some() { 20 } else { 0 }
 }
 
@@ -543,14 +542,23 @@ pub(crate) fn replay(stream: &[u8], pba: u64) -> Result<Loaded> {
     let mut vols: Vec<Option<ReplayVol>> = Vec::new();
     let mut by_id: HashMap<u32, usize> = HashMap::new();
     let mut attrs = BTreeMap::new();
-    let missing = |id: u32| corrupt(pba, format!("a record names volume id {id}, not in the log"));
+    let missing = |id: u32| {
+        corrupt(
+            pba,
+            format!("a record names volume id {id}, not in the log"),
+        )
+    };
     while !r.is_empty() {
         match r.u8()? {
             REC_NEXT_VOLUME_ID => next_vol_id = r.u32()?,
             REC_VOLUME => {
                 let mut head = read_head(&mut r, FORMAT_VERSION, pba)?;
                 head.origin = read_origin(&mut r, &head.name, pba)?;
-                match by_id.get(&head.id).and_then(|&i| vols.get_mut(i)).and_then(Option::as_mut) {
+                match by_id
+                    .get(&head.id)
+                    .and_then(|&i| vols.get_mut(i))
+                    .and_then(Option::as_mut)
+                {
                     Some(rv) => {
                         head.snaps = std::mem::take(&mut rv.vol.snaps);
                         rv.vol = head;
@@ -607,7 +615,10 @@ pub(crate) fn replay(stream: &[u8], pba: u64) -> Result<Loaded> {
                 let k = rv.at.remove(&u).ok_or_else(|| {
                     corrupt(
                         pba,
-                        format!("volume {}: snapshot {u} deleted, not in the log", rv.vol.name),
+                        format!(
+                            "volume {}: snapshot {u} deleted, not in the log",
+                            rv.vol.name
+                        ),
                     )
                 })?;
                 if let Some(slot) = rv.snaps.get_mut(k) {

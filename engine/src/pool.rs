@@ -1153,12 +1153,16 @@ impl<D: BlockDevice> Pool<D> {
     /// oldest, the oldest pointing at the log's previous head. Returns the
     /// image's blocks when it wrote one.
     fn write_catalog(&mut self, g: u64) -> Result<Option<u64>> {
-        let mut bytes = self.log.delta(&mut self.vols, &self.attrs, self.next_vol_id);
+        let mut bytes = self
+            .log
+            .delta(&mut self.vols, &self.attrs, self.next_vol_id);
         let grown = self.log.blocks.len() as u64 + catalog::blocks_for(bytes.len())
             > 2 * self.log.image_blocks + catalog::LOG_SLACK;
         let mut compact = self.log.legacy;
         if compact || grown {
-            let image = self.log.image(&mut self.vols, &self.attrs, self.next_vol_id);
+            let image = self
+                .log
+                .image(&mut self.vols, &self.attrs, self.next_vol_id);
             let need = catalog::blocks_for(image.len());
             if compact || self.fm.free() >= 2 * need + self.cp_reserve() + TRIM_HEADROOM {
                 bytes = image;

@@ -53,8 +53,8 @@ use uuid::Uuid;
 use crate::error::{LockError, Result};
 use crate::model::{Bounds, LeasePolicy, LockKind, LockSet, SoftLock};
 use crate::wire::{
-    PersistApp, PersistDown, PersistLocal, PersistNode, PersistNodeV1, PersistNodeV2,
-    PersistNodeV3, PersistSince, PersistUp, WireLock, WireLockSet,
+    PersistApp, PersistDown, PersistNode, PersistNodeV1, PersistNodeV2, PersistNodeV3,
+    PersistSince, PersistUp, WireLock, WireLockSet,
 };
 
 /// A downstream relationship: (downstream node, its destination path).
@@ -384,13 +384,59 @@ pub struct LockNode {
     /// Per volume, its snapshots oldest first. The volume "" holds the
     /// snapshots of a table upgraded from format 3 until the engine says
     /// which volume each belongs to ([`Event::VolumeSnapshots`]).
-    local: BTreeMap<String, Vec<Uuid>>,
+    local: BTreeMap<String, SnapList>,
     ups: BTreeMap<String, Up>,
     downs: BTreeMap<DownKey, Down>,
     /// Application locks per volume ("" as for `local`).
     app: BTreeMap<String, BTreeSet<SoftLock>>,
     /// Holders of each protected (volume, snapshot), as of the last event.
     protected: BTreeMap<(String, Uuid), Vec<Held>>,
+}
+
+/// A volume's snapshots, oldest first, with a hash index: membership is
+/// O(1), so rebuilding the protection map costs O(locks), not O(locks x
+/// snapshots).
+#[derive(Debug, Clone, Default)]
+struct SnapList {
+    order: Vec<Uuid>,
+    set: std::collections::HashSet<Uuid>,
+}
+
+impl PartialEq for SnapList {
+    fn eq(&self, other: &SnapList) -> bool {
+        self.order == other.order
+    }
+}
+
+impl Eq for SnapList {}
+
+impl SnapList {
+    fn of(ids: Vec<Uuid>) -> SnapList {
+        let set = ids.iter().copied().collect();
+        SnapList { order: ids, set }
+    }
+    fn contains(&self, s: &Uuid) -> bool {
+        self.set.contains(s)
+    }
+    /// Add `s` as the newest, unless it is there already.
+    fn push(&mut self, s: Uuid) {
+        if self.set.insert(s) {
+            self.order.push(s);
+        }
+    }
+    fn retain(&mut self, mut keep: impl FnMut(&Uuid) -> bool) {
+        let set = &mut self.set;
+        self.order.retain(|s| {
+            let k = keep(s);
+            if !k {
+                set.remove(s);
+            }
+            k
+        });
+    }
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
 }
 
 const PERSIST_MAGIC: &[u8; 4] = b"SLKT";
@@ -428,12 +474,14 @@ impl LockNode {
 
     /// Snapshots of local `volume`, oldest first.
     pub fn snapshots(&self, volume: &str) -> &[Uuid] {
-        self.local.get(volume).map_or(&[], Vec::as_slice)
+        self.local.get(volume).map_or(&[], |l| l.order.as_slice())
     }
 
     /// Whether local `volume` holds `snapshot`.
     pub fn has_snapshot(&self, volume: &str, snapshot: Uuid) -> bool {
-        self.snapshots(volume).contains(&snapshot)
+        self.local
+            .get(volume)
+            .is_some_and(|l| l.contains(&snapshot))
     }
 
     /// Every lock that protects `volume@snapshot` (empty: deletable).
@@ -1025,20 +1073,10 @@ impl LockNode {
                 }
             }
             Event::SnapshotCreated { volume, snapshot } => {
-                let v = self.local.entry(volume).or_default();
-                if !v.contains(&snapshot) {
-                    v.push(snapshot);
-                }
+                self.local.entry(volume).or_default().push(snapshot);
             }
             Event::VolumeSnapshots { volume, snapshots } => {
-                self.adopt_upgraded(&volume, &snapshots);
-                // An acknowledgement of a forced delete upstream matters
-                // while we hold that snapshot; if the upstream missed it,
-                // it tells us again.
-                for up in self.ups.values_mut().filter(|u| u.volume == volume) {
-                    up.gone_acks.retain(|g| snapshots.contains(g));
-                }
-                self.local.insert(volume, snapshots);
+                self.set_snapshots(&volume, snapshots);
             }
             Event::VolumeRemoved { volume } => {
                 self.local.remove(&volume);
@@ -1103,10 +1141,10 @@ impl LockNode {
                 if let Some(up) = self.ups.get_mut(&relationship) {
                     up.has.insert(target);
                     up.anchor = Some(target);
-                    let v = self.local.entry(up.volume.clone()).or_default();
-                    if !v.contains(&target) {
-                        v.push(target);
-                    }
+                    self.local
+                        .entry(up.volume.clone())
+                        .or_default()
+                        .push(target);
                 }
                 self.send(&relationship, now_ms, true, &mut out);
             }
@@ -1239,6 +1277,18 @@ impl LockNode {
 
     /// Move the snapshots and application locks of an upgraded table
     /// (volume "") that belong to `volume`.
+    /// Local `volume`'s snapshots are exactly `snapshots`, oldest first.
+    fn set_snapshots(&mut self, volume: &str, snapshots: Vec<Uuid>) {
+        self.adopt_upgraded(volume, &snapshots);
+        let list = SnapList::of(snapshots);
+        // An acknowledgement of a forced delete upstream matters while we
+        // hold that snapshot; if the upstream missed it, it tells us again.
+        for up in self.ups.values_mut().filter(|u| u.volume == volume) {
+            up.gone_acks.retain(|g| list.contains(g));
+        }
+        self.local.insert(volume.to_string(), list);
+    }
+
     fn adopt_upgraded(&mut self, volume: &str, snapshots: &[Uuid]) {
         if let Some(v) = self.local.get_mut("") {
             v.retain(|s| !snapshots.contains(s));
@@ -1554,14 +1604,11 @@ impl LockNode {
             node_id: self.cfg.node_id.clone(),
             epoch: self.epoch,
             counter: self.counter,
-            local: self
-                .local
-                .iter()
-                .map(|(v, s)| PersistLocal {
-                    volume: v.clone(),
-                    snapshots: s.iter().map(|u| *u.as_bytes()).collect(),
-                })
-                .collect(),
+            // The engine's catalog is the truth of which snapshots exist:
+            // the replicator hands every volume's list back at start
+            // (`Event::VolumeSnapshots`), so the table does not carry it
+            // and a snapshot create or delete does not rewrite it.
+            local: Vec::new(),
             ups: self
                 .ups
                 .iter()
@@ -1646,7 +1693,28 @@ impl LockNode {
     /// node's set holds its snapshots in whichever volume has them until that
     /// node sends per-relationship sets; snapshots and application locks wait
     /// in volume "" for [`Event::VolumeSnapshots`].
-    pub fn from_bytes(cfg: NodeConfig, bytes: &[u8]) -> Result<Self> {
+    ///
+    /// `snapshots` are the pool's snapshots, per volume, oldest first: the
+    /// table does not carry them (format 4 tables of older builds did;
+    /// a volume `snapshots` names replaces what such a table says, as
+    /// [`Event::VolumeSnapshots`] would). They are in place before the
+    /// protection map is built, so a restored table protects every base
+    /// from its first answer on.
+    pub fn from_bytes(
+        cfg: NodeConfig,
+        bytes: &[u8],
+        snapshots: &BTreeMap<String, Vec<Uuid>>,
+    ) -> Result<Self> {
+        let mut n = Self::decode(cfg, bytes)?;
+        for (volume, list) in snapshots {
+            n.set_snapshots(volume, list.clone());
+        }
+        let mut sink = Vec::new();
+        n.refresh_protection(&mut sink);
+        Ok(n)
+    }
+
+    fn decode(cfg: NodeConfig, bytes: &[u8]) -> Result<Self> {
         let (head, rest) = bytes.split_first_chunk::<8>().ok_or(LockError::Truncated {
             need: 8,
             have: bytes.len(),
@@ -1705,7 +1773,7 @@ impl LockNode {
         let mut n = Self::check_owner(&cfg, &p.node_id, p.epoch)?;
         let ids = |v: &[[u8; 16]]| v.iter().map(|b| Uuid::from_bytes(*b)).collect::<Vec<_>>();
         for l in p.local {
-            n.local.insert(l.volume, ids(&l.snapshots));
+            n.local.insert(l.volume, SnapList::of(ids(&l.snapshots)));
         }
         for u in p.ups {
             n.ups.insert(
@@ -1764,8 +1832,6 @@ impl LockNode {
                 since.insert(snapshot, t.ms);
             }
         }
-        let mut sink = Vec::new();
-        n.refresh_protection(&mut sink);
         Ok(n)
     }
 
@@ -1773,7 +1839,7 @@ impl LockNode {
     fn restore_v3(cfg: NodeConfig, p: PersistNodeV3) -> Result<Self> {
         let mut n = Self::check_owner(&cfg, &p.node_id, p.epoch)?;
         let ids = |v: &[[u8; 16]]| v.iter().map(|b| Uuid::from_bytes(*b)).collect::<Vec<_>>();
-        n.local.insert(String::new(), ids(&p.local));
+        n.local.insert(String::new(), SnapList::of(ids(&p.local)));
         let mut rel_of_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for u in p.ups {
             // The old lock text was `NODE:PATH`.
@@ -1854,8 +1920,6 @@ impl LockNode {
                 d.since.insert(snapshot, t.ms);
             }
         }
-        let mut sink = Vec::new();
-        n.refresh_protection(&mut sink);
         Ok(n)
     }
 }

@@ -12,7 +12,7 @@ use sluice_lockproto::{
     Action, Bounds, Event, Held, LeasePolicy, LockError, LockKind, LockNode, LockSet, NodeConfig,
     ReleaseReason, SoftLock,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use uuid::Uuid;
 
@@ -496,8 +496,12 @@ fn claims_1_50_52_fan_in_keeps_the_anchor_with_each_upstream() {
         "B gets base and anchor"
     );
     // Survives a restart.
-    let r = LockNode::from_bytes(NodeConfig::new("C"), &c.to_bytes().expect("persist"))
-        .expect("restore");
+    let r = LockNode::from_bytes(
+        NodeConfig::new("C"),
+        &c.to_bytes().expect("persist"),
+        &lists_of(&c),
+    )
+    .expect("restore");
     assert_eq!(r.anchor("vol/B"), Some(sid(2)));
     // B force-deleted the anchor. C keeps it, locked: it is what C shares
     // with the nodes above B, and the lock on it still goes to B (with the
@@ -879,18 +883,25 @@ fn lock_table_persists_restores_and_rejects_garbage() {
     )
     .generation;
     let bytes = b.to_bytes().expect("persist");
-    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore");
+    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes, &lists_of(&b)).expect("restore");
     assert_eq!(r.all_locks(), b.all_locks());
     assert_eq!(r.snapshots("v1"), b.snapshots("v1"));
     let g2 = set_to(&r.handle(5, Event::Restarted), "A").generation;
     assert!(g2 > g1, "generations keep increasing across a restart");
-    assert!(LockNode::from_bytes(NodeConfig::new("B"), b"garbage!garbage").is_err());
-    assert!(LockNode::from_bytes(NodeConfig::new("B"), &bytes[..bytes.len() / 2]).is_err());
-    assert!(LockNode::from_bytes(NodeConfig::new("other"), &bytes).is_err());
+    assert!(
+        LockNode::from_bytes(NodeConfig::new("B"), b"garbage!garbage", &BTreeMap::new()).is_err()
+    );
+    assert!(LockNode::from_bytes(
+        NodeConfig::new("B"),
+        &bytes[..bytes.len() / 2],
+        &BTreeMap::new()
+    )
+    .is_err());
+    assert!(LockNode::from_bytes(NodeConfig::new("other"), &bytes, &BTreeMap::new()).is_err());
     let mut v = bytes.clone();
     v[4] = 99;
     assert!(matches!(
-        LockNode::from_bytes(NodeConfig::new("B"), &v),
+        LockNode::from_bytes(NodeConfig::new("B"), &v, &BTreeMap::new()),
         Err(LockError::PersistedVersion { .. })
     ));
 }
@@ -1050,11 +1061,15 @@ fn lock_table_format_4_round_trips_several_relationships() {
         &bytes[4..6],
         &sluice_lockproto::node::PERSIST_VERSION.to_le_bytes()
     );
-    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore");
+    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes, &lists_of(&b)).expect("restore");
     assert_eq!(observed(&r), before);
     // And again: a restored table writes itself back the same.
-    let again = LockNode::from_bytes(NodeConfig::new("B"), &r.to_bytes().expect("persist"))
-        .expect("restore");
+    let again = LockNode::from_bytes(
+        NodeConfig::new("B"),
+        &r.to_bytes().expect("persist"),
+        &lists_of(&r),
+    )
+    .expect("restore");
     assert_eq!(observed(&again), before);
     let mut sent: Vec<(String, String, String)> = sets(&r.handle(300, Event::Restarted))
         .into_iter()
@@ -1126,7 +1141,8 @@ fn start(n: &mut LockNode, now: u64, relationship: &str, volume: &str) -> Vec<Ac
 fn lock_table_version_1_still_restores() {
     let bytes = hex_fixture(include_str!("golden/lock_table_v1.hex"));
     assert_eq!(&bytes[4..6], &1u16.to_le_bytes(), "fixture is version 1");
-    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore v1");
+    let mut r =
+        LockNode::from_bytes(NodeConfig::new("B"), &bytes, &BTreeMap::new()).expect("restore v1");
     assert_eq!(r.snapshots(""), &[sid(1), sid(2)]);
     assert_eq!(r.upstream_relationships(), vec!["vol/v1".to_string()]);
     assert_eq!(r.upstream_of("vol/v1"), Some("A"));
@@ -1185,7 +1201,8 @@ fn lock_table_version_1_still_restores() {
         &again[4..6],
         &sluice_lockproto::node::PERSIST_VERSION.to_le_bytes()
     );
-    let back = LockNode::from_bytes(NodeConfig::new("B"), &again).expect("restore v4");
+    let back =
+        LockNode::from_bytes(NodeConfig::new("B"), &again, &lists_of(&r)).expect("restore v4");
     assert_eq!(back.anchor("vol/v1"), Some(sid(3)));
     assert_eq!(back.snapshots("vol"), &[sid(1), sid(2), sid(3)]);
 }
@@ -1211,7 +1228,8 @@ fn dates(n: &LockNode) -> Vec<(String, u64, u64)> {
 fn lock_table_version_2_still_restores() {
     let bytes = hex_fixture(include_str!("golden/lock_table_v2.hex"));
     assert_eq!(&bytes[4..6], &2u16.to_le_bytes(), "fixture is version 2");
-    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore v2");
+    let mut r =
+        LockNode::from_bytes(NodeConfig::new("B"), &bytes, &BTreeMap::new()).expect("restore v2");
     assert_eq!(r.snapshots(""), &[sid(1), sid(2)]);
     let _ = start(&mut r, 5000, "vol/v1", "vol");
     assert_eq!(r.snapshots("vol"), &[sid(1), sid(2)]);
@@ -1237,7 +1255,8 @@ fn lock_table_version_2_still_restores() {
         &again[4..6],
         &sluice_lockproto::node::PERSIST_VERSION.to_le_bytes()
     );
-    let mut back = LockNode::from_bytes(NodeConfig::new("B"), &again).expect("restore v4");
+    let mut back =
+        LockNode::from_bytes(NodeConfig::new("B"), &again, &lists_of(&r)).expect("restore v4");
     let _ = back.handle(7000, Event::Restarted);
     let kept: Vec<(String, u64)> = dates(&back).into_iter().map(|(t, c, _)| (t, c)).collect();
     assert_eq!(
@@ -1264,7 +1283,8 @@ fn lock_table_version_2_still_restores() {
 fn lock_table_version_3_still_restores() {
     let bytes = hex_fixture(include_str!("golden/lock_table_v3.hex"));
     assert_eq!(&bytes[4..6], &3u16.to_le_bytes(), "fixture is version 3");
-    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &bytes).expect("restore v3");
+    let mut r =
+        LockNode::from_bytes(NodeConfig::new("B"), &bytes, &BTreeMap::new()).expect("restore v3");
     assert_eq!(r.snapshots(""), &[sid(1), sid(2)]);
     assert_eq!(r.upstream_relationships(), vec!["v1".to_string()]);
     assert_eq!(r.upstream_of("v1"), Some("A"));
@@ -1338,7 +1358,8 @@ fn lock_table_version_3_still_restores() {
         &again[4..6],
         &sluice_lockproto::node::PERSIST_VERSION.to_le_bytes()
     );
-    let back = LockNode::from_bytes(NodeConfig::new("B"), &again).expect("restore v4");
+    let back =
+        LockNode::from_bytes(NodeConfig::new("B"), &again, &lists_of(&r)).expect("restore v4");
     assert_eq!(observed(&back), observed(&r));
 }
 
@@ -1353,7 +1374,8 @@ fn lock_table_version_3_still_restores() {
 #[test]
 fn upgraded_table_keeps_its_bases_while_the_source_is_learnt() {
     let v1 = hex_fixture(include_str!("golden/lock_table_v1.hex"));
-    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &v1).expect("restore v1");
+    let mut r =
+        LockNode::from_bytes(NodeConfig::new("B"), &v1, &BTreeMap::new()).expect("restore v1");
     let _ = start(&mut r, 5, "vol/v1", "vol");
     assert_eq!(r.next_base("vol/v1"), Some(sid(2)), "v1 table: next base");
     assert_eq!(
@@ -1362,7 +1384,8 @@ fn upgraded_table_keeps_its_bases_while_the_source_is_learnt() {
         "v1 table: own base and app lock"
     );
     let v3 = hex_fixture(include_str!("golden/lock_table_v3.hex"));
-    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &v3).expect("restore v3");
+    let mut r =
+        LockNode::from_bytes(NodeConfig::new("B"), &v3, &BTreeMap::new()).expect("restore v3");
     let mut acts = start(&mut r, 5000, "v1", "v1");
     acts.extend(r.handle(5000, Event::Restarted));
     for (u, set) in sets(&acts) {
@@ -1387,7 +1410,8 @@ fn upgraded_table_keeps_its_bases_while_the_source_is_learnt() {
 #[test]
 fn upgraded_downstream_set_stays_until_the_relationship_it_covers_sends() {
     let v3 = hex_fixture(include_str!("golden/lock_table_v3.hex"));
-    let mut r = LockNode::from_bytes(NodeConfig::new("B"), &v3).expect("restore v3");
+    let mut r =
+        LockNode::from_bytes(NodeConfig::new("B"), &v3, &BTreeMap::new()).expect("restore v3");
     let _ = start(&mut r, 5000, "v1", "v1");
     let _ = r.handle(
         5000,
@@ -1761,4 +1785,16 @@ fn relayed_locks_carry_their_origins_renewal_and_staleness_every_hop() {
             }
         }
     }
+}
+
+/// A node's snapshots per volume, as the pool would hand them to a
+/// restored table (`LockNode::from_bytes`).
+fn lists_of(n: &LockNode) -> BTreeMap<String, Vec<Uuid>> {
+    n.volumes()
+        .into_iter()
+        .map(|v| {
+            let s = n.snapshots(&v).to_vec();
+            (v, s)
+        })
+        .collect()
 }

@@ -14,8 +14,16 @@ use uuid::Uuid;
 
 /// Pool-attribute keys the replicator owns.
 pub mod keys {
-    /// The relationship table (JSON list of `Relationship`).
+    /// The relationship table of older builds (JSON list of
+    /// `Relationship`, rewritten whole): read once, then replaced by
+    /// [`RELATIONSHIP_INDEX`] and one [`RELATIONSHIP_PREFIX`] key each.
     pub const RELATIONSHIPS: &str = "repl.v1.relationships";
+    /// The relationships' destination keys (JSON list), rewritten only
+    /// when one is added or removed.
+    pub const RELATIONSHIP_INDEX: &str = "repl.v2.relationships";
+    /// Prefix of one relationship's record (JSON `Relationship`) by its
+    /// destination key: a change of one writes that one.
+    pub const RELATIONSHIP_PREFIX: &str = "repl.v2.rel.";
     /// The lock table (`LockNode::to_bytes`).
     pub const LOCKS: &str = "repl.v1.locks";
     /// Prefix of a relationship's transfer checkpoint (JSON `Checkpoint`).

@@ -162,13 +162,19 @@ fn blob_of_log(stream: &[u8]) -> Vec<u8> {
                     r.take(16 + 16).expect("namespace");
                 }
                 let body = stream[pos + body_at..pos + consumed(&stream[pos..], &r)].to_vec();
-                let v = vols.iter_mut().find(|v| v.id == id).expect("snapshot's volume");
+                let v = vols
+                    .iter_mut()
+                    .find(|v| v.id == id)
+                    .expect("snapshot's volume");
                 v.snaps.push((uuid, body));
             }
             5 => {
                 let id = r.u32().expect("volume id");
                 let uuid: [u8; 16] = r.take(16).expect("uuid").try_into().expect("16");
-                let v = vols.iter_mut().find(|v| v.id == id).expect("snapshot's volume");
+                let v = vols
+                    .iter_mut()
+                    .find(|v| v.id == id)
+                    .expect("snapshot's volume");
                 v.snaps.retain(|(u, _)| *u != uuid);
             }
             6 => {

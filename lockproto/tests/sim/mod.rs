@@ -564,7 +564,14 @@ impl Sim {
         if self.nodes[i].is_none() {
             return;
         }
-        let node = LockNode::from_bytes(self.cfgs[i].clone(), &self.persisted[i])
+        // The pool's snapshots, as the replicator hands them over.
+        let lists = self
+            .vols
+            .iter()
+            .zip(&self.snaps[i])
+            .map(|(v, s)| (v.clone(), s.clone()))
+            .collect();
+        let node = LockNode::from_bytes(self.cfgs[i].clone(), &self.persisted[i], &lists)
             .expect("restore persisted lock table");
         self.nodes[i] = Some(node);
         self.apply(i, Event::Restarted);

@@ -256,45 +256,36 @@ impl Replicator {
             },
             propagate: cfg.propagate_locks,
         };
-        let rels: BTreeMap<String, Relationship> = match get_attr(&engine, keys::RELATIONSHIPS)? {
-            Some(b) => {
-                let v: Vec<Relationship> =
-                    serde_json::from_slice(&b).map_err(|e| ReplError::Persisted {
-                        key: keys::RELATIONSHIPS.into(),
-                        detail: e.to_string(),
-                    })?;
-                v.into_iter().map(|r| (r.dst.clone(), r)).collect()
-            }
-            None => BTreeMap::new(),
-        };
+        // Written back in the current form at this start (`touch_tables`).
+        let rels = load_relationships(&engine)?;
         let retention = retention::load_retention(&engine)?;
-        let (locks, restored) = match get_attr(&engine, keys::LOCKS)? {
-            Some(b) => (LockNode::from_bytes(ncfg, &b)?, true),
-            None => (LockNode::new(ncfg), false),
-        };
         // The lock table's snapshots are the pool's, per volume, oldest
-        // first: on a first start all of them; after a restart also those
-        // taken while the table was not written (a crash between a
-        // transfer's commit and its bookkeeping), so they stay protected as
-        // bases. Every relationship is (re-)registered with its source and
+        // first, handed to it at every start (the table does not persist
+        // them): so those taken while the table was not written (a crash
+        // between a transfer's commit and its bookkeeping) stay protected
+        // as bases too. Names and ids only: no block-count walk.
+        let pool_vols = volumes(&engine)?;
+        let mut lists = BTreeMap::new();
+        for v in &pool_vols {
+            let mut snaps = snapshot_names_of(&engine, &v.name)?;
+            snaps.sort_by_key(|s| (s.created_unix_ms, s.gen));
+            lists.insert(v.name.clone(), snaps.iter().map(|s| s.id).collect());
+        }
+        let mut reconcile = Vec::new();
+        let locks = match get_attr(&engine, keys::LOCKS)? {
+            Some(b) => LockNode::from_bytes(ncfg, &b, &lists)?,
+            None => {
+                reconcile.extend(
+                    lists
+                        .into_iter()
+                        .map(|(volume, snapshots)| Event::VolumeSnapshots { volume, snapshots }),
+                );
+                LockNode::new(ncfg)
+            }
+        };
+        // Every relationship is (re-)registered with its source and
         // volume; upstream relationships the table has but the relationship
         // table does not are dropped.
-        let mut reconcile = Vec::new();
-        let pool_vols = volumes(&engine)?;
-        for v in &pool_vols {
-            let mut snaps = snapshots(&engine, &v.name)?;
-            snaps.sort_by_key(|s| (s.created_unix_ms, s.gen));
-            for s in snaps
-                .iter()
-                .filter(|s| restored && !locks.has_snapshot(&v.name, s.id))
-            {
-                tracing::info!(volume = %v.name, snapshot = %s.name, id = %s.id, "snapshot unknown to the lock table added");
-            }
-            reconcile.push(Event::VolumeSnapshots {
-                volume: v.name.clone(),
-                snapshots: snaps.iter().map(|s| s.id).collect(),
-            });
-        }
         for v in locks.volumes() {
             if !v.is_empty() && !pool_vols.iter().any(|p| p.name == v) {
                 reconcile.push(Event::VolumeRemoved { volume: v });
@@ -906,6 +897,39 @@ fn set_attr(e: &EngineHandle, key: &str, value: Option<Vec<u8>>) -> Result<()> {
     })
     .map(|_| ())
     .map_err(|x| ReplError::engine(format!("write attribute {key}"), x))
+}
+
+/// The relationship table: one record per relationship, named by the
+/// index ([`keys::RELATIONSHIP_INDEX`]); or, from an older build, the one
+/// table ([`keys::RELATIONSHIPS`]).
+fn load_relationships(e: &EngineHandle) -> Result<BTreeMap<String, Relationship>> {
+    fn parse<T: serde::de::DeserializeOwned>(key: &str, b: &[u8]) -> Result<T> {
+        serde_json::from_slice(b).map_err(|x| ReplError::Persisted {
+            key: key.into(),
+            detail: x.to_string(),
+        })
+    }
+    if let Some(b) = get_attr(e, keys::RELATIONSHIP_INDEX)? {
+        let index: Vec<String> = parse(keys::RELATIONSHIP_INDEX, &b)?;
+        let mut rels = BTreeMap::new();
+        for dst in index {
+            let k = format!("{}{dst}", keys::RELATIONSHIP_PREFIX);
+            let b = get_attr(e, &k)?.ok_or_else(|| ReplError::Persisted {
+                key: k.clone(),
+                detail: format!("relationship {dst} is in the index but has no record"),
+            })?;
+            let r: Relationship = parse(&k, &b)?;
+            rels.insert(dst, r);
+        }
+        return Ok(rels);
+    }
+    match get_attr(e, keys::RELATIONSHIPS)? {
+        Some(b) => {
+            let v: Vec<Relationship> = parse(keys::RELATIONSHIPS, &b)?;
+            Ok(v.into_iter().map(|r| (r.dst.clone(), r)).collect())
+        }
+        None => Ok(BTreeMap::new()),
+    }
 }
 
 fn volumes(e: &EngineHandle) -> Result<Vec<VolumeInfo>> {

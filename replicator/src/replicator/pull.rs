@@ -122,7 +122,7 @@ impl Replicator {
             if t.rels().contains_key(&key) {
                 return Err(ReplError::RelationshipExists(key.clone()));
             }
-            t.rels_mut().insert(
+            t.rel_insert(
                 key.clone(),
                 Relationship {
                     dst: key.clone(),
@@ -200,7 +200,7 @@ impl Replicator {
                 tracing::warn!(dst = %key, error = %e, "final lock set after a failed create not delivered; the upstream drops it when its lease ends");
             }
             let ((), acts) = self.change(|t| {
-                t.rels_mut().remove(key);
+                t.rel_remove(key);
                 Ok(())
             })?;
             self.perform(acts, None);
@@ -308,7 +308,7 @@ impl Replicator {
             }
         };
         let ((), acts) = self.change(|t| {
-            t.rels_mut().remove(&r.dst);
+            t.rel_remove(&r.dst);
             t.mem().pending_sets.retain(|(rel, _), _| rel != &r.dst);
             Ok(())
         })?;

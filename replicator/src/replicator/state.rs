@@ -127,9 +127,12 @@ impl State {
 }
 
 /// Which persisted tables a transaction touched.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct Dirty {
-    rels: bool,
+    /// Relationships (by destination key) changed, added or removed.
+    rels: BTreeSet<String>,
+    /// The set of relationship keys changed (the index is written).
+    rel_index: bool,
     locks: bool,
     retention: bool,
     exports: bool,
@@ -176,15 +179,27 @@ impl Txn<'_> {
         }
     }
 
-    /// The relationship table, to change (it is written at commit).
-    pub(super) fn rels_mut(&mut self) -> &mut BTreeMap<String, Relationship> {
-        self.dirty.rels = true;
-        &mut self.st.rels
-    }
-
     /// One relationship, to change (it is written at commit).
     pub(super) fn rel_mut(&mut self, key: &str) -> Option<&mut Relationship> {
-        self.rels_mut().get_mut(key)
+        let r = self.st.rels.get_mut(key)?;
+        self.dirty.rels.insert(key.to_string());
+        Some(r)
+    }
+
+    /// Add (or replace) relationship `key` (written at commit).
+    pub(super) fn rel_insert(&mut self, key: String, r: Relationship) {
+        self.dirty.rels.insert(key.clone());
+        if self.st.rels.insert(key, r).is_none() {
+            self.dirty.rel_index = true;
+        }
+    }
+
+    /// Remove relationship `key` (written at commit).
+    pub(super) fn rel_remove(&mut self, key: &str) -> Option<Relationship> {
+        let r = self.st.rels.remove(key)?;
+        self.dirty.rels.insert(key.to_string());
+        self.dirty.rel_index = true;
+        Some(r)
     }
 
     /// The retention policies, to change (written at commit).
@@ -207,7 +222,8 @@ impl Txn<'_> {
     /// Write the relationship and lock tables whether touched or not
     /// (start and shutdown).
     pub(super) fn touch_tables(&mut self) {
-        self.dirty.rels = true;
+        self.dirty.rels = self.st.rels.keys().cloned().collect();
+        self.dirty.rel_index = true;
         self.dirty.locks = true;
     }
 }
@@ -251,10 +267,23 @@ fn save(engine: &EngineHandle, st: &State, dirty: Dirty) -> Result<()> {
     if dirty.locks {
         set_attr(engine, keys::LOCKS, Some(st.locks.to_bytes()?))?;
     }
-    if dirty.rels {
-        let v: Vec<&Relationship> = st.rels.values().collect();
-        let b = json(keys::RELATIONSHIPS, serde_json::to_vec(&v))?;
-        set_attr(engine, keys::RELATIONSHIPS, Some(b))?;
+    // One key per relationship changed; the index only when the set of
+    // relationships changed (written after the records it names, so a
+    // crash between leaves no index entry without its record); the table
+    // of older builds goes with the first index written.
+    for key in &dirty.rels {
+        let k = format!("{}{key}", keys::RELATIONSHIP_PREFIX);
+        let b = match st.rels.get(key) {
+            Some(r) => Some(json(&k, serde_json::to_vec(r))?),
+            None => None,
+        };
+        set_attr(engine, &k, b)?;
+    }
+    if dirty.rel_index {
+        let v: Vec<&String> = st.rels.keys().collect();
+        let b = json(keys::RELATIONSHIP_INDEX, serde_json::to_vec(&v))?;
+        set_attr(engine, keys::RELATIONSHIP_INDEX, Some(b))?;
+        set_attr(engine, keys::RELATIONSHIPS, None)?;
     }
     if dirty.retention {
         let b = json(keys::RETENTION, serde_json::to_vec(&st.retention))?;
