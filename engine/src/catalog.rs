@@ -271,13 +271,19 @@ impl Log {
     /// yet in format 5, a full image (at most about the older chain plus
     /// a tenth). A compaction of a format-5 log is taken only when the
     /// free space allows it (the pool checks), so it needs no reserve.
-    pub(crate) fn reserve(&self, vols: &[Vol], attrs: &BTreeMap<String, Vec<u8>>) -> u64 {
+    /// `touched`: every volume that changed since the last CP (no other
+    /// has anything to log).
+    pub(crate) fn reserve<'a>(
+        &self,
+        touched: impl Iterator<Item = &'a Vol>,
+        attrs: &BTreeMap<String, Vec<u8>>,
+    ) -> u64 {
         if self.legacy {
             let chain = self.blocks.len() as u64;
             return 2 * chain + chain / 8 + 8;
         }
         let mut bytes = 5 + 5 * self.gone_vols.len();
-        for v in vols {
+        for v in touched {
             if v.logged.dirty || v.logged.head.is_none() {
                 bytes += head_len(v);
             }
@@ -297,10 +303,12 @@ impl Log {
     }
 
     /// The records of everything changed since the last CP, marking it
-    /// logged (empty: nothing to write).
+    /// logged (empty: nothing to write). `touched`: the indices of every
+    /// volume changed or created since, in `vols` order.
     pub(crate) fn delta(
         &mut self,
         vols: &mut [Vol],
+        touched: &BTreeSet<usize>,
         attrs: &BTreeMap<String, Vec<u8>>,
         next_vol_id: u32,
     ) -> Vec<u8> {
@@ -314,7 +322,8 @@ impl Log {
             w.u8(REC_VOLUME_GONE);
             w.u32(id);
         }
-        for v in vols.iter_mut() {
+        for &i in touched {
+            let Some(v) = vols.get_mut(i) else { continue };
             if v.logged.dirty || v.logged.head.is_none() {
                 let at = w.buf.len();
                 write_head(&mut w, v);

@@ -28,7 +28,7 @@ use crate::device::{AlignedBuf, BlockDevice, IoCompletion, IoKind, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::tree::*;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use uuid::Uuid;
 
 pub use crate::tree::PoolStats;
@@ -77,12 +77,19 @@ fn vol_at(vols: &[Vol], vi: usize) -> Result<&Vol> {
 /// Every writable access to a volume goes through here, which marks it
 /// for the catalog log (crate::catalog: its head is logged again at the
 /// next CP if it changed).
-fn vol_at_mut(vols: &mut [Vol], vi: usize) -> Result<&mut Vol> {
+/// It also notes the volume in `touched` (the pool's set of volumes a CP
+/// and a space check look at: no other volume can have changed).
+fn vol_at_mut<'a>(
+    vols: &'a mut [Vol],
+    touched: &mut BTreeSet<usize>,
+    vi: usize,
+) -> Result<&'a mut Vol> {
     let len = vols.len();
     let v = vols
         .get_mut(vi)
         .ok_or_else(|| Error::Invariant(format!("volume index {vi} of {len}")))?;
     v.logged.dirty = true;
+    touched.insert(vi);
     Ok(v)
 }
 
@@ -181,6 +188,12 @@ pub struct Pool<D: BlockDevice> {
     attrs: BTreeMap<String, Vec<u8>>,
     /// The catalog log (crate::catalog).
     log: Log,
+    /// Indices of the volumes changed (or created) since the last CP: a
+    /// CP, the CP reserve and the catalog records look at these alone, so
+    /// a request costs nothing per volume that exists.
+    touched: BTreeSet<usize>,
+    /// Volume name -> index in `vols`.
+    by_name: HashMap<String, usize>,
     poisoned: Option<String>,
     meta_dirty: bool,
     /// Bumped by every request that may change the pool's state (and by
@@ -747,6 +760,8 @@ impl<D: BlockDevice> Pool<D> {
             vols: Vec::new(),
             attrs: BTreeMap::new(),
             log: Log::legacy(),
+            touched: BTreeSet::new(),
+            by_name: HashMap::new(),
             poisoned: None,
             meta_dirty: true,
             changes: 0,
@@ -901,6 +916,7 @@ impl<D: BlockDevice> Pool<D> {
         };
         self.next_vol_id = loaded.next_vol_id;
         self.vols = loaded.vols;
+        self.reindex();
         self.attrs = loaded.attrs;
         Ok(())
     }
@@ -976,9 +992,45 @@ impl<D: BlockDevice> Pool<D> {
         Ok(())
     }
 
-    fn dirty_nodes(&self) -> usize {
-        self.vols
+    /// The name index, after volumes were loaded or one was removed (the
+    /// indices after it moved down). `touched` follows.
+    fn reindex(&mut self) {
+        self.by_name = self
+            .vols
             .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.clone(), i))
+            .collect();
+    }
+
+    /// Add volume `v` at the end of `vols`, indexed and touched.
+    fn push_vol(&mut self, v: Vol) {
+        let i = self.vols.len();
+        self.by_name.insert(v.name.clone(), i);
+        self.touched.insert(i);
+        self.vols.push(v);
+    }
+
+    /// Remove volume `vi`, noting it for the catalog log.
+    fn remove_vol(&mut self, vi: usize) -> Result<()> {
+        self.log.volume_gone(vol_at(&self.vols, vi)?);
+        self.vols.remove(vi);
+        self.touched = std::mem::take(&mut self.touched)
+            .into_iter()
+            .filter(|&i| i != vi)
+            .map(|i| if i > vi { i - 1 } else { i })
+            .collect();
+        self.reindex();
+        Ok(())
+    }
+
+    /// The touched volumes (see `touched`).
+    fn touched_vols(&self) -> impl Iterator<Item = &Vol> + '_ {
+        self.touched.iter().filter_map(|&i| self.vols.get(i))
+    }
+
+    fn dirty_nodes(&self) -> usize {
+        self.touched_vols()
             .map(|v| v.plane.dirty.len() + v.ns.iter().map(|n| n.tree.dirty.len()).sum::<usize>())
             .sum()
     }
@@ -992,15 +1044,14 @@ impl<D: BlockDevice> Pool<D> {
     fn cp_reserve(&self) -> u64 {
         let plane_max = plane_nodes_max(self.fm.total);
         let vols: u64 = self
-            .vols
-            .iter()
+            .touched_vols()
             .map(|v| {
                 let map: u64 = v.ns.iter().map(|n| n.tree.dirty.len() as u64).sum();
                 let plane = v.plane.dirty.len() as u64;
                 map + (map * PLANE_DEPTH as u64 + plane).min(plane_max)
             })
             .sum();
-        vols + self.log.reserve(&self.vols, &self.attrs)
+        vols + self.log.reserve(self.touched_vols(), &self.attrs)
     }
 
     /// Blocks a write of `n` blocks at `lba` may add to what the pool needs
@@ -1066,7 +1117,8 @@ impl<D: BlockDevice> Pool<D> {
 
     fn cp_inner(&mut self, snap: Option<(usize, String, Uuid, u64)>) -> Result<()> {
         let g = self.gen + 1;
-        for vi in 0..self.vols.len() {
+        let touched: Vec<usize> = self.touched.iter().copied().collect();
+        for vi in touched {
             let v = vol_at(&self.vols, vi)?;
             if v.plane.dirty.is_empty() && v.ns.iter().all(|n| n.tree.dirty.is_empty()) {
                 continue;
@@ -1074,11 +1126,13 @@ impl<D: BlockDevice> Pool<D> {
             for ni in 0..vol_at(&self.vols, vi)?.ns.len() {
                 let new = flush_tree(
                     &mut self.store,
-                    &mut vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?.tree,
+                    &mut vol_at_mut(&mut self.vols, &mut self.touched, vi)?
+                        .ns_at_mut(ni)?
+                        .tree,
                     &mut self.fm,
                     g,
                 )?;
-                let vol = vol_at_mut(&mut self.vols, vi)?;
+                let vol = vol_at_mut(&mut self.vols, &mut self.touched, vi)?;
                 let newest = vol.base_plane();
                 for p in new {
                     plane_update(
@@ -1094,13 +1148,13 @@ impl<D: BlockDevice> Pool<D> {
             }
             flush_tree(
                 &mut self.store,
-                &mut vol_at_mut(&mut self.vols, vi)?.plane,
+                &mut vol_at_mut(&mut self.vols, &mut self.touched, vi)?.plane,
                 &mut self.fm,
                 g,
             )?;
         }
         if let Some((vi, name, id, created)) = snap {
-            let v = vol_at_mut(&mut self.vols, vi)?;
+            let v = vol_at_mut(&mut self.vols, &mut self.touched, vi)?;
             let s = Snap {
                 id,
                 name,
@@ -1137,6 +1191,7 @@ impl<D: BlockDevice> Pool<D> {
         if let Some(n) = compacted {
             self.log.image_blocks = n;
         }
+        self.touched.clear();
         for p in std::mem::take(&mut self.pending) {
             self.fm.clear(p)?;
         }
@@ -1153,9 +1208,9 @@ impl<D: BlockDevice> Pool<D> {
     /// oldest, the oldest pointing at the log's previous head. Returns the
     /// image's blocks when it wrote one.
     fn write_catalog(&mut self, g: u64) -> Result<Option<u64>> {
-        let mut bytes = self
-            .log
-            .delta(&mut self.vols, &self.attrs, self.next_vol_id);
+        let mut bytes =
+            self.log
+                .delta(&mut self.vols, &self.touched, &self.attrs, self.next_vol_id);
         let grown = self.log.blocks.len() as u64 + catalog::blocks_for(bytes.len())
             > 2 * self.log.image_blocks + catalog::LOG_SLACK;
         let mut compact = self.log.legacy;
@@ -1265,9 +1320,9 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     fn vol_idx(&self, name: &str) -> Result<usize> {
-        self.vols
-            .iter()
-            .position(|v| v.name == name)
+        self.by_name
+            .get(name)
+            .copied()
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
     }
 
@@ -1478,7 +1533,7 @@ impl<D: BlockDevice> Pool<D> {
                 self.ensure_space(4)?;
                 let id = self.next_vol_id;
                 self.next_vol_id += 1;
-                self.vols.push(Vol {
+                self.push_vol(Vol {
                     id,
                     name,
                     ro: false,
@@ -1530,13 +1585,15 @@ impl<D: BlockDevice> Pool<D> {
                     });
                 }
                 self.ensure_space(4)?;
-                vol_at_mut(&mut self.vols, vi)?.ns.push(Ns {
-                    name: Some(name),
-                    size,
-                    tree: Tree::map(Ptr::default()),
-                    digest: 0,
-                    ro: false,
-                });
+                vol_at_mut(&mut self.vols, &mut self.touched, vi)?
+                    .ns
+                    .push(Ns {
+                        name: Some(name),
+                        size,
+                        tree: Tree::map(Ptr::default()),
+                        digest: 0,
+                        ro: false,
+                    });
                 self.meta_dirty = true;
                 self.cp(None)?;
                 Ok(Reply::Volume(self.vol_info(vol_at(&self.vols, vi)?)))
@@ -1548,9 +1605,11 @@ impl<D: BlockDevice> Pool<D> {
                 self.check_writable()?;
                 let (vi, ni) = self.ns_idx(&ns)?;
                 if ni == 0 {
-                    vol_at_mut(&mut self.vols, vi)?.ro = read_only;
+                    vol_at_mut(&mut self.vols, &mut self.touched, vi)?.ro = read_only;
                 } else {
-                    vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?.ro = read_only;
+                    vol_at_mut(&mut self.vols, &mut self.touched, vi)?
+                        .ns_at_mut(ni)?
+                        .ro = read_only;
                 }
                 self.meta_dirty = true;
                 self.cp(None)?;
@@ -1628,7 +1687,7 @@ impl<D: BlockDevice> Pool<D> {
                     return Err(e);
                 }
                 self.pending.extend(freed);
-                vol_at_mut(&mut self.vols, vi)?.remove_snap(si);
+                vol_at_mut(&mut self.vols, &mut self.touched, vi)?.remove_snap(si);
                 self.meta_dirty = true;
                 self.cp(None)?;
                 Ok(Reply::Done)
@@ -1660,8 +1719,7 @@ impl<D: BlockDevice> Pool<D> {
                 }
                 // Free after the CP that drops the volume from the catalog.
                 self.pending.extend(freed);
-                self.log.volume_gone(vol_at(&self.vols, vi)?);
-                self.vols.remove(vi);
+                self.remove_vol(vi)?;
                 self.meta_dirty = true;
                 self.cp(None)?;
                 Ok(Reply::Done)
@@ -1775,7 +1833,9 @@ impl<D: BlockDevice> Pool<D> {
                 }
             }
         }
-        vol_at_mut(&mut self.vols, vi)?.ns_at_mut(0)?.size = size;
+        vol_at_mut(&mut self.vols, &mut self.touched, vi)?
+            .ns_at_mut(0)?
+            .size = size;
         self.meta_dirty = true;
         self.cp(None)?;
         debug_assert_eq!(vol_at(&self.vols, vi)?.ns_at(0)?.size, size);
@@ -1853,7 +1913,7 @@ impl<D: BlockDevice> Pool<D> {
         while vol_at(&self.vols, vi)?.snaps.len() > si + 1 {
             let newest = vol_at(&self.vols, vi)?.snaps.len() - 1;
             self.unique_blocks(vi, newest, &mut |p| freed.push(p))?;
-            vol_at_mut(&mut self.vols, vi)?.remove_snap(newest);
+            vol_at_mut(&mut self.vols, &mut self.touched, vi)?.remove_snap(newest);
         }
         let v = vol_at(&self.vols, vi)?;
         if !v.plane.dirty.is_empty() || v.ns.iter().any(|n| !n.tree.dirty.is_empty()) {
@@ -1879,7 +1939,7 @@ impl<D: BlockDevice> Pool<D> {
             None,
             &mut |p| freed.push(p),
         )?;
-        let v = vol_at_mut(&mut self.vols, vi)?;
+        let v = vol_at_mut(&mut self.vols, &mut self.touched, vi)?;
         let s = v.snap_at(si)?.clone();
         v.plane = Tree::plane(s.plane);
         v.live_count = s.referenced;
@@ -1945,7 +2005,7 @@ impl<D: BlockDevice> Pool<D> {
     /// A new volume may be named `name`: no volume has the name, and the
     /// pool is below its volume limit.
     fn check_new_volume(&self, name: &str) -> Result<()> {
-        if self.vols.iter().any(|v| v.name == name) {
+        if self.by_name.contains_key(name) {
             return Err(Error::AlreadyExists {
                 what: "volume",
                 name: name.to_string(),
@@ -2010,7 +2070,7 @@ impl<D: BlockDevice> Pool<D> {
             logged: Logged::default(),
         };
         self.next_vol_id += 1;
-        self.vols.push(vol);
+        self.push_vol(vol);
         self.meta_dirty = true;
         self.cp(None)?;
         let v = self
@@ -2204,7 +2264,9 @@ impl<D: BlockDevice> Pool<D> {
         let mut rel = Vec::new();
         let r = make_dirty(
             &mut self.store,
-            &mut vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?.tree,
+            &mut vol_at_mut(&mut self.vols, &mut self.touched, vi)?
+                .ns_at_mut(ni)?
+                .tree,
             0,
             key,
             &mut rel,
@@ -2212,13 +2274,13 @@ impl<D: BlockDevice> Pool<D> {
         for (_, _, ptr) in rel {
             release_live(
                 &mut self.store,
-                vol_at_mut(&mut self.vols, vi)?,
+                vol_at_mut(&mut self.vols, &mut self.touched, vi)?,
                 &mut self.pending,
                 ptr.pba,
             )?;
         }
         r?;
-        let leaf = vol_at_mut(&mut self.vols, vi)?
+        let leaf = vol_at_mut(&mut self.vols, &mut self.touched, vi)?
             .ns_at_mut(ni)?
             .tree
             .dirty
@@ -2226,13 +2288,13 @@ impl<D: BlockDevice> Pool<D> {
             .ok_or_else(|| Error::Invalid("map leaf not dirty".into()))?;
         let old = slot_get(leaf, idx);
         slot_set(leaf, idx, new);
-        let ns = vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?;
+        let ns = vol_at_mut(&mut self.vols, &mut self.touched, vi)?.ns_at_mut(ni)?;
         if old.pba != 0 {
             ns.digest = ns.digest.wrapping_sub(digest_term(lba, old.hash));
         }
         if new.pba != 0 {
             ns.digest = ns.digest.wrapping_add(digest_term(lba, new.hash));
-            let vol = vol_at_mut(&mut self.vols, vi)?;
+            let vol = vol_at_mut(&mut self.vols, &mut self.touched, vi)?;
             let newest = vol.base_plane();
             plane_update(
                 &mut self.store,
@@ -2247,7 +2309,7 @@ impl<D: BlockDevice> Pool<D> {
         if old.pba != 0 {
             release_live(
                 &mut self.store,
-                vol_at_mut(&mut self.vols, vi)?,
+                vol_at_mut(&mut self.vols, &mut self.touched, vi)?,
                 &mut self.pending,
                 old.pba,
             )?;
@@ -2379,7 +2441,9 @@ impl<D: BlockDevice> Pool<D> {
             let mut rel = Vec::new();
             let r = make_dirty(
                 &mut self.store,
-                &mut vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?.tree,
+                &mut vol_at_mut(&mut self.vols, &mut self.touched, vi)?
+                    .ns_at_mut(ni)?
+                    .tree,
                 0,
                 key,
                 &mut rel,
@@ -2388,13 +2452,13 @@ impl<D: BlockDevice> Pool<D> {
                 let nodes: Vec<u64> = rel.iter().map(|(_, _, ptr)| ptr.pba).collect();
                 release_live_many(
                     &mut self.store,
-                    vol_at_mut(&mut self.vols, vi)?,
+                    vol_at_mut(&mut self.vols, &mut self.touched, vi)?,
                     &mut self.pending,
                     &nodes,
                 )?;
             }
             r?;
-            let ns = vol_at_mut(&mut self.vols, vi)?.ns_at_mut(ni)?;
+            let ns = vol_at_mut(&mut self.vols, &mut self.touched, vi)?.ns_at_mut(ni)?;
             let leaf = ns
                 .tree
                 .dirty
@@ -2417,7 +2481,7 @@ impl<D: BlockDevice> Pool<D> {
             ns.digest = digest;
             done += take;
         }
-        let vol = vol_at_mut(&mut self.vols, vi)?;
+        let vol = vol_at_mut(&mut self.vols, &mut self.touched, vi)?;
         let newest = vol.base_plane();
         let fresh: Vec<u64> = pbas.iter().copied().filter(|&p| p != 0).collect();
         plane_update_many(
@@ -2432,7 +2496,7 @@ impl<D: BlockDevice> Pool<D> {
         if !olds.is_empty() {
             release_live_many(
                 &mut self.store,
-                vol_at_mut(&mut self.vols, vi)?,
+                vol_at_mut(&mut self.vols, &mut self.touched, vi)?,
                 &mut self.pending,
                 &olds,
             )?;
@@ -3039,7 +3103,17 @@ impl<D: BlockDevice> Pool<D> {
                 return fail(format!("catalog block {c} doubly owned"));
             }
         }
-        for v in &self.vols {
+        for (i, v) in self.vols.iter().enumerate() {
+            let dirty = !v.plane.dirty.is_empty() || v.ns.iter().any(|n| !n.tree.dirty.is_empty());
+            if (dirty || v.logged.dirty) && !self.touched.contains(&i) {
+                return fail(format!(
+                    "volume {} changed but not noted as touched",
+                    v.name
+                ));
+            }
+            if self.by_name.get(&v.name) != Some(&i) {
+                return fail(format!("volume {} missing from the name index", v.name));
+            }
             if !v.logged.dirty && v.logged.head.is_some() && catalog::head_changed(v) {
                 return fail(format!(
                     "volume {} changed without being marked for the catalog log",

@@ -322,6 +322,63 @@ fn restart_keeps_relationships_and_locks() {
     }
 }
 
+/// A relationship table as older builds wrote it (one JSON list under
+/// `repl.v1.relationships`) is read at start and written back as one
+/// record per relationship plus the index; the old key goes.
+#[test]
+fn an_older_relationship_table_is_read_and_written_back_per_relationship() {
+    use sluice_engine::api::{Reply, Request};
+    use sluice_replicator::types::keys;
+    let (a, mut b) = (Node::start("A"), Node::start("B"));
+    a.create_volume("v");
+    a.snap("v", "s1");
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    let get = |n: &Node, key: &str| match n.engine.call(Request::GetAttr { key: key.into() }) {
+        Ok(Reply::Attr(v)) => v,
+        other => panic!("get {key}: {other:?}"),
+    };
+    let set = |n: &Node, key: &str, value: Option<Vec<u8>>| {
+        n.engine
+            .call(Request::SetAttr {
+                key: key.into(),
+                value,
+            })
+            .unwrap();
+    };
+    let rec_key = format!("{}v", keys::RELATIONSHIP_PREFIX);
+    let record = get(&b, &rec_key).expect("the relationship's record");
+    assert!(get(&b, keys::RELATIONSHIP_INDEX).is_some());
+    assert!(get(&b, keys::RELATIONSHIPS).is_none());
+    // Back to the older form.
+    let mut old = b"[".to_vec();
+    old.extend_from_slice(&record);
+    old.push(b']');
+    set(&b, keys::RELATIONSHIPS, Some(old));
+    set(&b, keys::RELATIONSHIP_INDEX, None);
+    set(&b, &rec_key, None);
+    b.engine.call(Request::Flush).unwrap();
+    b.restart();
+    let st = b.repl.mirror_status();
+    assert_eq!(st.len(), 1, "the relationship survives the upgrade");
+    assert_eq!(get(&b, &rec_key).as_deref(), Some(&record[..]));
+    assert!(get(&b, keys::RELATIONSHIP_INDEX).is_some());
+    assert!(
+        get(&b, keys::RELATIONSHIPS).is_none(),
+        "the old table is gone"
+    );
+    a.snap("v", "s2");
+    assert_eq!(
+        b.repl.mirror_update("v", &noprog).unwrap().kind,
+        "incremental"
+    );
+    // And once more in the new form.
+    b.restart();
+    assert_eq!(b.repl.mirror_status().len(), 1);
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
 /// `--every`: the scheduler pulls new snapshots by itself.
 #[test]
 fn scheduled_updates_pull_new_snapshots() {
