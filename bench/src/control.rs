@@ -3,16 +3,20 @@
 //! Two real `sluice serve` processes (A and B) on plain sparse files in a
 //! temp folder (metadata costs only: no data is written). Through A's
 //! control API the run builds `--snapshots` snapshots spread over volumes of
-//! at most [`PER_VOLUME`] snapshots each (volume `v0` is the full one that
-//! `snap list` reads), `--locks` application locks spread over those
+//! at most `--per-volume` snapshots each (volume `v0` is the full one that
+//! `snap list` reads; `--per-volume` equal to `--snapshots` puts them all
+//! in one volume), `--locks` application locks spread over those
 //! snapshots (half of them on `v0`), and `--relationships` mirrors on B of
-//! small volumes of A. It then reports p50/p99 (hdrhistogram, µs) of
+//! small volumes of A, plus one of `v0` (whose update plans over all of
+//! v0's snapshots). It then reports p50/p99 (hdrhistogram, µs) of
 //! snapshot create (every create of the build) and delete, `snap list v0`,
-//! `lock list` and `status` on A, `mirror status` on B, A's restart time to
-//! its ready line, and the bytes A wrote per create and per delete
-//! (`write_bytes` of /proc/PID/io, read around each call). A separate
-//! volume is filled until the engine refuses, to report the per-volume
-//! snapshot limit as it is.
+//! `lock list` and `status` on A, `mirror status` on B, a prune of one
+//! snapshot, an update of the `v0` mirror with nothing to send (its
+//! planning), A's restart time to its ready line and a first answer, A's
+//! RSS and threads, and the bytes A wrote per create, delete and prune
+//! (`write_bytes` of /proc/PID/io, read around each call). With
+//! `--find-limit` a separate volume is filled until the engine refuses, to
+//! report the per-volume snapshot limit as it is.
 //!
 //! Invariants: each process and the temp folder is owned by a guard whose
 //! `Drop` undoes it (SIGTERM first). Numbers only: nothing passes or fails
@@ -29,9 +33,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Snapshots per volume of the spread population: below the engine's
-/// per-volume limit (255 today), with room for the deletes.
-const PER_VOLUME: usize = 250;
 /// Size of every volume the run creates: metadata only.
 const VOLUME_BYTES: u64 = 16 << 20;
 /// Size of each node's sparse pool file.
@@ -39,9 +40,16 @@ const POOL_BYTES: u64 = 4 << 30;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControlArgs {
-    /// Snapshots on A, spread over volumes of at most 250 each.
+    /// Snapshots on A, spread over volumes of at most `--per-volume` each.
     #[arg(long, default_value_t = 1000)]
     pub snapshots: usize,
+    /// Snapshots per volume (`--snapshots` or more: all in one volume; the
+    /// engine takes 65,536).
+    #[arg(long, default_value_t = 1000)]
+    pub per_volume: usize,
+    /// Also fill one more volume until the engine refuses a snapshot.
+    #[arg(long)]
+    pub find_limit: bool,
     /// Application locks on A's snapshots (half on the listed volume).
     #[arg(long, default_value_t = 200)]
     pub locks: usize,
@@ -51,7 +59,7 @@ pub struct ControlArgs {
     /// Timed calls of each list operation, and snapshot deletes.
     #[arg(long, default_value_t = 50)]
     pub samples: usize,
-    /// Shards of A's pool (a region holds at most 64 volumes).
+    /// Shards of A's pool.
     #[arg(long, default_value_t = 1)]
     pub shards: u32,
     /// Folder for the temp folder (default: the system temp folder).
@@ -79,9 +87,14 @@ struct Row {
 struct ControlReport {
     snapshots: usize,
     volumes: usize,
+    per_volume: usize,
     locks: usize,
     relationships: usize,
-    per_volume_limit: usize,
+    /// Snapshots the extra volume took before a refusal (`--find-limit`).
+    per_volume_limit: Option<usize>,
+    /// A's resident memory and threads after the build (/proc/PID/status).
+    rss_kib: u64,
+    threads: u64,
     rows: Vec<Row>,
 }
 
@@ -179,6 +192,18 @@ impl Node {
         Client::connect(&self.control)
             .and_then(|mut c| c.call(&req))
             .with_context(|| format!("node {}: {what} (log {})", self.name, self.log.display()))
+    }
+
+    /// A field of /proc/PID/status (its number: kB for sizes).
+    fn status_field(&self, key: &str) -> Result<u64> {
+        let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {key} in /proc/PID/status"))
     }
 
     /// Bytes this process has caused to be written to storage so far.
@@ -293,7 +318,8 @@ pub fn run(args: &ControlArgs) -> Result<()> {
             eprintln!("... {s}");
         }
     };
-    let volumes = args.snapshots.div_ceil(PER_VOLUME).max(1);
+    let per = args.per_volume.max(1);
+    let volumes = args.snapshots.div_ceil(per).max(1);
     let a_data = Node::init(&bin, dir, "a", args.shards)?;
     let b_data = Node::init(&bin, dir, "b", 1)?;
     let mut a = Node::start(&bin, dir, "a", &a_data)?;
@@ -309,8 +335,8 @@ pub fn run(args: &ControlArgs) -> Result<()> {
     let mut create = Series::new("snap create")?;
     let mut names: Vec<Vec<String>> = vec![Vec::new(); volumes];
     for i in 0..args.snapshots {
-        let v = i / PER_VOLUME;
-        let name = format!("s{}", i % PER_VOLUME);
+        let v = i / per;
+        let name = format!("s{}", i % per);
         create.time(&a, || {
             a.call(ControlRequest::SnapCreate {
                 volume: format!("v{v}"),
@@ -360,11 +386,25 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         })?;
     }
 
+    // A mirror of v0: its update with nothing new plans over every
+    // snapshot of v0.
+    b.call(ControlRequest::MirrorCreate {
+        dst_volume: "v0".into(),
+        source: format!("{}/v0", a.listen),
+        dst_qtree: None,
+        every_secs: None,
+        throttle_bps: None,
+        keep: None,
+    })?;
+    let rss_kib = a.status_field("VmRSS:")?;
+    let threads = a.status_field("Threads:")?;
+
     say("timing the lists");
     let mut snap_list = Series::new("snap list v0")?;
     let mut lock_list = Series::new("lock list")?;
     let mut status = Series::new("status")?;
     let mut mirror_status = Series::new("mirror status (b)")?;
+    let mut update = Series::new("mirror update v0, nothing new (b)")?;
     for _ in 0..args.samples {
         snap_list.time(&a, || {
             a.call(ControlRequest::SnapList {
@@ -374,6 +414,26 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         lock_list.time(&a, || a.call(ControlRequest::LockList))?;
         status.time(&a, || a.call(ControlRequest::Status))?;
         mirror_status.time(&b, || b.call(ControlRequest::MirrorStatus))?;
+        update.time(&b, || b.call(ControlRequest::MirrorUpdate { dst: "v0".into() }))?;
+    }
+
+    say("timing prunes");
+    vol_create(&a, "p")?;
+    let mut prune = Series::new("prune (1 of 2)")?;
+    for i in 0..args.samples {
+        for k in 0..2 {
+            a.call(ControlRequest::SnapCreate {
+                volume: "p".into(),
+                name: format!("p{i}-{k}"),
+            })?;
+        }
+        prune.time(&a, || {
+            a.call(ControlRequest::Prune {
+                volume: "p".into(),
+                keep: 1,
+                dry_run: false,
+            })
+        })?;
     }
 
     say("timing deletes");
@@ -399,18 +459,22 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         }
     }
 
-    say("finding the per-volume snapshot limit");
-    vol_create(&a, "limit")?;
-    let mut limit = 0usize;
-    while limit < 100_000 {
-        let r = a.call(ControlRequest::SnapCreate {
-            volume: "limit".into(),
-            name: format!("l{limit}"),
-        });
-        if r.is_err() {
-            break;
+    let mut limit = None;
+    if args.find_limit {
+        say("finding the per-volume snapshot limit");
+        vol_create(&a, "limit")?;
+        let mut n = 0usize;
+        while n < 200_000 {
+            let r = a.call(ControlRequest::SnapCreate {
+                volume: "limit".into(),
+                name: format!("l{n}"),
+            });
+            if r.is_err() {
+                break;
+            }
+            n += 1;
         }
-        limit += 1;
+        limit = Some(n);
     }
 
     say("restarting a");
@@ -434,16 +498,21 @@ pub fn run(args: &ControlArgs) -> Result<()> {
     let report = ControlReport {
         snapshots: args.snapshots,
         volumes,
+        per_volume: per.min(args.snapshots),
         locks: args.locks,
         relationships: args.relationships,
         per_volume_limit: limit,
+        rss_kib,
+        threads,
         rows: vec![
             create.row(true),
             delete.row(true),
+            prune.row(true),
             snap_list.row(false),
             lock_list.row(false),
             status.row(false),
             mirror_status.row(false),
+            update.row(false),
             restart.row(false),
         ],
     };
@@ -454,21 +523,25 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "control plane: {} snapshots over {} volumes ({} per volume at most; the engine refused snapshot {} of one volume), {} locks, {} relationships",
+        "control plane: {} snapshots over {} volumes ({} per volume at most), {} locks, {} relationships (+1 of v0); A after the build: RSS {} KiB, {} threads",
         report.snapshots,
         report.volumes,
-        PER_VOLUME,
-        report.per_volume_limit + 1,
+        report.per_volume,
         report.locks,
-        report.relationships
+        report.relationships,
+        report.rss_kib,
+        report.threads
     );
+    if let Some(n) = report.per_volume_limit {
+        println!("the engine refused snapshot {} of one volume", n + 1);
+    }
     println!(
-        "{:<20} {:>7} {:>10} {:>10} {:>14}",
+        "{:<34} {:>7} {:>10} {:>10} {:>14}",
         "op", "count", "p50 µs", "p99 µs", "bytes/op"
     );
     for r in &report.rows {
         println!(
-            "{:<20} {:>7} {:>10} {:>10} {:>14}",
+            "{:<34} {:>7} {:>10} {:>10} {:>14}",
             r.op,
             r.count,
             r.p50_us,
