@@ -814,17 +814,32 @@ pub fn default_shards(size_bytes: u64) -> u32 {
         .clamp(1, sharded::SHARDS_MAX as u64) as u32
 }
 
+/// Most volumes `sluice init --volumes-max` takes per region.
+pub const VOLUMES_MAX_LIMIT: u32 = 1 << 20;
+
 /// `sluice init`: format `path` as a pool of `shards` shards (default:
 /// [`default_shards`]). A missing file is created at `size`; an existing
 /// file grows to `size` if given. A device or file that already holds a
-/// pool is refused unless `force`. Returns the pool's bytes and shards.
+/// pool is refused unless `force`. `volumes_max`: volumes per region
+/// (default [`sluice_engine::pool::VOLUMES_MAX_DEFAULT`]). Returns the
+/// pool's bytes and shards.
 pub fn init(
     path: &std::path::Path,
     size: Option<u64>,
     force: bool,
     shards: Option<u32>,
+    volumes_max: Option<u32>,
 ) -> Result<(u64, u32)> {
     let opts = UringOptions::default();
+    let format = sluice_engine::FormatOptions {
+        volumes_max: volumes_max.unwrap_or(sluice_engine::pool::VOLUMES_MAX_DEFAULT),
+    };
+    if !(1..=VOLUMES_MAX_LIMIT).contains(&format.volumes_max) {
+        return Err(NodeError::Invalid(format!(
+            "--volumes-max {} is out of range 1..={VOLUMES_MAX_LIMIT}",
+            format.volumes_max
+        )));
+    }
     let exists = path.exists();
     if !exists && size.is_none() {
         return Err(NodeError::Invalid(format!(
@@ -849,8 +864,7 @@ pub fn init(
     };
     let size_bytes = dev.info().block_count * sluice_engine::device::BLOCK_SIZE as u64;
     let shards = shards.unwrap_or_else(|| default_shards(size_bytes));
-    let mut pools =
-        sharded::format_uring(dev, shards, sluice_engine::FormatOptions::default(), &opts)?;
+    let mut pools = sharded::format_uring(dev, shards, format, &opts)?;
     let mut total = 0;
     for pool in &mut pools {
         match pool.execute(sluice_engine::api::Request::Space)? {

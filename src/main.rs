@@ -78,6 +78,10 @@ enum Cmd {
         /// region of the device); default: one per GiB, at most one per core but one.
         #[arg(long)]
         shards: Option<u32>,
+        /// Volumes each shard's region may hold (1..=1048576; default
+        /// 16384). Costs no space until volumes exist.
+        #[arg(long)]
+        volumes_max: Option<u32>,
         /// Print the result as JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -596,10 +600,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             size,
             force,
             shards,
+            volumes_max,
             json,
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            let (bytes, shards) = sluice::daemon::init(&path, size, force, shards)?;
+            let (bytes, shards) = sluice::daemon::init(&path, size, force, shards, volumes_max)?;
             if json {
                 let v = serde_json::json!({ "path": path, "size_bytes": bytes, "shards": shards });
                 sluice::out!("{}", serde_json::to_string_pretty(&v)?);

@@ -136,3 +136,47 @@ fn written_then_read_after_restart(d: Daemon, pool: &Path, vols: &[String], shar
     }
     assert!(d.term().success());
 }
+
+/// `init --volumes-max` sets how many volumes each shard's region holds:
+/// the next one is refused with an error that says the limit, and an
+/// out-of-range value is refused at init.
+#[test]
+fn init_volumes_max_is_the_limit_the_node_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool.img");
+    let p = pool.to_str().unwrap();
+    let out = sluice(&[
+        "init",
+        p,
+        "--size",
+        "256M",
+        "--shards",
+        "1",
+        "--volumes-max",
+        "0",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--volumes-max 0"), "{}", stderr(&out));
+    let out = sluice(&[
+        "init",
+        p,
+        "--size",
+        "256M",
+        "--shards",
+        "1",
+        "--volumes-max",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d = Daemon::start(&pool);
+    d.ok(&["vol", "create", "a", "--size", "1M"]);
+    d.ok(&["vol", "create", "b", "--size", "1M"]);
+    let o = d.cli(&["vol", "create", "c", "--size", "1M"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already has 2 volumes"),
+        "{}",
+        stderr(&o)
+    );
+    d.term();
+}

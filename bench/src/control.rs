@@ -414,7 +414,9 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         lock_list.time(&a, || a.call(ControlRequest::LockList))?;
         status.time(&a, || a.call(ControlRequest::Status))?;
         mirror_status.time(&b, || b.call(ControlRequest::MirrorStatus))?;
-        update.time(&b, || b.call(ControlRequest::MirrorUpdate { dst: "v0".into() }))?;
+        update.time(&b, || {
+            b.call(ControlRequest::MirrorUpdate { dst: "v0".into() })
+        })?;
     }
 
     say("timing prunes");

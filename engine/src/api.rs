@@ -267,6 +267,13 @@ pub enum Request {
     ListSnapshotNames {
         volume: String,
     },
+    /// Names, ids and times of the snapshots of `volume` whose global ids
+    /// are `ids` (those it has, in the order asked): O(ids), whatever the
+    /// volume holds (the replicator's names for `lock list`).
+    SnapshotNamesOf {
+        volume: String,
+        ids: Vec<Uuid>,
+    },
     /// Changed extents of `ns` from `base` (None: from nothing) to `target`
     /// (a snapshot name).
     Diff {

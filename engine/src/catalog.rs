@@ -111,19 +111,69 @@ pub(crate) struct Vol {
     /// A clone's origin; `None` for a volume created empty.
     pub(crate) origin: Option<Origin>,
     pub(crate) logged: Logged,
+    /// Snapshot uuid -> its generation (snapshots are in generation order,
+    /// so a binary search finds it): lookups by global id in O(log n).
+    pub(crate) ids: HashMap<Uuid, u64>,
 }
 
 impl Vol {
+    /// A volume of these head fields, with no snapshot.
+    pub(crate) fn new(
+        id: u32,
+        name: String,
+        ns: Vec<Ns>,
+        plane: Tree,
+        live_count: u64,
+        origin: Option<Origin>,
+    ) -> Vol {
+        Vol {
+            id,
+            name,
+            ro: false,
+            ns,
+            plane,
+            live_count,
+            snaps: Vec::new(),
+            origin,
+            logged: Logged::default(),
+            ids: HashMap::new(),
+        }
+    }
+
+    /// Add `s` as the newest snapshot.
+    pub(crate) fn push_snap(&mut self, s: Snap) {
+        self.ids.insert(s.id, s.gen);
+        self.snaps.push(s);
+    }
+
     /// Take snapshot `si` out of the volume, noting it for the log.
     pub(crate) fn remove_snap(&mut self, si: usize) -> Option<Snap> {
         if si >= self.snaps.len() {
             return None;
         }
         let s = self.snaps.remove(si);
+        self.ids.remove(&s.id);
         if s.gen <= self.logged.snaps_gen {
             self.logged.gone.push(s.id);
         }
         Some(s)
+    }
+
+    /// The index of the snapshot whose global id is `id`.
+    pub(crate) fn snap_by_id(&self, id: &Uuid) -> Option<usize> {
+        let g = self.ids.get(id)?;
+        self.snaps.binary_search_by_key(g, |s| s.gen).ok()
+    }
+
+    /// The id index agrees with the snapshot list (the pool's invariant
+    /// check).
+    pub(crate) fn ids_agree(&self) -> bool {
+        self.ids.len() == self.snaps.len()
+            && self
+                .snaps
+                .iter()
+                .enumerate()
+                .all(|(i, s)| self.snap_by_id(&s.id) == Some(i))
     }
 }
 
@@ -438,17 +488,9 @@ fn read_head(r: &mut Reader, version: u32, pba: u64) -> Result<Vol> {
             ro: flags & NS_FLAG_READ_ONLY != 0,
         });
     }
-    Ok(Vol {
-        id,
-        name,
-        ro,
-        ns,
-        plane,
-        live_count,
-        snaps: Vec::new(),
-        origin: None,
-        logged: Logged::default(),
-    })
+    let mut v = Vol::new(id, name, ns, plane, live_count, None);
+    v.ro = ro;
+    Ok(v)
 }
 
 fn read_snap(r: &mut Reader) -> Result<Snap> {
@@ -511,7 +553,7 @@ pub(crate) fn decode_blob(blob: &[u8], version: u32, pba: u64) -> Result<Loaded>
         let mut v = read_head(&mut r, version, pba)?;
         let nsnap = r.u32()?;
         for _ in 0..nsnap {
-            v.snaps.push(read_snap(&mut r)?);
+            v.push_snap(read_snap(&mut r)?);
         }
         if version >= ORIGIN_SINCE {
             v.origin = read_origin(&mut r, &v.name, pba)?;
@@ -568,10 +610,7 @@ pub(crate) fn replay(stream: &[u8], pba: u64) -> Result<Loaded> {
                     .and_then(|&i| vols.get_mut(i))
                     .and_then(Option::as_mut)
                 {
-                    Some(rv) => {
-                        head.snaps = std::mem::take(&mut rv.vol.snaps);
-                        rv.vol = head;
-                    }
+                    Some(rv) => rv.vol = head,
                     None => {
                         by_id.insert(head.id, vols.len());
                         vols.push(Some(ReplayVol {
@@ -649,7 +688,9 @@ pub(crate) fn replay(stream: &[u8], pba: u64) -> Result<Loaded> {
     let mut out = Vec::with_capacity(by_id.len());
     for rv in vols.into_iter().flatten() {
         let mut v = rv.vol;
-        v.snaps = rv.snaps.into_iter().flatten().collect();
+        for s in rv.snaps.into_iter().flatten() {
+            v.push_snap(s);
+        }
         v.logged = Logged {
             head: Some(head_hash(&v)),
             dirty: false,

@@ -102,7 +102,7 @@ pub enum Error {
     NoSpace { needed: u64, free: u64 },
     #[error("volume {volume} already has {limit} snapshots; delete some first")]
     TooManySnapshots { volume: String, limit: usize },
-    #[error("pool already has {limit} volumes (set at format time)")]
+    #[error("pool region already has {limit} volumes (set at format time: sluice init --volumes-max); delete one first")]
     TooManyVolumes { limit: u32 },
     #[error("pool region {index} of {count}: {source}")]
     Region {

@@ -23,7 +23,7 @@
 //!   writes: no block a read in flight reads can be freed and reused.
 
 use crate::api::*;
-use crate::catalog::{self, Log, Logged, Ns, Origin, Snap, Vol};
+use crate::catalog::{self, Log, Ns, Origin, Snap, Vol};
 use crate::device::{AlignedBuf, BlockDevice, IoCompletion, IoKind, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -319,6 +319,7 @@ fn changes_state(req: &Request) -> bool {
             | Request::ListVolumes
             | Request::ListSnapshots { .. }
             | Request::ListSnapshotNames { .. }
+            | Request::SnapshotNamesOf { .. }
             | Request::Diff { .. }
             | Request::DiffStats { .. }
             | Request::Space
@@ -1168,7 +1169,7 @@ impl<D: BlockDevice> Pool<D> {
                     .map(|n| (n.name.clone(), n.tree.root, n.digest))
                     .collect(),
             };
-            v.snaps.push(s);
+            v.push_snap(s);
         }
         let compacted = self.write_catalog(g)?;
         // Everything the new CP references must be durable before its
@@ -1533,23 +1534,20 @@ impl<D: BlockDevice> Pool<D> {
                 self.ensure_space(4)?;
                 let id = self.next_vol_id;
                 self.next_vol_id += 1;
-                self.push_vol(Vol {
+                self.push_vol(Vol::new(
                     id,
                     name,
-                    ro: false,
-                    ns: vec![Ns {
+                    vec![Ns {
                         name: None,
                         size,
                         tree: Tree::map(Ptr::default()),
                         digest: 0,
                         ro: false,
                     }],
-                    plane: Tree::plane(Ptr::default()),
-                    live_count: 0,
-                    snaps: Vec::new(),
-                    origin: None,
-                    logged: Logged::default(),
-                });
+                    Tree::plane(Ptr::default()),
+                    0,
+                    None,
+                ));
                 self.meta_dirty = true;
                 self.cp(None)?;
                 let v = self
@@ -1731,6 +1729,20 @@ impl<D: BlockDevice> Pool<D> {
                     out.push(self.snap_info(vi, si)?);
                 }
                 Ok(Reply::Snapshots(out))
+            }
+            Request::SnapshotNamesOf { volume, ids } => {
+                let v = vol_at(&self.vols, self.vol_idx(&volume)?)?;
+                let out = ids
+                    .iter()
+                    .filter_map(|id| v.snap_by_id(id).and_then(|si| v.snaps.get(si)))
+                    .map(|s| SnapshotName {
+                        name: s.name.clone(),
+                        id: s.id,
+                        gen: s.gen,
+                        created_unix_ms: s.created,
+                    })
+                    .collect();
+                Ok(Reply::SnapshotNames(out))
             }
             Request::ListSnapshotNames { volume } => {
                 let vi = self.vol_idx(&volume)?;
@@ -2054,21 +2066,18 @@ impl<D: BlockDevice> Pool<D> {
                 ro: false,
             });
         }
-        let vol = Vol {
-            id: self.next_vol_id,
+        let vol = Vol::new(
+            self.next_vol_id,
             name,
-            ro: false,
             ns,
-            plane: Tree::plane(s.plane),
-            live_count: s.referenced,
-            snaps: Vec::new(),
-            origin: Some(Origin {
+            Tree::plane(s.plane),
+            s.referenced,
+            Some(Origin {
                 vol: o.id,
                 snap: s.id,
                 plane: s.plane,
             }),
-            logged: Logged::default(),
-        };
+        );
         self.next_vol_id += 1;
         self.push_vol(vol);
         self.meta_dirty = true;
@@ -3111,6 +3120,12 @@ impl<D: BlockDevice> Pool<D> {
                     v.name
                 ));
             }
+            if !v.ids_agree() {
+                return fail(format!(
+                    "volume {}: the snapshot id index disagrees",
+                    v.name
+                ));
+            }
             if self.by_name.get(&v.name) != Some(&i) {
                 return fail(format!("volume {} missing from the name index", v.name));
             }
@@ -3520,6 +3535,35 @@ mod tests {
         write(&mut p, 8, 1, 2);
         let e = p.check_invariants().expect_err("the walk sees the damage");
         assert!(e.to_string().contains("invariant violated"), "{e}");
+    }
+
+    #[test]
+    fn snapshot_names_of_ids_finds_those_it_has_in_the_order_asked() {
+        let mut p = pool();
+        for n in ["a", "b", "c"] {
+            snap(&mut p, n);
+        }
+        let ids: Vec<Uuid> = snaps(&mut p).iter().map(|s| s.id).collect();
+        p.execute(Request::DeleteSnapshot {
+            volume: "v".into(),
+            name: "b".into(),
+        })
+        .unwrap();
+        let ask = |p: &mut Pool<SimDevice>| match p
+            .execute(Request::SnapshotNamesOf {
+                volume: "v".into(),
+                ids: vec![ids[2], Uuid::new_v4(), ids[1], ids[0]],
+            })
+            .unwrap()
+        {
+            Reply::SnapshotNames(n) => n.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+            _ => panic!(),
+        };
+        assert_eq!(ask(&mut p), vec!["c", "a"]);
+        p.check_invariants().unwrap();
+        let mut p = Pool::open(p.into_device()).unwrap();
+        assert_eq!(ask(&mut p), vec!["c", "a"]);
+        p.check_invariants().unwrap();
     }
 
     #[test]

@@ -299,7 +299,8 @@ fn route(req: &Request, shards: usize, placement: &Placement) -> Route {
         | Request::DeleteSnapshot { volume, .. }
         | Request::Rollback { volume, .. }
         | Request::ListSnapshots { volume }
-        | Request::ListSnapshotNames { volume } => by(volume),
+        | Request::ListSnapshotNames { volume }
+        | Request::SnapshotNamesOf { volume, .. } => by(volume),
         Request::Read { image, .. } => by(&image.ns.volume),
         Request::Write { ns, .. }
         | Request::Trim { ns, .. }

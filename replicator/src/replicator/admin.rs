@@ -605,8 +605,14 @@ impl Replicator {
     /// (no tree walk) per volume a lock names.
     pub fn lock_list(&self) -> Vec<LockView> {
         let locks = lock(&self.st).locks().all_locks();
-        let vols: BTreeSet<&str> = locks.iter().map(|h| h.volume.as_str()).collect();
-        let names = self.snapshot_names_in(vols).unwrap_or_default();
+        let mut wanted: BTreeMap<&str, BTreeSet<Uuid>> = BTreeMap::new();
+        for h in &locks {
+            wanted
+                .entry(h.volume.as_str())
+                .or_default()
+                .insert(h.lock.snapshot);
+        }
+        let names = self.names_of_ids(wanted).unwrap_or_default();
         let st = lock(&self.st);
         locks
             .iter()
@@ -724,6 +730,32 @@ impl Replicator {
                     ..
                 }) => continue,
                 Err(e) => return Err(e),
+            };
+            m.extend(names_of(v, &snaps));
+        }
+        Ok(m)
+    }
+
+    /// The names of the snapshots `wanted` names, per volume: O(them),
+    /// whatever else the volumes hold (the engine's id index).
+    fn names_of_ids(&self, wanted: BTreeMap<&str, BTreeSet<Uuid>>) -> Result<SnapNames> {
+        let mut m = BTreeMap::new();
+        for (v, ids) in wanted {
+            if v.is_empty() {
+                continue;
+            }
+            let snaps = match self.engine.call(Request::SnapshotNamesOf {
+                volume: v.to_string(),
+                ids: ids.into_iter().collect(),
+            }) {
+                Ok(Reply::SnapshotNames(s)) => s,
+                Ok(_) => {
+                    return Err(ReplError::EngineReply {
+                        request: "SnapshotNamesOf",
+                    })
+                }
+                Err(sluice_engine::Error::NoSuchVolume(_)) => continue,
+                Err(e) => return Err(ReplError::engine(format!("name the snapshots of {v}"), e)),
             };
             m.extend(names_of(v, &snaps));
         }
