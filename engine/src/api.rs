@@ -117,6 +117,8 @@ pub struct SnapshotName {
     /// Consistency-point generation at which it was taken (local).
     pub gen: u64,
     pub created_unix_ms: u64,
+    /// Content digest per namespace, as in [`SnapshotInfo::digests`].
+    pub digests: Vec<(Option<String>, u128)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

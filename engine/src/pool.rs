@@ -21,6 +21,9 @@
 //!   frees their blocks, and a failed one poisons the pool and fails every
 //!   later one. Reads are started the same way, never together with
 //!   writes: no block a read in flight reads can be freed and reused.
+//! - Only the volumes in `touched` (each writable access notes one; a CP
+//!   clears the set) can have dirty nodes or catalog changes; `by_name`
+//!   and each volume's snapshot id index agree with `vols`.
 
 use crate::api::*;
 use crate::catalog::{self, Log, Ns, Origin, Snap, Vol};
@@ -73,12 +76,11 @@ fn vol_at(vols: &[Vol], vi: usize) -> Result<&Vol> {
         .ok_or_else(|| Error::Invariant(format!("volume index {vi} of {}", vols.len())))
 }
 
-/// [`vol_at`], writable.
-/// Every writable access to a volume goes through here, which marks it
-/// for the catalog log (crate::catalog: its head is logged again at the
-/// next CP if it changed).
-/// It also notes the volume in `touched` (the pool's set of volumes a CP
-/// and a space check look at: no other volume can have changed).
+/// [`vol_at`], writable. Every writable access to a volume goes through
+/// here, which marks it for the catalog log (crate::catalog: its head is
+/// logged again at the next CP if it changed) and notes it in `touched`
+/// (the pool's set of volumes a CP and a space check look at: no other
+/// volume can have changed).
 fn vol_at_mut<'a>(
     vols: &'a mut [Vol],
     touched: &mut BTreeSet<usize>,
@@ -1725,8 +1727,19 @@ impl<D: BlockDevice> Pool<D> {
             Request::ListSnapshots { volume } => {
                 let vi = self.vol_idx(&volume)?;
                 let mut out = Vec::new();
+                // The clones of every snapshot of the volume, found in one
+                // pass over the volumes (not one per snapshot).
+                let id = vol_at(&self.vols, vi)?.id;
+                let mut clones: HashMap<Uuid, Vec<String>> = HashMap::new();
+                for c in &self.vols {
+                    if let Some(o) = c.origin.filter(|o| o.vol == id) {
+                        clones.entry(o.snap).or_default().push(c.name.clone());
+                    }
+                }
                 for si in 0..vol_at(&self.vols, vi)?.snaps.len() {
-                    out.push(self.snap_info(vi, si)?);
+                    let mut info = self.snap_info_with(vi, si, Vec::new())?;
+                    info.clones = clones.remove(&info.id).unwrap_or_default();
+                    out.push(info);
                 }
                 Ok(Reply::Snapshots(out))
             }
@@ -1740,6 +1753,7 @@ impl<D: BlockDevice> Pool<D> {
                         id: s.id,
                         gen: s.gen,
                         created_unix_ms: s.created,
+                        digests: s.ns.iter().map(|(n, _, d)| (n.clone(), *d)).collect(),
                     })
                     .collect();
                 Ok(Reply::SnapshotNames(out))
@@ -1754,6 +1768,7 @@ impl<D: BlockDevice> Pool<D> {
                         id: s.id,
                         gen: s.gen,
                         created_unix_ms: s.created,
+                        digests: s.ns.iter().map(|(n, _, d)| (n.clone(), *d)).collect(),
                     })
                     .collect();
                 Ok(Reply::SnapshotNames(out))
@@ -1970,6 +1985,17 @@ impl<D: BlockDevice> Pool<D> {
     }
 
     fn snap_info(&mut self, vi: usize, si: usize) -> Result<SnapshotInfo> {
+        let clones = self.clones_of(vi, si)?;
+        self.snap_info_with(vi, si, clones)
+    }
+
+    /// [`Pool::snap_info`] with the clones already known.
+    fn snap_info_with(
+        &mut self,
+        vi: usize,
+        si: usize,
+        clones: Vec<String>,
+    ) -> Result<SnapshotInfo> {
         let mut unique = 0u64;
         self.unique_blocks(vi, si, &mut |_| unique += 1)?;
         let s = vol_at(&self.vols, vi)?.snap_at(si)?;
@@ -1981,7 +2007,7 @@ impl<D: BlockDevice> Pool<D> {
             digests: s.ns.iter().map(|(n, _, d)| (n.clone(), *d)).collect(),
             referenced_blocks: s.referenced,
             unique_blocks: unique,
-            clones: self.clones_of(vi, si)?,
+            clones,
         })
     }
 
@@ -2000,18 +2026,24 @@ impl<D: BlockDevice> Pool<D> {
     /// Refuse ([`Error::HasClones`]) when any snapshot in `range` of volume
     /// `vi` has a clone: deleting it would take blocks the clone holds.
     fn refuse_clones(&self, vi: usize, range: std::ops::Range<usize>) -> Result<()> {
-        for si in range {
-            let clones = self.clones_of(vi, si)?;
-            if !clones.is_empty() {
-                let v = vol_at(&self.vols, vi)?;
-                return Err(Error::HasClones {
-                    volume: v.name.clone(),
-                    snapshot: v.snap_at(si)?.name.clone(),
-                    clones: clones.join(", "),
-                });
-            }
-        }
-        Ok(())
+        let v = vol_at(&self.vols, vi)?;
+        // One pass over the volumes: the first snapshot in `range` (oldest
+        // first) that any of them was cloned from.
+        let first = self
+            .vols
+            .iter()
+            .filter_map(|c| c.origin.filter(|o| o.vol == v.id))
+            .filter_map(|o| v.snap_by_id(&o.snap))
+            .filter(|si| range.contains(si))
+            .min();
+        let Some(si) = first else {
+            return Ok(());
+        };
+        Err(Error::HasClones {
+            volume: v.name.clone(),
+            snapshot: v.snap_at(si)?.name.clone(),
+            clones: self.clones_of(vi, si)?.join(", "),
+        })
     }
 
     /// A new volume may be named `name`: no volume has the name, and the
@@ -3584,8 +3616,8 @@ mod tests {
         assert_eq!(names.len(), 2);
         for (f, n) in full.iter().zip(&names) {
             assert_eq!(
-                (&f.name, f.id, f.gen, f.created_unix_ms),
-                (&n.name, n.id, n.gen, n.created_unix_ms)
+                (&f.name, f.id, f.gen, f.created_unix_ms, &f.digests),
+                (&n.name, n.id, n.gen, n.created_unix_ms, &n.digests)
             );
         }
         let e = p

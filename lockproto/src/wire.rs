@@ -25,8 +25,13 @@ use crate::model::{LockKind, LockSet, SoftLock};
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SLCE");
 /// Protocol major version: a different major is refused with an error frame.
 pub const VERSION_MAJOR: u16 = 2;
-/// Protocol minor version: additive changes only.
-pub const VERSION_MINOR: u16 = 0;
+/// Protocol minor version: additive changes only. 1 added the paged
+/// snapshot list ([`Message::SnapshotPageRequest`]); a peer of minor 0 is
+/// asked with [`Message::SnapshotListRequest`].
+pub const VERSION_MINOR: u16 = 1;
+/// Most snapshots one [`Message::SnapshotPage`] carries (well inside
+/// [`MAX_BODY_LEN`]: an entry is at most about 150 bytes).
+pub const SNAPSHOT_PAGE_MAX: u32 = 2048;
 /// Fixed header size in bytes.
 pub const HEADER_LEN: usize = 24;
 /// Bound on a frame body (checked before allocating).
@@ -786,6 +791,26 @@ pub enum Message {
     Ping { nonce: u64 },
     /// Keepalive answer.
     Pong { nonce: u64 },
+    /// Ask for entries `start ..` of the snapshot list of a volume, oldest
+    /// first (minor 1 on): the list of a volume with more snapshots than
+    /// one frame holds.
+    SnapshotPageRequest {
+        req_id: u64,
+        volume: String,
+        qtree: Option<String>,
+        start: u32,
+    },
+    /// Entries `start .. start + snapshots.len()` of a list of `total`
+    /// (at most [`SNAPSHOT_PAGE_MAX`]); `list_hash` is the xxh3-64 of the
+    /// whole list's ids, so pages of a list that changed in between are
+    /// not mixed.
+    SnapshotPage {
+        req_id: u64,
+        start: u32,
+        total: u32,
+        list_hash: u64,
+        snapshots: Vec<SnapInfo>,
+    },
 }
 
 impl Message {
@@ -807,12 +832,21 @@ impl Message {
             Message::Error { .. } => 13,
             Message::Ping { .. } => 14,
             Message::Pong { .. } => 15,
+            Message::SnapshotPageRequest { .. } => 16,
+            Message::SnapshotPage { .. } => 17,
         }
     }
 }
 
 /// Highest message type code known to this build.
-pub const MAX_TYPE_CODE: u16 = 15;
+pub const MAX_TYPE_CODE: u16 = 17;
+
+/// The `list_hash` of a [`Message::SnapshotPage`]: xxh3-64 of the ids of
+/// the whole list, in order.
+pub fn snapshot_list_hash(snapshots: &[SnapInfo]) -> u64 {
+    let ids: Vec<u8> = snapshots.iter().flat_map(|s| s.id).collect();
+    xxhash_rust::xxh3::xxh3_64(&ids)
+}
 
 /// A parsed, bound-checked header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -70,6 +70,9 @@ pub struct Conn {
     pub peer: String,
     /// The peer's node id once the handshake is done.
     pub peer_node: String,
+    /// The peer's protocol minor version (from its Hello; 0 until then):
+    /// what it understands beyond 2.0 (PROTOCOL.md).
+    pub peer_minor: u16,
     buf: Vec<u8>,
     out: Vec<u8>,
     payload_at: (usize, usize),
@@ -125,6 +128,7 @@ impl Conn {
             writer,
             peer: peer.clone(),
             peer_node: String::new(),
+            peer_minor: 0,
             buf: Vec::new(),
             out: Vec::new(),
             payload_at: (0, 0),
@@ -460,6 +464,7 @@ impl Conn {
             return Err(self.bad_frame(text));
         }
         self.peer_node = peer.node_id.clone();
+        self.peer_minor = peer.minor;
         let secret = match key(&peer.node_id) {
             Ok(Some(s)) => s,
             Ok(None) => {

@@ -379,6 +379,36 @@ fn an_older_relationship_table_is_read_and_written_back_per_relationship() {
     }
 }
 
+/// A volume with more snapshots than one frame's list holds (the old
+/// single-frame list stopped at 4,096) is mirrored and updated: the
+/// source's list comes in pages.
+#[test]
+fn a_volume_of_more_snapshots_than_a_frame_holds_mirrors_and_updates() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed("a_volume_of_more_snapshots_than_a_frame_holds"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
+    let n = 2 * sluice_lockproto::wire::SNAPSHOT_PAGE_MAX as usize + 905;
+    for i in 0..n {
+        a.snap("v", &format!("s{i}"));
+    }
+    b.repl.mirror_create(spec("v", &a, "v")).unwrap();
+    let last = format!("s{}", n - 1);
+    same(&a, "v", &b, "v", &last, None);
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
+    a.snap("v", "after");
+    assert_eq!(
+        b.repl.mirror_update("v", &noprog).unwrap().kind,
+        "incremental"
+    );
+    same(&a, "v", &b, "v", "after", None);
+    let st = b.repl.mirror_status();
+    assert_eq!(st[0].full_transfers, 1);
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
 /// `--every`: the scheduler pulls new snapshots by itself.
 #[test]
 fn scheduled_updates_pull_new_snapshots() {

@@ -46,7 +46,9 @@ use sluice_engine::api::{
 };
 use sluice_engine::device::BLOCK_SIZE;
 use sluice_engine::shard::EngineHandle;
-use sluice_lockproto::wire::{codes, SetAssembler, SnapInfo, TransferRequest, WireLockSet};
+use sluice_lockproto::wire::{
+    codes, SetAssembler, SnapInfo, TransferRequest, WireLockSet, SNAPSHOT_PAGE_MAX,
+};
 use sluice_lockproto::{
     next_shared, Action, DownKey, Event, Held, LockKind, LockNode, LockSet, Message, NodeConfig,
     SoftLock,

@@ -462,7 +462,100 @@ impl Replicator {
         }
     }
 
+    /// The source's snapshot list of `volume` (or `qtree` of it), oldest
+    /// first: page by page from a source of protocol minor 1 on (a list of
+    /// any length; pages of a list that changed in between are thrown
+    /// away and the listing starts again), in one frame of at most 4096
+    /// entries from an older one.
     pub(super) fn request_list(
+        &self,
+        c: &mut Conn,
+        relationship: &str,
+        volume: &str,
+        qtree: Option<&str>,
+    ) -> Result<Vec<SnapInfo>> {
+        if c.peer_minor == 0 {
+            return self.request_list_whole(c, relationship, volume, qtree);
+        }
+        /// Listings started again before giving up on a list that keeps
+        /// changing.
+        const TRIES: usize = 4;
+        /// More entries than any volume holds: a peer that says more is
+        /// refused before we gather them.
+        const LIST_MAX: u32 = 1 << 20;
+        for _ in 0..TRIES {
+            let mut out: Vec<SnapInfo> = Vec::new();
+            let mut hash = None;
+            let changed = loop {
+                let req_id = self.cfg.env.random_u64();
+                let start = u32::try_from(out.len()).unwrap_or(u32::MAX);
+                c.send(
+                    &Message::SnapshotPageRequest {
+                        req_id,
+                        volume: volume.to_string(),
+                        qtree: qtree.map(str::to_string),
+                        start,
+                    },
+                    &[],
+                )?;
+                let (total, list_hash, page) = match self.recv_reply(c, relationship)? {
+                    Message::SnapshotPage {
+                        req_id: r,
+                        start: s,
+                        total,
+                        list_hash,
+                        snapshots,
+                    } if r == req_id && s == start => (total, list_hash, snapshots),
+                    other => {
+                        return Err(ReplError::Protocol {
+                            peer: c.who(),
+                            detail: format!(
+                                "expected SnapshotPage from {start}, got message type {}",
+                                other.type_code()
+                            ),
+                        })
+                    }
+                };
+                if total > LIST_MAX
+                    || page.len() > SNAPSHOT_PAGE_MAX as usize
+                    || u64::from(start) + page.len() as u64 > u64::from(total)
+                {
+                    return Err(ReplError::Protocol {
+                        peer: c.who(),
+                        detail: format!(
+                            "snapshot page of {} entries from {start} of a list of {total}",
+                            page.len()
+                        ),
+                    });
+                }
+                if *hash.get_or_insert(list_hash) != list_hash {
+                    break true;
+                }
+                out.extend(page);
+                if out.len() as u64 >= u64::from(total) {
+                    break false;
+                }
+                if out.len() as u64 == u64::from(start) {
+                    return Err(ReplError::Protocol {
+                        peer: c.who(),
+                        detail: format!("empty snapshot page from {start} of a list of {total}"),
+                    });
+                }
+            };
+            if !changed && hash == Some(sluice_lockproto::wire::snapshot_list_hash(&out)) {
+                return Ok(out);
+            }
+        }
+        Err(ReplError::Protocol {
+            peer: c.who(),
+            detail: format!(
+                "the snapshot list of {volume} changed under {TRIES} listings in a row"
+            ),
+        })
+    }
+
+    /// [`Replicator::request_list`] of a source of protocol minor 0.
+    fn request_list_whole(
         &self,
         c: &mut Conn,
         relationship: &str,

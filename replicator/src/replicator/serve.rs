@@ -124,6 +124,36 @@ impl Replicator {
                     Ok(snapshots) => c.send(&Message::SnapshotList { req_id, snapshots }, &[])?,
                     Err(e) => c.send_error(req_id, codes::NOT_FOUND, &e.to_string()),
                 },
+                Message::SnapshotPageRequest { req_id, volume, .. }
+                    if !self.may_serve(&peer, &volume) =>
+                {
+                    c.send_error(req_id, codes::REFUSED, &self.not_exported(&peer, &volume))
+                }
+                Message::SnapshotPageRequest {
+                    req_id,
+                    volume,
+                    qtree,
+                    start,
+                } => match self.list_for_peer(&volume, qtree.as_deref()) {
+                    Ok(all) => {
+                        let total = u32::try_from(all.len()).unwrap_or(u32::MAX);
+                        let list_hash = sluice_lockproto::wire::snapshot_list_hash(&all);
+                        let snapshots: Vec<SnapInfo> = all
+                            .into_iter()
+                            .skip(start as usize)
+                            .take(SNAPSHOT_PAGE_MAX as usize)
+                            .collect();
+                        let page = Message::SnapshotPage {
+                            req_id,
+                            start,
+                            total,
+                            list_hash,
+                            snapshots,
+                        };
+                        c.send(&page, &[])?
+                    }
+                    Err(e) => c.send_error(req_id, codes::NOT_FOUND, &e.to_string()),
+                },
                 Message::TransferRequest(r) => self.serve_transfer(c, &peer, &r)?,
                 Message::Error { code, text, .. } => {
                     tracing::info!(%peer, code, %text, "peer sent an error");
@@ -287,7 +317,8 @@ impl Replicator {
                 return Err(ReplError::NotFound(format!("qtree {volume}/{q}")));
             }
         }
-        Ok(snapshots(&self.engine, volume)?
+        // Names, ids and digests: no block-count walk per snapshot.
+        Ok(snapshot_names_of(&self.engine, volume)?
             .iter()
             .filter_map(|s| {
                 content_digest(&s.digests, qtree).map(|d| SnapInfo {
