@@ -393,6 +393,15 @@ pub struct LockNode {
     protected: BTreeMap<(String, Uuid), Vec<Held>>,
 }
 
+/// What [`LockNode::outgoing_with`] needs beyond the relationship.
+#[derive(Default)]
+struct OutgoingContext {
+    /// Downstream locks, by the local volume they hold.
+    downstream: BTreeMap<String, Vec<Held>>,
+    /// Upstream relationships per local volume.
+    upstreams: BTreeMap<String, usize>,
+}
+
 /// A volume's snapshots, oldest first, with a hash index: membership is
 /// O(1), so rebuilding the protection map costs O(locks), not O(locks x
 /// snapshots).
@@ -801,19 +810,26 @@ impl LockNode {
     /// remembers when it started to hold its snapshot (`now_ms` for the
     /// ones new since the last stamp) and forgets the ones that ended.
     fn stamp(&mut self, now_ms: u64) {
-        let own: Vec<(String, Vec<Uuid>)> = self
-            .ups
-            .keys()
-            .map(|u| (u.clone(), self.own_snapshots(u)))
-            .collect();
-        for (u, snaps) in own {
-            if let Some(up) = self.ups.get_mut(&u) {
-                up.since.retain(|s, _| snaps.contains(s));
-                for s in snaps {
-                    up.since.entry(s).or_insert(now_ms);
-                }
+        let rels: Vec<String> = self.ups.keys().cloned().collect();
+        for u in &rels {
+            self.stamp_up(u, now_ms);
+        }
+        self.stamp_downs(now_ms);
+    }
+
+    /// [`LockNode::stamp`] of one upstream relationship's own locks.
+    fn stamp_up(&mut self, relationship: &str, now_ms: u64) {
+        let snaps = self.own_snapshots(relationship);
+        if let Some(up) = self.ups.get_mut(relationship) {
+            up.since.retain(|s, _| snaps.contains(s));
+            for s in snaps {
+                up.since.entry(s).or_insert(now_ms);
             }
         }
+    }
+
+    /// [`LockNode::stamp`] of the shared-base locks of every downstream.
+    fn stamp_downs(&mut self, now_ms: u64) {
         for d in self.downs.values_mut() {
             let shared = &d.shared;
             d.since.retain(|s, _| shared.contains(s));
@@ -865,6 +881,25 @@ impl LockNode {
     /// the snapshots it has, or force-deleted while this volume still has
     /// them: snapshots that came from another upstream never go to it.
     fn outgoing(&self, relationship: &str) -> Vec<SoftLock> {
+        self.outgoing_with(relationship, &self.outgoing_context())
+    }
+
+    /// What every outgoing set is built from beside its own relationship:
+    /// the downstream locks by volume and how many upstreams each volume
+    /// has.
+    fn outgoing_context(&self) -> OutgoingContext {
+        let mut ctx = OutgoingContext::default();
+        for h in self.downstream_locks() {
+            ctx.downstream.entry(h.volume.clone()).or_default().push(h);
+        }
+        for u in self.ups.values() {
+            *ctx.upstreams.entry(u.volume.clone()).or_default() += 1;
+        }
+        ctx
+    }
+
+    /// [`LockNode::outgoing`] from a context of the current state.
+    fn outgoing_with(&self, relationship: &str, ctx: &OutgoingContext) -> Vec<SoftLock> {
         let Some(up) = self.ups.get(relationship) else {
             return Vec::new();
         };
@@ -873,11 +908,8 @@ impl LockNode {
         }
         let me = &self.cfg.node_id;
         let mut v: Vec<SoftLock> = self.own_locks_for(relationship);
-        for h in self.downstream_locks() {
-            if h.volume != up.volume {
-                continue;
-            }
-            let mut l = h.lock;
+        for h in ctx.downstream.get(&up.volume).into_iter().flatten() {
+            let mut l = h.lock.clone();
             if l.hop_path.last() != Some(me) {
                 l.hop_path.push(me.clone());
             }
@@ -886,7 +918,7 @@ impl LockNode {
         if let Some(app) = self.app.get(&up.volume) {
             v.extend(app.iter().cloned());
         }
-        let only_upstream = self.ups.values().filter(|u| u.volume == up.volume).count() == 1;
+        let only_upstream = ctx.upstreams.get(&up.volume).copied().unwrap_or(0) == 1;
         v.retain(|l| {
             let lost_above =
                 up.gone_acks.contains(&l.snapshot) && self.has_snapshot(&up.volume, l.snapshot);
@@ -899,8 +931,25 @@ impl LockNode {
     }
 
     fn send(&mut self, relationship: &str, now_ms: u64, force: bool, out: &mut Vec<Action>) {
-        self.stamp(now_ms);
-        let locks = self.outgoing(relationship);
+        // What the set carries is dated: its own locks and those from
+        // downstream (the other upstreams' own locks are not in it).
+        self.stamp_up(relationship, now_ms);
+        self.stamp_downs(now_ms);
+        let ctx = self.outgoing_context();
+        self.send_with(relationship, now_ms, force, out, &ctx);
+    }
+
+    /// [`LockNode::send`] with the relationship stamped and the context
+    /// of its set computed (once for many sets: `send_changed`).
+    fn send_with(
+        &mut self,
+        relationship: &str,
+        now_ms: u64,
+        force: bool,
+        out: &mut Vec<Action>,
+        ctx: &OutgoingContext,
+    ) {
+        let locks = self.outgoing_with(relationship, ctx);
         let next_gen = self.next_generation();
         let lease_ms = self.cfg.lease_ms;
         let sender = self.cfg.node_id.clone();
@@ -977,9 +1026,13 @@ impl LockNode {
     }
 
     fn send_changed(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        // Stamped and the context computed once for every set: O(ups +
+        // downstream locks), not that for each upstream.
+        self.stamp(now_ms);
+        let ctx = self.outgoing_context();
         let names: Vec<String> = self.ups.keys().cloned().collect();
         for u in names {
-            self.send(&u, now_ms, false, out);
+            self.send_with(&u, now_ms, false, out, &ctx);
         }
     }
 

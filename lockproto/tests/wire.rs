@@ -153,6 +153,30 @@ fn samples() -> Vec<(&'static str, Message)> {
         ),
         ("ping", Message::Ping { nonce: 5 }),
         ("pong", Message::Pong { nonce: 5 }),
+        (
+            "snapshot_page_request",
+            Message::SnapshotPageRequest {
+                req_id: 6,
+                volume: "vol".into(),
+                qtree: None,
+                start: 2048,
+            },
+        ),
+        (
+            "snapshot_page",
+            Message::SnapshotPage {
+                req_id: 6,
+                start: 2048,
+                total: 2049,
+                list_hash: 0x1234_5678,
+                snapshots: vec![SnapInfo {
+                    id: [7; 16],
+                    name: "s2048".into(),
+                    created_ms: 99,
+                    content_digest: [8; 32],
+                }],
+            },
+        ),
     ]
 }
 
