@@ -586,7 +586,7 @@ fn digest_mismatch_commits_nothing() {
         c.handshake("LIAR", None).unwrap();
         while let Ok(Some(m)) = c.recv() {
             match m {
-                Message::SnapshotListRequest { req_id, qtree, .. } => {
+                Message::SnapshotPageRequest { req_id, qtree, .. } => {
                     let snapshots = if qtree.as_deref() == Some("@namespaces") {
                         vec![SnapInfo {
                             id: [0; 16],
@@ -597,8 +597,14 @@ fn digest_mismatch_commits_nothing() {
                     } else {
                         vec![snap.clone()]
                     };
-                    c.send(&Message::SnapshotList { req_id, snapshots }, &[])
-                        .unwrap();
+                    let page = Message::SnapshotPage {
+                        req_id,
+                        start: 0,
+                        total: 1,
+                        list_hash: sluice_lockproto::wire::snapshot_list_hash(&snapshots),
+                        snapshots,
+                    };
+                    c.send(&page, &[]).unwrap();
                 }
                 Message::TransferRequest(t) => {
                     let data = vec![0xab; 4096];

@@ -22,7 +22,16 @@ fn random_message(r: &mut impl Rng) -> (Message, Vec<u8>) {
             .map(|_| r.gen_range(b'a'..=b'z') as char)
             .collect::<String>()
     };
-    match r.gen_range(0..9) {
+    match r.gen_range(0..10) {
+        8 => (
+            Message::SnapshotPageRequest {
+                req_id: r.gen(),
+                volume: if r.gen() { "v".into() } else { s(r) },
+                qtree: None,
+                start: [0, 1, 2048, u32::MAX][r.gen_range(0..4)],
+            },
+            Vec::new(),
+        ),
         0 => (
             Message::LockSet(WireLockSet {
                 sender: s(r),
@@ -224,6 +233,23 @@ fn hostile_source_cannot_crash_a_destination() {
                     _ => return,
                 };
                 let reply = match m {
+                    // A page that lies about where it is, how long the
+                    // list is and whether it changed.
+                    Message::SnapshotPageRequest { req_id, start, .. } => Message::SnapshotPage {
+                        req_id,
+                        start: if r.gen_bool(0.8) { start } else { r.gen() },
+                        total: [0, 1, 3, 2049, u32::MAX][r.gen_range(0..5)],
+                        list_hash: r.gen_range(0..2),
+                        snapshots: (0..r.gen_range(0..3))
+                            .map(|i| SnapInfo {
+                                id: r.gen(),
+                                name: format!("p{i}"),
+                                created_ms: [0, 4096, 1 << 20, r.gen::<u64>() & !4095, u64::MAX]
+                                    [r.gen_range(0..5)],
+                                content_digest: r.gen(),
+                            })
+                            .collect(),
+                    },
                     Message::SnapshotListRequest { req_id, .. } => Message::SnapshotList {
                         req_id,
                         snapshots: (0..r.gen_range(0..3))
