@@ -71,6 +71,19 @@ pub(crate) struct Snap {
     pub(crate) ns: Vec<(Option<String>, Ptr, u128)>,
 }
 
+impl Snap {
+    /// Its name, ids, time and digests (no block counts).
+    pub(crate) fn name_info(&self) -> crate::api::SnapshotName {
+        crate::api::SnapshotName {
+            name: self.name.clone(),
+            id: self.id,
+            gen: self.gen,
+            created_unix_ms: self.created,
+            digests: self.ns.iter().map(|(n, _, d)| (n.clone(), *d)).collect(),
+        }
+    }
+}
+
 /// What a clone was made from: snapshot `snap` of volume `vol` (a local
 /// id) of this pool, whose plane root is `plane` (a snapshot's plane never
 /// changes). That plane is the clone's oldest image: every block it holds

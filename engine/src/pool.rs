@@ -1748,13 +1748,7 @@ impl<D: BlockDevice> Pool<D> {
                 let out = ids
                     .iter()
                     .filter_map(|id| v.snap_by_id(id).and_then(|si| v.snaps.get(si)))
-                    .map(|s| SnapshotName {
-                        name: s.name.clone(),
-                        id: s.id,
-                        gen: s.gen,
-                        created_unix_ms: s.created,
-                        digests: s.ns.iter().map(|(n, _, d)| (n.clone(), *d)).collect(),
-                    })
+                    .map(Snap::name_info)
                     .collect();
                 Ok(Reply::SnapshotNames(out))
             }
@@ -1763,13 +1757,7 @@ impl<D: BlockDevice> Pool<D> {
                 let out = vol_at(&self.vols, vi)?
                     .snaps
                     .iter()
-                    .map(|s| SnapshotName {
-                        name: s.name.clone(),
-                        id: s.id,
-                        gen: s.gen,
-                        created_unix_ms: s.created,
-                        digests: s.ns.iter().map(|(n, _, d)| (n.clone(), *d)).collect(),
-                    })
+                    .map(Snap::name_info)
                     .collect();
                 Ok(Reply::SnapshotNames(out))
             }

@@ -245,7 +245,7 @@ fn a_crash_at_any_device_operation_of_a_compacting_run_loses_nothing_acknowledge
     let ops0 = h.ops_total();
     let mut states = vec![seen(&mut p, &keys)];
     for r in &reqs {
-        p.execute(r.clone_request()).unwrap();
+        p.execute(common::clone_req(r)).unwrap();
         // A SetAttr is durable at the next CP: the state is compared there.
         states.push(seen(&mut p, &keys));
     }
@@ -256,7 +256,7 @@ fn a_crash_at_any_device_operation_of_a_compacting_run_loses_nothing_acknowledge
         h.crash_after_ops(n);
         let mut done = 0usize;
         for r in &reqs {
-            if p.execute(r.clone_request()).is_err() {
+            if p.execute(common::clone_req(r)).is_err() {
                 break;
             }
             done += 1;
@@ -287,53 +287,4 @@ fn a_crash_at_any_device_operation_of_a_compacting_run_loses_nothing_acknowledge
         }
     }
     println!("catalog log: {total} device ops, {images} crash images checked");
-}
-
-trait CloneRequest {
-    fn clone_request(&self) -> Request;
-}
-
-impl CloneRequest for Request {
-    fn clone_request(&self) -> Request {
-        match self {
-            Request::Write {
-                ns,
-                lba,
-                data,
-                fua,
-                replica,
-            } => {
-                let mut b = AlignedBuf::zeroed(data.len_blocks());
-                b.as_mut_slice().copy_from_slice(data.as_slice());
-                Request::Write {
-                    ns: ns.clone(),
-                    lba: *lba,
-                    data: b,
-                    fua: *fua,
-                    replica: *replica,
-                }
-            }
-            Request::CreateSnapshot {
-                volume,
-                name,
-                id,
-                created_unix_ms,
-            } => Request::CreateSnapshot {
-                volume: volume.clone(),
-                name: name.clone(),
-                id: *id,
-                created_unix_ms: *created_unix_ms,
-            },
-            Request::DeleteSnapshot { volume, name } => del_req(volume, name),
-            Request::CreateVolume { name, size_bytes } => Request::CreateVolume {
-                name: name.clone(),
-                size_bytes: *size_bytes,
-            },
-            Request::SetAttr { key, value } => Request::SetAttr {
-                key: key.clone(),
-                value: value.clone(),
-            },
-            other => panic!("not in the crash workload: {other:?}"),
-        }
-    }
 }

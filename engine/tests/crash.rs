@@ -132,65 +132,6 @@ fn workload(seed: u64) -> Vec<Request> {
     reqs
 }
 
-fn clone_req(r: &Request) -> Request {
-    match r {
-        Request::Write {
-            ns,
-            lba,
-            data,
-            fua,
-            replica,
-        } => Request::Write {
-            ns: ns.clone(),
-            lba: *lba,
-            data: data.clone(),
-            fua: *fua,
-            replica: *replica,
-        },
-        Request::Trim {
-            ns,
-            lba,
-            len_blocks,
-            replica,
-        } => Request::Trim {
-            ns: ns.clone(),
-            lba: *lba,
-            len_blocks: *len_blocks,
-            replica: *replica,
-        },
-        Request::Flush => Request::Flush,
-        Request::CreateSnapshot {
-            volume,
-            name,
-            id,
-            created_unix_ms,
-        } => Request::CreateSnapshot {
-            volume: volume.clone(),
-            name: name.clone(),
-            id: *id,
-            created_unix_ms: *created_unix_ms,
-        },
-        Request::DeleteSnapshot { volume, name } => Request::DeleteSnapshot {
-            volume: volume.clone(),
-            name: name.clone(),
-        },
-        Request::SetReadOnly { ns, read_only } => Request::SetReadOnly {
-            ns: ns.clone(),
-            read_only: *read_only,
-        },
-        Request::Rollback {
-            volume,
-            snapshot,
-            destroy_newer,
-        } => Request::Rollback {
-            volume: volume.clone(),
-            snapshot: snapshot.clone(),
-            destroy_newer: *destroy_newer,
-        },
-        _ => unreachable!(),
-    }
-}
-
 /// Apply a request to the model; true if its acknowledgement means durable.
 fn apply(st: &mut State, r: &Request) -> bool {
     match r {
@@ -329,7 +270,7 @@ fn crash_every_op_boundary() {
         let (mut pool, h) = setup();
         let ops0 = h.ops_total();
         for r in &reqs {
-            pool.execute(clone_req(r)).unwrap();
+            pool.execute(common::clone_req(r)).unwrap();
         }
         let total = h.ops_total() - ops0;
         for n in 0..=total {
@@ -340,7 +281,7 @@ fn crash_every_op_boundary() {
             for (i, r) in reqs.iter().enumerate() {
                 let mut tmp = State::default();
                 let durable = apply(&mut tmp, r);
-                match pool.execute(clone_req(r)) {
+                match pool.execute(common::clone_req(r)) {
                     Ok(_) => {
                         done = i + 1;
                         if durable {

@@ -14,6 +14,19 @@ use sluice_lockproto::wire::{ExtentHeader, SnapInfo, TransferRequest, TransferSt
 use sluice_lockproto::Message;
 use sluice_replicator::conn::Conn;
 
+/// Up to two snapshots of random ids and digests, named `{prefix}{i}`,
+/// with creation times at the edges of what a list may say.
+fn evil_snaps(r: &mut impl Rng, prefix: &str) -> Vec<SnapInfo> {
+    (0..r.gen_range(0..3))
+        .map(|i| SnapInfo {
+            id: r.gen(),
+            name: format!("{prefix}{i}"),
+            created_ms: [0, 4096, 1 << 20, r.gen::<u64>() & !4095, u64::MAX][r.gen_range(0..5)],
+            content_digest: r.gen(),
+        })
+        .collect()
+}
+
 fn random_message(r: &mut impl Rng) -> (Message, Vec<u8>) {
     let id: [u8; 16] = r.gen();
     let s = |r: &mut dyn rand::RngCore| {
@@ -240,27 +253,11 @@ fn hostile_source_cannot_crash_a_destination() {
                         start: if r.gen_bool(0.8) { start } else { r.gen() },
                         total: [0, 1, 3, 2049, u32::MAX][r.gen_range(0..5)],
                         list_hash: r.gen_range(0..2),
-                        snapshots: (0..r.gen_range(0..3))
-                            .map(|i| SnapInfo {
-                                id: r.gen(),
-                                name: format!("p{i}"),
-                                created_ms: [0, 4096, 1 << 20, r.gen::<u64>() & !4095, u64::MAX]
-                                    [r.gen_range(0..5)],
-                                content_digest: r.gen(),
-                            })
-                            .collect(),
+                        snapshots: evil_snaps(&mut r, "p"),
                     },
                     Message::SnapshotListRequest { req_id, .. } => Message::SnapshotList {
                         req_id,
-                        snapshots: (0..r.gen_range(0..3))
-                            .map(|i| SnapInfo {
-                                id: r.gen(),
-                                name: format!("e{i}"),
-                                created_ms: [0, 4096, 1 << 20, r.gen::<u64>() & !4095, u64::MAX]
-                                    [r.gen_range(0..5)],
-                                content_digest: r.gen(),
-                            })
-                            .collect(),
+                        snapshots: evil_snaps(&mut r, "e"),
                     },
                     Message::TransferRequest(t) => Message::TransferStart(TransferStart {
                         req_id: t.req_id,

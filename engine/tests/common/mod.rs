@@ -5,6 +5,8 @@
 //! uses every item.
 #![allow(dead_code)]
 
+use sluice_engine::api::Request;
+
 /// `sluice_testkit::rng`'s generator, the same sequence for the same seed
 /// everywhere.
 pub struct Rng(pub rand::rngs::SmallRng);
@@ -285,4 +287,73 @@ fn write_block(dev: &mut sluice_engine::device::sim::SimDevice, pba: u64, b: Vec
     )
     .expect("device");
     c.result.expect("block write");
+}
+
+/// A copy of a request of the crash workloads (requests are not `Clone`:
+/// a write owns its buffer).
+pub fn clone_req(r: &Request) -> Request {
+    match r {
+        Request::Write {
+            ns,
+            lba,
+            data,
+            fua,
+            replica,
+        } => Request::Write {
+            ns: ns.clone(),
+            lba: *lba,
+            data: data.clone(),
+            fua: *fua,
+            replica: *replica,
+        },
+        Request::Trim {
+            ns,
+            lba,
+            len_blocks,
+            replica,
+        } => Request::Trim {
+            ns: ns.clone(),
+            lba: *lba,
+            len_blocks: *len_blocks,
+            replica: *replica,
+        },
+        Request::Flush => Request::Flush,
+        Request::CreateSnapshot {
+            volume,
+            name,
+            id,
+            created_unix_ms,
+        } => Request::CreateSnapshot {
+            volume: volume.clone(),
+            name: name.clone(),
+            id: *id,
+            created_unix_ms: *created_unix_ms,
+        },
+        Request::DeleteSnapshot { volume, name } => Request::DeleteSnapshot {
+            volume: volume.clone(),
+            name: name.clone(),
+        },
+        Request::SetReadOnly { ns, read_only } => Request::SetReadOnly {
+            ns: ns.clone(),
+            read_only: *read_only,
+        },
+        Request::Rollback {
+            volume,
+            snapshot,
+            destroy_newer,
+        } => Request::Rollback {
+            volume: volume.clone(),
+            snapshot: snapshot.clone(),
+            destroy_newer: *destroy_newer,
+        },
+        Request::CreateVolume { name, size_bytes } => Request::CreateVolume {
+            name: name.clone(),
+            size_bytes: *size_bytes,
+        },
+        Request::SetAttr { key, value } => Request::SetAttr {
+            key: key.clone(),
+            value: value.clone(),
+        },
+        other => panic!("not a crash-workload request: {other:?}"),
+    }
 }
