@@ -1,6 +1,8 @@
 //! Pools written by older builds: a format-3 pool (from before clones)
 //! opens with no clone, and its next consistency point writes the current
-//! format, after which clones work and survive a reopen. (Formats 1 and 2
+//! format, after which clones work and survive a reopen; a format-4 pool
+//! (the catalog one blob) opens whole and its next consistency point writes
+//! the catalog log. (Formats 1 and 2
 //! are covered where their fields are: `shards.rs`, `qtree_read_only.rs`.)
 
 // Tests may panic: the engine's no-panic lints (engine/Cargo.toml) are for
@@ -29,10 +31,8 @@ fn read(pool: &mut Pool<SimDevice>, volume: &str, lba: u64) -> u8 {
     }
 }
 
-#[test]
-fn a_format_3_pool_opens_and_takes_clones_after_its_next_checkpoint() {
-    let dev = SimDevice::new(2048);
-    let sim = dev.handle();
+/// A new pool on `dev` with volume "vol" whose block `lba` holds `v`.
+fn vol_with(dev: SimDevice, lba: u64, v: u8) -> Pool<SimDevice> {
     let mut pool = Pool::format(dev, FormatOptions::default()).unwrap();
     pool.execute(Request::CreateVolume {
         name: "vol".into(),
@@ -40,15 +40,23 @@ fn a_format_3_pool_opens_and_takes_clones_after_its_next_checkpoint() {
     })
     .unwrap();
     let mut b = AlignedBuf::zeroed(1);
-    b.as_mut_slice().fill(5);
+    b.as_mut_slice().fill(v);
     pool.execute(Request::Write {
         ns: NsName::volume("vol"),
-        lba: 2,
+        lba,
         data: b,
         fua: false,
         replica: false,
     })
     .unwrap();
+    pool
+}
+
+#[test]
+fn a_format_3_pool_opens_and_takes_clones_after_its_next_checkpoint() {
+    let dev = SimDevice::new(2048);
+    let sim = dev.handle();
+    let mut pool = vol_with(dev, 2, 5);
     pool.execute(Request::CreateSnapshot {
         volume: "vol".into(),
         name: "s".into(),
@@ -97,22 +105,7 @@ fn a_format_3_pool_opens_and_takes_clones_after_its_next_checkpoint() {
 fn a_format_4_pool_opens_and_its_next_checkpoint_writes_the_catalog_log() {
     let dev = SimDevice::new(2048);
     let sim = dev.handle();
-    let mut pool = Pool::format(dev, FormatOptions::default()).unwrap();
-    pool.execute(Request::CreateVolume {
-        name: "vol".into(),
-        size_bytes: 64 * 4096,
-    })
-    .unwrap();
-    let mut b = AlignedBuf::zeroed(1);
-    b.as_mut_slice().fill(9);
-    pool.execute(Request::Write {
-        ns: NsName::volume("vol"),
-        lba: 5,
-        data: b,
-        fua: false,
-        replica: false,
-    })
-    .unwrap();
+    let mut pool = vol_with(dev, 5, 9);
     for s in ["a", "b"] {
         pool.execute(Request::CreateSnapshot {
             volume: "vol".into(),
