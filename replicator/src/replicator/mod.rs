@@ -916,10 +916,13 @@ fn load_relationships(e: &EngineHandle) -> Result<BTreeMap<String, Relationship>
         let mut rels = BTreeMap::new();
         for dst in index {
             let k = format!("{}{dst}", keys::RELATIONSHIP_PREFIX);
-            let b = get_attr(e, &k)?.ok_or_else(|| ReplError::Persisted {
-                key: k.clone(),
-                detail: format!("relationship {dst} is in the index but has no record"),
-            })?;
+            // A removal clears the record before the index: a crash in
+            // between leaves the name in the index alone, and the
+            // relationship is gone (the next index written drops it).
+            let Some(b) = get_attr(e, &k)? else {
+                tracing::info!(%dst, "relationship in the index without a record: it was removed");
+                continue;
+            };
             let r: Relationship = parse(&k, &b)?;
             rels.insert(dst, r);
         }

@@ -112,8 +112,15 @@ impl Node {
     }
 
     pub fn restart_with(&mut self, cfg: ReplicatorConfig) {
+        self.restart_editing(cfg, |_| {});
+    }
+
+    /// Restart, running `edit` on the engine between the replicator's
+    /// shutdown and the engine's (what a crash could have left).
+    pub fn restart_editing(&mut self, cfg: ReplicatorConfig, edit: impl FnOnce(&EngineHandle)) {
         *self.slot.lock().unwrap() = None;
         self.repl.shutdown();
+        edit(&self.engine);
         self.engine.shutdown().expect("engine shutdown");
         let dev = UringDevice::open(&self.pool_path(), UringOptions::default()).expect("reopen");
         let pool = Pool::open(dev).expect("pool open");
