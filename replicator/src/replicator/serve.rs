@@ -83,6 +83,10 @@ impl Replicator {
         }
         let peer = c.handshake_with(&self.cfg.node_name, &|p| self.cfg.peer_key(p))?;
         let mut parts = SetAssembler::default();
+        // The list the pages of one listing come from, as of its first
+        // page: (volume, qtree, list, its hash). A listing costs one engine
+        // listing, not one per page.
+        let mut listing: Option<(String, Option<String>, Vec<SnapInfo>, u64)> = None;
         loop {
             if self.stopping() {
                 c.send_error(0, codes::INTERNAL, "node is shutting down");
@@ -134,27 +138,44 @@ impl Replicator {
                     volume,
                     qtree,
                     start,
-                } => match self.list_for_peer(&volume, qtree.as_deref()) {
-                    Ok(all) => {
-                        let total = u32::try_from(all.len()).unwrap_or(u32::MAX);
-                        let list_hash = sluice_lockproto::wire::snapshot_list_hash(&all);
-                        let snapshots: Vec<SnapInfo> = all
-                            .into_iter()
+                } => {
+                    let cached = listing
+                        .as_ref()
+                        .is_some_and(|(v, q, _, _)| start > 0 && *v == volume && *q == qtree);
+                    if !cached {
+                        listing = match self.list_for_peer(&volume, qtree.as_deref()) {
+                            Ok(all) => {
+                                let h = sluice_lockproto::wire::snapshot_list_hash(&all);
+                                Some((volume, qtree, all, h))
+                            }
+                            Err(e) => {
+                                c.send_error(req_id, codes::NOT_FOUND, &e.to_string());
+                                continue;
+                            }
+                        };
+                    }
+                    let Some((_, _, all, list_hash)) = &listing else {
+                        continue;
+                    };
+                    let page = Message::SnapshotPage {
+                        req_id,
+                        start,
+                        total: u32::try_from(all.len()).unwrap_or(u32::MAX),
+                        list_hash: *list_hash,
+                        snapshots: all
+                            .iter()
                             .skip(start as usize)
                             .take(SNAPSHOT_PAGE_MAX as usize)
-                            .collect();
-                        let page = Message::SnapshotPage {
-                            req_id,
-                            start,
-                            total,
-                            list_hash,
-                            snapshots,
-                        };
-                        c.send(&page, &[])?
-                    }
-                    Err(e) => c.send_error(req_id, codes::NOT_FOUND, &e.to_string()),
-                },
-                Message::TransferRequest(r) => self.serve_transfer(c, &peer, &r)?,
+                            .cloned()
+                            .collect(),
+                    };
+                    c.send(&page, &[])?
+                }
+                Message::TransferRequest(r) => {
+                    // The listing is done with by now.
+                    listing = None;
+                    self.serve_transfer(c, &peer, &r)?
+                }
                 Message::Error { code, text, .. } => {
                     tracing::info!(%peer, code, %text, "peer sent an error");
                     return Ok(());
