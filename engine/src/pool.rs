@@ -1217,15 +1217,16 @@ impl<D: BlockDevice> Pool<D> {
         let grown = self.log.blocks.len() as u64 + catalog::blocks_for(bytes.len())
             > 2 * self.log.image_blocks + catalog::LOG_SLACK;
         let mut compact = self.log.legacy;
-        if compact || grown {
-            let image = self
+        if !compact && grown {
+            // Sized without encoding it: a pool short of space keeps
+            // appending, and does not build an image it cannot write.
+            let need = catalog::blocks_for(catalog::image_len(&self.vols, &self.attrs));
+            compact = self.fm.free() >= 2 * need + self.cp_reserve() + TRIM_HEADROOM;
+        }
+        if compact {
+            bytes = self
                 .log
                 .image(&mut self.vols, &self.attrs, self.next_vol_id);
-            let need = catalog::blocks_for(image.len());
-            if compact || self.fm.free() >= 2 * need + self.cp_reserve() + TRIM_HEADROOM {
-                bytes = image;
-                compact = true;
-            }
         }
         if bytes.is_empty() {
             return Ok(None);
