@@ -172,6 +172,14 @@ impl Vol {
         Some(s)
     }
 
+    /// The newest snapshots, not logged yet (oldest first).
+    pub(crate) fn unlogged_snaps(&self) -> &[Snap] {
+        let logged = self
+            .snaps
+            .partition_point(|s| s.gen <= self.logged.snaps_gen);
+        self.snaps.get(logged..).unwrap_or_default()
+    }
+
     /// The index of the snapshot whose global id is `id`.
     pub(crate) fn snap_by_id(&self, id: &Uuid) -> Option<usize> {
         let g = self.ids.get(id)?;
@@ -351,13 +359,7 @@ impl Log {
                 bytes += head_len(v);
             }
             bytes += 21 * v.logged.gone.len();
-            bytes += v
-                .snaps
-                .iter()
-                .rev()
-                .take_while(|s| s.gen > v.logged.snaps_gen)
-                .map(snap_len)
-                .sum::<usize>();
+            bytes += v.unlogged_snaps().iter().map(snap_len).sum::<usize>();
         }
         for k in &self.attrs_dirty {
             bytes += 1 + str_len(k) + attrs.get(k).map_or(0, |v| 4 + v.len());
@@ -402,13 +404,7 @@ impl Log {
                 w.u32(v.id);
                 w.bytes(u.as_bytes());
             }
-            let fresh = v
-                .snaps
-                .iter()
-                .rev()
-                .take_while(|s| s.gen > v.logged.snaps_gen)
-                .count();
-            for s in v.snaps.iter().skip(v.snaps.len() - fresh) {
+            for s in v.unlogged_snaps() {
                 write_snap(&mut w, v.id, s);
             }
             if let Some(s) = v.snaps.last() {
