@@ -434,6 +434,7 @@ fn print_mirrors(v: &Value) {
         "SOURCE",
         "KIND",
         "STATE",
+        "UPDATES",
         "COMMON",
         ">LAG",
         ">FULL",
@@ -452,11 +453,24 @@ fn print_mirrors(v: &Value) {
                 fmt_bytes(last["bytes"].as_u64().unwrap_or(0))
             )
         };
+        let mut when = Vec::new();
+        if m["follow"].as_bool() == Some(true) {
+            when.push("follow".to_string());
+        }
+        if let Some(e) = m["every_secs"].as_u64() {
+            when.push(format!("every {e}s"));
+        }
+        let when = if when.is_empty() {
+            "manual".to_string()
+        } else {
+            when.join(", ")
+        };
         t.row(vec![
             s(&m["dst"]),
             s(&m["source"]),
             s(&m["kind"]),
             s(&m["state"]),
+            when,
             s(&m["newest_common_snapshot"]["name"]),
             lag,
             m["full_transfers"].as_u64().unwrap_or(0).to_string(),

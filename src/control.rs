@@ -132,6 +132,9 @@ pub enum ControlRequest {
         dst_qtree: Option<String>,
         #[serde(default)]
         every_secs: Option<u64>,
+        /// Update as soon as the source has a new snapshot.
+        #[serde(default)]
+        follow: bool,
         #[serde(default)]
         throttle_bps: Option<u64>,
         /// Retention on the destination volume.

@@ -315,6 +315,7 @@ fn mirror(n: &Node, dst: &str, source: String) -> Result<Value> {
         source,
         dst_qtree: None,
         every_secs: None,
+        follow: false,
         throttle_bps: None,
     })
     .with_context(|| format!("mirror create on {}", n.name))

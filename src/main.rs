@@ -310,6 +310,11 @@ enum MirrorCmd {
         /// Update on a schedule, e.g. 30s, 5m, 1h.
         #[arg(long)]
         every: Option<String>,
+        /// Update as soon as the source has a snapshot this node has not
+        /// seen (a watch held open on the source; in a cascade every hop
+        /// with --follow passes a new snapshot on by itself).
+        #[arg(long)]
+        follow: bool,
         /// Bytes per second for this relationship, e.g. 50M.
         #[arg(long)]
         throttle: Option<String>,
@@ -828,6 +833,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dst,
                 from,
                 every,
+                follow,
                 throttle,
                 keep,
                 json,
@@ -840,6 +846,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         source: from,
                         dst_qtree: None,
                         every_secs: every_secs.map(|d| d.as_secs().max(1)),
+                        follow,
                         throttle_bps: throttle.as_deref().map(parse_rate).transpose()?,
                         keep,
                     },

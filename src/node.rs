@@ -482,6 +482,7 @@ impl Node {
                 source,
                 dst_qtree,
                 every_secs,
+                follow,
                 throttle_bps,
                 keep,
             } => {
@@ -493,6 +494,7 @@ impl Node {
                     source_qtree,
                     dst_qtree,
                     every: every_secs.map(std::time::Duration::from_secs),
+                    follow,
                     throttle_bps,
                     keep,
                 };

@@ -73,6 +73,7 @@ fn baseline_update_resync_and_prune_report_progress() {
             source: a.source("v"),
             dst_qtree: None,
             every_secs: None,
+            follow: false,
             throttle_bps: None,
             keep: None,
         },

@@ -233,3 +233,59 @@ fn a_lease_shorter_than_a_throttled_scheduled_transfer_survives_it() {
     assert_log_never_lost_b(&a, log_from);
     assert!(b.term().success(), "B did not stop cleanly");
 }
+
+/// `mirror create --follow` on real processes, two volumes on every hop of
+/// A -> B -> C, A pruned to its newest snapshot: each snapshot taken on A
+/// reaches C by itself, every update after the baselines is incremental.
+/// Then B is lost for good; C, re-attached to A with `mirror retarget`,
+/// follows A from there.
+#[test]
+fn follow_passes_snapshots_down_a_process_cascade_and_past_a_lost_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Daemon::named(dir.path(), "a", &[]);
+    let mut b = Daemon::named(dir.path(), "b", &[]);
+    let c = Daemon::named(dir.path(), "c", &[]);
+    let vols = ["v", "w"];
+    for v in vols {
+        a.ok(&["vol", "create", v, "--size", "8M"]);
+        a.ok(&["snap", "create", v, "s0"]);
+        b.ok(&["mirror", "create", v, "--from", &a.source(v), "--follow"]);
+        c.ok(&["mirror", "create", v, "--from", &b.source(v), "--follow"]);
+    }
+    let table = c.ok(&["mirror", "status"]);
+    assert!(table.contains("follow"), "{table}");
+    assert_eq!(c.mirror("v")["follow"], true);
+    let arrives = |n: &Daemon, v: &str, s: &str| {
+        wait_until(&format!("{s} of {v} to reach {}", n.listen), || {
+            n.mirror(v)["newest_common_snapshot"]["name"] == s
+        })
+    };
+    for round in 1..=3u64 {
+        for v in vols {
+            let s = format!("s{round}");
+            a.ok(&["snap", "create", v, &s]);
+            a.ok(&["prune", v, "--keep", "1"]);
+            arrives(&c, v, &s);
+        }
+    }
+    for (n, v) in [(&b, "v"), (&b, "w"), (&c, "v"), (&c, "w")] {
+        let m = n.mirror(v);
+        assert_eq!(m["full_transfers"], 1, "{}: {m}", n.listen);
+    }
+    // B is lost; C re-attaches to A and follows it from there.
+    assert!(b.alive());
+    b.kill();
+    for v in vols {
+        let r = c.json(&["mirror", "retarget", v, "--from", &a.source(v)]);
+        assert_eq!(r["new_source_node"], "a", "{r}");
+        assert!(r["full_copy_bytes"].is_null(), "{r}");
+    }
+    for v in vols {
+        a.ok(&["snap", "create", v, "s4"]);
+        a.ok(&["prune", v, "--keep", "1"]);
+        arrives(&c, v, "s4");
+        let m = c.mirror(v);
+        assert_eq!(m["full_transfers"], 1, "{m}");
+        assert_eq!(m["source_node"], "a", "{m}");
+    }
+}

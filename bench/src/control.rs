@@ -381,6 +381,7 @@ pub fn run(args: &ControlArgs) -> Result<()> {
             source: format!("{}/{src}", a.listen),
             dst_qtree: None,
             every_secs: None,
+            follow: false,
             throttle_bps: None,
             keep: None,
         })?;
@@ -393,6 +394,7 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         source: format!("{}/v0", a.listen),
         dst_qtree: None,
         every_secs: None,
+        follow: false,
         throttle_bps: None,
         keep: None,
     })?;

@@ -269,6 +269,11 @@ pub enum Request {
     ListSnapshotNames {
         volume: String,
     },
+    /// The newest snapshot of `volume` (the last of its listing), or none:
+    /// O(1), for a source that watches for new snapshots.
+    NewestSnapshot {
+        volume: String,
+    },
     /// Names, ids and times of the snapshots of `volume` whose global ids
     /// are `ids` (those it has, in the order asked): O(ids), whatever the
     /// volume holds (the replicator's names for `lock list`).

@@ -321,6 +321,7 @@ fn changes_state(req: &Request) -> bool {
             | Request::ListVolumes
             | Request::ListSnapshots { .. }
             | Request::ListSnapshotNames { .. }
+            | Request::NewestSnapshot { .. }
             | Request::SnapshotNamesOf { .. }
             | Request::Diff { .. }
             | Request::DiffStats { .. }
@@ -1761,6 +1762,13 @@ impl<D: BlockDevice> Pool<D> {
                     .map(Snap::name_info)
                     .collect();
                 Ok(Reply::SnapshotNames(out))
+            }
+            Request::NewestSnapshot { volume } => {
+                let vi = self.vol_idx(&volume)?;
+                let v = vol_at(&self.vols, vi)?;
+                Ok(Reply::SnapshotNames(
+                    v.snaps.last().map(Snap::name_info).into_iter().collect(),
+                ))
             }
             Request::Diff { ns, base, target } => {
                 self.diff(&ns, base.as_deref(), &target).map(Reply::Diff)
@@ -3603,6 +3611,14 @@ mod tests {
             _ => panic!(),
         };
         assert_eq!(names.len(), 2);
+        let newest = |p: &mut Pool<SimDevice>, v: &str| match p
+            .execute(Request::NewestSnapshot { volume: v.into() })
+        {
+            Ok(Reply::SnapshotNames(n)) => Ok(n),
+            Ok(_) => panic!(),
+            Err(e) => Err(e),
+        };
+        assert_eq!(newest(&mut p, "v").unwrap(), names[1..].to_vec());
         for (f, n) in full.iter().zip(&names) {
             assert_eq!(
                 (&f.name, f.id, f.gen, f.created_unix_ms, &f.digests),
@@ -3613,6 +3629,14 @@ mod tests {
             .execute(Request::ListSnapshotNames { volume: "w".into() })
             .unwrap_err();
         assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
+        let e = newest(&mut p, "w").unwrap_err();
+        assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
+        p.execute(Request::CreateVolume {
+            name: "e".into(),
+            size_bytes: 1 << 20,
+        })
+        .unwrap();
+        assert_eq!(newest(&mut p, "e").unwrap(), Vec::new());
     }
 
     #[test]

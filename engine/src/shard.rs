@@ -300,6 +300,7 @@ fn route(req: &Request, shards: usize, placement: &Placement) -> Route {
         | Request::Rollback { volume, .. }
         | Request::ListSnapshots { volume }
         | Request::ListSnapshotNames { volume }
+        | Request::NewestSnapshot { volume }
         | Request::SnapshotNamesOf { volume, .. } => by(volume),
         Request::Read { image, .. } => by(&image.ns.volume),
         Request::Write { ns, .. }

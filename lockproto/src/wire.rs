@@ -27,8 +27,15 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"SLCE");
 pub const VERSION_MAJOR: u16 = 2;
 /// Protocol minor version: additive changes only. 1 added the paged
 /// snapshot list ([`Message::SnapshotPageRequest`]); a peer of minor 0 is
-/// asked with [`Message::SnapshotListRequest`].
-pub const VERSION_MINOR: u16 = 1;
+/// asked with [`Message::SnapshotListRequest`]. 2 added the snapshot watch
+/// ([`Message::WatchRequest`]) that `mirror create --follow` waits on; a
+/// peer of minor 0 or 1 is polled with updates instead.
+pub const VERSION_MINOR: u16 = 2;
+/// Most volumes one [`Message::WatchRequest`] names.
+pub const WATCH_VOLUMES_MAX: usize = 1024;
+/// Longest a source holds a [`Message::WatchRequest`] before it answers
+/// that nothing changed (ms).
+pub const WATCH_WAIT_MAX_MS: u32 = 30_000;
 /// Most snapshots one [`Message::SnapshotPage`] carries (well inside
 /// [`MAX_BODY_LEN`]: an entry is at most about 150 bytes).
 pub const SNAPSHOT_PAGE_MAX: u32 = 2048;
@@ -811,6 +818,29 @@ pub enum Message {
         list_hash: u64,
         snapshots: Vec<SnapInfo>,
     },
+    /// Answer when the newest snapshot of any of `volumes` is no longer
+    /// the one named, or after `wait_ms` (at most [`WATCH_WAIT_MAX_MS`])
+    /// with nothing changed (minor 2 on).
+    WatchRequest {
+        req_id: u64,
+        wait_ms: u32,
+        volumes: Vec<WatchEntry>,
+    },
+    /// The indexes into the request's `volumes` whose newest snapshot
+    /// changed (or that can no longer be served: the update names why);
+    /// empty when the wait ran out.
+    WatchReply { req_id: u64, changed: Vec<u32> },
+}
+
+/// One volume of a [`Message::WatchRequest`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WatchEntry {
+    /// The source volume.
+    pub volume: String,
+    /// The source qtree of a qtree mirror: the newest snapshot that holds it.
+    pub qtree: Option<String>,
+    /// Its newest snapshot as the downstream last saw it (zeros: none).
+    pub newest: [u8; 16],
 }
 
 impl Message {
@@ -834,12 +864,14 @@ impl Message {
             Message::Pong { .. } => 15,
             Message::SnapshotPageRequest { .. } => 16,
             Message::SnapshotPage { .. } => 17,
+            Message::WatchRequest { .. } => 18,
+            Message::WatchReply { .. } => 19,
         }
     }
 }
 
 /// Highest message type code known to this build.
-pub const MAX_TYPE_CODE: u16 = 17;
+pub const MAX_TYPE_CODE: u16 = 19;
 
 /// The `list_hash` of a [`Message::SnapshotPage`]: xxh3-64 of the ids of
 /// the whole list, in order.

@@ -177,6 +177,25 @@ fn samples() -> Vec<(&'static str, Message)> {
                 }],
             },
         ),
+        (
+            "watch_request",
+            Message::WatchRequest {
+                req_id: 7,
+                wait_ms: 10_000,
+                volumes: vec![wire::WatchEntry {
+                    volume: "vol".into(),
+                    qtree: Some("q".into()),
+                    newest: [9; 16],
+                }],
+            },
+        ),
+        (
+            "watch_reply",
+            Message::WatchReply {
+                req_id: 7,
+                changed: vec![0],
+            },
+        ),
     ]
 }
 

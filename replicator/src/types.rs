@@ -148,6 +148,9 @@ pub struct MirrorSpec {
     pub dst_qtree: Option<String>,
     /// Scheduled updates.
     pub every: Option<Duration>,
+    /// Update as soon as the source has a snapshot this side has not seen
+    /// (`--follow`): a watch on the source, not a schedule.
+    pub follow: bool,
     /// Per-relationship throttle (bytes per second).
     pub throttle_bps: Option<u64>,
     /// Retention on the destination volume: keep its newest N snapshots.
@@ -279,6 +282,9 @@ pub struct Relationship {
     /// Scheduled updates (ms).
     #[serde(default)]
     pub every_ms: Option<u64>,
+    /// Updates follow the source's new snapshots (`--follow`).
+    #[serde(default)]
+    pub follow: bool,
     /// Throttle (bytes per second).
     #[serde(default)]
     pub throttle_bps: Option<u64>,
@@ -374,6 +380,8 @@ pub struct MirrorStatus {
     pub checkpoint: Option<Checkpoint>,
     /// Scheduled interval (s).
     pub every_secs: Option<u64>,
+    /// Updates follow the source's new snapshots (`--follow`).
+    pub follow: bool,
     /// Throttle (bytes per second).
     pub throttle_bps: Option<u64>,
 }

@@ -430,6 +430,7 @@ fn scheduled_updates_pull_new_snapshots() {
     a.snap("v", "s1");
     let s = MirrorSpec {
         every: Some(std::time::Duration::from_millis(200)),
+        follow: false,
         ..spec("v", &a, "v")
     };
     b.repl.mirror_create(s).unwrap();
@@ -626,6 +627,155 @@ fn a_lock_on_a_snapshot_the_middle_pruned_still_holds_above_and_reattach_uses_it
     assert_eq!(t.kind, "incremental", "{rep:?}");
     same(&a, "v", &c, "v", "s4", None);
     for n in [a, c] {
+        n.shutdown();
+    }
+}
+
+/// `--follow` on every hop, no schedule: a snapshot taken on A reaches the
+/// end of A -> B -> C -> D with nobody asking, and a qtree mirror and a
+/// second volume mirror that follow the same source (one watch on A for
+/// the three) get theirs too. Every hop reads back what A holds.
+#[test]
+fn followed_hops_pass_new_snapshots_down_a_cascade_by_themselves() {
+    let (a, b, c, d) = (
+        Node::start("A"),
+        Node::start("B"),
+        Node::start("C"),
+        Node::start("D"),
+    );
+    let mut r = rng(seed("followed_hops_pass_new_snapshots_down_a_cascade"));
+    a.create_volume("v");
+    a.create_volume("w");
+    a.create_volume("x");
+    a.create_qtree("x", "q", QBYTES);
+    let (v, w, q) = (
+        NsName::volume("v"),
+        NsName::volume("w"),
+        NsName::qtree("x", "q"),
+    );
+    a.churn(&v, VOL_BLOCKS, 100, &mut r);
+    for vol in ["v", "w", "x"] {
+        a.snap(vol, "s1");
+    }
+    let follow = |dst: &str, src: &Node, vol: &str| MirrorSpec {
+        follow: true,
+        ..spec(dst, src, vol)
+    };
+    b.repl.mirror_create(follow("v", &a, "v")).unwrap();
+    b.repl.mirror_create(follow("w", &a, "w")).unwrap();
+    b.repl
+        .mirror_create(MirrorSpec {
+            source_qtree: Some("q".into()),
+            ..follow("bx", &a, "x")
+        })
+        .unwrap();
+    c.repl.mirror_create(follow("v", &b, "v")).unwrap();
+    d.repl.mirror_create(follow("v", &c, "v")).unwrap();
+    assert!(b.repl.mirror_status().iter().all(|s| s.follow));
+    for round in 2..=4 {
+        let s = format!("s{round}");
+        a.churn(&v, VOL_BLOCKS, 40, &mut r);
+        a.churn(&w, VOL_BLOCKS, 10, &mut r);
+        a.churn(&q, QBYTES / 4096, 10, &mut r);
+        for vol in ["v", "w", "x"] {
+            a.snap(vol, &s);
+        }
+        wait_for(&format!("{s} reaches D"), || d.snap_names("v").contains(&s));
+        wait_for(&format!("{s} of w reaches B"), || {
+            b.snap_names("w").contains(&s)
+        });
+        wait_for(&format!("{s} of x/q reaches B"), || {
+            b.snap_names("bx").contains(&s)
+        });
+        let want = a.read_all(&v, Some(&s), VOL_BLOCKS);
+        for (n, node) in [("B", &b), ("C", &c), ("D", &d)] {
+            assert!(
+                node.read_all(&v, Some(&s), VOL_BLOCKS) == want,
+                "round {round}: {n}'s copy of v@{s} differs from A's"
+            );
+        }
+        assert!(b.read_all(&w, Some(&s), VOL_BLOCKS) == a.read_all(&w, Some(&s), VOL_BLOCKS));
+        assert!(
+            b.read_all(&NsName::qtree("bx", "q"), Some(&s), QBYTES / 4096)
+                == a.read_all(&q, Some(&s), QBYTES / 4096)
+        );
+    }
+    // Every follow update after the baseline was incremental (the last
+    // one's counters land just after its snapshot).
+    for n in [&b, &c, &d] {
+        wait_for(&format!("{}'s counters", n.name), || {
+            n.repl
+                .mirror_status()
+                .iter()
+                .all(|st| st.incremental_transfers >= 3)
+        });
+        for st in n.repl.mirror_status() {
+            assert_eq!(st.full_transfers, 1, "{}: {st:?}", n.name);
+        }
+    }
+    for n in [a, b, c, d] {
+        n.shutdown();
+    }
+}
+
+/// A follower starts with one update of what it follows: a snapshot taken
+/// while the destination was down arrives after its restart, with no new
+/// snapshot to wake a watch.
+#[test]
+fn a_follower_catches_up_after_a_restart() {
+    let (a, mut b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed("a_follower_catches_up_after_a_restart"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 50, &mut r);
+    a.snap("v", "s1");
+    b.repl
+        .mirror_create(MirrorSpec {
+            follow: true,
+            ..spec("v", &a, "v")
+        })
+        .unwrap();
+    let cfg = b.cfg.clone();
+    b.restart_editing(cfg, |_| {
+        a.churn(&NsName::volume("v"), VOL_BLOCKS, 20, &mut r);
+        a.snap("v", "s2");
+    });
+    wait_for("B catches up with s2 after its restart", || {
+        b.snap_names("v").contains(&"s2".to_string())
+    });
+    // Following goes on after the catch-up.
+    a.snap("v", "s3");
+    wait_for("B follows s3", || {
+        b.snap_names("v").contains(&"s3".to_string())
+    });
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
+/// Deleting a followed relationship ends its follower; the source keeps
+/// serving, and a node whose relationships no longer follow stops asking.
+#[test]
+fn a_deleted_follow_relationship_is_no_longer_updated() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    a.create_volume("v");
+    a.snap("v", "s1");
+    b.repl
+        .mirror_create(MirrorSpec {
+            follow: true,
+            ..spec("v", &a, "v")
+        })
+        .unwrap();
+    a.snap("v", "s2");
+    wait_for("B follows s2", || {
+        b.snap_names("v").contains(&"s2".to_string())
+    });
+    b.repl.mirror_delete("v").unwrap();
+    a.snap("v", "s3");
+    // A deleted volume mirror leaves its volume; nothing pulls s3 into it.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!b.snap_names("v").contains(&"s3".to_string()));
+    assert!(b.repl.mirror_status().is_empty());
+    for n in [a, b] {
         n.shutdown();
     }
 }

@@ -207,6 +207,46 @@ fn resume_after_dropped_connection() {
     }
 }
 
+/// A follow update cut midway is retried by the follower on its own, from
+/// its checkpoint: the failed transfer already saw the new snapshot in the
+/// source's list, so no watch would report it again.
+#[test]
+fn a_cut_follow_update_is_retried_without_a_new_snapshot() {
+    let (a, b) = (Node::start("A"), Node::start("B"));
+    let mut r = rng(seed("a_cut_follow_update_is_retried"));
+    a.create_volume("v");
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 50, &mut r);
+    a.snap("v", "s1");
+    let p = Proxy::start(&a.addr);
+    b.repl
+        .mirror_create(MirrorSpec {
+            source_addr: p.addr().to_string(),
+            follow: true,
+            ..spec("v", &a, "v")
+        })
+        .unwrap();
+    // The watch carries a few hundred bytes; the transfer of s2 is ~5 MB,
+    // with a checkpoint every MiB.
+    p.arm(Fault::CutAfter(3 << 20));
+    a.churn(&NsName::volume("v"), VOL_BLOCKS, 1500, &mut r);
+    a.snap("v", "s2");
+    wait_for("the follower retries the cut update to the end", || {
+        b.repl.mirror_status()[0].incremental_transfers == 1
+    });
+    assert!(b.snap_names("v").contains(&"s2".to_string()));
+    let st = &b.repl.mirror_status()[0];
+    assert!(
+        st.resumed_transfers >= 1,
+        "the retry resumed the cut transfer: {st:?}"
+    );
+    let x = a.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
+    let y = b.read_all(&NsName::volume("v"), Some("s2"), VOL_BLOCKS);
+    assert!(x == y);
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
 use rand::Rng;
 
 /// One flipped bit on the wire: the transfer fails, nothing is committed;
@@ -657,6 +697,7 @@ fn digest_mismatch_commits_nothing() {
         source_qtree: None,
         dst_qtree: None,
         every: None,
+        follow: false,
         throttle_bps: None,
         keep: None,
     };

@@ -297,6 +297,7 @@ fn hostile_source_cannot_crash_a_destination() {
             source_qtree: None,
             dst_qtree: None,
             every: None,
+            follow: false,
             throttle_bps: None,
             keep: None,
         };

@@ -1455,6 +1455,7 @@ impl Run {
             source_qtree: qtree.then(|| "q".to_string()),
             dst_qtree: None,
             every: every_s.map(Duration::from_secs),
+            follow: false,
             throttle_bps: None,
             keep: None,
         };

@@ -64,6 +64,7 @@ use crate::types::*;
 
 mod admin;
 mod exports;
+mod follow;
 mod metrics;
 mod plan;
 mod pull;
@@ -120,6 +121,8 @@ pub struct Replicator {
     stop_tx: ChanTx<()>,
     /// The scheduler, its worker threads and what they have in hand.
     jobs: sched::Jobs,
+    /// The threads of `--follow` relationships, one per source.
+    followers: follow::Followers,
     n: Counters,
     /// Open peer sockets, shut down by `shutdown` so nothing waits on a peer.
     live: Mutex<BTreeMap<u64, Box<dyn crate::env::PeerStream>>>,
@@ -398,6 +401,7 @@ impl Replicator {
             stop: AtomicBool::new(false),
             stop_tx,
             jobs: sched::Jobs::default(),
+            followers: follow::Followers::default(),
             n: Counters::default(),
             live: Mutex::new(BTreeMap::new()),
             next_live: AtomicU64::new(0),

@@ -135,6 +135,7 @@ impl Replicator {
                     kind,
                     broken: false,
                     every_ms: spec.every.map(|d| d.as_millis() as u64),
+                    follow: spec.follow,
                     throttle_bps: spec.throttle_bps,
                     source_snaps: Vec::new(),
                     full_transfers: 0,
@@ -360,6 +361,7 @@ impl Replicator {
                 last_error: r.last_error.clone(),
                 checkpoint: self.load_ckpt(&r.dst).ok().flatten(),
                 every_secs: r.every_ms.map(|m| m / 1000),
+                follow: r.follow,
                 throttle_bps: r.throttle_bps,
                 dst: r.dst,
             })

@@ -51,7 +51,7 @@ pub(super) enum Chore {
 #[derive(Default)]
 pub(super) struct Jobs {
     /// Relationships queued or running on the transfer workers.
-    scheduled: Mutex<BTreeSet<String>>,
+    pub(super) scheduled: Mutex<BTreeSet<String>>,
     /// Upstreams with a delivery queued or running on the chore workers.
     delivering: Mutex<BTreeSet<String>>,
     /// A retention pass is queued or running.
@@ -67,9 +67,9 @@ struct Lanes {
 }
 
 /// Removes a key from a set of claims when the job holding it ends.
-struct Claim<'a> {
-    set: &'a Mutex<BTreeSet<String>>,
-    key: String,
+pub(super) struct Claim<'a> {
+    pub(super) set: &'a Mutex<BTreeSet<String>>,
+    pub(super) key: String,
 }
 
 impl Drop for Claim<'_> {
@@ -150,6 +150,7 @@ fn scheduler(r: Weak<Replicator>, stop: ChanRx<()>, tick: Duration, lanes: Lanes
             return;
         }
         r.tick(Some(&lanes));
+        r.start_followers();
     }
 }
 
@@ -172,6 +173,7 @@ impl Replicator {
     /// Join the scheduler, then the workers (once the scheduler is gone
     /// their queues are closed). Called by `shutdown` after `stop` is set.
     pub(super) fn join_threads(&self) {
+        self.join_followers();
         let me = std::thread::current().id();
         let h = lock(&self.jobs.scheduler).take();
         if let Some(h) = h {

@@ -171,6 +171,11 @@ impl Replicator {
                     };
                     c.send(&page, &[])?
                 }
+                Message::WatchRequest {
+                    req_id,
+                    wait_ms,
+                    volumes,
+                } => self.serve_watch(c, &peer, req_id, wait_ms, &volumes)?,
                 Message::TransferRequest(r) => {
                     // The listing is done with by now.
                     listing = None;

@@ -256,6 +256,7 @@ pub fn spec(dst: &str, src: &Node, vol: &str) -> sluice_replicator::MirrorSpec {
         source_qtree: None,
         dst_qtree: None,
         every: None,
+        follow: false,
         throttle_bps: None,
         keep: None,
     }
