@@ -21,6 +21,12 @@
 //!    bytes. Every clock stops after `btrfs filesystem sync` of the receiver.
 //! 3. TCP: `--size` bytes through one 127.0.0.1 socket, a thread writing and
 //!    a thread reading, 1 MiB buffers.
+//! 4. The relay: four more nodes A -> B -> C -> D, each hop made with
+//!    `mirror create --follow` on an empty volume; `--relay-size` bytes
+//!    written on A, a snapshot taken, and D's `mirror status` polled (every
+//!    10 ms) until D holds it. Reported: the A -> B transfer's own duration
+//!    (one hop), the time from the snapshot's creation to D's commit, their
+//!    ratio (issue 14's target: 1.3) and each hop's commit time.
 //!
 //! `--secure` says how the Sluice nodes' peer sessions run: `on` (default:
 //! a shared peer secret, so authenticated and Noise-encrypted), `off`
@@ -87,6 +93,11 @@ pub struct ReplicateArgs {
     /// or `both` (the Sluice phase once each way, with the ratio).
     #[arg(long, value_enum, default_value = "on")]
     pub secure: Secure,
+    /// Bytes written on A for the relay case (A -> B -> C -> D, every hop
+    /// with `--follow`): how long a new snapshot takes to reach D against
+    /// one hop. 0 skips the case. A multiple of 4 MiB.
+    #[arg(long, default_value = "1G", value_parser = crate::parse_size)]
+    pub relay_size: u64,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -153,6 +164,24 @@ struct EmptyUpdateRow {
     target_ms: f64,
 }
 
+/// A new snapshot on A passed down A -> B -> C -> D by `--follow` on every
+/// hop: when each hop committed it, against the time of the first hop.
+#[derive(Debug, Clone, Serialize)]
+struct RelayRow {
+    case: String,
+    /// Bytes of the snapshot's change (written on A before it).
+    changed_bytes: u64,
+    /// The A -> B transfer's own duration (its report's `duration_ms`).
+    one_hop_s: f64,
+    /// From the snapshot's creation on A to D's commit of it.
+    to_end_s: f64,
+    /// `to_end_s / one_hop_s` (the issue 14 target: at most 1.3).
+    ratio: f64,
+    target: f64,
+    /// Each hop's commit, seconds after the snapshot was taken on A.
+    committed_after_s: Vec<(String, f64)>,
+}
+
 /// Empty updates timed per Sluice run.
 const EMPTY_UPDATES: usize = 200;
 
@@ -168,6 +197,8 @@ struct ReplicateReport {
     secure: Vec<SecureRow>,
     /// One per Sluice run.
     empty_updates: Vec<EmptyUpdateRow>,
+    /// The relay case (absent with `--relay-size 0`).
+    relay: Vec<RelayRow>,
     notes: Vec<String>,
 }
 
@@ -270,6 +301,12 @@ pub fn run(args: &ReplicateArgs) -> Result<()> {
             args.size
         );
     }
+    if !args.relay_size.is_multiple_of(FILL_WRITE as u64) {
+        bail!(
+            "--relay-size ({}) must be a multiple of 4 MiB (0 skips the relay case)",
+            args.relay_size
+        );
+    }
     if !(args.change_pct > 0.0 && args.change_pct <= 100.0) {
         bail!("--change-pct ({}) must be in (0, 100]", args.change_pct);
     }
@@ -322,6 +359,15 @@ pub fn run(args: &ReplicateArgs) -> Result<()> {
         empty.case = format!("{}{tag}", empty.case);
         runs.push((tag, s));
         empty_updates.push(empty);
+    }
+    let mut relay = Vec::new();
+    if args.relay_size > 0 {
+        relay.push(relay_phase(
+            args,
+            &sluice_bin,
+            seed,
+            args.secure != Secure::Off,
+        )?);
     }
     let b = btrfs_phase(args, seed, &offsets)?;
 
@@ -376,6 +422,7 @@ pub fn run(args: &ReplicateArgs) -> Result<()> {
         rows,
         secure,
         empty_updates,
+        relay,
         notes,
     };
     if args.json {
@@ -455,6 +502,32 @@ fn print_table(r: &ReplicateReport) {
                 e.case, e.updates, e.p50_ms, e.p99_ms, e.p999_ms, e.max_ms, e.target_ms
             );
         }
+    }
+    for e in &r.relay {
+        println!();
+        println!(
+            "| {:<40} | {:>9} | {:>10} | {:>10} | {:>6} | {:>6} |",
+            "case", "MiB", "one hop s", "to D s", "ratio", "target"
+        );
+        println!(
+            "|{:-<42}|{:->11}|{:->12}|{:->12}|{:->8}|{:->8}|",
+            "", "", "", "", "", ""
+        );
+        println!(
+            "| {:<40} | {:>9} | {:>10.3} | {:>10.3} | {:>6.2} | {:>6.1} |",
+            e.case,
+            e.changed_bytes >> 20,
+            e.one_hop_s,
+            e.to_end_s,
+            e.ratio,
+            e.target
+        );
+        let hops: Vec<String> = e
+            .committed_after_s
+            .iter()
+            .map(|(n, t)| format!("{n} +{t:.3} s"))
+            .collect();
+        println!("relay commits after the snapshot on A: {}", hops.join(", "));
     }
     for n in &r.notes {
         println!("note: {n}");
@@ -828,6 +901,144 @@ fn sluice_phase(
     progress(args, "sluice: stopping nodes");
     drop((c, b, a));
     Ok(([base_ab, base_bc, inc_ab, inc_bc], empty))
+}
+
+/// The relay case: A -> B -> C -> D, every hop created with `--follow`
+/// on an empty volume; then `--relay-size` bytes written on A through NBD
+/// and a snapshot taken, and D's `mirror status` polled until it holds it.
+/// Each hop's commit time comes from its last transfer's report.
+fn relay_phase(args: &ReplicateArgs, bin: &Path, seed: u64, encrypted: bool) -> Result<RelayRow> {
+    let tmp = match &args.dir {
+        Some(p) => tempfile::tempdir_in(p),
+        None => tempfile::tempdir(),
+    }
+    .context("cannot create a temp folder")?;
+    let dev_bytes = device_bytes(args.relay_size);
+    let secret = tmp.path().join("peer.secret");
+    let peers: Vec<&std::ffi::OsStr> = if encrypted {
+        sluice::auth::create_peer_secret(&secret).context("creating the peer secret")?;
+        vec!["--peer-secret".as_ref(), secret.as_os_str()]
+    } else {
+        vec!["--insecure-peers".as_ref()]
+    };
+    progress(args, "relay: starting nodes A, B, C, D");
+    let names = ["a", "b", "c", "d"];
+    let mut nodes = Vec::new();
+    for n in names {
+        nodes.push(Node::start(bin, tmp.path(), n, dev_bytes, &peers)?);
+    }
+    let a = &nodes[0];
+    a.call(ControlRequest::VolCreate {
+        name: VOLUME.into(),
+        size_bytes: args.relay_size,
+    })?;
+    a.call(ControlRequest::SnapCreate {
+        volume: VOLUME.into(),
+        name: "r0".into(),
+    })?;
+    for w in nodes.windows(2) {
+        w[1].call(ControlRequest::MirrorCreate {
+            keep: None,
+            dst_volume: VOLUME.into(),
+            source: format!("{}/{VOLUME}", w[0].listen),
+            dst_qtree: None,
+            every_secs: None,
+            follow: true,
+            throttle_bps: None,
+        })?;
+    }
+    let d = &nodes[3];
+    let common = |n: &Node| -> Result<(String, Value)> {
+        let st = n.call(ControlRequest::MirrorStatus)?;
+        let m = st
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["dst"] == VOLUME))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let name = m["newest_common_snapshot"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        Ok((name, m))
+    };
+    // The followers' first (catch-up) updates are done when D has r0 and
+    // its relationship is idle.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while common(d)?.0 != "r0" {
+        if Instant::now() > deadline {
+            bail!("D never had r0 (log: {})", d.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    progress(
+        args,
+        &format!("relay: writing {} MiB on A", args.relay_size >> 20),
+    );
+    let mut nbd = NbdClient::open(&a.nbd, VOLUME).context("opening A's NBD export")?;
+    let mut buf = vec![0u8; FILL_WRITE];
+    let mut off = 0;
+    while off < args.relay_size {
+        image_bytes(seed ^ 0x5245_4c41, off, &mut buf);
+        nbd.write(off, &buf)
+            .with_context(|| format!("NBD write at {off}"))?;
+        off += FILL_WRITE as u64;
+    }
+    nbd.flush().context("NBD flush")?;
+    drop(nbd);
+    progress(args, "relay: snapshot r1 on A, waiting for D to hold it");
+    let snap = a.call(ControlRequest::SnapCreate {
+        volume: VOLUME.into(),
+        name: "r1".into(),
+    })?;
+    let created = snap["created_unix_ms"]
+        .as_u64()
+        .context("the snapshot's created_unix_ms")?;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        if common(d)?.0 == "r1" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("D never had r1 (log: {})", d.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut committed_after_s = Vec::new();
+    let mut one_hop_s = 0.0;
+    for (i, n) in nodes.iter().enumerate().skip(1) {
+        let (_, m) = common(n)?;
+        let last = &m["last_transfer"];
+        if last["target"]["name"] != "r1" {
+            bail!("node {}: its last transfer is not r1: {m}", n.name);
+        }
+        let finished = last["finished_unix_ms"].as_u64().unwrap_or(0);
+        committed_after_s.push((
+            n.name.to_uppercase(),
+            finished.saturating_sub(created) as f64 / 1000.0,
+        ));
+        if i == 1 {
+            one_hop_s = last["duration_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+        }
+    }
+    let to_end_s = committed_after_s.last().map_or(0.0, |(_, t)| *t);
+    progress(args, "relay: stopping nodes");
+    drop(nodes);
+    Ok(RelayRow {
+        case: format!(
+            "new snapshot A->B->C->D, --follow{}",
+            if encrypted { "" } else { " [clear]" }
+        ),
+        changed_bytes: args.relay_size,
+        one_hop_s,
+        to_end_s,
+        ratio: if one_hop_s > 0.0 {
+            to_end_s / one_hop_s
+        } else {
+            0.0
+        },
+        target: 1.3,
+        committed_after_s,
+    })
 }
 
 // ---------------------------------------------------------------- btrfs

@@ -35,7 +35,23 @@ fn random_message(r: &mut impl Rng) -> (Message, Vec<u8>) {
             .map(|_| r.gen_range(b'a'..=b'z') as char)
             .collect::<String>()
     };
-    match r.gen_range(0..10) {
+    match r.gen_range(0..11) {
+        10 => (
+            Message::WatchRequest {
+                req_id: r.gen(),
+                // (A longer wait holds the serving thread as long as an idle
+                // connection would be, up to the peer timeout.)
+                wait_ms: [0, 1, 50, 200][r.gen_range(0..4)],
+                volumes: (0..r.gen_range(0..4))
+                    .map(|_| sluice_lockproto::wire::WatchEntry {
+                        volume: if r.gen() { "v".into() } else { s(r) },
+                        qtree: if r.gen() { None } else { Some(s(r)) },
+                        newest: r.gen(),
+                    })
+                    .collect(),
+            },
+            Vec::new(),
+        ),
         8 => (
             Message::SnapshotPageRequest {
                 req_id: r.gen(),
@@ -448,5 +464,95 @@ fn a_lock_set_on_a_volume_not_exported_to_the_peer_is_refused() {
         .map(|l| l.volume)
         .collect();
     assert_eq!(held, vec![Some("w".to_string())]);
+    a.shutdown();
+}
+
+/// The snapshot watch (`--follow`): a source answers at once for a volume
+/// whose newest snapshot is not the one named (or that it does not have),
+/// holds the watch until a snapshot is taken, answers nothing when the wait
+/// runs out, and refuses a watch of more volumes than the bound, saying so.
+#[test]
+fn a_watch_answers_what_changed_and_refuses_too_many_volumes() {
+    use sluice_lockproto::wire::{WatchEntry, WATCH_VOLUMES_MAX};
+    let a = Node::start("A");
+    a.create_volume("v");
+    let s1 = *a.snap("v", "s1").id.as_bytes();
+    let entry = |volume: &str, newest: [u8; 16]| WatchEntry {
+        volume: volume.into(),
+        qtree: None,
+        newest,
+    };
+    let mut c = connect_as_b(&a);
+    let mut watch = |c: &mut Conn, req_id: u64, wait_ms: u32, volumes: Vec<WatchEntry>| {
+        c.send(
+            &Message::WatchRequest {
+                req_id,
+                wait_ms,
+                volumes,
+            },
+            &[],
+        )
+        .unwrap();
+        c.recv().unwrap()
+    };
+    let got = watch(
+        &mut c,
+        1,
+        4_000,
+        vec![
+            entry("v", s1),
+            entry("nosuch", [0; 16]),
+            entry("v", [0; 16]),
+        ],
+    );
+    assert_eq!(
+        got,
+        Some(Message::WatchReply {
+            req_id: 1,
+            changed: vec![1, 2]
+        })
+    );
+    // Nothing new: the wait runs out with nothing changed.
+    let got = watch(&mut c, 2, 50, vec![entry("v", s1)]);
+    assert_eq!(
+        got,
+        Some(Message::WatchReply {
+            req_id: 2,
+            changed: vec![]
+        })
+    );
+    // A snapshot taken while the watch is held ends it.
+    let engine = a.engine.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        engine
+            .call(sluice_engine::api::Request::CreateSnapshot {
+                volume: "v".into(),
+                name: "s2".into(),
+                id: None,
+                created_unix_ms: None,
+            })
+            .unwrap();
+    });
+    let got = watch(&mut c, 3, 20_000, vec![entry("v", s1)]);
+    t.join().unwrap();
+    assert_eq!(
+        got,
+        Some(Message::WatchReply {
+            req_id: 3,
+            changed: vec![0]
+        })
+    );
+    let too_many = (0..=WATCH_VOLUMES_MAX).map(|_| entry("v", s1)).collect();
+    match watch(&mut c, 4, 10, too_many) {
+        Some(Message::Error { code, text, .. }) => {
+            assert_eq!(code, sluice_lockproto::wire::codes::BAD_FRAME, "{text}");
+            assert!(
+                text.contains(&format!("at most {WATCH_VOLUMES_MAX}")),
+                "{text}"
+            );
+        }
+        other => panic!("expected Error BAD_FRAME, got {other:?}"),
+    }
     a.shutdown();
 }
