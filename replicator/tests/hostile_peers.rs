@@ -483,7 +483,7 @@ fn a_watch_answers_what_changed_and_refuses_too_many_volumes() {
         newest,
     };
     let mut c = connect_as_b(&a);
-    let mut watch = |c: &mut Conn, req_id: u64, wait_ms: u32, volumes: Vec<WatchEntry>| {
+    let watch = |c: &mut Conn, req_id: u64, wait_ms: u32, volumes: Vec<WatchEntry>| {
         c.send(
             &Message::WatchRequest {
                 req_id,
