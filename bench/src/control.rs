@@ -56,6 +56,15 @@ pub struct ControlArgs {
     /// Mirror relationships on B pulling from A.
     #[arg(long, default_value_t = 8)]
     pub relationships: usize,
+    /// Give the relationships `--every SECS`, and at the end watch B's
+    /// `mirror status` for `--observe` seconds: how late each scheduled
+    /// update is (the gap between two updates of one relationship, minus
+    /// the period).
+    #[arg(long)]
+    pub every: Option<u64>,
+    /// Seconds of watching the schedule (with `--every`).
+    #[arg(long, default_value_t = 150)]
+    pub observe: u64,
     /// Timed calls of each list operation, and snapshot deletes.
     #[arg(long, default_value_t = 50)]
     pub samples: usize,
@@ -96,6 +105,26 @@ struct ControlReport {
     rss_kib: u64,
     threads: u64,
     rows: Vec<Row>,
+    /// With `--every`: how the schedule kept up.
+    schedule: Option<ScheduleReport>,
+}
+
+/// Scheduled updates of `--relationships` mirrors set to `--every`, as B's
+/// `mirror status` (sampled every second) showed them: each relationship's
+/// `last_update_unix_ms` values, and the gaps between them.
+#[derive(Debug, Clone, Serialize)]
+struct ScheduleReport {
+    every_s: u64,
+    observed_s: u64,
+    relationships: usize,
+    /// Relationships with at least one update seen in the window.
+    updated: usize,
+    /// Gaps between two updates of one relationship seen.
+    gaps: u64,
+    /// Gap minus the period (ms; 0 when early).
+    p50_late_ms: u64,
+    p99_late_ms: u64,
+    max_late_ms: u64,
 }
 
 /// One `sluice serve` child on a sparse file; SIGTERM on drop.
@@ -380,7 +409,7 @@ pub fn run(args: &ControlArgs) -> Result<()> {
             dst_volume: src.clone(),
             source: format!("{}/{src}", a.listen),
             dst_qtree: None,
-            every_secs: None,
+            every_secs: args.every,
             follow: false,
             throttle_bps: None,
             keep: None,
@@ -481,6 +510,12 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         limit = Some(n);
     }
 
+    // Before A's restart, which gives A a new peer port (B's sources).
+    let schedule = match args.every {
+        Some(every) => Some(observe_schedule(&b, args, every)?),
+        None => None,
+    };
+
     say("restarting a");
     let mut restart = Series::new("restart to ready")?;
     for _ in 0..3 {
@@ -519,6 +554,7 @@ pub fn run(args: &ControlArgs) -> Result<()> {
             update.row(false),
             restart.row(false),
         ],
+        schedule,
     };
     drop(b);
     drop(a);
@@ -554,5 +590,71 @@ pub fn run(args: &ControlArgs) -> Result<()> {
                 .map_or_else(|| "-".to_string(), |b| b.to_string())
         );
     }
+    if let Some(s) = &report.schedule {
+        println!(
+            "schedule: {} relationships --every {}s watched {} s: {} updated, {} gaps, late p50 {} ms, p99 {} ms, max {} ms",
+            s.relationships,
+            s.every_s,
+            s.observed_s,
+            s.updated,
+            s.gaps,
+            s.p50_late_ms,
+            s.p99_late_ms,
+            s.max_late_ms
+        );
+    }
     Ok(())
+}
+
+/// Sample B's `mirror status` every second for `--observe` seconds and
+/// measure the gaps between the updates of each scheduled relationship.
+fn observe_schedule(b: &Node, args: &ControlArgs, every: u64) -> Result<ScheduleReport> {
+    if !args.json {
+        eprintln!(
+            "... watching {} relationships --every {every}s for {} s",
+            args.relationships, args.observe
+        );
+    }
+    let mut seen: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    let end = Instant::now() + Duration::from_secs(args.observe);
+    while Instant::now() < end {
+        let t = Instant::now();
+        let st = b.call(ControlRequest::MirrorStatus)?;
+        for m in st.as_array().into_iter().flatten() {
+            let (Some(dst), Some(at)) = (m["dst"].as_str(), m["last_update_unix_ms"].as_u64())
+            else {
+                continue;
+            };
+            if !dst.starts_with('m') {
+                continue; // the v0 mirror has no schedule
+            }
+            let v = seen.entry(dst.to_string()).or_default();
+            if v.last() != Some(&at) {
+                v.push(at);
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
+    }
+    let mut h = Histogram::<u64>::new_with_bounds(1, 24 * 3_600_000, 3).context("histogram")?;
+    let mut updated = 0;
+    for times in seen.values() {
+        // The first value seen may be from before the window.
+        if times.len() >= 2 {
+            updated += 1;
+        }
+        for w in times.windows(2) {
+            let late = (w[1] - w[0]).saturating_sub(every * 1000);
+            h.record(late.max(1)).context("histogram record")?;
+        }
+    }
+    Ok(ScheduleReport {
+        every_s: every,
+        observed_s: args.observe,
+        relationships: args.relationships,
+        updated,
+        gaps: h.len(),
+        p50_late_ms: h.value_at_quantile(0.5),
+        p99_late_ms: h.value_at_quantile(0.99),
+        max_late_ms: h.max(),
+    })
 }

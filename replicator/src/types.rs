@@ -304,6 +304,10 @@ pub struct Relationship {
     /// The last successful transfer.
     #[serde(default)]
     pub last_transfer: Option<TransferReport>,
+    /// When the last update ended well, also one with nothing to send
+    /// (which keeps `last_transfer`): ms since the epoch.
+    #[serde(default)]
+    pub last_update_unix_ms: Option<u64>,
     /// The last error, cleared by a success.
     #[serde(default)]
     pub last_error: Option<String>,
@@ -374,6 +378,9 @@ pub struct MirrorStatus {
     pub resumed_transfers: u64,
     /// The last successful transfer (kind, base, target, bytes).
     pub last_transfer: Option<TransferReport>,
+    /// When the last update ended well, one with nothing to send included
+    /// (ms since the epoch).
+    pub last_update_unix_ms: Option<u64>,
     /// The last error.
     pub last_error: Option<String>,
     /// A checkpoint of an interrupted transfer, if any.

@@ -188,6 +188,7 @@ pub(super) fn record_completion(
     if sent || r.last_transfer.is_none() {
         r.last_transfer = Some(rep.clone());
     }
+    r.last_update_unix_ms = Some(rep.finished_unix_ms);
     r.last_error = None;
     r.source_notice = None;
     r.common = common;
@@ -497,6 +498,7 @@ mod tests {
         }))
         .unwrap();
         let rep = |kind: &str, resumed_from: u64| TransferReport {
+            finished_unix_ms: 1_000 + resumed_from,
             dst: "m".into(),
             kind: kind.into(),
             base: None,
@@ -509,7 +511,6 @@ mod tests {
             deleted_snapshots: vec![],
             kept_locked: vec![],
             full_reason: None,
-            finished_unix_ms: 0,
             duration_ms: 0,
         };
         let common = |n: u8| {
@@ -551,5 +552,7 @@ mod tests {
             Some("incremental")
         );
         assert_eq!(r.common, common(3));
+        // ...but the time of the last update is the empty one's.
+        assert_eq!(r.last_update_unix_ms, Some(1_007));
     }
 }

@@ -118,6 +118,15 @@ pub(super) fn start_threads(r: &Arc<Replicator>, stop: ChanRx<()>) -> Result<()>
             while let Ok(key) = rx.recv() {
                 let Some(r) = weak.upgrade() else { return };
                 r.run_scheduled(key);
+                // Then whatever else is due, without waiting for a tick:
+                // a tick hands out at most one job per worker.
+                while let Some((key, _)) = r.claim_due() {
+                    if r.stopping() {
+                        lock(&r.jobs.scheduled).remove(&key);
+                        break;
+                    }
+                    r.run_scheduled(key);
+                }
             }
         })?);
     }
@@ -271,53 +280,62 @@ impl Replicator {
         }
     }
 
-    /// Due relationships, longest due first, while a transfer worker is free.
+    /// Due relationships, longest due first, while a transfer worker is
+    /// free (without lanes each runs here, in turn).
     fn hand_out_transfers(&self, lanes: Option<&Lanes>) {
-        let now = self.cfg.env.mono_ms();
-        let mut due: Vec<(u64, String, u64)> = {
-            let mut st = lock(&self.st);
-            let Parts { rels, next_due, .. } = st.parts();
-            next_due.retain(|k, _| rels.contains_key(k));
-            rels.values()
-                .filter(|r| !r.broken)
-                .filter_map(|r| {
-                    let every = r.every_ms?;
-                    let next = *next_due
-                        .entry(r.dst.clone())
-                        .or_insert_with(|| now.saturating_add(every));
-                    (next <= now).then(|| (next, r.dst.clone(), every))
-                })
-                .collect()
-        };
-        due.sort();
-        for (_, key, every) in due {
-            if self.stopping() {
+        while !self.stopping() {
+            let Some((key, was_due)) = self.claim_due() else {
+                return;
+            };
+            let Some(l) = lanes else {
+                self.run_scheduled(key);
+                continue;
+            };
+            if l.transfers.try_send(key.clone()).is_err() {
+                // The workers are gone (shutdown): it stays due.
+                lock(&self.jobs.scheduled).remove(&key);
+                lock(&self.st).next_due.insert(key, was_due);
                 return;
             }
-            {
-                let mut scheduled = lock(&self.jobs.scheduled);
-                if scheduled.len() >= self.cfg.max_transfers {
-                    // Every worker is taken: the rest stay due.
-                    return;
-                }
-                if scheduled.contains(&key) || lock(&self.st).busy.contains(&key) {
-                    continue; // transferring: stays due
-                }
-                scheduled.insert(key.clone());
+        }
+    }
+
+    /// Claim the longest due relationship that no transfer holds, if a
+    /// transfer worker is free: it joins `Jobs::scheduled` and its next due
+    /// time moves one period on. Returns it with the due time it had.
+    fn claim_due(&self) -> Option<(String, u64)> {
+        let now = self.cfg.env.mono_ms();
+        let mut scheduled = lock(&self.jobs.scheduled);
+        if scheduled.len() >= self.cfg.max_transfers {
+            return None; // every worker is taken: the rest stay due
+        }
+        let mut st = lock(&self.st);
+        let Parts {
+            rels,
+            next_due,
+            busy,
+            ..
+        } = st.parts();
+        next_due.retain(|k, _| rels.contains_key(k));
+        let mut pick: Option<(u64, &str, u64)> = None;
+        for r in rels.values().filter(|r| !r.broken) {
+            let Some(every) = r.every_ms else { continue };
+            let next = *next_due
+                .entry(r.dst.clone())
+                .or_insert_with(|| now.saturating_add(every));
+            // Transferring (scheduled, or an operator's update): stays due.
+            if next > now || scheduled.contains(&r.dst) || busy.contains(&r.dst) {
+                continue;
             }
-            if let Some(l) = lanes {
-                if l.transfers.try_send(key.clone()).is_err() {
-                    lock(&self.jobs.scheduled).remove(&key);
-                    return;
-                }
-            }
-            lock(&self.st)
-                .next_due
-                .insert(key.clone(), now.saturating_add(every));
-            if lanes.is_none() {
-                self.run_scheduled(key);
+            if pick.is_none_or(|(n, k, _)| (next, r.dst.as_str()) < (n, k)) {
+                pick = Some((next, &r.dst, every));
             }
         }
+        let (was_due, key, every) = pick?;
+        let key = key.to_string();
+        scheduled.insert(key.clone());
+        next_due.insert(key.clone(), now.saturating_add(every));
+        Some((key, was_due))
     }
 
     /// A transfer worker's job: one scheduled update of `key`.

@@ -113,6 +113,7 @@ pub(super) struct Parts<'a> {
     pub(super) locks: &'a LockNode,
     pub(super) pending_sets: &'a mut BTreeMap<(String, String), LockSet>,
     pub(super) next_due: &'a mut BTreeMap<String, u64>,
+    pub(super) busy: &'a BTreeSet<String>,
 }
 
 impl State {
@@ -122,6 +123,7 @@ impl State {
             locks: &self.locks,
             pending_sets: &mut self.pending_sets,
             next_due: &mut self.next_due,
+            busy: &self.busy,
         }
     }
 }
