@@ -443,6 +443,49 @@ fn scheduled_updates_pull_new_snapshots() {
     }
 }
 
+/// More due relationships than transfer workers: a worker that finishes
+/// takes the next due one itself, so one tick's hand-out runs them all
+/// (a tick used to hand out one job per worker: with one worker and a
+/// 5 s tick, six relationships took a minute to be updated twice).
+#[test]
+fn one_worker_runs_every_due_relationship_without_waiting_for_ticks() {
+    let a = Node::start("A");
+    let mut cfg = config("B", None);
+    cfg.max_transfers = 1;
+    cfg.tick = std::time::Duration::from_secs(5);
+    let b = Node::with_config(cfg);
+    let vols: Vec<String> = (0..6).map(|i| format!("v{i}")).collect();
+    for v in &vols {
+        a.create_volume(v);
+        a.snap(v, "s1");
+        b.repl
+            .mirror_create(MirrorSpec {
+                every: Some(std::time::Duration::from_secs(1)),
+                ..spec(v, &a, v)
+            })
+            .unwrap();
+    }
+    let created: Vec<u64> = b
+        .repl
+        .mirror_status()
+        .iter()
+        .map(|m| m.last_update_unix_ms.expect("the baseline's time"))
+        .collect();
+    let mut seen = vec![Vec::new(); vols.len()];
+    wait_for("every relationship updated twice by its schedule", || {
+        for (i, m) in b.repl.mirror_status().iter().enumerate() {
+            let at = m.last_update_unix_ms.unwrap_or(0);
+            if at > created[i] && seen[i].last() != Some(&at) {
+                seen[i].push(at);
+            }
+        }
+        seen.iter().all(|s| s.len() >= 2)
+    });
+    for n in [a, b] {
+        n.shutdown();
+    }
+}
+
 /// Random operations on a cascade A -> B -> C plus fan-out A -> D, with
 /// pruning on every node and application locks on C: with soft locks no
 /// update ever needs a full copy, and every update's target reads back

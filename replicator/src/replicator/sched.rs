@@ -21,7 +21,9 @@
 //!   transfer of it runs (`busy`, e.g. an operator's `mirror update`).
 //! - A due relationship that cannot be handed over (all workers taken, or
 //!   it is transferring) stays due: its next due time moves only when it is
-//!   handed over, and the longest due goes first on a later tick.
+//!   handed over, and the longest due goes first, on a later tick or to
+//!   the first worker that finishes (a worker takes the next due one
+//!   itself before it waits on its queue again).
 //! - At most one delivery per upstream is queued or running
 //!   (`Jobs::delivering`); it sends the newest undelivered set when it runs.
 //! - At most one retention pass is queued or running (`Jobs::retaining`).
