@@ -743,6 +743,27 @@ impl Drop for Node {
     }
 }
 
+/// The temp folder of one run's nodes, and their peer-mode arguments: a
+/// peer secret created in it (`encrypted`), or `--insecure-peers`.
+fn node_folder(
+    args: &ReplicateArgs,
+    encrypted: bool,
+) -> Result<(tempfile::TempDir, Vec<std::ffi::OsString>)> {
+    let tmp = match &args.dir {
+        Some(p) => tempfile::tempdir_in(p),
+        None => tempfile::tempdir(),
+    }
+    .context("cannot create a temp folder")?;
+    let peers = if encrypted {
+        let secret = tmp.path().join("peer.secret");
+        sluice::auth::create_peer_secret(&secret).context("creating the peer secret")?;
+        vec!["--peer-secret".into(), secret.into_os_string()]
+    } else {
+        vec!["--insecure-peers".into()]
+    };
+    Ok((tmp, peers))
+}
+
 /// A timed mirror call: wall-clock seconds and the report's byte count.
 fn timed_mirror(node: &Node, req: ControlRequest, expect: &str) -> Result<(Timed, Value)> {
     drop_caches();
@@ -768,19 +789,9 @@ fn sluice_phase(
     encrypted: bool,
     notes: &mut Vec<String>,
 ) -> Result<([Timed; 4], EmptyUpdateRow)> {
-    let tmp = match &args.dir {
-        Some(p) => tempfile::tempdir_in(p),
-        None => tempfile::tempdir(),
-    }
-    .context("cannot create a temp folder")?;
+    let (tmp, peers) = node_folder(args, encrypted)?;
+    let peers: Vec<&std::ffi::OsStr> = peers.iter().map(|p| p.as_os_str()).collect();
     let dev_bytes = device_bytes(args.size);
-    let secret = tmp.path().join("peer.secret");
-    let peers: Vec<&std::ffi::OsStr> = if encrypted {
-        sluice::auth::create_peer_secret(&secret).context("creating the peer secret")?;
-        vec!["--peer-secret".as_ref(), secret.as_os_str()]
-    } else {
-        vec!["--insecure-peers".as_ref()]
-    };
     let mode = if encrypted { "encrypted" } else { "clear text" };
     progress(args, &format!("sluice: starting nodes A, B, C ({mode})"));
     let a = Node::start(bin, tmp.path(), "a", dev_bytes, &peers)?;
@@ -908,19 +919,9 @@ fn sluice_phase(
 /// and a snapshot taken, and D's `mirror status` polled until it holds it.
 /// Each hop's commit time comes from its last transfer's report.
 fn relay_phase(args: &ReplicateArgs, bin: &Path, seed: u64, encrypted: bool) -> Result<RelayRow> {
-    let tmp = match &args.dir {
-        Some(p) => tempfile::tempdir_in(p),
-        None => tempfile::tempdir(),
-    }
-    .context("cannot create a temp folder")?;
+    let (tmp, peers) = node_folder(args, encrypted)?;
+    let peers: Vec<&std::ffi::OsStr> = peers.iter().map(|p| p.as_os_str()).collect();
     let dev_bytes = device_bytes(args.relay_size);
-    let secret = tmp.path().join("peer.secret");
-    let peers: Vec<&std::ffi::OsStr> = if encrypted {
-        sluice::auth::create_peer_secret(&secret).context("creating the peer secret")?;
-        vec!["--peer-secret".as_ref(), secret.as_os_str()]
-    } else {
-        vec!["--insecure-peers".as_ref()]
-    };
     progress(args, "relay: starting nodes A, B, C, D");
     let names = ["a", "b", "c", "d"];
     let mut nodes = Vec::new();

@@ -288,16 +288,7 @@ impl Replicator {
                         ),
                     })
                 }
-                None => {
-                    return Err(ReplError::Io {
-                        peer: c.who(),
-                        op: "watch",
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the source closed the watch",
-                        ),
-                    })
-                }
+                None => return Err(closed(c, "watch", "the source closed the watch")),
             }
         }
     }

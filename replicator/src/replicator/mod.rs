@@ -862,6 +862,15 @@ impl Replicator {
     }
 }
 
+/// The error of a peer that closed `c` where `op` expected a frame.
+fn closed(c: &Conn, op: &'static str, why: &str) -> ReplError {
+    ReplError::Io {
+        peer: c.who(),
+        op,
+        source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why.to_string()),
+    }
+}
+
 /// Send a whole lock set on `c`, in as many frames as it needs.
 fn send_set(c: &mut Conn, set: &LockSet, n: &Counters) -> Result<()> {
     for part in WireLockSet::split(set) {

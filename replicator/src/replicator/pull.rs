@@ -453,14 +453,11 @@ impl Replicator {
                 }
                 Some(m) => return Ok(m),
                 None => {
-                    return Err(ReplError::Io {
-                        peer: c.who(),
-                        op: "receive",
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the source closed the connection; the next update resumes from the last checkpoint",
-                        ),
-                    })
+                    return Err(closed(
+                        c,
+                        "receive",
+                        "the source closed the connection; the next update resumes from the last checkpoint",
+                    ))
                 }
             }
         }
