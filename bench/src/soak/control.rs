@@ -134,7 +134,8 @@ impl Ctl {
         as_list(self.json(node, &["snap", "list", vol])?)
     }
 
-    /// `mirror create DST --from SOURCE --every SECSs --keep KEEP`.
+    /// `mirror create DST --from SOURCE --every SECSs --keep KEEP
+    /// [--follow]`.
     pub fn mirror_create(
         &self,
         node: &str,
@@ -142,15 +143,17 @@ impl Ctl {
         source: &str,
         every_secs: u64,
         keep: usize,
+        follow: bool,
     ) -> Result<Value> {
         let every = format!("{every_secs}s");
         let k = keep.to_string();
-        self.json(
-            node,
-            &[
-                "mirror", "create", dst, "--from", source, "--every", &every, "--keep", &k,
-            ],
-        )
+        let mut args = vec![
+            "mirror", "create", dst, "--from", source, "--every", &every, "--keep", &k,
+        ];
+        if follow {
+            args.push("--follow");
+        }
+        self.json(node, &args)
     }
 
     pub fn mirror_status(&self, node: &str) -> Result<Vec<Value>> {

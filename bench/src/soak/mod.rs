@@ -401,14 +401,24 @@ impl Soak {
         every: u64,
     ) -> Result<()> {
         let source = format!("{}/{src}", self.proxies[&(node, up)].addr);
-        let r = self
-            .ctl
-            .mirror_create(&self.addr(node), dst_vol, &source, every, MIRROR_KEEP)?;
+        // The volume mirrors of every second node (C, E, ...) also follow
+        // their source: updates started by the snapshot watch, through the
+        // same proxies and faults as the scheduled ones.
+        let follow = node % 2 == 0 && dst == dst_vol;
+        let r = self.ctl.mirror_create(
+            &self.addr(node),
+            dst_vol,
+            &source,
+            every,
+            MIRROR_KEEP,
+            follow,
+        )?;
         self.tally.add("transfers.baseline", 1);
         self.tally.event(format!(
-            "{}: mirror {dst} <- {}:{src} every {every}s keep {MIRROR_KEEP}: {}",
+            "{}: mirror {dst} <- {}:{src} every {every}s{} keep {MIRROR_KEEP}: {}",
             Self::name(node),
             Self::name(up),
+            if follow { " --follow" } else { "" },
             r["kind"]
         ));
         self.rels.push(Rel {
