@@ -123,6 +123,10 @@ pub struct Replicator {
     jobs: sched::Jobs,
     /// The threads of `--follow` relationships, one per source.
     followers: follow::Followers,
+    /// Each relationship's transfer checkpoint as its attribute holds it
+    /// (`None`: none), once read: every write goes through `store_ckpt`,
+    /// so `mirror status` reads no attribute per relationship.
+    ckpts: Mutex<BTreeMap<String, Option<Checkpoint>>>,
     n: Counters,
     /// Open peer sockets, shut down by `shutdown` so nothing waits on a peer.
     live: Mutex<BTreeMap<u64, Box<dyn crate::env::PeerStream>>>,
@@ -402,6 +406,7 @@ impl Replicator {
             stop_tx,
             jobs: sched::Jobs::default(),
             followers: follow::Followers::default(),
+            ckpts: Mutex::new(BTreeMap::new()),
             n: Counters::default(),
             live: Mutex::new(BTreeMap::new()),
             next_live: AtomicU64::new(0),
@@ -471,18 +476,27 @@ impl Replicator {
             .map_err(|e| ReplError::engine("flush", e))
     }
 
+    /// The checkpoint of relationship `key`: from [`Replicator::ckpts`],
+    /// else read from its attribute (and kept there). The cache's lock is
+    /// held across the read, so a store cannot slip in between.
     fn load_ckpt(&self, key: &str) -> Result<Option<Checkpoint>> {
+        let mut cache = lock(&self.ckpts);
+        if let Some(c) = cache.get(key) {
+            return Ok(c.clone());
+        }
         let k = format!("{}{key}", keys::CHECKPOINT_PREFIX);
-        match get_attr(&self.engine, &k)? {
-            None => Ok(None),
+        let c = match get_attr(&self.engine, &k)? {
+            None => None,
             Some(b) => match serde_json::from_slice(&b) {
-                Ok(c) => Ok(Some(c)),
+                Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(key = %k, error = %e, "unreadable transfer checkpoint dropped");
-                    Ok(None)
+                    None
                 }
             },
-        }
+        };
+        cache.insert(key.to_string(), c.clone());
+        Ok(c)
     }
 
     fn store_ckpt(&self, key: &str, c: Option<&Checkpoint>) -> Result<()> {
@@ -494,7 +508,16 @@ impl Replicator {
             })?),
             None => None,
         };
-        set_attr(&self.engine, &k, v)
+        // Forgotten first: a write that fails leaves the next load to read
+        // what the pool has. Gone (`None`) is not kept: a deleted
+        // relationship leaves no entry.
+        let mut cache = lock(&self.ckpts);
+        cache.remove(key);
+        set_attr(&self.engine, &k, v)?;
+        if let Some(c) = c {
+            cache.insert(key.to_string(), Some(c.clone()));
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- locks plumbing
