@@ -404,7 +404,7 @@ impl Soak {
         // The volume mirrors of every second node (C, E, ...) also follow
         // their source: updates started by the snapshot watch, through the
         // same proxies and faults as the scheduled ones.
-        let follow = node % 2 == 0 && dst == dst_vol;
+        let follow = node.is_multiple_of(2) && dst == dst_vol;
         let r = self.ctl.mirror_create(
             &self.addr(node),
             dst_vol,
