@@ -276,7 +276,19 @@ fn follow_passes_snapshots_down_a_process_cascade_and_past_a_lost_node() {
     assert!(b.alive());
     b.kill();
     for v in vols {
-        let r = c.json(&["mirror", "retarget", v, "--from", &a.source(v)]);
+        // C's follower may be trying the dead B right now: a retarget
+        // meanwhile is refused as busy, and taken once that try failed.
+        let mut r = serde_json::Value::Null;
+        wait_until(&format!("the retarget of {v} to be taken"), || {
+            let o = c.cli(&["mirror", "retarget", v, "--from", &a.source(v), "--json"]);
+            if o.status.success() {
+                r = serde_json::from_slice(&o.stdout).unwrap();
+                return true;
+            }
+            let err = stderr(&o);
+            assert!(err.contains("already running"), "{err}");
+            false
+        });
         assert_eq!(r["new_source_node"], "a", "{r}");
         assert!(r["full_copy_bytes"].is_null(), "{r}");
     }

@@ -70,6 +70,10 @@ pub struct ReplicatorConfig {
     /// Scheduled transfers running at once (worker threads beside the
     /// scheduler), `1..=`[`TRANSFERS_MAX`].
     pub max_transfers: usize,
+    /// Source addresses `--follow` relationships may pull from (one
+    /// follower thread each); a `mirror create --follow` past it is
+    /// refused.
+    pub max_follow_sources: usize,
     /// Connect/read/write timeout on peer sockets.
     pub peer_timeout: Duration,
     /// How often transfers served by this node checkpoint (resume points).
@@ -123,6 +127,7 @@ impl ReplicatorConfig {
             propagate_locks: true,
             tick: Duration::from_millis(500),
             max_transfers: 4,
+            max_follow_sources: 16,
             peer_timeout: Duration::from_secs(30),
             checkpoint: Default::default(),
             env: std::sync::Arc::new(crate::env::RealEnv::default()),

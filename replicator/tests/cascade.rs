@@ -795,6 +795,46 @@ fn a_follower_catches_up_after_a_restart() {
     }
 }
 
+/// A node follows at most `max_follow_sources` source addresses: a
+/// `--follow` mirror from one more is refused, naming the bound and what
+/// to do, and nothing of it is left; from a source already followed, or
+/// without `--follow`, it is taken.
+#[test]
+fn a_follow_past_the_followed_sources_bound_is_refused() {
+    let (a, c) = (Node::start("A"), Node::start("C"));
+    let mut cfg = config("B", None);
+    cfg.max_follow_sources = 1;
+    let b = Node::with_config(cfg);
+    for n in [&a, &c] {
+        n.create_volume("v");
+        n.create_volume("w");
+        n.snap("v", "s1");
+        n.snap("w", "s1");
+    }
+    let follow = |dst: &str, src: &Node, vol: &str| MirrorSpec {
+        follow: true,
+        ..spec(dst, src, vol)
+    };
+    b.repl.mirror_create(follow("av", &a, "v")).unwrap();
+    let e = b.repl.mirror_create(follow("cv", &c, "v")).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("at most 1") && text.contains("--every") && text.contains(&c.addr),
+        "{text}"
+    );
+    assert_eq!(
+        b.repl.mirror_status().len(),
+        1,
+        "nothing of the refused mirror is left"
+    );
+    b.repl.mirror_create(follow("aw", &a, "w")).unwrap();
+    b.repl.mirror_create(spec("cw", &c, "w")).unwrap();
+    assert_eq!(b.repl.mirror_status().len(), 3);
+    for n in [a, b, c] {
+        n.shutdown();
+    }
+}
+
 /// Deleting a followed relationship ends its follower; the source keeps
 /// serving, and a node whose relationships no longer follow stops asking.
 #[test]
@@ -809,9 +849,15 @@ fn a_deleted_follow_relationship_is_no_longer_updated() {
         })
         .unwrap();
     a.snap("v", "s2");
+    // Its transfer done to the end (a delete while it runs is refused as
+    // busy).
     wait_for("B follows s2", || {
-        b.snap_names("v").contains(&"s2".to_string())
+        b.repl
+            .mirror_status()
+            .first()
+            .is_some_and(|m| m.incremental_transfers == 1 && m.state == "idle")
     });
+    assert!(b.snap_names("v").contains(&"s2".to_string()));
     b.repl.mirror_delete("v").unwrap();
     a.snap("v", "s3");
     // A deleted volume mirror leaves its volume; nothing pulls s3 into it.

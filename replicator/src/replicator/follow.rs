@@ -2,7 +2,8 @@
 //! snapshot, not on a schedule.
 //!
 //! Owns: the follower threads (one per source address that a following
-//! relationship pulls from, at most [`FOLLOW_SOURCES_MAX`]) and the source's
+//! relationship pulls from, at most `max_follow_sources`, 16 by default:
+//! a `mirror create --follow` past it is refused) and the source's
 //! answer to a watch ([`Replicator::serve_watch`]).
 //!
 //! A follower holds one peer connection to its source and sends it a
@@ -36,8 +37,6 @@ use super::*;
 
 use sluice_lockproto::wire::{WatchEntry, WATCH_VOLUMES_MAX, WATCH_WAIT_MAX_MS};
 
-/// Most source addresses followed at once (one thread each).
-pub(super) const FOLLOW_SOURCES_MAX: usize = 16;
 /// The longest one watch waits before it is sent again (ms); also kept
 /// below half the peer timeout.
 const WATCH_WAIT_MS: u64 = 10_000;
@@ -59,7 +58,7 @@ pub(super) const OLD_SOURCE_POLL_MS: u64 = 10_000;
 #[derive(Default)]
 pub(super) struct Followers {
     running: Mutex<BTreeMap<String, JoinHandle<()>>>,
-    /// Sources refused a follower for [`FOLLOW_SOURCES_MAX`] (logged once).
+    /// Sources refused a follower for `max_follow_sources` (logged once).
     refused: Mutex<BTreeSet<String>>,
 }
 
@@ -145,9 +144,11 @@ impl Replicator {
             if running.contains_key(&addr) || self.stopping() {
                 continue;
             }
-            if running.len() >= FOLLOW_SOURCES_MAX {
+            let max = self.cfg.max_follow_sources;
+            if running.len() >= max {
+                // Refused at create; reached only by a retarget.
                 if lock(&self.followers.refused).insert(addr.clone()) {
-                    tracing::warn!(source = %addr, "relationships from {addr} are not followed: this node follows {FOLLOW_SOURCES_MAX} sources already (their --every schedule, if any, still runs)");
+                    tracing::warn!(source = %addr, "relationships from {addr} are not followed: this node follows {max} sources already (their --every schedule, if any, still runs)");
                 }
                 continue;
             }
@@ -166,6 +167,27 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// Refuse a `--follow` relationship from `addr` that would take this
+    /// node past `max_follow_sources` followed source addresses.
+    pub(super) fn check_follow_sources(&self, addr: &str) -> Result<()> {
+        let max = self.cfg.max_follow_sources;
+        let st = lock(&self.st);
+        let mut sources: BTreeSet<&str> = st
+            .rels()
+            .values()
+            .filter(|r| r.follow && !r.broken)
+            .map(|r| r.source_addr.as_str())
+            .collect();
+        sources.insert(addr);
+        if sources.len() > max {
+            return Err(ReplError::Invalid(format!(
+                "--follow from {addr} would make {} sources this node follows, and it follows at most {max} (one thread each): use --every for this relationship, or follow fewer sources",
+                sources.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Join every follower (shutdown, after the sockets were cut).

@@ -93,6 +93,9 @@ impl Replicator {
                 )));
             }
         }
+        if spec.follow {
+            self.check_follow_sources(&spec.source_addr)?;
+        }
         let key = match &dst_qtree {
             Some(q) => format!("{}/{q}", spec.dst_volume),
             None => spec.dst_volume.clone(),

@@ -29,7 +29,7 @@
 //! - At most one retention pass is queued or running (`Jobs::retaining`).
 //! - The thread count is fixed at start (1 + `max_transfers` +
 //!   [`CHORE_WORKERS`]), plus one follower per followed source address
-//!   (`follow.rs`, at most `FOLLOW_SOURCES_MAX`), started by the tick that
+//!   (`follow.rs`, at most `max_follow_sources`), started by the tick that
 //!   first sees the source; queues are bounded; nothing else is spawned.
 //! - Shutdown: the scheduler exits, dropping its ends of the queues; each
 //!   worker finishes (or, once stopping, skips) what it holds and exits;
