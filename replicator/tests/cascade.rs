@@ -430,7 +430,6 @@ fn scheduled_updates_pull_new_snapshots() {
     a.snap("v", "s1");
     let s = MirrorSpec {
         every: Some(std::time::Duration::from_millis(200)),
-        follow: false,
         ..spec("v", &a, "v")
     };
     b.repl.mirror_create(s).unwrap();
